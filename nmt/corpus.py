@@ -1,0 +1,598 @@
+"""Corpus recipes: turn raw parallel text into cleaned `{train,dev,test}.{src,tgt}` files.
+
+Two recipes, one output format (see DESIGN.md, "Corpus: the default recipe"):
+
+- `prepare_bible`: the built-in Spanish->English corpus, verses of the Reina-Valera 1909 and the King
+  James Version (Debian packages sword-text-sparv / sword-text-kjv, read with pysword) aligned by reference
+  and split by whole books.
+- `prepare_files`: a user's own corpus, two parallel plain-text files or one TSV file.
+
+Every recipe writes `OUTDIR/{split}.src`, `OUTDIR/{split}.tgt` (UTF-8, one sentence a line, `\\n`) and
+`OUTDIR/corpus.json` (recipe, languages, counts, sources); the Bible recipe adds `OUTDIR/{split}.ref`.
+Output is written into a temporary directory beside OUTDIR and moved into place at the end, so a failed
+run never leaves a half-written corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import html
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import unicodedata
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from nmt.errors import NMTError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+CORPUS_JSON = "corpus.json"
+
+# ----------------------------------------------------------------------------------------------------------
+# Text normalization shared by the recipes
+# ----------------------------------------------------------------------------------------------------------
+
+# Invisible characters that carry no text: byte order mark / zero-width no-break space, zero-width space.
+_INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b"))
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFC, control characters removed (tabs, newlines and other breaks become spaces),
+    whitespace runs collapsed to one space, stripped."""
+    text = unicodedata.normalize("NFC", text).translate(_INVISIBLE)
+    if not text.isprintable():
+        text = "".join(
+            " " if ch.isspace() else ch
+            for ch in text
+            if ch.isspace() or unicodedata.category(ch) != "Cc"
+        )
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic output directory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_outdir(outdir: Path, overwrite: bool) -> None:
+    """Refuse to replace something that is not a previous corpus unless `overwrite`."""
+    if not outdir.exists():
+        return
+    if not outdir.is_dir():
+        raise NMTError(f"{outdir} exists and is not a directory")
+    if overwrite or not any(outdir.iterdir()) or (outdir / CORPUS_JSON).is_file():
+        return
+    raise NMTError(f"{outdir} exists, is not empty and holds no previous corpus ({CORPUS_JSON}); "
+                   "choose another directory or pass --overwrite to replace it")
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    """A fresh hidden name in `path`'s directory, for a temporary or outgoing copy of `path`."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _write_corpus(outdir: Path, splits: dict[str, dict[str, Sequence[str]]], meta: dict[str, Any],
+                  overwrite: bool) -> None:
+    """Write `{split}.{ext}` for each split and file extension, and corpus.json, atomically.
+
+    Everything goes into a temporary directory beside `outdir`, which then replaces `outdir` by renames;
+    on any error the temporary directory is removed and `outdir` is left as it was.
+    """
+    _check_outdir(outdir, overwrite)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(outdir, "tmp")
+    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask: the corpus gets ordinary permissions
+    old: Path | None = None
+    try:
+        for split, files in splits.items():
+            for ext, lines in files.items():
+                with open(tmp / f"{split}.{ext}", "w", encoding="utf-8", newline="\n") as f:
+                    for line in lines:
+                        f.write(line)
+                        f.write("\n")
+        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+        (tmp / CORPUS_JSON).write_text(text, encoding="utf-8")
+        if outdir.exists():
+            old = _sibling(outdir, "old")
+            outdir.rename(old)
+        try:
+            tmp.rename(outdir)
+        except OSError:
+            if old is not None:
+                old.rename(outdir)
+                old = None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipe 1: the Bible (Reina-Valera 1909 -> King James Version)
+# ----------------------------------------------------------------------------------------------------------
+
+BIBLE_SOURCES = {
+    "src": {"module": "spaRV1909eb", "lang": "es", "debian_package": "sword-text-sparv"},
+    "tgt": {"module": "engKJV2006eb", "lang": "en", "debian_package": "sword-text-kjv"},
+}
+# Whole books, by OSIS name (pysword's `osis_name`), so parallel passages cannot leak across splits.
+BIBLE_DEV_BOOKS = ("Joel", "Amos", "Mic", "Gal", "Col", "1John")
+BIBLE_TEST_BOOKS = ("Ruth", "Esth", "Lam", "Obad", "Hag", "Phil", "Jas", "1Pet", "Titus", "Phlm", "Jude")
+BIBLE_EXPECTED_COUNTS = {"train": 29533, "dev": 673, "test": 878}
+_INSTALL_HINT = ("install them with `apt-get install -y sword-text-sparv sword-text-kjv` "
+                 "and `pip install pysword`")
+
+_NOTE_RE = re.compile(r"<note\b[^>]*?(?:/>|>.*?</note\s*>)", re.S)
+_TAG_RUN_RE = re.compile(r"(?:<[^<>]*>)+")
+_WORD_START_RE = re.compile(r"<(?:w|transChange)\b[^>]*(?<!/)>")
+_LAST_WORD_RE = re.compile(r"(\w+)$")
+# USFM character-style markers left inside the KJV text (`\nd LORD`, `\+nd*`), pilcrows, editorial brackets.
+_MARKER_RE = re.compile(r"\\\+?[a-z]+[0-9]*\*?|[¶\[\]]")
+# In the RV1909 module an added word (<transChange>) sometimes follows the previous word element with no
+# space. Usually that is two words ("allí</w><transChange>también" -> "allí también"), but a Spanish
+# clitic pronoun written that way is part of the verb ("sáca</w><transChange>lo" -> "sácalo") unless the
+# word before it is one of these (pronoun before the verb: "no lo hizo", "Dios lo permitiere").
+_ENCLITICS = frozenset("lo la los las le les me te se nos os".split())
+_PROCLITIC_HOSTS = frozenset("no como que os y ellos gentes cuánto dios jehová josué".split())
+
+
+def clean_osis(text: str) -> str:
+    """Plain text of one OSIS verse: notes dropped whole, other tags stripped, markers removed,
+    entities unescaped, normalized (see `normalize_text`)."""
+    text = _NOTE_RE.sub(" ", text)
+
+    def tag_run(m: re.Match[str]) -> str:
+        start, end = m.span()
+        left = text[start - 1] if start else " "
+        right = text[end] if end < len(text) else " "
+        if not (left.isalnum() and right.isalnum()) or not _WORD_START_RE.search(m.group()):
+            return ""  # inside a word ("give</w>n") or next to a space or punctuation
+        if m.group().rsplit("<", 1)[-1].startswith("transChange"):
+            nxt = text.find("<", end)
+            word = _LAST_WORD_RE.search(text, 0, start)
+            if (text[end:nxt if nxt >= 0 else None] in _ENCLITICS and word is not None
+                    and word.group(1).lower() not in _PROCLITIC_HOSTS):
+                return ""
+        return " "  # two word elements written with nothing between them
+
+    text = _TAG_RUN_RE.sub(tag_run, text)
+    text = _MARKER_RE.sub(" ", text)
+    return normalize_text(html.unescape(text))
+
+
+def _load_bibles(sword_path: str) -> tuple[Any, Any, dict[str, dict[str, str]]]:
+    try:
+        from pysword.modules import SwordModules
+    except ImportError as exc:
+        raise NMTError(f"the Bible recipe needs pysword (`pip install pysword`): {exc}") from exc
+    modules = SwordModules(sword_path)
+    try:
+        confs = modules.parse_modules()
+    except OSError as exc:
+        raise NMTError(f"cannot read SWORD modules in {sword_path} ({exc}); {_INSTALL_HINT}") from exc
+    missing = [s["module"] for s in BIBLE_SOURCES.values() if s["module"] not in confs]
+    if missing:
+        raise NMTError(f"SWORD module(s) {', '.join(missing)} not found in {sword_path}; {_INSTALL_HINT}")
+    bibles, info = [], {}
+    for side, src in BIBLE_SOURCES.items():
+        conf = confs[src["module"]]
+        if conf.get("versification", "KJV").lower() != "kjv":
+            raise NMTError(f"{src['module']} in {sword_path} is not in KJV versification")
+        bible = modules.get_bible_from_module(src["module"])
+        if not {"ot", "nt"} <= set(getattr(bible, "_testaments", {})):
+            raise NMTError(f"the data files of SWORD module {src['module']} are missing or unreadable in "
+                           f"{sword_path}; {_INSTALL_HINT}")
+        # pysword decompresses a whole compressed block (here: a book) for every verse it reads; keep the
+        # last few blocks so reading verse by verse takes seconds, not minutes.
+        if hasattr(bible, "_decompressed_text"):
+            bible._decompressed_text = functools.lru_cache(maxsize=8)(bible._decompressed_text)
+        bibles.append(bible)
+        info[side] = {**src, "description": conf.get("description", ""), "version": conf.get("version", ""),
+                      "sword_version_date": conf.get("swordversiondate", ""), "sword_path": sword_path}
+    return bibles[0], bibles[1], info
+
+
+def _verses(bible: Any) -> Iterator[tuple[str, int, int, str]]:
+    """(book, chapter, verse, raw OSIS text) for every verse of the KJV versification, in canon order.
+
+    Reads verse by verse through pysword's internals (`_text_for_index`), raw (our own cleaning, not
+    pysword's) and one text per reference: the public `get_iter` drops verses it has no text for, which
+    would shift one Bible against the other.
+    """
+    structure = bible.get_structure()
+    for testament, books in structure.get_books().items():
+        for book in books:
+            offset = structure._book_offset(book.name)
+            for chapter in range(1, book.num_chapters + 1):
+                for verse, index in enumerate(book.get_indicies(chapter, offset=offset), 1):
+                    yield book.osis_name, chapter, verse, bible._text_for_index(testament, index) or ""
+
+
+def bible_split(book: str) -> str:
+    """The split ("train", "dev" or "test") a book (OSIS name) belongs to."""
+    if book in BIBLE_DEV_BOOKS:
+        return "dev"
+    if book in BIBLE_TEST_BOOKS:
+        return "test"
+    return "train"
+
+
+def prepare_bible(outdir: str | Path, sword_path: str = "/usr/share/sword", overwrite: bool = False) -> dict:
+    """Build the default Spanish->English corpus in `outdir` and return its corpus.json content.
+
+    Verses of spaRV1909eb (source) and engKJV2006eb (target) are aligned by (book, chapter, verse), cleaned
+    with `clean_osis`, and skipped when empty on either side; dev and test are whole books
+    (`BIBLE_DEV_BOOKS`, `BIBLE_TEST_BOOKS`). With the Debian packages this gives train 29,533 / dev 673 /
+    test 878 pairs.
+    """
+    outdir = Path(outdir)
+    _check_outdir(outdir, overwrite)
+    src_bible, tgt_bible, sources = _load_bibles(sword_path)
+    splits: dict[str, dict[str, list[str]]] = {s: {"src": [], "tgt": [], "ref": []} for s in SPLITS}
+    skipped = {"empty_src": 0, "empty_tgt": 0}
+    total = 0
+    for (book, chapter, verse, src_raw), (tbook, tchapter, tverse, tgt_raw) in zip(
+            _verses(src_bible), _verses(tgt_bible), strict=True):
+        if (book, chapter, verse) != (tbook, tchapter, tverse):  # pragma: no cover - same versification
+            raise NMTError(f"verse order differs between modules: {book} {chapter}:{verse} vs "
+                           f"{tbook} {tchapter}:{tverse}")
+        total += 1
+        src, tgt = clean_osis(src_raw), clean_osis(tgt_raw)
+        if not src or not tgt:
+            skipped["empty_src" if not src else "empty_tgt"] += 1
+            log.debug("skipping %s %d:%d (empty %s)", book, chapter, verse, "source" if not src else "target")
+            continue
+        split = splits[bible_split(book)]
+        split["src"].append(src)
+        split["tgt"].append(tgt)
+        split["ref"].append(f"{book} {chapter}:{verse}")
+    counts = {s: len(splits[s]["src"]) for s in SPLITS}
+    if not counts["train"]:
+        raise NMTError(f"no verse pairs could be read from {sword_path}; {_INSTALL_HINT}")
+    if counts != BIBLE_EXPECTED_COUNTS:
+        log.warning("Bible corpus counts %s differ from the expected %s (other module versions?)",
+                    counts, BIBLE_EXPECTED_COUNTS)
+    meta = {
+        "recipe": "bible",
+        "src_lang": "es",
+        "tgt_lang": "en",
+        "counts": counts,
+        "verses": total,
+        "skipped": skipped,
+        "splits": {"dev": list(BIBLE_DEV_BOOKS), "test": list(BIBLE_TEST_BOOKS), "train": "all other books"},
+        "sources": sources,
+    }
+    _write_corpus(outdir, splits, meta, overwrite)
+    log.info("Bible corpus in %s: train %d, dev %d, test %d (skipped %d empty verses)", outdir,
+             counts["train"], counts["dev"], counts["test"], sum(skipped.values()))
+    return {**meta, "outdir": str(outdir)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipe 2: the user's own parallel files
+# ----------------------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_LEN = 250
+DEFAULT_MAX_RATIO = 3.0
+DEFAULT_HOLDOUT = 500
+HOLDOUT_FRACTION = 0.1  # automatic dev/test sizes never exceed this fraction of the cleaned pairs each
+MIN_PAIRS = 10  # fewest cleaned pairs from which dev and test can be held out
+RATIO_MIN_LEN = 5  # the ratio filter leaves pairs alone whose longer side is at most this long
+LENGTH_UNITS = ("words", "chars")
+DROP_REASONS = ("empty", "too_long", "ratio", "duplicate", "overlap_dev_test")
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 file (split on `\\n` only; `\\r\\n` and a leading BOM accepted)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise NMTError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise NMTError(f"{path}: is a directory, not a text file") from None
+    except OSError as exc:
+        raise NMTError(f"{path}: cannot read ({exc.strerror})") from None
+    lines = []
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise NMTError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                               f"{exc.start + 1}); convert the file to UTF-8, e.g. with iconv") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            lines.append(line)
+    if not lines:
+        raise NMTError(f"{path}: file is empty")
+    return lines
+
+
+def _read_pairs(src: Path | None, tgt: Path | None, tsv: Path | None, what: str) -> list[tuple[str, str]]:
+    """Raw (source, target) pairs, from two parallel files or one TSV file."""
+    if tsv is not None:
+        if src is not None or tgt is not None:
+            raise NMTError(f"give the {what} either as a TSV file or as source and target files, not both")
+        pairs = []
+        for lineno, line in enumerate(_read_lines(tsv), 1):
+            if not line.strip():
+                pairs.append(("", ""))
+                continue
+            tabs = line.count("\t")
+            if tabs != 1:
+                raise NMTError(f"{tsv}:{lineno}: expected exactly one tab (source<TAB>target), found {tabs}")
+            s, t = line.split("\t")
+            pairs.append((s, t))
+        return pairs
+    if src is None or tgt is None:
+        raise NMTError(f"give the {what} as both a source and a target file (or as one TSV file)")
+    src_lines, tgt_lines = _read_lines(src), _read_lines(tgt)
+    if len(src_lines) != len(tgt_lines):
+        raise NMTError(f"{src} has {len(src_lines)} lines but {tgt} has {len(tgt_lines)}; "
+                       "parallel files must have one line per sentence pair")
+    return list(zip(src_lines, tgt_lines, strict=True))
+
+
+def _length(text: str, unit: str) -> int:
+    return len(text.split()) if unit == "words" else len(text)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _opt_path(p: str | Path | None) -> Path | None:
+    return None if p is None else Path(p)
+
+
+def _holdout_size(requested: int | None, available: int, name: str) -> int:
+    if requested is None:
+        return max(1, min(DEFAULT_HOLDOUT, int(available * HOLDOUT_FRACTION)))
+    if requested < 1:
+        raise NMTError(f"--{name}-size must be at least 1 (got {requested})")
+    return requested
+
+
+def prepare_files(
+    outdir: str | Path,
+    src: str | Path | None = None,
+    tgt: str | Path | None = None,
+    *,
+    tsv: str | Path | None = None,
+    dev_src: str | Path | None = None,
+    dev_tgt: str | Path | None = None,
+    dev_tsv: str | Path | None = None,
+    test_src: str | Path | None = None,
+    test_tgt: str | Path | None = None,
+    test_tsv: str | Path | None = None,
+    dev_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 1234,
+    src_lang: str = "src",
+    tgt_lang: str = "tgt",
+    max_len: int = DEFAULT_MAX_LEN,
+    max_ratio: float = DEFAULT_MAX_RATIO,
+    length_unit: str = "words",
+    overwrite: bool = False,
+) -> dict:
+    """Build a corpus in `outdir` from the user's parallel text; return its corpus.json content.
+
+    Input: `src` + `tgt` (parallel plain-text files, one sentence a line) or `tsv` (source<TAB>target a
+    line). Dev and test come from explicit files (`dev_src` + `dev_tgt` or `dev_tsv`, the same for test)
+    or are held out at random (seeded) from the cleaned training pairs: `dev_size` / `test_size` pairs,
+    by default 500 each but at most 10% of the pairs each.
+
+    Cleaning of every pair: `normalize_text` (NFC, control characters, whitespace). Training pairs are
+    then dropped when a side is empty, a side is longer than `max_len` units, the longer side is more
+    than `max_ratio` times the shorter (`max_ratio` 0 turns this off; pairs whose longer side has at most
+    5 units are exempt), the pair repeats an earlier pair, or its source sentence is also a dev or test
+    source. Length is counted in `length_unit`: "words" (whitespace-separated, the default) or "chars"
+    (for languages written without spaces). Explicit dev/test files are normalized and only their empty
+    pairs dropped, so a standard test set stays what it is.
+    """
+    outdir = Path(outdir)
+    if length_unit not in LENGTH_UNITS:
+        raise NMTError(f"length unit must be one of {', '.join(LENGTH_UNITS)} (got {length_unit!r})")
+    if max_len < 1:
+        raise NMTError(f"--max-len must be at least 1 (got {max_len})")
+    if max_ratio < 0:
+        raise NMTError(f"--max-ratio must be 0 (off) or positive (got {max_ratio})")
+    _check_outdir(outdir, overwrite)
+
+    src_p, tgt_p, tsv_p = _opt_path(src), _opt_path(tgt), _opt_path(tsv)
+    raw = _read_pairs(src_p, tgt_p, tsv_p, "training data")
+    explicit: dict[str, list[tuple[str, str]] | None] = {}
+    input_files: dict[str, Path] = {k: v for k, v in (("src", src_p), ("tgt", tgt_p), ("tsv", tsv_p)) if v}
+    for split, s, t, ts in (("dev", dev_src, dev_tgt, dev_tsv), ("test", test_src, test_tgt, test_tsv)):
+        if s is None and t is None and ts is None:
+            explicit[split] = None
+            continue
+        paths = {"src": _opt_path(s), "tgt": _opt_path(t), "tsv": _opt_path(ts)}
+        explicit[split] = _read_pairs(paths["src"], paths["tgt"], paths["tsv"], f"{split} data")
+        input_files.update({f"{split}_{k}": v for k, v in paths.items() if v})
+
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    pairs: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for s_raw, t_raw in raw:
+        s, t = normalize_text(s_raw), normalize_text(t_raw)
+        if not s or not t:
+            dropped["empty"] += 1
+            continue
+        ls, lt = _length(s, length_unit), _length(t, length_unit)
+        if max(ls, lt) > max_len:
+            dropped["too_long"] += 1
+            continue
+        if max_ratio and max(ls, lt) > RATIO_MIN_LEN and max(ls, lt) > max_ratio * min(ls, lt):
+            dropped["ratio"] += 1
+            continue
+        if (s, t) in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add((s, t))
+        pairs.append((s, t))
+
+    held: dict[str, list[tuple[str, str]]] = {}
+    dropped_eval = {"dev_empty": 0, "test_empty": 0}
+    for split in ("dev", "test"):
+        given = explicit[split]
+        if given is not None:
+            cleaned = [(normalize_text(s), normalize_text(t)) for s, t in given]
+            held[split] = [(s, t) for s, t in cleaned if s and t]
+            dropped_eval[f"{split}_empty"] = len(cleaned) - len(held[split])
+            if not held[split]:
+                raise NMTError(f"the {split} files hold no non-empty sentence pairs")
+    to_draw = [split for split in ("dev", "test") if explicit[split] is None]
+    if to_draw:
+        if len(pairs) < MIN_PAIRS:
+            raise NMTError(f"only {len(pairs)} usable sentence pairs after cleaning; at least {MIN_PAIRS} "
+                           "are needed to hold out dev and test sets (or give dev and test files)")
+        requested = {"dev": dev_size, "test": test_size}
+        sizes = {split: _holdout_size(requested[split], len(pairs), split) for split in to_draw}
+        wanted = sum(sizes[s] for s in to_draw)
+        if wanted > len(pairs) // 2:
+            raise NMTError(f"holding out {wanted} pairs for {' and '.join(to_draw)} would leave too little "
+                           f"training data ({len(pairs)} usable pairs); lower --dev-size/--test-size")
+        picked = random.Random(seed).sample(range(len(pairs)), wanted)
+        taken = set(picked)
+        for split in to_draw:
+            held[split], picked = [pairs[i] for i in picked[:sizes[split]]], picked[sizes[split]:]
+        pairs = [p for i, p in enumerate(pairs) if i not in taken]
+
+    eval_sources = {s for split in ("dev", "test") for s, _ in held[split]}
+    train = [p for p in pairs if p[0] not in eval_sources]
+    dropped["overlap_dev_test"] = len(pairs) - len(train)
+    if not train:
+        raise NMTError("no training pairs left after cleaning (see the drop counts with -v)")
+
+    splits = {"train": train, "dev": held["dev"], "test": held["test"]}
+    counts = {s: len(splits[s]) for s in SPLITS}
+    meta = {
+        "recipe": "files",
+        "src_lang": src_lang,
+        "tgt_lang": tgt_lang,
+        "counts": counts,
+        "input_pairs": len(raw),
+        "dropped": dropped,
+        "dropped_dev_test": dropped_eval,
+        "holdout": {s: explicit[s] is None for s in ("dev", "test")},
+        "settings": {"max_len": max_len, "length_unit": length_unit, "max_ratio": max_ratio,
+                     "ratio_min_len": RATIO_MIN_LEN, "dev_size": dev_size, "test_size": test_size,
+                     "seed": seed},
+        "sources": {k: {"path": str(p.resolve()), "sha256": _sha256(p)} for k, p in input_files.items()},
+    }
+    files = {s: {"src": [p[0] for p in v], "tgt": [p[1] for p in v]} for s, v in splits.items()}
+    _write_corpus(outdir, files, meta, overwrite)
+    log.info("corpus in %s: train %d, dev %d, test %d; dropped %s", outdir, counts["train"], counts["dev"],
+             counts["test"], ", ".join(f"{k} {v}" for k, v in dropped.items()))
+    return {**meta, "outdir": str(outdir)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI: `nmt prepare bible|files`
+# ----------------------------------------------------------------------------------------------------------
+
+_DROP_LABELS = {"empty": "empty", "too_long": "too long", "ratio": "length ratio", "duplicate": "duplicate",
+                "overlap_dev_test": "source also in dev/test"}
+
+
+def _print_counts(result: dict) -> None:
+    c = result["counts"]
+    print(f"corpus: {result['outdir']} ({result['recipe']}, {result['src_lang']} -> {result['tgt_lang']})")
+    print(f"  train {c['train']:,}  dev {c['dev']:,}  test {c['test']:,}")
+
+
+def _run_bible(args: argparse.Namespace) -> int:
+    result = prepare_bible(args.outdir, sword_path=args.sword_path, overwrite=args.overwrite)
+    _print_counts(result)
+    skipped = result["skipped"]
+    print(f"  skipped {sum(skipped.values())} of {result['verses']:,} verses (empty source "
+          f"{skipped['empty_src']}, empty target {skipped['empty_tgt']})")
+    return 0
+
+
+def _run_files(args: argparse.Namespace) -> int:
+    result = prepare_files(
+        args.outdir, args.src, args.tgt, tsv=args.tsv,
+        dev_src=args.dev_src, dev_tgt=args.dev_tgt, dev_tsv=args.dev_tsv,
+        test_src=args.test_src, test_tgt=args.test_tgt, test_tsv=args.test_tsv,
+        dev_size=args.dev_size, test_size=args.test_size, seed=args.seed,
+        src_lang=args.src_lang, tgt_lang=args.tgt_lang, max_len=args.max_len, max_ratio=args.max_ratio,
+        length_unit=args.length_unit, overwrite=args.overwrite)
+    _print_counts(result)
+    dropped = result["dropped"]
+    reasons = ", ".join(f"{_DROP_LABELS[k]} {v:,}" for k, v in dropped.items() if v) or "none"
+    print(f"  read {result['input_pairs']:,} pairs; dropped {sum(dropped.values()):,} ({reasons})")
+    empty_eval = {k: v for k, v in result["dropped_dev_test"].items() if v}
+    if empty_eval:
+        print("  empty pairs dropped from the given " + ", ".join(
+            f"{k.split('_')[0]} files: {v}" for k, v in empty_eval.items()))
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Add `prepare bible` and `prepare files` to the `nmt` command line."""
+    p = sub.add_parser("prepare", help="build a cleaned parallel corpus (train/dev/test files)",
+                       description="Build a cleaned parallel corpus: OUTDIR/{train,dev,test}.{src,tgt} and "
+                                   "OUTDIR/corpus.json.")
+    recipes = p.add_subparsers(dest="recipe", metavar="RECIPE")
+    recipes.required = True
+
+    b = recipes.add_parser("bible", help="the built-in Spanish->English Bible corpus (RV1909 -> KJV)",
+                           description="Spanish (Reina-Valera 1909) -> English (King James Version) verses "
+                                       "from the Debian packages sword-text-sparv and sword-text-kjv.")
+    b.add_argument("outdir", metavar="OUTDIR", help="output directory")
+    b.add_argument("--sword-path", default="/usr/share/sword", help="SWORD library (default %(default)s)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace OUTDIR even if it holds something other than a previous corpus")
+    b.set_defaults(func=_run_bible)
+
+    f = recipes.add_parser("files", help="your own parallel text: two plain-text files or one TSV file",
+                           description="Clean your own parallel text (NFC, control characters, whitespace; "
+                                       "drop empty, too long, badly proportioned and duplicate pairs) and "
+                                       "split it into train/dev/test.")
+    f.add_argument("outdir", metavar="OUTDIR", help="output directory")
+    f.add_argument("--src", metavar="FILE", help="source sentences, one a line")
+    f.add_argument("--tgt", metavar="FILE", help="target sentences, line-parallel to --src")
+    f.add_argument("--tsv", metavar="FILE", help="source<TAB>target a line (instead of --src/--tgt)")
+    for split in ("dev", "test"):
+        f.add_argument(f"--{split}-src", metavar="FILE", help=f"{split} source file (else held out)")
+        f.add_argument(f"--{split}-tgt", metavar="FILE", help=f"{split} target file")
+        f.add_argument(f"--{split}-tsv", metavar="FILE", help=f"{split} TSV file")
+        f.add_argument(f"--{split}-size", type=int, metavar="N",
+                       help=f"{split} pairs to hold out (default {DEFAULT_HOLDOUT} or "
+                            f"{HOLDOUT_FRACTION * 100:.0f}%% of the pairs, whichever is fewer)")
+    f.add_argument("--seed", type=int, default=1234, help="hold-out random seed (default %(default)s)")
+    f.add_argument("--src-lang", default="src", help="source language code for corpus.json")
+    f.add_argument("--tgt-lang", default="tgt", help="target language code for corpus.json")
+    f.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN, metavar="N",
+                   help="drop training pairs with a side longer than N units (default %(default)s)")
+    f.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO, metavar="R",
+                   help="drop training pairs whose longer side is over R times the shorter "
+                        "(default %(default)s; 0 = off)")
+    f.add_argument("--length-unit", choices=LENGTH_UNITS, default="words",
+                   help="unit of --max-len and --max-ratio (default %(default)s; chars for languages "
+                        "written without spaces)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace OUTDIR even if it holds something other than a previous corpus")
+    f.set_defaults(func=_run_files)
