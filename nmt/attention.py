@@ -1,0 +1,29 @@
+"""Additive (Bahdanau) attention: e_ij = v^T tanh(W s_{i-1} + U h_j), softmax over real source positions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AdditiveAttention(nn.Module):
+    """Scores each source annotation against the decoder state and returns the weighted context."""
+
+    def __init__(self, key_dim: int, attn_dim: int):
+        super().__init__()
+        # U, applied once per source sentence; the query projection W s_{i-1} belongs to the decoder, which
+        # fuses it with its recurrent matmul.
+        self.key_proj = nn.Linear(key_dim, attn_dim, bias=False)
+        self.v = nn.Parameter(torch.empty(attn_dim).uniform_(-0.1, 0.1))
+
+    def keys(self, annotations: torch.Tensor) -> torch.Tensor:
+        """U h_j for every source position: (B, S, 2H) -> (B, S, A)."""
+        return self.key_proj(annotations)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query = W s_{i-1} (B, A) -> context (B, 2H) and weights (B, S); mask_bias is -inf at padding."""
+        scores = torch.matmul(torch.tanh(keys + query.unsqueeze(1)), self.v) + mask_bias
+        alpha = torch.softmax(scores, dim=-1)
+        context = torch.bmm(alpha.unsqueeze(1), values).squeeze(1)
+        return context, alpha

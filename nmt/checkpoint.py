@@ -1,0 +1,49 @@
+"""Training checkpoints: atomic writes, and loading that never unpickles code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt.errors import NMTError
+
+FORMAT = "rnnsearch-checkpoint-1"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp_path), then rename over path, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    state = {"format": FORMAT, **state}
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by save_checkpoint (weights_only: tensors and plain data, no code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NMTError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NMTError(f"{path} is not a readable rnnsearch checkpoint ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise NMTError(f"{path} is not an rnnsearch checkpoint (no '{FORMAT}' marker)")
+    return state

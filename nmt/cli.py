@@ -1,0 +1,80 @@
+"""The `nmt` command line: prepare, train, plot, translate, evaluate, score, export, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from nmt import __version__
+from nmt.errors import NMTError
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    from nmt import corpus
+
+    corpus.add_cli(sub)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.run_dir exactly")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.0005 (repeatable)")
+    p.set_defaults(func=_run_train)
+
+    p = sub.add_parser("plot", help="write a PNG of a run's training curves")
+    p.add_argument("run", help="run directory (holds metrics.jsonl)")
+    p.add_argument("-o", "--output", help="PNG path (default RUN/curves.png)")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from nmt.config import load_config
+    from nmt.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    print(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {result['best_bleu']:.2f}  "
+          f"stopped: {result['reason']}")
+    return 0
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from nmt.plot import plot_run
+
+    out = plot_run(args.run, args.output)
+    print(out)
+    return 0
+
+
+COMMANDS = [_add_prepare, _add_train]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nmt", description="RNNsearch neural machine translation")
+    parser.add_argument("--version", action="version", version=f"rnnsearch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except NMTError as exc:
+        print(f"nmt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nmt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

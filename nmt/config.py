@@ -1,0 +1,225 @@
+"""Typed configuration: YAML sections -> dataclasses, with defaults, validation and `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nmt.errors import NMTError
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/bible"  # prepared corpus: train/dev/test .src/.tgt files (see `nmt prepare`)
+    src_lang: str = "es"
+    tgt_lang: str = "en"
+    max_len: int = 200  # training pairs with more subword pieces than this on either side are skipped
+
+
+@dataclass
+class TokenizerConfig:
+    type: str = "unigram"  # SentencePiece model type: unigram or bpe
+    vocab_size: int = 8000  # per language (or shared when joint)
+    joint: bool = False  # one vocabulary for source and target
+    character_coverage: float = 1.0
+    sample_alpha: float = 0.0  # subword regularization during training (unigram only); 0 = off
+    input_sentence_size: int = 2_000_000  # sentences SentencePiece samples to train on
+
+
+@dataclass
+class ModelConfig:
+    cell: str = "lstm"  # lstm or gru
+    emb_dim: int = 256  # source and target embedding size
+    enc_hidden: int = 256  # per direction
+    dec_hidden: int = 512
+    attn_dim: int = 512  # hidden size of the additive attention MLP
+    out_dim: int = 512  # readout layer between [s_i; c_i; emb(y_{i-1})] and the vocabulary
+    layers: int = 1  # stacked layers in encoder and decoder (residual connections between them)
+    dropout: float = 0.3
+    attention: str = "bahdanau"  # bahdanau, or none for the RNNencdec baseline
+    tie_embeddings: bool = False  # share target embedding and output weights (needs out_dim == emb_dim)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/base"  # checkpoints, tokenizers, metrics.jsonl
+    seed: int = 1234
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+    device: str = "auto"  # auto, cpu, cuda
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    batch_tokens: int = 4096  # target tokens per batch
+    max_sentences: int = 256  # cap on sentences per batch
+    bucket_width: int = 4  # length bucket width for batching (source pieces)
+    epochs: int = 30
+    max_steps: int = 0  # stop after this many updates; 0 = no limit
+    lr: float = 0.001
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    clip_norm: float = 5.0  # gradient-norm clipping; 0 = off
+    label_smoothing: float = 0.1
+    lr_decay: float = 0.5  # multiply lr by this when dev loss plateaus
+    lr_patience: int = 2  # validations without dev-loss improvement before decaying
+    min_lr: float = 1.0e-5
+    valid_every: int = 1000  # updates between validations; 0 = once per epoch
+    valid_bleu: bool = True  # greedy-decode dev for BLEU at each validation
+    valid_max_sentences: int = 0  # cap on dev sentences decoded for BLEU; 0 = all
+    early_stop_patience: int = 8  # validations without dev-BLEU improvement before stopping; 0 = off
+    log_every: int = 50  # updates between metric lines
+    accum_steps: int = 1  # batches whose gradients are summed before one update
+
+
+@dataclass
+class DecodeConfig:
+    beam_size: int = 5
+    length_penalty: float = 1.0  # GNMT alpha; 0 = none
+    max_len_a: float = 1.5  # output length limit: a * source_length + b
+    max_len_b: int = 10
+    replace_unk: bool = True  # replace <unk> by the most-attended source piece
+    batch_tokens: int = 4000  # source tokens per translation batch
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "tokenizer.type": ("unigram", "bpe"),
+    "model.cell": ("lstm", "gru"),
+    "model.attention": ("bahdanau", "none"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+_POSITIVE = {
+    "tokenizer.vocab_size", "model.emb_dim", "model.enc_hidden", "model.dec_hidden", "model.attn_dim",
+    "model.out_dim", "model.layers", "data.max_len", "train.batch_tokens", "train.max_sentences",
+    "train.bucket_width", "train.epochs", "train.log_every", "train.accum_steps", "decode.beam_size",
+    "decode.batch_tokens",
+}
+_NON_NEGATIVE = {
+    "train.threads", "train.max_steps", "train.lr", "train.weight_decay", "train.clip_norm",
+    "train.min_lr", "train.valid_every", "train.valid_max_sentences", "train.early_stop_patience",
+    "train.lr_patience", "tokenizer.sample_alpha", "decode.length_penalty", "decode.max_len_a",
+    "decode.max_len_b",
+}
+_UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay", "tokenizer.character_coverage"}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check one value against its declared type, converting int to float where a float is expected."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is list or origin is list:
+        if isinstance(value, list):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise NMTError(f"config key '{key}' must be of type {name}, got {value!r}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj):
+            key = f"{section.name}.{f.name}"
+            value = getattr(obj, f.name)
+            if key in _CHOICES and value not in _CHOICES[key]:
+                raise NMTError(f"config key '{key}' must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+            if key in _POSITIVE and value <= 0:
+                raise NMTError(f"config key '{key}' must be > 0, got {value!r}")
+            if key in _NON_NEGATIVE and value < 0:
+                raise NMTError(f"config key '{key}' must be >= 0, got {value!r}")
+            if key in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
+                raise NMTError(f"config key '{key}' must be between 0 and 1, got {value!r}")
+    if cfg.model.tie_embeddings and cfg.model.out_dim != cfg.model.emb_dim:
+        raise NMTError("config key 'model.tie_embeddings' needs model.out_dim == model.emb_dim")
+    if len(cfg.train.adam_betas) != 2:
+        raise NMTError("config key 'train.adam_betas' must be a list of two numbers")
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated Config from nested dicts; unknown keys and wrong types raise NMTError naming the key."""
+    if not isinstance(raw, dict):
+        raise NMTError("config must be a mapping of sections (data, tokenizer, model, train, decode)")
+    cfg = Config()
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for name, values in raw.items():
+        if name not in sections:
+            raise NMTError(f"unknown config section '{name}' (known: {', '.join(sections)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise NMTError(f"config section '{name}' must be a mapping")
+        obj = getattr(cfg, name)
+        hints = typing.get_type_hints(type(obj))
+        for key, value in values.items():
+            if key not in hints:
+                raise NMTError(f"unknown config key '{name}.{key}' (known: {', '.join(hints)})")
+            setattr(obj, key, _coerce(f"{name}.{key}", value, hints[key]))
+    _check_ranges(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse `section.key=value` (value as YAML) from the command line."""
+    if "=" not in item:
+        raise NMTError(f"override '{item}' must look like section.key=value")
+    key, _, text = item.partition("=")
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise NMTError(f"override key '{key}' must look like section.key (e.g. train.lr)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise NMTError(f"override '{item}': value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file (or start from defaults when path is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise NMTError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise NMTError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise NMTError(f"config file {path} must hold a mapping of sections")
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise NMTError(f"config section '{section}' must be a mapping")
+        raw[section][key] = value
+    return from_dict(raw)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

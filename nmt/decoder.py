@@ -1,0 +1,143 @@
+"""Recurrent decoder in Bahdanau order: context from s_{i-1}, LSTM input [emb(y_{i-1}); c_i], readout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nmt.attention import AdditiveAttention
+from nmt.tokenizer import PAD
+
+
+@dataclass
+class Memory:
+    """What the decoder reads from the encoder, for one batch (rows may be repeated for beams)."""
+
+    values: torch.Tensor  # (B, S, C) annotations h_j
+    keys: torch.Tensor | None  # (B, S, A) U h_j, computed once per source sentence
+    mask_bias: torch.Tensor  # (B, S) 0 at real positions, -inf at padding
+    summary: torch.Tensor  # (B, C) fixed context [fwd_last; bwd_first], used when attention is off
+    summary_gates: torch.Tensor | None  # (B, G*H) its gate contribution, hoisted out of the step loop
+
+    def select(self, index: torch.Tensor) -> Memory:
+        """Rows picked by index (reorder, drop finished sentences, or expand for beams)."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, index)
+        return Memory(pick(self.values), pick(self.keys), pick(self.mask_bias), pick(self.summary),
+                      pick(self.summary_gates))
+
+
+@dataclass
+class State:
+    """Recurrent state per decoder layer: h (and c for LSTM), each (B, H)."""
+
+    h: list[torch.Tensor]
+    c: list[torch.Tensor] | None
+
+    def select(self, index: torch.Tensor) -> State:
+        h = [t.index_select(0, index) for t in self.h]
+        c = None if self.c is None else [t.index_select(0, index) for t in self.c]
+        return State(h, c)
+
+
+class Decoder(nn.Module):
+    """Stacked LSTM/GRU decoder with additive attention (or a fixed context when attention is off).
+
+    The first layer's previous state is the attention query (Bahdanau's s_{i-1} when there is one layer, the
+    GNMT arrangement when there are more); upper layers are residual. The output layer reads [s_i; c_i;
+    emb(y_{i-1})]. Target embeddings, their input projection and the output projections are computed for all
+    time steps at once outside the step loop.
+    """
+
+    def __init__(self, vocab_size: int, emb_dim: int, ctx_dim: int, hidden: int, attn_dim: int, out_dim: int,
+                 layers: int, cell: str, dropout: float, attention: bool, tie_embeddings: bool):
+        super().__init__()
+        self.lstm = cell == "lstm"
+        self.hidden = hidden
+        gates = (4 if self.lstm else 3) * hidden
+        self.attn_dim = attn_dim if attention else 0
+        self.embed = nn.Embedding(vocab_size, emb_dim, padding_idx=PAD)
+        self.emb_gates = nn.Linear(emb_dim, gates)  # hoisted: applied to all target embeddings at once
+        self.ctx_gates = nn.Linear(ctx_dim, gates, bias=False)
+        # One matmul on s_{i-1} gives both the attention query W s_{i-1} and the recurrent term W_hh s_{i-1}.
+        self.hidden_proj = nn.Linear(hidden, self.attn_dim + gates)
+        self.attention = AdditiveAttention(ctx_dim, attn_dim) if attention else None
+        cell_type = nn.LSTMCell if self.lstm else nn.GRUCell
+        self.upper = nn.ModuleList(cell_type(hidden, hidden) for _ in range(layers - 1))
+        self.init_proj = nn.Linear(ctx_dim // 2, layers * hidden)
+        self.readout = nn.Linear(hidden + ctx_dim + emb_dim, out_dim)
+        self.out = nn.Linear(out_dim, vocab_size)
+        if tie_embeddings:
+            self.out.weight = self.embed.weight
+        self.dropout = nn.Dropout(dropout)
+
+    def init_state(self, mem: Memory) -> State:
+        """s_0 = tanh(W_init bwd_1) for every layer; LSTM cells start at zero."""
+        half = mem.values.size(2) // 2
+        h = torch.tanh(self.init_proj(mem.values[:, 0, half:])).split(self.hidden, dim=1)
+        c = [torch.zeros_like(x) for x in h] if self.lstm else None
+        return State(list(h), c)
+
+    def _first_cell(self, x: torch.Tensor, hh: torch.Tensor, h: torch.Tensor,
+                    c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first layer's cell from its input gates x and recurrent gates hh (both bias-included)."""
+        if self.lstm:
+            i, f, g, o = (x + hh).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        xr, xz, xn = x.chunk(3, 1)
+        hr, hz, hn = hh.chunk(3, 1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return n + z * (h - n), None
+
+    def step(self, emb_gates: torch.Tensor, state: State,
+             mem: Memory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, State]:
+        """One time step from the target embedding's gate term -> (output s_i, context c_i, weights, state)."""
+        proj = self.hidden_proj(state.h[0])
+        if self.attention is not None:
+            query, hh = proj.split([self.attn_dim, proj.size(1) - self.attn_dim], dim=1)
+            ctx, alpha = self.attention(query, mem.keys, mem.values, mem.mask_bias)
+            x = emb_gates + self.ctx_gates(ctx)
+        else:
+            hh, ctx, alpha = proj, mem.summary, None
+            x = emb_gates + mem.summary_gates
+        h0, c0 = self._first_cell(x, hh, state.h[0], None if state.c is None else state.c[0])
+        hs, cs = [h0], [c0]
+        out = h0
+        for layer, cell in enumerate(self.upper, start=1):
+            if self.lstm:
+                h, c = cell(self.dropout(out), (state.h[layer], state.c[layer]))
+            else:
+                h, c = cell(self.dropout(out), state.h[layer]), None
+            hs.append(h)
+            cs.append(c)
+            out = out + h
+        return out, ctx, alpha, State(hs, cs if self.lstm else None)
+
+    def output_layer(self, out: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Readout t_i = tanh(W_o [s_i; c_i; emb(y_{i-1})]), before the vocabulary projection."""
+        return self.dropout(torch.tanh(self.readout(torch.cat([out, ctx, emb], dim=-1))))
+
+    def forward(self, tgt_in: torch.Tensor, state: State, mem: Memory) -> torch.Tensor:
+        """Teacher-forced pass over (B, T) target inputs -> (B, T, out_dim) readout vectors."""
+        emb = self.dropout(self.embed(tgt_in.t()))  # time-major (T, B, E): each step reads a contiguous slice
+        gates = self.emb_gates(emb)
+        outs, ctxs = [], []
+        for t in range(gates.size(0)):
+            out, ctx, _, state = self.step(gates[t], state, mem)
+            outs.append(out)
+            ctxs.append(ctx)
+        readout = self.output_layer(torch.stack(outs), torch.stack(ctxs), emb)
+        return readout.transpose(0, 1)
+
+    def step_logprobs(self, prev: torch.Tensor, state: State,
+                      mem: Memory) -> tuple[torch.Tensor, torch.Tensor | None, State]:
+        """Inference step from previous tokens (N,) -> log-probabilities (N, V), attention (N, S), state."""
+        emb = self.embed(prev)
+        out, ctx, alpha, state = self.step(self.emb_gates(emb), state, mem)
+        logits = self.out(self.output_layer(out, ctx, emb))
+        return torch.log_softmax(logits.float(), dim=-1), alpha, state

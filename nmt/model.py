@@ -1,0 +1,67 @@
+"""The RNNsearch sequence-to-sequence model: encoder, decoder and the training loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nmt.config import ModelConfig
+from nmt.decoder import Decoder, Memory, State
+from nmt.encoder import Encoder
+from nmt.tokenizer import PAD
+
+
+class Seq2Seq(nn.Module):
+    """Bidirectional encoder + attentional decoder (RNNsearch), or RNNencdec when attention is none."""
+
+    def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(src_vocab, cfg.emb_dim, cfg.enc_hidden, cfg.layers, cfg.cell, cfg.dropout)
+        self.decoder = Decoder(tgt_vocab, cfg.emb_dim, self.encoder.out_dim, cfg.dec_hidden, cfg.attn_dim,
+                               cfg.out_dim, cfg.layers, cfg.cell, cfg.dropout, cfg.attention != "none",
+                               cfg.tie_embeddings)
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.1, 0.1)
+        with torch.no_grad():
+            self.encoder.embed.weight[PAD].zero_()
+            self.decoder.embed.weight[PAD].zero_()
+
+    def encode(self, src: torch.Tensor, lens: torch.Tensor) -> Memory:
+        values = self.encoder(src, lens)
+        mask = src == PAD
+        mask_bias = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+        mask_bias.masked_fill_(mask, float("-inf"))
+        half = values.size(2) // 2
+        last = (lens.to(values.device) - 1).clamp(min=0)
+        fwd_last = values[torch.arange(values.size(0), device=values.device), last, :half]
+        summary = torch.cat([fwd_last, values[:, 0, half:]], dim=1)
+        attention = self.decoder.attention
+        if attention is not None:
+            return Memory(values, attention.keys(values), mask_bias, summary, None)
+        return Memory(values, None, mask_bias, summary, self.decoder.ctx_gates(summary))
+
+    def init_state(self, mem: Memory) -> State:
+        return self.decoder.init_state(mem)
+
+    def forward(self, src: torch.Tensor, lens: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass: summed label-smoothed loss and summed NLL over the real target tokens."""
+        mem = self.encode(src, lens)
+        readout = self.decoder(tgt_in, self.init_state(mem), mem)
+        real = tgt_out != PAD
+        # Project only real positions to the vocabulary: padding would cost the biggest matmul for nothing.
+        logprobs = torch.log_softmax(self.decoder.out(readout[real]).float(), dim=-1)
+        nll = -logprobs.gather(1, tgt_out[real].unsqueeze(1)).sum()
+        if label_smoothing == 0:
+            return nll, nll.detach()
+        smooth = -logprobs.mean(dim=1).sum()
+        return (1.0 - label_smoothing) * nll + label_smoothing * smooth, nll.detach()
+
+    def step(self, prev: torch.Tensor, state: State,
+             mem: Memory) -> tuple[torch.Tensor, torch.Tensor | None, State]:
+        """One decoding step: log-probabilities (N, V), attention weights (N, S) and the new state."""
+        return self.decoder.step_logprobs(prev, state, mem)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,157 @@
+"""Batched beam search (greedy is beam size 1): B sentences x K beams advance as one tensor batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nmt.batching import collate, token_batches
+from nmt.model import Seq2Seq
+from nmt.tokenizer import BOS, EOS, PAD, UNK
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # target ids, without BOS/EOS
+    score: float  # log-probability divided by the length penalty: what hypotheses are ranked by
+    logprob: float  # total log-probability, EOS included
+    attention: torch.Tensor | None = None  # (len(tokens) + 1, S) weights per output token (EOS last)
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT length penalty ((5 + |Y|) / 6) ** alpha; 1 when alpha is 0."""
+    return ((5.0 + length) / 6.0) ** alpha if alpha else 1.0
+
+
+def _banned_by_ngrams(history: list[list[int]], n: int) -> list[list[int]]:
+    """For each row, the tokens that would repeat an n-gram the row already holds."""
+    banned = []
+    for row in history:
+        if len(row) < n:
+            banned.append([])
+            continue
+        prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
+        banned.append([row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix])
+    return banned
+
+
+@torch.no_grad()
+def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size: int = 5, n_best: int = 1,
+                alpha: float = 0.0, max_len_a: float = 1.5, max_len_b: int = 10, ban_unk: bool = False,
+                no_repeat_ngram: int = 0, return_attention: bool = False) -> list[list[Hypothesis]]:
+    """Translate a padded batch; returns n_best hypotheses per sentence, best first.
+
+    A sentence stops once it has beam_size finished hypotheses, or n_best of them that no live beam can
+    beat (log-probabilities only fall, so a live beam's best final score is bounded). Finished sentences
+    leave the batch. Nothing about one sentence depends on the others in its batch.
+    """
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
+    model.eval()
+    device = src.device
+    batch, k = src.size(0), beam_size
+    mem = model.encode(src, lens)
+    src_len = (lens - 1).clamp(min=0).tolist()  # real pieces, without the EOS the source carries
+    limits = [max(1, int(max_len_a * n + max_len_b)) for n in src_len]
+    rows = torch.arange(batch, device=device).repeat_interleave(k)
+    mem = mem.select(rows)
+    state = model.init_state(mem)
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first at step 0
+    tokens = torch.full((batch * k, 0), BOS, dtype=torch.long, device=device)
+    attn = torch.zeros((batch * k, 0, src.size(1)), device=device) if return_attention else None
+    prev = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
+    alive = list(range(batch))  # original sentence index of each row group still decoding
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    step = 0
+    while alive:
+        logp, alpha_t, state = model.step(prev, state, mem)
+        vocab = logp.size(1)
+        logp[:, PAD] = float("-inf")
+        logp[:, BOS] = float("-inf")
+        if ban_unk:
+            logp[:, UNK] = float("-inf")
+        if no_repeat_ngram > 0:
+            for row, banned in enumerate(_banned_by_ngrams(tokens.tolist(), no_repeat_ngram)):
+                logp[row, banned] = float("-inf")
+        at_limit = torch.tensor([step + 1 >= limits[s] for s in alive], device=device)
+        if bool(at_limit.any()):
+            forced = at_limit.repeat_interleave(k)
+            eos_logp = logp[forced, EOS].clone()
+            logp[forced] = float("-inf")
+            logp[forced, EOS] = eos_logp
+        n = len(alive)
+        cand = (scores.view(-1, 1) + logp).view(n, k * vocab)
+        top_scores, top_idx = cand.topk(2 * k, dim=1)
+        origin, token = top_idx // vocab, top_idx % vocab
+        is_eos = (token == EOS) & torch.isfinite(top_scores)
+        position = torch.arange(2 * k, device=device).expand(n, 2 * k)
+        # Candidates ending in EOS among the top k finish; the first k others go on as live beams.
+        finish_mask = is_eos & (position < k)
+        live_pos = torch.where(is_eos, position + 2 * k, position).topk(k, dim=1, largest=False).indices
+        flat_origin = (origin + torch.arange(n, device=device).unsqueeze(1) * k)
+        if bool(finish_mask.any()):
+            lengths = step + 1
+            for i, j in finish_mask.nonzero().tolist():
+                row = int(flat_origin[i, j])
+                total = float(top_scores[i, j])
+                hyp_attn = None
+                if attn is not None:
+                    hyp_attn = torch.cat([attn[row], alpha_t[row].unsqueeze(0)]).cpu()
+                finished[alive[i]].append(Hypothesis(tokens[row].tolist(), total / length_penalty(lengths, alpha),
+                                                     total, hyp_attn))
+        scores = top_scores.gather(1, live_pos)
+        chosen = flat_origin.gather(1, live_pos).view(-1)
+        next_tokens = token.gather(1, live_pos).view(-1)
+        tokens = torch.cat([tokens.index_select(0, chosen), next_tokens.unsqueeze(1)], dim=1)
+        if attn is not None:
+            attn = torch.cat([attn.index_select(0, chosen), alpha_t.index_select(0, chosen).unsqueeze(1)], dim=1)
+        state = state.select(chosen)
+        prev = next_tokens
+        step += 1
+        # Which sentences are done: enough finished, or none of their live beams can still win.
+        best_live = scores.max(dim=1).values.tolist()
+        keep = []
+        for i, sent in enumerate(alive):
+            done = finished[sent]
+            if len(done) >= k or step >= limits[sent]:
+                continue
+            if len(done) >= n_best:
+                bound = best_live[i] / length_penalty(limits[sent], alpha) if alpha else best_live[i]
+                if bound <= sorted(h.score for h in done)[-n_best]:
+                    continue
+            keep.append(i)
+        if len(keep) < n:
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            alive = [alive[i] for i in keep]
+            scores = scores.index_select(0, idx)
+            row_idx = (idx.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            mem, state = mem.select(row_idx), state.select(row_idx)
+            tokens, prev = tokens.index_select(0, row_idx), prev.index_select(0, row_idx)
+            if attn is not None:
+                attn = attn.index_select(0, row_idx)
+    results = []
+    for hyps in finished:
+        hyps.sort(key=lambda h: -h.score)
+        results.append(hyps[:n_best])
+    return results
+
+
+def greedy_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, **kwargs) -> list[list[Hypothesis]]:
+    """Greedy decoding: beam search with one beam, through the same code."""
+    return beam_search(model, src, lens, beam_size=1, n_best=1, **kwargs)
+
+
+def search_ids(model: Seq2Seq, ids: list[list[int]], batch_tokens: int, device: torch.device,
+               beam_size: int = 5, **kwargs) -> list[list[Hypothesis]]:
+    """Decode many id sequences in length-sorted token-budget batches; results come back in input order."""
+    results: list[list[Hypothesis]] = [[] for _ in ids]
+    lengths = [len(s) + 1 for s in ids]
+    budget = max(batch_tokens // max(beam_size, 1), max(lengths, default=1))
+    for group in token_batches(lengths, None, budget, max_sentences=len(ids) or 1):
+        batch = collate([ids[i] for i in group], None, group)
+        hyps = beam_search(model, batch.src.to(device), batch.src_lens, beam_size=beam_size, **kwargs)
+        for i, h in zip(group, hyps, strict=True):
+            results[i] = h
+    return results

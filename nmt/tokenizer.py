@@ -1,0 +1,107 @@
+"""SentencePiece subword tokenizers with fixed special ids (pad 0, unk 1, bos 2, eos 3)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import sentencepiece as spm
+
+from nmt.config import TokenizerConfig
+from nmt.errors import NMTError
+
+log = logging.getLogger(__name__)
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
+
+
+class Tokenizer:
+    """One SentencePiece model: text <-> ids, with optional subword sampling for training."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NMTError(f"SentencePiece model not found: {self.path}")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(self.path))
+        except (OSError, RuntimeError) as exc:
+            raise NMTError(f"{self.path} is not a SentencePiece model ({exc})") from None
+        if (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) != (PAD, UNK, BOS, EOS):
+            raise NMTError(f"{self.path}: special ids must be pad=0 unk=1 bos=2 eos=3")
+
+    def __len__(self) -> int:
+        return self.sp.GetPieceSize()
+
+    def encode(self, text: str, sample_alpha: float = 0.0) -> list[int]:
+        if sample_alpha > 0:
+            return self.sp.Encode(text, enable_sampling=True, alpha=sample_alpha, nbest_size=-1)
+        return self.sp.Encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.Encode(texts)
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.sp.IdToPiece(i) for i in ids]
+
+    def to_pieces(self, text: str) -> list[str]:
+        return self.sp.EncodeAsPieces(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.Decode([i for i in ids if i > EOS or i == UNK])
+
+    def decode_pieces(self, pieces: list[str]) -> str:
+        return self.sp.DecodePieces(pieces)
+
+
+def set_sampling_seed(seed: int) -> None:
+    """Seed SentencePiece's sampler so subword sampling is repeatable (and resumable)."""
+    spm.set_random_generator_seed(seed)
+
+
+def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, vocab_size: int) -> Path:
+    """Train a SentencePiece model on the given text files; writes PREFIX.model atomically."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=prefix.parent) as tmp:
+        tmp_prefix = Path(tmp) / prefix.name
+        try:
+            spm.SentencePieceTrainer.Train(
+                input=",".join(str(t) for t in texts),
+                model_prefix=str(tmp_prefix),
+                model_type=cfg.type,
+                vocab_size=vocab_size,
+                character_coverage=cfg.character_coverage,
+                input_sentence_size=cfg.input_sentence_size,
+                shuffle_input_sentence=True,
+                pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+                pad_piece=PAD_PIECE, unk_piece=UNK_PIECE, bos_piece=BOS_PIECE, eos_piece=EOS_PIECE,
+                hard_vocab_limit=False,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+            )
+        except RuntimeError as exc:
+            raise NMTError(f"SentencePiece training failed on {', '.join(map(str, texts))}: {exc}") from None
+        out = prefix.with_suffix(".model")
+        os.replace(tmp_prefix.with_suffix(".model"), out)
+    log.info("trained SentencePiece %s (%s, vocab %d)", out, cfg.type, vocab_size)
+    return out
+
+
+def ensure_tokenizers(data_dir: Path, run_dir: Path, cfg: TokenizerConfig) -> tuple[Tokenizer, Tokenizer]:
+    """Load the run's src.model/tgt.model, training them on the corpus's train split if the run has none."""
+    src_path, tgt_path = run_dir / "src.model", run_dir / "tgt.model"
+    if not (src_path.is_file() and tgt_path.is_file()):
+        src_text, tgt_text = data_dir / "train.src", data_dir / "train.tgt"
+        for f in (src_text, tgt_text):
+            if not f.is_file():
+                raise NMTError(f"training text not found: {f} (run `nmt prepare` first)")
+        if cfg.joint:
+            train_sentencepiece([src_text, tgt_text], run_dir / "src", cfg, cfg.vocab_size)
+            (run_dir / "tgt.model").write_bytes(src_path.read_bytes())
+        else:
+            train_sentencepiece([src_text], run_dir / "src", cfg, cfg.vocab_size)
+            train_sentencepiece([tgt_text], run_dir / "tgt", cfg, cfg.vocab_size)
+    return Tokenizer(src_path), Tokenizer(tgt_path)

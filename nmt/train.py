@@ -1,0 +1,405 @@
+"""The training loop: token-budget batches, Adam, clipping, validation, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sacrebleu
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from nmt.batching import ParallelData
+from nmt.checkpoint import load_checkpoint, save_checkpoint
+from nmt.config import Config, save_config
+from nmt.errors import NMTError
+from nmt.model import Seq2Seq
+from nmt.progress import Progress
+from nmt.search import search_ids
+from nmt.tokenizer import Tokenizer, ensure_tokenizers, set_sampling_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in checkpoints so --resume continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # index of the next batch within this epoch's shard
+    best_bleu: float = -1.0
+    best_loss: float = math.inf
+    bad_validations: int = 0  # validations in a row without improvement (early stopping)
+    last_valid_step: int = -1
+
+
+class Ranks:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    def __init__(self, device_type: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            timeout = datetime.timedelta(seconds=int(os.environ.get("NMT_DIST_TIMEOUT", "600")))
+            dist.init_process_group(backend, timeout=timeout)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, value: float, device: torch.device) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        return self.sum(float(flag), device) > 0
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each update, so it can save and exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NMTError("config key 'train.device' is cuda, but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise NMTError(f"corpus file not found: {path} (run `nmt prepare` first)")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise NMTError(f"{path} is not valid UTF-8: {exc}") from None
+
+
+def load_split(data_dir: Path, split: str) -> tuple[list[str], list[str]]:
+    src, tgt = read_lines(data_dir / f"{split}.src"), read_lines(data_dir / f"{split}.tgt")
+    if len(src) != len(tgt):
+        raise NMTError(f"{data_dir}/{split}.src has {len(src)} lines but {split}.tgt has {len(tgt)}")
+    if not src:
+        raise NMTError(f"{data_dir}/{split}.src is empty")
+    return src, tgt
+
+
+def encode_pairs(src_tok: Tokenizer, tgt_tok: Tokenizer, src: list[str], tgt: list[str],
+                 max_len: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """Encode a parallel corpus; drops pairs empty on a side or longer than max_len pieces."""
+    s_ids, t_ids = src_tok.encode_batch(src), tgt_tok.encode_batch(tgt)
+    keep = [i for i in range(len(s_ids)) if 0 < len(s_ids[i]) <= max_len and 0 < len(t_ids[i]) <= max_len]
+    return [s_ids[i] for i in keep], [t_ids[i] for i in keep], len(s_ids) - len(keep)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Owns the model, optimizer, data and run directory of one training run."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        tc = cfg.train
+        if tc.threads > 0:
+            torch.set_num_threads(tc.threads)
+        self.device = pick_device(tc.device)
+        self.ranks = Ranks(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.ranks.local_rank)
+            torch.cuda.set_device(self.device)
+        self.run_dir = Path(tc.run_dir)
+        self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        if resume and not self.last_path.is_file():
+            raise NMTError(f"--resume: no checkpoint at {self.last_path}")
+        if not resume and self.last_path.is_file():
+            raise NMTError(f"{self.run_dir} already holds a run; use --resume to continue it or choose another "
+                           "train.run_dir")
+        random.seed(tc.seed)
+        torch.manual_seed(tc.seed)
+        data_dir = Path(cfg.data.dir)
+        train_src, train_tgt = load_split(data_dir, "train")
+        self.dev_src, self.dev_tgt = load_split(data_dir, "dev")
+        if self.ranks.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                save_config(cfg, self.run_dir / "config.yaml")
+            ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer)
+        self.ranks.barrier()
+        self.src_tok, self.tgt_tok = ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer)
+        self.train_text = (train_src, train_tgt)
+        src_ids, tgt_ids, dropped = encode_pairs(self.src_tok, self.tgt_tok, train_src, train_tgt, cfg.data.max_len)
+        if not src_ids:
+            raise NMTError(f"no training pairs left in {data_dir} after dropping those over "
+                           f"data.max_len={cfg.data.max_len} pieces")
+        log.info("train pairs: %d (%d dropped: empty or over %d pieces)", len(src_ids), dropped, cfg.data.max_len)
+        self.data = ParallelData(src_ids, tgt_ids, tc.batch_tokens, tc.max_sentences, tc.bucket_width)
+        dev_s, dev_t, _ = encode_pairs(self.src_tok, self.tgt_tok, self.dev_src, self.dev_tgt, 10**9)
+        self.dev_data = ParallelData(dev_s, dev_t, tc.batch_tokens, tc.max_sentences, tc.bucket_width)
+        self.model = Seq2Seq(cfg.model, len(self.src_tok), len(self.tgt_tok)).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
+                                          weight_decay=tc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=tc.lr_decay, patience=tc.lr_patience, min_lr=tc.min_lr)
+        self.pos = Position()
+        if resume:
+            self._restore(load_checkpoint(self.last_path, self.device))
+        self.net = self.model
+        if self.ranks.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.amp = tc.amp and self.device.type == "cuda"
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("vocab") != {"src": len(self.src_tok), "tgt": len(self.tgt_tok)}:
+            raise NMTError(f"{self.last_path} was trained with other vocabularies than {self.run_dir}/*.model")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise NMTError(f"{self.last_path} does not fit the configured model: {exc}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.pos = Position(**state["position"])
+        set_rng_state(state["rng"], self.device)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last_path, self.pos.step,
+                 self.pos.epoch, self.pos.batch)
+
+    def _state(self, full: bool) -> dict[str, Any]:
+        state = {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                 "vocab": {"src": len(self.src_tok), "tgt": len(self.tgt_tok)},
+                 "position": self.pos.__dict__.copy()}
+        if full:
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                         rng=rng_state(self.device))
+        return state
+
+    def save(self, best: bool = False) -> None:
+        if not self.ranks.main:
+            return
+        save_checkpoint(self.last_path, self._state(full=True))
+        if best:
+            save_checkpoint(self.best_path, self._state(full=False))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.ranks.main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def update(self, batches: list[list[int]]) -> tuple[float, float, int]:
+        """One optimizer update over accumulated batches; returns (loss sum, nll sum, target tokens)."""
+        tc = self.cfg.train
+        self.net.train()
+        parts = [self.data.batch(b) for b in batches]
+        local_tokens = sum(p.ntokens for p in parts)
+        # Normalize by the tokens of the whole update on all ranks, so N ranks x B/N equals 1 x B.
+        total_tokens = self.ranks.sum(local_tokens, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = nll_sum = 0.0
+        for i, part in enumerate(parts):
+            part = part.to(self.device)
+            sync = i == len(parts) - 1 or self.ranks.world == 1
+            ctx = self.net.no_sync() if not sync else contextlib.nullcontext()
+            with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss, nll = self.net(part.src, part.src_lens, part.tgt_in, part.tgt_out, tc.label_smoothing)
+                (loss * (self.ranks.world / total_tokens)).backward()
+            loss_sum += float(loss)
+            nll_sum += float(nll)
+        if tc.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm)
+        self.optimizer.step()
+        return loss_sum, nll_sum, local_tokens
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Dev loss and perplexity (teacher forced) and dev BLEU (greedy), on rank 0."""
+        self.model.eval()
+        nll_sum, tokens = 0.0, 0
+        for b in self.dev_data.epoch_batches(seed=0, epoch=0):
+            batch = self.dev_data.batch(b).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                _, nll = self.model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out)
+            nll_sum += float(nll)
+            tokens += batch.ntokens
+        result = {"dev_loss": nll_sum / tokens, "dev_ppl": math.exp(min(nll_sum / tokens, 50.0))}
+        if self.cfg.train.valid_bleu:
+            limit = self.cfg.train.valid_max_sentences or len(self.dev_src)
+            src, refs = self.dev_src[:limit], self.dev_tgt[:limit]
+            ids = [s[: self.cfg.data.max_len] for s in self.src_tok.encode_batch(src)]
+            d = self.cfg.decode
+            hyps = search_ids(self.model, ids, d.batch_tokens, self.device, beam_size=1,
+                              max_len_a=d.max_len_a, max_len_b=d.max_len_b)
+            out = [self.tgt_tok.decode(h[0].tokens) for h in hyps]
+            result["dev_bleu"] = sacrebleu.corpus_bleu(out, [refs]).score
+        return result
+
+    def run(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        per_epoch = len(self.data.epoch_batches(tc.seed, 0, self.ranks.rank, self.ranks.world)) // tc.accum_steps
+        if per_epoch == 0:
+            raise NMTError("the training data gives fewer batches than train.accum_steps x ranks")
+        total = tc.max_steps or per_epoch * tc.epochs
+        progress = Progress(total, "step", enabled=None if self.ranks.main else False, start=self.pos.step)
+        reason = "finished"
+        window_tokens, window_loss, window_nll, window_start = 0, 0.0, 0.0, time.monotonic()
+        with StopSignal() as stop:
+            while reason == "finished" and self.pos.epoch < tc.epochs:
+                if self.cfg.tokenizer.sample_alpha > 0:
+                    self._resample(self.pos.epoch)
+                batches = self.data.epoch_batches(tc.seed, self.pos.epoch, self.ranks.rank, self.ranks.world)
+                usable = len(batches) - len(batches) % tc.accum_steps
+                while self.pos.batch < usable:
+                    group = batches[self.pos.batch: self.pos.batch + tc.accum_steps]
+                    loss, nll, ntok = self.update(group)
+                    self.pos.batch += tc.accum_steps
+                    self.pos.step += 1
+                    window_tokens += ntok
+                    window_loss += loss
+                    window_nll += nll
+                    now = time.monotonic()
+                    tok_s = window_tokens / max(now - window_start, 1e-9)
+                    progress.update(self.pos.step, epoch=self.pos.epoch + 1, loss=loss / max(ntok, 1),
+                                    tok_s=round(tok_s))
+                    if self.pos.step % tc.log_every == 0:
+                        self._log({"type": "train", "step": self.pos.step, "epoch": self.pos.epoch + 1,
+                                   "loss": window_loss / window_tokens, "nll": window_nll / window_tokens,
+                                   "ppl": math.exp(min(window_nll / window_tokens, 50.0)),
+                                   "lr": self.optimizer.param_groups[0]["lr"], "tok_s": tok_s * self.ranks.world,
+                                   "time": time.time()})
+                        window_tokens, window_loss, window_nll, window_start = 0, 0.0, 0.0, now
+                    if tc.valid_every and self.pos.step % tc.valid_every == 0 and self._validate_and_save():
+                        reason = "early stopping"
+                    elif tc.max_steps and self.pos.step >= tc.max_steps:
+                        reason = "max steps"
+                    if self.ranks.any(stop.requested, self.device):
+                        reason = "interrupted"
+                    if reason != "finished":
+                        break
+                else:
+                    self.pos.epoch += 1
+                    self.pos.batch = 0
+                    if not tc.valid_every and self._validate_and_save():
+                        reason = "early stopping"
+            if reason == "interrupted":
+                self.save()
+            elif self.pos.last_valid_step != self.pos.step:
+                self._validate_and_save()
+        progress.close()
+        self.ranks.barrier()
+        return {"step": self.pos.step, "best_bleu": self.pos.best_bleu, "reason": reason}
+
+    def _validate_and_save(self) -> bool:
+        """Validate, adjust the learning rate, save last (and best); True when early stopping says stop."""
+        tc = self.cfg.train
+        improved = False
+        if self.ranks.main:
+            metrics = self.validate()
+            self.scheduler.step(metrics["dev_loss"])
+            key = metrics.get("dev_bleu", -metrics["dev_loss"])
+            best = self.pos.best_bleu if "dev_bleu" in metrics else -self.pos.best_loss
+            improved = key > best
+            if improved:
+                self.pos.bad_validations = 0
+            else:
+                self.pos.bad_validations += 1
+            self.pos.best_loss = min(self.pos.best_loss, metrics["dev_loss"])
+            if "dev_bleu" in metrics:
+                self.pos.best_bleu = max(self.pos.best_bleu, metrics["dev_bleu"])
+            self._log({"type": "valid", "step": self.pos.step, "epoch": self.pos.epoch + 1, **metrics,
+                       "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()})
+            log.info("step %d: %s", self.pos.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self.pos.last_valid_step = self.pos.step
+        self._broadcast_position()
+        self.save(best=improved)
+        return bool(tc.early_stop_patience) and self.pos.bad_validations >= tc.early_stop_patience
+
+    def _broadcast_position(self) -> None:
+        """Rank 0 validates; the others take its learning rate and early-stopping state."""
+        if self.ranks.world == 1:
+            return
+        box = [(self.pos.__dict__, self.scheduler.state_dict(), self.optimizer.param_groups[0]["lr"])]
+        dist.broadcast_object_list(box, src=0)
+        pos, sched, lr = box[0]
+        self.pos = Position(**pos)
+        self.scheduler.load_state_dict(sched)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _resample(self, epoch: int) -> None:
+        """Subword regularization: a fresh seeded segmentation of the training text for each epoch."""
+        set_sampling_seed(self.cfg.train.seed + epoch)
+        alpha = self.cfg.tokenizer.sample_alpha
+        src, tgt = self.train_text
+        s = [self.src_tok.encode(x, alpha) for x in src]
+        t = [self.tgt_tok.encode(x, alpha) for x in tgt]
+        keep = [i for i in range(len(s)) if 0 < len(s[i]) <= self.cfg.data.max_len
+                and 0 < len(t[i]) <= self.cfg.data.max_len]
+        self.data.src, self.data.tgt = [s[i] for i in keep], [t[i] for i in keep]
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run described by cfg; returns the final step, best dev BLEU and why it stopped."""
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.ranks.close()
