@@ -21,11 +21,13 @@ class Seq2Seq(nn.Module):
         self.decoder = Decoder(tgt_vocab, cfg.emb_dim, self.encoder.out_dim, cfg.dec_hidden, cfg.attn_dim,
                                cfg.out_dim, cfg.layers, cfg.cell, cfg.dropout, cfg.attention != "none",
                                cfg.tie_embeddings)
-        for p in self.parameters():
-            nn.init.uniform_(p, -0.1, 0.1)
-        with torch.no_grad():
-            self.encoder.embed.weight[PAD].zero_()
-            self.decoder.embed.weight[PAD].zero_()
+        # PyTorch's default initialization (fan-in scaled; embeddings N(0, 1)): OpenNMT-py's uniform +-0.1
+        # everywhere left small models stuck on a plateau for hundreds of steps. A tied embedding also serves
+        # as the output layer, where N(0, 1) would start with a near one-hot softmax, so it gets N(0, 1/d).
+        if cfg.tie_embeddings:
+            nn.init.normal_(self.decoder.embed.weight, 0.0, cfg.emb_dim ** -0.5)
+            with torch.no_grad():
+                self.decoder.embed.weight[PAD].zero_()
 
     def encode(self, src: torch.Tensor, lens: torch.Tensor) -> Memory:
         values = self.encoder(src, lens)
