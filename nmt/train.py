@@ -262,7 +262,7 @@ class Trainer:
             with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 loss, nll = self.net(part.src, part.src_lens, part.tgt_in, part.tgt_out, tc.label_smoothing)
                 (loss * (self.ranks.world / total_tokens)).backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             nll_sum += float(nll)
         if tc.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm)
