@@ -36,8 +36,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
-    print(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {result['best_bleu']:.2f}  "
-          f"stopped: {result['reason']}")
+    best = f"{result['best_bleu']:.2f}" if result["best_bleu"] >= 0 else "n/a"
+    print(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {best}  stopped: {result['reason']}")
     return 0
 
 

@@ -127,8 +127,9 @@ class Decoder(nn.Module):
         emb = self.dropout(self.embed(tgt_in.t()))  # time-major (T, B, E): each step reads a contiguous slice
         gates = self.emb_gates(emb)
         outs, ctxs = [], []
-        for t in range(gates.size(0)):
-            out, ctx, _, state = self.step(gates[t], state, mem)
+        # unbind, not gates[t]: indexing's backward would zero-fill a full (T, B, G) gradient at every step.
+        for step_gates in gates.unbind(0):
+            out, ctx, _, state = self.step(step_gates, state, mem)
             outs.append(out)
             ctxs.append(ctx)
         readout = self.output_layer(torch.stack(outs), torch.stack(ctxs), emb)
