@@ -1,0 +1,184 @@
+"""The FastAPI app: routes, limits, API keys, rate limits, metrics and the web page around one ModelWorker."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+
+from nmt import __version__
+from nmt.errors import NMTError
+from nmt.translator import Translation, Translator
+from service import schemas
+from service.batcher import Closed, QueueFull
+from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers
+from service.limits import BodyLimitMiddleware
+from service.metrics import Metrics, MetricsMiddleware
+from service.ratelimit import RateLimiter
+from service.settings import Settings
+from service.worker import DecodeOptions, ModelWorker
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from NMT_API_KEYS")
+_bearer = HTTPBearer(auto_error=False, description="an API key from NMT_API_KEYS, as a bearer token")
+
+
+def _guard(settings: Settings, limiter: RateLimiter | None):
+    """A dependency that checks the API key (401) and the rate limit (429) of a request."""
+    keys = [k.encode() for k in settings.api_keys]
+
+    async def guard(request: Request, api_key: str | None = Security(_api_key_header),
+                    bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
+        given = api_key or (bearer.credentials if bearer else None)
+        if keys:
+            if not given:
+                raise ServiceError(401, "an API key is required: send it as X-API-Key or Authorization: Bearer",
+                                   headers={"WWW-Authenticate": "Bearer"})
+            if not any(hmac.compare_digest(given.encode(), key) for key in keys):
+                raise ServiceError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        if limiter is not None:
+            client = f"key:{given}" if keys else f"ip:{request.client.host if request.client else 'unknown'}"
+            wait = limiter.acquire(client)
+            if wait > 0:
+                raise ServiceError(429, f"rate limit of {settings.rate_limit} exceeded; retry in {wait:.1f} s",
+                                   headers={"Retry-After": str(math.ceil(wait))})
+
+    return guard
+
+
+def _check_sizes(settings: Settings, field: str, texts: list[str]) -> None:
+    if len(texts) > settings.max_texts:
+        raise ServiceError(413, f"{field}: {len(texts)} texts, more than the limit of {settings.max_texts} per request",
+                           fields=[{"field": field, "message": f"at most {settings.max_texts} texts"}])
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_chars:
+            name = field if len(texts) == 1 and field != "candidates" else f"{field}[{i}]"
+            raise ServiceError(413, f"{name}: {len(text)} characters, more than the limit of {settings.max_chars}",
+                               fields=[{"field": name, "message": f"at most {settings.max_chars} characters"}])
+
+
+async def _run(settings: Settings, work: Any) -> Any:
+    """Await model work under the request deadline, mapping queue and model errors to responses."""
+    try:
+        return await asyncio.wait_for(work, settings.request_timeout_s)
+    except QueueFull:
+        raise ServiceError(503, "the translation queue is full; retry shortly", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+    except Closed:
+        raise ServiceError(503, "the service is shutting down", headers={"Retry-After": "5"}) from None
+    except TimeoutError:
+        raise ServiceError(504, f"not done within the {settings.request_timeout_s:g} s request deadline; "
+                                "send fewer or shorter texts") from None
+    except NMTError as exc:
+        raise ServiceError(422, str(exc)) from None
+
+
+def _translation(t: Translation, scores: bool, alignment: bool) -> schemas.Translation:
+    alternatives = [schemas.Alternative(text=a.text, score=a.score if scores else None) for a in t.alternatives[1:]]
+    out = schemas.Translation(text=t.text, score=t.score if scores else None, alternatives=alternatives)
+    if alignment:
+        out.alignment = schemas.Alignment(source=t.src_pieces or [], target=t.tgt_pieces or [],
+                                          weights=t.alignment or [])
+    return out
+
+
+def create_app(settings: Settings | None = None, translator: Translator | None = None) -> FastAPI:
+    """Build the service; the model is loaded at startup (or `translator` is used as it is)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    worker = ModelWorker(settings, metrics, translator)
+    rate = settings.rate()
+    guard = _guard(settings, RateLimiter(*rate) if rate else None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await worker.start()
+        log.info("serving %s", worker.model_id)
+        yield
+        await worker.close()
+
+    app = FastAPI(title="rnnsearch", version=__version__, lifespan=lifespan,
+                  description="Neural machine translation with RNNsearch (Bahdanau attention). "
+                              "Errors are JSON: `{\"error\": {\"code\", \"message\", \"fields\"}}`.")
+    app.state.worker = worker
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "X-API-Key", "Authorization"])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.post("/v1/translate", response_model=schemas.TranslateResponse, responses=ERROR_RESPONSES,
+              dependencies=[Depends(guard)], tags=["translation"])
+    async def translate(req: schemas.TranslateRequest) -> schemas.TranslateResponse:
+        """Translate one text or a list of texts; concurrent requests with equal options share model batches."""
+        start = time.perf_counter()
+        texts = [req.text] if isinstance(req.text, str) else req.text
+        _check_sizes(settings, "text", texts)
+        default_beam, default_alpha = worker.defaults()
+        beam = req.beam_size or default_beam
+        if req.n_best > beam:
+            message = f"n_best ({req.n_best}) must not exceed the beam size ({beam})"
+            raise ServiceError(422, f"n_best: {message}", fields=[{"field": "n_best", "message": message}])
+        options = DecodeOptions(beam, req.n_best, default_alpha if req.length_penalty is None else req.length_penalty,
+                                req.return_alignment)
+        results = await _run(settings, worker.translate(texts, options))
+        return schemas.TranslateResponse(
+            translations=[_translation(t, req.return_scores, req.return_alignment) for t in results],
+            model=worker.model_id, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
+
+    @app.post("/v1/score", response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,
+              dependencies=[Depends(guard)], tags=["translation"])
+    async def score(req: schemas.ScoreRequest) -> schemas.ScoreResponse:
+        """Log-probabilities of candidate translations of one source, e.g. to rerank them."""
+        start = time.perf_counter()
+        _check_sizes(settings, "source", [req.source])
+        _check_sizes(settings, "candidates", req.candidates)
+        results = await _run(settings, worker.score(req.source, req.candidates))
+        return schemas.ScoreResponse(
+            scores=[schemas.Score(text=c, logprob=r.logprob, pieces=r.pieces, token_logprobs=r.token_logprobs)
+                    for c, r in zip(req.candidates, results, strict=True)],
+            model=worker.model_id, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
+
+    @app.get("/v1/models", response_model=schemas.ModelsResponse, tags=["service"])
+    async def models() -> dict[str, Any]:
+        """The served model: languages, size, decoding defaults and its card (data, BLEU)."""
+        return {"models": [worker.info]}
+
+    @app.get("/v1/health", response_model=schemas.Status, tags=["service"])
+    async def health() -> dict[str, Any]:
+        """The process is up and its event loop answers."""
+        return {"status": "ok"}
+
+    @app.get("/v1/ready", response_model=schemas.Status, responses={503: ERROR_RESPONSES[503]}, tags=["service"])
+    async def ready() -> Any:
+        """The model is loaded and requests are taken."""
+        if not worker.ready:
+            return error_response(503, "the model is not loaded", headers={"Retry-After": "5"})
+        return {"status": "ready", "model": worker.model_id}
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus metrics: requests by route and status, latency, batch sizes, queue depth, tokens."""
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

@@ -1,0 +1,129 @@
+"""Every error the service returns has one JSON shape: {"error": {"code", "message", "fields"}}."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.schemas import ErrorResponse
+
+log = logging.getLogger(__name__)
+
+_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+          413: "too_large", 415: "unsupported_media_type", 422: "validation_error", 429: "rate_limited",
+          500: "internal_error", 503: "unavailable", 504: "timeout"}
+
+
+class ServiceError(Exception):
+    """An error response: HTTP status, machine-readable code, message, offending fields, extra headers."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, fields: Sequence[dict[str, str]] = (),
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.code = code or _CODES.get(status, "error")
+        self.fields, self.headers = list(fields), headers
+
+
+def error_response(status: int, message: str, code: str | None = None, fields: Sequence[dict[str, str]] = (),
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"code": code or _CODES.get(status, "error"), "message": message, "fields": list(fields)}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _is_branch(part: Any) -> bool:
+    """Pydantic puts the union member tried ('str', 'list[...]') into an error's location; it is no field."""
+    return isinstance(part, str) and not part.isidentifier()
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    """('body', 'text', 'list[str]', 2) -> 'text[2]'."""
+    name = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif not _is_branch(part):
+            name += f".{part}" if name else str(part)
+    return name or "body"
+
+
+def _message(err: dict[str, Any]) -> str:
+    if err.get("type") == "json_invalid":
+        return f"not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
+    if err.get("type") == "model_attributes_type" and len(err.get("loc", ())) <= 1:
+        return "must be a JSON object sent with Content-Type: application/json"
+    return str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
+def _union_branch(loc: tuple[Any, ...]) -> tuple[str, int] | None:
+    """For an error inside a union member: the union field's name and how deep in the member the error lies."""
+    for i, part in enumerate(loc):
+        if _is_branch(part):
+            return _field_name(loc[:i]), len(loc) - i
+    return None
+
+
+def validation_fields(exc: RequestValidationError) -> list[dict[str, str]]:
+    """One entry per offending field. Where a value failed every member of a union (text: str | list[str]), the
+    errors from inside a member (text[1]) are the useful ones; with none, the members' messages are merged."""
+    errors = exc.errors()
+    depth: dict[str, int] = {}
+    for err in errors:
+        if branch := _union_branch(tuple(err.get("loc", ()))):
+            depth[branch[0]] = max(depth.get(branch[0], 0), branch[1])
+    fields: dict[str, list[str]] = {}
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        branch = _union_branch(loc)
+        if branch and branch[1] < depth[branch[0]]:
+            continue
+        messages = fields.setdefault("body" if err.get("type") == "json_invalid" else _field_name(loc), [])
+        if _message(err) not in messages:
+            messages.append(_message(err))
+    return [{"field": field, "message": messages[0] if len(messages) == 1 else
+             "Input should be " + " or ".join(m.removeprefix("Input should be ") for m in messages)}
+            for field, messages in fields.items()]
+
+
+async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.code, exc.fields, exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = validation_fields(exc)
+    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
+    return error_response(422, message, fields=fields)
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error; it has been logged")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _on_service_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description} for status, description in {
+        401: "missing or invalid API key (when keys are configured)",
+        413: "body, text count or text length over the limits",
+        422: "invalid request: the message and `fields` name the offending fields",
+        429: "rate limit exceeded; see Retry-After",
+        503: "queue full or model not loaded yet; see Retry-After",
+        504: "the request deadline passed before the translation was done",
+    }.items()
+}

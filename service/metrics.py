@@ -1,0 +1,71 @@
+"""Prometheus metrics of one app instance (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("nmt_http_requests", "HTTP requests by route and status code",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("nmt_http_request_duration_seconds", "HTTP request latency by route",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("nmt_http_requests_in_flight", "HTTP requests being handled",
+                               registry=self.registry)
+        self.batch_requests = Histogram("nmt_batch_requests", "requests coalesced into one model batch",
+                                        buckets=_BATCH_BUCKETS, registry=self.registry)
+        self.batch_texts = Histogram("nmt_batch_texts", "texts in one model batch",
+                                     buckets=_BATCH_BUCKETS, registry=self.registry)
+        self.batch_seconds = Histogram("nmt_batch_duration_seconds", "model time per batch",
+                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.source_tokens = Counter("nmt_source_tokens", "source tokens translated or scored", registry=self.registry)
+        self.queue_depth = Gauge("nmt_queue_depth", "requests waiting for the model", registry=self.registry)
+        self.model_loaded = Gauge("nmt_model_loaded", "1 once the model is loaded", registry=self.registry)
+
+    def observe_batch(self, requests: int, texts: int, tokens: int, seconds: float) -> None:
+        self.batch_requests.observe(requests)
+        self.batch_texts.observe(texts)
+        self.batch_seconds.observe(seconds)
+        self.source_tokens.inc(tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every response by route template (not raw path, to bound label cardinality) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        metrics = self.metrics
+        status = 500
+        start = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            metrics.in_flight.dec()
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.requests.labels(route, scope["method"], str(status)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - start)

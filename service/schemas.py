@@ -1,0 +1,120 @@
+"""Request and response bodies of the HTTP API (they also make the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+MAX_BEAM = 16
+# JSON may escape lone surrogates ("\\ud800"), which cannot be encoded for the tokenizer; control characters
+# (NUL, C1, ...) would reach the model as pieces it never saw. Both are mapped one to one, keeping lengths; tabs
+# and line breaks stay, since the Translator splits lines itself.
+_CLEAN = {**dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)], " "),
+          **dict.fromkeys(range(0xD800, 0xE000), "\ufffd")}
+
+
+def clean_text(text: str) -> str:
+    """Lone surrogates become U+FFFD, control characters other than tab and line breaks spaces."""
+    return text.translate(_CLEAN)
+
+
+Text = Annotated[str, AfterValidator(clean_text)]
+
+
+class _Request(BaseModel):
+    # strict: "5" is not a beam size and "yes" is not a boolean; unknown fields are typos, not options
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TranslateRequest(_Request):
+    text: Text | list[Text] = Field(description="one text or a list of texts; each is translated as one segment",
+                                  examples=["En el principio creó Dios los cielos y la tierra."])
+    beam_size: int | None = Field(None, ge=1, le=MAX_BEAM, description="beam width; default: the model's")
+    n_best: int = Field(1, ge=1, le=MAX_BEAM, description="translations per text (best first); at most beam_size")
+    length_penalty: float | None = Field(None, ge=0.0, le=10.0, allow_inf_nan=False,
+                                         description="GNMT length penalty alpha; default: the model's")
+    return_alignment: bool = Field(False, description="include source/target pieces and the attention matrix")
+    return_scores: bool = Field(True, description="include model scores (length-normalized log-probabilities)")
+
+    @field_validator("n_best")
+    @classmethod
+    def _n_best_within_beam(cls, value: int, info: ValidationInfo) -> int:
+        beam = info.data.get("beam_size")
+        if beam is not None and value > beam:
+            raise ValueError(f"n_best ({value}) must not exceed beam_size ({beam})")
+        return value
+
+
+class ScoreRequest(_Request):
+    source: Text = Field(description="the source text", examples=["En el principio"])
+    candidates: list[Text] = Field(description="candidate translations of the source to score",
+                                  examples=[["In the beginning", "At the start"]])
+
+
+class Alternative(BaseModel):
+    text: str
+    score: float | None = None
+
+
+class Alignment(BaseModel):
+    source: list[str] = Field(description="source subword pieces")
+    target: list[str] = Field(description="target subword pieces (end of sentence last)")
+    weights: list[list[float]] = Field(description="attention weights: one row per target piece over source pieces")
+
+
+class Translation(BaseModel):
+    text: str
+    score: float | None = Field(None, description="length-normalized log-probability (null without return_scores)")
+    alternatives: list[Alternative] = Field(default_factory=list, description="the other n-best translations")
+    alignment: Alignment | None = None
+
+
+class TranslateResponse(BaseModel):
+    translations: list[Translation]
+    model: str
+    elapsed_ms: float
+
+
+class Score(BaseModel):
+    text: str
+    pieces: list[str] = Field(description="target pieces of the candidate, end of sentence last")
+    logprob: float = Field(description="total log-probability of the candidate, end of sentence included")
+    token_logprobs: list[float] = Field(description="log-probability of each target piece")
+
+
+class ScoreResponse(BaseModel):
+    scores: list[Score]
+    model: str
+    elapsed_ms: float
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class Status(BaseModel):
+    status: str
+    model: str | None = None
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable error kind, e.g. validation_error, too_large, rate_limited")
+    message: str = Field(description="what went wrong, for people")
+    fields: list[FieldError] = Field(default_factory=list, description="the offending request fields, if any")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

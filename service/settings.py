@@ -1,0 +1,61 @@
+"""Service settings, read from NMT_* environment variables (and an optional .env file)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_PERIODS = {"s": 1.0, "second": 1.0, "m": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\w+)\s*$")
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NMT_", env_file=".env", extra="ignore", protected_namespaces=())
+
+    model_dir: Path = Field(Path("models/es-en-bible"), description="exported model directory (or run directory)")
+    device: str = Field("cpu", description="torch device: cpu or cuda")
+    threads: int = Field(0, ge=0, description="torch CPU threads for the model worker; 0 = torch default")
+    int8: bool = Field(False, description="dynamically quantize linear layers to int8 (CPU)")
+    max_batch_tokens: int = Field(4000, ge=1, description="source tokens per coalesced batch")
+    max_batch_requests: int = Field(64, ge=1, description="requests per coalesced batch; 1 turns coalescing off")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long the oldest queued request waits for companions")
+    max_queue: int = Field(256, ge=1, description="requests waiting for the model before new ones get 503")
+    max_texts: int = Field(64, ge=1, description="texts per request (413 above)")
+    max_chars: int = Field(2000, ge=1, description="characters per text (413 above)")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="request body size (413 above)")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline (504 when exceeded)")
+    api_keys: CommaList = Field(default_factory=list, description="comma-separated keys; empty = no auth")
+    rate_limit: str = Field("", description="per API key (or client IP) limit like 60/minute; empty = off")
+    cors_origins: CommaList = Field(default_factory=list, description="comma-separated origins allowed by CORS")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate(cls, value: str) -> str:
+        if value.strip():
+            parse_rate(value)
+        return value.strip()
+
+    def rate(self) -> tuple[int, float] | None:
+        """The rate limit as (requests, period in seconds), or None when off."""
+        return parse_rate(self.rate_limit) if self.rate_limit else None
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """Parse `N/period` (period: second, minute, hour or s, m, h) into (N, seconds)."""
+    match = _RATE.match(text)
+    if not match or match.group(2).lower() not in _PERIODS or int(match.group(1)) < 1:
+        raise ValueError(f"rate limit must look like 60/minute (periods: second, minute, hour), got {text!r}")
+    return int(match.group(1)), _PERIODS[match.group(2).lower()]

@@ -1,0 +1,111 @@
+// The translation page: POST /v1/translate and draw the answer, its alternatives and its attention heat map.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) return `${response.status}: ${body.error.message}`;
+  } catch (_) { /* not JSON: fall through */ }
+  return `${response.status} ${response.statusText || "error"}`;
+}
+
+function drawHeatmap(alignment) {
+  const table = $("heatmap");
+  table.replaceChildren();
+  if (!alignment || !alignment.weights.length) {
+    table.insertRow().insertCell().textContent = "no attention weights for this translation";
+    return;
+  }
+  const head = table.createTHead().insertRow();
+  head.appendChild(document.createElement("th"));
+  for (const piece of alignment.source) {
+    const th = document.createElement("th");
+    th.textContent = piece;
+    th.scope = "col";
+    head.appendChild(th);
+  }
+  const body = table.createTBody();
+  alignment.weights.forEach((row, t) => {
+    const tr = body.insertRow();
+    const th = document.createElement("th");
+    th.textContent = alignment.target[t];
+    th.scope = "row";
+    tr.appendChild(th);
+    row.forEach((weight, s) => {
+      const td = tr.insertCell();
+      td.style.backgroundColor = `rgba(25, 80, 160, ${weight.toFixed(3)})`;
+      td.title = `${alignment.target[t]} ← ${alignment.source[s]}: ${weight.toFixed(3)}`;
+      td.dataset.weight = weight.toFixed(4);
+    });
+  });
+}
+
+function showResult(data) {
+  const best = data.translations[0];
+  $("translation").textContent = best.text;
+  $("score").textContent = best.score === null ? "n/a" : best.score.toFixed(3);
+  $("elapsed").textContent = data.elapsed_ms.toFixed(0);
+  const list = $("alternatives");
+  list.replaceChildren();
+  for (const alt of best.alternatives) {
+    const li = document.createElement("li");
+    li.textContent = `${alt.text} (${alt.score === null ? "n/a" : alt.score.toFixed(3)})`;
+    list.appendChild(li);
+  }
+  $("alternatives-box").hidden = best.alternatives.length === 0;
+  drawHeatmap(best.alignment);
+  $("result").hidden = false;
+}
+
+async function translate(event) {
+  event.preventDefault();
+  $("error").hidden = true;
+  const beam = Number($("beam").value);
+  const payload = {
+    text: $("source").value,
+    beam_size: beam,
+    n_best: Math.max(1, Math.min(Number($("nbest").value), beam)),
+    return_alignment: true,
+  };
+  const headers = { "Content-Type": "application/json" };
+  if ($("apikey").value) headers["X-API-Key"] = $("apikey").value;
+  $("translate").disabled = true;
+  try {
+    const response = await fetch("/v1/translate", { method: "POST", headers, body: JSON.stringify(payload) });
+    if (!response.ok) {
+      showError(await errorMessage(response));
+      return;
+    }
+    showResult(await response.json());
+  } catch (err) {
+    showError(`Could not reach the translation service: ${err.message}`);
+  } finally {
+    $("translate").disabled = false;
+  }
+}
+
+async function loadModelInfo() {
+  try {
+    const response = await fetch("/v1/models");
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const model = (await response.json()).models[0];
+    $("model-info").textContent = `${model.id}: ${model.src_lang} → ${model.tgt_lang}`;
+    $("beam").value = model.decode ? model.decode.beam_size : 5;
+    $("translation").lang = model.tgt_lang || "";
+  } catch (err) {
+    $("model-info").textContent = `model information unavailable (${err.message})`;
+  }
+}
+
+$("form").addEventListener("submit", translate);
+$("source").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("form").requestSubmit();
+});
+loadModelInfo();

@@ -1,0 +1,104 @@
+"""The model behind the API: one Translator, run by one worker thread, fed by the request-coalescing Batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from nmt.translator import ScoreResult, Translation, Translator
+from service.batcher import Batcher
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_SCORE = "score"
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Requests are only merged into one batch when these are equal."""
+
+    beam_size: int
+    n_best: int
+    length_penalty: float
+    return_alignment: bool
+
+
+class ModelWorker:
+    """Loads the model in its worker thread, then translates and scores in coalesced batches there."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, translator: Translator | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self.translator = translator
+        self._executor: ThreadPoolExecutor | None = None
+        self._batcher: Batcher | None = None
+
+    async def start(self) -> None:
+        """Start the worker thread and load the model there (torch thread settings are per thread)."""
+        s = self.settings
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmt-model")
+        self._batcher = Batcher(self._run, self._executor, max_tokens=s.max_batch_tokens,
+                                max_requests=s.max_batch_requests, max_wait_s=s.max_wait_ms / 1000,
+                                max_queue=s.max_queue, observe=self.metrics.observe_batch)
+        self.metrics.queue_depth.set_function(lambda: self._batcher.depth if self._batcher else 0)
+        if self.translator is None:
+            self.translator = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: Translator.load(s.model_dir, device=s.device, threads=s.threads or None,
+                                                        int8=s.int8))
+        self._batcher.start()
+        self.metrics.model_loaded.set(1)
+
+    async def close(self) -> None:
+        """Finish queued work, then stop the worker thread."""
+        if self._batcher is not None:
+            await self._batcher.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self.metrics.model_loaded.set(0)
+
+    @property
+    def ready(self) -> bool:
+        return self.translator is not None and self._batcher is not None
+
+    @property
+    def model_id(self) -> str:
+        return self.info["id"]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        info = dict(self.translator.info)
+        info.pop("path", None)  # a server path is nobody's business
+        return info
+
+    def defaults(self) -> tuple[int, float]:
+        """The model's default beam size and length penalty."""
+        d = self.translator.cfg.decode
+        return d.beam_size, d.length_penalty
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Source pieces (plus end of sentence) the texts will cost in a batch."""
+        return sum(len(ids) + 1 for ids in self.translator.src_tok.encode_batch(texts))
+
+    async def translate(self, texts: list[str], options: DecodeOptions) -> list[Translation]:
+        if not texts:
+            return []
+        return await self._batcher.submit(options, texts, self.count_tokens(texts))
+
+    async def score(self, source: str, candidates: list[str]) -> list[ScoreResult]:
+        if not candidates:
+            return []
+        pairs = [(source, c) for c in candidates]
+        return await self._batcher.submit(_SCORE, pairs, self.count_tokens([source]) * len(pairs))
+
+    def _run(self, key: DecodeOptions | str, items: list[Any]) -> list[Any]:
+        """Worker thread: one batch of texts (or source/candidate pairs) through the Translator."""
+        tr, budget = self.translator, self.settings.max_batch_tokens
+        if key == _SCORE:
+            return tr.score([s for s, _ in items], [c for _, c in items], batch_tokens=budget)
+        return tr.translate(items, beam_size=key.beam_size, n_best=key.n_best, length_penalty=key.length_penalty,
+                            return_alignment=key.return_alignment, batch_tokens=budget)

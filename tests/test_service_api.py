@@ -1,0 +1,387 @@
+"""The HTTP API in-process (TestClient) with the tiny trained model: every status code, limits, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from nmt.errors import NMTError
+from nmt.translator import Translator
+from service.app import create_app
+from service.settings import Settings
+
+HEADERS = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def translator(tiny_model_dir: Path) -> Translator:
+    return Translator.load(tiny_model_dir, threads=1)
+
+
+@pytest.fixture
+def make_client(translator: Translator, tiny_model_dir: Path):
+    """Start an app with the given settings around the shared Translator; stopped after the test."""
+    stack = []
+
+    def make(raise_server_exceptions: bool = True, **settings) -> TestClient:
+        client = TestClient(create_app(Settings(model_dir=tiny_model_dir, **settings), translator),
+                            raise_server_exceptions=raise_server_exceptions)
+        client.__enter__()
+        stack.append(client)
+        return client
+
+    yield make
+    for client in reversed(stack):
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client()
+
+
+class Gate:
+    """Holds the worker thread inside Translator.translate until opened, to make queueing deterministic."""
+
+    def __init__(self, translator: Translator, monkeypatch: pytest.MonkeyPatch):
+        self.entered, self.open = threading.Event(), threading.Event()
+        real = translator.translate
+
+        def gated(*args, **kwargs):
+            self.entered.set()
+            assert self.open.wait(10)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(translator, "translate", gated)
+
+
+def post(client: TestClient, body: dict, path: str = "/v1/translate", **kwargs):
+    # json.dumps escapes lone surrogates (\ud800), which httpx's own JSON encoding refuses
+    return client.post(path, content=json.dumps(body), headers={**HEADERS, **kwargs.pop("headers", {})}, **kwargs)
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["message"]
+    return body["error"]
+
+
+def metric(client: TestClient, name: str) -> float:
+    text = client.get("/metrics").text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+# --- 200 ------------------------------------------------------------------------------------------------------
+
+
+def test_translate_matches_the_translator(client, translator):
+    texts = ["a b c d", "p o n m l k", "c"]
+    response = post(client, {"text": texts})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == translator.info["id"] and body["elapsed_ms"] >= 0
+    assert [t["text"] for t in body["translations"]] == [t.text for t in translator.translate(texts)]
+    assert body["translations"][0]["text"] == "d c b a"
+
+
+def test_single_string_empty_strings_and_empty_list(client):
+    assert post(client, {"text": "a b"}).json()["translations"][0]["text"] == "b a"
+    got = post(client, {"text": ["", "  ", "a b"]}).json()["translations"]
+    assert [t["text"] for t in got] == ["", "", "b a"] and got[0]["score"] is None
+    assert post(client, {"text": []}).json()["translations"] == []
+
+
+def test_n_best_scores_and_alignment(client):
+    body = post(client, {"text": "a b c", "beam_size": 4, "n_best": 3, "return_alignment": True}).json()
+    best = body["translations"][0]
+    assert best["text"] == "c b a" and isinstance(best["score"], float)
+    assert 1 <= len(best["alternatives"]) <= 2 and all(a["text"] != best["text"] for a in best["alternatives"])
+    alignment = best["alignment"]
+    assert alignment["source"] == ["▁a", "▁b", "▁c", "</s>"] and alignment["target"][-1] == "</s>"
+    assert len(alignment["weights"]) == len(alignment["target"])
+    assert all(len(row) == len(alignment["source"]) and abs(sum(row) - 1) < 1e-3 for row in alignment["weights"])
+    plain = post(client, {"text": "a b c", "return_scores": False}).json()["translations"][0]
+    assert plain["score"] is None and plain["alignment"] is None
+
+
+def test_score_ranks_the_right_translation_first(client, translator):
+    body = post(client, {"source": "a b c", "candidates": ["c b a", "a b c"]}, "/v1/score").json()
+    right, wrong = body["scores"]
+    assert right["logprob"] > wrong["logprob"]
+    assert right["pieces"][-1] == "</s>" and len(right["token_logprobs"]) == len(right["pieces"])
+    assert right["logprob"] == pytest.approx(translator.score(["a b c"], ["c b a"])[0].logprob, abs=1e-4)
+    assert post(client, {"source": "a", "candidates": []}, "/v1/score").json()["scores"] == []
+
+
+def test_models_health_ready_docs_and_page(client):
+    model = client.get("/v1/models").json()["models"][0]
+    assert model["src_lang"] == "src" and model["tgt_lang"] == "tgt" and model["parameters"] > 0
+    assert model["card"]["metrics"]["best_dev_bleu"] > 50 and "path" not in model
+    assert client.get("/v1/health").json() == {"status": "ok", "model": None}
+    assert client.get("/v1/ready").json()["status"] == "ready"
+    assert client.get("/docs").status_code == 200
+    assert "/v1/translate" in client.get("/openapi.json").json()["paths"]
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="source"' in page.text
+    for name in ("app.js", "style.css"):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200 and "http://" not in asset.text and "https://" not in asset.text
+    assert "https://" not in page.text  # no CDN
+
+
+def test_metrics_count_requests_batches_and_tokens(client):
+    post(client, {"text": ["a b", "c d e"]})
+    post(client, {"text": "a", "beam_size": 0})
+    assert metric(client, 'nmt_http_requests_total{method="POST",route="/v1/translate",status="200"}') == 1
+    assert metric(client, 'nmt_http_requests_total{method="POST",route="/v1/translate",status="422"}') == 1
+    assert metric(client, "nmt_batch_requests_count") == 1
+    assert metric(client, "nmt_source_tokens_total") == 7  # 2 + 3 pieces, one end of sentence each
+    assert metric(client, "nmt_model_loaded") == 1
+    assert metric(client, "nmt_queue_depth") == 0
+    client.get("/no/such/page")
+    assert metric(client, 'nmt_http_requests_total{method="GET",route="unmatched",status="404"}') == 1
+
+
+def test_concurrent_requests_are_coalesced_without_changing_answers(client, translator, monkeypatch):
+    texts = ["a b c", "d e f g", "h i", "j k l m n", "o p a"]
+    expected = [t.text for t in translator.translate(texts)]
+    gate = Gate(translator, monkeypatch)
+    with ThreadPoolExecutor(8) as pool:
+        blocker = pool.submit(post, client, {"text": "p"})
+        assert gate.entered.wait(10)
+        futures = [pool.submit(post, client, {"text": t}) for t in texts]
+        for _ in range(1000):
+            if metric(client, "nmt_queue_depth") == len(texts):
+                break
+            time.sleep(0.01)
+        gate.open.set()
+        assert blocker.result().status_code == 200
+        got = [f.result().json()["translations"][0]["text"] for f in futures]
+    assert got == expected
+    assert metric(client, 'nmt_batch_requests_bucket{le="4.0"}') == 1  # the blocker alone
+    assert metric(client, "nmt_batch_requests_count") == 2  # then all five together
+
+
+def test_the_app_loads_its_model_from_settings(tiny_model_dir):
+    with TestClient(create_app(Settings(model_dir=tiny_model_dir, threads=1))) as client:
+        assert client.get("/v1/ready").json()["status"] == "ready"
+        assert post(client, {"text": "a b"}).json()["translations"][0]["text"] == "b a"
+
+
+def test_a_missing_model_fails_startup(tmp_path):
+    with pytest.raises(NMTError, match="model not found"):
+        with TestClient(create_app(Settings(model_dir=tmp_path / "missing"))):
+            pass
+
+
+# --- 422 ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "text"),
+    ({"text": 5}, "text"),
+    ({"text": ["a", 3]}, "text[1]"),
+    ({"text": "a", "beam_size": 0}, "beam_size"),
+    ({"text": "a", "beam_size": 17}, "beam_size"),
+    ({"text": "a", "beam_size": "5"}, "beam_size"),
+    ({"text": "a", "beam_size": 2.5}, "beam_size"),
+    ({"text": "a", "beam_size": 2, "n_best": 3}, "n_best"),
+    ({"text": "a", "n_best": 16}, "n_best"),  # over the model's default beam of 5
+    ({"text": "a", "length_penalty": -1}, "length_penalty"),
+    ({"text": "a", "length_penalty": "high"}, "length_penalty"),
+    ({"text": "a", "return_alignment": "yes"}, "return_alignment"),
+    ({"text": "a", "beam": 4}, "beam"),
+])
+def test_schema_errors_name_the_field(client, body, field):
+    error = error_of(post(client, body), 422)
+    assert error["code"] == "validation_error"
+    assert field in [f["field"] for f in error["fields"]] and error["message"].startswith(field)
+
+
+@pytest.mark.parametrize("content, content_type, message", [
+    (b"{not json", "application/json", "not valid JSON"),
+    (b'{"text": NaN, "beam_size": Infinity}', "application/json", "text"),
+    (b"[1, 2]", "application/json", "JSON object"),
+    (b'{"text": "a"}', "text/plain", "JSON object"),
+])
+def test_unparseable_bodies_get_a_clear_4xx(client, content, content_type, message):
+    response = client.post("/v1/translate", content=content, headers={"Content-Type": content_type})
+    assert 400 <= response.status_code < 500 and message in response.json()["error"]["message"]
+
+
+def test_score_schema_errors(client):
+    error = error_of(post(client, {"source": 1, "candidates": "c b a"}, "/v1/score"), 422)
+    assert {f["field"] for f in error["fields"]} == {"source", "candidates"}
+
+
+# --- odd text -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "a\x00b c", "\x00", "a\x01\x02\x1b[31m b\x7f\x9f", "\ud800", "a \udfff b", "\ud83d\ude00 emoji 😀 a b",
+    "Ελληνικά русский 中文 العربية a b", "\u202e a b \u202c", "a\u200bb\ufeff", "\n\n a \r\n b \t", " " * 500,
+    "a" * 300, "\U0010ffff", "<script>alert(1)</script>",
+])
+def test_odd_text_is_translated_and_changes_nothing_after(client, text):
+    before = post(client, {"text": ["a b c", "p o"]}).json()
+    response = post(client, {"text": [text, text], "n_best": 2, "return_alignment": True})
+    assert response.status_code == 200, response.text
+    assert all(isinstance(t["text"], str) for t in response.json()["translations"])
+    score = post(client, {"source": text, "candidates": [text, "a"]}, "/v1/score")
+    assert score.status_code == 200, score.text
+    after = post(client, {"text": ["a b c", "p o"]}).json()
+    assert after["translations"] == before["translations"]
+
+
+def test_invalid_utf8_body_is_a_client_error(client):
+    response = client.post("/v1/translate", content=b'{"text": "\xff\xfe a"}', headers=HEADERS)
+    assert 400 <= response.status_code < 500 and response.json()["error"]["message"]
+
+
+# --- 413 ------------------------------------------------------------------------------------------------------
+
+
+def test_too_large_body_text_or_list_is_413(make_client):
+    client = make_client(max_body_bytes=2000, max_texts=3, max_chars=50)
+    error = error_of(post(client, {"text": "a " * 1000}), 413)
+    assert error["code"] == "too_large" and "2000 bytes" in error["message"]
+    error = error_of(post(client, {"text": ["a"] * 4}), 413)
+    assert error["fields"][0]["field"] == "text" and "3" in error["message"]
+    error = error_of(post(client, {"text": ["a", "b " * 30]}), 413)
+    assert error["fields"][0]["field"] == "text[1]" and "50" in error["message"]
+    error = error_of(post(client, {"text": "b " * 30}), 413)
+    assert error["fields"][0]["field"] == "text"
+    error = error_of(post(client, {"source": "a", "candidates": ["a"] * 4}, "/v1/score"), 413)
+    assert error["fields"][0]["field"] == "candidates"
+    assert post(client, {"text": ["a b"] * 3}).status_code == 200
+
+
+def test_chunked_body_over_the_limit_is_413(make_client):
+    client = make_client(max_body_bytes=1000)
+
+    def chunks():
+        yield b'{"text": "'
+        for _ in range(100):
+            yield b"a " * 10
+        yield b'"}'
+
+    error_of(client.post("/v1/translate", content=chunks(), headers=HEADERS), 413)
+
+
+# --- 401 ------------------------------------------------------------------------------------------------------
+
+
+def test_api_keys(make_client):
+    client = make_client(api_keys=["k1", "k2"])
+    error = error_of(post(client, {"text": "a"}), 401)
+    assert "API key" in error["message"]
+    error_of(post(client, {"text": "a"}, headers={"X-API-Key": "nope"}), 401)
+    error_of(post(client, {"source": "a", "candidates": ["a"]}, "/v1/score"), 401)
+    error_of(post(client, {"text": 5}), 401)  # authentication comes before validation
+    assert post(client, {"text": "a"}, headers={"X-API-Key": "k2"}).status_code == 200
+    assert post(client, {"text": "a"}, headers={"Authorization": "Bearer k1"}).status_code == 200
+    assert client.get("/v1/health").status_code == 200 and client.get("/v1/models").status_code == 200
+
+
+def test_api_keys_from_the_environment(monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("NMT_API_KEYS", " k1, k2 ,")
+    monkeypatch.setenv("NMT_CORS_ORIGINS", "https://a.example,https://b.example")
+    settings = Settings(model_dir=tiny_model_dir)
+    assert settings.api_keys == ["k1", "k2"] and settings.cors_origins == ["https://a.example", "https://b.example"]
+
+
+def test_cors_origins(make_client):
+    client = make_client(cors_origins=["https://app.example"])
+    preflight = client.options("/v1/translate", headers={"Origin": "https://app.example",
+                                                         "Access-Control-Request-Method": "POST"})
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    other = post(client, {"text": "a"}, headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+# --- 429 ------------------------------------------------------------------------------------------------------
+
+
+def test_rate_limit_per_key(make_client):
+    client = make_client(rate_limit="2/minute", api_keys=["k1", "k2"])
+    k1, k2 = {"X-API-Key": "k1"}, {"X-API-Key": "k2"}
+    assert [post(client, {"text": "a"}, headers=k1).status_code for _ in range(2)] == [200, 200]
+    response = post(client, {"text": "a"}, headers=k1)
+    error = error_of(response, 429)
+    assert error["code"] == "rate_limited" and 1 <= int(response.headers["Retry-After"]) <= 30
+    assert post(client, {"text": "a"}, headers=k2).status_code == 200
+
+
+def test_rate_limit_setting_is_checked():
+    with pytest.raises(ValueError, match="60/minute"):
+        Settings(rate_limit="lots")
+    assert Settings(rate_limit="10/s").rate() == (10, 1.0)
+
+
+# --- 503 and 504 ----------------------------------------------------------------------------------------------
+
+
+def test_full_queue_is_503_with_retry_after(make_client, translator, monkeypatch):
+    client = make_client(max_queue=1, max_batch_requests=1)
+    gate = Gate(translator, monkeypatch)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post, client, {"text": "a b"})
+        assert gate.entered.wait(10)
+        queued = pool.submit(post, client, {"text": "c d"})
+        for _ in range(1000):
+            if metric(client, "nmt_queue_depth") == 1:
+                break
+            time.sleep(0.01)
+        response = post(client, {"text": "e f"})
+        gate.open.set()
+        assert running.result().status_code == 200 and queued.result().json()["translations"][0]["text"] == "d c"
+    error = error_of(response, 503)
+    assert error["code"] == "queue_full" and int(response.headers["Retry-After"]) >= 1
+    assert post(client, {"text": "e f"}).json()["translations"][0]["text"] == "f e"
+
+
+def test_deadline_is_504_and_later_requests_are_fine(make_client, translator, monkeypatch):
+    client = make_client(request_timeout_s=0.2)
+    gate = Gate(translator, monkeypatch)
+    error = error_of(post(client, {"text": "a b"}), 504)
+    assert error["code"] == "timeout" and "0.2 s" in error["message"]
+    gate.open.set()
+    assert post(client, {"text": "a b"}).json()["translations"][0]["text"] == "b a"
+
+
+# --- other errors ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_paths_and_methods_get_json_errors(client):
+    assert error_of(client.get("/v1/nothing"), 404)["code"] == "not_found"
+    assert error_of(client.get("/v1/translate"), 405)["code"] == "method_not_allowed"
+
+
+def test_translator_errors_are_422_not_500(client, translator, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise NMTError("this text cannot be translated")
+
+    monkeypatch.setattr(translator, "translate", refuse)
+    assert "cannot be translated" in error_of(post(client, {"text": "a"}), 422)["message"]
+
+
+def test_unexpected_errors_are_a_json_500_and_the_service_goes_on(make_client, translator, monkeypatch):
+    client = make_client(raise_server_exceptions=False)
+    real = translator.translate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(translator, "translate", broken)
+    assert error_of(post(client, {"text": "a"}), 500)["code"] == "internal_error"
+    monkeypatch.setattr(translator, "translate", real)
+    assert post(client, {"text": "a b"}).json()["translations"][0]["text"] == "b a"
