@@ -49,7 +49,23 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_prepare, _add_train]
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP (API, metrics, web page); settings from NMT_* variables")
+    p.add_argument("model", nargs="?", help="model or run directory (default: $NMT_MODEL_DIR, else models/es-en-bible)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model copy (default 1)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    serve(args.model, args.host, args.port, args.workers)
+    return 0
+
+
+COMMANDS = [_add_prepare, _add_train, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

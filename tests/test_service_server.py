@@ -1,0 +1,135 @@
+"""A real `nmt serve` process (uvicorn) on loopback with the tiny model: CLI parity, concurrency, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nmt.cli import main as nmt_main
+
+TEXTS = ["a b c d", "p o n m l k j", "c", "e f g h i j k l"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(model_dir: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`nmt serve MODEL` on a free loopback port, yielding its URL once /v1/ready answers."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NMT_THREADS": "1",
+           **{f"NMT_{key.upper()}": value for key, value in settings.items()}}
+    proc = subprocess.Popen([sys.executable, "-m", "nmt", "serve", str(model_dir), "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                if httpx.get(f"{url}/v1/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("server not ready within 60 s")
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+
+
+def metric(url: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(f"{url}/metrics").text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """One server for the module; the SIGTERM test, last, stops it."""
+    with serving(tiny_model_dir, max_wait_ms="20") as running:
+        yield running
+
+
+def test_http_translation_equals_the_cli(server, tiny_model_dir, tmp_path):
+    url, _ = server
+    (tmp_path / "in.txt").write_text("".join(t + "\n" for t in TEXTS), encoding="utf-8")
+    args = ["translate", str(tiny_model_dir), "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "out.txt")]
+    assert nmt_main([*args, "--threads", "1"]) == 0
+    expected = (tmp_path / "out.txt").read_text(encoding="utf-8").splitlines()
+    body = httpx.post(f"{url}/v1/translate", json={"text": TEXTS}, timeout=30).json()
+    assert [t["text"] for t in body["translations"]] == expected == ["d c b a", "j k l m n o p", "c", "l k j i h g f e"]
+
+
+def test_50_concurrent_requests_all_succeed_and_share_batches(server):
+    url, _ = server
+    before = metric(url, 'nmt_http_requests_total{method="POST",route="/v1/translate",status="200"}')
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=50), timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/translate", json={"text": TEXTS[i % len(TEXTS)]})
+                                          for i in range(50)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 50
+    expected = [" ".join(reversed(TEXTS[i % len(TEXTS)].split())) for i in range(50)]
+    assert [r.json()["translations"][0]["text"] for r in responses] == expected
+    assert metric(url, 'nmt_batch_requests_bucket{le="1.0"}') < metric(url, "nmt_batch_requests_count"), \
+        "no batch held more than one request"
+    assert metric(url, 'nmt_http_requests_total{method="POST",route="/v1/translate",status="200"}') == before + 50
+
+
+def test_sigterm_finishes_in_flight_requests(server):
+    url, proc = server
+    heavy = {"text": [" ".join("abcdefghijklmnop"[(i + j) % 16] for j in range(12)) for i in range(24)],
+             "beam_size": 16}
+
+    async def drain() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            requests = [asyncio.ensure_future(client.post("/v1/translate", json=heavy)) for _ in range(6)]
+            for _ in range(1000):
+                if metric(url, "nmt_http_requests_in_flight") >= 7:  # six, and the /metrics request itself
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the six requests were never in flight together")
+            proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*requests)
+
+    responses = asyncio.run(drain())
+    assert [r.status_code for r in responses] == [200] * 6
+    assert all(len(r.json()["translations"]) == 24 for r in responses)
+    assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    log = proc.stdout.read()
+    assert "Finished server process" in log and "Traceback" not in log
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/v1/health", timeout=2)
+
+
+def test_serve_refuses_a_missing_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NMT_MODEL_DIR", "restored after the test")  # serve() exports MODEL as NMT_MODEL_DIR
+    assert nmt_main(["serve", str(tmp_path / "missing")]) == 2
+    assert "model not found" in capsys.readouterr().err
