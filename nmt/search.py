@@ -38,13 +38,17 @@ def _banned_by_ngrams(history: list[list[int]], n: int) -> list[list[int]]:
 
 @torch.no_grad()
 def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size: int = 5, n_best: int = 1,
-                alpha: float = 0.0, max_len_a: float = 1.5, max_len_b: int = 10, ban_unk: bool = False,
-                no_repeat_ngram: int = 0, return_attention: bool = False) -> list[list[Hypothesis]]:
+                alpha: float = 0.0, max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0,
+                ban_unk: bool = False, no_repeat_ngram: int = 0,
+                return_attention: bool = False) -> list[list[Hypothesis]]:
     """Translate a padded batch; returns n_best hypotheses per sentence, best first.
 
-    A sentence stops once it has beam_size finished hypotheses, or n_best of them that no live beam can
-    beat (log-probabilities only fall, so a live beam's best final score is bounded). Finished sentences
-    leave the batch. Nothing about one sentence depends on the others in its batch.
+    Outputs hold at most max_len_a * source_length + max_len_b tokens (EOS not counted; at least 1) and,
+    below that limit, at least min_len. A sentence stops once n_best finished hypotheses are out of reach of
+    every live beam (log-probabilities only fall, so a live beam's best final score is bounded), or once
+    beam_size finished ones all score above the best live beam as it stands (so beam size 1 is greedy
+    decoding). Finished sentences leave the batch. Nothing about one sentence depends on the others in its
+    batch. Attention, when asked for, is (len(tokens) + 1, source length with EOS) per hypothesis.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
@@ -52,15 +56,17 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
     device = src.device
     batch, k = src.size(0), beam_size
     mem = model.encode(src, lens)
-    src_len = (lens - 1).clamp(min=0).tolist()  # real pieces, without the EOS the source carries
-    limits = [max(1, int(max_len_a * n + max_len_b)) for n in src_len]
+    src_lens = lens.tolist()
+    # Output limits count real pieces: the source's EOS is not part of its length.
+    limits = [max(1, int(max_len_a * (n - 1) + max_len_b)) for n in src_lens]
     rows = torch.arange(batch, device=device).repeat_interleave(k)
     mem = mem.select(rows)
     state = model.init_state(mem)
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first at step 0
     tokens = torch.full((batch * k, 0), BOS, dtype=torch.long, device=device)
-    attn = torch.zeros((batch * k, 0, src.size(1)), device=device) if return_attention else None
+    with_attention = return_attention and model.decoder.attention is not None
+    attn = torch.zeros((batch * k, 0, src.size(1)), device=device) if with_attention else None
     prev = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
     alive = list(range(batch))  # original sentence index of each row group still decoding
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
@@ -75,7 +81,10 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
         if no_repeat_ngram > 0:
             for row, banned in enumerate(_banned_by_ngrams(tokens.tolist(), no_repeat_ngram)):
                 logp[row, banned] = float("-inf")
-        at_limit = torch.tensor([step + 1 >= limits[s] for s in alive], device=device)
+        if step < min_len:
+            short = torch.tensor([step < limits[s] for s in alive], device=device).repeat_interleave(k)
+            logp[short, EOS] = float("-inf")
+        at_limit = torch.tensor([step >= limits[s] for s in alive], device=device)
         if bool(at_limit.any()):
             forced = at_limit.repeat_interleave(k)
             eos_logp = logp[forced, EOS].clone()
@@ -92,15 +101,14 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
         live_pos = torch.where(is_eos, position + 2 * k, position).topk(k, dim=1, largest=False).indices
         flat_origin = (origin + torch.arange(n, device=device).unsqueeze(1) * k)
         if bool(finish_mask.any()):
-            lengths = step + 1
+            penalty = length_penalty(step + 1, alpha)  # the hypothesis's tokens and its EOS
+            origins, totals = flat_origin.tolist(), top_scores.tolist()
             for i, j in finish_mask.nonzero().tolist():
-                row = int(flat_origin[i, j])
-                total = float(top_scores[i, j])
+                row, sent, total = origins[i][j], alive[i], totals[i][j]
                 hyp_attn = None
                 if attn is not None:
-                    hyp_attn = torch.cat([attn[row], alpha_t[row].unsqueeze(0)]).cpu()
-                finished[alive[i]].append(Hypothesis(tokens[row].tolist(), total / length_penalty(lengths, alpha),
-                                                     total, hyp_attn))
+                    hyp_attn = torch.cat([attn[row], alpha_t[row].unsqueeze(0)])[:, : src_lens[sent]].cpu()
+                finished[sent].append(Hypothesis(tokens[row].tolist(), total / penalty, total, hyp_attn))
         scores = top_scores.gather(1, live_pos)
         chosen = flat_origin.gather(1, live_pos).view(-1)
         next_tokens = token.gather(1, live_pos).view(-1)
@@ -110,17 +118,18 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
         state = state.select(chosen)
         prev = next_tokens
         step += 1
-        # Which sentences are done: enough finished, or none of their live beams can still win.
+        # Which sentences are done: at their length limit, or no live beam can still win, or (the usual
+        # heuristic) beam_size finished hypotheses all beat the best live one as it stands.
         best_live = scores.max(dim=1).values.tolist()
         keep = []
         for i, sent in enumerate(alive):
-            done = finished[sent]
-            if len(done) >= k or step >= limits[sent]:
+            if step > limits[sent]:
                 continue
-            if len(done) >= n_best:
-                bound = best_live[i] / length_penalty(limits[sent], alpha) if alpha else best_live[i]
-                if bound <= sorted(h.score for h in done)[-n_best]:
-                    continue
+            ranked = sorted((h.score for h in finished[sent]), reverse=True)
+            if len(ranked) >= n_best and best_live[i] / length_penalty(limits[sent] + 1, alpha) <= ranked[n_best - 1]:
+                continue
+            if len(ranked) >= k and best_live[i] / length_penalty(step, alpha) <= ranked[k - 1]:
+                continue
             keep.append(i)
         if len(keep) < n:
             idx = torch.tensor(keep, dtype=torch.long, device=device)
