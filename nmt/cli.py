@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from nmt import __version__
 from nmt.errors import NMTError
+
+if TYPE_CHECKING:
+    from nmt.translator import Translator
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +54,233 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_decode_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=int, help="beam size (default: the model config's decode.beam_size)")
+    p.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha; 0 = none (default: config)")
+    p.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: config's decode.batch_tokens)")
+    p.add_argument("--int8", action="store_true", help="int8 dynamic quantization for faster CPU inference")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+
+
+def _decode_options(args: argparse.Namespace) -> dict:
+    return {"beam_size": args.beam, "length_penalty": args.length_penalty, "batch_tokens": args.batch_tokens}
+
+
+def _load_translator(args: argparse.Namespace) -> Translator:
+    from nmt.translator import Translator  # imported here: torch stays out of `nmt --help`
+
+    return Translator.load(args.model, device=args.device, threads=args.threads, int8=args.int8)
+
+
+def _add_translate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "translate", help="translate text, one sentence (or paragraph) a line",
+        description="Translate lines from FILE or stdin to FILE or stdout, streaming: each batch of lines is "
+                    "written as soon as it is translated. With --n-best N, each input line i (from 0) gives N "
+                    "lines `i ||| translation ||| score` (Moses n-best style; score = length-normalized "
+                    "log-probability), best first.")
+    p.add_argument("model", help="exported model directory, run directory or .pt checkpoint")
+    p.add_argument("-i", "--input", help="input file (default: stdin)")
+    p.add_argument("-o", "--output", help="output file (default: stdout)")
+    p.add_argument("--n-best", type=int, default=1, help="distinct translations per line (default 1)")
+    _add_decode_options(p)
+    p.set_defaults(func=_run_translate)
+
+
+def _line_batches(stream: Any, size: int, wait: float = 0.05) -> Iterator[list[str]]:
+    """Lines in batches of up to size, a batch cut short whenever input stalls for `wait` seconds (pipes)."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue(maxsize=4 * size)
+    end = object()
+
+    def read() -> None:
+        for number, line in enumerate(stream, start=1):
+            if isinstance(line, bytes):
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    lines.put(NMTError(f"input line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+                    return
+            lines.put(line.removesuffix("\n").removesuffix("\r"))
+        lines.put(end)
+
+    threading.Thread(target=read, daemon=True).start()
+    done = False
+    while not done:
+        batch = [lines.get()]
+        while len(batch) < size:
+            try:
+                batch.append(lines.get(timeout=wait))
+            except queue.Empty:
+                break
+            if batch[-1] is end or isinstance(batch[-1], NMTError):
+                break
+        done = batch[-1] is end or isinstance(batch[-1], NMTError)
+        if isinstance(batch[-1], NMTError):
+            if len(batch) > 1:
+                yield batch[:-1]
+            raise batch[-1]
+        if done:
+            batch.pop()
+        if batch:
+            yield batch
+
+
+def _open(path: str | None, mode: str, default: Any) -> Any:
+    """A file, or the default stream; input as bytes where possible, so each line is decoded on its own."""
+    if path is None:
+        return getattr(default, "buffer", default) if mode == "r" else default
+    try:
+        return open(path, "rb") if mode == "r" else open(path, "w", encoding="utf-8", newline="\n")
+    except OSError as exc:
+        raise NMTError(f"cannot open {path}: {exc.strerror}") from None
+
+
+def _run_translate(args: argparse.Namespace) -> int:
+    from nmt.progress import Progress
+
+    translator = _load_translator(args)
+    options = {**_decode_options(args), "n_best": args.n_best}
+    translator.translate([], **options)  # checks the options before any input is read
+    source = _open(args.input, "r", sys.stdin)
+    out = _open(args.output, "w", sys.stdout)
+    progress = Progress(None, "lines")
+    done = 0
+    try:
+        for batch in _line_batches(source, 64):
+            for i, result in enumerate(translator.translate(batch, **options), start=done):
+                if args.n_best > 1:
+                    alternatives = [(a.text, a.score) for a in result.alternatives] or [("", 0.0)]
+                    out.writelines(f"{i} ||| {text} ||| {score:.4f}\n" for text, score in alternatives)
+                else:
+                    out.write(result.text.replace("\n", " ") + "\n")
+            out.flush()
+            done += len(batch)
+            progress.update(done)
+    finally:
+        progress.close()
+        if args.output:
+            out.close()
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="BLEU, chrF and TER (sacrebleu) of a model on a test set, or of any system's output",
+        description="`nmt evaluate MODEL --split test` or `nmt evaluate MODEL --src F --ref F` translates and "
+                    "scores, writing OUT/NAME.hyp and OUT/NAME.json (OUT defaults to MODEL/eval); "
+                    "`nmt evaluate --hyp F --ref F` scores a file of translations from any system.")
+    p.add_argument("model", nargs="?", help="exported model directory, run directory or .pt checkpoint")
+    p.add_argument("--src", help="source file to translate")
+    p.add_argument("--ref", nargs="+", help="reference file(s), line-parallel to the source/hypotheses")
+    p.add_argument("--hyp", help="score these translations instead of translating (no MODEL)")
+    p.add_argument("--split", help="a split of a prepared corpus (e.g. test): its .src and .tgt files")
+    p.add_argument("--data", help="prepared corpus directory for --split (default: the model config's data.dir)")
+    p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: MODEL/eval)")
+    p.add_argument("--report", help="write the JSON report here instead")
+    _add_decode_options(p)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nmt.evaluate import evaluate, evaluate_model, format_table, read_lines, write_lines, write_report
+
+    if args.hyp:
+        if args.model or args.src or args.split:
+            raise NMTError("--hyp scores existing translations: give no MODEL, --src or --split")
+        if not args.ref:
+            raise NMTError("--hyp needs --ref")
+        report = evaluate(read_lines(args.hyp, "hypothesis file"), [read_lines(r, "reference file") for r in args.ref])
+        report.update(hyp=args.hyp, ref=args.ref)
+        if args.report:
+            write_report(report, Path(args.report))
+        print(format_table(report))
+        return 0
+    if not args.model:
+        raise NMTError("give a MODEL to translate with, or --hyp FILE to score existing translations")
+    if bool(args.split) == bool(args.src):
+        raise NMTError("give either --split NAME or --src FILE (with --ref)")
+    if args.src and not args.ref:
+        raise NMTError("--src needs --ref")
+    translator = _load_translator(args)
+    if args.split:
+        data = Path(args.data or translator.cfg.data.dir)
+        src_path, ref_paths, name = data / f"{args.split}.src", [str(data / f"{args.split}.tgt")], args.split
+        if args.ref:
+            raise NMTError("--split uses the corpus's own references: drop --ref")
+    else:
+        src_path, ref_paths, name = Path(args.src), args.ref, Path(args.src).stem
+    src = read_lines(src_path, "source file")
+    refs = [read_lines(r, "reference file") for r in ref_paths]
+    hyps, report = evaluate_model(translator, src, refs, **_decode_options(args))
+    report.update(src=str(src_path), ref=[str(r) for r in ref_paths])
+    model_path = Path(args.model)
+    out = Path(args.out) if args.out else (model_path if model_path.is_dir() else model_path.parent) / "eval"
+    write_lines(hyps, out / f"{name}.hyp")
+    report["hyp"] = str(out / f"{name}.hyp")
+    report_path = Path(args.report) if args.report else out / f"{name}.json"
+    write_report(report, report_path)
+    print(format_table(report))
+    print(f"{report['n']} sentences in {report['seconds']:.1f} s; hypotheses: {report['hyp']}  report: {report_path}")
+    return 0
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score", help="log-probability of given translations under the model (forced decoding)",
+        description="For each line pair, prints `total<TAB>mean` log-probability of the translation (its </s> "
+                    "included); with --tokens a third column of `piece:logprob` items.")
+    p.add_argument("model", help="exported model directory, run directory or .pt checkpoint")
+    p.add_argument("--src", required=True, help="source file")
+    p.add_argument("--hyp", required=True, help="translations to score, line-parallel to --src")
+    p.add_argument("--tokens", action="store_true", help="also print each target piece's log-probability")
+    p.add_argument("--batch-tokens", type=int, help="tokens per batch (default: config's decode.batch_tokens)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.set_defaults(func=_run_score, int8=False)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from nmt.evaluate import read_lines
+
+    src, hyp = read_lines(args.src, "source file"), read_lines(args.hyp, "hypothesis file")
+    if len(src) != len(hyp):
+        raise NMTError(f"{args.src} has {len(src)} lines but {args.hyp} has {len(hyp)}")
+    translator = _load_translator(args)
+    for result in translator.score(src, hyp, batch_tokens=args.batch_tokens):
+        line = f"{result.logprob:.4f}\t{result.mean:.4f}"
+        if args.tokens:
+            line += "\t" + " ".join(f"{p}:{lp:.4f}" for p, lp in zip(result.pieces, result.token_logprobs,
+                                                                    strict=True))
+        print(line)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model directory (weights, tokenizers, card) from a training run")
+    p.add_argument("run", help="run directory (best.pt/last.pt, src.model, tgt.model)")
+    p.add_argument("outdir", help="model directory to create")
+    p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default best)")
+    p.add_argument("--report", help="`nmt evaluate` JSON report for the card (default: RUN/eval/test.json if any)")
+    p.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from nmt.export import export_model
+
+    out = export_model(args.run, args.outdir, fp16=args.fp16, checkpoint=args.checkpoint, report=args.report,
+                       overwrite=args.force)
+    print(out)
+    return 0
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP (API, metrics, web page); settings from NMT_* variables")
     p.add_argument("model", nargs="?", help="model or run directory (default: $NMT_MODEL_DIR, else models/es-en-bible)")
@@ -65,7 +297,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_prepare, _add_train, _add_serve]
+COMMANDS = [_add_prepare, _add_train, _add_translate, _add_evaluate, _add_score, _add_export, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

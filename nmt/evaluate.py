@@ -1,0 +1,98 @@
+"""Translation quality with sacrebleu: BLEU, chrF and TER with their signatures, and the evaluation report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from sacrebleu.metrics import BLEU, CHRF, TER
+
+from nmt.checkpoint import atomic_write
+from nmt.errors import NMTError
+from nmt.progress import Progress
+from nmt.translator import Translator
+
+
+def read_lines(path: str | Path, what: str = "file") -> list[str]:
+    """The lines of a UTF-8 text file (split on \\n only, a trailing \\r dropped), as sacrebleu reads them."""
+    path = Path(path)
+    if not path.is_file():
+        raise NMTError(f"{what} not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise NMTError(f"{path} is not valid UTF-8: {exc}") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def evaluate(hyps: list[str], refs: list[str] | list[list[str]]) -> dict[str, Any]:
+    """Corpus BLEU, chrF and TER of hyps against one reference list (or several, as a list of lists)."""
+    streams = [refs] if not refs or isinstance(refs[0], str) else refs
+    if not hyps:
+        raise NMTError("nothing to score: no hypotheses")
+    for i, stream in enumerate(streams):
+        if len(stream) != len(hyps):
+            raise NMTError(f"{len(hyps)} hypotheses but {len(stream)} lines in reference {i + 1}: "
+                           "they must have the same number of lines")
+    bleu, chrf, ter = BLEU(), CHRF(), TER()
+    b = bleu.corpus_score(hyps, streams)
+    metrics = {
+        "bleu": {"score": b.score, "signature": str(bleu.get_signature()), "bp": b.bp, "ratio": b.ratio,
+                 "hyp_len": b.sys_len, "ref_len": b.ref_len, "precisions": b.precisions},
+        "chrf": {"score": chrf.corpus_score(hyps, streams).score, "signature": str(chrf.get_signature())},
+        "ter": {"score": ter.corpus_score(hyps, streams).score, "signature": str(ter.get_signature())},
+    }
+    return {"n": len(hyps), "metrics": metrics}
+
+
+def translate_lines(translator: Translator, lines: list[str], chunk: int = 500, progress: bool | None = None,
+                    **options: Any) -> list[str]:
+    """Translate a list of lines in chunks (token-budget batches inside each), with a progress bar on a TTY."""
+    bar = Progress(len(lines), "lines", enabled=progress)
+    out: list[str] = []
+    for start in range(0, len(lines), chunk):
+        out += [t.text for t in translator.translate(lines[start:start + chunk], **options)]
+        bar.update(len(out))
+    bar.close()
+    return out
+
+
+def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]],
+                   **options: Any) -> tuple[list[str], dict[str, Any]]:
+    """Translate src and score it against refs: the hypotheses and the report (scores, speed, settings)."""
+    for i, stream in enumerate(refs):
+        if len(stream) != len(src):
+            raise NMTError(f"{len(src)} source lines but {len(stream)} lines in reference {i + 1}")
+    start = time.perf_counter()
+    hyps = translate_lines(translator, src, **options)
+    seconds = time.perf_counter() - start
+    report = evaluate(hyps, refs)
+    decode = {**translator.cfg.to_dict()["decode"], **{k: v for k, v in options.items() if v is not None}}
+    report.update(model=translator.info["name"], model_path=str(translator.path), decode=decode,
+                  int8=translator.int8, seconds=round(seconds, 3), sentences_per_s=round(len(src) / seconds, 2))
+    return hyps, report
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_lines(lines: list[str], path: Path) -> None:
+    text = "".join(line.replace("\n", " ") + "\n" for line in lines)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A short plain-text table: metric, score, sacrebleu signature."""
+    names = {"bleu": "BLEU", "chrf": "chrF2", "ter": "TER"}
+    rows = [f"{'metric':<7} {'score':>6}  signature"]
+    for key, label in names.items():
+        m = report["metrics"][key]
+        rows.append(f"{label:<7} {m['score']:6.2f}  {m['signature']}")
+    return "\n".join(rows)

@@ -1,0 +1,208 @@
+"""Model directories: export a training run to weights + tokenizers + card, and read the weights back.
+
+A model directory holds `model.safetensors` (fp32 or fp16), `config.yaml`, `src.model`, `tgt.model` and
+`card.json`. It carries no optimizer state and no pickled code: safetensors holds only tensors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from nmt import __version__
+from nmt.checkpoint import load_checkpoint
+from nmt.config import Config, from_dict, save_config
+from nmt.errors import NMTError
+from nmt.model import Seq2Seq
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rnnsearch-model-1"
+MODEL_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.yaml", "card.json"
+TOKENIZER_FILES = ("src.model", "tgt.model")
+TIED = {"decoder.out.weight": "decoder.embed.weight"}  # with model.tie_embeddings: stored once, re-tied on load
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / MODEL_FILE).is_file()
+
+
+def run_checkpoint(run: Path, which: str = "best") -> Path:
+    """The checkpoint of a run directory: best.pt (falling back to last.pt when there is none yet) or last.pt."""
+    if not run.is_dir():
+        raise NMTError(f"run directory not found: {run}")
+    names = ["best.pt", "last.pt"] if which == "best" else ["last.pt"]
+    for name in names:
+        if (run / name).is_file():
+            return run / name
+    raise NMTError(f"{run} holds no {' or '.join(names)} (is it a run directory?)")
+
+
+def load_weights(model: Seq2Seq, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy weights into model (converting fp16 to the model's dtype); mismatches raise NMTError."""
+    expected = set(model.state_dict())
+    if model.cfg.tie_embeddings:
+        weights = {k: v for k, v in weights.items() if k not in TIED}
+        expected -= set(TIED)
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        detail = (f"missing {', '.join(missing[:5])}" if missing else "") + \
+                 ("; " if missing and unexpected else "") + \
+                 (f"unexpected {', '.join(unexpected[:5])}" if unexpected else "")
+        raise NMTError(f"{source} does not hold this model's weights ({detail})")
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise NMTError(f"{source} does not fit its config: {first}") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of an rnnsearch model.safetensors; a corrupted or foreign file raises NMTError."""
+    if not path.is_file():
+        raise NMTError(f"model weights not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise NMTError(f"{path} is not a readable safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise NMTError(f"{path} is not an rnnsearch model (no '{FORMAT}' marker in its metadata)")
+    return weights
+
+
+def read_card(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / CARD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NMTError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(card, dict):
+        raise NMTError(f"{path} must hold a JSON object")
+    return card
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NMTError(f"{path} is not a readable JSON file: {exc}") from None
+
+
+def _training_metrics(run: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Best dev BLEU, steps and the dev metrics at the exported step, from the checkpoint and metrics.jsonl."""
+    pos = state.get("position", {})
+    metrics: dict[str, Any] = {"steps": pos.get("step"), "epochs": pos.get("epoch"),
+                               "best_dev_bleu": pos.get("best_bleu") if pos.get("best_bleu", -1) >= 0 else None,
+                               "dev_bleu_decoding": "greedy"}
+    path = run / "metrics.jsonl"
+    if path.is_file():
+        records = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interrupted run
+        valid = [r for r in records if r.get("type") == "valid" and r.get("step") == pos.get("step")]
+        if valid:
+            metrics["dev"] = {k: v for k, v in valid[-1].items() if k.startswith("dev_")}
+        times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
+        if len(times) > 1:
+            metrics["train_seconds_logged"] = round(times[-1] - times[0])
+    return metrics
+
+
+def _evaluation(run: Path, report: Path | None) -> dict[str, Any] | None:
+    """Scores and sacrebleu signatures from an `nmt evaluate` report (given, or RUN/eval/test.json)."""
+    if report is None:
+        report = run / "eval" / "test.json"
+        if not report.is_file():
+            return None
+    elif not report.is_file():
+        raise NMTError(f"evaluation report not found: {report}")
+    data = _read_json(report)
+    if not isinstance(data, dict) or "metrics" not in data:
+        raise NMTError(f"{report} is not an `nmt evaluate` report (no 'metrics')")
+    return {k: data[k] for k in ("metrics", "n", "src", "ref", "decode") if k in data}
+
+
+def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: Path, params: int, dtype: str,
+               name: str, report: Path | None = None) -> dict[str, Any]:
+    corpus_json = Path(cfg.data.dir) / "corpus.json"
+    data = _read_json(corpus_json) if corpus_json.is_file() else {"dir": cfg.data.dir}
+    return {
+        "format": FORMAT,
+        "name": name,
+        "rnnsearch_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "languages": {"src": cfg.data.src_lang, "tgt": cfg.data.tgt_lang},
+        "architecture": cfg.to_dict()["model"],
+        "parameters": params,
+        "dtype": dtype,
+        "vocab": state.get("vocab"),
+        "checkpoint": checkpoint.name,
+        "data": data,
+        "metrics": _training_metrics(run, state),
+        "evaluation": _evaluation(run, report),
+        "training": {"command": None, "hardware": None},  # for the user to fill in
+    }
+
+
+def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkpoint: str = "best",
+                 report: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write the model directory of a run (its best or last checkpoint) to outdir, atomically."""
+    run, outdir = Path(run), Path(outdir)
+    ckpt = run_checkpoint(run, checkpoint)
+    if outdir.exists() and not overwrite:
+        raise NMTError(f"{outdir} already exists (use --force to replace it)")
+    for name in TOKENIZER_FILES:
+        if not (run / name).is_file():
+            raise NMTError(f"{run / name} not found: a run directory holds the SentencePiece models")
+    state = load_checkpoint(ckpt)
+    try:
+        cfg = from_dict(state["config"])
+        model = Seq2Seq(cfg.model, state["vocab"]["src"], state["vocab"]["tgt"])
+    except (KeyError, TypeError) as exc:
+        raise NMTError(f"{ckpt} lacks the config or vocabulary sizes of an rnnsearch run ({exc})") from None
+    load_weights(model, state["model"], ckpt)
+    dtype = torch.float16 if fp16 else torch.float32
+    tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items() if not (cfg.model.tie_embeddings and k in TIED)}
+    card = build_card(cfg, state, run, ckpt, model.num_parameters(), str(dtype).removeprefix("torch."),
+                      outdir.name, Path(report) if report else None)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}."))
+    try:
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT, "dtype": card["dtype"]})
+        save_config(cfg, tmp / CONFIG_FILE)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(run / name, tmp / name)
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.chmod(0o755)
+        if outdir.exists():
+            old = outdir.with_name(f".{outdir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(outdir, old)
+            os.replace(tmp, outdir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, outdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s (%s, %d parameters) to %s", ckpt, card["dtype"], card["parameters"], outdir)
+    return outdir

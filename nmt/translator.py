@@ -1,0 +1,341 @@
+"""The Translator, the one path from text to text: split, tokenize, batch, beam search, detokenize, reassemble.
+
+Inputs are split on newlines; a line longer than the model's max length (data.max_len pieces) is split into
+sentences after . ! ? ; or : and a sentence still too long into chunks at word boundaries, so nothing is
+truncated. The pieces are translated as separate segments in length-sorted token-budget batches and joined
+back with the original whitespace (chunks with a space).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt.batching import collate, token_batches
+from nmt.checkpoint import load_checkpoint
+from nmt.config import Config, from_dict, load_config
+from nmt.errors import NMTError
+from nmt.export import CONFIG_FILE, MODEL_FILE, is_model_dir, load_weights, read_card, read_safetensors, run_checkpoint
+from nmt.model import Seq2Seq
+from nmt.search import Hypothesis, search_ids
+from nmt.tokenizer import EOS_PIECE, UNK, Tokenizer
+
+log = logging.getLogger(__name__)
+
+_LINE_BREAK = re.compile(r"(\s*\n\s*)")
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])(\s+)")
+_WORD_START = "\u2581"  # SentencePiece's visible space, which begins every word's first piece
+
+
+@dataclass
+class Alternative:
+    text: str
+    score: float
+
+
+@dataclass
+class Translation:
+    text: str
+    score: float | None = None  # length-normalized log-probability, summed over sentences; None for empty input
+    alternatives: list[Alternative] = field(default_factory=list)  # n-best, best first, distinct texts
+    src_pieces: list[str] | None = None  # with return_alignment: source pieces, each sentence ending in </s>
+    tgt_pieces: list[str] | None = None  # target pieces, each sentence ending in </s>
+    alignment: list[list[float]] | None = None  # attention weights, one row per target piece (None: no attention)
+
+
+@dataclass
+class ScoreResult:
+    logprob: float  # total log-probability of the candidate, its </s> included
+    pieces: list[str]  # target pieces, </s> last
+    token_logprobs: list[float]  # one per piece
+
+    @property
+    def mean(self) -> float:
+        return self.logprob / len(self.pieces)
+
+
+@dataclass
+class _Segment:
+    ids: list[int]
+    pieces: list[str]
+
+
+@dataclass
+class _Output:
+    """One hypothesis for one segment, detokenized."""
+
+    text: str
+    score: float
+    pieces: list[str]
+    attention: torch.Tensor | None  # (len(pieces) + 1, len(source ids) + 1)
+
+
+def detokenize(pieces: list[str]) -> str:
+    """SentencePiece pieces -> text, for pieces that may not be in the vocabulary (replaced unknowns)."""
+    return "".join(pieces).replace(_WORD_START, " ").strip()
+
+
+def _source_piece(pieces: list[str], j: int) -> str:
+    """Source piece j to copy into the output, joined with a bare word-start mark next to it: SentencePiece
+    writes a word that begins with an unknown character as "▁" followed by that character."""
+    if pieces[j] == _WORD_START and j + 1 < len(pieces):
+        return pieces[j] + pieces[j + 1]
+    if j > 0 and pieces[j - 1] == _WORD_START:
+        return pieces[j - 1] + pieces[j]
+    return pieces[j]
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise NMTError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _pick_device(name: str) -> torch.device:
+    try:
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                              "cpu" if name == "auto" else name)
+    except RuntimeError:
+        raise NMTError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NMTError("device cuda was asked for, but no CUDA device is available")
+    return device
+
+
+class Translator:
+    """A loaded model with its tokenizers and decoding defaults. Use from one thread at a time (a lock guards it)."""
+
+    def __init__(self, model: Seq2Seq, cfg: Config, src_tok: Tokenizer, tgt_tok: Tokenizer,
+                 device: torch.device, path: Path, card: dict[str, Any] | None = None, int8: bool = False,
+                 num_parameters: int | None = None):
+        self.model, self.cfg, self.src_tok, self.tgt_tok = model.eval(), cfg, src_tok, tgt_tok
+        self.device, self.path, self.card, self.int8 = device, path, card, int8
+        self.max_len = cfg.data.max_len
+        # Counted before quantization: packed int8 weights are no parameters to torch.
+        self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", threads: int | None = None,
+             int8: bool = False) -> Translator:
+        """Load a run directory (best.pt, else last.pt), a .pt checkpoint in one, or an exported model directory."""
+        path = Path(path)
+        if threads is not None:
+            torch.set_num_threads(_check_int("threads", threads, 1))
+        dev = _pick_device(device)
+        if int8 and dev.type != "cpu":
+            raise NMTError("int8 quantization is for CPU inference; use device cpu")
+        if not path.exists():
+            raise NMTError(f"model not found: {path}")
+        if path.is_file() and path.name == MODEL_FILE:
+            path = path.parent
+        card = None
+        if path.is_dir() and is_model_dir(path):
+            home, cfg = path, load_config(path / CONFIG_FILE)
+            weights, card = read_safetensors(path / MODEL_FILE), read_card(path)
+            source = path / MODEL_FILE
+            vocab = None
+        else:
+            source = run_checkpoint(path) if path.is_dir() else path
+            home = source.parent
+            state = load_checkpoint(source)
+            try:
+                cfg, weights, vocab = from_dict(state["config"]), state["model"], state["vocab"]
+            except KeyError as exc:
+                raise NMTError(f"{source} is not a training checkpoint (no {exc})") from None
+        src_tok, tgt_tok = Tokenizer(home / "src.model"), Tokenizer(home / "tgt.model")
+        if vocab is not None and vocab != {"src": len(src_tok), "tgt": len(tgt_tok)}:
+            raise NMTError(f"{source} was trained with other vocabularies than {home}/src.model and tgt.model")
+        model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
+        load_weights(model, weights, source)
+        model = model.float().eval()
+        params, quantized = model.num_parameters(), False
+        if int8:
+            from nmt.quantize import quantize_int8
+
+            model, quantized = quantize_int8(model)
+        log.info("loaded %s (%s -> %s) on %s%s", source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
+                 ", int8" if quantized else "")
+        return cls(model.to(dev), cfg, src_tok, tgt_tok, dev, path, card, quantized, params)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        name = (self.card or {}).get("name") or self.path.name
+        return {"name": name, "id": name, "path": str(self.path), "src_lang": self.cfg.data.src_lang,
+                "tgt_lang": self.cfg.data.tgt_lang, "parameters": self.num_parameters, "int8": self.int8,
+                "device": str(self.device), "max_len": self.max_len, "decode": self.cfg.to_dict()["decode"],
+                "card": self.card}
+
+    # ------------------------------------------------------------------------------------------------------
+    # Translation
+    # ------------------------------------------------------------------------------------------------------
+
+    def translate(self, texts: list[str], beam_size: int | None = None, n_best: int = 1,
+                  length_penalty: float | None = None, return_alignment: bool = False,
+                  batch_tokens: int | None = None, replace_unk: bool | None = None, ban_unk: bool = False,
+                  no_repeat_ngram: int = 0, min_len: int = 0, max_len: int | None = None) -> list[Translation]:
+        """Translate each text; unset options come from the config's decode section.
+
+        max_len, when given, caps every output at that many pieces instead of the config's a * source + b;
+        min_len bans the end of sentence before that many pieces. Empty and whitespace-only texts give "".
+        """
+        d = self.cfg.decode
+        beam = _check_int("beam_size", d.beam_size if beam_size is None else beam_size, 1)
+        if not 1 <= _check_int("n_best", n_best, 1) <= beam:
+            raise NMTError(f"n_best must be between 1 and the beam size ({beam}), got {n_best}")
+        alpha = d.length_penalty if length_penalty is None else length_penalty
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 10:
+            raise NMTError(f"length_penalty must be a number between 0 and 10, got {alpha!r}")
+        search = {
+            "beam_size": beam, "alpha": float(alpha), "ban_unk": bool(ban_unk),
+            "no_repeat_ngram": _check_int("no_repeat_ngram", no_repeat_ngram, 0),
+            "min_len": _check_int("min_len", min_len, 0),
+            "max_len_a": d.max_len_a if max_len is None else 0.0,
+            "max_len_b": d.max_len_b if max_len is None else _check_int("max_len", max_len, 1),
+            # n-best texts must be distinct, and two token sequences can detokenize alike: keep the whole beam.
+            "n_best": beam if n_best > 1 else 1,
+        }
+        budget = _check_int("batch_tokens", d.batch_tokens if batch_tokens is None else batch_tokens, 1)
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise NMTError("texts must be a list of strings")
+        replace = d.replace_unk if replace_unk is None else bool(replace_unk)
+        with self._lock:
+            segments: list[_Segment] = []
+            plans = [self._plan(text, segments) for text in texts]
+            outputs = self._search(segments, search, budget, replace, return_alignment, n_best)
+            return [self._assemble(plan, segments, outputs, n_best, return_alignment) for plan in plans]
+
+    def _plan(self, text: str, segments: list[_Segment]) -> list[str | int]:
+        """The text as literal whitespace (str) and segments to translate (their index in segments)."""
+        if not text.strip():
+            return []
+        plan: list[str | int] = []
+        for k, part in enumerate(_LINE_BREAK.split(text)):
+            if k % 2:
+                plan.append(part)
+                continue
+            line = part.strip()
+            start = len(part) - len(part.lstrip())
+            if start:
+                plan.append(part[:start])
+            if line:
+                plan += self._split_line(line, segments)
+                if len(part) > start + len(line):
+                    plan.append(part[start + len(line):])
+        return plan
+
+    def _split_line(self, line: str, segments: list[_Segment]) -> list[str | int]:
+        if len(self.src_tok.encode(line)) <= self.max_len:
+            return self._chunks(line, segments)
+        plan: list[str | int] = []
+        for k, part in enumerate(_SENTENCE_END.split(line)):
+            plan += [part] if k % 2 else self._chunks(part, segments)
+        return plan
+
+    def _chunks(self, sentence: str, segments: list[_Segment]) -> list[str | int]:
+        """One segment for the sentence, or several of at most max_len pieces cut before word starts."""
+        ids, pieces = self.src_tok.encode(sentence), self.src_tok.to_pieces(sentence)
+        plan: list[str | int] = []
+        start = 0
+        while len(ids) - start > self.max_len:
+            end = start + self.max_len
+            cut = max((i for i in range(start + 1, end + 1) if pieces[i].startswith(_WORD_START)), default=end)
+            segments.append(_Segment(ids[start:cut], pieces[start:cut]))
+            plan += [len(segments) - 1, " "]
+            start = cut
+        segments.append(_Segment(ids[start:], pieces[start:]))
+        return [*plan, len(segments) - 1]
+
+    def _search(self, segments: list[_Segment], search: dict[str, Any], budget: int, replace_unk: bool,
+                return_alignment: bool, n_best: int) -> list[list[_Output]]:
+        todo = [i for i, s in enumerate(segments) if s.ids]
+        ids = [segments[i].ids for i in todo]
+        hyps = search_ids(self.model, ids, budget, self.device, return_attention=return_alignment, **search)
+        if replace_unk and not return_alignment:
+            # Attention is only needed where an <unk> came out: decode those again with it (the same search).
+            redo = [j for j, hs in enumerate(hyps) if any(UNK in h.tokens for h in hs)]
+            if redo:
+                again = search_ids(self.model, [ids[j] for j in redo], budget, self.device, return_attention=True,
+                                   **search)
+                for j, hs in zip(redo, again, strict=True):
+                    hyps[j] = hs
+        outputs: list[list[_Output]] = [[_Output("", 0.0, [], None)] for _ in segments]
+        for i, hs in zip(todo, hyps, strict=True):
+            distinct: dict[str, _Output] = {}
+            for h in hs:
+                out = self._output(segments[i], h, replace_unk)
+                distinct.setdefault(out.text, out)
+            outputs[i] = list(distinct.values())[:n_best]
+        return outputs
+
+    def _output(self, segment: _Segment, hyp: Hypothesis, replace_unk: bool) -> _Output:
+        pieces = self.tgt_tok.pieces(hyp.tokens)
+        if replace_unk and hyp.attention is not None and UNK in hyp.tokens:
+            source_attention = hyp.attention[:, : len(segment.ids)]  # the source's </s> is no word to copy
+            for t, token in enumerate(hyp.tokens):
+                if token == UNK:
+                    pieces[t] = _source_piece(segment.pieces, int(source_attention[t].argmax()))
+            text = detokenize(pieces)
+        else:
+            text = self.tgt_tok.decode(hyp.tokens)
+        return _Output(text, hyp.score, pieces, hyp.attention)
+
+    def _assemble(self, plan: list[str | int], segments: list[_Segment], outputs: list[list[_Output]],
+                  n_best: int, return_alignment: bool) -> Translation:
+        if not plan:
+            empty = [] if return_alignment else None
+            return Translation("", None, [], empty, empty, empty)
+        used = [p for p in plan if isinstance(p, int)]
+        alternatives: dict[str, float] = {}
+        # The r-th alternative joins each sentence's r-th best (or its last, where it has fewer).
+        for rank in range(max(len(outputs[i]) for i in used)):
+            text = "".join(p if isinstance(p, str) else outputs[p][min(rank, len(outputs[p]) - 1)].text for p in plan)
+            score = sum(outputs[i][min(rank, len(outputs[i]) - 1)].score for i in used)
+            alternatives.setdefault(text, score)
+        alts = [Alternative(t, s) for t, s in list(alternatives.items())[:n_best]]
+        result = Translation(alts[0].text, alts[0].score, alts)
+        if return_alignment:
+            best = [(segments[i], outputs[i][0]) for i in used if segments[i].ids]
+            result.src_pieces = [p for seg, _ in best for p in [*seg.pieces, EOS_PIECE]]
+            result.tgt_pieces = [p for _, out in best for p in [*out.pieces, EOS_PIECE]]
+            if all(out.attention is not None for _, out in best):
+                blocks = [out.attention for _, out in best]
+                result.alignment = torch.block_diag(*blocks).tolist() if blocks else []
+        return result
+
+    # ------------------------------------------------------------------------------------------------------
+    # Scoring
+    # ------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score(self, sources: list[str], candidates: list[str], batch_tokens: int | None = None) -> list[ScoreResult]:
+        """Log-probability of each candidate translation of its source, by forced decoding (teacher forcing)."""
+        for name, value in (("sources", sources), ("candidates", candidates)):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+                raise NMTError(f"{name} must be a list of strings")
+        if len(sources) != len(candidates):
+            raise NMTError(f"{len(sources)} sources but {len(candidates)} candidates: they must pair up")
+        budget = _check_int("batch_tokens", self.cfg.decode.batch_tokens if batch_tokens is None else batch_tokens, 1)
+        with self._lock:
+            src = [self.src_tok.encode(s) for s in sources]
+            tgt = [self.tgt_tok.encode(t) for t in candidates]
+            results: list[ScoreResult] = [ScoreResult(0.0, [], []) for _ in sources]
+            groups = token_batches([len(s) for s in src], [len(t) for t in tgt], budget, max(len(src), 1))
+            model = self.model.eval()
+            for group in groups:
+                batch = collate([src[i] for i in group], [tgt[i] for i in group], group).to(self.device)
+                mem = model.encode(batch.src, batch.src_lens)
+                readout = model.decoder(batch.tgt_in, model.init_state(mem), mem)
+                logprobs = torch.log_softmax(model.decoder.out(readout).float(), dim=-1)
+                picked = logprobs.gather(2, batch.tgt_out.unsqueeze(2)).squeeze(2).cpu()
+                for row, i in enumerate(group):
+                    values = picked[row, : len(tgt[i]) + 1].tolist()
+                    pieces = [*self.tgt_tok.to_pieces(candidates[i]), EOS_PIECE]
+                    results[i] = ScoreResult(sum(values), pieces, values)
+            return results

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny model trained once per test session on a synthetic reverse task, and its export."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LETTERS = "abcdefghijklmnop"
+
+
+def reverse_corpus(out: Path, n_train: int = 3000, n_dev: int = 100, n_test: int = 100, seed: int = 0) -> Path:
+    """Write {train,dev,test}.{src,tgt}: 3-12 random letters separated by spaces -> the same letters reversed."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        src = [" ".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+        (out / f"{split}.src").write_text("".join(s + "\n" for s in src), encoding="utf-8")
+        (out / f"{split}.tgt").write_text("".join(" ".join(reversed(s.split())) + "\n" for s in src),
+                                          encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared corpus directory for the reverse task (see reverse_corpus)."""
+    return reverse_corpus(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data: Path) -> Path:
+    """A run directory (best.pt, last.pt, config.yaml, src.model, tgt.model, metrics.jsonl) of configs/tiny.yaml
+    trained for 12 epochs on the reverse task: dev BLEU ~99, about 20 s on one core."""
+    from nmt.config import load_config
+    from nmt.train import train
+
+    run_dir = tiny_data.parent / "run"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      [f"data.dir={tiny_data}", f"train.run_dir={run_dir}", "train.epochs=12"])
+    train(cfg)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_run: Path) -> Path:
+    """The tiny run exported as a model directory (model.safetensors, config.yaml, src/tgt.model, card.json)."""
+    from nmt.export import export_model
+
+    return export_model(tiny_run, tiny_run.parent / "model")

@@ -1,0 +1,249 @@
+"""Beam search: greedy equivalence, batch independence, n-best, length penalty, limits, a hand-built toy model."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nmt.batching import collate
+from nmt.checkpoint import load_checkpoint
+from nmt.config import from_dict
+from nmt.model import Seq2Seq
+from nmt.search import beam_search, greedy_search, length_penalty, search_ids
+from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
+
+# ----------------------------------------------------------------------------------------------------------
+# A hand-built model: next-token probabilities looked up by prefix in a table
+# ----------------------------------------------------------------------------------------------------------
+
+A, B, C = 4, 5, 6
+VOCAB = 7
+
+
+@dataclass
+class PrefixState:
+    """The tokens decoded so far, one row per beam (what a real decoder's state summarizes)."""
+
+    rows: list[tuple[int, ...]]
+
+    def select(self, index: torch.Tensor) -> PrefixState:
+        return PrefixState([self.rows[i] for i in index.tolist()])
+
+
+@dataclass
+class ToyMemory:
+    rows: int
+
+    def select(self, index: torch.Tensor) -> ToyMemory:
+        return ToyMemory(len(index))
+
+
+class ToyModel(torch.nn.Module):
+    """Seq2Seq's decoding interface over a table {prefix: {token: probability}}; unlisted prefixes end."""
+
+    def __init__(self, table: dict[tuple[int, ...], dict[int, float]]):
+        super().__init__()
+        self.table = table
+        self.decoder = torch.nn.Module()
+        self.decoder.attention = None
+
+    def encode(self, src: torch.Tensor, lens: torch.Tensor) -> ToyMemory:
+        return ToyMemory(src.size(0))
+
+    def init_state(self, mem: ToyMemory) -> PrefixState:
+        return PrefixState([() for _ in range(mem.rows)])
+
+    def step(self, prev: torch.Tensor, state: PrefixState, mem: ToyMemory):
+        rows = [row if p == BOS else (*row, p) for row, p in zip(state.rows, prev.tolist(), strict=True)]
+        probs = torch.full((len(rows), VOCAB), 1e-6)
+        for i, row in enumerate(rows):
+            for token, p in self.table.get(row, {EOS: 1.0}).items():
+                probs[i, token] = p
+        return torch.log(probs / probs.sum(1, keepdim=True)), None, PrefixState(rows)
+
+
+def toy_src(n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.full((n, 3), A), torch.full((n,), 3)
+
+
+def decode_toy(model: ToyModel, **kwargs) -> list:
+    src, lens = toy_src()
+    return beam_search(model, src, lens, **kwargs)[0]
+
+
+def test_beam_finds_a_better_sequence_than_greedy():
+    # Greedy takes A (0.6) and then has only 0.34 for EOS; B (0.4) then EOS (0.9) is the better sentence.
+    model = ToyModel({(): {A: 0.6, B: 0.4}, (A,): {EOS: 0.34, B: 0.33, C: 0.33}, (B,): {EOS: 0.9, C: 0.1}})
+    greedy = greedy_search(model, *toy_src())[0][0]
+    beam = decode_toy(model, beam_size=3)[0]
+    assert greedy.tokens == [A]
+    assert beam.tokens == [B]
+    assert beam.logprob > greedy.logprob
+    assert beam.logprob == pytest.approx(math.log(0.4 * 0.9), abs=1e-4)
+
+
+def test_length_penalty_prefers_longer_outputs_as_alpha_grows():
+    # "A" has log-prob log 0.5; "B C" has log 0.495, a little lower, but is a token longer.
+    model = ToyModel({(): {A: 0.5, B: 0.5}, (A,): {EOS: 1.0}, (B,): {C: 1.0}, (B, C): {EOS: 0.99, A: 0.01}})
+    assert decode_toy(model, beam_size=4, alpha=0.0)[0].tokens == [A]
+    best = decode_toy(model, beam_size=4, alpha=1.0)[0]
+    assert best.tokens == [B, C]
+    assert best.score == pytest.approx(math.log(0.495) / length_penalty(3, 1.0), abs=1e-4)
+
+
+def test_n_best_is_sorted_and_distinct():
+    model = ToyModel({(): {A: 0.5, B: 0.3, C: 0.2}, (A,): {EOS: 0.4, B: 0.6}, (B,): {EOS: 0.6, A: 0.4},
+                      (C,): {EOS: 1.0}})
+    hyps = decode_toy(model, beam_size=5, n_best=5)
+    scores = [h.score for h in hyps]
+    assert scores == sorted(scores, reverse=True)
+    assert len({tuple(h.tokens) for h in hyps}) == len(hyps) >= 4
+    assert hyps[0].tokens == [A, B]
+
+
+def test_ban_unk_and_repeat_blocking():
+    model = ToyModel({(): {UNK: 0.9, A: 0.1}, (A,): {A: 0.95, EOS: 0.05}, (A, A): {A: 0.9, EOS: 0.1},
+                      (A, A, A): {A: 0.9, EOS: 0.1}})
+    assert decode_toy(model, beam_size=2)[0].tokens == [UNK]
+    assert UNK not in decode_toy(model, beam_size=2, ban_unk=True)[0].tokens
+    assert decode_toy(model, beam_size=2, ban_unk=True, no_repeat_ngram=1)[0].tokens == [A]
+    assert decode_toy(model, beam_size=2, ban_unk=True, no_repeat_ngram=2)[0].tokens == [A, A]
+
+
+def test_max_and_min_length():
+    # Ending is always possible but unlikely before 10 tokens: beams must not stop at the first cheap EOS.
+    ten = ToyModel({(): {A: 1.0}, **{(A,) * n: {A: 0.99, EOS: 0.01} if n < 10 else {EOS: 0.99, A: 0.01}
+                                     for n in range(1, 40)}})
+    src, lens = toy_src()  # 2 real pieces (and EOS)
+    for beam in (1, 2, 5):
+        assert len(beam_search(ten, src, lens, beam_size=beam, max_len_b=20)[0][0].tokens) == 10
+        capped = beam_search(ten, src, lens, beam_size=beam, n_best=beam, max_len_a=1.5, max_len_b=4)[0]
+        assert max(len(h.tokens) for h in capped) <= 7
+    assert len(beam_search(ten, src, lens, beam_size=1, max_len_a=1.5, max_len_b=4)[0][0].tokens) == 7
+    quick = ToyModel({(): {EOS: 0.9, A: 0.1}})
+    assert decode_toy(quick, beam_size=2)[0].tokens == []
+    forced = decode_toy(quick, beam_size=2, min_len=5, max_len_a=0.0, max_len_b=5)[0]
+    assert len(forced.tokens) == 5
+
+
+def test_n_best_must_fit_the_beam():
+    with pytest.raises(ValueError, match="n_best"):
+        decode_toy(ToyModel({}), beam_size=2, n_best=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tiny trained model (tests/conftest.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_run: Path) -> tuple[Seq2Seq, Tokenizer, list[list[int]]]:
+    state = load_checkpoint(tiny_run / "best.pt")
+    cfg = from_dict(state["config"])
+    model = Seq2Seq(cfg.model, state["vocab"]["src"], state["vocab"]["tgt"])
+    model.load_state_dict(state["model"])
+    src_tok = Tokenizer(tiny_run / "src.model")
+    lines = (Path(cfg.data.dir) / "test.src").read_text(encoding="utf-8").splitlines()[:40]
+    return model.eval(), src_tok, src_tok.encode_batch(lines)
+
+
+def one(model: Seq2Seq, ids: list[int], **kwargs) -> list:
+    batch = collate([ids], None, [0])
+    return beam_search(model, batch.src, batch.src_lens, **kwargs)[0]
+
+
+@torch.no_grad()
+def naive_greedy(model: Seq2Seq, ids: list[int], max_len_a: float, max_len_b: int) -> tuple[list[int], float]:
+    """Argmax decoding written out plainly: the reference for beam size 1."""
+    batch = collate([ids], None, [0])
+    mem = model.encode(batch.src, batch.src_lens)
+    state = model.init_state(mem)
+    prev, out, total = torch.tensor([BOS]), [], 0.0
+    limit = max(1, int(max_len_a * len(ids) + max_len_b))
+    for step in range(limit + 1):
+        logp, _, state = model.step(prev, state, mem)
+        logp[:, PAD] = logp[:, BOS] = float("-inf")
+        token = EOS if step == limit else int(logp[0].argmax())
+        total += float(logp[0, token])
+        if token == EOS:
+            break
+        out.append(token)
+        prev = torch.tensor([token])
+    return out, total
+
+
+def test_beam_one_is_greedy(tiny):
+    model, _, sentences = tiny
+    for ids in sentences[:20]:
+        tokens, total = naive_greedy(model, ids, 1.5, 5)
+        for hyp in (one(model, ids, beam_size=1, max_len_b=5)[0],
+                    greedy_search(model, *_batch(ids), max_len_b=5)[0][0]):
+            assert hyp.tokens == tokens
+            assert hyp.logprob == pytest.approx(total, abs=1e-4)
+    short, _ = naive_greedy(model, sentences[0], 0.0, 2)
+    assert one(model, sentences[0], beam_size=1, max_len_a=0.0, max_len_b=2)[0].tokens == short
+
+
+def _batch(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = collate([ids], None, [0])
+    return batch.src, batch.src_lens
+
+
+def assert_same(batched: list, single: list) -> None:
+    assert [h.tokens for h in batched] == [h.tokens for h in single]
+    for x, y in zip(batched, single, strict=True):
+        assert x.score == pytest.approx(y.score, abs=1e-4)
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+        if x.attention is not None:
+            assert x.attention.shape == y.attention.shape
+            assert torch.allclose(x.attention, y.attention, atol=1e-4)
+
+
+def test_batched_equals_one_by_one(tiny):
+    model, _, sentences = tiny
+    mixed = sorted(sentences, key=len)[::3] + [[4], sentences[0] * 3]  # short, long, repeated
+    random.Random(0).shuffle(mixed)
+    opts = {"beam_size": 5, "n_best": 3, "alpha": 1.0, "return_attention": True}
+    batched = search_ids(model, mixed, 10_000, torch.device("cpu"), **opts)
+    tiny_batches = search_ids(model, mixed, 40, torch.device("cpu"), **opts)  # one or two sentences a batch
+    for ids, b, t in zip(mixed, batched, tiny_batches, strict=True):
+        single = one(model, ids, **opts)
+        assert_same(b, single)
+        assert_same(t, single)
+        for h in b:
+            assert h.attention.shape == (len(h.tokens) + 1, len(ids) + 1)
+            assert torch.allclose(h.attention.sum(1), torch.ones(len(h.tokens) + 1), atol=1e-4)
+
+
+def test_n_best_sorted_distinct_and_limited(tiny):
+    model, _, sentences = tiny
+    for ids in sentences[:10]:
+        hyps = one(model, ids, beam_size=6, n_best=6, alpha=0.6, max_len_a=1.0, max_len_b=2)
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == len(hyps)
+        assert all(len(h.tokens) <= len(ids) + 2 for h in hyps)
+        assert all(h.score == pytest.approx(h.logprob / length_penalty(len(h.tokens) + 1, 0.6)) for h in hyps)
+
+
+def test_forced_length(tiny):
+    model, _, sentences = tiny
+    for hyps in search_ids(model, sentences[:8], 2000, torch.device("cpu"), beam_size=3, min_len=15,
+                           max_len_a=0.0, max_len_b=15):
+        assert len(hyps[0].tokens) == 15
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(st.sampled_from([UNK, *range(4, 37)]), max_size=20), min_size=1, max_size=6),
+       st.sampled_from([1, 3]))
+def test_property_batch_never_changes_a_sentence(tiny, sentences, beam):
+    model = tiny[0]
+    batched = search_ids(model, sentences, 10_000, torch.device("cpu"), beam_size=beam, n_best=beam, alpha=1.0)
+    for ids, hyps in zip(sentences, batched, strict=True):
+        assert_same(hyps, one(model, ids, beam_size=beam, n_best=beam, alpha=1.0))

@@ -1,0 +1,331 @@
+"""The Translator: text in, text out, on the tiny reverse-task model (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import nmt.translator
+from nmt.cli import main
+from nmt.errors import NMTError
+from nmt.search import Hypothesis
+from nmt.tokenizer import UNK
+from nmt.translator import Translator
+
+LETTERS = "abcdefghijklmnop"
+
+
+@pytest.fixture(scope="module")
+def translator(tiny_model_dir: Path) -> Translator:
+    return Translator.load(tiny_model_dir, threads=1)
+
+
+def texts(results: list) -> list[str]:
+    return [r.text for r in results]
+
+
+def test_translates_the_reverse_task(translator):
+    out = translator.translate(["a b c d", "p o n m l k", "e f g"])
+    assert texts(out) == ["d c b a", "k l m n o p", "g f e"]
+    assert all(r.score is not None and r.score < 0 for r in out)
+    assert [len(r.alternatives) for r in out] == [1, 1, 1]
+    assert out[0].alternatives[0].text == out[0].text and out[0].src_pieces is None
+
+
+def test_order_is_restored_and_batching_does_not_matter(translator):
+    lines = ["a", "b c d e f g h i j k l", "p o", "k l m n o p a b", "c d e"]
+    batched = translator.translate(lines, batch_tokens=10_000)
+    for line, result in zip(lines, batched, strict=True):
+        alone = translator.translate([line])[0]
+        assert result.text == alone.text
+        assert result.score == pytest.approx(alone.score, abs=1e-4)
+    assert texts(translator.translate(lines, batch_tokens=1)) == texts(batched)
+
+
+def test_empty_and_whitespace_inputs_skip_the_model(translator, monkeypatch):
+    calls = []
+    search = nmt.translator.search_ids
+
+    def counting(model, ids, *args, **kwargs):
+        calls.append(ids)
+        return search(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(nmt.translator, "search_ids", counting)
+    out = translator.translate(["", "   ", "\n\t \n"], n_best=3, beam_size=3, return_alignment=True)
+    assert texts(out) == ["", "", ""]
+    assert all(r.score is None and r.alternatives == [] and r.alignment == [] for r in out)
+    assert all(ids == [] for ids in calls)
+    assert translator.translate([]) == []
+
+
+def test_paragraphs_and_whitespace_are_kept(translator):
+    out = translator.translate(["  a b c\n\n  d e f g \n", "a b\r\nc d"])[0:2]
+    assert out[0].text == "  c b a\n\n  g f e d \n"
+    assert out[1].text == "b a\r\nd c"
+
+
+def test_long_input_is_split_into_sentences_not_truncated(translator):
+    max_len = translator.max_len
+    first = " ".join(LETTERS[i % 16] for i in range(max_len - 10)) + "."
+    second = " ".join(LETTERS[(3 * i) % 16] for i in range(20)) + "!"
+    text = first + "  " + second
+    assert len(translator.src_tok.encode(text)) > max_len
+    parts = texts(translator.translate([first, second]))
+    assert translator.translate([text])[0].text == parts[0] + "  " + parts[1]
+
+
+def test_a_sentence_longer_than_max_len_is_chunked_at_word_starts(translator, monkeypatch):
+    words = [LETTERS[(7 * i) % 16] for i in range(2 * translator.max_len + 20)]
+    n = translator.max_len
+    chunks = texts(translator.translate([" ".join(words[:n]), " ".join(words[n:2 * n]), " ".join(words[2 * n:])]))
+    searched = []
+    search = nmt.translator.search_ids
+
+    def recording(model, ids, *args, **kwargs):
+        searched.extend(ids)
+        return search(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(nmt.translator, "search_ids", recording)
+    assert translator.translate([" ".join(words)])[0].text == " ".join(chunks)
+    # Every source piece went to the model, none in a segment over max_len: nothing was truncated.
+    assert [len(ids) for ids in searched] == [n, n, 20]
+    assert sum(searched, []) == translator.src_tok.encode(" ".join(words))
+
+
+def test_non_latin_and_unknown_characters(translator):
+    inputs = ["日本語のテキスト", "Привет мир", "a 🙂 b", "a\u200bb", "ÿ ü a"]
+    for result in translator.translate(inputs, return_alignment=True):
+        assert isinstance(result.text, str)
+        assert len(result.alignment) == len(result.tgt_pieces)
+    assert "\u2047" not in "".join(texts(translator.translate(inputs, ban_unk=True)))
+
+
+def test_unknown_output_is_replaced_by_the_most_attended_source_piece(translator, monkeypatch):
+    tok = translator.tgt_tok.sp.PieceToId
+    asked = []
+
+    def fake_search(model, ids, batch_tokens, device, return_attention=False, **kwargs):
+        asked.append(return_attention)
+        hyps = []
+        for sentence in ids:
+            attention = torch.zeros(4, len(sentence) + 1)
+            attention[:, 0] = 1.0
+            attention[1, 0], attention[1, 2] = 0.0, 1.0  # the <unk> looks at source piece 2
+            hyps.append([Hypothesis([tok("▁b"), UNK, tok("▁a")], -1.0, -1.0, attention if return_attention else None)])
+        return hyps
+
+    monkeypatch.setattr(nmt.translator, "search_ids", fake_search)
+    # Source pieces ▁a ▁b ▁ ü: the bare word start (2) goes out together with the character after it.
+    assert translator.translate(["a b ü"])[0].text == "b ü a"
+    assert asked == [False, True]  # decoded again with attention only because an <unk> came out
+    assert translator.translate(["a b cü"])[0].text == "b c a"  # pieces ▁a ▁b ▁c ü: piece 2 is ▁c
+    kept = translator.translate(["a b ü"], replace_unk=False)[0].text
+    assert "\u2047" in kept and "ü" not in kept  # SentencePiece writes <unk> as ⁇
+
+
+def test_n_best_alternatives_are_sorted_and_distinct(translator):
+    for result in translator.translate(["a b c d e", "p a p a", "k"], beam_size=5, n_best=4):
+        scores = [a.score for a in result.alternatives]
+        assert scores == sorted(scores, reverse=True)
+        assert len({a.text for a in result.alternatives}) == len(result.alternatives)
+        assert 1 <= len(result.alternatives) <= 4
+        assert result.alternatives[0].text == result.text
+
+
+def test_alignment_shapes(translator):
+    result = translator.translate(["a b c\nd e"], return_alignment=True)[0]
+    assert result.src_pieces == ["▁a", "▁b", "▁c", "</s>", "▁d", "▁e", "</s>"]
+    assert result.tgt_pieces.count("</s>") == 2
+    matrix = torch.tensor(result.alignment)
+    assert matrix.shape == (len(result.tgt_pieces), len(result.src_pieces))
+    assert torch.allclose(matrix.sum(1), torch.ones(len(result.tgt_pieces)), atol=1e-4)
+    first_rows = result.tgt_pieces.index("</s>") + 1
+    assert float(matrix[:first_rows, 4:].sum()) == 0.0  # block diagonal: sentences do not attend across
+    # the first target piece of "c b a" attends to "c"
+    assert int(matrix[0].argmax()) == 2
+
+
+def test_score_agrees_with_search(translator):
+    sources = ["a b c d", "k l m", ""]
+    best = translator.translate(sources, beam_size=1, length_penalty=0.0)
+    scored = translator.score(sources, texts(best))
+    for b, s in zip(best, scored, strict=True):
+        if b.text:
+            assert s.logprob == pytest.approx(b.score, abs=1e-4)
+        assert len(s.pieces) == len(s.token_logprobs)
+        assert s.pieces[-1] == "</s>"
+        assert s.logprob == pytest.approx(sum(s.token_logprobs))
+    wrong = translator.score(["a b c d"], ["a b c d"])[0]
+    assert wrong.logprob < scored[0].logprob
+    with pytest.raises(NMTError, match="pair up"):
+        translator.score(["a"], ["a", "b"])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"beam_size": 0}, "beam_size"), ({"n_best": 6, "beam_size": 5}, "n_best"),
+    ({"length_penalty": -1}, "length_penalty"), ({"batch_tokens": 0}, "batch_tokens"),
+    ({"max_len": 0}, "max_len"), ({"beam_size": "5"}, "beam_size"),
+])
+def test_bad_options_are_clear_errors(translator, options, message):
+    with pytest.raises(NMTError, match=message):
+        translator.translate(["a"], **options)
+
+
+def test_texts_must_be_a_list_of_strings(translator):
+    with pytest.raises(NMTError, match="list of strings"):
+        translator.translate("a b c")
+    with pytest.raises(NMTError, match="list of strings"):
+        translator.translate(["a", None])
+
+
+def test_int8_translates_like_fp32(tiny_model_dir, translator):
+    quantized = Translator.load(tiny_model_dir, int8=True)
+    assert quantized.info["int8"] is True
+    assert quantized.info["parameters"] == translator.info["parameters"]
+    lines = ["a b c d", "e f g h i j", "p o n", "k k l"]
+    pairs = zip(texts(quantized.translate(lines)), texts(translator.translate(lines)), strict=True)
+    assert sum(a == b for a, b in pairs) >= 3
+    assert quantized.score(["a b"], ["b a"])[0].logprob > -1.0
+
+
+def test_info(translator, tiny_model_dir):
+    info = translator.info
+    assert info["name"] == tiny_model_dir.name
+    assert (info["src_lang"], info["tgt_lang"]) == ("src", "tgt")
+    assert info["parameters"] == sum(p.numel() for p in translator.model.parameters())
+    assert info["card"]["languages"] == {"src": "src", "tgt": "tgt"}
+
+
+def test_run_directory_and_checkpoint_load(tiny_run, translator):
+    lines = ["a b c", "m n o p"]
+    expected = texts(translator.translate(lines))
+    assert texts(Translator.load(tiny_run).translate(lines)) == expected
+    assert texts(Translator.load(tiny_run / "best.pt").translate(lines)) == expected
+    assert Translator.load(tiny_run).info["card"] is None
+
+
+def test_one_thread_at_a_time(translator):
+    lines = [" ".join(LETTERS[j] for j in range(i % 7 + 3)) for i in range(12)]
+    expected = texts(translator.translate(lines))
+    results: list = [None] * 4
+
+    def work(i: int) -> None:
+        results[i] = texts(translator.translate(lines))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 4
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(alphabet=LETTERS + " .\n", max_size=40), max_size=5))
+def test_property_each_text_translates_as_if_alone(translator, inputs):
+    together = translator.translate(inputs, beam_size=2)
+    assert len(together) == len(inputs)
+    for text, result in zip(inputs, together, strict=True):
+        assert result.text == translator.translate([text], beam_size=2)[0].text
+        if not text.strip():
+            assert result.text == ""
+        else:
+            assert result.text.count("\n") == text.count("\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading errors and the CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broken(tmp_path: Path, tiny_run: Path) -> dict[str, Path]:
+    """A corrupted checkpoint, a foreign one (a plain torch.save), a run dir without tokenizers, an empty dir."""
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes((tiny_run / "best.pt").read_bytes()[:5000])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "last.pt").write_bytes((tiny_run / "best.pt").read_bytes())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return {"corrupt": bad, "foreign": foreign, "bare": bare, "empty": empty, "missing": tmp_path / "nope"}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("corrupt", "not a readable rnnsearch checkpoint"), ("foreign", "not an rnnsearch checkpoint"),
+    ("bare", "SentencePiece model not found"), ("empty", "holds no best.pt or last.pt"),
+    ("missing", "model not found"),
+])
+def test_bad_models_are_clear_errors(broken, case, message, capsys, monkeypatch):
+    with pytest.raises(NMTError, match=message):
+        Translator.load(broken[case])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a b\n"))
+    assert main(["translate", str(broken[case])]) == 2
+    err = capsys.readouterr().err
+    assert "nmt translate: error:" in err and message in err and "Traceback" not in err
+
+
+def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("a b c\n\nm n o p\n", encoding="utf-8")
+    out = tmp_path / "out.txt"
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", str(out), "--beam", "2"]) == 0
+    assert out.read_text(encoding="utf-8") == "c b a\n\np o n m\n"
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "--beam", "3", "--n-best", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("0 ||| c b a ||| -")
+    assert lines[2] == "1 |||  ||| 0.0000"
+    assert [line.split(" ||| ")[0] for line in lines] == ["0", "0", "1", "2", "2"]
+    assert main(["translate", str(tiny_model_dir), "--beam", "2", "--n-best", "3", "-i", str(src)]) == 2
+    assert "n_best" in capsys.readouterr().err
+    assert main(["translate", str(tiny_model_dir), "-i", str(tmp_path / "nope.txt")]) == 2
+
+
+def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a b\nc d e\n"))
+    assert main(["translate", str(tiny_model_dir)]) == 0
+    assert capsys.readouterr().out == "b a\ne d c\n"
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a b\n\xff\xfe\n")
+    assert main(["translate", str(tiny_model_dir), "-i", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert "input line 2 is not valid UTF-8" in captured.err and captured.out == "b a\n"
+
+
+def test_cli_translate_streams_in_a_pipe(tiny_model_dir):
+    """A line written to the pipe comes back translated before the input is closed."""
+    proc = subprocess.Popen([sys.executable, "-m", "nmt", "translate", str(tiny_model_dir), "--threads", "1"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        proc.stdin.write("a b c\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "c b a\n"
+        proc.stdin.write("d e\n")
+        proc.stdin.close()
+        assert proc.stdout.read() == "e d\n"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+
+
+def test_cli_score(tiny_model_dir, tmp_path, capsys):
+    src, hyp = tmp_path / "s.txt", tmp_path / "h.txt"
+    src.write_text("a b c\nd e\n", encoding="utf-8")
+    hyp.write_text("c b a\nd e\n", encoding="utf-8")
+    assert main(["score", str(tiny_model_dir), "--src", str(src), "--hyp", str(hyp), "--tokens"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and float(rows[0][0]) > float(rows[1][0])
+    assert rows[0][2].split()[0].startswith("▁c:") and rows[0][2].split()[-1].startswith("</s>:")
+    hyp.write_text("c b a\n", encoding="utf-8")
+    assert main(["score", str(tiny_model_dir), "--src", str(src), "--hyp", str(hyp)]) == 2
+    assert "has 2 lines but" in capsys.readouterr().err
