@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nmt.batching import ParallelData
 from nmt.checkpoint import load_checkpoint, save_checkpoint
-from nmt.config import Config, save_config
+from nmt.config import Config, load_config, save_config
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
@@ -44,18 +44,32 @@ class Position:
     bad_validations: int = 0  # validations in a row without improvement (early stopping)
     last_valid_step: int = -1
 
+    @property
+    def epoch_number(self) -> int:
+        """The 1-based epoch of the last update (epoch counts finished epochs; batch is 0 at an epoch's end)."""
+        return self.epoch + (1 if self.batch else 0)
+
 
 class Ranks:
-    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+    """This process's place in a torchrun job (rank 0 of 1 when run alone), and the collectives training uses."""
 
-    def __init__(self, device_type: str):
+    def __init__(self, device: torch.device):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
         if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if device_type == "cuda" else "gloo"
-            timeout = datetime.timedelta(seconds=int(os.environ.get("NMT_DIST_TIMEOUT", "600")))
-            dist.init_process_group(backend, timeout=timeout)
+            # The timeout must outlast rank 0 training tokenizers or validating while the others wait; a rank
+            # that dies is caught sooner: its peers' collectives fail and torchrun stops the job.
+            try:
+                seconds = float(os.environ.get("NMT_DIST_TIMEOUT", "1800"))
+            except ValueError:
+                raise NMTError("NMT_DIST_TIMEOUT must be a number of seconds") from None
+            cuda = device.type == "cuda"
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=seconds),
+                                    device_id=device if cuda else None)
+        if not self.main:
+            # Only rank 0 reports; the others would repeat every line N times.
+            logging.getLogger("nmt").setLevel(logging.WARNING)
 
     @property
     def main(self) -> bool:
@@ -65,15 +79,24 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
-    def sum(self, value: float, device: torch.device) -> float:
+    def sums(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all ranks."""
         if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t.item())
+        return t.tolist()
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        return self.sum(float(flag), device) > 0
+    def any(self, flag: bool) -> bool:
+        return self.sums([float(flag)])[0] > 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's obj, in rank order, on rank 0 (an empty list elsewhere)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out or []
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
@@ -104,6 +127,27 @@ class StopSignal:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# Settings that fix the weights' shapes or the vocabularies: a run cannot continue, nor reuse its tokenizers,
+# under others.
+FIXED_KEYS = {
+    "model": ("cell", "emb_dim", "enc_hidden", "dec_hidden", "attn_dim", "out_dim", "layers", "attention",
+              "tie_embeddings"),
+    "tokenizer": ("type", "vocab_size", "joint", "character_coverage"),
+}
+
+
+def config_changes(saved: dict[str, Any], cfg: Config, sections: tuple[str, ...] = ("model", "tokenizer")) -> list[str]:
+    """The fixed settings of cfg that differ from a saved config, as 'section.key (old -> new)'."""
+    now = cfg.to_dict()
+    changes = []
+    for section in sections:
+        for key in FIXED_KEYS[section]:
+            old = saved.get(section, {}).get(key, now[section][key])
+            if old != now[section][key]:
+                changes.append(f"{section}.{key} ({old!r} -> {now[section][key]!r})")
+    return changes
 
 
 def pick_device(name: str) -> torch.device:
@@ -164,17 +208,13 @@ class Trainer:
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
         self.device = pick_device(tc.device)
-        self.ranks = Ranks(self.device.type)
         if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.ranks.local_rank)
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
+        self.ranks = Ranks(self.device)
         self.run_dir = Path(tc.run_dir)
         self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
-        if resume and not self.last_path.is_file():
-            raise NMTError(f"--resume: no checkpoint at {self.last_path}")
-        if not resume and self.last_path.is_file():
-            raise NMTError(f"{self.run_dir} already holds a run; use --resume to continue it or choose another "
-                           "train.run_dir")
+        checkpoint = self._check_run_dir(resume)
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
         data_dir = Path(cfg.data.dir)
@@ -186,6 +226,9 @@ class Trainer:
                 save_config(cfg, self.run_dir / "config.yaml")
             ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer)
         self.ranks.barrier()
+        if not (self.run_dir / "src.model").is_file():
+            raise NMTError(f"rank {self.ranks.rank} cannot see {self.run_dir}/src.model written by rank 0: "
+                           "for training on several machines, train.run_dir must be on a filesystem they share")
         self.src_tok, self.tgt_tok = ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer)
         self.train_text = (train_src, train_tgt)
         src_ids, tgt_ids, dropped = encode_pairs(self.src_tok, self.tgt_tok, train_src, train_tgt, cfg.data.max_len)
@@ -202,13 +245,36 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=tc.lr_decay, patience=tc.lr_patience, min_lr=tc.min_lr)
         self.pos = Position()
-        if resume:
-            self._restore(load_checkpoint(self.last_path, self.device))
+        if checkpoint is not None:
+            self._restore(checkpoint)
         self.net = self.model
         if self.ranks.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.amp = tc.amp and self.device.type == "cuda"
+
+    def _check_run_dir(self, resume: bool) -> dict[str, Any] | None:
+        """Refuse to overwrite a run or to continue one under an incompatible config; the checkpoint to resume."""
+        if not resume:
+            if self.last_path.is_file():
+                raise NMTError(f"{self.run_dir} already holds a run; use --resume to continue it or choose another "
+                               "train.run_dir")
+            saved = self.run_dir / "config.yaml"
+            if (self.run_dir / "src.model").is_file() and saved.is_file():
+                changes = config_changes(load_config(saved).to_dict(), self.cfg, ("tokenizer",))
+                if changes:
+                    raise NMTError(f"{self.run_dir} holds tokenizers trained with other settings "
+                                   f"({'; '.join(changes)}): delete its src.model and tgt.model or choose another "
+                                   "train.run_dir")
+            return None
+        if not self.last_path.is_file():
+            raise NMTError(f"--resume: no checkpoint at {self.last_path}")
+        state = load_checkpoint(self.last_path)  # on CPU: RNG states must stay there; load_state_dict moves the rest
+        changes = config_changes(state.get("config", {}), self.cfg)
+        if changes:
+            raise NMTError(f"cannot resume {self.run_dir} with this config: {'; '.join(changes)}. The model and "
+                           "tokenizer settings must stay as the run began (train.* and decode.* may change)")
+        return state
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("vocab") != {"src": len(self.src_tok), "tgt": len(self.tgt_tok)}:
@@ -220,30 +286,47 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.pos = Position(**state["position"])
-        set_rng_state(state["rng"], self.device)
+        # One RNG state per rank; checkpoints from before distributed training hold a single one.
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        set_rng_state(rngs[self.ranks.rank % len(rngs)], self.device)
+        world = state.get("world", 1)
+        if world != self.ranks.world:
+            # pos.batch indexes this rank's shard; keep the number of batches the whole job has consumed.
+            self.pos.batch = self.pos.batch * world // self.ranks.world
+            log.warning("the run was trained on %d processes and resumes on %d: it continues from about the same "
+                        "place in the epoch, but not bit for bit", world, self.ranks.world)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last_path, self.pos.step,
                  self.pos.epoch, self.pos.batch)
 
-    def _state(self, full: bool) -> dict[str, Any]:
+    def _state(self, full: bool, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         state = {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                  "vocab": {"src": len(self.src_tok), "tgt": len(self.tgt_tok)},
-                 "position": self.pos.__dict__.copy()}
+                 "position": self.pos.__dict__.copy(), "world": self.ranks.world}
         if full:
-            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                         rng=rng_state(self.device))
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rngs)
         return state
 
     def save(self, best: bool = False) -> None:
+        """Write last.pt (and best.pt) on rank 0; every rank must call it, as it gathers their RNG states."""
+        rngs = self.ranks.gather(rng_state(self.device))
         if not self.ranks.main:
             return
-        save_checkpoint(self.last_path, self._state(full=True))
+        save_checkpoint(self.last_path, self._state(True, rngs))
         if best:
-            save_checkpoint(self.best_path, self._state(full=False))
+            save_checkpoint(self.best_path, self._state(False, rngs))
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.ranks.main:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def _log_train(self, window: list[float], seconds: float) -> None:
+        """A metrics line from all ranks' (loss, nll, tokens) sums since the last one."""
+        loss, nll, tokens = window
+        self._log({"type": "train", "step": self.pos.step, "epoch": self.pos.epoch_number, "loss": loss / tokens,
+                   "nll": nll / tokens, "ppl": math.exp(min(nll / tokens, 50.0)),
+                   "lr": self.optimizer.param_groups[0]["lr"], "tok_s": tokens / max(seconds, 1e-9),
+                   "time": time.time()})
 
     def update(self, batches: list[list[int]]) -> tuple[float, float, int]:
         """One optimizer update over accumulated batches; returns (loss sum, nll sum, target tokens)."""
@@ -252,7 +335,7 @@ class Trainer:
         parts = [self.data.batch(b) for b in batches]
         local_tokens = sum(p.ntokens for p in parts)
         # Normalize by the tokens of the whole update on all ranks, so N ranks x B/N equals 1 x B.
-        total_tokens = self.ranks.sum(local_tokens, self.device)
+        total_tokens = self.ranks.sums([local_tokens])[0]
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = nll_sum = 0.0
         for i, part in enumerate(parts):
@@ -300,7 +383,7 @@ class Trainer:
         total = tc.max_steps or per_epoch * tc.epochs
         progress = Progress(total, "step", enabled=None if self.ranks.main else False, start=self.pos.step)
         reason = "finished"
-        window_tokens, window_loss, window_nll, window_start = 0, 0.0, 0.0, time.monotonic()
+        window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
         with StopSignal() as stop:
             while reason == "finished" and self.pos.epoch < tc.epochs:
                 if self.cfg.tokenizer.sample_alpha > 0:
@@ -312,32 +395,26 @@ class Trainer:
                     loss, nll, ntok = self.update(group)
                     self.pos.batch += tc.accum_steps
                     self.pos.step += 1
-                    window_tokens += ntok
-                    window_loss += loss
-                    window_nll += nll
+                    window = [window[0] + loss, window[1] + nll, window[2] + ntok]
                     now = time.monotonic()
-                    tok_s = window_tokens / max(now - window_start, 1e-9)
                     progress.update(self.pos.step, epoch=self.pos.epoch + 1, loss=loss / max(ntok, 1),
-                                    tok_s=round(tok_s))
+                                    tok_s=round(window[2] * self.ranks.world / max(now - window_start, 1e-9)))
                     if self.pos.step % tc.log_every == 0:
-                        self._log({"type": "train", "step": self.pos.step, "epoch": self.pos.epoch + 1,
-                                   "loss": window_loss / window_tokens, "nll": window_nll / window_tokens,
-                                   "ppl": math.exp(min(window_nll / window_tokens, 50.0)),
-                                   "lr": self.optimizer.param_groups[0]["lr"], "tok_s": tok_s * self.ranks.world,
-                                   "time": time.time()})
-                        window_tokens, window_loss, window_nll, window_start = 0, 0.0, 0.0, now
+                        self._log_train(self.ranks.sums(window), now - window_start)
+                        window, window_start = [0.0, 0.0, 0.0], now
                     if tc.valid_every and self.pos.step % tc.valid_every == 0 and self._validate_and_save():
                         reason = "early stopping"
                     elif tc.max_steps and self.pos.step >= tc.max_steps:
                         reason = "max steps"
-                    if self.ranks.any(stop.requested, self.device):
+                    if self.ranks.any(stop.requested):
                         reason = "interrupted"
                     if reason != "finished":
                         break
                 else:
                     self.pos.epoch += 1
                     self.pos.batch = 0
-                    if not tc.valid_every and self._validate_and_save():
+                    # A run stopped by max_steps at the end of an epoch validated then; resuming must not again.
+                    if not tc.valid_every and self.pos.last_valid_step != self.pos.step and self._validate_and_save():
                         reason = "early stopping"
             if reason == "interrupted":
                 self.save()
@@ -364,7 +441,7 @@ class Trainer:
             self.pos.best_loss = min(self.pos.best_loss, metrics["dev_loss"])
             if "dev_bleu" in metrics:
                 self.pos.best_bleu = max(self.pos.best_bleu, metrics["dev_bleu"])
-            self._log({"type": "valid", "step": self.pos.step, "epoch": self.pos.epoch + 1, **metrics,
+            self._log({"type": "valid", "step": self.pos.step, "epoch": self.pos.epoch_number, **metrics,
                        "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()})
             log.info("step %d: %s", self.pos.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         self.pos.last_valid_step = self.pos.step
