@@ -168,10 +168,10 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     ckpt = run_checkpoint(run, checkpoint)
     if outdir.exists() and not overwrite:
         raise NMTError(f"{outdir} already exists (use --force to replace it)")
+    state = load_checkpoint(ckpt)
     for name in TOKENIZER_FILES:
         if not (run / name).is_file():
             raise NMTError(f"{run / name} not found: a run directory holds the SentencePiece models")
-    state = load_checkpoint(ckpt)
     try:
         cfg = from_dict(state["config"])
         model = Seq2Seq(cfg.model, state["vocab"]["src"], state["vocab"]["tgt"])

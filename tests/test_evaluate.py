@@ -1,0 +1,139 @@
+"""Evaluation: sacrebleu scores and signatures, `nmt evaluate` on a model or on any system's output."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+from sacrebleu.metrics import CHRF, TER
+
+from nmt.cli import main
+from nmt.errors import NMTError
+from nmt.evaluate import evaluate, read_lines
+
+WORDS = "the a cat dog sat on mat ran fast slow big small house tree".split()
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice(["", ".", " !"])
+            for _ in range(n)]
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> tuple[Path, Path, list[str], list[str]]:
+    refs = sentences(60, 1)
+    hyps = [r if i % 3 else " ".join(reversed(r.split())) for i, r in enumerate(refs)]
+    hyps[5] = sentences(1, 99)[0]
+    hyp_file, ref_file = tmp_path / "hyp.txt", tmp_path / "ref.txt"
+    hyp_file.write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    ref_file.write_text("\n".join(refs) + "\n", encoding="utf-8")
+    return hyp_file, ref_file, hyps, refs
+
+
+def test_evaluate_matches_sacrebleu(system):
+    _, _, hyps, refs = system
+    report = evaluate(hyps, refs)
+    assert report["n"] == 60
+    assert report["metrics"]["bleu"]["score"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert report["metrics"]["chrf"]["score"] == pytest.approx(CHRF().corpus_score(hyps, [refs]).score)
+    assert report["metrics"]["ter"]["score"] == pytest.approx(TER().corpus_score(hyps, [refs]).score)
+    assert report["metrics"]["bleu"]["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|")
+    two = evaluate(hyps, [refs, hyps])
+    assert two["metrics"]["bleu"]["signature"].startswith("nrefs:2|")
+    assert two["metrics"]["bleu"]["score"] == pytest.approx(100.0)
+
+
+def test_cli_hyp_mode_is_the_sacrebleu_number(system, tmp_path, capsys):
+    hyp_file, ref_file, hyps, refs = system
+    report_file = tmp_path / "report.json"
+    assert main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--report", str(report_file)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["metric", "score", "signature"]
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    ours = report["metrics"]["bleu"]["score"]
+    theirs = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref_file), "-i", str(hyp_file), "-b"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert f"{ours:.1f}" == theirs
+    assert table.splitlines()[1].split()[:2] == ["BLEU", f"{ours:.2f}"]
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("short_ref", "same number of lines"),
+    ("missing_hyp", "hypothesis file not found"),
+    ("missing_ref", "reference file not found"),
+    ("bad_utf8", "not valid UTF-8"),
+])
+def test_cli_hyp_mode_errors(system, tmp_path, capsys, setup, message):
+    hyp_file, ref_file, _, refs = system
+    if setup == "short_ref":
+        ref_file.write_text("\n".join(refs[:-1]) + "\n", encoding="utf-8")
+    elif setup == "missing_hyp":
+        hyp_file = tmp_path / "nope.txt"
+    elif setup == "missing_ref":
+        ref_file = tmp_path / "nope.txt"
+    else:
+        hyp_file.write_bytes(b"\xff\xfe bad\n")
+    assert main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give a MODEL"),
+    (["--hyp", "h.txt"], "--hyp needs --ref"),
+    (["MODEL", "--hyp", "h.txt", "--ref", "r.txt"], "give no MODEL"),
+    (["MODEL"], "either --split NAME or --src FILE"),
+    (["MODEL", "--split", "test", "--src", "s.txt"], "either --split NAME or --src FILE"),
+    (["MODEL", "--src", "s.txt"], "--src needs --ref"),
+])
+def test_cli_argument_errors(args, message, capsys):
+    assert main(["evaluate", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_read_lines_keeps_line_structure(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_bytes("a\r\n\nb \u2028 c\n".encode())
+    assert read_lines(f) == ["a", "", "b \u2028 c"]
+    f.write_text("", encoding="utf-8")
+    assert read_lines(f) == []
+    with pytest.raises(NMTError, match="nothing to score"):
+        evaluate([], [])
+
+
+def test_evaluate_a_model_on_a_split(tiny_model_dir, tiny_data, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_model_dir), "--split", "test", "--data", str(tiny_data), "--out", str(out),
+                 "--beam", "2", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "test.json").read_text(encoding="utf-8"))
+    hyps = read_lines(out / "test.hyp")
+    refs = read_lines(tiny_data / "test.tgt")
+    assert len(hyps) == len(refs) == report["n"]
+    assert report["metrics"]["bleu"]["score"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert report["metrics"]["bleu"]["score"] > 90
+    assert report["decode"]["beam_size"] == 2 and report["model"] == tiny_model_dir.name
+    assert report["sentences_per_s"] > 0 and report["src"].endswith("test.src")
+    assert "BLEU" in printed and "test.hyp" in printed
+
+
+def test_evaluate_a_model_on_files(tiny_model_dir, tiny_data, tmp_path, capsys):
+    src, ref = tmp_path / "s.txt", tmp_path / "r.txt"
+    src.write_text("a b c\nd e f g\n", encoding="utf-8")
+    ref.write_text("c b a\ng f e d\n", encoding="utf-8")
+    report = tmp_path / "r.json"
+    assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref), "--out", str(tmp_path),
+                 "--report", str(report)]) == 0
+    assert json.loads(report.read_text(encoding="utf-8"))["metrics"]["bleu"]["score"] == pytest.approx(100.0)
+    assert read_lines(tmp_path / "s.hyp") == ["c b a", "g f e d"]
+    ref.write_text("c b a\n", encoding="utf-8")
+    assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref), "--out", str(tmp_path)]) == 2
+    assert "2 source lines but 1 lines in reference 1" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_model_dir), "--split", "nope", "--data", str(tiny_data)]) == 2
+    assert "source file not found" in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""Model directories: export, identical output after loading, fp16, tied weights, the card, bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nmt.checkpoint import save_checkpoint
+from nmt.cli import main
+from nmt.config import load_config
+from nmt.errors import NMTError
+from nmt.export import export_model
+from nmt.model import Seq2Seq
+from nmt.tokenizer import Tokenizer
+from nmt.translator import Translator
+
+ROOT = Path(__file__).resolve().parent.parent
+LINES = ["a b c d", "p o n m l", "e f g h i j k", "", "k"]
+
+
+def outputs(translator: Translator) -> list[tuple[str, float | None]]:
+    return [(r.text, r.score) for r in translator.translate(LINES, n_best=2)]
+
+
+def test_export_then_load_gives_identical_output(tiny_run, tiny_model_dir):
+    run, exported = Translator.load(tiny_run), Translator.load(tiny_model_dir)
+    assert outputs(exported) == outputs(run)
+    assert exported.score(LINES, LINES) == run.score(LINES, LINES)
+
+
+def test_model_directory_contents_and_card(tiny_run, tiny_model_dir):
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == [
+        "card.json", "config.yaml", "model.safetensors", "src.model", "tgt.model"]
+    with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == "rnnsearch-model-1"
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys() if "embed" in k)
+    card = json.loads((tiny_model_dir / "card.json").read_text(encoding="utf-8"))
+    assert card["languages"] == {"src": "src", "tgt": "tgt"}
+    assert card["parameters"] == Translator.load(tiny_model_dir).info["parameters"]
+    assert card["metrics"]["best_dev_bleu"] > 90 and card["metrics"]["steps"] > 0
+    assert card["metrics"]["dev"]["dev_bleu"] == card["metrics"]["best_dev_bleu"]
+    assert card["dtype"] == "float32" and card["checkpoint"] == "best.pt"
+    assert card["rnnsearch_version"] and card["training"] == {"command": None, "hardware": None}
+    assert card["architecture"]["cell"] == "lstm"
+
+
+def test_fp16_export_is_half_the_size_and_translates_alike(tiny_run, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "fp16"
+    assert main(["export", str(tiny_run), str(out), "--fp16", "--checkpoint", "last"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    size, full = (out / "model.safetensors").stat().st_size, (tiny_model_dir / "model.safetensors").stat().st_size
+    assert size < 0.55 * full
+    card = json.loads((out / "card.json").read_text(encoding="utf-8"))
+    assert card["dtype"] == "float16" and card["checkpoint"] == "last.pt"
+    half = Translator.load(out)
+    assert next(half.model.parameters()).dtype == torch.float32  # computed in fp32 on CPU
+    texts = [r.text for r in half.translate(LINES)]
+    expected = [r.text for r in Translator.load(tiny_model_dir).translate(LINES)]
+    assert sum(a == b for a, b in zip(texts, expected, strict=True)) >= len(LINES) - 1
+
+
+def test_tied_embeddings_are_stored_once_and_tied_again(tiny_run, tmp_path):
+    run = tmp_path / "tied_run"
+    run.mkdir()
+    for name in ("src.model", "tgt.model"):
+        shutil.copy(tiny_run / name, run / name)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.tie_embeddings=true", f"train.run_dir={run}"])
+    vocab = {"src": len(Tokenizer(run / "src.model")), "tgt": len(Tokenizer(run / "tgt.model"))}
+    torch.manual_seed(0)
+    model = Seq2Seq(cfg.model, vocab["src"], vocab["tgt"])
+    save_checkpoint(run / "best.pt", {"config": cfg.to_dict(), "model": model.state_dict(), "vocab": vocab,
+                                      "position": {"step": 7, "epoch": 1, "best_bleu": 1.5}})
+    out = export_model(run, tmp_path / "tied")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "decoder.embed.weight" in keys and "decoder.out.weight" not in keys
+    loaded = Translator.load(out)
+    assert loaded.model.decoder.out.weight is loaded.model.decoder.embed.weight
+    assert outputs(loaded) == outputs(Translator.load(run))
+    card = json.loads((out / "card.json").read_text(encoding="utf-8"))
+    assert card["metrics"]["steps"] == 7 and card["metrics"]["best_dev_bleu"] == 1.5
+
+
+def test_export_is_atomic_and_refuses_to_overwrite(tiny_run, tmp_path, capsys):
+    out = tmp_path / "m"
+    export_model(tiny_run, out)
+    (out / "stale.txt").write_text("old", encoding="utf-8")
+    assert main(["export", str(tiny_run), str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tiny_run), str(out), "--force"]) == 0
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary directories left behind
+    assert main(["export", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+
+
+def test_export_card_takes_an_evaluation_report(tiny_run, tmp_path):
+    report = tmp_path / "test.json"
+    report.write_text(json.dumps({"n": 3, "metrics": {"bleu": {"score": 42.0, "signature": "nrefs:1|x"}}}),
+                      encoding="utf-8")
+    card = json.loads((export_model(tiny_run, tmp_path / "m", report=report) / "card.json").read_text("utf-8"))
+    assert card["evaluation"]["metrics"]["bleu"] == {"score": 42.0, "signature": "nrefs:1|x"}
+    report.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(NMTError, match="not an `nmt evaluate` report"):
+        export_model(tiny_run, tmp_path / "m2", report=report)
+    with pytest.raises(NMTError, match="evaluation report not found"):
+        export_model(tiny_run, tmp_path / "m3", report=tmp_path / "missing.json")
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    return copy
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "not a readable safetensors file"),
+    ("garbage", "not a readable safetensors file"),
+    ("foreign", "not an rnnsearch model"),
+    ("wrong_keys", "does not hold this model's weights"),
+    ("wrong_shape", "does not fit its config"),
+    ("no_config", "config file not found"),
+    ("bad_card", "card.json is not valid JSON"),
+])
+def test_damaged_model_directories_are_clear_errors(model_copy, damage, message, capsys):
+    weights = model_copy / "model.safetensors"
+    meta = {"format": "rnnsearch-model-1"}
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+    elif damage == "foreign":
+        save_file({"w": torch.zeros(2)}, str(weights))
+    elif damage == "wrong_keys":
+        save_file({"w": torch.zeros(2)}, str(weights), metadata=meta)
+    elif damage == "wrong_shape":
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors["decoder.out.bias"] = torch.zeros(3)
+        save_file(tensors, str(weights), metadata=meta)
+    elif damage == "no_config":
+        (model_copy / "config.yaml").unlink()
+    else:
+        (model_copy / "card.json").write_text("{oops", encoding="utf-8")
+    with pytest.raises(NMTError, match=message):
+        Translator.load(model_copy)
+    assert main(["evaluate", str(model_copy), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+class Payload:
+    """Unpickling this would run code (creating a file): weights-only loading must refuse it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_loading_never_unpickles_code(tmp_path):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": "rnnsearch-checkpoint-1", "config": Payload(marker)}, run / "best.pt")
+    with pytest.raises(NMTError, match="not a readable rnnsearch checkpoint"):
+        Translator.load(run)
+    with pytest.raises(NMTError, match="not a readable rnnsearch checkpoint"):
+        export_model(run, tmp_path / "out")
+    assert not marker.exists()
