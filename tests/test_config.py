@@ -1,0 +1,124 @@
+"""Config loading: defaults, validation messages that name the key, overrides, and the CLI's exit status."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nmt.cli import main
+from nmt.config import Config, from_dict, load_config, save_config
+from nmt.errors import NMTError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+KEYS = [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory())]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    assert isinstance(load_config(path), Config)
+
+
+def test_defaults_and_overrides() -> None:
+    cfg = load_config(TINY, ["train.lr=1", "model.cell=gru", "train.adam_betas=[0.8, 0.9]", "data.dir=x y"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.model.cell == "gru" and cfg.train.adam_betas == [0.8, 0.9] and cfg.data.dir == "x y"
+    assert load_config(None).model == Config().model
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(TINY, ["model.layers=2", "tokenizer.joint=true"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("model.cell=transformer", "model.cell"),
+    ("model.attention=luong", "model.attention"),
+    ("tokenizer.type=word", "tokenizer.type"),
+    ("train.device=tpu", "train.device"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("train.label_smoothing=-0.1", "train.label_smoothing"),
+    ("train.lr=-0.001", "train.lr"),
+    ("train.batch_tokens=0", "train.batch_tokens"),
+    ("model.layers=0", "model.layers"),
+    ("train.accum_steps=0", "train.accum_steps"),
+    ("model.tie_embeddings=true", "model.tie_embeddings"),
+    ("train.adam_betas=[0.9]", "train.adam_betas"),
+])
+def test_bad_value_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(NMTError, match=f"'{key}'"):
+        load_config(TINY, [override, "model.out_dim=48"])
+
+
+@pytest.mark.parametrize(("override", "key", "type_name"), [
+    ("model.emb_dim=big", "model.emb_dim", "int"),
+    ("model.emb_dim=3.5", "model.emb_dim", "int"),
+    ("model.emb_dim=true", "model.emb_dim", "int"),
+    ("train.amp=1", "train.amp", "bool"),
+    ("train.lr=fast", "train.lr", "float"),
+    ("model.cell=1", "model.cell", "str"),
+    ("train.adam_betas=0.9", "train.adam_betas", "list"),
+])
+def test_wrong_type_names_the_key_and_type(override: str, key: str, type_name: str) -> None:
+    with pytest.raises(NMTError, match=f"'{key}' must be of type {type_name}"):
+        load_config(TINY, [override])
+
+
+def test_unknown_keys_and_sections() -> None:
+    with pytest.raises(NMTError, match="unknown config key 'model.colour'"):
+        load_config(TINY, ["model.colour=red"])
+    with pytest.raises(NMTError, match="unknown config section 'optimizer'"):
+        from_dict({"optimizer": {"lr": 1}})
+    with pytest.raises(NMTError, match="section 'model' must be a mapping"):
+        from_dict({"model": ["lstm"]})
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.cell", "must look like section.key=value"),
+    ("cell=gru", "must look like section.key"),
+    ("model.cell.kind=gru", "must look like section.key"),
+    ("=gru", "must look like section.key"),
+    ("model.cell=[gru", "not valid YAML"),
+])
+def test_bad_overrides(override: str, message: str) -> None:
+    with pytest.raises(NMTError, match=message):
+        load_config(TINY, [override])
+
+
+def test_bad_config_files(tmp_path: Path) -> None:
+    with pytest.raises(NMTError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(NMTError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(NMTError, match="must hold a mapping"):
+        load_config(bad)
+    bad.write_text("model:\n  cell: gru\n  cell: lstm\n  dropout: 2\n")
+    with pytest.raises(NMTError, match="'model.dropout'"):
+        load_config(bad)
+
+
+def test_cli_reports_a_bad_value_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(TINY), "--set", "model.cell=transformer"]) == 2
+    err = capsys.readouterr().err
+    assert "model.cell" in err and "lstm, gru" in err and "Traceback" not in err
+    assert main(["train", str(TINY), "--set", "train.bogus=1"]) == 2
+    assert "unknown config key 'train.bogus'" in capsys.readouterr().err
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=st.sampled_from(KEYS), value=st.one_of(st.text(max_size=12), st.integers(), st.floats(),
+                                                    st.booleans(), st.lists(st.integers(), max_size=3)))
+def test_any_override_gives_a_config_or_a_clear_error(key: str, value: object) -> None:
+    """Whatever a user types after --set, they get a valid Config or an NMTError (never a traceback)."""
+    try:
+        load_config(TINY, [f"{key}={value}"])
+    except NMTError as exc:
+        assert str(exc)

@@ -1,0 +1,137 @@
+"""Unit tests of the RNNsearch model: shapes, masking, attention, variants."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from nmt.batching import collate
+from nmt.config import ModelConfig
+from nmt.model import Seq2Seq
+from nmt.tokenizer import BOS, PAD
+
+SRC_VOCAB, TGT_VOCAB = 23, 19
+SMALL = ModelConfig(emb_dim=8, enc_hidden=6, dec_hidden=10, attn_dim=7, out_dim=9, dropout=0.0)
+
+
+def make_model(**changes) -> Seq2Seq:
+    torch.manual_seed(0)
+    return Seq2Seq(dataclasses.replace(SMALL, **changes), SRC_VOCAB, TGT_VOCAB).eval()
+
+
+def sentences(n: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def batch(src: list[list[int]], tgt: list[list[int]]):
+    return collate(src, tgt, list(range(len(src))))
+
+
+def test_shapes() -> None:
+    model = make_model()
+    src, tgt = [[5, 6, 7, 8], [9, 10]], [[4, 5, 6], [7]]
+    b = batch(src, tgt)
+    mem = model.encode(b.src, b.src_lens)
+    assert mem.values.shape == (2, 5, 2 * SMALL.enc_hidden)  # 4 pieces + EOS
+    assert mem.keys.shape == (2, 5, SMALL.attn_dim)
+    assert model.decoder(b.tgt_in, model.init_state(mem), mem).shape == (2, 4, SMALL.out_dim)
+    logp, alpha, state = model.step(torch.tensor([BOS, BOS]), model.init_state(mem), mem)
+    assert logp.shape == (2, TGT_VOCAB) and alpha.shape == (2, 5)
+    assert torch.allclose(logp.exp().sum(1), torch.ones(2))
+    assert state.h[0].shape == (2, SMALL.dec_hidden)
+    loss, nll = model(b.src, b.src_lens, b.tgt_in, b.tgt_out)
+    assert loss.dim() == 0 and torch.equal(loss.detach(), nll)
+
+
+@pytest.mark.parametrize("changes", [{}, {"cell": "gru"}, {"attention": "none"}, {"layers": 2}])
+def test_padding_never_changes_a_sentence_loss(changes: dict) -> None:
+    model = make_model(**changes)
+    src, tgt = sentences(6, SRC_VOCAB, 1), sentences(6, TGT_VOCAB, 2)
+    b = batch(src, tgt)
+    together, _ = model(b.src, b.src_lens, b.tgt_in, b.tgt_out, label_smoothing=0.1)
+    alone = []
+    for s, t in zip(src, tgt, strict=True):
+        one = batch([s], [t])
+        alone.append(model(one.src, one.src_lens, one.tgt_in, one.tgt_out, label_smoothing=0.1)[0])
+    assert torch.allclose(together, torch.stack(alone).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_annotations_ignore_padding() -> None:
+    model = make_model()
+    b = batch([[5, 6], [5, 6, 7, 8, 9, 10]], [[4], [4]])
+    values = model.encoder(b.src, b.src_lens)
+    alone = model.encoder(b.src[:1, :3], b.src_lens[:1])
+    assert torch.allclose(values[0, :3], alone[0], atol=1e-6)
+    assert torch.equal(values[0, 3:], torch.zeros_like(values[0, 3:]))
+
+
+def test_attention_sums_to_one_and_skips_padding() -> None:
+    model = make_model()
+    b = batch([[5, 6], [5, 6, 7, 8, 9, 10], [7]], [[4], [4], [4]])
+    mem = model.encode(b.src, b.src_lens)
+    state = model.init_state(mem)
+    prev = torch.full((3,), BOS)
+    for _ in range(3):
+        logp, alpha, state = model.step(prev, state, mem)
+        assert torch.allclose(alpha.sum(1), torch.ones(3))
+        assert torch.equal(alpha[b.src == PAD], torch.zeros(int((b.src == PAD).sum())))
+        assert bool((alpha[b.src != PAD] > 0).all())
+        prev = logp.argmax(1)
+
+
+@pytest.mark.parametrize("changes", [{}, {"cell": "gru", "layers": 2}, {"attention": "none"}])
+def test_teacher_forcing_matches_step_by_step_decoding(changes: dict) -> None:
+    """The hoisted teacher-forced pass computes what the one-step inference path computes."""
+    model = make_model(**changes)
+    b = batch([[5, 6, 7], [8, 9]], [[4, 5, 6, 7], [8]])
+    mem = model.encode(b.src, b.src_lens)
+    forced = torch.log_softmax(model.decoder.out(model.decoder(b.tgt_in, model.init_state(mem), mem)), dim=-1)
+    state = model.init_state(mem)
+    for t in range(b.tgt_in.size(1)):
+        logp, _, state = model.step(b.tgt_in[:, t], state, mem)
+        assert torch.allclose(logp, forced[:, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("changes", [{"cell": "gru"}, {"attention": "none"}, {"layers": 2, "dropout": 0.2},
+                                     {"tie_embeddings": True, "out_dim": 8}])
+def test_variants_train(changes: dict) -> None:
+    model = make_model(**changes).train()
+    b = batch(sentences(8, SRC_VOCAB, 3), sentences(8, TGT_VOCAB, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss, _ = model(b.src, b.src_lens, b.tgt_in, b.tgt_out, label_smoothing=0.1)
+        loss.backward()
+        assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_attention_none_has_no_attention_weights() -> None:
+    model = make_model(attention="none")
+    b = batch([[5, 6]], [[4]])
+    mem = model.encode(b.src, b.src_lens)
+    _, alpha, _ = model.step(torch.tensor([BOS]), model.init_state(mem), mem)
+    assert alpha is None and model.decoder.attention is None
+
+
+def test_tied_embeddings_share_storage() -> None:
+    tied, untied = make_model(tie_embeddings=True, out_dim=8), make_model(out_dim=8)
+    assert tied.decoder.out.weight is tied.decoder.embed.weight
+    assert tied.decoder.out.weight.data_ptr() == tied.decoder.embed.weight.data_ptr()
+    assert untied.num_parameters() - tied.num_parameters() == TGT_VOCAB * 8
+    assert torch.equal(tied.decoder.embed.weight[PAD], torch.zeros(8))
+
+
+def test_padding_embeddings_get_no_gradient() -> None:
+    model = make_model().train()
+    b = batch([[5, 6], [5, 6, 7, 8]], [[4], [4, 5, 6]])
+    model(b.src, b.src_lens, b.tgt_in, b.tgt_out)[0].backward()
+    assert torch.equal(model.encoder.embed.weight.grad[PAD], torch.zeros(SMALL.emb_dim))
+    assert torch.equal(model.decoder.embed.weight.grad[PAD], torch.zeros(SMALL.emb_dim))
