@@ -1,0 +1,205 @@
+"""Training: a tiny model learns a task, exact resume, SIGTERM, run-directory safety, metrics and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmt.checkpoint import load_checkpoint
+from nmt.cli import main
+from nmt.config import Config, from_dict, load_config
+from nmt.errors import NMTError
+from nmt.model import Seq2Seq
+from nmt.search import search_ids
+from nmt.tokenizer import Tokenizer
+from nmt.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+# Dropout and label smoothing on, so an exact resume must also restore the RNG; a few batches per epoch, so the
+# runs below cross epoch boundaries; validation every 4 updates without BLEU, to stay fast.
+RESUME_SETTINGS = ["model.dropout=0.2", "train.label_smoothing=0.1", "train.valid_every=4", "train.valid_bleu=false",
+                   "train.log_every=1", "train.epochs=1000"]
+TOTAL_STEPS = 40
+
+
+def small_corpus(out: Path, n_train: int = 300, seed: int = 0) -> Path:
+    """A reverse-the-letters corpus small enough for a few batches per epoch."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", 30)):
+        src = [" ".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9))) for _ in range(n)]
+        (out / f"{split}.src").write_text("".join(s + "\n" for s in src), encoding="utf-8")
+        (out / f"{split}.tgt").write_text("".join(" ".join(reversed(s.split())) + "\n" for s in src),
+                                          encoding="utf-8")
+    return out
+
+
+def tiny_config(data: Path, run_dir: Path, *overrides: str) -> Config:
+    return load_config(TINY, [f"data.dir={data}", f"train.run_dir={run_dir}", *overrides])
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "last.pt")["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ: {different}"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus: Path) -> Path:
+    """An uninterrupted run of TOTAL_STEPS updates that the resumed runs must match bit for bit."""
+    run_dir = corpus.parent / "reference"
+    result = train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS}"))
+    assert result == {"step": TOTAL_STEPS, "best_bleu": -1.0, "reason": "max steps"}
+    return run_dir
+
+
+def test_tiny_model_learns_to_reverse(tiny_run: Path, tiny_data: Path) -> None:
+    state = load_checkpoint(tiny_run / "best.pt")
+    cfg = from_dict(state["config"])
+    src_tok, tgt_tok = Tokenizer(tiny_run / "src.model"), Tokenizer(tiny_run / "tgt.model")
+    model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
+    model.load_state_dict(state["model"])
+    src = (tiny_data / "test.src").read_text(encoding="utf-8").splitlines()
+    refs = (tiny_data / "test.tgt").read_text(encoding="utf-8").splitlines()
+    hyps = search_ids(model, src_tok.encode_batch(src), 2000, torch.device("cpu"), beam_size=1)
+    exact = sum(tgt_tok.decode(h[0].tokens) == r for h, r in zip(hyps, refs, strict=True)) / len(refs)
+    assert exact >= 0.95
+
+
+def test_metrics_lines(tiny_run: Path) -> None:
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in records if r["type"] == "train"]
+    valid = [r for r in records if r["type"] == "valid"]
+    assert [r["epoch"] for r in valid] == list(range(1, 13))  # valid_every 0: once after each epoch
+    assert all(a["step"] < b["step"] for a, b in zip(valid, valid[1:], strict=False))
+    assert {"loss", "nll", "ppl", "lr", "tok_s", "epoch"} <= train_lines[0].keys()
+    assert {"dev_loss", "dev_ppl", "dev_bleu", "lr"} <= valid[0].keys()
+    assert valid[-1]["dev_bleu"] > 90 and valid[-1]["dev_loss"] < train_lines[0]["nll"]
+    best = load_checkpoint(tiny_run / "best.pt")
+    assert "optimizer" not in best and "optimizer" in load_checkpoint(tiny_run / "last.pt")
+
+
+def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(corpus: Path, reference_run: Path,
+                                                                   tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.max_steps=8"))
+    assert first["step"] == 8 and first["reason"] == "max steps"
+    second = train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS}"), resume=True)
+    assert second["step"] == TOTAL_STEPS
+    assert_same_weights(weights(run_dir), weights(reference_run))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"valid"' in line]
+    assert steps == list(range(4, TOTAL_STEPS + 1, 4))  # resuming did not validate step 8 again
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "nmt", "train", str(TINY)]
+    for item in (f"data.dir={corpus}", f"train.run_dir={run_dir}", *RESUME_SETTINGS):
+        command += ["--set", item]
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and metrics.stat().st_size > 0):
+            assert proc.poll() is None, f"training ended before the signal: {err.read_text()}"
+            assert time.monotonic() < deadline, "no metrics line within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, err.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped: interrupted" in out.read_text()
+    assert "received signal 15" in err.read_text() and "Traceback" not in err.read_text()
+    state = load_checkpoint(run_dir / "last.pt")
+    stopped_at = state["position"]["step"]
+    assert 1 <= stopped_at < TOTAL_STEPS
+    # The checkpoint is good for more than loading: resuming it lands exactly where an uninterrupted run does.
+    result = train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS}"), resume=True)
+    assert result["step"] == TOTAL_STEPS
+    assert_same_weights(weights(run_dir), weights(reference_run))
+
+
+def test_a_run_directory_holding_a_run_needs_resume(corpus: Path, reference_run: Path) -> None:
+    with pytest.raises(NMTError, match="already holds a run; use --resume"):
+        train(tiny_config(corpus, reference_run, *RESUME_SETTINGS))
+
+
+def test_resume_needs_a_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(NMTError, match="--resume: no checkpoint at"):
+        train(tiny_config(corpus, tmp_path / "empty"), resume=True)
+
+
+@pytest.mark.parametrize(("override", "key"), [("model.cell=gru", "model.cell"),
+                                               ("model.dec_hidden=32", "model.dec_hidden"),
+                                               ("tokenizer.vocab_size=50", "tokenizer.vocab_size")])
+def test_resume_with_an_incompatible_config_is_refused(corpus: Path, reference_run: Path, override: str,
+                                                       key: str) -> None:
+    before = (reference_run / "last.pt").read_bytes()
+    cfg = tiny_config(corpus, reference_run, *RESUME_SETTINGS, override, f"train.max_steps={TOTAL_STEPS + 4}")
+    with pytest.raises(NMTError, match=f"cannot resume .*{key} "):
+        train(cfg, resume=True)
+    assert (reference_run / "last.pt").read_bytes() == before
+
+
+def test_stale_tokenizers_are_not_reused_silently(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
+    """A run that stopped before its first checkpoint left tokenizers trained under other settings."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("src.model", "tgt.model", "config.yaml"):
+        (run_dir / name).write_bytes((reference_run / name).read_bytes())
+    with pytest.raises(NMTError, match=r"tokenizers trained with other settings \(tokenizer.vocab_size \(40 -> 60\)"):
+        train(tiny_config(corpus, run_dir, "tokenizer.vocab_size=60"))
+
+
+def test_cli_train_error_exits_2(corpus: Path, reference_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={reference_run}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(tiny_run), "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert str(out) in capsys.readouterr().out
+
+
+def test_plot_default_path_and_torn_lines(tmp_path: Path) -> None:
+    """A run still writing may end in a half line; resumed runs log some steps twice."""
+    lines = [{"type": "train", "step": s, "epoch": 1, "loss": 3.0 / s, "nll": 3.0 / s, "ppl": 2.0, "lr": 0.001}
+             for s in (1, 2, 3, 2, 3, 4)]
+    lines.append({"type": "valid", "step": 4, "epoch": 1, "dev_loss": 1.0, "dev_ppl": 2.7, "lr": 0.0005})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "tr')
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_without_metrics_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text("\n")
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no train or valid records" in capsys.readouterr().err
