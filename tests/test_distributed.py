@@ -1,0 +1,198 @@
+"""Data-parallel training on CPU (gloo): ranks stay in step, sharded batches add up to the whole, torchrun works."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from nmt.checkpoint import load_checkpoint
+from nmt.config import Config, from_dict, load_config
+from nmt.train import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+SETTINGS = ["model.dropout=0.2", "train.label_smoothing=0.1", "train.valid_every=4", "train.log_every=1",
+            "train.epochs=1000", "decode.max_len_b=2"]
+TOTAL_STEPS = 16
+FULL = list(range(24))  # the sentences of the one-step comparison: ranks take halves, one process all
+
+
+def corpus(out: Path, n_train: int = 300) -> Path:
+    """Reverse-the-letters pairs; the same every time (sentence i depends on i only)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", 20)):
+        src = [" ".join("abcdefgh"[(i * 7 + j * j) % 8] for j in range(2 + i % 8)) for i in range(n)]
+        (out / f"{split}.src").write_text("".join(s + "\n" for s in src), encoding="utf-8")
+        (out / f"{split}.tgt").write_text("".join(" ".join(reversed(s.split())) + "\n" for s in src),
+                                          encoding="utf-8")
+    return out
+
+
+def config(data: Path, run_dir: Path, *overrides: str) -> Config:
+    return load_config(TINY, [f"data.dir={data}", f"train.run_dir={run_dir}", *SETTINGS, *overrides])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank: int, world: int, port: int, cfg: dict, job: str, out: str) -> None:
+    """One rank, started by torch.multiprocessing.spawn, as torchrun would: through the environment."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NMT_DIST_TIMEOUT="120")
+    trainer = Trainer(from_dict(cfg))
+    try:
+        if job == "run":
+            trainer.run()
+        else:
+            half = len(FULL) // world
+            trainer.update([FULL[rank * half: (rank + 1) * half]])
+        grads = {n: p.grad for n, p in trainer.model.named_parameters()}
+        torch.save({"weights": trainer.model.state_dict(), "grads": grads}, Path(out) / f"rank{rank}.pt")
+    finally:
+        trainer.ranks.close()
+
+
+def spawn(job: str, cfg: Config, out: Path, world: int = 2) -> list[dict]:
+    """Run a job on `world` ranks; what each rank saved, in rank order."""
+    out.mkdir(exist_ok=True)
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):  # the ranks share this process's cores
+        mp.spawn(rank_main, args=(world, free_port(), cfg.to_dict(), job, str(out)), nprocs=world)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def torchrun(overrides: list[str], *flags: str, **popen: object) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node 2 -m nmt train tiny.yaml FLAGS --set OVERRIDE...`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "nmt", "train", str(TINY), *flags]
+    for item in overrides:
+        command += ["--set", item]
+    return subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, **popen)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return corpus(tmp_path_factory.mktemp("ddp") / "data")
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(data: Path) -> tuple[Path, list[dict]]:
+    """TOTAL_STEPS updates on 2 ranks in one go: the run directory and each rank's final weights."""
+    run_dir = data.parent / "run"
+    return run_dir, spawn("run", config(data, run_dir, f"train.max_steps={TOTAL_STEPS}"), data.parent / "ranks")
+
+
+def test_two_ranks_finish_with_identical_weights(two_rank_run: tuple[Path, list[dict]]) -> None:
+    run_dir, ranks = two_rank_run
+    assert_equal(ranks[0]["weights"], ranks[1]["weights"])
+    assert_equal(load_checkpoint(run_dir / "last.pt")["model"], ranks[0]["weights"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Only rank 0 logs: one line per update and per validation.
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, TOTAL_STEPS + 1))
+    assert [r["step"] for r in records if r["type"] == "valid"] == list(range(4, TOTAL_STEPS + 1, 4))
+    assert "dev_bleu" in records[-1]
+
+
+@pytest.fixture(scope="module")
+def one_process(data: Path) -> tuple[Trainer, dict]:
+    """A single-process trainer on the same run settings, and its initial state to reset to."""
+    trainer = Trainer(config(data, data.parent / "single", "model.dropout=0.0"))
+    return trainer, copy.deepcopy({"model": trainer.model.state_dict(), "optim": trainer.optimizer.state_dict()})
+
+
+def one_update(trainer: Trainer, initial: dict, batches: list[list[int]]) -> dict:
+    trainer.model.load_state_dict(initial["model"])
+    trainer.optimizer.load_state_dict(initial["optim"])
+    trainer.update(batches)
+    return {"weights": copy.deepcopy(trainer.model.state_dict()),
+            "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()}}
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_two_ranks_with_half_batches_equal_one_process_with_the_whole(data: Path, tmp_path: Path,
+                                                                     one_process: tuple[Trainer, dict]) -> None:
+    """Gradients are all-reduced and normalized by the tokens of all ranks: 2 x B/2 is exactly 1 x B."""
+    ranks = spawn("step", config(data, tmp_path / "run", "model.dropout=0.0"), tmp_path / "ranks")
+    single = one_update(*one_process, [FULL])
+    for rank in ranks:
+        assert_close(rank["grads"], single["grads"])
+        assert_close(rank["weights"], single["weights"])
+    assert_equal(ranks[0]["weights"], ranks[1]["weights"])
+
+
+def test_accumulated_batches_equal_one_batch(one_process: tuple[Trainer, dict]) -> None:
+    half = len(FULL) // 2
+    accumulated = one_update(*one_process, [FULL[:half], FULL[half:]])
+    assert_close(accumulated["grads"], one_update(*one_process, [FULL])["grads"])
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the ranks")
+def test_torchrun_a_rank_that_dies_ends_the_job_and_resume_continues_exactly(
+        data: Path, two_rank_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [f"data.dir={data}", f"train.run_dir={run_dir}", *SETTINGS]
+    proc = torchrun(overrides, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "last.pt").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.02)
+        os.kill(next(pid for pid in children(proc.pid) if rank_of(pid) == 1), signal.SIGKILL)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    summary = output[output.index("Root Cause"):]
+    assert "rank      : 1" in summary and "SIGKILL" in summary
+    assert load_checkpoint(run_dir / "last.pt")["position"]["step"] < TOTAL_STEPS, "the kill came too late"
+
+    proc = torchrun([*overrides, f"train.max_steps={TOTAL_STEPS}"], "--resume", stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert f"steps: {TOTAL_STEPS}" in output and "stopped: max steps" in output
+    assert_equal(load_checkpoint(run_dir / "last.pt")["model"], two_rank_run[1][0]["weights"])
