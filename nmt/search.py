@@ -84,9 +84,9 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
         if step < min_len:
             short = torch.tensor([step < limits[s] for s in alive], device=device).repeat_interleave(k)
             logp[short, EOS] = float("-inf")
-        at_limit = torch.tensor([step >= limits[s] for s in alive], device=device)
-        if bool(at_limit.any()):
-            forced = at_limit.repeat_interleave(k)
+        at_limit = [step >= limits[s] for s in alive]
+        if any(at_limit):
+            forced = torch.tensor(at_limit, device=device).repeat_interleave(k)
             eos_logp = logp[forced, EOS].clone()
             logp[forced] = float("-inf")
             logp[forced, EOS] = eos_logp

@@ -37,27 +37,36 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="
 _bearer = HTTPBearer(auto_error=False, description="an API key from NMT_API_KEYS, as a bearer token")
 
 
-def _guard(settings: Settings, limiter: RateLimiter | None):
-    """A dependency that checks the API key (401) and the rate limit (429) of a request."""
+def _guards(settings: Settings) -> list[Any]:
+    """Dependencies of the model endpoints: the API key check (401; only when keys are configured, so the OpenAPI
+    schema declares security only then) and the per key or client address rate limit (429)."""
     keys = [k.encode() for k in settings.api_keys]
+    rate = settings.rate()
+    limiter = RateLimiter(*rate) if rate else None
 
-    async def guard(request: Request, api_key: str | None = Security(_api_key_header),
-                    bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
+    async def authenticate(request: Request, api_key: str | None = Security(_api_key_header),
+                           bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
         given = api_key or (bearer.credentials if bearer else None)
-        if keys:
-            if not given:
-                raise ServiceError(401, "an API key is required: send it as X-API-Key or Authorization: Bearer",
-                                   headers={"WWW-Authenticate": "Bearer"})
-            if not any(hmac.compare_digest(given.encode(), key) for key in keys):
-                raise ServiceError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-        if limiter is not None:
-            client = f"key:{given}" if keys else f"ip:{request.client.host if request.client else 'unknown'}"
-            wait = limiter.acquire(client)
-            if wait > 0:
-                raise ServiceError(429, f"rate limit of {settings.rate_limit} exceeded; retry in {wait:.1f} s",
-                                   headers={"Retry-After": str(math.ceil(wait))})
+        if not given:
+            raise ServiceError(401, "an API key is required: send it as X-API-Key or Authorization: Bearer",
+                               headers={"WWW-Authenticate": "Bearer"})
+        if not any(hmac.compare_digest(given.encode(), key) for key in keys):
+            raise ServiceError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        request.state.client = f"key:{given}"
 
-    return guard
+    async def limit(request: Request) -> None:
+        client = getattr(request.state, "client", None) or f"ip:{request.client.host if request.client else '?'}"
+        wait = limiter.acquire(client)
+        if wait > 0:
+            raise ServiceError(429, f"rate limit of {settings.rate_limit} exceeded; retry in {wait:.1f} s",
+                               headers={"Retry-After": str(math.ceil(wait))})
+
+    guards = []
+    if keys:
+        guards.append(Depends(authenticate))
+    if limiter is not None:
+        guards.append(Depends(limit))
+    return guards
 
 
 def _check_sizes(settings: Settings, field: str, texts: list[str]) -> None:
@@ -87,6 +96,11 @@ async def _run(settings: Settings, work: Any) -> Any:
         raise ServiceError(422, str(exc)) from None
 
 
+def _require(worker: ModelWorker) -> None:
+    if not worker.ready:  # only without the lifespan startup, e.g. under `uvicorn --lifespan off`
+        raise ServiceError(503, "the model is not loaded", headers={"Retry-After": "5"})
+
+
 def _translation(t: Translation, scores: bool, alignment: bool) -> schemas.Translation:
     alternatives = [schemas.Alternative(text=a.text, score=a.score if scores else None) for a in t.alternatives[1:]]
     out = schemas.Translation(text=t.text, score=t.score if scores else None, alternatives=alternatives)
@@ -101,8 +115,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     settings = settings or Settings()
     metrics = Metrics()
     worker = ModelWorker(settings, metrics, translator)
-    rate = settings.rate()
-    guard = _guard(settings, RateLimiter(*rate) if rate else None)
+    guards = _guards(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,10 +136,11 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.post("/v1/translate", response_model=schemas.TranslateResponse, responses=ERROR_RESPONSES,
-              dependencies=[Depends(guard)], tags=["translation"])
+              dependencies=guards, tags=["translation"])
     async def translate(req: schemas.TranslateRequest) -> schemas.TranslateResponse:
         """Translate one text or a list of texts; concurrent requests with equal options share model batches."""
         start = time.perf_counter()
+        _require(worker)
         texts = [req.text] if isinstance(req.text, str) else req.text
         _check_sizes(settings, "text", texts)
         default_beam, default_alpha = worker.defaults()
@@ -142,10 +156,11 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
             model=worker.model_id, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
 
     @app.post("/v1/score", response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,
-              dependencies=[Depends(guard)], tags=["translation"])
+              dependencies=guards, tags=["translation"])
     async def score(req: schemas.ScoreRequest) -> schemas.ScoreResponse:
         """Log-probabilities of candidate translations of one source, e.g. to rerank them."""
         start = time.perf_counter()
+        _require(worker)
         _check_sizes(settings, "source", [req.source])
         _check_sizes(settings, "candidates", req.candidates)
         results = await _run(settings, worker.score(req.source, req.candidates))
@@ -154,9 +169,11 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
                     for c, r in zip(req.candidates, results, strict=True)],
             model=worker.model_id, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
 
-    @app.get("/v1/models", response_model=schemas.ModelsResponse, tags=["service"])
+    @app.get("/v1/models", response_model=schemas.ModelsResponse, responses={503: ERROR_RESPONSES[503]},
+             tags=["service"])
     async def models() -> dict[str, Any]:
         """The served model: languages, size, decoding defaults and its card (data, BLEU)."""
+        _require(worker)
         return {"models": [worker.info]}
 
     @app.get("/v1/health", response_model=schemas.Status, tags=["service"])

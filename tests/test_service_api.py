@@ -244,7 +244,7 @@ def test_odd_text_is_translated_and_changes_nothing_after(client, text):
 
 def test_invalid_utf8_body_is_a_client_error(client):
     response = client.post("/v1/translate", content=b'{"text": "\xff\xfe a"}', headers=HEADERS)
-    assert 400 <= response.status_code < 500 and response.json()["error"]["message"]
+    assert "not valid UTF-8" in error_of(response, 400)["message"]
 
 
 # --- 413 ------------------------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""The web page in headless Chromium (Debian chromium + chromium-driver, driven by selenium) against a live server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from nmt.translator import Translator
+from service.app import create_app
+from service.settings import Settings
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
+                                       "chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def live_url(tiny_model_dir: Path) -> Iterator[str]:
+    """The app under uvicorn in a thread of this process."""
+    app = create_app(Settings(model_dir=tiny_model_dir), Translator.load(tiny_model_dir, threads=1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(1000):
+        if server.started:
+            break
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_type_translate_and_read_the_heat_map(browser, live_url):
+    browser.get(live_url)
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: "src → tgt" in d.find_element(By.ID, "model-info").text)
+    browser.find_element(By.ID, "source").send_keys("a b c d")
+    beam = browser.find_element(By.ID, "beam")
+    beam.clear()
+    beam.send_keys("4")
+    browser.find_element(By.ID, "translate").click()
+    wait.until(lambda d: d.find_element(By.ID, "translation").text)
+    assert browser.find_element(By.ID, "translation").text == "d c b a"
+    assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+    alternatives = browser.find_elements(By.CSS_SELECTOR, "#alternatives li")
+    assert alternatives and all(item.text.endswith(")") for item in alternatives)
+
+    columns = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#heatmap thead th")][1:]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#heatmap tbody tr")
+    assert columns == ["▁a", "▁b", "▁c", "▁d", "</s>"]
+    assert [row.find_element(By.TAG_NAME, "th").text for row in rows] == ["▁d", "▁c", "▁b", "▁a", "</s>"]
+    weights = [[float(td.get_attribute("data-weight")) for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+    assert all(len(w) == len(columns) and abs(sum(w) - 1) < 0.01 for w in weights)
+    # the model learnt to reverse: the t-th output piece attends most to the t-th source piece from the end
+    assert [w.index(max(w)) for w in weights[:4]] == [3, 2, 1, 0]
+
+
+def test_errors_are_shown_readably(browser, live_url):
+    browser.get(live_url)
+    browser.find_element(By.ID, "source").send_keys("a b")
+    beam = browser.find_element(By.ID, "beam")
+    beam.clear()
+    beam.send_keys("40")
+    browser.find_element(By.ID, "translate").click()
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, 30).until(lambda d: error.is_displayed())
+    assert error.text.startswith("422: beam_size") and "16" in error.text
