@@ -1,4 +1,4 @@
-"""The `nmt` command line: prepare, train, plot, translate, evaluate, score, export, serve."""
+"""The `nmt` command line: prepare, train, tokenizer, plot, translate, evaluate, score, export, serve."""
 
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. --set train.lr=0.0005 (repeatable)")
     p.set_defaults(func=_run_train)
 
+    p = sub.add_parser("tokenizer", help="train the SentencePiece models of a run (nmt train does it when missing)")
+    p.add_argument("config", help="YAML config file: data.dir, tokenizer.* and train.run_dir are used")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set tokenizer.vocab_size=16000 (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace the run's tokenizers (only before training)")
+    p.set_defaults(func=_run_tokenizer)
+
     p = sub.add_parser("plot", help="write a PNG of a run's training curves")
     p.add_argument("run", help="run directory (holds metrics.jsonl)")
     p.add_argument("-o", "--output", help="PNG path (default RUN/curves.png)")
@@ -43,6 +50,30 @@ def _run_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     best = f"{result['best_bleu']:.2f}" if result["best_bleu"] >= 0 else "n/a"
     print(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {best}  stopped: {result['reason']}")
+    return 0
+
+
+def _run_tokenizer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nmt.config import load_config, save_config
+    from nmt.tokenizer import ensure_tokenizers
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.train.run_dir)
+    models = [run_dir / "src.model", run_dir / "tgt.model"]
+    if any(m.exists() for m in models):
+        if not args.force:
+            raise NMTError(f"{run_dir} already has tokenizers (src.model, tgt.model); --force replaces them")
+        if (run_dir / "last.pt").exists():
+            raise NMTError(f"{run_dir} holds a trained model that depends on its tokenizers; "
+                           "choose another train.run_dir")
+        for m in models:
+            m.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    src, tgt = ensure_tokenizers(Path(cfg.data.dir), run_dir, cfg.tokenizer)
+    save_config(cfg, run_dir / "config.yaml")  # so `nmt train` can tell whether its tokenizer settings match
+    print(f"{models[0]} ({len(src)} pieces)\n{models[1]} ({len(tgt)} pieces)")
     return 0
 
 

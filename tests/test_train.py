@@ -180,6 +180,24 @@ def test_cli_train_error_exits_2(corpus: Path, reference_run: Path, capsys: pyte
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_cli_tokenizer_trains_the_models_train_then_uses(corpus: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    args = ["tokenizer", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}"]
+    assert main(args) == 0
+    assert f"{run_dir / 'src.model'}" in capsys.readouterr().out
+    assert main(args) == 2
+    assert "already has tokenizers" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+    made = (run_dir / "src.model").read_bytes()
+    with pytest.raises(NMTError, match="tokenizers trained with other settings"):
+        train(tiny_config(corpus, run_dir, "tokenizer.vocab_size=60"))
+    train(tiny_config(corpus, run_dir, "train.max_steps=1"))
+    assert (run_dir / "src.model").read_bytes() == made  # training kept them
+    assert main([*args, "--force"]) == 2
+    assert "holds a trained model" in capsys.readouterr().err
+
+
 def test_plot_writes_a_png(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "curves.png"
     assert main(["plot", str(tiny_run), "-o", str(out)]) == 0
