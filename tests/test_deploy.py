@@ -1,0 +1,214 @@
+"""Deployment files: the compose file is valid for Debian's docker-compose (no Docker engine needed for `config`),
+the Dockerfile pins the CPU build of torch before the project, and the healthcheck is a working Python one-liner."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_URL = "http://127.0.0.1:8000/v1/ready"
+
+
+def dockerfile_instructions(path: Path = ROOT / "Dockerfile") -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order: continuation lines joined, comments and blank lines dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).partition(" ")
+        out.append((keyword.upper(), " ".join(args.split())))
+        pending = ""
+    assert not pending, "Dockerfile ends inside a continued line"
+    return out
+
+
+def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    starts = [i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"]
+    return instructions[starts[-1]:]
+
+
+def compose_file() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+def healthcheck_code(test: list[str]) -> str:
+    assert test[:3] == ["CMD", "python", "-c"], test
+    assert len(test) == 4, test
+    return test[3]
+
+
+def volume_mounts(volumes: list) -> dict[str, tuple[str, bool]]:
+    """container path -> (host path, read-only), from short ("src:dst[:mode]") or long (dict) volume syntax."""
+    mounts = {}
+    for volume in volumes:
+        if isinstance(volume, str):
+            source, target, *mode = volume.split(":")
+            mounts[target] = (source, mode == ["ro"])
+        else:
+            mounts[volume["target"]] = (volume["source"], bool(volume.get("read_only")))
+    return mounts
+
+
+@pytest.fixture(scope="module")
+def compose_config() -> dict:
+    """`docker-compose config`: the compose file as Debian's docker-compose (1.29) parses and resolves it."""
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        message = "docker-compose is not installed (`make system-deps` installs Debian's package)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI must have it")
+        pytest.skip(message)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NMT_", "COMPOSE_", "DOCKER_"))}
+    proc = subprocess.run([exe, "-f", "docker-compose.yml", "config"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stdout}\n{proc.stderr}"
+    return yaml.safe_load(proc.stdout)
+
+
+def test_compose_translate_service(compose_config: dict) -> None:
+    translate = compose_config["services"]["translate"]
+    assert translate["build"]["target"] == "serve"
+    ports = [(str(p["published"]), str(p["target"])) if isinstance(p, dict) else tuple(str(p).split(":")[-2:])
+             for p in translate["ports"]]
+    assert ("8000", "8000") in ports
+    command = translate["command"]
+    assert command[:2] == ["nmt", "serve"] and command[command.index("--host") + 1] == "0.0.0.0"
+    assert command[command.index("--port") + 1] == "8000"
+    source, read_only = volume_mounts(translate["volumes"])["/models"]
+    assert Path(source).resolve() == (ROOT / "models").resolve() and read_only
+    assert translate["environment"]["NMT_MODEL_DIR"].startswith("/models/")
+    assert (ROOT / "models" / Path(translate["environment"]["NMT_MODEL_DIR"]).name / "config.yaml").is_file()
+    assert int(translate["environment"]["NMT_THREADS"]) >= 1
+    assert READY_URL in healthcheck_code(translate["healthcheck"]["test"])
+    assert translate["restart"] == "unless-stopped"
+    assert "stop_grace_period" in translate
+    assert "profiles" not in translate
+
+
+def test_compose_train_service(compose_config: dict) -> None:
+    train = compose_config["services"]["train"]
+    assert train["profiles"] == ["train"]
+    assert train["build"]["target"] == "train"
+    assert train["command"] == ["nmt", "train", "configs/base.yaml"]
+    mounts = volume_mounts(train["volumes"])
+    for name in ("data", "runs", "configs"):
+        assert Path(mounts[f"/app/{name}"][0]).resolve() == (ROOT / name).resolve()
+    assert not mounts["/app/runs"][1] and not mounts["/app/data"][1]
+    assert (ROOT / "configs" / "base.yaml").is_file()
+
+
+def test_compose_variables_have_defaults() -> None:
+    """Every ${VAR} in the compose file has a default, so `docker-compose up` needs no .env file."""
+    text = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    for match in re.finditer(r"\$\{([^}]*)\}", text):
+        assert ":-" in match.group(1), f"${{{match.group(1)}}} has no default"
+
+
+def test_dockerfile_pins_cpu_torch_before_the_project() -> None:
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("FROM", "python:3.11-slim-bookworm AS base")
+    runs = [(i, args) for i, (keyword, args) in enumerate(instructions) if keyword == "RUN"]
+    torch = [i for i, args in runs if "pip install torch==2.13.0 " in args + " "]
+    project = [i for i, args in runs if "pip install . " in args + " "]
+    assert len(torch) == 1 and len(project) == 1, runs
+    assert torch[0] < project[0], "torch must be installed before the project (else pip pulls the CUDA build)"
+    assert "--index-url https://download.pytorch.org/whl/cpu" in instructions[torch[0]][1]
+    # The same pin as the Makefile's virtual environment.
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "pip install torch==2.13.0" in makefile
+
+
+def test_dockerfile_service_stage() -> None:
+    stage = final_stage(dockerfile_instructions())
+    assert stage[0] == ("FROM", "base AS serve")
+    by_keyword: dict[str, list[str]] = {}
+    for keyword, args in stage:
+        by_keyword.setdefault(keyword, []).append(args)
+    user = by_keyword["USER"][-1].split(":")[0]
+    assert user not in ("root", "0")
+    assert by_keyword["EXPOSE"] == ["8000"]
+    assert any("NMT_MODEL_DIR=/models/es-en-bible" in args.split() for args in by_keyword["ENV"])
+    assert any(args.startswith("NMT_THREADS=") or " NMT_THREADS=" in args for args in by_keyword["ENV"])
+    cmd = json.loads(by_keyword["CMD"][-1])
+    assert cmd == ["nmt", "serve", "--host", "0.0.0.0", "--port", "8000"]
+    copies = [args.split() for args in by_keyword["COPY"]]
+    assert ["models/es-en-bible/", "/models/es-en-bible/"] in copies
+    assert (ROOT / "models" / "es-en-bible" / "model.safetensors").is_file()
+    # The image's own healthcheck is the compose one.
+    healthcheck = by_keyword["HEALTHCHECK"][-1]
+    image_test = ["CMD", *json.loads(healthcheck[healthcheck.index(" CMD ") + len(" CMD "):])]
+    assert image_test == compose_file()["services"]["translate"]["healthcheck"]["test"]
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.startswith("#")}
+    for name in (".venv", "runs", "data", "scratch", ".git", ".pytest_cache", ".ruff_cache", ".hypothesis", ".env"):
+        assert name in patterns, name
+    assert "models/*" in patterns and "!models/es-en-bible" in patterns
+    # Whatever the Dockerfile copies (README.md too: pyproject.toml names it as the readme) is in the context.
+    sources = [path.rstrip("/") for keyword, args in dockerfile_instructions() if keyword == "COPY"
+               for path in args.split()[:-1]]
+    assert "README.md" in sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        top = source.split("/")[0]
+        assert source not in patterns and top not in patterns, source
+        if f"{top}/*" in patterns:
+            assert f"!{source}" in patterns, source
+
+
+class _Ready(BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        code = self.status if self.path == "/v1/ready" else 404
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"status": "ready"}' if code == 200 else b'{"error": "not ready"}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_healthcheck_one_liner() -> None:
+    """The compose healthcheck compiles, needs no `$` escaping, and exits 0 on 200, non-zero on 503 or no server."""
+    code = healthcheck_code(compose_file()["services"]["translate"]["healthcheck"]["test"])
+    compile(code, "<healthcheck>", "exec")
+    assert "$" not in code and READY_URL in code
+
+    def run(port: int) -> int:
+        probe = code.replace(READY_URL, f"http://127.0.0.1:{port}/v1/ready")
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=20).returncode
+
+    class NotReady(_Ready):
+        status = 503
+
+    for handler, ok in ((_Ready, True), (NotReady, False)):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            port = server.server_address[1]
+            assert (run(port) == 0) is ok, handler
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert run(port) != 0  # nothing listens any more
