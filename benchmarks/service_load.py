@@ -1,0 +1,445 @@
+"""Service load: throughput, latency percentiles, errors and server memory of `nmt serve` under concurrent clients.
+
+    python benchmarks/service_load.py [models/es-en-bible] [--src data/bible/test.src] \\
+        [--concurrency 1 8 32 128] [--requests N | --duration S] [--modes on off] \\
+        [--server-cpus 0,1] [--threads 2] [--client-cpus 0] [--out benchmarks/results]
+
+For each mode a fresh server is started: `nmt serve MODEL --host 127.0.0.1 --port <free port>` (as
+`python -m nmt serve`, pinned with `taskset -c SERVER_CPUS` when given, NMT_THREADS and OMP_NUM_THREADS from
+--threads), with request coalescing on (the server's NMT_MAX_BATCH_REQUESTS, or --max-batch-requests) or off
+(NMT_MAX_BATCH_REQUESTS=1). The request deadline is raised (NMT_REQUEST_TIMEOUT_S, --request-timeout) and the
+queue made room for every client (NMT_MAX_QUEUE, --max-queue), so the numbers measure throughput; whatever
+errors still happen are counted, by status, and reported. The server's output goes to OUT/service_load_MODE.log.
+
+Once /v1/ready answers, --warmup requests are sent one after the other, outside the timing. Then, for each
+concurrency level C, C workers on one httpx.AsyncClient over loopback each send POST /v1/translate requests
+back to back: one sentence of --src (shuffled with --seed, the same sequence for every level and mode) at
+--beam, until --requests requests have been sent in all (default: 256, or 4 per client above 64 clients) or,
+with --duration S, until S seconds have passed (requests in flight then are finished and counted).
+requests/s counts the 200 responses over the wall time of the level, the last response included; latencies
+(p50/p95/p99, linear interpolation) are those of the 200 responses, from send to full response; every other
+outcome (status code, or exception class when no response came) is an error. Peak RSS is the server's VmHWM
+from /proc/PID/status, reset before each level through /proc/PID/clear_refs where the kernel allows
+(`peak_rss_scope`: level), otherwise the peak since the server started (`server`). Mean batch is the server's
+requests per model batch during the level (nmt_batch_requests_sum / _count from /metrics); server CPU is its
+user + system time over the wall time (100% = one core busy). The load generator shares the machine: pin it
+away from the server with --client-cpus where there are cores to spare.
+
+Writes OUT/service_load.json (machine, command lines, settings, rows) and OUT/service_load.md (the table), and
+prints the table with the issue's bars: batching on / off throughput at concurrency 32, and whether p99 at
+concurrency 32 stays under 1.5 s (with no errors in that row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+
+BAR_CONCURRENCY = 32
+BAR_P99_S = 1.5
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_sources(path: Path, seed: int) -> list[str]:
+    if not path.is_file():
+        raise SystemExit(f"source sentences not found: {path}\n"
+                         "prepare the Bible corpus first (`nmt prepare bible data/bible`, or `make bible`), "
+                         "or give a file of one sentence a line with --src")
+    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise SystemExit(f"no sentences in {path}")
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+# --- the server process: /proc readings, /metrics, start and stop -------------------------------------------------
+
+def proc_status(pid: int, field: str) -> str | None:
+    """The value of one line of /proc/PID/status, e.g. `VmHWM` (None when unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def proc_status_mb(pid: int, field: str) -> float | None:
+    """A `Vm...` line of /proc/PID/status (in kB there) in MiB."""
+    value = proc_status(pid, field)
+    try:
+        return int(value.split()[0]) / 1024 if value else None
+    except (ValueError, IndexError):
+        return None
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/PID/clear_refs); False where refused."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of the process, all its threads, from /proc/PID/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*(?:\{[^}]*\})?)\s+(\S+)")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The server's /metrics samples, by name with labels (empty when it does not answer)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            try:
+                samples[match.group(1)] = float(match.group(2))
+            except ValueError:
+                pass
+    return samples
+
+
+def mean_delta(before: dict[str, float], after: dict[str, float], name: str) -> float | None:
+    """Mean of histogram `name` over the observations between two scrapes."""
+    count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+    if f"{name}_sum" not in after or count <= 0:
+        return None
+    return (after[f"{name}_sum"] - before.get(f"{name}_sum", 0.0)) / count
+
+
+def server_env(args: argparse.Namespace, mode: str) -> dict[str, str]:
+    """The NMT_* settings of one mode (on top of the caller's environment)."""
+    settings = {"NMT_REQUEST_TIMEOUT_S": str(args.request_timeout), "NMT_MAX_QUEUE": str(args.max_queue),
+                "NMT_API_KEYS": "", "NMT_RATE_LIMIT": ""}  # a .env with keys or a rate limit would skew the load
+    if mode == "off":
+        settings["NMT_MAX_BATCH_REQUESTS"] = "1"
+    elif args.max_batch_requests:
+        settings["NMT_MAX_BATCH_REQUESTS"] = str(args.max_batch_requests)
+    if args.max_wait_ms is not None:
+        settings["NMT_MAX_WAIT_MS"] = str(args.max_wait_ms)
+    if args.max_batch_tokens:
+        settings["NMT_MAX_BATCH_TOKENS"] = str(args.max_batch_tokens)
+    if args.threads:
+        settings["NMT_THREADS"] = settings["OMP_NUM_THREADS"] = str(args.threads)
+    return settings
+
+
+@contextmanager
+def serving(args: argparse.Namespace, mode: str, log_path: Path):
+    """A fresh `nmt serve` process on a free loopback port; yields (url, process, command, settings) once ready."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "nmt", "serve", args.model, "--host", "127.0.0.1", "--port", str(port)]
+    if args.server_cpus:
+        if not shutil.which("taskset"):
+            raise SystemExit("--server-cpus needs taskset (util-linux), which is not installed")
+        cmd = ["taskset", "-c", args.server_cpus, *cmd]  # taskset execs the server: same PID
+    settings = server_env(args, mode)
+    url = f"http://127.0.0.1:{port}"
+    # unpinned, the server gets the CPUs this script started with, not those of --client-cpus
+    affinity = args.start_cpus if args.client_cpus and not args.server_cpus else None
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, env={**os.environ, **settings}, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"the {mode} server exited with {proc.returncode} before it was ready; "
+                                 f"the tail of {log_path}:\n{tail(log_path)}")
+            try:
+                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the {mode} server was not ready within {args.startup_timeout:g} s; "
+                                 f"the tail of {log_path}:\n{tail(log_path)}")
+            time.sleep(0.2)
+        yield url, proc, cmd, settings
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                print(f"the {mode} server did not stop within 60 s of SIGTERM; killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+
+
+# --- the load generator ------------------------------------------------------------------------------------------
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100) by linear interpolation between closest ranks."""
+    if not sorted_values:
+        return None
+    pos = (len(sorted_values) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
+
+
+async def load(url: str, texts: list[str], *, concurrency: int, requests: int, duration: float, beam: int,
+               timeout: float) -> tuple[list[tuple[str, float]], float]:
+    """`concurrency` workers sending requests back to back; returns (outcome, seconds) per request and wall time.
+
+    The outcome is the HTTP status code, or the exception's class name when no response came."""
+    counter = itertools.count()
+    results: list[tuple[str, float]] = []
+    deadline = 0.0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while True:
+            i = next(counter)
+            if (time.perf_counter() >= deadline) if duration else (i >= requests):
+                return
+            body = {"text": texts[i % len(texts)], "beam_size": beam}
+            start = time.perf_counter()
+            try:
+                response = await client.post("/v1/translate", json=body)
+                await response.aread()
+                outcome = str(response.status_code)
+            except Exception as exc:  # counted as an error of its kind; the worker goes on
+                outcome = type(exc).__name__
+            results.append((outcome, time.perf_counter() - start))
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+        start = time.perf_counter()
+        deadline = start + duration
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return results, wall
+
+
+def measure(args: argparse.Namespace, url: str, pid: int, mode: str, concurrency: int, texts: list[str]) -> dict:
+    """One row: load at one concurrency level, with the server's memory, CPU and batch sizes around it."""
+    peak_reset = reset_peak_rss(pid)
+    before, cpu_before = scrape(url), cpu_seconds(pid)
+    client_cpu = time.process_time()
+    requests = args.requests or max(256, 4 * concurrency)
+    results, wall = asyncio.run(load(url, texts, concurrency=concurrency, requests=requests,
+                                     duration=args.duration, beam=args.beam, timeout=args.request_timeout + 30))
+    client_cpu = time.process_time() - client_cpu
+    cpu_after, after = cpu_seconds(pid), scrape(url)
+    hwm = proc_status_mb(pid, "VmHWM")
+    ok = sorted(seconds for outcome, seconds in results if outcome == "200")
+    by_outcome: dict[str, int] = {}
+    for outcome, _ in results:
+        by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+    errors = {k: v for k, v in sorted(by_outcome.items()) if k != "200"}
+    ms = {f"p{q}_ms": (None if (p := percentile(ok, q)) is None else p * 1000) for q in (50, 95, 99)}
+    return {"mode": mode, "concurrency": concurrency, "requests": len(results), "ok": len(ok),
+            "errors": sum(errors.values()), "errors_by_status": errors, "seconds": wall,
+            "requests_per_s": len(ok) / wall if wall > 0 else 0.0, **ms,
+            "max_ms": ok[-1] * 1000 if ok else None,
+            "peak_rss_mb": hwm,
+            "peak_rss_scope": "level" if peak_reset else "server",
+            "mean_batch_requests": mean_delta(before, after, "nmt_batch_requests"),
+            "mean_batch_texts": mean_delta(before, after, "nmt_batch_texts"),
+            "mean_batch_ms": None if (m := mean_delta(before, after, "nmt_batch_duration_seconds")) is None
+            else m * 1000,
+            "server_cpu_percent": None if cpu_before is None or cpu_after is None or wall <= 0
+            else 100 * (cpu_after - cpu_before) / wall,
+            "client_cpu_percent": 100 * client_cpu / wall if wall > 0 else None}
+
+
+def run_mode(args: argparse.Namespace, mode: str, texts: list[str], out: Path) -> tuple[list[dict], dict]:
+    log_path = out / f"service_load_{mode}.log"
+    rows = []
+    with serving(args, mode, log_path) as (url, proc, cmd, settings):
+        info = {"mode": mode, "command": shlex.join(cmd), "settings": settings, "log": str(log_path)}
+        if args.warmup:
+            warm, _ = asyncio.run(load(url, texts[-args.warmup:], concurrency=1, requests=args.warmup, duration=0,
+                                       beam=args.beam, timeout=args.request_timeout + 30))
+            bad = [outcome for outcome, _ in warm if outcome != "200"]
+            if bad:
+                print(f"warning: {len(bad)} of {len(warm)} warm-up requests failed ({', '.join(sorted(set(bad)))})",
+                      file=sys.stderr)
+        info["rss_after_warmup_mb"] = proc_status_mb(proc.pid, "VmRSS")
+        info["cpus"] = proc_status(proc.pid, "Cpus_allowed_list")
+        for concurrency in args.concurrency:
+            row = measure(args, url, proc.pid, mode, concurrency, texts)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    info["exit_code"] = proc.returncode
+    return rows, info
+
+
+# --- report ------------------------------------------------------------------------------------------------------
+
+def _num(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def markdown(rows: list[dict], machine: str, args: argparse.Namespace, servers: list[dict]) -> str:
+    amount = (f"{args.duration:g} s" if args.duration else f"{args.requests} requests" if args.requests
+              else "max(256, 4 x concurrency) requests")
+    cpus = ", ".join(sorted({str(s.get("cpus")) for s in servers}))
+    threads = args.threads or f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} / torch default"
+    lines = [f"Machine: {machine}", "",
+             f"Model {args.model}; one sentence a request at beam {args.beam}; {amount} a row; server on CPUs "
+             f"{cpus}, threads {threads}", "",
+             "| batching | concurrency | requests | errors | requests/s | p50 ms | p95 ms | p99 ms | peak RSS MB | "
+             "mean batch | server CPU % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        errors = str(r["errors"])
+        if r["errors"]:
+            errors += " (" + ", ".join(f"{k}: {v}" for k, v in r["errors_by_status"].items()) + ")"
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {errors} | "
+                     f"{r['requests_per_s']:.2f} | {_num(r['p50_ms'], '.0f')} | {_num(r['p95_ms'], '.0f')} | "
+                     f"{_num(r['p99_ms'], '.0f')} | {_num(r['peak_rss_mb'], '.0f')} | "
+                     f"{_num(r['mean_batch_requests'], '.1f')} | {_num(r['server_cpu_percent'], '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> dict:
+    """The bars of the speed issue: batching on / off throughput and p99 latency at concurrency 32."""
+    at = {r["mode"]: r for r in rows if r["concurrency"] == BAR_CONCURRENCY}
+    out: dict = {"concurrency": BAR_CONCURRENCY, "p99_bar_s": BAR_P99_S}
+    on, off = at.get("on"), at.get("off")
+    if on and off and off["requests_per_s"] > 0:
+        out["throughput_on_over_off"] = on["requests_per_s"] / off["requests_per_s"]
+    for mode, row in at.items():
+        if row["p99_ms"] is not None:
+            out[f"p99_{mode}_s"] = row["p99_ms"] / 1000
+            out[f"p99_{mode}_under_bar"] = row["p99_ms"] / 1000 < BAR_P99_S and row["errors"] == 0
+    return out
+
+
+def summary_text(s: dict) -> str:
+    c, bar = s["concurrency"], s["p99_bar_s"]
+    lines = []
+    if "throughput_on_over_off" in s:
+        lines.append(f"batching on / off throughput at concurrency {c}: {s['throughput_on_over_off']:.2f}x")
+    else:
+        lines.append(f"batching on / off throughput at concurrency {c}: not measured (needs both modes at {c})")
+    for mode in ("on", "off"):
+        if f"p99_{mode}_s" in s:
+            verdict = "yes" if s[f"p99_{mode}_under_bar"] else "no"
+            lines.append(f"p99 at concurrency {c}, batching {mode}: {s[f'p99_{mode}_s']:.3f} s "
+                         f"(< {bar:g} s without errors: {verdict})")
+    return "".join(f"\n{line}\n" for line in lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="models/es-en-bible",
+                   help="exported model (or run) directory (default models/es-en-bible)")
+    p.add_argument("--src", default="data/bible/test.src", help="sentences, one a line (default data/bible/test.src)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128], help="concurrent clients per row")
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests per row, over all clients (default 0: max(256, 4 x the row's concurrency))")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds per row instead of --requests (0 = off)")
+    p.add_argument("--modes", nargs="+", choices=("on", "off"), default=["on", "off"],
+                   help="request coalescing on, off (NMT_MAX_BATCH_REQUESTS=1) or both; a fresh server each")
+    p.add_argument("--beam", type=int, default=5, help="beam size of every request (default 5)")
+    p.add_argument("--warmup", type=int, default=8, help="requests before the timing, one at a time (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="shuffles the sentences (default 0)")
+    p.add_argument("--server-cpus", default="", help="pin the server with taskset -c, e.g. 0,1 (default: no pinning)")
+    p.add_argument("--client-cpus", default="", help="pin this load generator, e.g. 1 (default: no pinning)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="NMT_THREADS and OMP_NUM_THREADS of the server (default 0: inherited / torch default)")
+    p.add_argument("--max-batch-requests", type=int, default=0,
+                   help="NMT_MAX_BATCH_REQUESTS with batching on (default 0: the server's default)")
+    p.add_argument("--max-wait-ms", type=float, help="NMT_MAX_WAIT_MS (default: the server's)")
+    p.add_argument("--max-batch-tokens", type=int, default=0, help="NMT_MAX_BATCH_TOKENS (default 0: the server's)")
+    p.add_argument("--max-queue", type=int, default=0,
+                   help="NMT_MAX_QUEUE (default 0: max(256, 2 x the largest concurrency))")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="NMT_REQUEST_TIMEOUT_S (default 120)")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /v1/ready (default 300)")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    if any(c < 1 for c in args.concurrency) or min(args.requests, args.duration, args.warmup) < 0:
+        p.error("--concurrency must be >= 1, --requests, --duration and --warmup >= 0")
+    if not Path(args.model).exists():
+        p.error(f"model not found: {args.model}")
+    args.max_queue = args.max_queue or max(256, 2 * max(args.concurrency))
+    args.start_cpus = os.sched_getaffinity(0)
+    if args.client_cpus:
+        os.sched_setaffinity(0, {int(c) for part in args.client_cpus.split(",") for c in _cpu_range(part)})
+    texts = read_sources(Path(args.src), args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {metadata.version('torch')}"
+    load_before = os.getloadavg()
+    rows, servers = [], []
+    for mode in args.modes:
+        mode_rows, info = run_mode(args, mode, texts, out)
+        rows += mode_rows
+        servers.append(info)
+    result = summary(rows)
+    report = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": metadata.version("torch"),
+                          "python": platform.python_version(), "kernel": platform.release(),
+                          "load_average_before": load_before, "load_average_after": os.getloadavg()},
+              "command": shlex.join([sys.executable, *sys.argv]), "model": args.model, "src": args.src,
+              "beam": args.beam, "requests": args.requests, "duration_s": args.duration, "warmup": args.warmup,
+              "seed": args.seed, "server_cpus": args.server_cpus, "client_cpus": args.client_cpus,
+              "threads": args.threads, "servers": servers, "rows": rows, "summary": result}
+    (out / "service_load.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(rows, machine, args, servers) + summary_text(result)
+    (out / "service_load.md").write_text(table)
+    print(table)
+
+
+def _cpu_range(part: str) -> range:
+    """`3` or `0-2` as a range of CPU numbers."""
+    low, _, high = part.strip().partition("-")
+    return range(int(low), int(high or low) + 1)
+
+
+if __name__ == "__main__":
+    main()
