@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 ONMT_CONFIG = """\
+save_data: {run}/samples
+overwrite: true
 src_vocab: {run}/vocab.src
 tgt_vocab: {run}/vocab.tgt
 data:
@@ -57,7 +59,7 @@ batch_type: tokens
 batch_size: 4096
 bucket_size: 32768
 num_workers: 0
-report_every: 50
+report_every: {report}
 """
 
 
@@ -147,7 +149,8 @@ def run_onmt(args: argparse.Namespace, tokenizers: Path) -> dict:
         tmp = Path(tmp)
         write_pieces(Path(args.data), tokenizers, tmp / "data")
         config = tmp / "config.yaml"
-        config.write_text(ONMT_CONFIG.format(run=tmp / "run", data=tmp / "data", steps=args.onmt_steps))
+        config.write_text(ONMT_CONFIG.format(run=tmp / "run", data=tmp / "data", steps=args.onmt_steps,
+                                             report=args.onmt_report_every))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{venv_bin}:{os.environ['PATH']}"}
         subprocess.run([str(venv_bin / "onmt_build_vocab"), "-config", str(config), "-n_sample", "-1"],
                        env=env, check=True, capture_output=True, text=True)
@@ -184,7 +187,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed updates")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--onmt-venv", help="virtual env with OpenNMT-py 3.5.1, to measure it side by side")
-    p.add_argument("--onmt-steps", type=int, default=250)
+    p.add_argument("--onmt-steps", type=int, default=50, help="OpenNMT-py updates (its first report is dropped)")
+    p.add_argument("--onmt-report-every", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)

@@ -1,0 +1,41 @@
+# Set-up and everyday commands. `make serve` and `make test` work on a fresh Debian machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= models/es-en-bible
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages: the Bible corpus (SWORD modules), Chromium for the web-page test, docker-compose to validate
+# the compose file.
+APT_PACKAGES := sword-text-sparv sword-text-kjv chromium chromium-driver docker-compose
+
+.PHONY: setup system-deps serve test lint bible clean
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $$missing; fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# The CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA libraries.
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+setup: system-deps $(VENV)/.installed
+
+serve: setup
+	$(VENV)/bin/nmt serve $(MODEL) --host $(HOST) --port $(PORT)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
+	$(VENV)/bin/python -m pytest -q
+
+bible: setup
+	$(VENV)/bin/nmt prepare bible data/bible
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
