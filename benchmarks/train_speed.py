@@ -85,9 +85,10 @@ def worker(args: argparse.Namespace) -> dict:
     from nmt.config import load_config
     from nmt.train import Trainer
 
-    torch.set_num_threads(args.threads)
+    threads = args.threads[0]  # one value in a worker
+    torch.set_num_threads(threads)
     cfg = load_config(args.config, [f"data.dir={args.data}", f"train.run_dir={args.run_dir}",
-                                    f"train.threads={args.threads}", "train.device=cpu"])
+                                    f"train.threads={threads}", "train.device=cpu"])
     trainer = Trainer(cfg)
     batches = trainer.data.epoch_batches(cfg.train.seed, 0)
     for b in batches[: args.warmup]:
@@ -109,10 +110,10 @@ def worker(args: argparse.Namespace) -> dict:
         a @ a
     sgemm = 3 * 2 * 2048**3 / (time.perf_counter() - t0)
     tok_s = tokens / elapsed
-    return {"system": "rnnsearch", "threads": args.threads, "updates": len(timed), "tokens": tokens,
+    return {"system": "rnnsearch", "threads": threads, "updates": len(timed), "tokens": tokens,
             "seconds": elapsed, "tgt_tok_s": tok_s, "flops_per_tgt_token": flops_per_token,
             "gflop_s": tok_s * flops_per_token / 1e9, "sgemm_gflop_s": sgemm / 1e9,
-            "nominal_peak_gflop_s": cpu_mhz() * 1e6 * 32 * args.threads / 1e9}
+            "nominal_peak_gflop_s": cpu_mhz() * 1e6 * 32 * threads / 1e9}
 
 
 def run_ours(args: argparse.Namespace, threads: int, tokenizers: Path) -> dict:
