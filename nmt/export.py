@@ -6,6 +6,7 @@ A model directory holds `model.safetensors` (fp32 or fp16), `config.yaml`, `src.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -119,10 +120,32 @@ def _training_metrics(run: Path, state: dict[str, Any]) -> dict[str, Any]:
         valid = [r for r in records if r.get("type") == "valid" and r.get("step") == pos.get("step")]
         if valid:
             metrics["dev"] = {k: v for k, v in valid[-1].items() if k.startswith("dev_")}
-        times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
-        if len(times) > 1:
-            metrics["train_seconds_logged"] = round(times[-1] - times[0])
     return metrics
+
+
+def _sessions(run: Path) -> dict[str, Any]:
+    """How the run was trained: its commands, hardware and wall time, from the session records of metrics.jsonl.
+
+    A session killed without its end record counts up to its last metrics line."""
+    path = run / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    sessions: list[dict[str, Any]] = []
+    for r in records:
+        if not isinstance(r, dict) or not isinstance(r.get("time"), (int, float)):
+            continue
+        if r.get("type") == "session" and r.get("event") == "start":
+            sessions.append({"start": r["time"], "end": r["time"], **{k: r.get(k) for k in (
+                "command", "hardware", "device", "threads", "ranks", "torch")}})
+        elif sessions:
+            sessions[-1]["end"] = r["time"]
+    seconds = sum(s["end"] - s["start"] for s in sessions)
+    unique = {k: sorted({str(s[k]) for s in sessions if s.get(k) is not None}) for k in ("command", "hardware")}
+    return {"commands": unique["command"], "hardware": unique["hardware"], "sessions": len(sessions),
+            "wall_seconds": round(seconds), "wall_hours": round(seconds / 3600, 2)}
 
 
 def _evaluation(run: Path, report: Path | None) -> dict[str, Any] | None:
@@ -157,7 +180,7 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: Path, 
         "data": data,
         "metrics": _training_metrics(run, state),
         "evaluation": _evaluation(run, report),
-        "training": {"command": None, "hardware": None},  # for the user to fill in
+        "training": _sessions(run),
     }
 
 

@@ -8,8 +8,11 @@ import json
 import logging
 import math
 import os
+import platform
 import random
+import shlex
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +159,33 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def command_line() -> str:
+    """How this process was started, for the run's record (torchrun shows as its rank count)."""
+    world = os.environ.get("WORLD_SIZE")
+    prefix = f"torchrun ({world} processes): " if world else ""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    argv = ["nmt", *sys.argv[1:]] if Path(sys.argv[0]).name in ("nmt", "__main__.py") else sys.argv
+    return prefix + (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join(argv)
+
+
+def hardware(device: torch.device) -> dict[str, str]:
+    """The processor (CPU model and core count, or the CUDA device name) and the torch version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+                    platform.processor() or "CPU")
+        name = f"{name}, {os.cpu_count()} cores"
+    return {"hardware": name, "device": device.type, "torch": torch.__version__}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
 
 
 def read_lines(path: Path) -> list[str]:
@@ -383,6 +413,9 @@ class Trainer:
         total = tc.max_steps or per_epoch * tc.epochs
         progress = Progress(total, "step", enabled=None if self.ranks.main else False, start=self.pos.step)
         reason = "finished"
+        self._log({"type": "session", "event": "start", "step": self.pos.step, **hardware(self.device),
+                   "threads": torch.get_num_threads(), "ranks": self.ranks.world, "command": command_line(),
+                   "time": time.time()})
         window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
         with StopSignal() as stop:
             while reason == "finished" and self.pos.epoch < tc.epochs:
@@ -421,6 +454,7 @@ class Trainer:
             elif self.pos.last_valid_step != self.pos.step:
                 self._validate_and_save()
         progress.close()
+        self._log({"type": "session", "event": "end", "step": self.pos.step, "reason": reason, "time": time.time()})
         self.ranks.barrier()
         return {"step": self.pos.step, "best_bleu": self.pos.best_bleu, "reason": reason}
 
