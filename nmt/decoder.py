@@ -16,7 +16,7 @@ class Memory:
     """What the decoder reads from the encoder, for one batch (rows may be repeated for beams)."""
 
     values: torch.Tensor  # (B, S, C) annotations h_j
-    keys: torch.Tensor | None  # (B, S, A) U h_j, computed once per source sentence
+    keys: torch.Tensor | None  # (B, S, A) 2 U h_j (see AdditiveAttention.keys), once per source sentence
     mask_bias: torch.Tensor  # (B, S) 0 at real positions, -inf at padding
     summary: torch.Tensor  # (B, C) fixed context [fwd_last; bwd_first], used when attention is off
     summary_gates: torch.Tensor | None  # (B, G*H) its gate contribution, hoisted out of the step loop
