@@ -109,7 +109,9 @@ def test_two_ranks_finish_with_identical_weights(two_rank_run: tuple[Path, list[
     # Only rank 0 logs: one line per update and per validation.
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, TOTAL_STEPS + 1))
     assert [r["step"] for r in records if r["type"] == "valid"] == list(range(4, TOTAL_STEPS + 1, 4))
-    assert "dev_bleu" in records[-1]
+    assert "dev_bleu" in [r for r in records if r["type"] == "valid"][-1]
+    assert [(r["event"], r["ranks"] if r["event"] == "start" else r["reason"]) for r in records
+            if r["type"] == "session"] == [("start", 2), ("end", "max steps")]
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +129,10 @@ def one_update(trainer: Trainer, initial: dict, batches: list[list[int]]) -> dic
             "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()}}
 
 
-def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-7) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_two_ranks_with_half_batches_equal_one_process_with_the_whole(data: Path, tmp_path: Path,
@@ -140,7 +142,8 @@ def test_two_ranks_with_half_batches_equal_one_process_with_the_whole(data: Path
     single = one_update(*one_process, [FULL])
     for rank in ranks:
         assert_close(rank["grads"], single["grads"])
-        assert_close(rank["weights"], single["weights"])
+        # Adam's first step is about lr * sign(g): where g is near zero, float noise in g moves a weight ~1e-6.
+        assert_close(rank["weights"], single["weights"], atol=2e-6)
     assert_equal(ranks[0]["weights"], ranks[1]["weights"])
 
 
