@@ -171,7 +171,8 @@ def server_env(args: argparse.Namespace, mode: str) -> dict[str, str]:
 def serving(args: argparse.Namespace, mode: str, log_path: Path):
     """A fresh `nmt serve` process on a free loopback port; yields (url, process, command, settings) once ready."""
     port = free_port()
-    cmd = [sys.executable, "-m", "nmt", "serve", args.model, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "nmt", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
+           "--workers", str(args.workers)]
     if args.server_cpus:
         if not shutil.which("taskset"):
             raise SystemExit("--server-cpus needs taskset (util-linux), which is not installed")
@@ -330,7 +331,7 @@ def markdown(rows: list[dict], machine: str, args: argparse.Namespace, servers: 
     threads = args.threads or f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} / torch default"
     lines = [f"Machine: {machine}", "",
              f"Model {args.model}; one sentence a request at beam {args.beam}; {amount} a row; server on CPUs "
-             f"{cpus}, threads {threads}", "",
+             f"{cpus}, {args.workers} worker process(es) of {threads} thread(s)", "",
              "| batching | concurrency | requests | errors | requests/s | p50 ms | p95 ms | p99 ms | peak RSS MB | "
              "mean batch | server CPU % |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -390,6 +391,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="shuffles the sentences (default 0)")
     p.add_argument("--server-cpus", default="", help="pin the server with taskset -c, e.g. 0,1 (default: no pinning)")
     p.add_argument("--client-cpus", default="", help="pin this load generator, e.g. 1 (default: no pinning)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server worker processes (nmt serve --workers); with more than one, peak RSS and the "
+                        "batch means are those of one process")
     p.add_argument("--threads", type=int, default=0,
                    help="NMT_THREADS and OMP_NUM_THREADS of the server (default 0: inherited / torch default)")
     p.add_argument("--max-batch-requests", type=int, default=0,
