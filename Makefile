@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: system-deps $(VENV)/.installed
 
-serve: setup
+serve: $(VENV)/.installed  # the service needs no Debian packages
 	$(VENV)/bin/nmt serve $(MODEL) --host $(HOST) --port $(PORT)
 
 lint: setup

@@ -5,7 +5,8 @@
 Rows: the test split at greedy (beam 1), beam 5 and beam 10, beam 5 with int8 weights, the dev split at beam 5,
 and Apertium's rule-based spa->eng (Debian `apertium-eng-spa`) on the same test set, scored with
 `nmt evaluate --hyp` (skipped with a note when `apertium` is not installed). Also five test verses picked with a
-fixed seed, next to their references. Writes quality.json and quality.md under --out and prints the markdown.
+fixed seed, next to their references. Writes quality.json, quality.md and each row's hypotheses and `nmt evaluate`
+report (quality-NAME.hyp/.json) under --out, and prints the markdown.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROWS = [  # (name, split, nmt evaluate options)
@@ -29,15 +29,13 @@ ROWS = [  # (name, split, nmt evaluate options)
 ]
 
 
-def nmt_evaluate(args: list[str]) -> dict:
-    """Run `nmt evaluate` in a subprocess and return its JSON report."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "nmt", "evaluate", *args, "--report", str(report)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(report.read_text())
+def nmt_evaluate(args: list[str], report: Path) -> dict:
+    """Run `nmt evaluate` in a subprocess, its JSON report written to `report`, and return the report."""
+    cmd = [sys.executable, "-m", "nmt", "evaluate", *args, "--report", str(report)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(report.read_text())
 
 
 def apertium(src: Path, out: Path) -> Path | None:
@@ -75,16 +73,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows, hyp_files = [], {}
     for name, split, options in ROWS:
-        hyp = out / f"quality-{name.replace(' ', '').replace(',', '-').replace('(', '').replace(')', '')}.hyp"
+        stem = out / f"quality-{name.replace(' ', '').replace(',', '-').replace('(', '').replace(')', '')}"
+        hyp = stem.with_suffix(".hyp")
         report = nmt_evaluate([args.model, "--split", split, "--data", str(data), "--threads", str(args.threads),
-                               *options, "--out", str(out)])
+                               *options, "--out", str(out)], stem.with_suffix(".json"))
         shutil.move(out / f"{split}.hyp", hyp)
         hyp_files[name] = hyp
         rows.append({**row(f"rnnsearch {name}", report), "split": split})
         print(json.dumps(rows[-1]), flush=True)
     ap = apertium(data / "test.src", out / "quality-apertium.hyp")
     if ap:
-        report = nmt_evaluate(["--hyp", str(ap), "--ref", str(data / "test.tgt")])
+        report = nmt_evaluate(["--hyp", str(ap), "--ref", str(data / "test.tgt")], ap.with_suffix(".json"))
         rows.append({**row("Apertium spa-eng (rule-based)", report), "split": "test"})
     src = (data / "test.src").read_text(encoding="utf-8").splitlines()
     ref = (data / "test.tgt").read_text(encoding="utf-8").splitlines()
