@@ -53,15 +53,10 @@ from pathlib import Path
 
 import httpx
 
+from nmt.train import cpu_name
+
 BAR_CONCURRENCY = 32
 BAR_P99_S = 1.5
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def free_port() -> int:

@@ -26,7 +26,6 @@ import importlib.util
 import itertools
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -34,12 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+from nmt.train import cpu_name
 
 
 def read(path: Path) -> list[str]:

@@ -175,17 +175,18 @@ def hardware(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
-                    platform.processor() or "CPU")
-        name = f"{name}, {os.cpu_count()} cores"
+        name = f"{cpu_name()}, {os.cpu_count()} cores"
     return {"hardware": name, "device": device.type, "torch": torch.__version__}
 
 
-def _cpuinfo() -> list[str]:
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what the platform module knows."""
     try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return []
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
 
 
 def read_lines(path: Path) -> list[str]:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import schemathesis
-import uvicorn
+from conftest import serve_in_thread
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -26,19 +23,8 @@ SETTINGS = {"max_texts": 4, "max_chars": 100, "max_body_bytes": 10_000, "api_key
 def live_url(tiny_model_dir: Path) -> Iterator[str]:
     """The app under uvicorn in a thread of this process, with small limits so generated bodies stay cheap."""
     app = create_app(Settings(model_dir=tiny_model_dir, **SETTINGS), Translator.load(tiny_model_dir, threads=1))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(1000):
-        if server.started:
-            break
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 # The schema needs no model, so it is built at collection time; the requests go to the live server.
