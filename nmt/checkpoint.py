@@ -14,6 +14,17 @@ import torch
 from nmt.errors import NMTError
 
 FORMAT = "rnnsearch-checkpoint-1"
+STEP_DIR = "checkpoints"  # in a run directory: the weights kept at validations (train.keep_checkpoints)
+
+
+def step_checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / STEP_DIR / f"step-{step:08d}.pt"
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """The kept step checkpoints of a run, oldest first."""
+    folder = run_dir / STEP_DIR
+    return sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
 
 
 def atomic_write(path: Path, write: Any) -> None:

@@ -298,6 +298,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("outdir", help="model directory to create")
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default best)")
+    p.add_argument("--average", type=int, default=0, metavar="N",
+                   help="export the mean weights of the last N kept step checkpoints (train.keep_checkpoints) "
+                        "instead of --checkpoint")
     p.add_argument("--report", help="`nmt evaluate` JSON report for the card (default: RUN/eval/test.json if any)")
     p.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     p.set_defaults(func=_run_export)
@@ -307,7 +310,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from nmt.export import export_model
 
     out = export_model(args.run, args.outdir, fp16=args.fp16, checkpoint=args.checkpoint, report=args.report,
-                       overwrite=args.force)
+                       overwrite=args.force, average=args.average)
     print(out)
     return 0
 

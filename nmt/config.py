@@ -72,6 +72,7 @@ class TrainConfig:
     early_stop_patience: int = 8  # validations without dev-BLEU improvement before stopping; 0 = off
     log_every: int = 50  # updates between metric lines
     accum_steps: int = 1  # batches whose gradients are summed before one update
+    keep_checkpoints: int = 0  # weights saved at the last N validations, for `nmt export --average`; 0 = none
 
 
 @dataclass
@@ -111,8 +112,8 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "train.threads", "train.max_steps", "train.lr", "train.weight_decay", "train.clip_norm",
     "train.min_lr", "train.valid_every", "train.valid_max_sentences", "train.early_stop_patience",
-    "train.lr_patience", "tokenizer.sample_alpha", "decode.length_penalty", "decode.max_len_a",
-    "decode.max_len_b",
+    "train.lr_patience", "train.keep_checkpoints", "tokenizer.sample_alpha", "decode.length_penalty",
+    "decode.max_len_a", "decode.max_len_b",
 }
 _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay", "tokenizer.character_coverage"}
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nmt import __version__
-from nmt.checkpoint import load_checkpoint
+from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.config import Config, from_dict, save_config
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
@@ -49,7 +49,7 @@ def run_checkpoint(run: Path, which: str = "best") -> Path:
     raise NMTError(f"{run} holds no {' or '.join(names)} (is it a run directory?)")
 
 
-def load_weights(model: Seq2Seq, weights: dict[str, torch.Tensor], source: Path) -> None:
+def load_weights(model: Seq2Seq, weights: dict[str, torch.Tensor], source: Path | str) -> None:
     """Copy weights into model (converting fp16 to the model's dtype); mismatches raise NMTError."""
     expected = set(model.state_dict())
     if model.cfg.tie_embeddings:
@@ -162,7 +162,42 @@ def _evaluation(run: Path, report: Path | None) -> dict[str, Any] | None:
     return {k: data[k] for k in ("metrics", "n", "src", "ref", "decode") if k in data}
 
 
-def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: Path, params: int, dtype: str,
+def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
+    """The last checkpoint's state with its weights replaced by the mean of all paths' weights (Polyak averaging,
+    as OpenNMT-py's average_models and fairseq's average_checkpoints do)."""
+    states = [load_checkpoint(p) for p in paths]
+    ref = states[-1]
+    for path, state in zip(paths, states, strict=True):
+        if set(state.get("model", {})) != set(ref.get("model", {})) or state.get("vocab") != ref.get("vocab"):
+            raise NMTError(f"cannot average {path} with {paths[-1]}: they hold different models")
+    averaged = {}
+    for name, tensor in ref["model"].items():
+        if tensor.is_floating_point():
+            total = sum(s["model"][name].double() for s in states)
+            averaged[name] = (total / len(states)).to(tensor.dtype)
+        else:
+            averaged[name] = tensor
+    return {**ref, "model": averaged}
+
+
+def _export_state(run: Path, checkpoint: str, average: int) -> tuple[dict[str, Any], str]:
+    """The state to export (a checkpoint, or the mean of the last `average` kept ones) and its name for the card."""
+    if average < 0:
+        raise NMTError(f"--average must be a number of checkpoints (1 or more), not {average}")
+    if average == 0:
+        ckpt = run_checkpoint(run, checkpoint)
+        return load_checkpoint(ckpt), ckpt.name
+    if not run.is_dir():
+        raise NMTError(f"run directory not found: {run}")
+    paths = step_checkpoints(run)
+    if len(paths) < average:
+        raise NMTError(f"--average {average}: {run} holds {len(paths)} kept step checkpoints; train with "
+                       f"train.keep_checkpoints >= {average} to keep enough of them")
+    paths = paths[-average:]
+    return average_checkpoints(paths), "average of " + ", ".join(p.name for p in paths)
+
+
+def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, params: int, dtype: str,
                name: str, report: Path | None = None) -> dict[str, Any]:
     corpus_json = Path(cfg.data.dir) / "corpus.json"
     data = _read_json(corpus_json) if corpus_json.is_file() else {"dir": cfg.data.dir}
@@ -176,7 +211,7 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: Path, 
         "parameters": params,
         "dtype": dtype,
         "vocab": state.get("vocab"),
-        "checkpoint": checkpoint.name,
+        "checkpoint": checkpoint,
         "data": data,
         "metrics": _training_metrics(run, state),
         "evaluation": _evaluation(run, report),
@@ -185,13 +220,13 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: Path, 
 
 
 def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkpoint: str = "best",
-                 report: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Write the model directory of a run (its best or last checkpoint) to outdir, atomically."""
+                 report: str | Path | None = None, overwrite: bool = False, average: int = 0) -> Path:
+    """Write the model directory of a run (its best or last checkpoint, or the average of its last `average`
+    kept step checkpoints) to outdir, atomically."""
     run, outdir = Path(run), Path(outdir)
-    ckpt = run_checkpoint(run, checkpoint)
     if outdir.exists() and not overwrite:
         raise NMTError(f"{outdir} already exists (use --force to replace it)")
-    state = load_checkpoint(ckpt)
+    state, ckpt = _export_state(run, checkpoint, average)
     for name in TOKENIZER_FILES:
         if not (run / name).is_file():
             raise NMTError(f"{run / name} not found: a run directory holds the SentencePiece models")

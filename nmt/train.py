@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nmt.batching import ParallelData
-from nmt.checkpoint import load_checkpoint, save_checkpoint
+from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
@@ -316,6 +316,7 @@ class Trainer:
             raise NMTError(f"{self.last_path} does not fit the configured model: {exc}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_schedule_changes(state.get("config", {}).get("train", {}))
         self.pos = Position(**state["position"])
         # One RNG state per rank; checkpoints from before distributed training hold a single one.
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
@@ -329,6 +330,18 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last_path, self.pos.step,
                  self.pos.epoch, self.pos.batch)
 
+    def _apply_schedule_changes(self, saved: dict[str, Any]) -> None:
+        """On --resume, train.lr and the decay settings of the config win over those saved in the checkpoint."""
+        tc = self.cfg.train
+        if saved.get("lr", tc.lr) != tc.lr:
+            was = self.optimizer.param_groups[0]["lr"]
+            for group in self.optimizer.param_groups:
+                group["lr"] = tc.lr
+            self.scheduler.num_bad_epochs = 0
+            log.info("learning rate set to train.lr=%g (the run was at %g)", tc.lr, was)
+        self.scheduler.factor, self.scheduler.patience = tc.lr_decay, tc.lr_patience
+        self.scheduler.min_lrs = [tc.min_lr] * len(self.optimizer.param_groups)
+
     def _state(self, full: bool, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         state = {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                  "vocab": {"src": len(self.src_tok), "tgt": len(self.tgt_tok)},
@@ -337,14 +350,19 @@ class Trainer:
             state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rngs)
         return state
 
-    def save(self, best: bool = False) -> None:
-        """Write last.pt (and best.pt) on rank 0; every rank must call it, as it gathers their RNG states."""
+    def save(self, best: bool = False, keep: bool = False) -> None:
+        """Write last.pt (best.pt, and a kept step checkpoint) on rank 0; every rank must call it, as it gathers
+        their RNG states."""
         rngs = self.ranks.gather(rng_state(self.device))
         if not self.ranks.main:
             return
         save_checkpoint(self.last_path, self._state(True, rngs))
         if best:
             save_checkpoint(self.best_path, self._state(False, rngs))
+        if keep and self.cfg.train.keep_checkpoints:
+            save_checkpoint(step_checkpoint_path(self.run_dir, self.pos.step), self._state(False, rngs))
+            for old in step_checkpoints(self.run_dir)[:-self.cfg.train.keep_checkpoints]:
+                old.unlink()
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.ranks.main:
@@ -481,7 +499,7 @@ class Trainer:
             log.info("step %d: %s", self.pos.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         self.pos.last_valid_step = self.pos.step
         self._broadcast_position()
-        self.save(best=improved)
+        self.save(best=improved, keep=True)
         return bool(tc.early_stop_patience) and self.pos.bad_validations >= tc.early_stop_patience
 
     def _broadcast_position(self) -> None:

@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nmt.checkpoint import save_checkpoint
+from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from nmt.cli import main
 from nmt.config import load_config
 from nmt.errors import NMTError
-from nmt.export import export_model
+from nmt.export import export_model, read_safetensors
 from nmt.model import Seq2Seq
 from nmt.tokenizer import Tokenizer
 from nmt.translator import Translator
@@ -114,6 +114,29 @@ def test_export_card_takes_an_evaluation_report(tiny_run, tmp_path):
         export_model(tiny_run, tmp_path / "m2", report=report)
     with pytest.raises(NMTError, match="evaluation report not found"):
         export_model(tiny_run, tmp_path / "m3", report=tmp_path / "missing.json")
+
+
+def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, capsys):
+    kept = step_checkpoints(tiny_run)
+    steps = [load_checkpoint(p)["position"]["step"] for p in kept]
+    assert len(kept) == 3 and steps == sorted(steps) and steps[-1] == load_checkpoint(tiny_run / "last.pt")[
+        "position"]["step"]  # the oldest validations were pruned, the newest kept
+    assert main(["export", str(tiny_run), str(tmp_path / "avg"), "--average", "2"]) == 0
+    weights = read_safetensors(tmp_path / "avg" / "model.safetensors")
+    a, b = (load_checkpoint(p)["model"] for p in kept[-2:])
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, (a[name] + b[name]) / 2, rtol=0, atol=1e-6)
+    assert not torch.equal(weights["encoder.rnns.0.weight_hh_l0"], b["encoder.rnns.0.weight_hh_l0"])
+    card = json.loads((tmp_path / "avg" / "card.json").read_text("utf-8"))
+    assert card["checkpoint"] == f"average of {kept[-2].name}, {kept[-1].name}"
+    assert card["metrics"]["steps"] == steps[-1]
+    Translator.load(tmp_path / "avg").translate(LINES)
+
+    assert main(["export", str(tiny_run), str(tmp_path / "four"), "--average", "4"]) == 2
+    assert "holds 3 kept step checkpoints; train with train.keep_checkpoints >= 4" in capsys.readouterr().err
+    assert main(["export", str(tiny_run), str(tmp_path / "neg"), "--average", "-1"]) == 2
+    assert "--average must be a number of checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "four").exists() and not (tmp_path / "neg").exists()
 
 
 @pytest.fixture

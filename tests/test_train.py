@@ -21,7 +21,7 @@ from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 from nmt.search import search_ids
 from nmt.tokenizer import Tokenizer
-from nmt.train import train
+from nmt.train import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -109,6 +109,19 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(corpus: Path,
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if '"valid"' in line]
     assert steps == list(range(4, TOTAL_STEPS + 1, 4))  # resuming did not validate step 8 again
+
+
+def test_resume_takes_a_new_learning_rate_and_decay_settings_from_the_config(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.max_steps=4"))
+    trainer = Trainer(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.max_steps=8", "train.lr=0.0007",
+                                  "train.lr_patience=5", "train.min_lr=0.0001"), resume=True)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.0007]
+    assert trainer.scheduler.patience == 5 and trainer.scheduler.min_lrs == [0.0001]
+    trainer.run()
+    lrs = [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+           if '"train"' in line]
+    assert lrs[:4] == [0.005] * 4 and lrs[4:] == [0.0007] * 4
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
