@@ -88,6 +88,8 @@ def _run_plot(args: argparse.Namespace) -> int:
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, help="beam size (default: the model config's decode.beam_size)")
     p.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha; 0 = none (default: config)")
+    p.add_argument("--no-repeat-ngram", type=int, metavar="N",
+                   help="never repeat an n-gram of N pieces in an output; 0 = off (default: config)")
     p.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: config's decode.batch_tokens)")
     p.add_argument("--int8", action="store_true", help="int8 dynamic quantization for faster CPU inference")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -95,7 +97,8 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
 
 
 def _decode_options(args: argparse.Namespace) -> dict:
-    return {"beam_size": args.beam, "length_penalty": args.length_penalty, "batch_tokens": args.batch_tokens}
+    return {"beam_size": args.beam, "length_penalty": args.length_penalty, "batch_tokens": args.batch_tokens,
+            "no_repeat_ngram": args.no_repeat_ngram}
 
 
 def _load_translator(args: argparse.Namespace) -> Translator:

@@ -82,6 +82,7 @@ class DecodeConfig:
     max_len_a: float = 1.5  # output length limit: a * source_length + b
     max_len_b: int = 10
     replace_unk: bool = True  # replace <unk> by the most-attended source piece
+    no_repeat_ngram: int = 0  # ban any n-gram of this size from appearing twice in an output; 0 = off
     batch_tokens: int = 4000  # source tokens per translation batch
 
 
@@ -113,7 +114,7 @@ _NON_NEGATIVE = {
     "train.threads", "train.max_steps", "train.lr", "train.weight_decay", "train.clip_norm",
     "train.min_lr", "train.valid_every", "train.valid_max_sentences", "train.early_stop_patience",
     "train.lr_patience", "train.keep_checkpoints", "tokenizer.sample_alpha", "decode.length_penalty",
-    "decode.max_len_a", "decode.max_len_b",
+    "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram",
 }
 _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay", "tokenizer.character_coverage"}
 

@@ -179,7 +179,8 @@ class Translator:
     def translate(self, texts: list[str], beam_size: int | None = None, n_best: int = 1,
                   length_penalty: float | None = None, return_alignment: bool = False,
                   batch_tokens: int | None = None, replace_unk: bool | None = None, ban_unk: bool = False,
-                  no_repeat_ngram: int = 0, min_len: int = 0, max_len: int | None = None) -> list[Translation]:
+                  no_repeat_ngram: int | None = None, min_len: int = 0,
+                  max_len: int | None = None) -> list[Translation]:
         """Translate each text; unset options come from the config's decode section.
 
         max_len, when given, caps every output at that many pieces instead of the config's a * source + b;
@@ -194,7 +195,8 @@ class Translator:
             raise NMTError(f"length_penalty must be a number between 0 and 10, got {alpha!r}")
         search = {
             "beam_size": beam, "alpha": float(alpha), "ban_unk": bool(ban_unk),
-            "no_repeat_ngram": _check_int("no_repeat_ngram", no_repeat_ngram, 0),
+            "no_repeat_ngram": _check_int("no_repeat_ngram",
+                                          d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram, 0),
             "min_len": _check_int("min_len", min_len, 0),
             "max_len_a": d.max_len_a if max_len is None else 0.0,
             "max_len_b": d.max_len_b if max_len is None else _check_int("max_len", max_len, 1),

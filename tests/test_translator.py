@@ -40,6 +40,24 @@ def test_translates_the_reverse_task(translator):
     assert out[0].alternatives[0].text == out[0].text and out[0].src_pieces is None
 
 
+def test_no_repeat_ngram_from_the_call_the_config_or_the_cli(translator, tiny_model_dir, tmp_path, capsys):
+    line = "a b a b a b"
+    assert texts(translator.translate([line])) == ["b a b a b a"]  # the tiny config's default: no blocking
+    blocked = texts(translator.translate([line], no_repeat_ngram=2))[0].split()
+    bigrams = list(zip(blocked, blocked[1:], strict=False))
+    assert len(bigrams) == len(set(bigrams)) and blocked != "b a b a b a".split()
+    configured = Translator.load(tiny_model_dir, threads=1)
+    configured.cfg.decode.no_repeat_ngram = 2
+    assert texts(configured.translate([line]))[0].split() == blocked
+    assert texts(configured.translate([line], no_repeat_ngram=0)) == ["b a b a b a"]
+    src = tmp_path / "in.txt"
+    src.write_text(line + "\n", encoding="utf-8")
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "--no-repeat-ngram", "2"]) == 0
+    assert capsys.readouterr().out.split() == blocked
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "--no-repeat-ngram", "-1"]) == 2
+    assert "no_repeat_ngram" in capsys.readouterr().err
+
+
 def test_order_is_restored_and_batching_does_not_matter(translator):
     lines = ["a", "b c d e f g h i j k l", "p o", "k l m n o p a b", "c d e"]
     batched = translator.translate(lines, batch_tokens=10_000)
