@@ -72,6 +72,18 @@ class Decoder(nn.Module):
         if tie_embeddings:
             self.out.weight = self.embed.weight
         self.dropout = nn.Dropout(dropout)
+        self.register_buffer("gate_table", None, persistent=False)
+
+    def cache_embedding_gates(self, max_mb: float) -> bool:
+        """For inference: precompute emb_gates(embed(y)) for the whole target vocabulary when the table takes at
+        most max_mb, so that each decoding step gathers rows instead of running a matmul; whether it did.
+
+        The table is a snapshot: only call this on a model whose weights will not change (a Translator's)."""
+        if self.embed.num_embeddings * self.emb_gates.out_features * 4 > max_mb * 2**20:
+            return False
+        with torch.no_grad():
+            self.gate_table = self.emb_gates(self.embed.weight)
+        return True
 
     def init_state(self, mem: Memory) -> State:
         """s_0 = tanh(W_init bwd_1) for every layer; LSTM cells start at zero."""
@@ -139,6 +151,8 @@ class Decoder(nn.Module):
                       mem: Memory) -> tuple[torch.Tensor, torch.Tensor | None, State]:
         """Inference step from previous tokens (N,) -> log-probabilities (N, V), attention (N, S), state."""
         emb = self.embed(prev)
-        out, ctx, alpha, state = self.step(self.emb_gates(emb), state, mem)
+        table = None if self.training else self.gate_table
+        gates = self.emb_gates(emb) if table is None else table.index_select(0, prev)
+        out, ctx, alpha, state = self.step(gates, state, mem)
         logits = self.out(self.output_layer(out, ctx, emb))
         return torch.log_softmax(logits.float(), dim=-1), alpha, state

@@ -160,9 +160,11 @@ class Translator:
             from nmt.quantize import quantize_int8
 
             model, quantized = quantize_int8(model)
+        model = model.to(dev)
+        model.decoder.cache_embedding_gates(cfg.decode.gate_table_mb)
         log.info("loaded %s (%s -> %s) on %s%s", source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
                  ", int8" if quantized else "")
-        return cls(model.to(dev), cfg, src_tok, tgt_tok, dev, path, card, quantized, params)
+        return cls(model, cfg, src_tok, tgt_tok, dev, path, card, quantized, params)
 
     @property
     def info(self) -> dict[str, Any]:

@@ -58,6 +58,22 @@ def test_no_repeat_ngram_from_the_call_the_config_or_the_cli(translator, tiny_mo
     assert "no_repeat_ngram" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_gate_table_decodes_like_the_matmul_it_replaces(tiny_model_dir, int8):
+    lines = ["a b c d", "p o n m l", "e f g h i j k", "k"]
+    table = Translator.load(tiny_model_dir, threads=1, int8=int8)
+    plain = Translator.load(tiny_model_dir, threads=1, int8=int8)
+    assert table.model.decoder.gate_table is not None
+    assert not plain.model.decoder.cache_embedding_gates(0)  # a table over the limit is not built
+    plain.model.decoder.gate_table = None
+    for a, b in zip(table.translate(lines, beam_size=3, n_best=2), plain.translate(lines, beam_size=3, n_best=2),
+                    strict=True):
+        assert a.text == b.text and [x.text for x in a.alternatives] == [x.text for x in b.alternatives]
+        # int8 quantizes activations per call with the call's range: one call over the whole embedding matrix
+        # rounds a little differently from per-step calls.
+        assert a.score == pytest.approx(b.score, abs=2e-2 if int8 else 1e-4)
+
+
 def test_order_is_restored_and_batching_does_not_matter(translator):
     lines = ["a", "b c d e f g h i j k l", "p o", "k l m n o p a b", "c d e"]
     batched = translator.translate(lines, batch_tokens=10_000)
