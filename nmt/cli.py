@@ -305,6 +305,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="export the mean weights of the last N kept step checkpoints (train.keep_checkpoints) "
                         "instead of --checkpoint")
     p.add_argument("--report", help="`nmt evaluate` JSON report for the card (default: RUN/eval/test.json if any)")
+    p.add_argument("--set", action="append", default=[], metavar="decode.KEY=VALUE",
+                   help="change a decoding default of the exported model (e.g. decode.length_penalty=0.6)")
     p.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     p.set_defaults(func=_run_export)
 
@@ -313,7 +315,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from nmt.export import export_model
 
     out = export_model(args.run, args.outdir, fp16=args.fp16, checkpoint=args.checkpoint, report=args.report,
-                       overwrite=args.force, average=args.average)
+                       overwrite=args.force, average=args.average, decode=args.set)
     print(out)
     return 0
 

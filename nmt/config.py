@@ -216,13 +216,24 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise NMTError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise NMTError(f"config file {path} must hold a mapping of sections")
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
+                    sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A copy of raw config dicts with `section.key=value` overrides set (only in `sections`, when given)."""
+    if not isinstance(raw, dict):
+        raise NMTError("config must be a mapping of sections (data, tokenizer, model, train, decode)")
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         (section, key), value = parse_override(item)
+        if sections is not None and section not in sections:
+            raise NMTError(f"override '{item}': only {', '.join(s + '.*' for s in sections)} settings can change here")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise NMTError(f"config section '{section}' must be a mapping")
         raw[section][key] = value
-    return from_dict(raw)
+    return raw
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

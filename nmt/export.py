@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from nmt import __version__
 from nmt.checkpoint import load_checkpoint, step_checkpoints
-from nmt.config import Config, from_dict, save_config
+from nmt.config import Config, apply_overrides, from_dict, save_config
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 
@@ -220,9 +220,11 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
 
 
 def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkpoint: str = "best",
-                 report: str | Path | None = None, overwrite: bool = False, average: int = 0) -> Path:
+                 report: str | Path | None = None, overwrite: bool = False, average: int = 0,
+                 decode: list[str] | tuple[str, ...] = ()) -> Path:
     """Write the model directory of a run (its best or last checkpoint, or the average of its last `average`
-    kept step checkpoints) to outdir, atomically."""
+    kept step checkpoints) to outdir, atomically; `decode` overrides (`decode.key=value`) set the model's
+    decoding defaults."""
     run, outdir = Path(run), Path(outdir)
     if outdir.exists() and not overwrite:
         raise NMTError(f"{outdir} already exists (use --force to replace it)")
@@ -231,7 +233,7 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
         if not (run / name).is_file():
             raise NMTError(f"{run / name} not found: a run directory holds the SentencePiece models")
     try:
-        cfg = from_dict(state["config"])
+        cfg = from_dict(apply_overrides(state["config"], decode, sections=("decode",)))
         model = Seq2Seq(cfg.model, state["vocab"]["src"], state["vocab"]["tgt"])
     except (KeyError, TypeError) as exc:
         raise NMTError(f"{ckpt} lacks the config or vocabulary sizes of an rnnsearch run ({exc})") from None

@@ -139,6 +139,21 @@ def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, caps
     assert not (tmp_path / "four").exists() and not (tmp_path / "neg").exists()
 
 
+def test_export_sets_decoding_defaults_and_nothing_else(tiny_run, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["export", str(tiny_run), str(out), "--set", "decode.length_penalty=0.6",
+                 "--set", "decode.no_repeat_ngram=3"]) == 0
+    decode = load_config(out / "config.yaml").decode
+    assert (decode.length_penalty, decode.no_repeat_ngram, decode.beam_size) == (0.6, 3, 5)
+    assert Translator.load(out).cfg.decode.length_penalty == 0.6
+    for item, message in [("train.lr=1", "only decode.* settings can change here"),
+                          ("decode.beam=3", "unknown config key 'decode.beam'"),
+                          ("decode.beam_size=0", "decode.beam_size")]:
+        assert main(["export", str(tiny_run), str(tmp_path / "bad"), "--set", item]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
+
 @pytest.fixture
 def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
