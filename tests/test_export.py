@@ -138,6 +138,14 @@ def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, caps
     assert "--average must be a number of checkpoints" in capsys.readouterr().err
     assert not (tmp_path / "four").exists() and not (tmp_path / "neg").exists()
 
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_run, foreign)
+    state = load_checkpoint(step_checkpoints(foreign)[0])
+    state["model"].pop("decoder.readout.bias")
+    save_checkpoint(step_checkpoints(foreign)[0], {k: v for k, v in state.items() if k != "format"})
+    assert main(["export", str(foreign), str(tmp_path / "f"), "--average", "3"]) == 2
+    assert "they hold different models" in capsys.readouterr().err
+
 
 def test_export_sets_decoding_defaults_and_nothing_else(tiny_run, tmp_path, capsys):
     out = tmp_path / "m"
