@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,18 +35,19 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="tune-decoding-"))  # nmt evaluate's hypotheses, not the model's eval/
     for ngram in args.ngrams:
         for alpha in args.alphas:
             options = [args.model, "--split", "dev", "--beam", str(args.beam), "--length-penalty", str(alpha),
-                       "--no-repeat-ngram", str(ngram), "--threads", str(args.threads)]
+                       "--no-repeat-ngram", str(ngram), "--threads", str(args.threads), "--out", str(scratch)]
             if args.data:
                 options += ["--data", args.data]
-            report = nmt_evaluate(options, out / "tune-decoding-last.json")
+            report = nmt_evaluate(options, scratch / "report.json")
             bleu = report["metrics"]["bleu"]
             rows.append({"length_penalty": alpha, "no_repeat_ngram": ngram, "bleu": bleu["score"],
                          "chrf": report["metrics"]["chrf"]["score"], "ratio": bleu["ratio"]})
             print(f"alpha {alpha} no_repeat_ngram {ngram}: BLEU {bleu['score']:.2f}", file=sys.stderr)
-    (out / "tune-decoding-last.json").unlink(missing_ok=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     best = max(rows, key=lambda r: r["bleu"])
     lines = [f"Dev split, beam {args.beam}, model `{args.model}` (`nmt evaluate --split dev`):", "",
              "| length penalty | no-repeat n-gram | BLEU | chrF | length ratio |", "|---|---|---|---|---|"]
