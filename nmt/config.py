@@ -85,6 +85,9 @@ class DecodeConfig:
     no_repeat_ngram: int = 0  # ban any n-gram of this size from appearing twice in an output; 0 = off
     batch_tokens: int = 4000  # source tokens per translation batch
     gate_table_mb: int = 256  # precompute every target token's embedding gate term when the table fits; 0 = off
+    shortlist: bool = True  # decode over a lexical shortlist when the model directory has one (nmt export)
+    shortlist_frequent: int = 1000  # the shortlist: this many most frequent target pieces ...
+    shortlist_per_source: int = 10  # ... plus this many co-occurring ones per source piece (at most 100)
 
 
 @dataclass
@@ -116,7 +119,7 @@ _NON_NEGATIVE = {
     "train.min_lr", "train.valid_every", "train.valid_max_sentences", "train.early_stop_patience",
     "train.lr_patience", "train.keep_checkpoints", "tokenizer.sample_alpha", "decode.length_penalty",
     "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram",
-    "decode.gate_table_mb",
+    "decode.gate_table_mb", "decode.shortlist_frequent", "decode.shortlist_per_source",
 }
 _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay", "tokenizer.character_coverage"}
 

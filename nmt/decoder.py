@@ -20,13 +20,23 @@ class Memory:
     mask_bias: torch.Tensor  # (B, S) 0 at real positions, -inf at padding
     summary: torch.Tensor  # (B, C) fixed context [fwd_last; bwd_first], used when attention is off
     summary_gates: torch.Tensor | None  # (B, G*H) its gate contribution, hoisted out of the step loop
+    vocab_bias: torch.Tensor | None = None  # (B, V') with a shortlist: 0 on the row's own pieces, -inf elsewhere
 
     def select(self, index: torch.Tensor) -> Memory:
         """Rows picked by index (reorder, drop finished sentences, or expand for beams)."""
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.index_select(0, index)
         return Memory(pick(self.values), pick(self.keys), pick(self.mask_bias), pick(self.summary),
-                      pick(self.summary_gates))
+                      pick(self.summary_gates), pick(self.vocab_bias))
+
+
+@dataclass
+class OutputVocab:
+    """The part of the target vocabulary a decoding batch computes logits for (a shortlist)."""
+
+    ids: torch.Tensor  # (V',) sorted target ids
+    weight: torch.Tensor  # (V', out_dim) their rows of the output layer
+    bias: torch.Tensor  # (V',)
 
 
 @dataclass
@@ -147,12 +157,28 @@ class Decoder(nn.Module):
         readout = self.output_layer(torch.stack(outs), torch.stack(ctxs), emb)
         return readout.transpose(0, 1)
 
-    def step_logprobs(self, prev: torch.Tensor, state: State,
-                      mem: Memory) -> tuple[torch.Tensor, torch.Tensor | None, State]:
-        """Inference step from previous tokens (N,) -> log-probabilities (N, V), attention (N, S), state."""
+    def output_vocab(self, ids: torch.Tensor) -> OutputVocab:
+        """The output layer restricted to the target ids (sorted), for decoding over a shortlist."""
+        weight, bias = self.out.weight, self.out.bias
+        if callable(weight):  # a dynamically quantized Linear: its int8 weights, dequantized
+            weight, bias = weight().dequantize(), bias()
+        return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
+
+    def step_logprobs(self, prev: torch.Tensor, state: State, mem: Memory,
+                      vocab: OutputVocab | None = None) -> tuple[torch.Tensor, torch.Tensor | None, State]:
+        """Inference step from previous tokens (N,) -> log-probabilities (N, V), attention (N, S), state.
+
+        With a vocab, the log-probabilities are over its ids (N, V'), each row normalized over the pieces
+        its mem.vocab_bias leaves open."""
         emb = self.embed(prev)
         table = None if self.training else self.gate_table
         gates = self.emb_gates(emb) if table is None else table.index_select(0, prev)
         out, ctx, alpha, state = self.step(gates, state, mem)
-        logits = self.out(self.output_layer(out, ctx, emb))
+        readout = self.output_layer(out, ctx, emb)
+        if vocab is None:
+            logits = self.out(readout)
+        else:
+            logits = torch.addmm(vocab.bias, readout, vocab.weight.t())
+            if mem.vocab_bias is not None:
+                logits = logits + mem.vocab_bias
         return torch.log_softmax(logits.float(), dim=-1), alpha, state

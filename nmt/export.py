@@ -1,7 +1,8 @@
 """Model directories: export a training run to weights + tokenizers + card, and read the weights back.
 
-A model directory holds `model.safetensors` (fp32 or fp16), `config.yaml`, `src.model`, `tgt.model` and
-`card.json`. It carries no optimizer state and no pickled code: safetensors holds only tensors.
+A model directory holds `model.safetensors` (fp32 or fp16), `config.yaml`, `src.model`, `tgt.model`,
+`card.json` and, when the training data was there to build it from, `shortlist.safetensors` (see
+nmt/shortlist.py). It carries no optimizer state and no pickled code: safetensors holds only tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.config import Config, apply_overrides, from_dict, save_config
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
+from nmt.shortlist import SHORTLIST_FILE, shortlist_from_corpus
+from nmt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +246,7 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
                for k, v in model.state_dict().items() if not (cfg.model.tie_embeddings and k in TIED)}
     card = build_card(cfg, state, run, ckpt, model.num_parameters(), str(dtype).removeprefix("torch."),
                       outdir.name, Path(report) if report else None)
+    shortlist = shortlist_from_corpus(Path(cfg.data.dir), *(Tokenizer(run / name) for name in TOKENIZER_FILES))
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}."))
     try:
@@ -250,6 +254,8 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
         save_config(cfg, tmp / CONFIG_FILE)
         for name in TOKENIZER_FILES:
             shutil.copyfile(run / name, tmp / name)
+        if shortlist is not None:
+            shortlist.save(tmp / SHORTLIST_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
             f.chmod(0o644)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nmt.config import ModelConfig
-from nmt.decoder import Decoder, Memory, State
+from nmt.decoder import Decoder, Memory, OutputVocab, State
 from nmt.encoder import Encoder
 from nmt.tokenizer import PAD
 
@@ -60,10 +60,11 @@ class Seq2Seq(nn.Module):
         smooth = -logprobs.mean(dim=1).sum()
         return (1.0 - label_smoothing) * nll + label_smoothing * smooth, nll.detach()
 
-    def step(self, prev: torch.Tensor, state: State,
-             mem: Memory) -> tuple[torch.Tensor, torch.Tensor | None, State]:
-        """One decoding step: log-probabilities (N, V), attention weights (N, S) and the new state."""
-        return self.decoder.step_logprobs(prev, state, mem)
+    def step(self, prev: torch.Tensor, state: State, mem: Memory,
+             vocab: OutputVocab | None = None) -> tuple[torch.Tensor, torch.Tensor | None, State]:
+        """One decoding step: log-probabilities (N, V) (or over a shortlist's ids), attention weights (N, S)
+        and the new state."""
+        return self.decoder.step_logprobs(prev, state, mem, vocab)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,15 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha if alpha else 1.0
 
 
+def _positions(ids: torch.Tensor, tokens: list[int]) -> list[int]:
+    """Where the tokens that are in the sorted ids stand in them."""
+    if not tokens:
+        return []
+    wanted = torch.tensor(tokens, dtype=ids.dtype, device=ids.device)
+    at = torch.searchsorted(ids, wanted).clamp(max=ids.numel() - 1)
+    return at[ids[at] == wanted].tolist()
+
+
 def _banned_by_ngrams(history: list[list[int]], n: int) -> list[list[int]]:
     """For each row, the tokens that would repeat an n-gram the row already holds."""
     banned = []
@@ -39,8 +49,8 @@ def _banned_by_ngrams(history: list[list[int]], n: int) -> list[list[int]]:
 @torch.no_grad()
 def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size: int = 5, n_best: int = 1,
                 alpha: float = 0.0, max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0,
-                ban_unk: bool = False, no_repeat_ngram: int = 0,
-                return_attention: bool = False) -> list[list[Hypothesis]]:
+                ban_unk: bool = False, no_repeat_ngram: int = 0, return_attention: bool = False,
+                shortlist: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[list[Hypothesis]]:
     """Translate a padded batch; returns n_best hypotheses per sentence, best first.
 
     Outputs hold at most max_len_a * source_length + max_len_b tokens (EOS not counted; at least 1) and,
@@ -49,6 +59,10 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
     beam_size finished ones all score above the best live beam as it stands (so beam size 1 is greedy
     decoding). Finished sentences leave the batch. Nothing about one sentence depends on the others in its
     batch. Attention, when asked for, is (len(tokens) + 1, source length with EOS) per hypothesis.
+
+    A shortlist (sorted target ids (V',) holding the special ids, and a (B, V') bias of 0 on each sentence's
+    own pieces and -inf elsewhere) restricts each sentence's output to its pieces; scores are then
+    log-probabilities normalized over those pieces.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
@@ -56,6 +70,10 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
     device = src.device
     batch, k = src.size(0), beam_size
     mem = model.encode(src, lens)
+    vocab = None
+    if shortlist is not None:
+        vocab = model.decoder.output_vocab(shortlist[0])
+        mem.vocab_bias = shortlist[1]
     src_lens = lens.tolist()
     # Output limits count real pieces: the source's EOS is not part of its length.
     limits = [max(1, int(max_len_a * (n - 1) + max_len_b)) for n in src_lens]
@@ -72,15 +90,15 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     step = 0
     while alive:
-        logp, alpha_t, state = model.step(prev, state, mem)
-        vocab = logp.size(1)
+        logp, alpha_t, state = model.step(prev, state, mem, vocab)
+        width = logp.size(1)
         logp[:, PAD] = float("-inf")
         logp[:, BOS] = float("-inf")
         if ban_unk:
             logp[:, UNK] = float("-inf")
         if no_repeat_ngram > 0:
             for row, banned in enumerate(_banned_by_ngrams(tokens.tolist(), no_repeat_ngram)):
-                logp[row, banned] = float("-inf")
+                logp[row, banned if vocab is None else _positions(vocab.ids, banned)] = float("-inf")
         if step < min_len:
             short = torch.tensor([step < limits[s] for s in alive], device=device).repeat_interleave(k)
             logp[short, EOS] = float("-inf")
@@ -91,9 +109,11 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
             logp[forced] = float("-inf")
             logp[forced, EOS] = eos_logp
         n = len(alive)
-        cand = (scores.view(-1, 1) + logp).view(n, k * vocab)
+        cand = (scores.view(-1, 1) + logp).view(n, k * width)
         top_scores, top_idx = cand.topk(2 * k, dim=1)
-        origin, token = top_idx // vocab, top_idx % vocab
+        origin, token = top_idx // width, top_idx % width
+        if vocab is not None:
+            token = vocab.ids[token]
         is_eos = (token == EOS) & torch.isfinite(top_scores)
         position = torch.arange(2 * k, device=device).expand(n, 2 * k)
         # Candidates ending in EOS among the top k finish; the first k others go on as live beams.
@@ -153,14 +173,20 @@ def greedy_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, **kwarg
 
 
 def search_ids(model: Seq2Seq, ids: list[list[int]], batch_tokens: int, device: torch.device,
-               beam_size: int = 5, **kwargs) -> list[list[Hypothesis]]:
-    """Decode many id sequences in length-sorted token-budget batches; results come back in input order."""
+               beam_size: int = 5,
+               shortlist: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+               **kwargs) -> list[list[Hypothesis]]:
+    """Decode many id sequences in length-sorted token-budget batches; results come back in input order.
+
+    shortlist, when given, maps each padded source batch to its shortlist (see beam_search)."""
     results: list[list[Hypothesis]] = [[] for _ in ids]
     lengths = [len(s) + 1 for s in ids]
     budget = max(batch_tokens // max(beam_size, 1), max(lengths, default=1))
     for group in token_batches(lengths, None, budget, max_sentences=len(ids) or 1):
         batch = collate([ids[i] for i in group], None, group)
-        hyps = beam_search(model, batch.src.to(device), batch.src_lens, beam_size=beam_size, **kwargs)
+        src = batch.src.to(device)
+        hyps = beam_search(model, src, batch.src_lens, beam_size=beam_size,
+                           shortlist=None if shortlist is None else shortlist(src), **kwargs)
         for i, h in zip(group, hyps, strict=True):
             results[i] = h
     return results

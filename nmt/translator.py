@@ -8,6 +8,7 @@ back with the original whitespace (chunks with a space).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -24,6 +25,7 @@ from nmt.errors import NMTError
 from nmt.export import CONFIG_FILE, MODEL_FILE, is_model_dir, load_weights, read_card, read_safetensors, run_checkpoint
 from nmt.model import Seq2Seq
 from nmt.search import Hypothesis, search_ids
+from nmt.shortlist import SHORTLIST_FILE, STORED_PER_SOURCE, Shortlist
 from nmt.tokenizer import EOS_PIECE, UNK, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -113,9 +115,10 @@ class Translator:
 
     def __init__(self, model: Seq2Seq, cfg: Config, src_tok: Tokenizer, tgt_tok: Tokenizer,
                  device: torch.device, path: Path, card: dict[str, Any] | None = None, int8: bool = False,
-                 num_parameters: int | None = None):
+                 num_parameters: int | None = None, shortlist: Shortlist | None = None):
         self.model, self.cfg, self.src_tok, self.tgt_tok = model.eval(), cfg, src_tok, tgt_tok
         self.device, self.path, self.card, self.int8 = device, path, card, int8
+        self.shortlist = shortlist  # None: the model has none, or decode.shortlist is off
         self.max_len = cfg.data.max_len
         # Counted before quantization: packed int8 weights are no parameters to torch.
         self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
@@ -135,8 +138,9 @@ class Translator:
             raise NMTError(f"model not found: {path}")
         if path.is_file() and path.name == MODEL_FILE:
             path = path.parent
-        card = None
-        if path.is_dir() and is_model_dir(path):
+        card, shortlist = None, None
+        model_dir = path.is_dir() and is_model_dir(path)
+        if model_dir:
             home, cfg = path, load_config(path / CONFIG_FILE)
             weights, card = read_safetensors(path / MODEL_FILE), read_card(path)
             source = path / MODEL_FILE
@@ -152,6 +156,11 @@ class Translator:
         src_tok, tgt_tok = Tokenizer(home / "src.model"), Tokenizer(home / "tgt.model")
         if vocab is not None and vocab != {"src": len(src_tok), "tgt": len(tgt_tok)}:
             raise NMTError(f"{source} was trained with other vocabularies than {home}/src.model and tgt.model")
+        if cfg.decode.shortlist and model_dir and (home / SHORTLIST_FILE).is_file():
+            if cfg.decode.shortlist_per_source > STORED_PER_SOURCE:
+                raise NMTError(f"config key 'decode.shortlist_per_source' must be at most {STORED_PER_SOURCE}, "
+                               f"got {cfg.decode.shortlist_per_source}")
+            shortlist = Shortlist.load(home / SHORTLIST_FILE, len(src_tok), len(tgt_tok))
         model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
         load_weights(model, weights, source)
         model = model.float().eval()
@@ -162,9 +171,9 @@ class Translator:
             model, quantized = quantize_int8(model)
         model = model.to(dev)
         model.decoder.cache_embedding_gates(cfg.decode.gate_table_mb)
-        log.info("loaded %s (%s -> %s) on %s%s", source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
-                 ", int8" if quantized else "")
-        return cls(model, cfg, src_tok, tgt_tok, dev, path, card, quantized, params)
+        log.info("loaded %s (%s -> %s) on %s%s%s", source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
+                 ", int8" if quantized else "", ", with a vocabulary shortlist" if shortlist else "")
+        return cls(model, cfg, src_tok, tgt_tok, dev, path, card, quantized, params, shortlist)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -172,6 +181,7 @@ class Translator:
         return {"name": name, "id": name, "path": str(self.path), "src_lang": self.cfg.data.src_lang,
                 "tgt_lang": self.cfg.data.tgt_lang, "parameters": self.num_parameters, "int8": self.int8,
                 "device": str(self.device), "max_len": self.max_len, "decode": self.cfg.to_dict()["decode"],
+                "shortlist": self.shortlist is not None,
                 "card": self.card}
 
     # ------------------------------------------------------------------------------------------------------
@@ -182,11 +192,12 @@ class Translator:
                   length_penalty: float | None = None, return_alignment: bool = False,
                   batch_tokens: int | None = None, replace_unk: bool | None = None, ban_unk: bool = False,
                   no_repeat_ngram: int | None = None, min_len: int = 0,
-                  max_len: int | None = None) -> list[Translation]:
+                  max_len: int | None = None, shortlist: bool = True) -> list[Translation]:
         """Translate each text; unset options come from the config's decode section.
 
         max_len, when given, caps every output at that many pieces instead of the config's a * source + b;
         min_len bans the end of sentence before that many pieces. Empty and whitespace-only texts give "".
+        shortlist=False decodes over the whole target vocabulary even when the model has a shortlist.
         """
         d = self.cfg.decode
         beam = _check_int("beam_size", d.beam_size if beam_size is None else beam_size, 1)
@@ -204,6 +215,9 @@ class Translator:
             "max_len_b": d.max_len_b if max_len is None else _check_int("max_len", max_len, 1),
             # n-best texts must be distinct, and two token sequences can detokenize alike: keep the whole beam.
             "n_best": beam if n_best > 1 else 1,
+            "shortlist": functools.partial(self.shortlist.for_batch, frequent=d.shortlist_frequent,
+                                           per_source=d.shortlist_per_source)
+                         if shortlist and self.shortlist is not None else None,
         }
         budget = _check_int("batch_tokens", d.batch_tokens if batch_tokens is None else batch_tokens, 1)
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):

@@ -36,7 +36,7 @@ def test_export_then_load_gives_identical_output(tiny_run, tiny_model_dir):
 
 def test_model_directory_contents_and_card(tiny_run, tiny_model_dir):
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == [
-        "card.json", "config.yaml", "model.safetensors", "src.model", "tgt.model"]
+        "card.json", "config.yaml", "model.safetensors", "shortlist.safetensors", "src.model", "tgt.model"]
     with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as f:
         assert f.metadata()["format"] == "rnnsearch-model-1"
         assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys() if "embed" in k)

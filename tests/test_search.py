@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from nmt.checkpoint import load_checkpoint
 from nmt.config import from_dict
 from nmt.model import Seq2Seq
 from nmt.search import beam_search, greedy_search, length_penalty, search_ids
+from nmt.shortlist import Shortlist, shortlist_from_corpus
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,7 +62,7 @@ class ToyModel(torch.nn.Module):
     def init_state(self, mem: ToyMemory) -> PrefixState:
         return PrefixState([() for _ in range(mem.rows)])
 
-    def step(self, prev: torch.Tensor, state: PrefixState, mem: ToyMemory):
+    def step(self, prev: torch.Tensor, state: PrefixState, mem: ToyMemory, vocab: None = None):
         rows = [row if p == BOS else (*row, p) for row, p in zip(state.rows, prev.tolist(), strict=True)]
         probs = torch.full((len(rows), VOCAB), 1e-6)
         for i, row in enumerate(rows):
@@ -247,3 +249,67 @@ def test_property_batch_never_changes_a_sentence(tiny, sentences, beam):
     batched = search_ids(model, sentences, 10_000, torch.device("cpu"), beam_size=beam, n_best=beam, alpha=1.0)
     for ids, hyps in zip(sentences, batched, strict=True):
         assert_same(hyps, one(model, ids, beam_size=beam, n_best=beam, alpha=1.0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding over a lexical shortlist
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_shortlist(tiny_run: Path) -> Shortlist:
+    """On the reverse task, each source letter's best candidate is the same letter on the target side."""
+    data = Path(from_dict(load_checkpoint(tiny_run / "last.pt")["config"]).data.dir)
+    shortlist = shortlist_from_corpus(data, Tokenizer(tiny_run / "src.model"), Tokenizer(tiny_run / "tgt.model"))
+    assert shortlist is not None
+    return shortlist
+
+
+def one_listed(model: Seq2Seq, ids: list[int], lists, **kwargs) -> list:
+    batch = collate([ids], None, [0])
+    return beam_search(model, batch.src, batch.src_lens, shortlist=lists(batch.src), **kwargs)[0]
+
+
+def test_shortlisted_batches_equal_one_by_one_and_use_only_each_sentence_list(tiny, tiny_shortlist):
+    model, _, sentences = tiny
+    lists = functools.partial(tiny_shortlist.for_batch, frequent=0, per_source=1)
+    mixed = sorted(sentences, key=len)[::3] + [[4], sentences[0] * 3]
+    random.Random(1).shuffle(mixed)
+    opts = {"beam_size": 5, "n_best": 3, "alpha": 1.0, "return_attention": True}
+    batched = search_ids(model, mixed, 10_000, torch.device("cpu"), shortlist=lists, **opts)
+    tiny_batches = search_ids(model, mixed, 40, torch.device("cpu"), shortlist=lists, **opts)
+    for ids, b, t in zip(mixed, batched, tiny_batches, strict=True):
+        single = one_listed(model, ids, lists, **opts)
+        assert_same(b, single)
+        assert_same(t, single)
+        allowed = set(tiny_shortlist.per_source[ids, 0].tolist())
+        assert all(token in allowed for h in b for token in h.tokens)
+
+
+def test_a_shortlist_of_the_source_letters_still_reverses(tiny, tiny_shortlist):
+    model, _, sentences = tiny
+    lists = functools.partial(tiny_shortlist.for_batch, frequent=0, per_source=1)
+    full = search_ids(model, sentences, 10_000, torch.device("cpu"), beam_size=5)
+    listed = search_ids(model, sentences, 10_000, torch.device("cpu"), beam_size=5, shortlist=lists)
+    same = sum(f[0].tokens == s[0].tokens for f, s in zip(full, listed, strict=True))
+    assert same >= 0.9 * len(sentences)
+
+
+def test_a_shortlist_of_the_whole_vocabulary_decodes_like_none(tiny, tiny_shortlist):
+    model, _, sentences = tiny
+    everything = functools.partial(tiny_shortlist.for_batch, frequent=model.decoder.out.out_features, per_source=0)
+    opts = {"beam_size": 4, "n_best": 2, "alpha": 0.6, "no_repeat_ngram": 2}
+    full = search_ids(model, sentences, 10_000, torch.device("cpu"), **opts)
+    listed = search_ids(model, sentences, 10_000, torch.device("cpu"), shortlist=everything, **opts)
+    for f, s in zip(full, listed, strict=True):
+        assert_same(s, f)
+
+
+def test_ngram_blocking_bans_the_right_pieces_on_a_shortlist(tiny, tiny_shortlist):
+    model, _, sentences = tiny
+    lists = functools.partial(tiny_shortlist.for_batch, frequent=0, per_source=1)
+    repeating = [ids for ids in sentences if len(set(ids)) < len(ids)]  # letters that come back
+    assert repeating
+    for ids in repeating:  # alone, so that the list's positions are not the pieces' ids
+        tokens = one_listed(model, ids, lists, beam_size=3, no_repeat_ngram=1)[0].tokens
+        assert len(set(tokens)) == len(tokens)

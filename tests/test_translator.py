@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import threading
@@ -15,9 +16,11 @@ from hypothesis import strategies as st
 
 import nmt.translator
 from nmt.cli import main
+from nmt.config import load_config, save_config
 from nmt.errors import NMTError
 from nmt.search import Hypothesis
-from nmt.tokenizer import UNK
+from nmt.shortlist import shortlist_from_corpus
+from nmt.tokenizer import UNK, Tokenizer
 from nmt.translator import Translator
 
 LETTERS = "abcdefghijklmnop"
@@ -218,6 +221,50 @@ def test_texts_must_be_a_list_of_strings(translator):
         translator.translate("a b c")
     with pytest.raises(NMTError, match="list of strings"):
         translator.translate(["a", None])
+
+
+def test_the_shortlist_comes_with_the_export_and_can_be_turned_off(tiny_model_dir, tmp_path, capsys):
+    listed = Translator.load(tiny_model_dir, threads=1)
+    assert listed.shortlist is not None and listed.info["shortlist"] is True
+    lines = ["a b c d", "p o n m l", "e f g h i j k", "k"]
+
+    def outputs(**options) -> list:
+        return [(r.text, r.score) for r in listed.translate(lines, n_best=2, **options)]
+
+    # The default list (the 1,000 most frequent pieces, and more) holds this tiny vocabulary whole.
+    assert outputs() == outputs(shortlist=False)
+    # Only each source letter's best candidate: still reversed, and scored over fewer pieces.
+    listed.cfg.decode.shortlist_frequent, listed.cfg.decode.shortlist_per_source = 0, 1
+    assert texts(listed.translate(lines)) == ["d c b a", "l m n o p", "k j i h g f e", "k"]
+    assert all(a[1] > b[1] for a, b in zip(outputs(), outputs(shortlist=False), strict=True))
+
+    narrow = tmp_path / "narrow"
+    shutil.copytree(tiny_model_dir, narrow)
+    config = narrow / "config.yaml"
+    save_config(load_config(config, ["decode.shortlist_frequent=0", "decode.shortlist_per_source=1"]), config)
+    src = tmp_path / "in.txt"
+    src.write_text("a b c d\n", encoding="utf-8")
+    for flag, expected in (([], outputs()[0]), (["--no-shortlist"], outputs(shortlist=False)[0])):
+        assert main(["translate", str(narrow), "-i", str(src), "--n-best", "2", *flag]) == 0
+        best = capsys.readouterr().out.splitlines()[0].split(" ||| ")
+        assert best[1] == expected[0] and float(best[2]) == pytest.approx(expected[1], abs=1e-4)
+
+    save_config(load_config(config, ["decode.shortlist=false"]), config)
+    assert Translator.load(narrow).shortlist is None
+    save_config(load_config(config, ["decode.shortlist=true", "decode.shortlist_per_source=101"]), config)
+    with pytest.raises(NMTError, match="shortlist_per_source' must be at most 100"):
+        Translator.load(narrow)
+    save_config(load_config(config, ["decode.shortlist_per_source=1"]), config)
+    (narrow / "shortlist.safetensors").write_bytes(b"garbage")
+    assert main(["translate", str(narrow), "-i", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable shortlist file" in err and "Traceback" not in err
+
+
+def test_no_training_data_means_no_shortlist(tiny_run, tmp_path, caplog):
+    tokenizers = Tokenizer(tiny_run / "src.model"), Tokenizer(tiny_run / "tgt.model")
+    assert shortlist_from_corpus(tmp_path / "gone", *tokenizers) is None
+    assert "decodes over its whole vocabulary" in caplog.text
 
 
 def test_int8_translates_like_fp32(tiny_model_dir, translator):
