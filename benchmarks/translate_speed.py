@@ -2,11 +2,14 @@
 
     python benchmarks/translate_speed.py models/base [--data data/bible] [--out benchmarks/results]
     python benchmarks/translate_speed.py models/base --forced-length 30 --beams 5 --batching 32 \
-        --precisions fp32 --threads 1 --onmt-venv ~/onmt-venv [--onmt-model M.pt | --onmt-train-steps 20]
+        --precisions fp32 --threads 1 --shortlists on off --onmt-venv ~/onmt-venv \
+        [--onmt-model M.pt | --onmt-train-steps 20]
 
 Rows: every combination of --beams (1 5), --batching (`sentence`: one sentence per call; `tokens`: the whole
 set in one call, token-budget batches of the model's decode.batch_tokens; a number N: calls of N sentences
-in file order, like onmt_translate -batch_size N), --precisions (fp32 int8) and --threads (1 2). Each row runs
+in file order, like onmt_translate -batch_size N), --precisions (fp32 int8), --threads (1 2) and --shortlists
+(`on`: the model's lexical shortlist, as `nmt translate` decodes by default; `off`: the whole target
+vocabulary, `nmt translate --no-shortlist`; a model without a shortlist shows `none`). Each row runs
 in its own process pinned with taskset (t threads on cores 0..t-1), so peak RSS (ru_maxrss: model, torch and
 decoding) is its own; a few sentences are translated first as a warm-up, outside the timing. Target tokens
 are the output's SentencePiece pieces (EOS not counted). BLEU is sacrebleu's default against the references.
@@ -51,7 +54,7 @@ def worker(args: argparse.Namespace) -> dict:
     row = json.loads(args.row)
     translator = Translator.load(args.model, threads=row["threads"], int8=row["precision"] == "int8")
     src = read(Path(args.src))[: args.limit or None]
-    options = {"beam_size": row["beam"]}
+    options = {"beam_size": row["beam"], "shortlist": row["shortlist"] == "on"}
     if args.forced_length:
         options.update(min_len=args.forced_length, max_len=args.forced_length)
     translator.translate(src[:8], **options)
@@ -66,6 +69,8 @@ def worker(args: argparse.Namespace) -> dict:
                for t in translator.translate(src[i:i + n], batch_tokens=10**9, **options)]
     seconds = time.perf_counter() - start
     tokens = sum(len(ids) for ids in translator.tgt_tok.encode_batch(out))
+    if translator.shortlist is None:
+        row["shortlist"] = "none"
     result = {**row, "system": "rnnsearch", "sentences": len(src), "seconds": seconds,
               "sentences_per_s": len(src) / seconds, "tgt_tokens_per_s": tokens / seconds,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -137,39 +142,42 @@ def run_onmt(args: argparse.Namespace) -> dict:
         seconds = float(match.group(1))
         tokens = sum(len(line.split()) for line in read(tmp / "out.sp"))
     return {"system": "OpenNMT-py 3.5.1", "precision": "fp32", "threads": 1, "beam": 5, "batching": "32",
+            "shortlist": "",
             "sentences": len(src), "seconds": seconds, "sentences_per_s": len(src) / seconds,
             "tgt_tokens_per_s": tokens / seconds}
 
 
 def markdown(rows: list[dict], machine: str, forced: int) -> str:
     lines = [f"Machine: {machine}" + (f"; forced output length {forced}" if forced else ""), "",
-             "| system | precision | threads | beam | batching | sentences/s | target tokens/s | peak RSS MB | BLEU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| system | precision | threads | beam | batching | shortlist | sentences/s | target tokens/s "
+             "| peak RSS MB | BLEU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else ""
         bleu = f"{r['bleu']:.2f}" if "bleu" in r else ""
         lines.append(f"| {r['system']} | {r['precision']} | {r['threads']} | {r['beam']} | {r['batching']} | "
-                     f"{r['sentences_per_s']:.1f} | {r['tgt_tokens_per_s']:.0f} | {rss} | {bleu} |")
+                     f"{r['shortlist']} | {r['sentences_per_s']:.1f} | {r['tgt_tokens_per_s']:.0f} | {rss} | {bleu} |")
     return "\n".join(lines) + "\n"
 
 
 def comparisons(rows: list[dict]) -> str:
     """The ratios the issue sets bars for: int8 vs fp32 (speed, BLEU), and ours vs OpenNMT-py."""
     notes = []
-    ours = {(r["precision"], r["threads"], r["beam"], r["batching"]): r for r in rows if r["system"] == "rnnsearch"}
-    for (precision, threads, beam, batching), r in ours.items():
-        fp32 = ours.get(("fp32", threads, beam, batching))
+    ours = {(r["precision"], r["threads"], r["beam"], r["batching"], r["shortlist"]): r
+            for r in rows if r["system"] == "rnnsearch"}
+    for (precision, threads, beam, batching, shortlist), r in ours.items():
+        fp32 = ours.get(("fp32", threads, beam, batching, shortlist))
         if precision == "int8" and fp32:
-            line = f"int8 / fp32 ({threads} thread(s), beam {beam}, {batching}): " \
+            line = f"int8 / fp32 ({threads} thread(s), beam {beam}, {batching}, shortlist {shortlist}): " \
                    f"{r['sentences_per_s'] / fp32['sentences_per_s']:.2f}x sentences/s"
             if "bleu" in r:
                 line += f", BLEU {r['bleu'] - fp32['bleu']:+.2f}"
             notes.append(line)
     onmt = next((r for r in rows if r["system"].startswith("OpenNMT")), None)
-    mine = ours.get(("fp32", 1, 5, "32"))
-    if onmt and mine:
-        notes.append(f"rnnsearch / OpenNMT-py (fp32, 1 thread, beam 5, 32 sentences a batch): "
-                     f"{mine['sentences_per_s'] / onmt['sentences_per_s']:.2f}x sentences/s")
+    for (precision, threads, beam, batching, shortlist), mine in ours.items():
+        if onmt and (precision, threads, beam) == ("fp32", 1, 5) and batching in ("32", "tokens"):
+            notes.append(f"rnnsearch / OpenNMT-py (fp32, 1 thread, beam 5; ours {batching} a batch, shortlist "
+                         f"{shortlist}): {mine['sentences_per_s'] / onmt['sentences_per_s']:.2f}x sentences/s")
     return "".join(f"\n{n}\n" for n in notes)
 
 
@@ -184,6 +192,8 @@ def main() -> None:
     p.add_argument("--batching", nargs="+", default=["sentence", "tokens"], help="sentence, tokens or a number")
     p.add_argument("--precisions", nargs="+", choices=("fp32", "int8"), default=["fp32", "int8"])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--shortlists", nargs="+", choices=("on", "off"), default=["on", "off"],
+                   help="decode over the model's shortlist, the whole vocabulary, or both (default both)")
     p.add_argument("--forced-length", type=int, default=0, help="min_len = max_len = N (0 = off)")
     p.add_argument("--onmt-venv", help="virtual env with OpenNMT-py 3.5.1, to measure onmt_translate beside")
     p.add_argument("--onmt-model", help="OpenNMT-py checkpoint of a same-size model")
@@ -201,9 +211,10 @@ def main() -> None:
     if args.onmt_venv:
         rows.append(run_onmt(args))
         print(json.dumps(rows[-1]), flush=True)
-    for precision, threads, beam, batching in itertools.product(args.precisions, args.threads, args.beams,
-                                                                args.batching):
-        rows.append(run_row(args, {"precision": precision, "threads": threads, "beam": beam, "batching": batching}))
+    for precision, threads, beam, batching, shortlist in itertools.product(
+            args.precisions, args.threads, args.beams, args.batching, args.shortlists):
+        rows.append(run_row(args, {"precision": precision, "threads": threads, "beam": beam, "batching": batching,
+                                   "shortlist": shortlist}))
         print(json.dumps(rows[-1]), flush=True)
     machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}"
     out = Path(args.out)

@@ -83,6 +83,7 @@ class Decoder(nn.Module):
             self.out.weight = self.embed.weight
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("gate_table", None, persistent=False)
+        self._dequantized_out: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def cache_embedding_gates(self, max_mb: float) -> bool:
         """For inference: precompute emb_gates(embed(y)) for the whole target vocabulary when the table takes at
@@ -160,8 +161,10 @@ class Decoder(nn.Module):
     def output_vocab(self, ids: torch.Tensor) -> OutputVocab:
         """The output layer restricted to the target ids (sorted), for decoding over a shortlist."""
         weight, bias = self.out.weight, self.out.bias
-        if callable(weight):  # a dynamically quantized Linear: its int8 weights, dequantized
-            weight, bias = weight().dequantize(), bias()
+        if callable(weight):  # a dynamically quantized Linear (inference only): its int8 weights, dequantized once
+            if self._dequantized_out is None:
+                self._dequantized_out = weight().dequantize(), bias()
+            weight, bias = self._dequantized_out
         return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
 
     def step_logprobs(self, prev: torch.Tensor, state: State, mem: Memory,
