@@ -19,11 +19,13 @@ with --duration S, until S seconds have passed (requests in flight then are fini
 requests/s counts the 200 responses over the wall time of the level, the last response included; latencies
 (p50/p95/p99, linear interpolation) are those of the 200 responses, from send to full response; every other
 outcome (status code, or exception class when no response came) is an error. Peak RSS is the server's VmHWM
-from /proc/PID/status, reset before each level through /proc/PID/clear_refs where the kernel allows
-(`peak_rss_scope`: level), otherwise the peak since the server started (`server`). Mean batch is the server's
-requests per model batch during the level (nmt_batch_requests_sum / _count from /metrics); server CPU is its
-user + system time over the wall time (100% = one core busy). The load generator shares the machine: pin it
-away from the server with --client-cpus where there are cores to spare.
+from /proc/PID/status (summed over its worker processes with --workers), reset before each level through
+/proc/PID/clear_refs where the kernel allows (`peak_rss_scope`: level), otherwise the peak since the server
+started (`server`). Mean batch is the server's requests per model batch during the level
+(nmt_batch_requests_sum / _count from /metrics; not measured with several worker processes, which each keep
+their own); server CPU is its user + system time (all its processes) over the wall time (100% = one core
+busy). The load generator shares the machine: pin it away from the server with --client-cpus where there are
+cores to spare.
 
 Writes OUT/service_load.json (machine, command lines, settings, rows) and OUT/service_load.md (the table), and
 prints the table with the issue's bars: batching on / off throughput at concurrency 32, and whether p99 at
@@ -97,6 +99,25 @@ def proc_status_mb(pid: int, field: str) -> float | None:
         return int(value.split()[0]) / 1024 if value else None
     except (ValueError, IndexError):
         return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants (nmt serve --workers N: the supervisor and its N workers)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def tree_total(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(values)
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -261,15 +282,18 @@ async def load(url: str, texts: list[str], *, concurrency: int, requests: int, d
 
 def measure(args: argparse.Namespace, url: str, pid: int, mode: str, concurrency: int, texts: list[str]) -> dict:
     """One row: load at one concurrency level, with the server's memory, CPU and batch sizes around it."""
-    peak_reset = reset_peak_rss(pid)
-    before, cpu_before = scrape(url), cpu_seconds(pid)
+    pids = process_tree(pid)
+    peak_reset = all([reset_peak_rss(p) for p in pids])
+    before, cpu_before = scrape(url), tree_total([cpu_seconds(p) for p in pids])
     client_cpu = time.process_time()
     requests = args.requests or max(256, 4 * concurrency)
     results, wall = asyncio.run(load(url, texts, concurrency=concurrency, requests=requests,
                                      duration=args.duration, beam=args.beam, timeout=args.request_timeout + 30))
     client_cpu = time.process_time() - client_cpu
-    cpu_after, after = cpu_seconds(pid), scrape(url)
-    hwm = proc_status_mb(pid, "VmHWM")
+    cpu_after, after = tree_total([cpu_seconds(p) for p in pids]), scrape(url)
+    hwm = tree_total([proc_status_mb(p, "VmHWM") for p in pids])
+    if args.workers > 1:  # each worker process keeps its own /metrics: two scrapes may reach different ones
+        before = after = {}
     ok = sorted(seconds for outcome, seconds in results if outcome == "200")
     by_outcome: dict[str, int] = {}
     for outcome, _ in results:
@@ -387,8 +411,8 @@ def main() -> None:
     p.add_argument("--server-cpus", default="", help="pin the server with taskset -c, e.g. 0,1 (default: no pinning)")
     p.add_argument("--client-cpus", default="", help="pin this load generator, e.g. 1 (default: no pinning)")
     p.add_argument("--workers", type=int, default=1,
-                   help="server worker processes (nmt serve --workers); with more than one, peak RSS and the "
-                        "batch means are those of one process")
+                   help="server worker processes (nmt serve --workers); peak RSS and CPU are summed over the "
+                        "processes, the batch means are not measured with more than one")
     p.add_argument("--threads", type=int, default=0,
                    help="NMT_THREADS and OMP_NUM_THREADS of the server (default 0: inherited / torch default)")
     p.add_argument("--max-batch-requests", type=int, default=0,

@@ -93,6 +93,10 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: config's decode.batch_tokens)")
     p.add_argument("--no-shortlist", dest="shortlist", action="store_false",
                    help="decode over the whole target vocabulary, not the model's lexical shortlist")
+    p.add_argument("--shortlist-frequent", type=int, metavar="N",
+                   help="shortlists hold the N most frequent target pieces (default: decode.shortlist_frequent)")
+    p.add_argument("--shortlist-per-source", type=int, metavar="K",
+                   help="... and K per source piece and word, at most 50 (default: decode.shortlist_per_source)")
     p.add_argument("--int8", action="store_true", help="int8 dynamic quantization for faster CPU inference")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
@@ -100,7 +104,8 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
 
 def _decode_options(args: argparse.Namespace) -> dict:
     return {"beam_size": args.beam, "length_penalty": args.length_penalty, "batch_tokens": args.batch_tokens,
-            "no_repeat_ngram": args.no_repeat_ngram, "shortlist": args.shortlist}
+            "no_repeat_ngram": args.no_repeat_ngram, "shortlist": args.shortlist,
+            "shortlist_frequent": args.shortlist_frequent, "shortlist_per_source": args.shortlist_per_source}
 
 
 def _load_translator(args: argparse.Namespace) -> Translator:

@@ -86,8 +86,8 @@ class DecodeConfig:
     batch_tokens: int = 4000  # source tokens per translation batch
     gate_table_mb: int = 256  # precompute every target token's embedding gate term when the table fits; 0 = off
     shortlist: bool = True  # decode over a lexical shortlist when the model directory has one (nmt export)
-    shortlist_frequent: int = 1000  # the shortlist: this many most frequent target pieces ...
-    shortlist_per_source: int = 10  # ... plus this many co-occurring ones per source piece (at most 100)
+    shortlist_frequent: int = 2000  # the shortlist: this many most frequent target pieces ...
+    shortlist_per_source: int = 10  # ... plus this many co-occurring ones per source piece and word (at most 50)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Lexical shortlists: decode over the target pieces a source sentence can plausibly need, not all of them.
 
 As Marian's lexical shortlist and the candidate lists of Jean et al. (2015), a sentence's output vocabulary is
-the most frequent target pieces plus, for each of its source pieces, the target pieces that co-occur with it
-most in the training pairs (ranked by Dice's coefficient over sentence pairs). The output layer and the
-softmax then run over a few hundred to a few thousand pieces instead of the whole vocabulary.
+the most frequent target pieces plus, for each of its source pieces and each of its words of several pieces,
+the target pieces that co-occur with it most in the training pairs (ranked by Dice's coefficient over sentence
+pairs). Words matter because a piece such as "re" (of "creó") says little about the translation, while the
+word says "created". The output layer and the softmax then run over about a thousand pieces instead of the
+whole vocabulary.
 
 A batch computes logits for the union of its sentences' shortlists once, and each sentence's softmax is masked
 to its own shortlist, so a translation never depends on the other sentences in its batch.
@@ -12,7 +14,8 @@ to its own shortlist, so a translation never depends on the other sentences in i
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,45 +23,86 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nmt.errors import NMTError
-from nmt.tokenizer import EOS, PAD, Tokenizer
+from nmt.tokenizer import BOS, EOS, PAD, Tokenizer
 
 log = logging.getLogger(__name__)
 
 SHORTLIST_FILE = "shortlist.safetensors"
 SPECIALS = 4  # pad, unk, bos, eos: ids 0-3, always in the list so that their positions equal their ids
-STORED_PER_SOURCE = 100  # candidates kept per source piece in the file; decoding uses the first k of them
+STORED_PER_SOURCE = 50  # candidates kept per source piece or word in the file; decoding uses the first k of them
+WORD_START = "\u2581"  # SentencePiece's visible space, which begins every word's first piece
+
+
+def split_words(ids: list[int], starts_word: list[bool]) -> list[tuple[int, ...]]:
+    """The words of a piece sequence: runs of pieces, each beginning at a piece that starts a word."""
+    words: list[tuple[int, ...]] = []
+    current: list[int] = []
+    for i in ids:
+        if starts_word[i] and current:
+            words.append(tuple(current))
+            current = []
+        current.append(i)
+    if current:
+        words.append(tuple(current))
+    return words
 
 
 @dataclass
 class Shortlist:
     by_frequency: torch.Tensor  # (V_tgt,) target ids, most frequent first
-    per_source: torch.Tensor  # (V_src, STORED_PER_SOURCE) target ids, best first; EOS where there are fewer
+    per_source: torch.Tensor  # (V_src + W, STORED_PER_SOURCE) target ids per source piece, then per word; EOS pads
+    starts_word: torch.Tensor  # (V_src,) bool: the source piece begins a word
+    words: list[tuple[int, ...]]  # the W words of several pieces that have candidates (row V_src + w)
+    _rows: dict[tuple[int, ...], int] = field(init=False, repr=False)
+    _starts: list[bool] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        base = self.starts_word.numel()
+        self._rows = {w: base + i for i, w in enumerate(self.words)}
+        self._starts = self.starts_word.tolist()
 
     def save(self, path: Path) -> None:
         dtype = torch.int16 if self.by_frequency.numel() <= 2**15 else torch.int32
+        flat = [i for w in self.words for i in w]
+        offsets = torch.cumsum(torch.tensor([0] + [len(w) for w in self.words]), 0)
         save_file({"by_frequency": self.by_frequency.to(dtype).contiguous(),
-                   "per_source": self.per_source.to(dtype).contiguous()}, str(path))
+                   "per_source": self.per_source.to(dtype).contiguous(),
+                   "starts_word": self.starts_word.to(torch.uint8).contiguous(),
+                   "word_pieces": torch.tensor(flat, dtype=torch.int32),
+                   "word_offsets": offsets.to(torch.int64).contiguous()}, str(path))
 
     @classmethod
     def load(cls, path: Path, src_vocab: int, tgt_vocab: int) -> Shortlist:
         """Read a shortlist file; a corrupted one or one for other vocabularies raises NMTError."""
         try:
-            tensors = load_file(str(path))
-            freq, per_source = tensors["by_frequency"].long(), tensors["per_source"].long()
+            t = load_file(str(path))
+            freq, per_source = t["by_frequency"].long(), t["per_source"].long()
+            starts, pieces, offsets = t["starts_word"].bool(), t["word_pieces"].tolist(), t["word_offsets"].tolist()
+            words = [tuple(pieces[a:b]) for a, b in zip(offsets, offsets[1:], strict=False)]
         except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
             raise NMTError(f"{path} is not a readable shortlist file ({exc})") from None
-        if (freq.dim() != 1 or per_source.dim() != 2 or per_source.size(0) != src_vocab
-                or freq.numel() != tgt_vocab or per_source.numel() and int(per_source.max()) >= tgt_vocab
-                or per_source.numel() and int(per_source.min()) < 0):
+        if (freq.dim() != 1 or freq.numel() != tgt_vocab or starts.numel() != src_vocab or per_source.dim() != 2
+                or per_source.size(0) != src_vocab + len(words)
+                or per_source.numel() and not 0 <= int(per_source.min()) <= int(per_source.max()) < tgt_vocab
+                or any(not 0 <= i < src_vocab for w in words for i in w)):
             raise NMTError(f"{path} does not fit this model's vocabularies ({src_vocab} source, {tgt_vocab} "
                            "target pieces); export the model again to rebuild it")
-        return cls(freq, per_source)
+        return cls(freq, per_source, starts, words)
+
+    def rows(self, ids: list[int]) -> list[int]:
+        """The per_source rows of a source sentence: its pieces, then its words of several pieces that have one."""
+        words = (self._rows.get(w) for w in split_words(ids, self._starts) if len(w) > 1)
+        return [*ids, *(r for r in words if r is not None)]
 
     def for_batch(self, src: torch.Tensor, frequent: int, per_source: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For a padded (B, S) source batch: the sorted target ids to compute logits for (V',), and a (B, V')
         bias that is 0 where a piece is in that sentence's own shortlist and -inf elsewhere."""
+        sentences = [[i for i in row if i not in (PAD, BOS, EOS)] for row in src.tolist()]
+        rows = [self.rows(ids) for ids in sentences]
+        width = max((len(r) for r in rows), default=0)
+        index = torch.tensor([r + [PAD] * (width - len(r)) for r in rows], dtype=torch.long).view(-1)
         common = torch.cat([torch.arange(SPECIALS), self.by_frequency[:frequent]])
-        own = self.per_source[:, :per_source].index_select(0, src.reshape(-1).cpu()).view(src.size(0), -1)
+        own = self.per_source[:, :per_source].index_select(0, index).view(src.size(0), -1)
         ids = torch.unique(torch.cat([common, own.reshape(-1)]))  # sorted, so specials keep their ids
         bias = torch.full((src.size(0), ids.numel()), float("-inf"))
         bias[:, torch.searchsorted(ids, common)] = 0.0
@@ -87,10 +131,17 @@ def _cooccurrences(src: list[list[int]], tgt: list[list[int]], tgt_vocab: int) -
 
 
 def build_shortlist(src: list[list[int]], tgt: list[list[int]], src_vocab: int, tgt_vocab: int,
-                    chunk: int = 10_000) -> Shortlist:
-    """Rank, for each source piece, the target pieces that occur in the same training pairs (at least twice)."""
+                    starts_word: list[bool], chunk: int = 10_000) -> Shortlist:
+    """Rank, for each source piece and each word of several pieces seen in two or more training pairs, the
+    target pieces that occur in the same pairs (at least twice)."""
     if not src or len(src) != len(tgt):
         raise NMTError("a shortlist needs the training pairs (none were found)")
+    sentence_words = [{w for w in split_words(ids, starts_word) if len(w) > 1} for ids in src]
+    df = Counter(w for words in sentence_words for w in words)
+    words = sorted(w for w, n in df.items() if n >= 2)
+    row = {w: src_vocab + i for i, w in enumerate(words)}
+    src = [ids + [row[w] for w in ws if w in row] for ids, ws in zip(src, sentence_words, strict=True)]
+    src_vocab += len(words)
     src_df, tgt_df = torch.zeros(src_vocab, dtype=torch.long), torch.zeros(tgt_vocab, dtype=torch.long)
     tgt_count = torch.zeros(tgt_vocab, dtype=torch.long)
     keys, cooc = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
@@ -118,8 +169,9 @@ def build_shortlist(src: list[list[int]], tgt: list[list[int]], src_vocab: int, 
     per_source[s_sorted[keep], rank[keep]] = t_sorted[keep]
     per_source[PAD] = EOS
     by_frequency = torch.argsort(tgt_count, descending=True, stable=True)
-    log.info("shortlist from %d pairs: candidates for %d source pieces", len(src), int(torch.unique(s_id).numel()))
-    return Shortlist(by_frequency, per_source)
+    log.info("shortlist from %d pairs: candidates for %d source pieces and words", len(src),
+             int(torch.unique(s_id).numel()))
+    return Shortlist(by_frequency, per_source, torch.tensor(starts_word, dtype=torch.bool), words)
 
 
 def shortlist_from_corpus(data_dir: Path, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Shortlist | None:
@@ -135,4 +187,8 @@ def shortlist_from_corpus(data_dir: Path, src_tok: Tokenizer, tgt_tok: Tokenizer
         raise NMTError(f"cannot read the training data in {data_dir} for the shortlist ({exc})") from None
     if len(src) != len(tgt):
         raise NMTError(f"{files[0]} and {files[1]} have {len(src)} and {len(tgt)} lines: not a prepared corpus")
-    return build_shortlist(src_tok.encode_batch(src), tgt_tok.encode_batch(tgt), len(src_tok), len(tgt_tok))
+    # A punctuation piece stands alone, so that "creó," and "creó." count as "creó".
+    starts_word = [p.startswith(WORD_START) or not any(c.isalnum() for c in p)
+                   for p in src_tok.pieces(list(range(len(src_tok))))]
+    return build_shortlist(src_tok.encode_batch(src), tgt_tok.encode_batch(tgt), len(src_tok), len(tgt_tok),
+                           starts_word)

@@ -12,6 +12,7 @@ import functools
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,10 @@ class Translator:
         src_tok, tgt_tok = Tokenizer(home / "src.model"), Tokenizer(home / "tgt.model")
         if vocab is not None and vocab != {"src": len(src_tok), "tgt": len(tgt_tok)}:
             raise NMTError(f"{source} was trained with other vocabularies than {home}/src.model and tgt.model")
+        if cfg.decode.shortlist_per_source > STORED_PER_SOURCE:
+            raise NMTError(f"config key 'decode.shortlist_per_source' must be at most {STORED_PER_SOURCE}, "
+                           f"got {cfg.decode.shortlist_per_source}")
         if cfg.decode.shortlist and model_dir and (home / SHORTLIST_FILE).is_file():
-            if cfg.decode.shortlist_per_source > STORED_PER_SOURCE:
-                raise NMTError(f"config key 'decode.shortlist_per_source' must be at most {STORED_PER_SOURCE}, "
-                               f"got {cfg.decode.shortlist_per_source}")
             shortlist = Shortlist.load(home / SHORTLIST_FILE, len(src_tok), len(tgt_tok))
         model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
         load_weights(model, weights, source)
@@ -192,12 +193,14 @@ class Translator:
                   length_penalty: float | None = None, return_alignment: bool = False,
                   batch_tokens: int | None = None, replace_unk: bool | None = None, ban_unk: bool = False,
                   no_repeat_ngram: int | None = None, min_len: int = 0,
-                  max_len: int | None = None, shortlist: bool = True) -> list[Translation]:
+                  max_len: int | None = None, shortlist: bool = True, shortlist_frequent: int | None = None,
+                  shortlist_per_source: int | None = None) -> list[Translation]:
         """Translate each text; unset options come from the config's decode section.
 
         max_len, when given, caps every output at that many pieces instead of the config's a * source + b;
         min_len bans the end of sentence before that many pieces. Empty and whitespace-only texts give "".
-        shortlist=False decodes over the whole target vocabulary even when the model has a shortlist.
+        shortlist=False decodes over the whole target vocabulary even when the model has a shortlist; the two
+        sizes change its lists (see nmt/shortlist.py).
         """
         d = self.cfg.decode
         beam = _check_int("beam_size", d.beam_size if beam_size is None else beam_size, 1)
@@ -215,9 +218,7 @@ class Translator:
             "max_len_b": d.max_len_b if max_len is None else _check_int("max_len", max_len, 1),
             # n-best texts must be distinct, and two token sequences can detokenize alike: keep the whole beam.
             "n_best": beam if n_best > 1 else 1,
-            "shortlist": functools.partial(self.shortlist.for_batch, frequent=d.shortlist_frequent,
-                                           per_source=d.shortlist_per_source)
-                         if shortlist and self.shortlist is not None else None,
+            "shortlist": self._shortlist_lists(shortlist, shortlist_frequent, shortlist_per_source),
         }
         budget = _check_int("batch_tokens", d.batch_tokens if batch_tokens is None else batch_tokens, 1)
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
@@ -228,6 +229,18 @@ class Translator:
             plans = [self._plan(text, segments) for text in texts]
             outputs = self._search(segments, search, budget, replace, return_alignment, n_best)
             return [self._assemble(plan, segments, outputs, n_best, return_alignment) for plan in plans]
+
+    def _shortlist_lists(self, use: bool, frequent: int | None,
+                         per_source: int | None) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """The batch -> shortlist function beam search takes, or None for the whole vocabulary."""
+        d = self.cfg.decode
+        frequent = _check_int("shortlist_frequent", d.shortlist_frequent if frequent is None else frequent, 0)
+        per_source = _check_int("shortlist_per_source", d.shortlist_per_source if per_source is None else per_source, 0)
+        if per_source > STORED_PER_SOURCE:
+            raise NMTError(f"shortlist_per_source must be at most {STORED_PER_SOURCE}, got {per_source}")
+        if not use or self.shortlist is None:
+            return None
+        return functools.partial(self.shortlist.for_batch, frequent=frequent, per_source=per_source)
 
     def _plan(self, text: str, segments: list[_Segment]) -> list[str | int]:
         """The text as literal whitespace (str) and segments to translate (their index in segments)."""

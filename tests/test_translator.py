@@ -244,15 +244,19 @@ def test_the_shortlist_comes_with_the_export_and_can_be_turned_off(tiny_model_di
     save_config(load_config(config, ["decode.shortlist_frequent=0", "decode.shortlist_per_source=1"]), config)
     src = tmp_path / "in.txt"
     src.write_text("a b c d\n", encoding="utf-8")
-    for flag, expected in (([], outputs()[0]), (["--no-shortlist"], outputs(shortlist=False)[0])):
-        assert main(["translate", str(narrow), "-i", str(src), "--n-best", "2", *flag]) == 0
+    sizes = ["--shortlist-frequent", "0", "--shortlist-per-source", "1"]
+    for model, flag, expected in ((narrow, [], outputs()[0]), (narrow, ["--no-shortlist"], outputs(shortlist=False)[0]),
+                                  (tiny_model_dir, sizes, outputs()[0])):
+        assert main(["translate", str(model), "-i", str(src), "--n-best", "2", *flag]) == 0
         best = capsys.readouterr().out.splitlines()[0].split(" ||| ")
         assert best[1] == expected[0] and float(best[2]) == pytest.approx(expected[1], abs=1e-4)
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "--shortlist-per-source", "51"]) == 2
+    assert "shortlist_per_source must be at most 50" in capsys.readouterr().err
 
     save_config(load_config(config, ["decode.shortlist=false"]), config)
     assert Translator.load(narrow).shortlist is None
-    save_config(load_config(config, ["decode.shortlist=true", "decode.shortlist_per_source=101"]), config)
-    with pytest.raises(NMTError, match="shortlist_per_source' must be at most 100"):
+    save_config(load_config(config, ["decode.shortlist=true", "decode.shortlist_per_source=51"]), config)
+    with pytest.raises(NMTError, match="shortlist_per_source' must be at most 50"):
         Translator.load(narrow)
     save_config(load_config(config, ["decode.shortlist_per_source=1"]), config)
     (narrow / "shortlist.safetensors").write_bytes(b"garbage")
