@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
+WORD_START = "\u2581"  # SentencePiece's visible space, which begins every word's first piece
 
 
 class Tokenizer:

@@ -27,13 +27,12 @@ from nmt.export import CONFIG_FILE, MODEL_FILE, is_model_dir, load_weights, read
 from nmt.model import Seq2Seq
 from nmt.search import Hypothesis, search_ids
 from nmt.shortlist import SHORTLIST_FILE, STORED_PER_SOURCE, Shortlist
-from nmt.tokenizer import EOS_PIECE, UNK, Tokenizer
+from nmt.tokenizer import EOS_PIECE, UNK, WORD_START, Tokenizer
 
 log = logging.getLogger(__name__)
 
 _LINE_BREAK = re.compile(r"(\s*\n\s*)")
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])(\s+)")
-_WORD_START = "\u2581"  # SentencePiece's visible space, which begins every word's first piece
 
 
 @dataclass
@@ -81,15 +80,15 @@ class _Output:
 
 def detokenize(pieces: list[str]) -> str:
     """SentencePiece pieces -> text, for pieces that may not be in the vocabulary (replaced unknowns)."""
-    return "".join(pieces).replace(_WORD_START, " ").strip()
+    return "".join(pieces).replace(WORD_START, " ").strip()
 
 
 def _source_piece(pieces: list[str], j: int) -> str:
     """Source piece j to copy into the output, joined with a bare word-start mark next to it: SentencePiece
     writes a word that begins with an unknown character as "▁" followed by that character."""
-    if pieces[j] == _WORD_START and j + 1 < len(pieces):
+    if pieces[j] == WORD_START and j + 1 < len(pieces):
         return pieces[j] + pieces[j + 1]
-    if j > 0 and pieces[j - 1] == _WORD_START:
+    if j > 0 and pieces[j - 1] == WORD_START:
         return pieces[j - 1] + pieces[j]
     return pieces[j]
 
@@ -276,7 +275,7 @@ class Translator:
         start = 0
         while len(ids) - start > self.max_len:
             end = start + self.max_len
-            cut = max((i for i in range(start + 1, end + 1) if pieces[i].startswith(_WORD_START)), default=end)
+            cut = max((i for i in range(start + 1, end + 1) if pieces[i].startswith(WORD_START)), default=end)
             segments.append(_Segment(ids[start:cut], pieces[start:cut]))
             plan += [len(segments) - 1, " "]
             start = cut

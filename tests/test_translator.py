@@ -231,7 +231,7 @@ def test_the_shortlist_comes_with_the_export_and_can_be_turned_off(tiny_model_di
     def outputs(**options) -> list:
         return [(r.text, r.score) for r in listed.translate(lines, n_best=2, **options)]
 
-    # The default list (the 1,000 most frequent pieces, and more) holds this tiny vocabulary whole.
+    # The default list (the 2,000 most frequent pieces, and more) holds this tiny vocabulary whole.
     assert outputs() == outputs(shortlist=False)
     # Only each source letter's best candidate: still reversed, and scored over fewer pieces.
     listed.cfg.decode.shortlist_frequent, listed.cfg.decode.shortlist_per_source = 0, 1
