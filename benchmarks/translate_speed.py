@@ -9,7 +9,7 @@ Rows: every combination of --beams (1 5), --batching (`sentence`: one sentence p
 set in one call, token-budget batches of the model's decode.batch_tokens; a number N: calls of N sentences
 in file order, like onmt_translate -batch_size N), --precisions (fp32 int8), --threads (1 2) and --shortlists
 (`on`: the model's lexical shortlist, as `nmt translate` decodes by default; `off`: the whole target
-vocabulary, `nmt translate --no-shortlist`; a model without a shortlist shows `none`). Each row runs
+vocabulary, `nmt translate --no-shortlist`; a model without a shortlist shows `(model has none)`). Each row runs
 in its own process pinned with taskset (t threads on cores 0..t-1), so peak RSS (ru_maxrss: model, torch and
 decoding) is its own; a few sentences are translated first as a warm-up, outside the timing. Target tokens
 are the output's SentencePiece pieces (EOS not counted). BLEU is sacrebleu's default against the references.
@@ -69,8 +69,8 @@ def worker(args: argparse.Namespace) -> dict:
                for t in translator.translate(src[i:i + n], batch_tokens=10**9, **options)]
     seconds = time.perf_counter() - start
     tokens = sum(len(ids) for ids in translator.tgt_tok.encode_batch(out))
-    if translator.shortlist is None:
-        row["shortlist"] = "none"
+    if translator.shortlist is None:  # both settings decode over the whole vocabulary: say so, keep rows apart
+        row["shortlist"] += " (model has none)"
     result = {**row, "system": "rnnsearch", "sentences": len(src), "seconds": seconds,
               "sentences_per_s": len(src) / seconds, "tgt_tokens_per_s": tokens / seconds,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -80,10 +80,17 @@ class Shortlist:
             words = [tuple(pieces[a:b]) for a, b in zip(offsets, offsets[1:], strict=False)]
         except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
             raise NMTError(f"{path} is not a readable shortlist file ({exc})") from None
-        if (freq.dim() != 1 or freq.numel() != tgt_vocab or starts.numel() != src_vocab or per_source.dim() != 2
-                or per_source.size(0) != src_vocab + len(words)
-                or per_source.numel() and not 0 <= int(per_source.min()) <= int(per_source.max()) < tgt_vocab
-                or any(not 0 <= i < src_vocab for w in words for i in w)):
+
+        def ids_in(t: torch.Tensor, size: int) -> bool:
+            return not t.numel() or 0 <= int(t.min()) <= int(t.max()) < size
+
+        if (freq.dim() != 1 or freq.numel() != tgt_vocab or not ids_in(freq, tgt_vocab)
+                or starts.dim() != 1 or starts.numel() != src_vocab
+                or not offsets or offsets[0] != 0 or offsets[-1] != len(pieces)
+                or any(a > b for a, b in zip(offsets, offsets[1:], strict=False))
+                or not ids_in(torch.tensor(pieces, dtype=torch.long), src_vocab)
+                or per_source.dim() != 2 or per_source.size(0) != src_vocab + len(words)
+                or not ids_in(per_source, tgt_vocab)):
             raise NMTError(f"{path} does not fit this model's vocabularies ({src_vocab} source, {tgt_vocab} "
                            "target pieces); export the model again to rebuild it")
         return cls(freq, per_source, starts, words)
@@ -186,6 +193,9 @@ def shortlist_from_corpus(data_dir: Path, src_tok: Tokenizer, tgt_tok: Tokenizer
         raise NMTError(f"cannot read the training data in {data_dir} for the shortlist ({exc})") from None
     if len(src) != len(tgt):
         raise NMTError(f"{files[0]} and {files[1]} have {len(src)} and {len(tgt)} lines: not a prepared corpus")
+    if not src:
+        log.warning("no shortlist: %s is empty; the model decodes over its whole vocabulary", files[0])
+        return None
     # A punctuation piece stands alone, so that "creó," and "creó." count as "creó".
     starts_word = [p.startswith(WORD_START) or not any(c.isalnum() for c in p)
                    for p in src_tok.pieces(list(range(len(src_tok))))]

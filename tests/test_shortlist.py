@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from nmt.errors import NMTError
 from nmt.shortlist import STORED_PER_SOURCE, Shortlist, build_shortlist, split_words
@@ -61,6 +62,14 @@ def test_save_and_load_round_trip_and_mismatches_are_clear_errors(tmp_path):
         Shortlist.load(path, 16, 8000)
     with pytest.raises(NMTError, match="does not fit this model's vocabularies"):
         Shortlist.load(path, 17, 26)
+    tensors = load_file(str(path))
+    for name, bad in (("by_frequency", torch.full((26,), 99, dtype=torch.int16)),
+                      ("per_source", torch.full((16, STORED_PER_SOURCE), -1, dtype=torch.int16)),
+                      ("word_offsets", torch.tensor([0, 5], dtype=torch.int64)),
+                      ("starts_word", torch.ones((4, 4), dtype=torch.uint8))):
+        save_file({**tensors, name: bad}, str(path))
+        with pytest.raises(NMTError, match="does not fit this model's vocabularies"):
+            Shortlist.load(path, 16, 26)
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(NMTError, match="not a readable shortlist file"):
         Shortlist.load(path, 16, 26)

@@ -269,6 +269,11 @@ def test_no_training_data_means_no_shortlist(tiny_run, tmp_path, caplog):
     tokenizers = Tokenizer(tiny_run / "src.model"), Tokenizer(tiny_run / "tgt.model")
     assert shortlist_from_corpus(tmp_path / "gone", *tokenizers) is None
     assert "decodes over its whole vocabulary" in caplog.text
+    (tmp_path / "empty").mkdir()
+    for name in ("train.src", "train.tgt"):
+        (tmp_path / "empty" / name).write_text("", encoding="utf-8")
+    assert shortlist_from_corpus(tmp_path / "empty", *tokenizers) is None
+    assert "is empty" in caplog.text
 
 
 def test_int8_translates_like_fp32(tiny_model_dir, translator):
