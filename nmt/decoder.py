@@ -35,8 +35,15 @@ class OutputVocab:
     """The part of the target vocabulary a decoding batch computes logits for (a shortlist)."""
 
     ids: torch.Tensor  # (V',) sorted target ids
-    weight: torch.Tensor  # (V', out_dim) their rows of the output layer
-    bias: torch.Tensor  # (V',)
+    weight: torch.Tensor | None  # (V', out_dim) their rows of the output layer (fp32)
+    bias: torch.Tensor | None  # (V',)
+    packed: object = None  # int8: those rows and biases prepacked for torch.ops.quantized.linear_dynamic
+
+    def logits(self, readout: torch.Tensor) -> torch.Tensor:
+        """(N, out_dim) readout -> (N, V') logits."""
+        if self.packed is not None:  # as the quantized output Linear itself computes them (torch >= 1.6)
+            return torch.ops.quantized.linear_dynamic(readout, self.packed, reduce_range=True)
+        return torch.addmm(self.bias, readout, self.weight.t())
 
 
 @dataclass
@@ -83,7 +90,7 @@ class Decoder(nn.Module):
             self.out.weight = self.embed.weight
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("gate_table", None, persistent=False)
-        self._dequantized_out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._dequantized_out: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 output weights, bias
 
     def cache_embedding_gates(self, max_mb: float) -> bool:
         """For inference: precompute emb_gates(embed(y)) for the whole target vocabulary when the table takes at
@@ -161,11 +168,17 @@ class Decoder(nn.Module):
     def output_vocab(self, ids: torch.Tensor) -> OutputVocab:
         """The output layer restricted to the target ids (sorted), for decoding over a shortlist."""
         weight, bias = self.out.weight, self.out.bias
-        if callable(weight):  # a dynamically quantized Linear (inference only): its int8 weights, dequantized once
-            if self._dequantized_out is None:
-                self._dequantized_out = weight().dequantize(), bias()
-            weight, bias = self._dequantized_out
-        return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
+        if not callable(weight):
+            return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
+        # A dynamically quantized Linear (inference only): its int8 rows, requantized exactly with the layer's
+        # own per-tensor scale, keep the int8 matmul at a fraction of the whole vocabulary's cost.
+        quantized = weight()
+        if self._dequantized_out is None:
+            self._dequantized_out = quantized.dequantize(), bias()
+        rows = torch.quantize_per_tensor(self._dequantized_out[0].index_select(0, ids), quantized.q_scale(),
+                                         quantized.q_zero_point(), torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(rows, self._dequantized_out[1].index_select(0, ids))
+        return OutputVocab(ids, None, None, packed)
 
     def step_logprobs(self, prev: torch.Tensor, state: State, mem: Memory,
                       vocab: OutputVocab | None = None) -> tuple[torch.Tensor, torch.Tensor | None, State]:
@@ -181,7 +194,7 @@ class Decoder(nn.Module):
         if vocab is None:
             logits = self.out(readout)
         else:
-            logits = torch.addmm(vocab.bias, readout, vocab.weight.t())
+            logits = vocab.logits(readout)
             if mem.vocab_bias is not None:
                 logits = logits + mem.vocab_bias
         return torch.log_softmax(logits.float(), dim=-1), alpha, state

@@ -17,6 +17,7 @@ from nmt.batching import collate
 from nmt.checkpoint import load_checkpoint
 from nmt.config import from_dict
 from nmt.model import Seq2Seq
+from nmt.quantize import quantize_int8
 from nmt.search import beam_search, greedy_search, length_penalty, search_ids
 from nmt.shortlist import Shortlist, shortlist_from_corpus
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
@@ -295,8 +296,11 @@ def test_a_shortlist_of_the_source_letters_still_reverses(tiny, tiny_shortlist):
     assert same >= 0.9 * len(sentences)
 
 
-def test_a_shortlist_of_the_whole_vocabulary_decodes_like_none(tiny, tiny_shortlist):
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_shortlist_of_the_whole_vocabulary_decodes_like_none(tiny, tiny_shortlist, int8):
     model, _, sentences = tiny
+    if int8:  # the shortlisted rows are requantized and packed anew: they must give the layer's own logits
+        model = quantize_int8(model)[0]
     everything = functools.partial(tiny_shortlist.for_batch, frequent=model.decoder.out.out_features, per_source=0)
     opts = {"beam_size": 4, "n_best": 2, "alpha": 0.6, "no_repeat_ngram": 2}
     full = search_ids(model, sentences, 10_000, torch.device("cpu"), **opts)
