@@ -314,6 +314,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", help="`nmt evaluate` JSON report for the card (default: RUN/eval/test.json if any)")
     p.add_argument("--set", action="append", default=[], metavar="decode.KEY=VALUE",
                    help="change a decoding default of the exported model (e.g. decode.length_penalty=0.6)")
+    p.add_argument("--data", metavar="DIR",
+                   help="the prepared training corpus, for the shortlist and the card (default: the run's "
+                        "data.dir, relative to where `nmt train` ran)")
     p.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     p.set_defaults(func=_run_export)
 
@@ -322,7 +325,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from nmt.export import export_model
 
     out = export_model(args.run, args.outdir, fp16=args.fp16, checkpoint=args.checkpoint, report=args.report,
-                       overwrite=args.force, average=args.average, decode=args.set)
+                       overwrite=args.force, average=args.average, decode=args.set, data=args.data)
     print(out)
     return 0
 

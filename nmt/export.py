@@ -201,9 +201,10 @@ def _export_state(run: Path, checkpoint: str, average: int) -> tuple[dict[str, A
 
 
 def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, params: int, dtype: str,
-               name: str, report: Path | None = None) -> dict[str, Any]:
-    corpus_json = Path(cfg.data.dir) / "corpus.json"
-    data = _read_json(corpus_json) if corpus_json.is_file() else {"dir": cfg.data.dir}
+               name: str, report: Path | None = None, data_dir: Path | None = None) -> dict[str, Any]:
+    data_dir = data_dir or Path(cfg.data.dir)
+    corpus_json = data_dir / "corpus.json"
+    data = _read_json(corpus_json) if corpus_json.is_file() else {"dir": str(data_dir)}
     return {
         "format": FORMAT,
         "name": name,
@@ -224,10 +225,11 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
 
 def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkpoint: str = "best",
                  report: str | Path | None = None, overwrite: bool = False, average: int = 0,
-                 decode: list[str] | tuple[str, ...] = ()) -> Path:
+                 decode: list[str] | tuple[str, ...] = (), data: str | Path | None = None) -> Path:
     """Write the model directory of a run (its best or last checkpoint, or the average of its last `average`
     kept step checkpoints) to outdir, atomically; `decode` overrides (`decode.key=value`) set the model's
-    decoding defaults."""
+    decoding defaults. The shortlist and the card's corpus come from `data`, by default the run's data.dir
+    (relative to the working directory, as `nmt train` read it)."""
     run, outdir = Path(run), Path(outdir)
     if outdir.exists() and not overwrite:
         raise NMTError(f"{outdir} already exists (use --force to replace it)")
@@ -244,9 +246,12 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     dtype = torch.float16 if fp16 else torch.float32
     tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in model.state_dict().items() if not (cfg.model.tie_embeddings and k in TIED)}
+    data_dir = Path(data if data is not None else cfg.data.dir)
+    if data is not None and not data_dir.is_dir():
+        raise NMTError(f"--data {data_dir}: not a directory")
     card = build_card(cfg, state, run, ckpt, model.num_parameters(), str(dtype).removeprefix("torch."),
-                      outdir.name, Path(report) if report else None)
-    shortlist = shortlist_from_corpus(Path(cfg.data.dir), *(Tokenizer(run / name) for name in TOKENIZER_FILES))
+                      outdir.name, Path(report) if report else None, data_dir)
+    shortlist = shortlist_from_corpus(data_dir, *(Tokenizer(run / name) for name in TOKENIZER_FILES))
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}."))
     try:

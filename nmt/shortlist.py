@@ -184,8 +184,8 @@ def shortlist_from_corpus(data_dir: Path, src_tok: Tokenizer, tgt_tok: Tokenizer
     """The shortlist of a prepared corpus's training pairs (train.src, train.tgt), or None when they are gone."""
     files = [data_dir / "train.src", data_dir / "train.tgt"]
     if not all(f.is_file() for f in files):
-        log.warning("no shortlist: the training data (%s) is not there; the model decodes over its whole "
-                    "vocabulary", " and ".join(map(str, files)))
+        log.warning("no shortlist: the training data (%s) is not there (nmt export --data DIR points to it); "
+                    "the model decodes over its whole vocabulary", " and ".join(map(str, files)))
         return None
     try:
         src, tgt = (f.read_text(encoding="utf-8").splitlines() for f in files)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -274,6 +275,16 @@ def test_no_training_data_means_no_shortlist(tiny_run, tmp_path, caplog):
         (tmp_path / "empty" / name).write_text("", encoding="utf-8")
     assert shortlist_from_corpus(tmp_path / "empty", *tokenizers) is None
     assert "is empty" in caplog.text
+
+
+def test_export_reads_the_corpus_given_by_data(tiny_run, tiny_data, tmp_path, capsys):
+    moved = shutil.copytree(tiny_data, tmp_path / "moved")
+    out = tmp_path / "model"
+    assert main(["export", str(tiny_run), str(out), "--data", str(moved)]) == 0
+    assert (out / "shortlist.safetensors").is_file()
+    assert json.loads((out / "card.json").read_text(encoding="utf-8"))["data"] == {"dir": str(moved)}
+    assert main(["export", str(tiny_run), str(tmp_path / "other"), "--data", str(tmp_path / "gone")]) == 2
+    assert "--data" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 def test_int8_translates_like_fp32(tiny_model_dir, translator):
