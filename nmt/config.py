@@ -63,6 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 5.0  # gradient-norm clipping; 0 = off
     label_smoothing: float = 0.1
+    sampled_softmax: int = 0  # K > 0: softmax over each batch's target pieces + K drawn at random; 0 = whole vocab
     lr_decay: float = 0.5  # multiply lr by this when dev loss plateaus
     lr_patience: int = 2  # validations without dev-loss improvement before decaying
     min_lr: float = 1.0e-5
@@ -117,8 +118,8 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "train.threads", "train.max_steps", "train.lr", "train.weight_decay", "train.clip_norm",
     "train.min_lr", "train.valid_every", "train.valid_max_sentences", "train.early_stop_patience",
-    "train.lr_patience", "train.keep_checkpoints", "tokenizer.sample_alpha", "decode.length_penalty",
-    "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram",
+    "train.lr_patience", "train.keep_checkpoints", "train.sampled_softmax", "tokenizer.sample_alpha",
+    "decode.length_penalty", "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram",
     "decode.gate_table_mb", "decode.shortlist_frequent", "decode.shortlist_per_source",
 }
 _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay", "tokenizer.character_coverage"}

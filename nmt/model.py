@@ -8,6 +8,7 @@ from torch import nn
 from nmt.config import ModelConfig
 from nmt.decoder import Decoder, Memory, OutputVocab, State
 from nmt.encoder import Encoder
+from nmt.loss import output_loss
 from nmt.tokenizer import PAD
 
 
@@ -47,18 +48,14 @@ class Seq2Seq(nn.Module):
         return self.decoder.init_state(mem)
 
     def forward(self, src: torch.Tensor, lens: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
-                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced pass: summed label-smoothed loss and summed NLL over the real target tokens."""
+                label_smoothing: float = 0.0, sampled_softmax: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass: summed label-smoothed loss and summed NLL over the real target tokens (over the
+        whole vocabulary, or a sampled softmax with that many drawn pieces: see nmt.loss.output_loss)."""
         mem = self.encode(src, lens)
         readout = self.decoder(tgt_in, self.init_state(mem), mem)
         real = tgt_out != PAD
         # Project only real positions to the vocabulary: padding would cost the biggest matmul for nothing.
-        logprobs = torch.log_softmax(self.decoder.out(readout[real]).float(), dim=-1)
-        nll = -logprobs.gather(1, tgt_out[real].unsqueeze(1)).sum()
-        if label_smoothing == 0:
-            return nll, nll.detach()
-        smooth = -logprobs.mean(dim=1).sum()
-        return (1.0 - label_smoothing) * nll + label_smoothing * smooth, nll.detach()
+        return output_loss(readout[real], self.decoder.out, tgt_out[real], label_smoothing, sampled_softmax)
 
     def step(self, prev: torch.Tensor, state: State, mem: Memory,
              vocab: OutputVocab | None = None) -> tuple[torch.Tensor, torch.Tensor | None, State]:

@@ -392,7 +392,8 @@ class Trainer:
             sync = i == len(parts) - 1 or self.ranks.world == 1
             ctx = self.net.no_sync() if not sync else contextlib.nullcontext()
             with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss, nll = self.net(part.src, part.src_lens, part.tgt_in, part.tgt_out, tc.label_smoothing)
+                loss, nll = self.net(part.src, part.src_lens, part.tgt_in, part.tgt_out, tc.label_smoothing,
+                                     tc.sampled_softmax)
                 (loss * (self.ranks.world / total_tokens)).backward()
             loss_sum += float(loss.detach())
             nll_sum += float(nll)
