@@ -180,13 +180,18 @@ def hardware(device: torch.device) -> dict[str, str]:
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what the platform module knows."""
+    """The CPU model and its widest vector ISA from /proc/cpuinfo (Linux), else what the platform module knows."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                 platform.processor() or "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    # The same model name covers CPU generations whose matmul speeds differ severalfold (AVX2 or AVX-512 VNNI).
+    isa = next((label for flag, label in (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                if flag in flags), None)
+    return f"{name} ({isa})" if isa else name
 
 
 def read_lines(path: Path) -> list[str]:
