@@ -8,7 +8,8 @@ first `--warmup` updates are discarded, then `--steps` updates of the real train
 same batches as training) are timed. The FLOPs of one update are counted with torch's FlopCounterMode (matmuls
 and convolutions, forward and backward), giving the fraction of the machine's matmul peak (a 2048^3 sgemm,
 measured in the same process) and of the nominal AVX2 FMA peak (32 FLOP/cycle/core) the loop reaches.
-Rows for each --sampled-softmax K (0: the exact softmax over the whole vocabulary; K > 0: train.sampled_softmax).
+Rows for each --precisions (fp32; bf16: train.amp_cpu) and --sampled-softmax K (0: the exact softmax over the
+whole vocabulary; K > 0: train.sampled_softmax).
 OpenNMT-py 3.5.1 (installed in a scratch venv outside the repo, see ../shared/PEERS.md) trains the reference
 architecture on the same SentencePiece pieces; its target tokens/s are averaged over its reports after the first.
 """
@@ -84,7 +85,8 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(threads)
     cfg = load_config(args.config, [f"data.dir={args.data}", f"train.run_dir={args.run_dir}",
                                     f"train.threads={threads}", "train.device=cpu",
-                                    f"train.sampled_softmax={args.sampled_softmax[0]}"])
+                                    f"train.sampled_softmax={args.sampled_softmax[0]}",
+                                    f"train.amp_cpu={str(args.precisions[0] == 'bf16').lower()}"])
     trainer = Trainer(cfg)
     batches = trainer.data.epoch_batches(cfg.train.seed, 0)
     for b in batches[: args.warmup]:
@@ -106,14 +108,15 @@ def worker(args: argparse.Namespace) -> dict:
         a @ a
     sgemm = 3 * 2 * 2048**3 / (time.perf_counter() - t0)
     tok_s = tokens / elapsed
-    return {"system": "rnnsearch", "sampled_softmax": cfg.train.sampled_softmax, "threads": threads,
+    return {"system": "rnnsearch", "precision": args.precisions[0], "sampled_softmax": cfg.train.sampled_softmax,
+            "threads": threads,
             "updates": len(timed), "tokens": tokens, "seconds": elapsed, "tgt_tok_s": tok_s,
             "flops_per_tgt_token": flops_per_token,
             "gflop_s": tok_s * flops_per_token / 1e9, "sgemm_gflop_s": sgemm / 1e9,
             "nominal_peak_gflop_s": cpu_mhz() * 1e6 * 32 * threads / 1e9}
 
 
-def run_ours(args: argparse.Namespace, threads: int, sampled: int, tokenizers: Path) -> dict:
+def run_ours(args: argparse.Namespace, threads: int, sampled: int, precision: str, tokenizers: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
@@ -122,7 +125,8 @@ def run_ours(args: argparse.Namespace, threads: int, sampled: int, tokenizers: P
         cores = ",".join(str(i) for i in range(threads))
         cmd = ["taskset", "-c", cores, sys.executable, __file__, "--worker", "--threads", str(threads),
                "--config", args.config, "--data", args.data, "--run-dir", str(run_dir),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--sampled-softmax", str(sampled)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--sampled-softmax", str(sampled),
+               "--precisions", precision]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -165,16 +169,18 @@ def run_onmt(args: argparse.Namespace, tokenizers: Path) -> dict:
 
 def markdown(rows: list[dict], machine: str) -> str:
     lines = [f"Machine: {machine}", "",
-             "| system | sampled softmax | threads | target tokens/s | GFLOP/s | % of sgemm peak | % of nominal peak |",
-             "|---|---|---|---|---|---|---|"]
+             "| system | precision | sampled softmax | threads | target tokens/s | GFLOP/s | % of sgemm peak "
+             "| % of nominal peak |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "gflop_s" in r:
-            lines.append(f"| {r['system']} | {r['sampled_softmax'] or 'off'} | {r['threads']} | {r['tgt_tok_s']:.0f} | "
+            lines.append(f"| {r['system']} | {r['precision']} | {r['sampled_softmax'] or 'off'} | {r['threads']} | "
+                         f"{r['tgt_tok_s']:.0f} | "
                          f"{r['gflop_s']:.1f} | "
                          f"{100 * r['gflop_s'] / r['sgemm_gflop_s']:.0f}% | "
                          f"{100 * r['gflop_s'] / r['nominal_peak_gflop_s']:.0f}% |")
         else:
-            lines.append(f"| {r['system']} | off | {r['threads']} | {r['tgt_tok_s']:.0f} | | | |")
+            lines.append(f"| {r['system']} | fp32 | off | {r['threads']} | {r['tgt_tok_s']:.0f} | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +193,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sampled-softmax", type=int, nargs="+", default=[0, 1024], metavar="K",
                    help="train.sampled_softmax settings to measure (0 = the exact softmax; default 0 1024)")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                   help="fp32, and/or bf16: train.amp_cpu (bfloat16 autocast; needs AVX512_BF16 or AMX to pay)")
     p.add_argument("--onmt-venv", help="virtual env with OpenNMT-py 3.5.1, to measure it side by side")
     p.add_argument("--onmt-steps", type=int, default=50, help="OpenNMT-py updates (its first report is dropped)")
     p.add_argument("--onmt-report-every", type=int, default=10)
@@ -207,9 +215,10 @@ def main() -> None:
         if args.onmt_venv:
             rows.append(run_onmt(args, tokenizers))
             print(json.dumps(rows[-1]), flush=True)
-        for sampled in args.sampled_softmax:
-            for threads in args.threads:
-                rows.append(run_ours(args, threads, sampled, tokenizers))
+        for precision in args.precisions:
+            for sampled in args.sampled_softmax:
+                for threads in args.threads:
+                    rows.append(run_ours(args, threads, sampled, precision, tokenizers))
                 print(json.dumps(rows[-1]), flush=True)
     machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}"
     out = Path(args.out)
@@ -221,7 +230,7 @@ def main() -> None:
         table += "\n"
         for ours in (r for r in rows if r["system"] == "rnnsearch" and r["threads"] == 1):
             softmax = f"sampled softmax {ours['sampled_softmax']}" if ours["sampled_softmax"] else "exact softmax"
-            table += (f"rnnsearch ({softmax}) / OpenNMT-py at 1 thread: "
+            table += (f"rnnsearch ({ours['precision']}, {softmax}) / OpenNMT-py at 1 thread: "
                       f"{ours['tgt_tok_s'] / onmt['tgt_tok_s']:.2f}x\n")
     (out / "train_speed.md").write_text(table)
     print(table)

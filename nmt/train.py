@@ -179,15 +179,23 @@ def hardware(device: torch.device) -> dict[str, str]:
     return {"hardware": name, "device": device.type, "torch": torch.__version__}
 
 
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return set(next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), []))
+
+
 def cpu_name() -> str:
     """The CPU model and its widest vector ISA from /proc/cpuinfo (Linux), else what the platform module knows."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
                 platform.processor() or "unknown CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    flags = cpu_flags()
     # The same model name covers CPU generations whose matmul speeds differ severalfold (AVX2 or AVX-512 VNNI).
     isa = next((label for flag, label in (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
                 if flag in flags), None)
@@ -287,7 +295,10 @@ class Trainer:
         if self.ranks.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.amp = tc.amp and self.device.type == "cuda"
+        self.amp = (tc.amp and self.device.type == "cuda") or (tc.amp_cpu and self.device.type == "cpu")
+        if tc.amp_cpu and self.device.type == "cpu" and not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+            log.warning("train.amp_cpu: this CPU has no bfloat16 instructions (AVX512_BF16, AMX); bfloat16 "
+                        "autocast will likely train slower than float32 here")
 
     def _check_run_dir(self, resume: bool) -> dict[str, Any] | None:
         """Refuse to overwrite a run or to continue one under an incompatible config; the checkpoint to resume."""

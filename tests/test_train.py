@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import nmt.train
 from nmt.checkpoint import load_checkpoint
 from nmt.cli import main
 from nmt.config import Config, from_dict, load_config
@@ -134,6 +136,20 @@ def test_resume_takes_a_new_learning_rate_and_decay_settings_from_the_config(cor
     lrs = [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
            if '"train"' in line]
     assert lrs[:4] == [0.005] * 4 and lrs[4:] == [0.0007] * 4
+
+
+def test_cpu_bfloat16_autocast_trains_and_warns_where_the_cpu_lacks_bfloat16(corpus: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(nmt.train, "cpu_flags", lambda: {"avx2"})
+    trainer = Trainer(tiny_config(corpus, tmp_path / "run", *RESUME_SETTINGS, "train.amp_cpu=true"))
+    assert trainer.amp and "no bfloat16 instructions" in caplog.text
+    seen: list[torch.dtype] = []
+    trainer.model.decoder.readout.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    batch = trainer.data.epoch_batches(1, 0)[0]
+    losses = [trainer.update([batch])[0] for _ in range(6)]
+    assert seen[0] == torch.bfloat16 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
