@@ -423,9 +423,11 @@ class Trainer:
         """Dev loss and perplexity (teacher forced) and dev BLEU (greedy), on rank 0."""
         self.model.eval()
         nll_sum, tokens = 0.0, 0
+        # On CPU the exported model decodes in float32, so dev loss is measured as it will run.
+        amp = self.amp and self.device.type == "cuda"
         for b in self.dev_data.epoch_batches(seed=0, epoch=0):
             batch = self.dev_data.batch(b).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 _, nll = self.model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out)
             nll_sum += float(nll)
             tokens += batch.ntokens

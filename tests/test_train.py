@@ -150,6 +150,9 @@ def test_cpu_bfloat16_autocast_trains_and_warns_where_the_cpu_lacks_bfloat16(cor
     losses = [trainer.update([batch])[0] for _ in range(6)]
     assert seen[0] == torch.bfloat16 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
+    seen.clear()
+    trainer.validate()
+    assert seen and set(seen) == {torch.float32}  # dev numbers measure the float32 model that gets exported
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
