@@ -15,8 +15,9 @@ def output_loss(readout: torch.Tensor, out: nn.Linear, targets: torch.Tensor, la
     sampled=0: the exact softmax over the whole vocabulary. sampled=K > 0: a sampled softmax (Jean et al. 2015,
     RNNsearch-LV) with logits only for the pieces that are targets in this batch and K others drawn uniformly
     without replacement; each drawn piece stands for r = others/K pieces in the normalizer (its logit + log r),
-    so that the normalizer, and the label-smoothing average, estimate those of the whole vocabulary without
-    bias. The output layer's three matmuls shrink to those rows; K >= the others gives the exact loss again."""
+    so that the normalizer and the label-smoothing sum of logits are unbiased estimates of the whole
+    vocabulary's. The loss takes the normalizer's log, so it is biased low (Jensen), as Jean et al.'s is. The
+    output layer's three matmuls shrink to those rows; K >= the others gives the exact loss again."""
     vocab = out.weight.size(0)
     if sampled <= 0:
         logprobs = torch.log_softmax(out(readout).float(), dim=-1)

@@ -58,7 +58,8 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
     every live beam (log-probabilities only fall, so a live beam's best final score is bounded), or once
     beam_size finished ones all score above the best live beam as it stands (so beam size 1 is greedy
     decoding). Finished sentences leave the batch. Nothing about one sentence depends on the others in its
-    batch. Attention, when asked for, is (len(tokens) + 1, source length with EOS) per hypothesis.
+    batch, except in a dynamically quantized (int8) model, whose activation scales are taken over the batch.
+    Attention, when asked for, is (len(tokens) + 1, source length with EOS) per hypothesis.
 
     A shortlist (sorted target ids (V',) holding the special ids, and a (B, V') bias of 0 on each sentence's
     own pieces and -inf elsewhere) restricts each sentence's output to its pieces; scores are then

@@ -8,8 +8,8 @@ word says "created". The output layer and the softmax then run over about a thou
 whole vocabulary.
 
 A batch computes logits for the union of its sentences' shortlists once, and each sentence's softmax is masked
-to its own shortlist, so a translation never depends on the other sentences in its batch (its score only in
-the last float digits, about 1e-5: matrix products of different widths round differently).
+to its own shortlist, so in float32 a translation does not depend on the other sentences in its batch (its
+score only in the last float digits, about 1e-5: matrix products of different widths round differently).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models/es-en-bible"), description="exported model directory (or run directory)")
     device: str = Field("cpu", description="torch device: cpu or cuda")
     threads: int = Field(0, ge=0, description="torch CPU threads for the model worker; 0 = torch default")
-    int8: bool = Field(False, description="dynamically quantize linear layers to int8 (CPU)")
+    int8: bool = Field(False, description="dynamically quantize linear layers to int8 (CPU); a translation may then "
+                       "vary slightly with the requests batched with it")
     max_batch_tokens: int = Field(4000, ge=1, description="source tokens per coalesced batch")
     max_batch_requests: int = Field(64, ge=1, description="requests per coalesced batch; 1 turns coalescing off")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the oldest queued request waits for companions")
