@@ -285,6 +285,9 @@ def test_export_reads_the_corpus_given_by_data(tiny_run, tiny_data, tmp_path, ca
     assert json.loads((out / "card.json").read_text(encoding="utf-8"))["data"] == {"dir": str(moved)}
     assert main(["export", str(tiny_run), str(tmp_path / "other"), "--data", str(tmp_path / "gone")]) == 2
     assert "--data" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    (moved / "train.tgt").unlink()  # a directory, but not a prepared corpus
+    assert main(["export", str(tiny_run), str(tmp_path / "other"), "--data", str(moved)]) == 2
+    assert "no train.tgt" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 def test_int8_translates_like_fp32(tiny_model_dir, translator):
