@@ -332,7 +332,14 @@ class Trainer:
             raise NMTError(f"{self.last_path} does not fit the configured model: {exc}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self._apply_schedule_changes(state.get("config", {}).get("train", {}))
+        saved = state.get("config", {}).get("train", {})
+        self._apply_schedule_changes(saved)
+        now = self.cfg.to_dict()["train"]
+        changed = [f"train.{key}: {old!r} -> {now[key]!r}" for key, old in saved.items()
+                   if key in now and now[key] != old]
+        if changed:
+            # A resumed run continues exactly only with the same settings; say which ones this session changes.
+            log.info("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
         self.pos = Position(**state["position"])
         # One RNG state per rank; checkpoints from before distributed training hold a single one.
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -112,12 +113,18 @@ def test_metrics_lines(tiny_run: Path) -> None:
     assert "optimizer" not in best and "optimizer" in load_checkpoint(tiny_run / "last.pt")
 
 
+@pytest.mark.parametrize("extra", [(), ("train.sampled_softmax=4",), ("train.amp_cpu=true",)],
+                         ids=["exact", "sampled-softmax", "bf16"])
 def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(corpus: Path, reference_run: Path,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, extra: tuple[str, ...]) -> None:
+    settings = [*RESUME_SETTINGS, *extra]
+    if extra:  # the sampled softmax draws from the RNG that the checkpoint must restore
+        reference_run = tmp_path / "reference"
+        train(tiny_config(corpus, reference_run, *settings, f"train.max_steps={TOTAL_STEPS}"))
     run_dir = tmp_path / "run"
-    first = train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.max_steps=8"))
+    first = train(tiny_config(corpus, run_dir, *settings, "train.max_steps=8"))
     assert first["step"] == 8 and first["reason"] == "max steps"
-    second = train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS}"), resume=True)
+    second = train(tiny_config(corpus, run_dir, *settings, f"train.max_steps={TOTAL_STEPS}"), resume=True)
     assert second["step"] == TOTAL_STEPS
     assert_same_weights(weights(run_dir), weights(reference_run))
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -125,11 +132,14 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(corpus: Path,
     assert steps == list(range(4, TOTAL_STEPS + 1, 4))  # resuming did not validate step 8 again
 
 
-def test_resume_takes_a_new_learning_rate_and_decay_settings_from_the_config(corpus: Path, tmp_path: Path) -> None:
+def test_resume_takes_a_new_learning_rate_and_decay_settings_from_the_config(corpus: Path, tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
     run_dir = tmp_path / "run"
     train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.max_steps=4"))
-    trainer = Trainer(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.max_steps=8", "train.lr=0.0007",
-                                  "train.lr_patience=5", "train.min_lr=0.0001"), resume=True)
+    with caplog.at_level(logging.INFO, logger="nmt.train"):
+        trainer = Trainer(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.max_steps=8", "train.lr=0.0007",
+                                      "train.lr_patience=5", "train.min_lr=0.0001"), resume=True)
+    assert "differ from the checkpoint's: train.max_steps: 4 -> 8, train.lr: 0.005 -> 0.0007" in caplog.text
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.0007]
     assert trainer.scheduler.patience == 5 and trainer.scheduler.min_lrs == [0.0001]
     trainer.run()
