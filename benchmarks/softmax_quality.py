@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 
 def run_dir(work: Path, sampled: int, precision: str) -> Path:
     name = f"sampled-{sampled}" if sampled else "exact"
@@ -46,9 +48,8 @@ def finished(directory: Path, steps: int, sampled: int, precision: str) -> bool:
     config = directory / "config.yaml"
     if not (any(r.get("type") == "valid" and r["step"] >= steps for r in lines) and config.is_file()):
         return False
-    text = config.read_text()
-    bf16 = "amp_cpu: true" in text
-    return f"sampled_softmax: {sampled}" in text and bf16 == (precision == "bf16")
+    train = yaml.safe_load(config.read_text()).get("train", {})
+    return train.get("sampled_softmax") == sampled and train.get("amp_cpu", False) == (precision == "bf16")
 
 
 def start(args: argparse.Namespace, sampled: int, precision: str, core: int) -> subprocess.Popen:
@@ -91,7 +92,7 @@ def main() -> None:
     work = Path(args.work)
     runs = [(k, precision) for precision in args.precisions for k in args.sampled]
     todo = [run for run in runs if not finished(run_dir(work, *run), args.steps, *run)]
-    procs = [start(args, k, precision, i % (os.cpu_count() or 1)) for i, (k, precision) in enumerate(todo)]
+    procs = [start(args, k, precision, i % len(os.sched_getaffinity(0))) for i, (k, precision) in enumerate(todo)]
     for (k, precision), proc in zip(todo, procs, strict=True):
         if proc.wait() != 0:
             raise SystemExit(f"training {label(k, precision)} failed: see "
