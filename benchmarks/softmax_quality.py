@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from nmt.train import cpu_flags
+
 
 def run_dir(work: Path, sampled: int, precision: str) -> Path:
     name = f"sampled-{sampled}" if sampled else "exact"
@@ -90,7 +92,11 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     work = Path(args.work)
-    runs = [(k, precision) for precision in args.precisions for k in args.sampled]
+    precisions = args.precisions
+    if "bf16" in precisions and not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        print("skipping bf16: this CPU has no bfloat16 instructions, and train.amp_cpu trains in float32 there")
+        precisions = [p for p in precisions if p != "bf16"]
+    runs = [(k, precision) for precision in precisions for k in args.sampled]
     todo = [run for run in runs if not finished(run_dir(work, *run), args.steps, *run)]
     procs = [start(args, k, precision, i % len(os.sched_getaffinity(0))) for i, (k, precision) in enumerate(todo)]
     for (k, precision), proc in zip(todo, procs, strict=True):

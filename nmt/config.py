@@ -53,7 +53,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch default
     device: str = "auto"  # auto, cpu, cuda
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
-    amp_cpu: bool = False  # bfloat16 autocast on CPU too: fast with AVX512_BF16 or AMX, slow without
+    amp_cpu: bool = True  # bfloat16 autocast on CPUs with AVX512_BF16 or AMX (float32 on others)
     batch_tokens: int = 4096  # target tokens per batch
     max_sentences: int = 256  # cap on sentences per batch
     bucket_width: int = 4  # length bucket width for batching (source pieces)

@@ -295,10 +295,11 @@ class Trainer:
         if self.ranks.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.amp = (tc.amp and self.device.type == "cuda") or (tc.amp_cpu and self.device.type == "cpu")
-        if tc.amp_cpu and self.device.type == "cpu" and not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
-            log.warning("train.amp_cpu: this CPU has no bfloat16 instructions (AVX512_BF16, AMX); bfloat16 "
-                        "autocast will likely train slower than float32 here")
+        # Without bfloat16 instructions autocast emulates bfloat16 and trains slower than float32.
+        bf16_cpu = self.device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        self.amp = (tc.amp and self.device.type == "cuda") or (tc.amp_cpu and bf16_cpu)
+        if tc.amp_cpu and self.device.type == "cpu" and not bf16_cpu:
+            log.info("train.amp_cpu: this CPU has no bfloat16 instructions (AVX512_BF16, AMX); training in float32")
 
     def _check_run_dir(self, resume: bool) -> dict[str, Any] | None:
         """Refuse to overwrite a run or to continue one under an incompatible config; the checkpoint to resume."""

@@ -116,7 +116,9 @@ def test_metrics_lines(tiny_run: Path) -> None:
 @pytest.mark.parametrize("extra", [(), ("train.sampled_softmax=4",), ("train.amp_cpu=true",)],
                          ids=["exact", "sampled-softmax", "bf16"])
 def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(corpus: Path, reference_run: Path,
-                                                                   tmp_path: Path, extra: tuple[str, ...]) -> None:
+                                                                   tmp_path: Path, extra: tuple[str, ...],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nmt.train, "cpu_flags", lambda: {"avx512_bf16"})  # bfloat16 even where the CPU lacks it
     settings = [*RESUME_SETTINGS, *extra]
     if extra:  # the sampled softmax draws from the RNG that the checkpoint must restore
         reference_run = tmp_path / "reference"
@@ -148,12 +150,16 @@ def test_resume_takes_a_new_learning_rate_and_decay_settings_from_the_config(cor
     assert lrs[:4] == [0.005] * 4 and lrs[4:] == [0.0007] * 4
 
 
-def test_cpu_bfloat16_autocast_trains_and_warns_where_the_cpu_lacks_bfloat16(corpus: Path, tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch,
-                                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_cpu_bfloat16_autocast_trains_where_the_cpu_has_bfloat16(corpus: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(nmt.train, "cpu_flags", lambda: {"avx2"})
+    with caplog.at_level(logging.INFO, logger="nmt.train"):
+        plain = Trainer(tiny_config(corpus, tmp_path / "plain", *RESUME_SETTINGS, "train.amp_cpu=true"))
+    assert not plain.amp and "no bfloat16 instructions" in caplog.text  # float32 where bfloat16 is emulated
+    monkeypatch.setattr(nmt.train, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     trainer = Trainer(tiny_config(corpus, tmp_path / "run", *RESUME_SETTINGS, "train.amp_cpu=true"))
-    assert trainer.amp and "no bfloat16 instructions" in caplog.text
+    assert trainer.amp
     seen: list[torch.dtype] = []
     trainer.model.decoder.readout.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     batch = trainer.data.epoch_batches(1, 0)[0]
