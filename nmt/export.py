@@ -142,12 +142,14 @@ def _sessions(run: Path) -> dict[str, Any]:
             continue
         if r.get("type") == "session" and r.get("event") == "start":
             sessions.append({"start": r["time"], "end": r["time"], **{k: r.get(k) for k in (
-                "command", "hardware", "device", "threads", "ranks", "torch")}})
+                "command", "hardware", "device", "threads", "ranks", "torch", "precision")}})
         elif sessions:
             sessions[-1]["end"] = r["time"]
     seconds = sum(s["end"] - s["start"] for s in sessions)
-    unique = {k: sorted({str(s[k]) for s in sessions if s.get(k) is not None}) for k in ("command", "hardware")}
-    return {"commands": unique["command"], "hardware": unique["hardware"], "sessions": len(sessions),
+    unique = {k: sorted({str(s[k]) for s in sessions if s.get(k) is not None})
+              for k in ("command", "hardware", "precision")}
+    return {"commands": unique["command"], "hardware": unique["hardware"], "precisions": unique["precision"],
+            "sessions": len(sessions),
             "wall_seconds": round(seconds), "wall_hours": round(seconds / 3600, 2)}
 
 

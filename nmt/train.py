@@ -461,6 +461,7 @@ class Trainer:
         reason = "finished"
         self._log({"type": "session", "event": "start", "step": self.pos.step, **hardware(self.device),
                    "threads": torch.get_num_threads(), "ranks": self.ranks.world, "command": command_line(),
+                   "precision": "bf16" if self.amp else "fp32",
                    "time": time.time()})
         window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
         with StopSignal() as stop:

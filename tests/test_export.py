@@ -49,6 +49,7 @@ def test_model_directory_contents_and_card(tiny_run, tiny_model_dir):
     assert card["rnnsearch_version"]
     training = card["training"]  # the tiny run: one session of train() inside pytest
     assert training["sessions"] == 1 and 0 < training["wall_seconds"] < 600
+    assert training["precisions"] == ["fp32"]  # configs/tiny.yaml turns bfloat16 off
     assert len(training["commands"]) == 1 and training["hardware"]
     assert card["architecture"]["cell"] == "lstm"
 
