@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from nmt.train import cpu_flags
+from nmt.plot import read_metrics
+from nmt.train import cpu_has_bf16
 
 
 def run_dir(work: Path, sampled: int, precision: str) -> Path:
@@ -38,17 +39,16 @@ def label(sampled: int, precision: str) -> str:
     return (f"sampled, K={sampled}" if sampled else "exact") + ("" if precision == "fp32" else f", {precision}")
 
 
-def records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def validations(directory: Path) -> list[dict]:
+    """The run's validation records by step (none before it has a metrics file)."""
+    path = directory / "metrics.jsonl"
+    return read_metrics(path)["valid"] if path.is_file() else []
 
 
 def finished(directory: Path, steps: int, sampled: int, precision: str) -> bool:
     """Whether the run directory holds a run of this K and precision that reached `steps` updates."""
-    lines = records(directory / "metrics.jsonl")
     config = directory / "config.yaml"
-    if not (any(r.get("type") == "valid" and r["step"] >= steps for r in lines) and config.is_file()):
+    if not (any(r["step"] >= steps for r in validations(directory)) and config.is_file()):
         return False
     train = yaml.safe_load(config.read_text()).get("train", {})
     return train.get("sampled_softmax") == sampled and train.get("amp_cpu", False) == (precision == "bf16")
@@ -93,7 +93,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work)
     precisions = args.precisions
-    if "bf16" in precisions and not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if "bf16" in precisions and not cpu_has_bf16():
         print("skipping bf16: this CPU has no bfloat16 instructions, and train.amp_cpu trains in float32 there")
         precisions = [p for p in precisions if p != "bf16"]
     runs = [(k, precision) for precision in precisions for k in args.sampled]
@@ -105,10 +105,9 @@ def main() -> None:
                              f"{run_dir(work, k, precision) / 'train.log'}")
     rows = []
     for k, precision in runs:
-        for r in records(run_dir(work, k, precision) / "metrics.jsonl"):
-            if r.get("type") == "valid":
-                rows.append({"softmax": label(k, precision), "sampled_softmax": k, "precision": precision,
-                             **{key: r[key] for key in ("step", "dev_loss", "dev_ppl", "dev_bleu")}})
+        for r in validations(run_dir(work, k, precision)):
+            rows.append({"softmax": label(k, precision), "sampled_softmax": k, "precision": precision,
+                         **{key: r[key] for key in ("step", "dev_loss", "dev_ppl", "dev_bleu")}})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "softmax_quality.json").write_text(json.dumps({"config": args.config, "rows": rows}, indent=2) + "\n")

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nmt.train import cpu_flags, cpu_name
+from nmt.train import cpu_has_bf16, cpu_name
 
 ONMT_CONFIG = """\
 save_data: {run}/samples
@@ -218,7 +218,7 @@ def main() -> None:
             rows.append(run_onmt(args, tokenizers))
             print(json.dumps(rows[-1]), flush=True)
         for precision in args.precisions:
-            if precision == "bf16" and not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+            if precision == "bf16" and not cpu_has_bf16():
                 print("skipping bf16: this CPU has no bfloat16 instructions, and train.amp_cpu trains in float32 "
                       "there", flush=True)
                 continue

@@ -249,11 +249,12 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in model.state_dict().items() if not (cfg.model.tie_embeddings and k in TIED)}
     data_dir = Path(data if data is not None else cfg.data.dir)
-    if data is not None and not data_dir.is_dir():
-        raise NMTError(f"--data {data_dir}: not a directory")
-    missing = [name for name in ("train.src", "train.tgt") if not (data_dir / name).is_file()]
-    if data is not None and missing:
-        raise NMTError(f"--data {data_dir}: no {' or '.join(missing)} (a corpus made by `nmt prepare`)")
+    if data is not None:  # named by the user, so it must hold what it is for (the run's own may be gone)
+        if not data_dir.is_dir():
+            raise NMTError(f"--data {data_dir}: not a directory")
+        missing = [name for name in ("train.src", "train.tgt") if not (data_dir / name).is_file()]
+        if missing:
+            raise NMTError(f"--data {data_dir}: no {' or '.join(missing)} (a corpus made by `nmt prepare`)")
     card = build_card(cfg, state, run, ckpt, model.num_parameters(), str(dtype).removeprefix("torch."),
                       outdir.name, Path(report) if report else None, data_dir)
     shortlist = shortlist_from_corpus(data_dir, *(Tokenizer(run / name) for name in TOKENIZER_FILES))

@@ -191,6 +191,11 @@ def cpu_flags() -> set[str]:
     return set(next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), []))
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 instructions (AVX512_BF16 or AMX); without them autocast only emulates it."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def cpu_name() -> str:
     """The CPU model and its widest vector ISA from /proc/cpuinfo (Linux), else what the platform module knows."""
     name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
@@ -296,7 +301,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         # Without bfloat16 instructions autocast emulates bfloat16 and trains slower than float32.
-        bf16_cpu = self.device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        bf16_cpu = self.device.type == "cpu" and cpu_has_bf16()
         self.amp = (tc.amp and self.device.type == "cuda") or (tc.amp_cpu and bf16_cpu)
         if tc.amp_cpu and self.device.type == "cpu" and not bf16_cpu:
             log.info("train.amp_cpu: this CPU has no bfloat16 instructions (AVX512_BF16, AMX); training in float32")

@@ -135,4 +135,3 @@ def test_padding_embeddings_get_no_gradient() -> None:
     model(b.src, b.src_lens, b.tgt_in, b.tgt_out)[0].backward()
     assert torch.equal(model.encoder.embed.weight.grad[PAD], torch.zeros(SMALL.emb_dim))
     assert torch.equal(model.decoder.embed.weight.grad[PAD], torch.zeros(SMALL.emb_dim))
-
