@@ -91,6 +91,9 @@ def main() -> None:
     p.add_argument("--work", default="runs/softmax_quality", help="run directories (kept, reused when finished)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    missing = [name for name in ("src.model", "tgt.model") if not (Path(args.tokenizers) / name).is_file()]
+    if missing:
+        raise SystemExit(f"softmax_quality.py: error: --tokenizers {args.tokenizers} has no {' or '.join(missing)}")
     work = Path(args.work)
     precisions = args.precisions
     if "bf16" in precisions and not cpu_has_bf16():

@@ -129,8 +129,11 @@ def run_ours(args: argparse.Namespace, threads: int, sampled: int, precision: st
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--sampled-softmax", str(sampled),
                "--precisions", precision]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"training ({precision}, sampled softmax {sampled}, {threads} thread(s)) failed:\n"
+                             f"{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def write_pieces(data: Path, tokenizers: Path, out: Path) -> None:
@@ -208,11 +211,17 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     from nmt.config import load_config
+    from nmt.errors import NMTError
     from nmt.tokenizer import ensure_tokenizers
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizers = Path(tmp)
-        ensure_tokenizers(Path(args.data), tokenizers, load_config(args.config).tokenizer)
+        try:  # every setting and the corpus are checked before the first (long) run starts
+            for sampled in args.sampled_softmax:
+                load_config(args.config, [f"train.sampled_softmax={sampled}"])
+            ensure_tokenizers(Path(args.data), tokenizers, load_config(args.config).tokenizer)
+        except NMTError as exc:
+            raise SystemExit(f"train_speed.py: error: {exc}") from None
         rows = []
         if args.onmt_venv:
             rows.append(run_onmt(args, tokenizers))
