@@ -29,6 +29,36 @@ class Memory:
         return Memory(pick(self.values), pick(self.keys), pick(self.mask_bias), pick(self.summary),
                       pick(self.summary_gates), pick(self.vocab_bias))
 
+    @property
+    def width(self) -> int:
+        """Source positions S, padding included."""
+        return self.values.size(1)
+
+    def with_width(self, width: int) -> Memory:
+        """The same rows over `width` source positions: cut off (padding only) or padded with masked zeros."""
+        if width <= self.width:
+            return Memory(self.values[:, :width], None if self.keys is None else self.keys[:, :width],
+                          self.mask_bias[:, :width], self.summary, self.summary_gates, self.vocab_bias)
+        extra = width - self.width
+
+        def grow(t: torch.Tensor | None, fill: float) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return torch.cat([t, t.new_full((t.size(0), extra, *t.shape[2:]), fill)], dim=1)
+        return Memory(grow(self.values, 0.0), grow(self.keys, 0.0), grow(self.mask_bias, float("-inf")),
+                      self.summary, self.summary_gates, self.vocab_bias)
+
+    @staticmethod
+    def cat(parts: list[Memory]) -> Memory:
+        """The rows of several memories, in order, padded to the widest (vocab biases must share columns)."""
+        width = max(m.width for m in parts)
+        parts = [m.with_width(width) for m in parts]
+
+        def join(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if ts[0] is None else torch.cat(ts)
+        return Memory(*(join([getattr(m, f) for m in parts])
+                        for f in ("values", "keys", "mask_bias", "summary", "summary_gates", "vocab_bias")))
+
 
 @dataclass
 class OutputVocab:
@@ -56,6 +86,13 @@ class State:
     def select(self, index: torch.Tensor) -> State:
         h = [t.index_select(0, index) for t in self.h]
         c = None if self.c is None else [t.index_select(0, index) for t in self.c]
+        return State(h, c)
+
+    @staticmethod
+    def cat(parts: list[State]) -> State:
+        """The rows of several states, in order."""
+        h = [torch.cat(layer) for layer in zip(*(p.h for p in parts), strict=True)]
+        c = None if parts[0].c is None else [torch.cat(layer) for layer in zip(*(p.c for p in parts), strict=True)]
         return State(h, c)
 
 

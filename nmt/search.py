@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 
 from nmt.batching import collate, token_batches
+from nmt.decoder import Memory, OutputVocab, State
 from nmt.model import Seq2Seq
 from nmt.tokenizer import BOS, EOS, PAD, UNK
 
@@ -46,71 +47,141 @@ def _banned_by_ngrams(history: list[list[int]], n: int) -> list[list[int]]:
     return banned
 
 
-@torch.no_grad()
-def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size: int = 5, n_best: int = 1,
-                alpha: float = 0.0, max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0,
-                ban_unk: bool = False, no_repeat_ngram: int = 0, return_attention: bool = False,
-                shortlist: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[list[Hypothesis]]:
-    """Translate a padded batch; returns n_best hypotheses per sentence, best first.
+def _merge_vocab(ids_a: torch.Tensor, bias_a: torch.Tensor, ids_b: torch.Tensor,
+                 bias_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two shortlists' sorted ids and row biases over their union: (ids, bias_a, bias_b) with shared columns."""
+    ids = torch.unique(torch.cat([ids_a, ids_b]))
 
-    Outputs hold at most max_len_a * source_length + max_len_b tokens (EOS not counted; at least 1) and,
-    below that limit, at least min_len. A sentence stops once n_best finished hypotheses are out of reach of
-    every live beam (log-probabilities only fall, so a live beam's best final score is bounded), or once
-    beam_size finished ones all score above the best live beam as it stands (so beam size 1 is greedy
-    decoding). Finished sentences leave the batch. Nothing about one sentence depends on the others in its
-    batch, except in a dynamically quantized (int8) model, whose activation scales are taken over the batch.
-    Attention, when asked for, is (len(tokens) + 1, source length with EOS) per hypothesis.
+    def spread(old: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        out = bias.new_full((bias.size(0), ids.numel()), float("-inf"))
+        out[:, torch.searchsorted(ids, old)] = bias
+        return out
+    return ids, spread(ids_a, bias_a), spread(ids_b, bias_b)
 
-    A shortlist (sorted target ids (V',) holding the special ids, and a (B, V') bias of 0 on each sentence's
-    own pieces and -inf elsewhere) restricts each sentence's output to its pieces; scores are then
-    log-probabilities normalized over those pieces.
+
+class BeamSearch:
+    """A batched beam search that sentences join (`add`) and leave (when done) between steps.
+
+    B sentences x K beams advance as one tensor batch; each sentence keeps its own step count, output limit
+    (max_len_a * source length + max_len_b tokens, EOS not counted; at least 1) and, below that limit, at least
+    min_len tokens. A sentence stops once n_best finished hypotheses are out of reach of every live beam
+    (log-probabilities only fall, so a live beam's best final score is bounded), or once beam_size finished ones
+    all score above the best live beam as it stands (so beam size 1 is greedy decoding). `step` returns the
+    sentences that stopped, with their n_best hypotheses, best first. Nothing about one sentence depends on the
+    others in the batch, or on when it joined, except in a dynamically quantized (int8) model, whose activation
+    scales are taken over the batch. This lets a server keep one running batch full (continuous batching).
+
+    With shortlists, every `add` gives one (sorted target ids (V',) holding the special ids, and a (B, V') bias
+    of 0 on each sentence's own pieces and -inf elsewhere); each sentence's output is restricted to its pieces
+    and its scores are log-probabilities normalized over them. Either every `add` of a search has one or none.
     """
-    if not 1 <= n_best <= beam_size:
-        raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
-    model.eval()
-    device = src.device
-    batch, k = src.size(0), beam_size
-    mem = model.encode(src, lens)
-    vocab = None
-    if shortlist is not None:
-        vocab = model.decoder.output_vocab(shortlist[0])
-        mem.vocab_bias = shortlist[1]
-    src_lens = lens.tolist()
-    # Output limits count real pieces: the source's EOS is not part of its length.
-    limits = [max(1, int(max_len_a * (n - 1) + max_len_b)) for n in src_lens]
-    rows = torch.arange(batch, device=device).repeat_interleave(k)
-    mem = mem.select(rows)
-    state = model.init_state(mem)
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first at step 0
-    tokens = torch.full((batch * k, 0), BOS, dtype=torch.long, device=device)
-    with_attention = return_attention and model.decoder.attention is not None
-    attn = torch.zeros((batch * k, 0, src.size(1)), device=device) if with_attention else None
-    prev = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
-    alive = list(range(batch))  # original sentence index of each row group still decoding
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    step = 0
-    while alive:
-        logp, alpha_t, state = model.step(prev, state, mem, vocab)
+
+    def __init__(self, model: Seq2Seq, beam_size: int = 5, n_best: int = 1, alpha: float = 0.0,
+                 max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0, ban_unk: bool = False,
+                 no_repeat_ngram: int = 0, return_attention: bool = False):
+        if not 1 <= n_best <= beam_size:
+            raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
+        model.eval()
+        self.model, self.k, self.n_best, self.alpha = model, beam_size, n_best, alpha
+        self.max_len_a, self.max_len_b, self.min_len = max_len_a, max_len_b, min_len
+        self.ban_unk, self.no_repeat_ngram = ban_unk, no_repeat_ngram
+        self.with_attention = return_attention and model.decoder.attention is not None
+        # One entry per live sentence, in row-group order: its key, tokens so far, output limit, source length.
+        self.keys: list[Hashable] = []
+        self.ages: list[int] = []
+        self.limits: list[int] = []
+        self.src_lens: list[int] = []
+        self.finished: dict[Hashable, list[Hypothesis]] = {}
+        self.mem: Memory | None = None
+        self.state: State | None = None
+        self.scores = self.tokens = self.attn = self.prev = self.vocab_ids = None
+        self.vocab: OutputVocab | None = None
+        self.shortlisted: bool | None = None
+
+    def __len__(self) -> int:
+        """Sentences still decoding."""
+        return len(self.keys)
+
+    @torch.no_grad()
+    def add(self, keys: list[Hashable], src: torch.Tensor, lens: torch.Tensor,
+            shortlist: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Start decoding a padded (B, S) source batch, one key per sentence (unique among those decoding)."""
+        if len(keys) != src.size(0) or len(set(keys)) != len(keys) or set(keys) & set(self.keys):
+            raise ValueError("add needs one key per sentence, none of them already decoding")
+        if self.shortlisted is not None and self.shortlisted != (shortlist is not None) and self.keys:
+            raise ValueError("either every batch of a search has a shortlist or none has")
+        if not keys:
+            return
+        k, n, device = self.k, src.size(0), src.device
+        mem = self.model.encode(src, lens)
+        ids = None
+        if shortlist is not None:
+            ids, mem.vocab_bias = shortlist
+        mem = mem.select(torch.arange(n, device=device).repeat_interleave(k))
+        state = self.model.init_state(mem)
+        scores = torch.full((n, k), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # all beams start identical: expand only the first at the first step
+        width = 0 if self.tokens is None else self.tokens.size(1)
+        # Rows keep their tokens right-aligned: a sentence that joins later has padding where others have history.
+        tokens = torch.full((n * k, width), PAD, dtype=torch.long, device=device)
+        prev = torch.full((n * k,), BOS, dtype=torch.long, device=device)
+        attn = torch.zeros((n * k, width, mem.width), device=device) if self.with_attention else None
+        src_lens = lens.tolist()
+        # Output limits count real pieces: the source's EOS is not part of its length.
+        limits = [max(1, int(self.max_len_a * (m - 1) + self.max_len_b)) for m in src_lens]
+        if self.keys:
+            if ids is not None:
+                ids, self.mem.vocab_bias, mem.vocab_bias = _merge_vocab(self.vocab_ids, self.mem.vocab_bias, ids,
+                                                                        mem.vocab_bias)
+            mem = Memory.cat([self.mem, mem])
+            state = State.cat([self.state, state])
+            scores = torch.cat([self.scores, scores])
+            tokens = torch.cat([self.tokens, tokens])
+            prev = torch.cat([self.prev, prev])
+            if attn is not None:
+                attn = torch.cat([_pad_last(self.attn, mem.width), _pad_last(attn, mem.width)])
+        self.mem, self.state, self.scores, self.tokens, self.prev, self.attn = mem, state, scores, tokens, prev, attn
+        self.keys += keys
+        self.ages += [0] * n
+        self.limits += limits
+        self.src_lens += src_lens
+        self.shortlisted = shortlist is not None
+        self._set_vocab(ids)
+
+    def _set_vocab(self, ids: torch.Tensor | None) -> None:
+        self.vocab_ids = ids
+        self.vocab = None if ids is None else self.model.decoder.output_vocab(ids)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Hashable, list[Hypothesis]]]:
+        """Advance every live sentence by one token; the sentences that stopped, with their hypotheses."""
+        if not self.keys:
+            return []
+        k, device, vocab = self.k, self.scores.device, self.vocab
+        logp, alpha_t, state = self.model.step(self.prev, self.state, self.mem, vocab)
         width = logp.size(1)
+        history = self.tokens.size(1)
         logp[:, PAD] = float("-inf")
         logp[:, BOS] = float("-inf")
-        if ban_unk:
+        if self.ban_unk:
             logp[:, UNK] = float("-inf")
-        if no_repeat_ngram > 0:
-            for row, banned in enumerate(_banned_by_ngrams(tokens.tolist(), no_repeat_ngram)):
+        ages = self.ages
+        if self.no_repeat_ngram > 0:
+            rows = self.tokens.tolist()
+            for row, banned in enumerate(_banned_by_ngrams(
+                    [r[history - ages[row // k]:] for row, r in enumerate(rows)], self.no_repeat_ngram)):
                 logp[row, banned if vocab is None else _positions(vocab.ids, banned)] = float("-inf")
-        if step < min_len:
-            short = torch.tensor([step < limits[s] for s in alive], device=device).repeat_interleave(k)
-            logp[short, EOS] = float("-inf")
-        at_limit = [step >= limits[s] for s in alive]
+        short = [age < self.min_len and age < limit for age, limit in zip(ages, self.limits, strict=True)]
+        if any(short):
+            logp[torch.tensor(short, device=device).repeat_interleave(k), EOS] = float("-inf")
+        at_limit = [age >= limit for age, limit in zip(ages, self.limits, strict=True)]
         if any(at_limit):
             forced = torch.tensor(at_limit, device=device).repeat_interleave(k)
             eos_logp = logp[forced, EOS].clone()
             logp[forced] = float("-inf")
             logp[forced, EOS] = eos_logp
-        n = len(alive)
-        cand = (scores.view(-1, 1) + logp).view(n, k * width)
+        n = len(self.keys)
+        cand = (self.scores.view(-1, 1) + logp).view(n, k * width)
         top_scores, top_idx = cand.topk(2 * k, dim=1)
         origin, token = top_idx // width, top_idx % width
         if vocab is not None:
@@ -122,49 +193,90 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
         live_pos = torch.where(is_eos, position + 2 * k, position).topk(k, dim=1, largest=False).indices
         flat_origin = (origin + torch.arange(n, device=device).unsqueeze(1) * k)
         if bool(finish_mask.any()):
-            penalty = length_penalty(step + 1, alpha)  # the hypothesis's tokens and its EOS
             origins, totals = flat_origin.tolist(), top_scores.tolist()
             for i, j in finish_mask.nonzero().tolist():
-                row, sent, total = origins[i][j], alive[i], totals[i][j]
+                row, age, total = origins[i][j], ages[i], totals[i][j]
                 hyp_attn = None
-                if attn is not None:
-                    hyp_attn = torch.cat([attn[row], alpha_t[row].unsqueeze(0)])[:, : src_lens[sent]].cpu()
-                finished[sent].append(Hypothesis(tokens[row].tolist(), total / penalty, total, hyp_attn))
-        scores = top_scores.gather(1, live_pos)
+                if self.attn is not None:
+                    hyp_attn = torch.cat([self.attn[row, history - age:], alpha_t[row].unsqueeze(0)])
+                    hyp_attn = hyp_attn[:, : self.src_lens[i]].cpu()
+                penalty = length_penalty(age + 1, self.alpha)  # the hypothesis's tokens and its EOS
+                self.finished.setdefault(self.keys[i], []).append(
+                    Hypothesis(self.tokens[row, history - age:].tolist(), total / penalty, total, hyp_attn))
+        self.scores = top_scores.gather(1, live_pos)
         chosen = flat_origin.gather(1, live_pos).view(-1)
-        next_tokens = token.gather(1, live_pos).view(-1)
-        tokens = torch.cat([tokens.index_select(0, chosen), next_tokens.unsqueeze(1)], dim=1)
-        if attn is not None:
-            attn = torch.cat([attn.index_select(0, chosen), alpha_t.index_select(0, chosen).unsqueeze(1)], dim=1)
-        state = state.select(chosen)
-        prev = next_tokens
-        step += 1
-        # Which sentences are done: at their length limit, or no live beam can still win, or (the usual
-        # heuristic) beam_size finished hypotheses all beat the best live one as it stands.
-        best_live = scores.max(dim=1).values.tolist()
-        keep = []
-        for i, sent in enumerate(alive):
-            if step > limits[sent]:
-                continue
-            ranked = sorted((h.score for h in finished[sent]), reverse=True)
-            if len(ranked) >= n_best and best_live[i] / length_penalty(limits[sent] + 1, alpha) <= ranked[n_best - 1]:
-                continue
-            if len(ranked) >= k and best_live[i] / length_penalty(step, alpha) <= ranked[k - 1]:
-                continue
-            keep.append(i)
-        if len(keep) < n:
-            idx = torch.tensor(keep, dtype=torch.long, device=device)
-            alive = [alive[i] for i in keep]
-            scores = scores.index_select(0, idx)
-            row_idx = (idx.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-            mem, state = mem.select(row_idx), state.select(row_idx)
-            tokens, prev = tokens.index_select(0, row_idx), prev.index_select(0, row_idx)
-            if attn is not None:
-                attn = attn.index_select(0, row_idx)
-    results = []
-    for hyps in finished:
-        hyps.sort(key=lambda h: -h.score)
-        results.append(hyps[:n_best])
+        self.prev = token.gather(1, live_pos).view(-1)
+        self.tokens = torch.cat([self.tokens.index_select(0, chosen), self.prev.unsqueeze(1)], dim=1)
+        if self.attn is not None:
+            self.attn = torch.cat([self.attn.index_select(0, chosen), alpha_t.index_select(0, chosen).unsqueeze(1)],
+                                  dim=1)
+        self.state = state.select(chosen)
+        self.ages = [age + 1 for age in ages]
+        return self._retire()
+
+    def _retire(self) -> list[tuple[Hashable, list[Hypothesis]]]:
+        """Drop the sentences that are done: at their length limit, or no live beam can still win, or (the usual
+        heuristic) beam_size finished hypotheses all beat the best live one as it stands."""
+        k, alpha = self.k, self.alpha
+        best_live = self.scores.max(dim=1).values.tolist()
+        keep, done = [], []
+        for i, key in enumerate(self.keys):
+            age, limit = self.ages[i], self.limits[i]
+            ranked = sorted((h.score for h in self.finished.get(key, ())), reverse=True)
+            if (age > limit
+                    or len(ranked) >= self.n_best
+                    and best_live[i] / length_penalty(limit + 1, alpha) <= ranked[self.n_best - 1]
+                    or len(ranked) >= k and best_live[i] / length_penalty(age, alpha) <= ranked[k - 1]):
+                hyps = sorted(self.finished.pop(key, []), key=lambda h: -h.score)
+                done.append((key, hyps[:self.n_best]))
+            else:
+                keep.append(i)
+        if not done:
+            return done
+        device = self.scores.device
+        idx = torch.tensor(keep, dtype=torch.long, device=device)
+        row_idx = (idx.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+        self.keys = [self.keys[i] for i in keep]
+        self.ages = [self.ages[i] for i in keep]
+        self.limits = [self.limits[i] for i in keep]
+        self.src_lens = [self.src_lens[i] for i in keep]
+        self.scores = self.scores.index_select(0, idx)
+        self.state = self.state.select(row_idx)
+        self.prev = self.prev.index_select(0, row_idx)
+        # Trim what no live sentence needs any more: older history columns, source padding, shortlist pieces.
+        history = max(self.ages, default=0)
+        self.tokens = self.tokens.index_select(0, row_idx)[:, self.tokens.size(1) - history:]
+        width = max(self.src_lens, default=1)
+        self.mem = self.mem.select(row_idx).with_width(width)
+        if self.attn is not None:
+            self.attn = self.attn.index_select(0, row_idx)[:, self.attn.size(1) - history:, :width]
+        if self.vocab_ids is not None and keep:
+            used = torch.isfinite(self.mem.vocab_bias).any(dim=0)
+            if not bool(used.all()):
+                self.mem.vocab_bias = self.mem.vocab_bias[:, used]
+                self._set_vocab(self.vocab_ids[used])
+        return done
+
+
+def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the last dimension to width."""
+    return torch.nn.functional.pad(t, (0, width - t.size(-1)))
+
+
+def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size: int = 5, n_best: int = 1,
+                alpha: float = 0.0, max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0,
+                ban_unk: bool = False, no_repeat_ngram: int = 0, return_attention: bool = False,
+                shortlist: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[list[Hypothesis]]:
+    """Translate a padded batch; returns n_best hypotheses per sentence, best first (see BeamSearch).
+
+    Attention, when asked for, is (len(tokens) + 1, source length with EOS) per hypothesis."""
+    search = BeamSearch(model, beam_size, n_best, alpha, max_len_a, max_len_b, min_len, ban_unk, no_repeat_ngram,
+                        return_attention)
+    search.add(list(range(src.size(0))), src, lens, shortlist)
+    results: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
+    while len(search):
+        for key, hyps in search.step():
+            results[key] = hyps
     return results
 
 

@@ -18,7 +18,7 @@ from nmt.checkpoint import load_checkpoint
 from nmt.config import from_dict
 from nmt.model import Seq2Seq
 from nmt.quantize import quantize_int8
-from nmt.search import beam_search, greedy_search, length_penalty, search_ids
+from nmt.search import BeamSearch, beam_search, greedy_search, length_penalty, search_ids
 from nmt.shortlist import Shortlist, shortlist_from_corpus
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
 
@@ -39,6 +39,10 @@ class PrefixState:
     def select(self, index: torch.Tensor) -> PrefixState:
         return PrefixState([self.rows[i] for i in index.tolist()])
 
+    @staticmethod
+    def cat(parts: list[PrefixState]) -> PrefixState:
+        return PrefixState([row for p in parts for row in p.rows])
+
 
 @dataclass
 class ToyMemory:
@@ -46,6 +50,15 @@ class ToyMemory:
 
     def select(self, index: torch.Tensor) -> ToyMemory:
         return ToyMemory(len(index))
+
+    width = 3  # toy sources are 3 tokens
+
+    def with_width(self, width: int) -> ToyMemory:
+        return self
+
+    @staticmethod
+    def cat(parts: list[ToyMemory]) -> ToyMemory:
+        return ToyMemory(sum(p.rows for p in parts))
 
 
 class ToyModel(torch.nn.Module):
@@ -317,3 +330,53 @@ def test_ngram_blocking_bans_the_right_pieces_on_a_shortlist(tiny, tiny_shortlis
     for ids in repeating:  # alone, so that the list's positions are not the pieces' ids
         tokens = one_listed(model, ids, lists, beam_size=3, no_repeat_ngram=1)[0].tokens
         assert len(set(tokens)) == len(tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Continuous batching: sentences join a running search between steps
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_staggered(search: BeamSearch, sentences: list[list[int]], joins: list[int], lists=None) -> dict:
+    """Add sentence i after joins[i] more steps of the running search; step until all are done."""
+    results: dict[int, list] = {}
+    pending = list(range(len(sentences)))
+    while pending or len(search):
+        while pending and joins[pending[0]] == 0:
+            group = [pending.pop(0)]
+            while pending and joins[pending[0]] == 0 and len(group) < 2:
+                group.append(pending.pop(0))
+            batch = collate([sentences[i] for i in group], None, group)
+            search.add(group, batch.src, batch.src_lens, None if lists is None else lists(batch.src))
+        if pending:
+            joins[pending[0]] -= 1
+        results.update(search.step())
+    return results
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_sentences_joining_a_running_search_get_what_they_get_alone(tiny, tiny_shortlist, listed):
+    model, _, sentences = tiny
+    lists = functools.partial(tiny_shortlist.for_batch, frequent=3, per_source=1) if listed else None
+    mixed = sorted(sentences, key=len)[::4] + [[4], sentences[0] * 3]
+    random.Random(2).shuffle(mixed)
+    joins = [random.Random(i).choice([0, 0, 1, 3, 7]) for i in range(len(mixed))]
+    for opts in ({"beam_size": 5, "n_best": 3, "alpha": 1.0, "return_attention": True},
+                 {"beam_size": 3, "n_best": 1, "min_len": 4, "no_repeat_ngram": 2}):
+        results = run_staggered(BeamSearch(model, **opts), mixed, list(joins), lists)
+        assert sorted(results) == list(range(len(mixed)))
+        for i, ids in enumerate(mixed):
+            alone = one_listed(model, ids, lists, **opts) if listed else one(model, ids, **opts)
+            assert_same(results[i], alone)
+
+
+def test_a_search_refuses_keys_already_decoding_and_mixed_shortlists(tiny, tiny_shortlist):
+    model, _, sentences = tiny
+    search = BeamSearch(model, beam_size=2)
+    batch = collate(sentences[:2], None, [0, 1])
+    search.add(["a", "b"], batch.src, batch.src_lens)
+    with pytest.raises(ValueError, match="key"):
+        search.add(["b", "c"], batch.src, batch.src_lens)
+    lists = functools.partial(tiny_shortlist.for_batch, frequent=0, per_source=1)
+    with pytest.raises(ValueError, match="shortlist"):
+        search.add(["c", "d"], batch.src, batch.src_lens, lists(batch.src))
