@@ -92,6 +92,7 @@ class BeamSearch:
         self.limits: list[int] = []
         self.src_lens: list[int] = []
         self.finished: dict[Hashable, list[Hypothesis]] = {}
+        self.dropped: set[Hashable] = set()
         self.mem: Memory | None = None
         self.state: State | None = None
         self.scores = self.tokens = self.attn = self.prev = self.vocab_ids = None
@@ -147,6 +148,10 @@ class BeamSearch:
         self.src_lens += src_lens
         self.shortlisted = shortlist is not None
         self._set_vocab(ids)
+
+    def drop(self, keys: list[Hashable]) -> None:
+        """Stop decoding these sentences: they leave at the end of the next step, without results."""
+        self.dropped.update(set(keys) & set(self.keys))
 
     def _set_vocab(self, ids: torch.Tensor | None) -> None:
         self.vocab_ids = ids
@@ -215,15 +220,18 @@ class BeamSearch:
         return self._retire()
 
     def _retire(self) -> list[tuple[Hashable, list[Hypothesis]]]:
-        """Drop the sentences that are done: at their length limit, or no live beam can still win, or (the usual
-        heuristic) beam_size finished hypotheses all beat the best live one as it stands."""
+        """Remove the dropped sentences and those that are done: at their length limit, or no live beam can still
+        win, or (the usual heuristic) beam_size finished hypotheses all beat the best live one as it stands."""
         k, alpha = self.k, self.alpha
         best_live = self.scores.max(dim=1).values.tolist()
         keep, done = [], []
         for i, key in enumerate(self.keys):
             age, limit = self.ages[i], self.limits[i]
             ranked = sorted((h.score for h in self.finished.get(key, ())), reverse=True)
-            if (age > limit
+            if key in self.dropped:
+                self.dropped.discard(key)
+                self.finished.pop(key, None)
+            elif (age > limit
                     or len(ranked) >= self.n_best
                     and best_live[i] / length_penalty(limit + 1, alpha) <= ranked[self.n_best - 1]
                     or len(ranked) >= k and best_live[i] / length_penalty(age, alpha) <= ranked[k - 1]):
@@ -231,7 +239,7 @@ class BeamSearch:
                 done.append((key, hyps[:self.n_best]))
             else:
                 keep.append(i)
-        if not done:
+        if len(keep) == len(self.keys):
             return done
         device = self.scores.device
         idx = torch.tensor(keep, dtype=torch.long, device=device)

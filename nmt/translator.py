@@ -78,6 +78,36 @@ class _Output:
     attention: torch.Tensor | None  # (len(pieces) + 1, len(source ids) + 1)
 
 
+@dataclass
+class Job:
+    """A translate call with its options checked and its texts split into tokenized segments (Translator.prepare).
+
+    Jobs with equal keys decode with the same search settings, so their segments can share one beam search."""
+
+    plans: list[list[str | int]]  # per text: literal whitespace and segment indices
+    segments: list[_Segment]
+    search: dict[str, Any]  # BeamSearch settings
+    shortlist_sizes: tuple[int, int] | None  # (frequent, per_source), or None for the whole vocabulary
+    budget: int  # source tokens per batch
+    replace_unk: bool
+    return_alignment: bool
+    n_best: int
+    shortlist: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # padded batch -> lists
+
+    @property
+    def todo(self) -> list[int]:
+        """The segments to decode (those with source pieces), in order."""
+        return [i for i, s in enumerate(self.segments) if s.ids]
+
+    @property
+    def key(self) -> tuple:
+        return tuple(sorted(self.search.items())), self.shortlist_sizes
+
+    def needs_attention(self, hyps: list[Hypothesis]) -> bool:
+        """Whether a segment decoded without attention must be decoded again with it, to replace its <unk>s."""
+        return self.replace_unk and not self.return_alignment and any(UNK in h.tokens for h in hyps)
+
+
 def detokenize(pieces: list[str]) -> str:
     """SentencePiece pieces -> text, for pieces that may not be in the vocabulary (replaced unknowns)."""
     return "".join(pieces).replace(WORD_START, " ").strip()
@@ -122,7 +152,7 @@ class Translator:
         self.max_len = cfg.data.max_len
         # Counted before quantization: packed int8 weights are no parameters to torch.
         self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # reentrant: a TranslationStream holds it around whole steps
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", threads: int | None = None,
@@ -188,13 +218,29 @@ class Translator:
     # Translation
     # ------------------------------------------------------------------------------------------------------
 
-    def translate(self, texts: list[str], beam_size: int | None = None, n_best: int = 1,
-                  length_penalty: float | None = None, return_alignment: bool = False,
-                  batch_tokens: int | None = None, replace_unk: bool | None = None, ban_unk: bool = False,
-                  no_repeat_ngram: int | None = None, min_len: int = 0,
-                  max_len: int | None = None, shortlist: bool = True, shortlist_frequent: int | None = None,
-                  shortlist_per_source: int | None = None) -> list[Translation]:
-        """Translate each text; unset options come from the config's decode section.
+    def translate(self, texts: list[str], **options: Any) -> list[Translation]:
+        """Translate each text; options as for prepare, unset ones from the config's decode section."""
+        with self.lock:
+            job = self.prepare(texts, **options)
+            ids = [job.segments[i].ids for i in job.todo]
+            hyps = search_ids(self.model, ids, job.budget, self.device, return_attention=job.return_alignment,
+                              shortlist=job.shortlist, **job.search)
+            # Attention is only needed where an <unk> came out: decode those again with it (the same search).
+            redo = [j for j, hs in enumerate(hyps) if job.needs_attention(hs)]
+            if redo:
+                again = search_ids(self.model, [ids[j] for j in redo], job.budget, self.device,
+                                   return_attention=True, shortlist=job.shortlist, **job.search)
+                for j, hs in zip(redo, again, strict=True):
+                    hyps[j] = hs
+            return self.finish(job, hyps)
+
+    def prepare(self, texts: list[str], beam_size: int | None = None, n_best: int = 1,
+                length_penalty: float | None = None, return_alignment: bool = False,
+                batch_tokens: int | None = None, replace_unk: bool | None = None, ban_unk: bool = False,
+                no_repeat_ngram: int | None = None, min_len: int = 0,
+                max_len: int | None = None, shortlist: bool = True, shortlist_frequent: int | None = None,
+                shortlist_per_source: int | None = None) -> Job:
+        """A translate call's checked options and tokenized segments, ready for beam search.
 
         max_len, when given, caps every output at that many pieces instead of the config's a * source + b;
         min_len bans the end of sentence before that many pieces. Empty and whitespace-only texts give "".
@@ -217,21 +263,31 @@ class Translator:
             "max_len_b": d.max_len_b if max_len is None else _check_int("max_len", max_len, 1),
             # n-best texts must be distinct, and two token sequences can detokenize alike: keep the whole beam.
             "n_best": beam if n_best > 1 else 1,
-            "shortlist": self._shortlist_lists(shortlist, shortlist_frequent, shortlist_per_source),
         }
+        lists = self._shortlist_sizes(shortlist, shortlist_frequent, shortlist_per_source)
         budget = _check_int("batch_tokens", d.batch_tokens if batch_tokens is None else batch_tokens, 1)
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise NMTError("texts must be a list of strings")
-        replace = d.replace_unk if replace_unk is None else bool(replace_unk)
-        with self._lock:
-            segments: list[_Segment] = []
-            plans = [self._plan(text, segments) for text in texts]
-            outputs = self._search(segments, search, budget, replace, return_alignment, n_best)
-            return [self._assemble(plan, segments, outputs, n_best, return_alignment) for plan in plans]
+        segments: list[_Segment] = []
+        plans = [self._plan(text, segments) for text in texts]
+        return Job(plans, segments, search, lists, budget, d.replace_unk if replace_unk is None else bool(replace_unk),
+                   bool(return_alignment), n_best,
+                   None if lists is None else functools.partial(self.shortlist.for_batch, frequent=lists[0],
+                                                                per_source=lists[1]))
 
-    def _shortlist_lists(self, use: bool, frequent: int | None,
-                         per_source: int | None) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
-        """The batch -> shortlist function beam search takes, or None for the whole vocabulary."""
+    def finish(self, job: Job, hyps: list[list[Hypothesis]]) -> list[Translation]:
+        """The translations of a prepared job from the hypotheses of its segments to decode (job.todo, in order)."""
+        outputs: list[list[_Output]] = [[_Output("", 0.0, [], None)] for _ in job.segments]
+        for i, hs in zip(job.todo, hyps, strict=True):
+            distinct: dict[str, _Output] = {}
+            for h in hs:
+                out = self._output(job.segments[i], h, job.replace_unk)
+                distinct.setdefault(out.text, out)
+            outputs[i] = list(distinct.values())[:job.n_best]
+        return [self._assemble(plan, job.segments, outputs, job.n_best, job.return_alignment) for plan in job.plans]
+
+    def _shortlist_sizes(self, use: bool, frequent: int | None, per_source: int | None) -> tuple[int, int] | None:
+        """The checked (frequent, per_source) sizes of each sentence's shortlist, or None for the whole vocabulary."""
         d = self.cfg.decode
         frequent = _check_int("shortlist_frequent", d.shortlist_frequent if frequent is None else frequent, 0)
         per_source = _check_int("shortlist_per_source", d.shortlist_per_source if per_source is None else per_source, 0)
@@ -239,7 +295,7 @@ class Translator:
             raise NMTError(f"shortlist_per_source must be at most {STORED_PER_SOURCE}, got {per_source}")
         if not use or self.shortlist is None:
             return None
-        return functools.partial(self.shortlist.for_batch, frequent=frequent, per_source=per_source)
+        return frequent, per_source
 
     def _plan(self, text: str, segments: list[_Segment]) -> list[str | int]:
         """The text as literal whitespace (str) and segments to translate (their index in segments)."""
@@ -281,28 +337,6 @@ class Translator:
             start = cut
         segments.append(_Segment(ids[start:], pieces[start:]))
         return [*plan, len(segments) - 1]
-
-    def _search(self, segments: list[_Segment], search: dict[str, Any], budget: int, replace_unk: bool,
-                return_alignment: bool, n_best: int) -> list[list[_Output]]:
-        todo = [i for i, s in enumerate(segments) if s.ids]
-        ids = [segments[i].ids for i in todo]
-        hyps = search_ids(self.model, ids, budget, self.device, return_attention=return_alignment, **search)
-        if replace_unk and not return_alignment:
-            # Attention is only needed where an <unk> came out: decode those again with it (the same search).
-            redo = [j for j, hs in enumerate(hyps) if any(UNK in h.tokens for h in hs)]
-            if redo:
-                again = search_ids(self.model, [ids[j] for j in redo], budget, self.device, return_attention=True,
-                                   **search)
-                for j, hs in zip(redo, again, strict=True):
-                    hyps[j] = hs
-        outputs: list[list[_Output]] = [[_Output("", 0.0, [], None)] for _ in segments]
-        for i, hs in zip(todo, hyps, strict=True):
-            distinct: dict[str, _Output] = {}
-            for h in hs:
-                out = self._output(segments[i], h, replace_unk)
-                distinct.setdefault(out.text, out)
-            outputs[i] = list(distinct.values())[:n_best]
-        return outputs
 
     def _output(self, segment: _Segment, hyp: Hypothesis, replace_unk: bool) -> _Output:
         pieces = self.tgt_tok.pieces(hyp.tokens)
@@ -352,7 +386,7 @@ class Translator:
         if len(sources) != len(candidates):
             raise NMTError(f"{len(sources)} sources but {len(candidates)} candidates: they must pair up")
         budget = _check_int("batch_tokens", self.cfg.decode.batch_tokens if batch_tokens is None else batch_tokens, 1)
-        with self._lock:
+        with self.lock:
             src = [self.src_tok.encode(s) for s in sources]
             tgt = [self.tgt_tok.encode(t) for t in candidates]
             results: list[ScoreResult] = [ScoreResult(0.0, [], []) for _ in sources]

@@ -1,0 +1,119 @@
+"""Continuous batching (nmt/stream.py): calls that join and leave running searches get what they get alone."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+import nmt.search
+import nmt.stream
+from nmt.errors import NMTError
+from nmt.stream import TranslationStream
+from nmt.translator import Job, Translator
+
+LETTERS = "abcdefghijklmnop"
+
+
+@pytest.fixture(scope="module")
+def translator(tiny_model_dir: Path) -> Translator:
+    return Translator.load(tiny_model_dir, threads=1)
+
+
+def calls(n: int, seed: int = 0) -> list[list[str]]:
+    """n calls of one to three texts: letters of random lengths, sometimes empty, several lines or unknown ones."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        texts = [" ".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(1, 3))]
+        extra = rng.choice(["", "", "a b\nc d e", "a ü b", "   "])
+        out.append(texts + [extra] if extra else texts)
+    return out
+
+
+def run(stream: TranslationStream, work: list[tuple[list[str], dict]], seed: int = 0) -> dict:
+    """Add the calls one or two at a time, a random number of steps apart; step until all are answered."""
+    rng = random.Random(seed)
+    results: dict = {}
+    pending = list(range(len(work)))
+    while pending or len(stream):
+        for _ in range(min(len(pending), rng.choice([0, 0, 1, 2]))):
+            i = pending.pop(0)
+            stream.add(i, work[i][0], **work[i][1])
+        results.update(stream.step())
+    return results
+
+
+def same(a: list, b: list) -> None:
+    assert [t.text for t in a] == [t.text for t in b]
+    for x, y in zip(a, b, strict=True):
+        assert [alt.text for alt in x.alternatives] == [alt.text for alt in y.alternatives]
+        assert (x.score is None) == (y.score is None)
+        if x.score is not None:
+            assert x.score == pytest.approx(y.score, abs=1e-4)
+        assert x.tgt_pieces == y.tgt_pieces
+
+
+def test_calls_joining_and_leaving_get_what_they_get_alone(translator):
+    options = [{}, {"beam_size": 3, "n_best": 2}, {"return_alignment": True}, {"beam_size": 1, "shortlist": False}]
+    work = [(texts, options[i % len(options)]) for i, texts in enumerate(calls(24))]
+    results = run(TranslationStream(translator), work)
+    assert sorted(results) == list(range(len(work)))
+    for i, (texts, opts) in enumerate(work):
+        same(results[i], translator.translate(texts, **opts))
+        if opts.get("return_alignment"):
+            for r in results[i]:
+                assert len(r.alignment or []) == len(r.tgt_pieces)
+
+
+def test_an_unknown_piece_out_is_decoded_again_with_attention(translator, monkeypatch):
+    # Force the "an <unk> came out" branch: every segment decoded without attention goes round again with it.
+    monkeypatch.setattr(Job, "needs_attention", lambda self, hyps: not self.return_alignment and self.replace_unk)
+    created = []
+    real = nmt.stream.BeamSearch
+
+    def spy(model, return_attention=False, **kwargs):
+        created.append(return_attention)
+        return real(model, return_attention=return_attention, **kwargs)
+
+    monkeypatch.setattr(nmt.stream, "BeamSearch", spy)
+    stream = TranslationStream(translator)
+    stream.add("x", ["a b c", "d e"])
+    results = dict(run(stream, []))
+    assert created == [False, True]
+    same(results["x"], translator.translate(["a b c", "d e"], replace_unk=False))
+
+
+def test_empty_calls_bad_options_and_cancelled_calls(translator):
+    stream = TranslationStream(translator)
+    with pytest.raises(NMTError, match="beam_size"):
+        stream.add("bad", ["a b"], beam_size=0)
+    stream.add("empty", ["", "  "])
+    stream.add("gone", ["a b c d e f g h"])
+    stream.add("kept", ["a b c"])
+    with pytest.raises(ValueError, match="already running"):
+        stream.add("kept", ["x"])
+    stream.cancel("gone")
+    results = run(stream, [])
+    assert sorted(results) == ["empty", "kept"]
+    assert [t.text for t in results["empty"]] == ["", ""]
+    assert len(stream) == 0 and stream.segments == 0
+
+
+def test_a_failing_search_fails_only_its_calls(translator, monkeypatch):
+    real_step = nmt.search.BeamSearch.step
+
+    def step(self):
+        if self.k == 2:
+            raise RuntimeError("boom")
+        return real_step(self)
+
+    monkeypatch.setattr(nmt.search.BeamSearch, "step", step)
+    stream = TranslationStream(translator)
+    stream.add("fails", ["a b"], beam_size=2)
+    stream.add("works", ["a b"], beam_size=3)
+    results = run(stream, [])
+    assert isinstance(results["fails"], RuntimeError)
+    same(results["works"], translator.translate(["a b"], beam_size=3))
+    assert len(stream) == 0
