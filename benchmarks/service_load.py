@@ -174,8 +174,6 @@ def server_env(args: argparse.Namespace, mode: str) -> dict[str, str]:
         settings["NMT_MAX_BATCH_REQUESTS"] = "1"
     elif args.max_batch_requests:
         settings["NMT_MAX_BATCH_REQUESTS"] = str(args.max_batch_requests)
-    if args.max_wait_ms is not None:
-        settings["NMT_MAX_WAIT_MS"] = str(args.max_wait_ms)
     if args.max_batch_tokens:
         settings["NMT_MAX_BATCH_TOKENS"] = str(args.max_batch_tokens)
     if args.threads:
@@ -417,7 +415,6 @@ def main() -> None:
                    help="NMT_THREADS and OMP_NUM_THREADS of the server (default 0: inherited / torch default)")
     p.add_argument("--max-batch-requests", type=int, default=0,
                    help="NMT_MAX_BATCH_REQUESTS with batching on (default 0: the server's default)")
-    p.add_argument("--max-wait-ms", type=float, help="NMT_MAX_WAIT_MS (default: the server's)")
     p.add_argument("--max-batch-tokens", type=int, default=0, help="NMT_MAX_BATCH_TOKENS (default 0: the server's)")
     p.add_argument("--max-queue", type=int, default=0,
                    help="NMT_MAX_QUEUE (default 0: max(256, 2 x the largest concurrency))")

@@ -1,4 +1,4 @@
-"""Request coalescing: concurrent jobs with the same options become one token-budget batch in one worker thread."""
+"""Continuous batching: queued requests join the model's running batch between two decoding steps."""
 
 from __future__ import annotations
 
@@ -9,12 +9,31 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
-RunFn = Callable[[Hashable, list[Any]], Sequence[Any]]
-ObserveFn = Callable[[int, int, int, float], None]
+ObserveFn = Callable[[int, int, float], None]
+
+
+class Engine(Protocol):
+    """What the Batcher drives, from its worker thread only: a batch that jobs join and leave between steps."""
+
+    def add(self, handle: Hashable, key: Hashable, items: list[Any]) -> None:
+        """Start a job; raising fails that job alone."""
+
+    def cancel(self, handle: Hashable) -> None:
+        """Stop a job nobody waits for any more; it is never returned."""
+
+    def step(self) -> list[tuple[Hashable, Sequence[Any] | BaseException]]:
+        """Advance every running job by one step; the jobs now done, with their results in order or the
+        exception that failed them."""
+
+    def run_alone(self, key: Hashable, items: list[Any]) -> Sequence[Any]:
+        """Run one job start to end on its own (to tell which of several failed jobs is at fault)."""
+
+    def __len__(self) -> int:
+        """Jobs running."""
 
 
 class QueueFull(Exception):
@@ -35,23 +54,24 @@ class _Job:
 
 
 class Batcher:
-    """Runs `run(key, items)` in a worker thread on batches merged from concurrent `submit` calls.
+    """Runs jobs on an Engine in a worker thread, one engine step at a time, with continuous batching.
 
-    Jobs share a batch only when their keys are equal (same decoding options). A batch starts with the oldest
-    waiting job and takes later jobs with its key, in arrival order, while they fit `max_tokens` and
-    `max_requests`; it waits at most `max_wait_s` after the oldest job arrived for more to come. While the
-    worker is busy, new jobs queue up, so the next batch grows with the load. A failed batch is rerun job by
-    job, so one bad request cannot fail the requests it was merged with.
+    Before each step, waiting jobs join the running batch, oldest first, while it holds fewer than
+    `max_requests` jobs and `max_tokens` tokens (a job over the token budget runs when the batch is empty). A job
+    leaves as soon as it is done, so a short request never waits for a long one, and the batch grows with the
+    load. Jobs wait in a queue of at most `max_queue`. When several jobs fail in one step (a search shared by
+    their requests raised), each is rerun alone, so one bad request cannot fail the requests it ran with.
     """
 
-    def __init__(self, run: RunFn, executor: Executor, *, max_tokens: int, max_requests: int, max_wait_s: float,
-                 max_queue: int, observe: ObserveFn | None = None):
-        self._run = run
+    def __init__(self, engine: Engine, executor: Executor, *, max_tokens: int, max_requests: int, max_queue: int,
+                 observe: ObserveFn | None = None, count_tokens: Callable[[int], None] | None = None):
+        self._engine = engine
         self._executor = executor
-        self.max_tokens, self.max_requests, self.max_wait_s, self.max_queue = (
-            max_tokens, max_requests, max_wait_s, max_queue)
+        self.max_tokens, self.max_requests, self.max_queue = max_tokens, max_requests, max_queue
         self._observe = observe
+        self._count_tokens = count_tokens
         self._pending: collections.deque[_Job] = collections.deque()
+        self._running: dict[_Job, None] = {}  # in the order they joined
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -60,7 +80,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Jobs waiting for the worker (not counting the batch it is running)."""
+        """Jobs waiting to join the running batch."""
         return len(self._pending)
 
     def start(self) -> None:
@@ -79,10 +99,10 @@ class Batcher:
         try:
             return await job.future
         finally:
-            job.future.cancel()  # no-op when done; otherwise the loop skips the job
+            job.future.cancel()  # no-op when done; otherwise the job is dropped (or cancelled in the engine)
 
     async def close(self) -> None:
-        """Refuse new jobs, finish the queued ones, stop the loop."""
+        """Refuse new jobs, finish the queued and running ones, stop the loop."""
         self._closed = True
         await self._idle.wait()
         if self._task is not None:
@@ -91,87 +111,74 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            self._drop_abandoned()
-            if not self._pending:
+            self._pending = collections.deque(job for job in self._pending if not job.future.done())
+            if not self._pending and not self._running:
                 self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
                 continue
-            batch = await self._gather()
-            if batch:
-                await self._execute(batch)
-            self._wake.set()  # look again: jobs with other keys may be waiting
-
-    def _drop_abandoned(self) -> None:
-        self._pending = collections.deque(job for job in self._pending if not job.future.done())
-
-    async def _gather(self) -> list[_Job]:
-        first = self._pending[0]
-        batch: list[_Job] = []
-        tokens = 0
-        while True:
-            for job in list(self._pending):
-                if len(batch) >= self.max_requests:
-                    break
-                if job.key != first.key or job.future.done():
-                    continue
-                if batch and tokens + job.tokens > self.max_tokens:
-                    continue
-                self._pending.remove(job)
-                batch.append(job)
-                tokens += job.tokens
-            remaining = first.arrived + self.max_wait_s - time.monotonic()
-            if len(batch) >= self.max_requests or tokens >= self.max_tokens or remaining <= 0:
-                break
-            self._wake.clear()
+            joining = self._admit()
+            leaving = [job for job in self._running if job.future.done() and job not in joining]
+            for job in leaving:
+                del self._running[job]
+            start = time.monotonic()
             try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                pass
-        return [job for job in batch if not job.future.done()]
+                outcomes = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._advance, joining, leaving)
+            except Exception as exc:  # a bug here must fail the running jobs, not stop the loop that serves them all
+                log.exception("a batch step failed")
+                outcomes = [(job, exc) for job in self._running]
+            if self._observe is not None:
+                self._observe(len(self._running), sum(len(job.items) for job in self._running),
+                              time.monotonic() - start)
+            for job, outcome in outcomes:
+                self._running.pop(job, None)
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(list(outcome))
 
-    async def _execute(self, batch: list[_Job]) -> None:
-        key = batch[0].key
-        parts = [job.items for job in batch]
-        start = time.monotonic()
-        try:
-            outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_parts, key, parts)
-        except Exception as exc:  # a bug here must fail this batch, not stop the loop that serves every request
-            log.exception("batch failed")
-            outcomes = [exc] * len(batch)
-        if self._observe is not None:
-            self._observe(len(batch), sum(len(p) for p in parts), sum(job.tokens for job in batch),
-                          time.monotonic() - start)
-        for job, outcome in zip(batch, outcomes, strict=True):
-            if job.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
-            else:
-                job.future.set_result(outcome)
+    def _admit(self) -> list[_Job]:
+        """Move waiting jobs into the running batch while it has room."""
+        joining = []
+        tokens = sum(job.tokens for job in self._running)
+        while self._pending and len(self._running) < self.max_requests:
+            job = self._pending[0]
+            if self._running and tokens + job.tokens > self.max_tokens:
+                break
+            self._pending.popleft()
+            self._running[job] = None
+            joining.append(job)
+            tokens += job.tokens
+            if self._count_tokens is not None:
+                self._count_tokens(job.tokens)
+        return joining
 
-    def _run_parts(self, key: Hashable, parts: list[list[Any]]) -> list[list[Any] | BaseException]:
-        """Worker thread: run all parts as one batch, falling back to one run per part if that fails."""
-        flat = [item for part in parts for item in part]
-        try:
-            results = list(self._run(key, flat))
-            if len(results) != len(flat):
-                raise RuntimeError(f"got {len(results)} results for {len(flat)} items")
-        except Exception as exc:
-            if len(parts) == 1:
-                return [exc]
-            log.warning("a batch of %d requests failed (%s: %s); rerunning them one by one",
-                        len(parts), type(exc).__name__, exc)
-            return [self._run_one(key, part) for part in parts]
-        outcomes: list[list[Any] | BaseException] = []
-        offset = 0
-        for part in parts:
-            outcomes.append(results[offset:offset + len(part)])
-            offset += len(part)
+    def _advance(self, joining: list[_Job], leaving: list[_Job]) -> list[tuple[_Job, Sequence[Any] | BaseException]]:
+        """Worker thread: jobs join and leave the engine, which then takes one step."""
+        engine = self._engine
+        outcomes: list[tuple[_Job, Sequence[Any] | BaseException]] = []
+        for job in leaving:
+            engine.cancel(job)
+        for job in joining:
+            try:
+                engine.add(job, job.key, job.items)
+            except Exception as exc:
+                outcomes.append((job, exc))
+        stepped = engine.step() if len(engine) else []
+        failed = [job for job, outcome in stepped if isinstance(outcome, Exception)]
+        if len(failed) > 1:
+            log.warning("%d requests failed together; rerunning them one by one", len(failed))
+        for job, outcome in stepped:
+            if len(failed) > 1 and isinstance(outcome, Exception):
+                outcome = self._run_alone(job)
+            outcomes.append((job, outcome))
         return outcomes
 
-    def _run_one(self, key: Hashable, part: list[Any]) -> list[Any] | BaseException:
+    def _run_alone(self, job: _Job) -> Sequence[Any] | BaseException:
         try:
-            return list(self._run(key, part))
+            return self._engine.run_alone(job.key, job.items)
         except Exception as exc:
             return exc

@@ -9,6 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class Metrics:
@@ -20,21 +21,20 @@ class Metrics:
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("nmt_http_requests_in_flight", "HTTP requests being handled",
                                registry=self.registry)
-        self.batch_requests = Histogram("nmt_batch_requests", "requests coalesced into one model batch",
+        self.batch_requests = Histogram("nmt_batch_requests", "requests in the running model batch, per decoding step",
                                         buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.batch_texts = Histogram("nmt_batch_texts", "texts in one model batch",
+        self.batch_texts = Histogram("nmt_batch_texts", "texts in the running model batch, per decoding step",
                                      buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.batch_seconds = Histogram("nmt_batch_duration_seconds", "model time per batch",
-                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.batch_seconds = Histogram("nmt_batch_duration_seconds", "model time per decoding step",
+                                       buckets=_STEP_BUCKETS, registry=self.registry)
         self.source_tokens = Counter("nmt_source_tokens", "source tokens translated or scored", registry=self.registry)
         self.queue_depth = Gauge("nmt_queue_depth", "requests waiting for the model", registry=self.registry)
         self.model_loaded = Gauge("nmt_model_loaded", "1 once the model is loaded", registry=self.registry)
 
-    def observe_batch(self, requests: int, texts: int, tokens: int, seconds: float) -> None:
+    def observe_step(self, requests: int, texts: int, seconds: float) -> None:
         self.batch_requests.observe(requests)
         self.batch_texts.observe(texts)
         self.batch_seconds.observe(seconds)
-        self.source_tokens.inc(tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

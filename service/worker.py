@@ -1,13 +1,15 @@
-"""The model behind the API: one Translator, run by one worker thread, fed by the request-coalescing Batcher."""
+"""The model behind the API: one Translator, run by one worker thread, fed by the continuous-batching Batcher."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from nmt.stream import TranslationStream
 from nmt.translator import ScoreResult, Translation, Translator
 from service.batcher import Batcher
 from service.metrics import Metrics
@@ -20,7 +22,7 @@ _SCORE = "score"
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """Requests are only merged into one batch when these are equal."""
+    """A request's decoding options (requests with equal ones share a beam search)."""
 
     beam_size: int
     n_best: int
@@ -42,14 +44,15 @@ class ModelWorker:
         """Start the worker thread and load the model there (torch thread settings are per thread)."""
         s = self.settings
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmt-model")
-        self._batcher = Batcher(self._run, self._executor, max_tokens=s.max_batch_tokens,
-                                max_requests=s.max_batch_requests, max_wait_s=s.max_wait_ms / 1000,
-                                max_queue=s.max_queue, observe=self.metrics.observe_batch)
-        self.metrics.queue_depth.set_function(lambda: self._batcher.depth if self._batcher else 0)
         if self.translator is None:
             self.translator = await asyncio.get_running_loop().run_in_executor(
                 self._executor, lambda: Translator.load(s.model_dir, device=s.device, threads=s.threads or None,
                                                         int8=s.int8))
+        self._batcher = Batcher(_Engine(self.translator, s.max_batch_tokens), self._executor,
+                                max_tokens=s.max_batch_tokens, max_requests=s.max_batch_requests,
+                                max_queue=s.max_queue, observe=self.metrics.observe_step,
+                                count_tokens=self.metrics.source_tokens.inc)
+        self.metrics.queue_depth.set_function(lambda: self._batcher.depth if self._batcher else 0)
         self._batcher.start()
         self.metrics.model_loaded.set(1)
 
@@ -95,10 +98,35 @@ class ModelWorker:
         pairs = [(source, c) for c in candidates]
         return await self._batcher.submit(_SCORE, pairs, self.count_tokens([source]) * len(pairs))
 
-    def _run(self, key: DecodeOptions | str, items: list[Any]) -> list[Any]:
-        """Worker thread: one batch of texts (or source/candidate pairs) through the Translator."""
-        tr, budget = self.translator, self.settings.max_batch_tokens
+
+
+class _Engine:
+    """The Batcher's engine: translations through a TranslationStream, scoring (one forward pass) at once."""
+
+    def __init__(self, translator: Translator, batch_tokens: int):
+        self.translator, self.batch_tokens = translator, batch_tokens
+        self.stream = TranslationStream(translator)
+        self._scored: list[tuple[Hashable, Sequence[Any]]] = []
+
+    def add(self, handle: Hashable, key: DecodeOptions | str, items: list[Any]) -> None:
         if key == _SCORE:
-            return tr.score([s for s, _ in items], [c for _, c in items], batch_tokens=budget)
-        return tr.translate(items, beam_size=key.beam_size, n_best=key.n_best, length_penalty=key.length_penalty,
-                            return_alignment=key.return_alignment, batch_tokens=budget)
+            self._scored.append((handle, self.run_alone(key, items)))
+        else:
+            self.stream.add(handle, items, **asdict(key))
+
+    def cancel(self, handle: Hashable) -> None:
+        self.stream.cancel(handle)
+
+    def step(self) -> list[tuple[Hashable, Sequence[Any] | BaseException]]:
+        done: list[tuple[Hashable, Sequence[Any] | BaseException]] = list(self._scored)
+        self._scored = []
+        return done + self.stream.step()
+
+    def run_alone(self, key: DecodeOptions | str, items: list[Any]) -> Sequence[Any]:
+        tr = self.translator
+        if key == _SCORE:
+            return tr.score([s for s, _ in items], [c for _, c in items], batch_tokens=self.batch_tokens)
+        return tr.translate(items, batch_tokens=self.batch_tokens, **asdict(key))
+
+    def __len__(self) -> int:
+        return len(self.stream) + len(self._scored)

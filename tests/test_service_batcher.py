@@ -1,9 +1,10 @@
-"""The request-coalescing Batcher, driven by a recording run function (no model needed)."""
+"""The continuous-batching Batcher, driving a recording engine (no model needed)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,22 +13,55 @@ from service.batcher import Batcher, Closed, QueueFull
 
 
 class Recorder:
-    """A run function that records its batches; `gate` holds the worker thread until the test opens it."""
+    """An engine whose jobs are lists of ints: a job takes as many steps as its largest item, then answers
+    "key:item" for each. It records who was running at every step; `gate` holds the worker thread until the test
+    opens it, `fail_on` makes every step that runs that item fail all running jobs (like a shared beam search)."""
 
     def __init__(self) -> None:
-        self.batches: list[tuple[object, list]] = []
+        self.running: dict[Hashable, tuple[object, list, int]] = {}
+        self.steps: list[list[list]] = []  # per step: the items of each running job
+        self.added: list[list] = []
+        self.cancelled: list[list] = []
+        self.alone: list[list] = []
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
-        self.fail_on: str | None = None
+        self.fail_on: object = None
 
-    def __call__(self, key: object, items: list) -> list:
+    def add(self, handle: Hashable, key: object, items: list) -> None:
+        if "refused" in items:
+            raise ValueError("cannot take that")
+        self.added.append(items)
+        self.running[handle] = (key, items, max(i for i in items if isinstance(i, int)))
+
+    def cancel(self, handle: Hashable) -> None:
+        self.cancelled.append(self.running.pop(handle)[1])
+
+    def step(self) -> list:
         self.entered.set()
         assert self.gate.wait(10)
-        self.batches.append((key, list(items)))
+        self.steps.append([items for _, items, _ in self.running.values()])
+        if any(self.fail_on in items for _, items, _ in self.running.values()):
+            failed = [(h, ValueError("boom")) for h in self.running]
+            self.running.clear()
+            return failed
+        done = []
+        for handle, (key, items, left) in list(self.running.items()):
+            if left <= 1:
+                del self.running[handle]
+                done.append((handle, [f"{key}:{i}" for i in items]))
+            else:
+                self.running[handle] = (key, items, left - 1)
+        return done
+
+    def run_alone(self, key: object, items: list) -> list:
+        self.alone.append(items)
         if self.fail_on in items:
             raise ValueError(f"cannot take {self.fail_on!r}")
-        return [f"{key}:{item}" for item in items]
+        return [f"{key}:{i}" for i in items]
+
+    def __len__(self) -> int:
+        return len(self.running)
 
 
 @pytest.fixture
@@ -37,9 +71,9 @@ def executor():
     pool.shutdown(wait=True)
 
 
-def make(run: Recorder, executor: ThreadPoolExecutor, **kwargs) -> Batcher:
-    options = {"max_tokens": 1000, "max_requests": 64, "max_wait_s": 0.01, "max_queue": 100, **kwargs}
-    return Batcher(run, executor, **options)
+def make(engine: Recorder, executor: ThreadPoolExecutor, **kwargs) -> Batcher:
+    options = {"max_tokens": 1000, "max_requests": 64, "max_queue": 100, **kwargs}
+    return Batcher(engine, executor, **options)
 
 
 async def wait_for(condition, timeout: float = 5.0) -> None:
@@ -50,146 +84,140 @@ async def wait_for(condition, timeout: float = 5.0) -> None:
     raise AssertionError("condition not reached")
 
 
-def test_concurrent_jobs_with_equal_keys_share_a_batch_and_keep_their_order(executor):
+def test_concurrent_jobs_run_together_and_keep_their_order(executor):
     async def main():
-        run = Recorder()
-        batcher = make(run, executor)
+        engine = Recorder()
+        batcher = make(engine, executor)
         batcher.start()
-        results = await asyncio.gather(*(batcher.submit("k", [f"a{i}", f"b{i}"], 2) for i in range(5)))
+        results = await asyncio.gather(*(batcher.submit("k", [i, 3], 2) for i in range(5)))
         await batcher.close()
-        return run, results
+        return engine, results
 
-    run, results = asyncio.run(main())
-    assert results == [[f"k:a{i}", f"k:b{i}"] for i in range(5)]
-    assert len(run.batches) == 1 and len(run.batches[0][1]) == 10
+    engine, results = asyncio.run(main())
+    assert results == [[f"k:{i}", "k:3"] for i in range(5)]
+    assert max(len(step) for step in engine.steps) == 5
 
 
-def test_jobs_queue_while_the_worker_is_busy_and_form_the_next_batch(executor):
+def test_a_short_job_joins_a_running_one_and_leaves_first(executor):
     async def main():
-        run = Recorder()
-        run.gate.clear()
-        batcher = make(run, executor, max_wait_s=0.0)
+        engine = Recorder()
+        engine.gate.clear()
+        batcher = make(engine, executor)
         batcher.start()
-        first = asyncio.ensure_future(batcher.submit("k", ["first"], 1))
-        await wait_for(run.entered.is_set)
-        later = [asyncio.ensure_future(batcher.submit("k", [f"x{i}"], 1)) for i in range(6)]
-        await wait_for(lambda: batcher.depth == 6)
-        run.gate.set()
-        await asyncio.gather(first, *later)
+        long = asyncio.ensure_future(batcher.submit("k", [20], 1))
+        await wait_for(engine.entered.is_set)
+        short = asyncio.ensure_future(batcher.submit("k", [2], 1))
+        await wait_for(lambda: batcher.depth == 1)
+        engine.gate.set()
+        assert await short == ["k:2"]
+        assert not long.done()  # the short job did not wait for the long one
+        assert await long == ["k:20"]
         await batcher.close()
-        return run
+        return engine
 
-    run = asyncio.run(main())
-    assert [len(items) for _, items in run.batches] == [1, 6]
+    engine = asyncio.run(main())
+    assert [[20], [2]] in engine.steps  # it joined the running batch between two steps
+    assert len(engine.steps) == 20
 
 
-def test_different_keys_never_share_a_batch(executor):
+@pytest.mark.parametrize("limits", [{"max_requests": 2}, {"max_tokens": 5}])
+def test_request_and_token_budgets_cap_the_running_batch(executor, limits):
     async def main():
-        run = Recorder()
-        batcher = make(run, executor)
+        engine = Recorder()
+        batcher = make(engine, executor, **limits)
         batcher.start()
-        results = await asyncio.gather(*(batcher.submit(i % 2, [i], 1) for i in range(6)))
+        results = await asyncio.gather(*(batcher.submit("k", [3], 3) for _ in range(5)),
+                                       batcher.submit("k", [1], 50))  # over the token budget: runs alone
         await batcher.close()
-        return run, results
+        return engine, results
 
-    run, results = asyncio.run(main())
-    assert results == [[f"{i % 2}:{i}"] for i in range(6)]
-    for key, items in run.batches:
-        assert all(item % 2 == key for item in items)
-
-
-def test_token_and_request_budgets_split_batches(executor):
-    async def main(**limits):
-        run = Recorder()
-        run.gate.clear()
-        batcher = make(run, executor, max_wait_s=0.0, **limits)
-        batcher.start()
-        block = asyncio.ensure_future(batcher.submit("block", ["x"], 1))
-        await wait_for(run.entered.is_set)
-        jobs = [asyncio.ensure_future(batcher.submit("k", [i], 4)) for i in range(6)]
-        await wait_for(lambda: batcher.depth == 6)
-        run.gate.set()
-        await asyncio.gather(block, *jobs)
-        await batcher.close()
-        return [len(items) for key, items in run.batches if key == "k"]
-
-    assert asyncio.run(main(max_tokens=8)) == [2, 2, 2]
-    assert asyncio.run(main(max_requests=1)) == [1] * 6
-    assert asyncio.run(main(max_tokens=1)) == [1] * 6  # a job over the budget still runs, alone
+    engine, results = asyncio.run(main())
+    assert results[-1] == ["k:1"]
+    if "max_requests" in limits:
+        assert max(len(step) for step in engine.steps) == 2
+    else:  # 3 + 3 tokens would be over 5: one job at a time, and the 50-token one alone
+        assert max(len(step) for step in engine.steps) == 1
+        assert [[1]] in engine.steps
 
 
 def test_full_queue_refuses_new_jobs(executor):
     async def main():
-        run = Recorder()
-        run.gate.clear()
-        batcher = make(run, executor, max_queue=2, max_wait_s=0.0)
+        engine = Recorder()
+        engine.gate.clear()
+        batcher = make(engine, executor, max_queue=2, max_requests=1)
         batcher.start()
-        running = asyncio.ensure_future(batcher.submit("k", ["running"], 1))
-        await wait_for(run.entered.is_set)
-        queued = [asyncio.ensure_future(batcher.submit("k", [i], 1)) for i in range(2)]
+        running = asyncio.ensure_future(batcher.submit("k", [1], 1))
+        await wait_for(engine.entered.is_set)
+        queued = [asyncio.ensure_future(batcher.submit("k", [i + 1], 1)) for i in range(2)]
         await wait_for(lambda: batcher.depth == 2)
         with pytest.raises(QueueFull):
-            await batcher.submit("k", ["refused"], 1)
-        run.gate.set()
+            await batcher.submit("k", [1], 1)
+        engine.gate.set()
         await asyncio.gather(running, *queued)
         await batcher.close()
 
     asyncio.run(main())
 
 
-def test_a_failing_job_does_not_fail_the_jobs_it_was_merged_with(executor):
+def test_a_failing_job_does_not_fail_the_jobs_it_ran_with(executor):
     async def main():
-        run = Recorder()
-        run.fail_on = "bad"
-        batcher = make(run, executor)
+        engine = Recorder()
+        engine.fail_on = "bad"
+        batcher = make(engine, executor)
         batcher.start()
-        results = await asyncio.gather(batcher.submit("k", ["good1"], 1), batcher.submit("k", ["bad"], 1),
-                                       batcher.submit("k", ["good2"], 1), return_exceptions=True)
-        after = await batcher.submit("k", ["good3"], 1)
+        results = await asyncio.gather(batcher.submit("k", [2], 1), batcher.submit("k", [1, "bad"], 1),
+                                       batcher.submit("k", [3], 1), batcher.submit("k", ["refused", 1], 1),
+                                       return_exceptions=True)
+        after = await batcher.submit("k", [1], 1)
         await batcher.close()
-        return results, after
+        return engine, results, after
 
-    results, after = asyncio.run(main())
-    assert results[0] == ["k:good1"] and results[2] == ["k:good2"]
-    assert isinstance(results[1], ValueError)
-    assert after == ["k:good3"]
+    engine, results, after = asyncio.run(main())
+    assert results[0] == ["k:2"] and results[2] == ["k:3"]
+    assert isinstance(results[1], ValueError) and "bad" in str(results[1])
+    assert isinstance(results[3], ValueError) and "cannot take that" in str(results[3])
+    assert sorted(map(str, engine.alone)) == sorted(map(str, [[2], [1, "bad"], [3]]))  # each rerun alone
+    assert after == ["k:1"]
 
 
-def test_abandoned_jobs_are_skipped(executor):
+def test_abandoned_jobs_are_dropped_or_cancelled(executor):
     async def main():
-        run = Recorder()
-        run.gate.clear()
-        batcher = make(run, executor, max_wait_s=0.0)
+        engine = Recorder()
+        engine.gate.clear()
+        batcher = make(engine, executor, max_requests=1)
         batcher.start()
-        running = asyncio.ensure_future(batcher.submit("k", ["running"], 1))
-        await wait_for(run.entered.is_set)
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(batcher.submit("k", ["abandoned"], 1), 0.05)
-        kept = asyncio.ensure_future(batcher.submit("k", ["kept"], 1))
-        run.gate.set()
-        await asyncio.gather(running, kept)
+        running = asyncio.ensure_future(batcher.submit("k", [30], 1))
+        await wait_for(engine.entered.is_set)
+        with pytest.raises(TimeoutError):  # waiting in the queue
+            await asyncio.wait_for(batcher.submit("k", ["queued", 1], 1), 0.05)
+        running.cancel()  # running in the engine
+        kept = asyncio.ensure_future(batcher.submit("k", [2], 1))
+        engine.gate.set()
+        assert await kept == ["k:2"]
         await batcher.close()
-        return run
+        return engine
 
-    run = asyncio.run(main())
-    assert all("abandoned" not in items for _, items in run.batches)
+    engine = asyncio.run(main())
+    assert engine.cancelled == [[30]]
+    assert ["queued", 1] not in engine.added
+    assert len(engine.steps) < 10
 
 
-def test_close_finishes_queued_jobs_then_refuses_new_ones(executor):
+def test_close_finishes_queued_and_running_jobs_then_refuses_new_ones(executor):
     async def main():
-        run = Recorder()
-        run.gate.clear()
-        batcher = make(run, executor, max_wait_s=0.0)
+        engine = Recorder()
+        engine.gate.clear()
+        batcher = make(engine, executor, max_requests=1)
         batcher.start()
-        jobs = [asyncio.ensure_future(batcher.submit("k", [i], 1)) for i in range(3)]
-        await wait_for(run.entered.is_set)
+        jobs = [asyncio.ensure_future(batcher.submit("k", [i + 1], 1)) for i in range(3)]
+        await wait_for(engine.entered.is_set)
         closing = asyncio.ensure_future(batcher.close())
         await asyncio.sleep(0.02)
         assert not closing.done()
-        run.gate.set()
+        engine.gate.set()
         await closing
         with pytest.raises(Closed):
-            await batcher.submit("k", ["late"], 1)
+            await batcher.submit("k", [1], 1)
         return await asyncio.gather(*jobs)
 
-    assert asyncio.run(main()) == [["k:0"], ["k:1"], ["k:2"]]
+    assert asyncio.run(main()) == [["k:1"], ["k:2"], ["k:3"]]

@@ -70,7 +70,7 @@ def metric(url: str, name: str) -> float:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """One server for the module; the SIGTERM test, last, stops it."""
-    with serving(tiny_model_dir, max_wait_ms="20") as running:
+    with serving(tiny_model_dir) as running:
         yield running
 
 
