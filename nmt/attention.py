@@ -22,11 +22,16 @@ class AdditiveAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """query = W s_{i-1} (B, A) -> context (B, 2H) and weights (B, S); mask_bias is -inf at padding."""
+        """query = W s_{i-1} (N, A) -> context (N, 2H) and weights (N, S); mask_bias is -inf at padding.
+
+        keys, values and mask_bias are per source sentence (B, ...); N = B * k queries read them, k consecutive
+        ones per sentence (k beams in decoding, 1 in training), so beams share their sentence's memory."""
+        b = keys.size(0)
+        k = query.size(0) // b
         # v^T tanh(x) computed as 2 v^T sigmoid(2x) - sum(v): the same function, but torch's CPU sigmoid is about
-        # twice as fast as its tanh, and this elementwise pass over (B, S, A) dominates attention's cost.
-        hidden = torch.sigmoid_(keys + (2.0 * query).unsqueeze(1))
-        scores = torch.matmul(hidden, 2.0 * self.v) - self.v.sum() + mask_bias
+        # twice as fast as its tanh, and this elementwise pass over (N, S, A) dominates attention's cost.
+        hidden = torch.sigmoid_(keys.unsqueeze(1) + (2.0 * query).view(b, k, 1, -1))
+        scores = torch.matmul(hidden, 2.0 * self.v) - self.v.sum() + mask_bias.unsqueeze(1)
         alpha = torch.softmax(scores, dim=-1)
-        context = torch.bmm(alpha.unsqueeze(1), values).squeeze(1)
-        return context, alpha
+        context = torch.bmm(alpha, values)
+        return context.view(b * k, -1), alpha.view(b * k, -1)

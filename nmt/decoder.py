@@ -13,17 +13,19 @@ from nmt.tokenizer import PAD
 
 @dataclass
 class Memory:
-    """What the decoder reads from the encoder, for one batch (rows may be repeated for beams)."""
+    """What the decoder reads from the encoder, one row per source sentence.
+
+    The decoder's rows may be k beams per sentence (k = its rows / the memory's), each reading its sentence's row."""
 
     values: torch.Tensor  # (B, S, C) annotations h_j
     keys: torch.Tensor | None  # (B, S, A) 2 U h_j (see AdditiveAttention.keys), once per source sentence
     mask_bias: torch.Tensor  # (B, S) 0 at real positions, -inf at padding
     summary: torch.Tensor  # (B, C) fixed context [fwd_last; bwd_first], used when attention is off
     summary_gates: torch.Tensor | None  # (B, G*H) its gate contribution, hoisted out of the step loop
-    vocab_bias: torch.Tensor | None = None  # (B, V') with a shortlist: 0 on the row's own pieces, -inf elsewhere
+    vocab_bias: torch.Tensor | None = None  # (B, V') with a shortlist: 0 on the sentence's own pieces, -inf elsewhere
 
     def select(self, index: torch.Tensor) -> Memory:
-        """Rows picked by index (reorder, drop finished sentences, or expand for beams)."""
+        """Rows picked by index (reorder, or drop finished sentences)."""
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.index_select(0, index)
         return Memory(pick(self.values), pick(self.keys), pick(self.mask_bias), pick(self.summary),
@@ -141,7 +143,7 @@ class Decoder(nn.Module):
         return True
 
     def init_state(self, mem: Memory) -> State:
-        """s_0 = tanh(W_init bwd_1) for every layer; LSTM cells start at zero."""
+        """s_0 = tanh(W_init bwd_1) for every layer, one row per sentence; LSTM cells start at zero."""
         half = mem.values.size(2) // 2
         h = torch.tanh(self.init_proj(mem.values[:, 0, half:])).split(self.hidden, dim=1)
         c = [torch.zeros_like(x) for x in h] if self.lstm else None
@@ -170,8 +172,9 @@ class Decoder(nn.Module):
             ctx, alpha = self.attention(query, mem.keys, mem.values, mem.mask_bias)
             x = emb_gates + self.ctx_gates(ctx)
         else:
-            hh, ctx, alpha = proj, mem.summary, None
-            x = emb_gates + mem.summary_gates
+            k = proj.size(0) // mem.summary.size(0)
+            hh, ctx, alpha = proj, mem.summary.repeat_interleave(k, dim=0), None
+            x = emb_gates + mem.summary_gates.repeat_interleave(k, dim=0)
         h0, c0 = self._first_cell(x, hh, state.h[0], None if state.c is None else state.c[0])
         hs, cs = [h0], [c0]
         out = h0
@@ -230,5 +233,6 @@ class Decoder(nn.Module):
         else:
             logits = vocab.logits(readout)
             if mem.vocab_bias is not None:
-                logits = logits + mem.vocab_bias
+                bias = mem.vocab_bias
+                logits = (logits.view(bias.size(0), -1, logits.size(1)) + bias.unsqueeze(1)).view(logits.shape)
         return torch.log_softmax(logits.float(), dim=-1), alpha, state

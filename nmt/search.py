@@ -118,8 +118,7 @@ class BeamSearch:
         ids = None
         if shortlist is not None:
             ids, mem.vocab_bias = shortlist
-        mem = mem.select(torch.arange(n, device=device).repeat_interleave(k))
-        state = self.model.init_state(mem)
+        state = self.model.init_state(mem).select(torch.arange(n, device=device).repeat_interleave(k))
         scores = torch.full((n, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical: expand only the first at the first step
         width = 0 if self.tokens is None else self.tokens.size(1)
@@ -255,7 +254,7 @@ class BeamSearch:
         history = max(self.ages, default=0)
         self.tokens = self.tokens.index_select(0, row_idx)[:, self.tokens.size(1) - history:]
         width = max(self.src_lens, default=1)
-        self.mem = self.mem.select(row_idx).with_width(width)
+        self.mem = self.mem.select(idx).with_width(width)
         if self.attn is not None:
             self.attn = self.attn.index_select(0, row_idx)[:, self.attn.size(1) - history:, :width]
         if self.vocab_ids is not None and keep:
