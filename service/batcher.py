@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 ObserveFn = Callable[[int, int, float], None]
+SLICE_S = 0.25  # the worker thread reports back at least this often, so abandoned jobs are dropped promptly
 
 
 class Engine(Protocol):
@@ -34,6 +36,10 @@ class Engine(Protocol):
 
     def __len__(self) -> int:
         """Jobs running."""
+
+    @property
+    def segments(self) -> int:
+        """Sentences being decoded, over all running jobs."""
 
 
 class QueueFull(Exception):
@@ -56,11 +62,13 @@ class _Job:
 class Batcher:
     """Runs jobs on an Engine in a worker thread, one engine step at a time, with continuous batching.
 
-    Before each step, waiting jobs join the running batch, oldest first, while it holds fewer than
-    `max_requests` jobs and `max_tokens` tokens (a job over the token budget runs when the batch is empty). A job
-    leaves as soon as it is done, so a short request never waits for a long one, and the batch grows with the
-    load. Jobs wait in a queue of at most `max_queue`. When several jobs fail in one step (a search shared by
-    their requests raised), each is rerun alone, so one bad request cannot fail the requests it ran with.
+    Before a step, waiting jobs join the running batch, oldest first, while it holds fewer than `max_requests`
+    jobs and `max_tokens` tokens (a job over the token budget runs when the batch is empty). A job leaves as soon
+    as it is done, so a short request never waits for a long one, and the batch grows with the load. The worker
+    thread takes steps until a job is done or a waiting one could join (or SLICE_S passes), so a batch nobody
+    joins runs without a round trip to the event loop per step. Jobs wait in a queue of at most `max_queue`.
+    When several jobs fail in one step (a search shared by their requests raised), each is rerun alone, so one
+    bad request cannot fail the requests it ran with.
     """
 
     def __init__(self, engine: Engine, executor: Executor, *, max_tokens: int, max_requests: int, max_queue: int,
@@ -73,6 +81,7 @@ class Batcher:
         self._pending: collections.deque[_Job] = collections.deque()
         self._running: dict[_Job, None] = {}  # in the order they joined
         self._wake = asyncio.Event()
+        self._room = threading.Event()  # set when a waiting job could join: the worker thread should report back
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
@@ -96,6 +105,8 @@ class Batcher:
         self._pending.append(job)
         self._idle.clear()
         self._wake.set()
+        if len(self._running) < self.max_requests:
+            self._room.set()
         try:
             return await job.future
         finally:
@@ -121,16 +132,13 @@ class Batcher:
             leaving = [job for job in self._running if job.future.done() and job not in joining]
             for job in leaving:
                 del self._running[job]
-            start = time.monotonic()
+            self._room.clear()
             try:
                 outcomes = await asyncio.get_running_loop().run_in_executor(
                     self._executor, self._advance, joining, leaving)
             except Exception as exc:  # a bug here must fail the running jobs, not stop the loop that serves them all
                 log.exception("a batch step failed")
                 outcomes = [(job, exc) for job in self._running]
-            if self._observe is not None:
-                self._observe(len(self._running), sum(len(job.items) for job in self._running),
-                              time.monotonic() - start)
             for job, outcome in outcomes:
                 self._running.pop(job, None)
                 if job.future.done():
@@ -157,7 +165,8 @@ class Batcher:
         return joining
 
     def _advance(self, joining: list[_Job], leaving: list[_Job]) -> list[tuple[_Job, Sequence[Any] | BaseException]]:
-        """Worker thread: jobs join and leave the engine, which then takes one step."""
+        """Worker thread: jobs join and leave the engine, which then takes steps until one is done, a waiting job
+        could join, or the time slice is over."""
         engine = self._engine
         outcomes: list[tuple[_Job, Sequence[Any] | BaseException]] = []
         for job in leaving:
@@ -167,7 +176,15 @@ class Batcher:
                 engine.add(job, job.key, job.items)
             except Exception as exc:
                 outcomes.append((job, exc))
-        stepped = engine.step() if len(engine) else []
+        stepped: list[tuple[Hashable, Sequence[Any] | BaseException]] = []
+        end = time.monotonic() + SLICE_S
+        while len(engine) and not stepped:
+            jobs, segments, start = len(engine), engine.segments, time.monotonic()
+            stepped = engine.step()
+            if self._observe is not None:
+                self._observe(jobs, segments, time.monotonic() - start)
+            if self._room.is_set() or time.monotonic() > end:
+                break
         failed = [job for job, outcome in stepped if isinstance(outcome, Exception)]
         if len(failed) > 1:
             log.warning("%d requests failed together; rerunning them one by one", len(failed))

@@ -23,7 +23,7 @@ class Metrics:
                                registry=self.registry)
         self.batch_requests = Histogram("nmt_batch_requests", "requests in the running model batch, per decoding step",
                                         buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.batch_texts = Histogram("nmt_batch_texts", "texts in the running model batch, per decoding step",
+        self.batch_texts = Histogram("nmt_batch_texts", "sentences in the running model batch, per decoding step",
                                      buckets=_BATCH_BUCKETS, registry=self.registry)
         self.batch_seconds = Histogram("nmt_batch_duration_seconds", "model time per decoding step",
                                        buckets=_STEP_BUCKETS, registry=self.registry)
@@ -31,9 +31,9 @@ class Metrics:
         self.queue_depth = Gauge("nmt_queue_depth", "requests waiting for the model", registry=self.registry)
         self.model_loaded = Gauge("nmt_model_loaded", "1 once the model is loaded", registry=self.registry)
 
-    def observe_step(self, requests: int, texts: int, seconds: float) -> None:
+    def observe_step(self, requests: int, sentences: int, seconds: float) -> None:
         self.batch_requests.observe(requests)
-        self.batch_texts.observe(texts)
+        self.batch_texts.observe(sentences)
         self.batch_seconds.observe(seconds)
 
     def render(self) -> bytes:

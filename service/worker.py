@@ -130,3 +130,7 @@ class _Engine:
 
     def __len__(self) -> int:
         return len(self.stream) + len(self._scored)
+
+    @property
+    def segments(self) -> int:
+        return self.stream.segments + sum(len(items) for _, items in self._scored)
