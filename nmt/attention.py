@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+CHUNK_ELEMENTS = 640_000  # elements of (sentences, k, S, A) per attention chunk at inference: 2.5 MB in float32
+
 
 class AdditiveAttention(nn.Module):
     """Scores each source annotation against the decoder state and returns the weighted context."""
@@ -28,10 +30,18 @@ class AdditiveAttention(nn.Module):
         ones per sentence (k beams in decoding, 1 in training), so beams share their sentence's memory."""
         b = keys.size(0)
         k = query.size(0) // b
-        # v^T tanh(x) computed as 2 v^T sigmoid(2x) - sum(v): the same function, but torch's CPU sigmoid is about
-        # twice as fast as its tanh, and this elementwise pass over (N, S, A) dominates attention's cost.
-        hidden = torch.sigmoid_(keys.unsqueeze(1) + (2.0 * query).view(b, k, 1, -1))
-        scores = torch.matmul(hidden, 2.0 * self.v) - self.v.sum() + mask_bias.unsqueeze(1)
-        alpha = torch.softmax(scores, dim=-1)
+        queries = (2.0 * query).view(b, k, 1, -1)
+        # The (B, k, S, A) elementwise passes below are memory-bound: without autograd, take them a few sentences
+        # at a time so that each chunk stays in cache.
+        step = b if torch.is_grad_enabled() else max(1, CHUNK_ELEMENTS // (k * keys.size(1) * keys.size(2)))
+        scores = torch.cat([self._energies(keys[i:i + step], queries[i:i + step]) for i in range(0, b, step)])
+        alpha = torch.softmax(scores + mask_bias.unsqueeze(1), dim=-1)
         context = torch.bmm(alpha, values)
         return context.view(b * k, -1), alpha.view(b * k, -1)
+
+    def _energies(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """v^T tanh(W s + U h_j) for (B, S, A) keys and (B, k, 1, A) queries -> (B, k, S)."""
+        # v^T tanh(x) computed as 2 v^T sigmoid(2x) - sum(v): the same function, but torch's CPU sigmoid is about
+        # twice as fast as its tanh, and this elementwise pass dominates attention's cost.
+        hidden = torch.sigmoid_(keys.unsqueeze(1) + queries)
+        return torch.matmul(hidden, 2.0 * self.v) - self.v.sum()

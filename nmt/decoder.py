@@ -10,6 +10,9 @@ from torch import nn
 from nmt.attention import AdditiveAttention
 from nmt.tokenizer import PAD
 
+_FIELDS = ("values", "keys", "mask_bias", "summary", "summary_gates", "vocab_bias", "value_gates")
+_PER_POSITION = {"values": 0.0, "keys": 0.0, "value_gates": 0.0, "mask_bias": float("-inf")}  # padding fill
+
 
 @dataclass
 class Memory:
@@ -23,13 +26,20 @@ class Memory:
     summary: torch.Tensor  # (B, C) fixed context [fwd_last; bwd_first], used when attention is off
     summary_gates: torch.Tensor | None  # (B, G*H) its gate contribution, hoisted out of the step loop
     vocab_bias: torch.Tensor | None = None  # (B, V') with a shortlist: 0 on the sentence's own pieces, -inf elsewhere
+    # (B, S, G*H) W_c h_j at inference: the context's gate term W_c c_i is their attention-weighted sum, a
+    # (k x S) by (S x G*H) product per sentence instead of a (k x C) by (C x G*H) one per step.
+    value_gates: torch.Tensor | None = None
+
+    def _map(self, fn) -> Memory:
+        return Memory(*(None if getattr(self, f) is None else fn(f, getattr(self, f)) for f in _FIELDS))
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(field name, tensor) for each field that is set."""
+        return [(f, getattr(self, f)) for f in _FIELDS if getattr(self, f) is not None]
 
     def select(self, index: torch.Tensor) -> Memory:
         """Rows picked by index (reorder, or drop finished sentences)."""
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.index_select(0, index)
-        return Memory(pick(self.values), pick(self.keys), pick(self.mask_bias), pick(self.summary),
-                      pick(self.summary_gates), pick(self.vocab_bias))
+        return self._map(lambda _, t: t.index_select(0, index))
 
     @property
     def width(self) -> int:
@@ -38,28 +48,85 @@ class Memory:
 
     def with_width(self, width: int) -> Memory:
         """The same rows over `width` source positions: cut off (padding only) or padded with masked zeros."""
-        if width <= self.width:
-            return Memory(self.values[:, :width], None if self.keys is None else self.keys[:, :width],
-                          self.mask_bias[:, :width], self.summary, self.summary_gates, self.vocab_bias)
         extra = width - self.width
 
-        def grow(t: torch.Tensor | None, fill: float) -> torch.Tensor | None:
-            if t is None:
-                return None
-            return torch.cat([t, t.new_full((t.size(0), extra, *t.shape[2:]), fill)], dim=1)
-        return Memory(grow(self.values, 0.0), grow(self.keys, 0.0), grow(self.mask_bias, float("-inf")),
-                      self.summary, self.summary_gates, self.vocab_bias)
+        def fit(name: str, t: torch.Tensor) -> torch.Tensor:
+            if name not in _PER_POSITION:
+                return t
+            if extra <= 0:
+                return t[:, :width]
+            return torch.cat([t, t.new_full((t.size(0), extra, *t.shape[2:]), _PER_POSITION[name])], dim=1)
+        return self._map(fit)
 
     @staticmethod
     def cat(parts: list[Memory]) -> Memory:
         """The rows of several memories, in order, padded to the widest (vocab biases must share columns)."""
         width = max(m.width for m in parts)
         parts = [m.with_width(width) for m in parts]
+        return parts[0]._map(lambda name, _: torch.cat([getattr(m, name) for m in parts]))
 
-        def join(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
-            return None if ts[0] is None else torch.cat(ts)
-        return Memory(*(join([getattr(m, f) for m in parts])
-                        for f in ("values", "keys", "mask_bias", "summary", "summary_gates", "vocab_bias")))
+
+class MemorySlots:
+    """Sentences' memories in buffers with rows to spare, for a batch that sentences join and leave.
+
+    A join writes only the new sentences' rows; a leave moves the last sentences into the freed slots (so the
+    order of the sentences changes: `remove` says how); `memory` is a view of the live rows. The buffers are
+    exactly as wide as the longest live source, so that the view stays contiguous (strided views make bmm copy):
+    only a change of that width copies every row. Vocabulary biases are not kept here (their columns change with
+    the batch's shortlist).
+    """
+
+    def __init__(self) -> None:
+        self._buf: Memory | None = None
+        self.size = 0
+
+    @property
+    def width(self) -> int:
+        return 0 if self._buf is None else self._buf.width
+
+    @property
+    def memory(self) -> Memory:
+        return self._buf._map(lambda _, t: t[:self.size])
+
+    def append(self, mem: Memory) -> None:
+        """Add a memory's rows after the live ones."""
+        n, m = self.size, mem.values.size(0)
+        width = max(self.width, mem.width)
+        if self._buf is None or n + m > self._buf.values.size(0) or width > self.width:
+            self._reshape(max(n + m, 2 * (0 if self._buf is None else self._buf.values.size(0))), width, mem)
+        new = mem.with_width(width)
+        for name, t in self._buf.tensors():
+            t[n:n + m] = getattr(new, name)
+        self.size = n + m
+
+    def remove(self, leaving: list[int], width: int) -> list[int]:
+        """Free the rows at these positions and fit the buffers to width; returns the new order (for each live
+        row, the position it had before)."""
+        n = self.size
+        gone = set(leaving)
+        size = n - len(gone)
+        holes = [i for i in sorted(gone) if i < size]
+        movers = [j for j in range(size, n) if j not in gone]
+        order = list(range(size))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if holes:
+            to, frm = torch.tensor(holes), torch.tensor(movers)
+            for _, t in self._buf.tensors():
+                t[to.to(t.device)] = t[frm.to(t.device)]
+        self.size = size
+        if width != self.width:
+            self._reshape(self._buf.values.size(0), width, None)
+        return order
+
+    def _reshape(self, rows: int, width: int, like: Memory | None) -> None:
+        """New buffers of rows x width holding the live rows (padded or cut to width)."""
+        live = None if self._buf is None else self.memory.with_width(width)
+        template = live if live is not None else like.with_width(width)
+        self._buf = template._map(lambda _, t: t.new_empty((rows, *t.shape[1:])))  # rows past size: never read
+        if live is not None:
+            for name, t in self._buf.tensors():
+                t[:self.size] = getattr(live, name)
 
 
 @dataclass
@@ -170,7 +237,11 @@ class Decoder(nn.Module):
         if self.attention is not None:
             query, hh = proj.split([self.attn_dim, proj.size(1) - self.attn_dim], dim=1)
             ctx, alpha = self.attention(query, mem.keys, mem.values, mem.mask_bias)
-            x = emb_gates + self.ctx_gates(ctx)
+            if mem.value_gates is None:
+                x = emb_gates + self.ctx_gates(ctx)
+            else:
+                b = mem.value_gates.size(0)
+                x = emb_gates + torch.bmm(alpha.view(b, -1, alpha.size(1)), mem.value_gates).view(alpha.size(0), -1)
         else:
             k = proj.size(0) // mem.summary.size(0)
             hh, ctx, alpha = proj, mem.summary.repeat_interleave(k, dim=0), None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 
 from nmt.batching import collate, token_batches
-from nmt.decoder import Memory, OutputVocab, State
+from nmt.decoder import MemorySlots, OutputVocab, State
 from nmt.model import Seq2Seq
 from nmt.tokenizer import BOS, EOS, PAD, UNK
 
@@ -93,9 +94,9 @@ class BeamSearch:
         self.src_lens: list[int] = []
         self.finished: dict[Hashable, list[Hypothesis]] = {}
         self.dropped: set[Hashable] = set()
-        self.mem: Memory | None = None
+        self.slots = MemorySlots()
         self.state: State | None = None
-        self.scores = self.tokens = self.attn = self.prev = self.vocab_ids = None
+        self.scores = self.tokens = self.attn = self.prev = self.vocab_ids = self.vocab_bias = None
         self.vocab: OutputVocab | None = None
         self.shortlisted: bool | None = None
 
@@ -115,9 +116,7 @@ class BeamSearch:
             return
         k, n, device = self.k, src.size(0), src.device
         mem = self.model.encode(src, lens)
-        ids = None
-        if shortlist is not None:
-            ids, mem.vocab_bias = shortlist
+        self.slots.append(mem)
         state = self.model.init_state(mem).select(torch.arange(n, device=device).repeat_interleave(k))
         scores = torch.full((n, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical: expand only the first at the first step
@@ -125,27 +124,28 @@ class BeamSearch:
         # Rows keep their tokens right-aligned: a sentence that joins later has padding where others have history.
         tokens = torch.full((n * k, width), PAD, dtype=torch.long, device=device)
         prev = torch.full((n * k,), BOS, dtype=torch.long, device=device)
-        attn = torch.zeros((n * k, width, mem.width), device=device) if self.with_attention else None
+        attn = torch.zeros((n * k, width, self.slots.width), device=device) if self.with_attention else None
         src_lens = lens.tolist()
         # Output limits count real pieces: the source's EOS is not part of its length.
         limits = [max(1, int(self.max_len_a * (m - 1) + self.max_len_b)) for m in src_lens]
+        ids, bias = (None, None) if shortlist is None else shortlist
         if self.keys:
             if ids is not None:
-                ids, self.mem.vocab_bias, mem.vocab_bias = _merge_vocab(self.vocab_ids, self.mem.vocab_bias, ids,
-                                                                        mem.vocab_bias)
-            mem = Memory.cat([self.mem, mem])
+                ids, old, bias = _merge_vocab(self.vocab_ids, self.vocab_bias, ids, bias)
+                bias = torch.cat([old, bias])
             state = State.cat([self.state, state])
             scores = torch.cat([self.scores, scores])
             tokens = torch.cat([self.tokens, tokens])
             prev = torch.cat([self.prev, prev])
             if attn is not None:
-                attn = torch.cat([_pad_last(self.attn, mem.width), _pad_last(attn, mem.width)])
-        self.mem, self.state, self.scores, self.tokens, self.prev, self.attn = mem, state, scores, tokens, prev, attn
+                attn = torch.cat([_pad_last(self.attn, self.slots.width), attn])
+        self.state, self.scores, self.tokens, self.prev, self.attn = state, scores, tokens, prev, attn
         self.keys += keys
         self.ages += [0] * n
         self.limits += limits
         self.src_lens += src_lens
         self.shortlisted = shortlist is not None
+        self.vocab_bias = bias
         self._set_vocab(ids)
 
     def drop(self, keys: list[Hashable]) -> None:
@@ -162,7 +162,8 @@ class BeamSearch:
         if not self.keys:
             return []
         k, device, vocab = self.k, self.scores.device, self.vocab
-        logp, alpha_t, state = self.model.step(self.prev, self.state, self.mem, vocab)
+        mem = dataclasses.replace(self.slots.memory, vocab_bias=self.vocab_bias)
+        logp, alpha_t, state = self.model.step(self.prev, self.state, mem, vocab)
         width = logp.size(1)
         history = self.tokens.size(1)
         logp[:, PAD] = float("-inf")
@@ -207,23 +208,32 @@ class BeamSearch:
                 penalty = length_penalty(age + 1, self.alpha)  # the hypothesis's tokens and its EOS
                 self.finished.setdefault(self.keys[i], []).append(
                     Hypothesis(self.tokens[row, history - age:].tolist(), total / penalty, total, hyp_attn))
-        self.scores = top_scores.gather(1, live_pos)
-        chosen = flat_origin.gather(1, live_pos).view(-1)
-        self.prev = token.gather(1, live_pos).view(-1)
-        self.tokens = torch.cat([self.tokens.index_select(0, chosen), self.prev.unsqueeze(1)], dim=1)
-        if self.attn is not None:
-            self.attn = torch.cat([self.attn.index_select(0, chosen), alpha_t.index_select(0, chosen).unsqueeze(1)],
-                                  dim=1)
-        self.state = state.select(chosen)
+        scores = top_scores.gather(1, live_pos)
+        chosen = flat_origin.gather(1, live_pos)
+        next_tokens = token.gather(1, live_pos)
         self.ages = [age + 1 for age in ages]
-        return self._retire()
+        done, order = self._retire(scores)
+        if order is not None:
+            index = torch.tensor(order, dtype=torch.long, device=device)
+            scores, chosen, next_tokens = scores[index], chosen[index], next_tokens[index]
+        rows = chosen.view(-1)
+        self.scores, self.prev = scores, next_tokens.view(-1)
+        self.state = state.select(rows)
+        # Keep what the live sentences need: their own history columns and source positions.
+        keep = self.tokens.size(1) + 1 - max(self.ages, default=0)
+        self.tokens = torch.cat([self.tokens.index_select(0, rows), self.prev.unsqueeze(1)], dim=1)[:, keep:]
+        if self.attn is not None:
+            step_attn = alpha_t.index_select(0, rows).unsqueeze(1)
+            self.attn = torch.cat([self.attn.index_select(0, rows), step_attn], dim=1)[:, keep:, :self.slots.width]
+        return done
 
-    def _retire(self) -> list[tuple[Hashable, list[Hypothesis]]]:
+    def _retire(self, scores: torch.Tensor) -> tuple[list[tuple[Hashable, list[Hypothesis]]], list[int] | None]:
         """Remove the dropped sentences and those that are done: at their length limit, or no live beam can still
-        win, or (the usual heuristic) beam_size finished hypotheses all beat the best live one as it stands."""
+        win, or (the usual heuristic) beam_size finished hypotheses all beat the best live one as it stands. Returns
+        the done ones with their hypotheses, and the new order of the sentences (None: unchanged)."""
         k, alpha = self.k, self.alpha
-        best_live = self.scores.max(dim=1).values.tolist()
-        keep, done = [], []
+        best_live = scores.max(dim=1).values.tolist()
+        leaving, done = [], []
         for i, key in enumerate(self.keys):
             age, limit = self.ages[i], self.limits[i]
             ranked = sorted((h.score for h in self.finished.get(key, ())), reverse=True)
@@ -237,32 +247,24 @@ class BeamSearch:
                 hyps = sorted(self.finished.pop(key, []), key=lambda h: -h.score)
                 done.append((key, hyps[:self.n_best]))
             else:
-                keep.append(i)
-        if len(keep) == len(self.keys):
-            return done
-        device = self.scores.device
-        idx = torch.tensor(keep, dtype=torch.long, device=device)
-        row_idx = (idx.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-        self.keys = [self.keys[i] for i in keep]
-        self.ages = [self.ages[i] for i in keep]
-        self.limits = [self.limits[i] for i in keep]
-        self.src_lens = [self.src_lens[i] for i in keep]
-        self.scores = self.scores.index_select(0, idx)
-        self.state = self.state.select(row_idx)
-        self.prev = self.prev.index_select(0, row_idx)
-        # Trim what no live sentence needs any more: older history columns, source padding, shortlist pieces.
-        history = max(self.ages, default=0)
-        self.tokens = self.tokens.index_select(0, row_idx)[:, self.tokens.size(1) - history:]
-        width = max(self.src_lens, default=1)
-        self.mem = self.mem.select(idx).with_width(width)
-        if self.attn is not None:
-            self.attn = self.attn.index_select(0, row_idx)[:, self.attn.size(1) - history:, :width]
-        if self.vocab_ids is not None and keep:
-            used = torch.isfinite(self.mem.vocab_bias).any(dim=0)
+                continue
+            leaving.append(i)
+        if not leaving:
+            return done, None
+        gone = set(leaving)
+        width = max((n for i, n in enumerate(self.src_lens) if i not in gone), default=1)
+        order = self.slots.remove(leaving, width)
+        self.keys = [self.keys[i] for i in order]
+        self.ages = [self.ages[i] for i in order]
+        self.limits = [self.limits[i] for i in order]
+        self.src_lens = [self.src_lens[i] for i in order]
+        if self.vocab_ids is not None and order:
+            self.vocab_bias = self.vocab_bias[torch.tensor(order, dtype=torch.long, device=self.vocab_bias.device)]
+            used = torch.isfinite(self.vocab_bias).any(dim=0)
             if not bool(used.all()):
-                self.mem.vocab_bias = self.mem.vocab_bias[:, used]
+                self.vocab_bias = self.vocab_bias[:, used]
                 self._set_vocab(self.vocab_ids[used])
-        return done
+        return done, order
 
 
 def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from nmt.batching import collate
 from nmt.checkpoint import load_checkpoint
 from nmt.config import from_dict
+from nmt.decoder import Memory, MemorySlots
 from nmt.model import Seq2Seq
 from nmt.quantize import quantize_int8
 from nmt.search import BeamSearch, beam_search, greedy_search, length_penalty, search_ids
@@ -44,23 +45,6 @@ class PrefixState:
         return PrefixState([row for p in parts for row in p.rows])
 
 
-@dataclass
-class ToyMemory:
-    rows: int
-
-    def select(self, index: torch.Tensor) -> ToyMemory:
-        return ToyMemory(len(index))
-
-    width = 3  # toy sources are 3 tokens
-
-    def with_width(self, width: int) -> ToyMemory:
-        return self
-
-    @staticmethod
-    def cat(parts: list[ToyMemory]) -> ToyMemory:
-        return ToyMemory(sum(p.rows for p in parts))
-
-
 class ToyModel(torch.nn.Module):
     """Seq2Seq's decoding interface over a table {prefix: {token: probability}}; unlisted prefixes end."""
 
@@ -70,13 +54,14 @@ class ToyModel(torch.nn.Module):
         self.decoder = torch.nn.Module()
         self.decoder.attention = None
 
-    def encode(self, src: torch.Tensor, lens: torch.Tensor) -> ToyMemory:
-        return ToyMemory(src.size(0))
+    def encode(self, src: torch.Tensor, lens: torch.Tensor) -> Memory:
+        n, s = src.shape
+        return Memory(torch.zeros(n, s, 1), None, torch.zeros(n, s), torch.zeros(n, 1), None)
 
-    def init_state(self, mem: ToyMemory) -> PrefixState:
-        return PrefixState([() for _ in range(mem.rows)])
+    def init_state(self, mem: Memory) -> PrefixState:
+        return PrefixState([() for _ in range(mem.values.size(0))])
 
-    def step(self, prev: torch.Tensor, state: PrefixState, mem: ToyMemory, vocab: None = None):
+    def step(self, prev: torch.Tensor, state: PrefixState, mem: Memory, vocab: None = None):
         rows = [row if p == BOS else (*row, p) for row, p in zip(state.rows, prev.tolist(), strict=True)]
         probs = torch.full((len(rows), VOCAB), 1e-6)
         for i, row in enumerate(rows):
@@ -380,3 +365,33 @@ def test_a_search_refuses_keys_already_decoding_and_mixed_shortlists(tiny, tiny_
     lists = functools.partial(tiny_shortlist.for_batch, frequent=0, per_source=1)
     with pytest.raises(ValueError, match="shortlist"):
         search.add(["c", "d"], batch.src, batch.src_lens, lists(batch.src))
+
+
+def test_memory_slots_keep_each_sentence_and_pad_the_rest():
+    rng = random.Random(0)
+    slots, live, next_id = MemorySlots(), [], 1  # live: (id, length) in slot order
+
+    def memory(sentences: list[tuple[int, int]]) -> Memory:
+        width = max(n for _, n in sentences)
+        values = torch.zeros(len(sentences), width, 3)
+        mask = torch.full((len(sentences), width), float("-inf"))
+        for row, (ident, n) in enumerate(sentences):
+            values[row, :n], mask[row, :n] = ident, 0.0
+        return Memory(values, values[:, :, :2] * 2, mask, torch.tensor([[float(i)] for i, _ in sentences]), None)
+
+    for _ in range(60):
+        if live and rng.random() < 0.45:
+            leaving = rng.sample(range(len(live)), rng.randint(1, len(live)))
+            width = max((n for i, (_, n) in enumerate(live) if i not in leaving), default=1)
+            live = [live[i] for i in slots.remove(leaving, width)]
+        else:
+            new = [(next_id + i, rng.randint(1, 12)) for i in range(rng.randint(1, 4))]
+            next_id += len(new)
+            slots.append(memory(new))
+            live += new
+        view = slots.memory
+        assert view.values.size(0) == len(live) and view.width == max((n for _, n in live), default=view.width)
+        for row, (ident, n) in enumerate(live):
+            assert torch.all(view.values[row, :n] == ident) and torch.all(view.keys[row, :n] == 2 * ident)
+            assert torch.all(view.values[row, n:] == 0) and torch.all(view.mask_bias[row, n:] == float("-inf"))
+            assert torch.all(view.mask_bias[row, :n] == 0) and view.summary[row, 0] == ident
