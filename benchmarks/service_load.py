@@ -6,7 +6,7 @@
 
 For each mode a fresh server is started: `nmt serve MODEL --host 127.0.0.1 --port <free port>` (as
 `python -m nmt serve`, pinned with `taskset -c SERVER_CPUS` when given, NMT_THREADS and OMP_NUM_THREADS from
---threads), with request coalescing on (the server's NMT_MAX_BATCH_REQUESTS, or --max-batch-requests) or off
+--threads), with continuous batching on (the server's NMT_MAX_BATCH_REQUESTS, or --max-batch-requests) or off
 (NMT_MAX_BATCH_REQUESTS=1). The request deadline is raised (NMT_REQUEST_TIMEOUT_S, --request-timeout) and the
 queue made room for every client (NMT_MAX_QUEUE, --max-queue), so the numbers measure throughput; whatever
 errors still happen are counted, by status, and reported. The server's output goes to OUT/service_load_MODE.log.
@@ -21,15 +21,15 @@ requests/s counts the 200 responses over the wall time of the level, the last re
 outcome (status code, or exception class when no response came) is an error. Peak RSS is the server's VmHWM
 from /proc/PID/status (summed over its worker processes with --workers), reset before each level through
 /proc/PID/clear_refs where the kernel allows (`peak_rss_scope`: level), otherwise the peak since the server
-started (`server`). Mean batch is the server's requests per model batch during the level
-(nmt_batch_requests_sum / _count from /metrics; not measured with several worker processes, which each keep
+started (`server`). Mean batch is the mean number of requests in the server's running batch over the decoding
+steps of the level (nmt_batch_requests_sum / _count from /metrics; not measured with several worker processes, which each keep
 their own); server CPU is its user + system time (all its processes) over the wall time (100% = one core
 busy). The load generator shares the machine: pin it away from the server with --client-cpus where there are
 cores to spare.
 
 Writes OUT/service_load.json (machine, command lines, settings, rows) and OUT/service_load.md (the table), and
 prints the table with the issue's bars: batching on / off throughput at concurrency 32, and whether p99 at
-concurrency 32 stays under 1.5 s (with no errors in that row).
+concurrency 32 stays under 1.5 s (with no errors in that row); with repeated modes, medians over on/off pairs.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -364,16 +365,23 @@ def markdown(rows: list[dict], machine: str, args: argparse.Namespace, servers: 
 
 
 def summary(rows: list[dict]) -> dict:
-    """The bars of the speed issue: batching on / off throughput and p99 latency at concurrency 32."""
-    at = {r["mode"]: r for r in rows if r["concurrency"] == BAR_CONCURRENCY}
+    """The bars of the speed issue: batching on / off throughput and p99 latency at concurrency 32.
+
+    With modes repeated (--modes on off on off ...), the k-th on row pairs with the k-th off row, run next to it
+    in time, and the bars take the median over the pairs (these machines' speed drifts from minute to minute)."""
+    at = {mode: [r for r in rows if r["concurrency"] == BAR_CONCURRENCY and r["mode"] == mode]
+          for mode in ("on", "off")}
     out: dict = {"concurrency": BAR_CONCURRENCY, "p99_bar_s": BAR_P99_S}
-    on, off = at.get("on"), at.get("off")
-    if on and off and off["requests_per_s"] > 0:
-        out["throughput_on_over_off"] = on["requests_per_s"] / off["requests_per_s"]
-    for mode, row in at.items():
-        if row["p99_ms"] is not None:
-            out[f"p99_{mode}_s"] = row["p99_ms"] / 1000
-            out[f"p99_{mode}_under_bar"] = row["p99_ms"] / 1000 < BAR_P99_S and row["errors"] == 0
+    ratios = [on["requests_per_s"] / off["requests_per_s"]
+              for on, off in zip(at["on"], at["off"], strict=False) if off["requests_per_s"] > 0]
+    if ratios:
+        out["throughput_on_over_off"] = statistics.median(ratios)
+        out["throughput_on_over_off_pairs"] = ratios
+    for mode, measured in at.items():
+        p99s = [r["p99_ms"] / 1000 for r in measured if r["p99_ms"] is not None]
+        if p99s:
+            out[f"p99_{mode}_s"] = statistics.median(p99s)
+            out[f"p99_{mode}_under_bar"] = out[f"p99_{mode}_s"] < BAR_P99_S and not any(r["errors"] for r in measured)
     return out
 
 
@@ -381,7 +389,10 @@ def summary_text(s: dict) -> str:
     c, bar = s["concurrency"], s["p99_bar_s"]
     lines = []
     if "throughput_on_over_off" in s:
-        lines.append(f"batching on / off throughput at concurrency {c}: {s['throughput_on_over_off']:.2f}x")
+        pairs = s["throughput_on_over_off_pairs"]
+        each = (f" (median of {len(pairs)} on/off pairs: {', '.join(f'{r:.2f}x' for r in pairs)})"
+                if len(pairs) > 1 else "")
+        lines.append(f"batching on / off throughput at concurrency {c}: {s['throughput_on_over_off']:.2f}x{each}")
     else:
         lines.append(f"batching on / off throughput at concurrency {c}: not measured (needs both modes at {c})")
     for mode in ("on", "off"):
@@ -402,7 +413,8 @@ def main() -> None:
                    help="requests per row, over all clients (default 0: max(256, 4 x the row's concurrency))")
     p.add_argument("--duration", type=float, default=0.0, help="seconds per row instead of --requests (0 = off)")
     p.add_argument("--modes", nargs="+", choices=("on", "off"), default=["on", "off"],
-                   help="request coalescing on, off (NMT_MAX_BATCH_REQUESTS=1) or both; a fresh server each")
+                   help="batching on, off (NMT_MAX_BATCH_REQUESTS=1) or both, a fresh server each; repeat them "
+                        "(on off on off) to pair runs close in time: the bars take the median over the pairs")
     p.add_argument("--beam", type=int, default=5, help="beam size of every request (default 5)")
     p.add_argument("--warmup", type=int, default=8, help="requests before the timing, one at a time (default 8)")
     p.add_argument("--seed", type=int, default=0, help="shuffles the sentences (default 0)")
