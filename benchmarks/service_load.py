@@ -22,8 +22,8 @@ outcome (status code, or exception class when no response came) is an error. Pea
 from /proc/PID/status (summed over its worker processes with --workers), reset before each level through
 /proc/PID/clear_refs where the kernel allows (`peak_rss_scope`: level), otherwise the peak since the server
 started (`server`). Mean batch is the mean number of requests in the server's running batch over the decoding
-steps of the level (nmt_batch_requests_sum / _count from /metrics; not measured with several worker processes, which each keep
-their own); server CPU is its user + system time (all its processes) over the wall time (100% = one core
+steps of the level (nmt_batch_requests_sum / _count from /metrics; not measured with several worker processes,
+which each keep their own); server CPU is its user + system time (all its processes) over the wall time (100% = one core
 busy). The load generator shares the machine: pin it away from the server with --client-cpus where there are
 cores to spare.
 

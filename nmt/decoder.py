@@ -85,6 +85,11 @@ class MemorySlots:
         return 0 if self._buf is None else self._buf.width
 
     @property
+    def capacity(self) -> int:
+        """Rows the buffers hold."""
+        return 0 if self._buf is None else self._buf.values.size(0)
+
+    @property
     def memory(self) -> Memory:
         return self._buf._map(lambda _, t: t[:self.size])
 
@@ -92,8 +97,9 @@ class MemorySlots:
         """Add a memory's rows after the live ones."""
         n, m = self.size, mem.values.size(0)
         width = max(self.width, mem.width)
-        if self._buf is None or n + m > self._buf.values.size(0) or width > self.width:
-            self._reshape(max(n + m, 2 * (0 if self._buf is None else self._buf.values.size(0))), width, mem)
+        rows = self.capacity
+        if n + m > rows or width > self.width:
+            self._reshape(rows if n + m <= rows else max(n + m, 2 * rows), width, mem)
         new = mem.with_width(width)
         for name, t in self._buf.tensors():
             t[n:n + m] = getattr(new, name)
@@ -116,17 +122,18 @@ class MemorySlots:
                 t[to.to(t.device)] = t[frm.to(t.device)]
         self.size = size
         if width != self.width:
-            self._reshape(self._buf.values.size(0), width, None)
+            self._reshape(self.capacity, width, None)
         return order
 
     def _reshape(self, rows: int, width: int, like: Memory | None) -> None:
         """New buffers of rows x width holding the live rows (padded or cut to width)."""
         live = None if self._buf is None else self.memory.with_width(width)
         template = live if live is not None else like.with_width(width)
-        self._buf = template._map(lambda _, t: t.new_empty((rows, *t.shape[1:])))  # rows past size: never read
+        buf = template._map(lambda _, t: t.new_empty((rows, *t.shape[1:])))  # rows past size: never read
         if live is not None:
-            for name, t in self._buf.tensors():
+            for name, t in buf.tensors():
                 t[:self.size] = getattr(live, name)
+        self._buf = buf
 
 
 @dataclass

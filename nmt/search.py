@@ -116,7 +116,8 @@ class BeamSearch:
             return
         k, n, device = self.k, src.size(0), src.device
         mem = self.model.encode(src, lens)
-        self.slots.append(mem)
+        # Everything is computed before anything changes, so that a failure leaves the running search as it was.
+        memory_width = max(self.slots.width, mem.width)
         state = self.model.init_state(mem).select(torch.arange(n, device=device).repeat_interleave(k))
         scores = torch.full((n, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical: expand only the first at the first step
@@ -124,7 +125,7 @@ class BeamSearch:
         # Rows keep their tokens right-aligned: a sentence that joins later has padding where others have history.
         tokens = torch.full((n * k, width), PAD, dtype=torch.long, device=device)
         prev = torch.full((n * k,), BOS, dtype=torch.long, device=device)
-        attn = torch.zeros((n * k, width, self.slots.width), device=device) if self.with_attention else None
+        attn = torch.zeros((n * k, width, memory_width), device=device) if self.with_attention else None
         src_lens = lens.tolist()
         # Output limits count real pieces: the source's EOS is not part of its length.
         limits = [max(1, int(self.max_len_a * (m - 1) + self.max_len_b)) for m in src_lens]
@@ -138,7 +139,8 @@ class BeamSearch:
             tokens = torch.cat([self.tokens, tokens])
             prev = torch.cat([self.prev, prev])
             if attn is not None:
-                attn = torch.cat([_pad_last(self.attn, self.slots.width), attn])
+                attn = torch.cat([_pad_last(self.attn, memory_width), attn])
+        self.slots.append(mem)
         self.state, self.scores, self.tokens, self.prev, self.attn = state, scores, tokens, prev, attn
         self.keys += keys
         self.ages += [0] * n

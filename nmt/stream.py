@@ -54,10 +54,14 @@ class TranslationStream:
         job = self.translator.prepare(texts, **options)
         todo = len(job.todo)
         self._running[handle] = _Running(job, [None] * todo, todo)
-        if todo:
-            self._decode(handle, job, list(range(todo)), job.return_alignment)
-        else:
+        if not todo:
             self._ready.append(handle)
+            return
+        try:
+            self._decode(handle, job, list(range(todo)), job.return_alignment)
+        except BaseException:
+            del self._running[handle]
+            raise
 
     def cancel(self, handle: Hashable) -> None:
         """Stop a call: its segments leave their searches at the next step, and it is never returned."""

@@ -94,6 +94,9 @@ async def _run(settings: Settings, work: Any) -> Any:
                                 "send fewer or shorter texts") from None
     except NMTError as exc:
         raise ServiceError(422, str(exc)) from None
+    except Exception:  # answered here: past the app's handlers, uvicorn would also drop the keep-alive connection
+        log.exception("translation failed")
+        raise ServiceError(500, "internal error; it has been logged", code="internal_error") from None
 
 
 def _require(worker: ModelWorker) -> None:

@@ -369,7 +369,7 @@ def test_a_search_refuses_keys_already_decoding_and_mixed_shortlists(tiny, tiny_
 
 def test_memory_slots_keep_each_sentence_and_pad_the_rest():
     rng = random.Random(0)
-    slots, live, next_id = MemorySlots(), [], 1  # live: (id, length) in slot order
+    slots, live, next_id, most = MemorySlots(), [], 1, 0  # live: (id, length) in slot order
 
     def memory(sentences: list[tuple[int, int]]) -> Memory:
         width = max(n for _, n in sentences)
@@ -389,6 +389,8 @@ def test_memory_slots_keep_each_sentence_and_pad_the_rest():
             next_id += len(new)
             slots.append(memory(new))
             live += new
+        most = max(most, len(live))
+        assert slots.capacity <= 2 * most  # the buffers grow with the rows, not with every change of width
         view = slots.memory
         assert view.values.size(0) == len(live) and view.width == max((n for _, n in live), default=view.width)
         for row, (ident, n) in enumerate(live):

@@ -117,3 +117,22 @@ def test_a_failing_search_fails_only_its_calls(translator, monkeypatch):
     assert isinstance(results["fails"], RuntimeError)
     same(results["works"], translator.translate(["a b"], beam_size=3))
     assert len(stream) == 0
+
+
+def test_a_call_that_cannot_join_leaves_the_stream_as_it_was(translator, monkeypatch):
+    stream = TranslationStream(translator)
+    stream.add("running", ["a b c d"])
+    stream.step()
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("cannot allocate memory")
+
+    monkeypatch.setattr(translator.model, "encode", no_memory)
+    with pytest.raises(RuntimeError, match="allocate"):
+        stream.add("refused", ["e f"])
+    monkeypatch.undo()
+    assert len(stream) == 1 and stream.segments == 1
+    stream.add("later", ["e f"])
+    results = run(stream, [])
+    same(results["running"], translator.translate(["a b c d"]))
+    same(results["later"], translator.translate(["e f"]))
