@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     int8: bool = Field(False, description="dynamically quantize linear layers to int8 (CPU); a translation may then "
                        "vary slightly with the requests batched with it")
     max_batch_tokens: int = Field(4000, ge=1, description="source tokens in the running batch")
-    max_batch_requests: int = Field(64, ge=1, description="requests in the running batch; 1 turns batching off")
+    max_batch_requests: int = Field(32, ge=1, description="requests in the running batch; 1 turns batching off")
     max_queue: int = Field(256, ge=1, description="requests waiting for the model before new ones get 503")
     max_texts: int = Field(64, ge=1, description="texts per request (413 above)")
     max_chars: int = Field(2000, ge=1, description="characters per text (413 above)")
