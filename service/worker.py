@@ -31,7 +31,7 @@ class DecodeOptions:
 
 
 class ModelWorker:
-    """Loads the model in its worker thread, then translates and scores in coalesced batches there."""
+    """Loads the model in its worker thread, then translates (continuous batching) and scores there."""
 
     def __init__(self, settings: Settings, metrics: Metrics, translator: Translator | None = None):
         self.settings = settings
