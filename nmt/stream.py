@@ -75,9 +75,11 @@ class TranslationStream:
 
     def step(self) -> list[tuple[Hashable, list[Translation] | Exception]]:
         """One decoding step of every running search; the calls that are now done, or failed with an exception
-        (all calls in a search that raised: the search is dropped, the other searches go on)."""
-        done: list[tuple[Hashable, list[Translation] | Exception]] = [(h, self._finish(h)) for h in self._ready]
-        self._ready = []
+        (a search that raises fails its calls and is dropped; a call that fails on its own fails alone)."""
+        done: list[tuple[Hashable, list[Translation] | Exception]] = []
+        ready, self._ready = self._ready, []
+        for handle in ready:
+            done.append(self._finish(handle))
         with self.translator.lock:
             for key, search in list(self._searches.items()):
                 try:
@@ -87,8 +89,7 @@ class TranslationStream:
                     del self._searches[key]
                     for handle in dict.fromkeys(h for h, _ in search.keys):
                         if handle in self._running:
-                            self.cancel(handle)
-                            done.append((handle, exc))
+                            done.append(self._fail(handle, exc))
                     continue
                 for (handle, j), hyps in finished:
                     running = self._running.get(handle)
@@ -96,15 +97,24 @@ class TranslationStream:
                         continue
                     if not key[1] and running.job.needs_attention(hyps):
                         # As Translator.translate does: decode it again with attention to replace its <unk>s.
-                        self._decode(handle, running.job, [j], True)
+                        try:
+                            self._decode(handle, running.job, [j], True)
+                        except Exception as exc:
+                            done.append(self._fail(handle, exc))
                         continue
                     running.hyps[j] = hyps
                     running.left -= 1
                     if not running.left:
-                        done.append((handle, self._finish(handle)))
+                        done.append(self._finish(handle))
                 if not len(search):
                     del self._searches[key]
         return done
+
+    def _fail(self, handle: Hashable, exc: Exception) -> tuple[Hashable, Exception]:
+        """Stop a call that failed, so that it neither lingers nor takes the others down."""
+        log.error("translation call %r failed: %s: %s", handle, type(exc).__name__, exc)
+        self.cancel(handle)
+        return handle, exc
 
     def _decode(self, handle: Hashable, job: Job, which: list[int], attention: bool) -> None:
         """Add segments (positions in job.todo) to the search for the job's settings, creating it if needed."""
@@ -118,6 +128,10 @@ class TranslationStream:
             search.add([(handle, j) for j in which], src, batch.src_lens,
                        None if job.shortlist is None else job.shortlist(src))
 
-    def _finish(self, handle: Hashable) -> list[Translation]:
+    def _finish(self, handle: Hashable) -> tuple[Hashable, list[Translation] | Exception]:
         running = self._running.pop(handle)
-        return self.translator.finish(running.job, running.hyps)
+        try:
+            return handle, self.translator.finish(running.job, running.hyps)
+        except Exception as exc:
+            log.exception("finishing a translation call failed")
+            return handle, exc

@@ -128,14 +128,14 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            joining = self._admit()
-            leaving = [job for job in self._running if job.future.done() and job not in joining]
-            for job in leaving:
+            leaving = [job for job in self._running if job.future.done()]
+            for job in leaving:  # before admitting: an abandoned job's room goes to a waiting one
                 del self._running[job]
+            joining = self._admit()
             self._room.clear()
             try:
                 outcomes = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._advance, joining, leaving)
+                    self._executor, self._advance, joining, leaving, list(self._running))
             except Exception as exc:  # a bug here must fail the running jobs, not stop the loop that serves them all
                 log.exception("a batch step failed")
                 outcomes = [(job, exc) for job in self._running]
@@ -164,9 +164,10 @@ class Batcher:
                 self._count_tokens(job.tokens)
         return joining
 
-    def _advance(self, joining: list[_Job], leaving: list[_Job]) -> list[tuple[_Job, Sequence[Any] | BaseException]]:
+    def _advance(self, joining: list[_Job], leaving: list[_Job],
+                 running: list[_Job]) -> list[tuple[_Job, Sequence[Any] | BaseException]]:
         """Worker thread: jobs join and leave the engine, which then takes steps until one is done, a waiting job
-        could join, or the time slice is over."""
+        could join, or the time slice is over. If a step raises, every running job fails and leaves the engine."""
         engine = self._engine
         outcomes: list[tuple[_Job, Sequence[Any] | BaseException]] = []
         for job in leaving:
@@ -180,7 +181,13 @@ class Batcher:
         end = time.monotonic() + SLICE_S
         while len(engine) and not stepped:
             jobs, segments, start = len(engine), engine.segments, time.monotonic()
-            stepped = engine.step()
+            try:
+                stepped = engine.step()
+            except Exception as exc:
+                log.exception("a batch step failed")
+                for job in running:
+                    engine.cancel(job)
+                stepped = [(job, exc) for job in running if job not in dict(outcomes)]
             if self._observe is not None:
                 self._observe(jobs, segments, time.monotonic() - start)
             if self._room.is_set() or time.monotonic() > end:

@@ -118,9 +118,9 @@ class _Engine:
         self.stream.cancel(handle)
 
     def step(self) -> list[tuple[Hashable, Sequence[Any] | BaseException]]:
-        done: list[tuple[Hashable, Sequence[Any] | BaseException]] = list(self._scored)
-        self._scored = []
-        return done + self.stream.step()
+        stepped = self.stream.step()
+        done, self._scored = self._scored, []
+        return [*done, *stepped]
 
     def run_alone(self, key: DecodeOptions | str, items: list[Any]) -> Sequence[Any]:
         tr = self.translator

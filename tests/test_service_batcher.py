@@ -27,6 +27,7 @@ class Recorder:
         self.gate.set()
         self.entered = threading.Event()
         self.fail_on: object = None
+        self.raise_on: object = None  # a step that runs this item raises (a bug outside any one search)
 
     def add(self, handle: Hashable, key: object, items: list) -> None:
         if "refused" in items:
@@ -41,6 +42,8 @@ class Recorder:
         self.entered.set()
         assert self.gate.wait(10)
         self.steps.append([items for _, items, _ in self.running.values()])
+        if any(self.raise_on in items for _, items, _ in self.running.values()):
+            raise RuntimeError("engine bug")
         if any(self.fail_on in items for _, items, _ in self.running.values()):
             failed = [(h, ValueError("boom")) for h in self.running]
             self.running.clear()
@@ -224,3 +227,43 @@ def test_close_finishes_queued_and_running_jobs_then_refuses_new_ones(executor):
         return await asyncio.gather(*jobs)
 
     assert asyncio.run(main()) == [["k:1"], ["k:2"], ["k:3"]]
+
+
+def test_a_raising_step_takes_the_running_jobs_out_of_the_engine_and_reruns_them_alone(executor):
+    async def main():
+        engine = Recorder()
+        engine.raise_on = "bug"
+        batcher = make(engine, executor)
+        batcher.start()
+        results = await asyncio.gather(batcher.submit("k", [3], 1), batcher.submit("k", [2, "bug"], 1),
+                                       return_exceptions=True)
+        engine.raise_on = None
+        after = await batcher.submit("k", [1], 1)
+        await batcher.close()
+        return engine, results, after
+
+    engine, results, after = asyncio.run(main())
+    assert results == [["k:3"], ["k:2", "k:bug"]]
+    assert sorted(map(str, engine.alone)) == sorted(map(str, [[3], [2, "bug"]]))
+    assert engine.cancelled and after == ["k:1"] and len(engine) == 0
+
+
+def test_an_abandoned_job_makes_room_for_a_waiting_one_at_once(executor):
+    async def main():
+        engine = Recorder()
+        engine.gate.clear()
+        batcher = make(engine, executor, max_requests=1)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("k", [10**9], 1))
+        await wait_for(engine.entered.is_set)
+        waiting = asyncio.ensure_future(batcher.submit("k", [1], 1))
+        await wait_for(lambda: batcher.depth == 1)
+        running.cancel()
+        engine.gate.set()
+        assert await waiting == ["k:1"]
+        await batcher.close()
+        return engine
+
+    engine = asyncio.run(main())
+    assert engine.cancelled == [[10**9]]
+    assert [[1]] in engine.steps

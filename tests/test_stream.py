@@ -136,3 +136,34 @@ def test_a_call_that_cannot_join_leaves_the_stream_as_it_was(translator, monkeyp
     results = run(stream, [])
     same(results["running"], translator.translate(["a b c d"]))
     same(results["later"], translator.translate(["e f"]))
+
+
+def test_a_call_that_fails_on_its_own_fails_alone(translator, monkeypatch):
+    expected = translator.translate(["a b c"])
+    real_finish = translator.finish
+
+    def finish(job, hyps):
+        if not job.todo:
+            raise RuntimeError("cannot finish")
+        return real_finish(job, hyps)
+
+    monkeypatch.setattr(translator, "finish", finish)
+    monkeypatch.setattr(Job, "needs_attention", lambda self, hyps: self.n_best == 2 and not self.return_alignment)
+    real_add = nmt.search.BeamSearch.add
+
+    def add(self, *args, **kwargs):
+        if self.with_attention:  # the second round, with attention, of the call whose <unk>s need it
+            raise RuntimeError("no memory for the second round")
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(nmt.search.BeamSearch, "add", add)
+    stream = TranslationStream(translator)
+    stream.add("empty", ["  "])
+    stream.add("second round", ["a b c"], beam_size=3, n_best=2)
+    stream.add("kept", ["a b c"])
+    results = run(stream, [])
+    assert isinstance(results["empty"], RuntimeError) and isinstance(results["second round"], RuntimeError)
+    same(results["kept"], expected)
+    assert len(stream) == 0 and stream.segments == 0
+    stream.add("after", ["  ", "d e"])
+    assert not isinstance(run(stream, [])["after"], Exception)
