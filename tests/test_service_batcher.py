@@ -166,20 +166,24 @@ def test_full_queue_refuses_new_jobs(executor):
     asyncio.run(main())
 
 
-def test_a_failing_job_does_not_fail_the_jobs_it_ran_with(executor):
+def submit_all_then_one(engine: Recorder, executor: ThreadPoolExecutor, jobs: list[list]) -> tuple[list, list]:
+    """Submit the jobs together, then (the engine's faults off) one more; their outcomes."""
     async def main():
-        engine = Recorder()
-        engine.fail_on = "bad"
         batcher = make(engine, executor)
         batcher.start()
-        results = await asyncio.gather(batcher.submit("k", [2], 1), batcher.submit("k", [1, "bad"], 1),
-                                       batcher.submit("k", [3], 1), batcher.submit("k", ["refused", 1], 1),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(batcher.submit("k", items, 1) for items in jobs), return_exceptions=True)
+        engine.raise_on = None
         after = await batcher.submit("k", [1], 1)
         await batcher.close()
-        return engine, results, after
+        return results, after
 
-    engine, results, after = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_failing_job_does_not_fail_the_jobs_it_ran_with(executor):
+    engine = Recorder()
+    engine.fail_on = "bad"
+    results, after = submit_all_then_one(engine, executor, [[2], [1, "bad"], [3], ["refused", 1]])
     assert results[0] == ["k:2"] and results[2] == ["k:3"]
     assert isinstance(results[1], ValueError) and "bad" in str(results[1])
     assert isinstance(results[3], ValueError) and "cannot take that" in str(results[3])
@@ -230,19 +234,9 @@ def test_close_finishes_queued_and_running_jobs_then_refuses_new_ones(executor):
 
 
 def test_a_raising_step_takes_the_running_jobs_out_of_the_engine_and_reruns_them_alone(executor):
-    async def main():
-        engine = Recorder()
-        engine.raise_on = "bug"
-        batcher = make(engine, executor)
-        batcher.start()
-        results = await asyncio.gather(batcher.submit("k", [3], 1), batcher.submit("k", [2, "bug"], 1),
-                                       return_exceptions=True)
-        engine.raise_on = None
-        after = await batcher.submit("k", [1], 1)
-        await batcher.close()
-        return engine, results, after
-
-    engine, results, after = asyncio.run(main())
+    engine = Recorder()
+    engine.raise_on = "bug"
+    results, after = submit_all_then_one(engine, executor, [[3], [2, "bug"]])
     assert results == [["k:3"], ["k:2", "k:bug"]]
     assert sorted(map(str, engine.alone)) == sorted(map(str, [[3], [2, "bug"]]))
     assert engine.cancelled and after == ["k:1"] and len(engine) == 0
