@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from nmt.batching import collate
 from nmt.checkpoint import load_checkpoint
-from nmt.config import from_dict
+from nmt.config import ModelConfig, from_dict
 from nmt.decoder import Memory, MemorySlots
 from nmt.model import Seq2Seq
 from nmt.quantize import quantize_int8
@@ -353,6 +353,19 @@ def test_sentences_joining_a_running_search_get_what_they_get_alone(tiny, tiny_s
         for i, ids in enumerate(mixed):
             alone = one_listed(model, ids, lists, **opts) if listed else one(model, ids, **opts)
             assert_same(results[i], alone)
+
+
+@pytest.mark.parametrize("changes", [{"cell": "gru", "layers": 2}, {"attention": "none"}])
+def test_joining_works_for_every_decoder_variant(changes):
+    torch.manual_seed(0)
+    cfg = ModelConfig(emb_dim=16, enc_hidden=12, dec_hidden=20, attn_dim=10, out_dim=14, dropout=0.0, **changes)
+    model = Seq2Seq(cfg, 30, 25).eval()
+    rng = random.Random(3)
+    sentences = [[rng.randrange(4, 30) for _ in range(rng.randint(1, 9))] for _ in range(10)]
+    opts = {"beam_size": 3, "n_best": 2, "max_len_b": 6, "return_attention": True}
+    results = run_staggered(BeamSearch(model, **opts), sentences, [rng.choice([0, 1, 2, 4]) for _ in sentences])
+    for i, ids in enumerate(sentences):
+        assert_same(results[i], one(model, ids, **opts))
 
 
 def test_a_search_refuses_keys_already_decoding_and_mixed_shortlists(tiny, tiny_shortlist):
