@@ -57,6 +57,7 @@ class _Job:
     tokens: int
     future: asyncio.Future
     arrived: float = field(default_factory=time.monotonic)
+    abandoned: bool = False  # nobody waits for the result any more (set on the event loop, read by the worker)
 
 
 class Batcher:
@@ -110,7 +111,9 @@ class Batcher:
         try:
             return await job.future
         finally:
-            job.future.cancel()  # no-op when done; otherwise the job is dropped (or cancelled in the engine)
+            if job.future.cancelled() or not job.future.done():  # the caller gave up: drop (or cancel) the job
+                job.abandoned = True
+                job.future.cancel()
 
     async def close(self) -> None:
         """Refuse new jobs, finish the queued and running ones, stop the loop."""
@@ -196,7 +199,7 @@ class Batcher:
         if len(failed) > 1:
             log.warning("%d requests failed together; rerunning them one by one", len(failed))
         for job, outcome in stepped:
-            if len(failed) > 1 and isinstance(outcome, Exception):
+            if len(failed) > 1 and isinstance(outcome, Exception) and not job.abandoned:
                 outcome = self._run_alone(job)
             outcomes.append((job, outcome))
         return outcomes

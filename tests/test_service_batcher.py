@@ -261,3 +261,26 @@ def test_an_abandoned_job_makes_room_for_a_waiting_one_at_once(executor):
     engine = asyncio.run(main())
     assert engine.cancelled == [[10**9]]
     assert [[1]] in engine.steps
+
+
+def test_jobs_failing_together_are_not_rerun_for_callers_who_gave_up(executor):
+    async def main():
+        engine = Recorder()
+        engine.gate.clear()
+        engine.fail_on = "bad"
+        batcher = make(engine, executor)
+        batcher.start()
+        bad = asyncio.ensure_future(batcher.submit("k", [3, "bad"], 1))
+        gone = asyncio.ensure_future(batcher.submit("k", [3], 1))
+        await wait_for(engine.entered.is_set)
+        gone.cancel()  # its caller gives up while the step that will fail is running
+        await asyncio.gather(gone, return_exceptions=True)
+        engine.gate.set()
+        with pytest.raises(ValueError):
+            await bad
+        await batcher.close()
+        return engine
+
+    engine = asyncio.run(main())
+    assert engine.steps[0] == [[3, "bad"], [3]]  # they failed together ...
+    assert engine.alone == [[3, "bad"]]  # ... and only the job somebody still waits for ran again
