@@ -90,8 +90,8 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Jobs waiting to join the running batch."""
-        return len(self._pending)
+        """Jobs waiting to join the running batch (not those whose callers gave up: the loop drops them)."""
+        return sum(not job.abandoned for job in self._pending)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batcher")
@@ -100,8 +100,8 @@ class Batcher:
         """Queue `items` and wait for their results, in order; cancelling the wait drops the job."""
         if self._closed:
             raise Closed("the service is shutting down")
-        if len(self._pending) >= self.max_queue:
-            raise QueueFull(f"{len(self._pending)} requests are waiting")
+        if self.depth >= self.max_queue:
+            raise QueueFull(f"{self.depth} requests are waiting")
         job = _Job(key, items, tokens, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self._idle.clear()
