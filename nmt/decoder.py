@@ -37,10 +37,6 @@ class Memory:
         """(field name, tensor) for each field that is set."""
         return [(f, getattr(self, f)) for f in _FIELDS if getattr(self, f) is not None]
 
-    def select(self, index: torch.Tensor) -> Memory:
-        """Rows picked by index (reorder, or drop finished sentences)."""
-        return self._map(lambda _, t: t.index_select(0, index))
-
     @property
     def width(self) -> int:
         """Source positions S, padding included."""
@@ -57,13 +53,6 @@ class Memory:
                 return t[:, :width]
             return torch.cat([t, t.new_full((t.size(0), extra, *t.shape[2:]), _PER_POSITION[name])], dim=1)
         return self._map(fit)
-
-    @staticmethod
-    def cat(parts: list[Memory]) -> Memory:
-        """The rows of several memories, in order, padded to the widest (vocab biases must share columns)."""
-        width = max(m.width for m in parts)
-        parts = [m.with_width(width) for m in parts]
-        return parts[0]._map(lambda name, _: torch.cat([getattr(m, name) for m in parts]))
 
 
 class MemorySlots:

@@ -155,6 +155,8 @@ class BeamSearch:
         self.dropped.update(set(keys) & set(self.keys))
 
     def _set_vocab(self, ids: torch.Tensor | None) -> None:
+        if ids is not None and self.vocab_ids is not None and torch.equal(ids, self.vocab_ids):
+            return  # the output rows are gathered (and packed, for int8) only when the shortlist changes
         self.vocab_ids = ids
         self.vocab = None if ids is None else self.model.decoder.output_vocab(ids)
 
