@@ -434,8 +434,10 @@ def main() -> None:
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /v1/ready (default 300)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
-    if any(c < 1 for c in args.concurrency) or min(args.requests, args.duration, args.warmup) < 0:
-        p.error("--concurrency must be >= 1, --requests, --duration and --warmup >= 0")
+    if any(c < 1 for c in args.concurrency) or min(args.requests, args.duration, args.warmup, args.max_batch_requests,
+                                                   args.max_batch_tokens) < 0:
+        p.error("--concurrency must be >= 1; --requests, --duration, --warmup, --max-batch-requests and "
+                "--max-batch-tokens >= 0")
     if not Path(args.model).exists():
         p.error(f"model not found: {args.model}")
     args.max_queue = args.max_queue or max(256, 2 * max(args.concurrency))
