@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from nmt import encoder
 from nmt.batching import collate
 from nmt.config import ModelConfig
 from nmt.model import Seq2Seq
@@ -67,6 +68,27 @@ def test_encoder_annotations_ignore_padding() -> None:
     alone = model.encoder(b.src[:1, :3], b.src_lens[:1])
     assert torch.allclose(values[0, :3], alone[0], atol=1e-6)
     assert torch.equal(values[0, 3:], torch.zeros_like(values[0, 3:]))
+
+
+@pytest.mark.parametrize("changes", [{}, {"cell": "gru"}, {"layers": 2}])
+def test_the_cpu_encoder_matches_the_packed_sequence_one_with_its_gradients(changes: dict) -> None:
+    # CPU runs each direction over the padded batch (oneDNN); CUDA and int8 models run packed sequences.
+    model = make_model(**changes).train()
+    b = batch(sentences(7, SRC_VOCAB, 3), sentences(7, TGT_VOCAB, 4))
+    grads = []
+    for one_way in (True, False):
+        model.zero_grad()
+        x = model.encoder.embed(b.src)
+        for i, rnn in enumerate(model.encoder.rnns):
+            out = (encoder._both_ways if one_way else encoder._packed)(rnn, x, b.src_lens)
+            x = out + x if i > 0 else out
+        (x * torch.linspace(-1, 1, x.numel()).view_as(x)).sum().backward()
+        grads.append((x.detach(), [p.grad.clone() for p in model.encoder.parameters()]))
+    (mine, my_grads), (packed, packed_grads) = grads
+    assert torch.allclose(mine, packed, atol=1e-6)
+    assert torch.equal(mine[b.src == PAD], torch.zeros_like(mine[b.src == PAD]))
+    for g, h in zip(my_grads, packed_grads, strict=True):
+        assert torch.allclose(g, h, atol=1e-5)
 
 
 def test_attention_sums_to_one_and_skips_padding() -> None:
