@@ -37,6 +37,8 @@ class TranslationStream:
         self._searches: dict[tuple, BeamSearch] = {}  # by (job key, with attention)
         self._running: dict[Hashable, _Running] = {}
         self._ready: list[Hashable] = []  # calls with nothing to decode, answered at the next step
+        # Segments that join their search at the next step, by search key: (handle, job, position in job.todo).
+        self._joining: dict[tuple, list[tuple[Hashable, Job, int]]] = {}
 
     def __len__(self) -> int:
         """Calls in progress."""
@@ -44,11 +46,14 @@ class TranslationStream:
 
     @property
     def segments(self) -> int:
-        """Segments being decoded, over all searches."""
-        return sum(len(s) for s in self._searches.values())
+        """Segments being decoded or joining at the next step, over all searches."""
+        return sum(len(s) for s in self._searches.values()) + sum(len(j) for j in self._joining.values())
 
     def add(self, handle: Hashable, texts: list[str], **options: Any) -> None:
-        """Start translating texts; bad options raise NMTError here. The handle names the call in step's results."""
+        """Start translating texts; bad options raise NMTError here. The handle names the call in step's results.
+
+        The call's segments join their search at the next step, together with every other segment joining it
+        then: one encoder pass and one batch merge for them all."""
         if handle in self._running:
             raise ValueError(f"call {handle!r} is already running")
         job = self.translator.prepare(texts, **options)
@@ -57,11 +62,7 @@ class TranslationStream:
         if not todo:
             self._ready.append(handle)
             return
-        try:
-            self._decode(handle, job, list(range(todo)), job.return_alignment)
-        except BaseException:
-            del self._running[handle]
-            raise
+        self._queue(handle, job, list(range(todo)), job.return_alignment)
 
     def cancel(self, handle: Hashable) -> None:
         """Stop a call: its segments leave their searches at the next step, and it is never returned."""
@@ -70,6 +71,8 @@ class TranslationStream:
             return
         if handle in self._ready:
             self._ready.remove(handle)
+        for key, joining in list(self._joining.items()):
+            self._joining[key] = [entry for entry in joining if entry[0] != handle]
         for search in self._searches.values():
             search.drop([(handle, j) for j in range(len(running.hyps))])
 
@@ -81,6 +84,7 @@ class TranslationStream:
         for handle in ready:
             done.append(self._finish(handle))
         with self.translator.lock:
+            done += self._join()
             for key, search in list(self._searches.items()):
                 try:
                     finished = search.step()
@@ -97,10 +101,7 @@ class TranslationStream:
                         continue
                     if not key[1] and running.job.needs_attention(hyps):
                         # As Translator.translate does: decode it again with attention to replace its <unk>s.
-                        try:
-                            self._decode(handle, running.job, [j], True)
-                        except Exception as exc:
-                            done.append(self._fail(handle, exc))
+                        self._queue(handle, running.job, [j], True)
                         continue
                     running.hyps[j] = hyps
                     running.left -= 1
@@ -116,17 +117,35 @@ class TranslationStream:
         self.cancel(handle)
         return handle, exc
 
-    def _decode(self, handle: Hashable, job: Job, which: list[int], attention: bool) -> None:
-        """Add segments (positions in job.todo) to the search for the job's settings, creating it if needed."""
-        key = (job.key, attention)
-        search = self._searches.get(key)
-        if search is None:
-            search = self._searches[key] = BeamSearch(self.translator.model, return_attention=attention, **job.search)
-        batch = collate([job.segments[job.todo[j]].ids for j in which], None, which)
-        src = batch.src.to(self.translator.device)
-        with self.translator.lock:
-            search.add([(handle, j) for j in which], src, batch.src_lens,
-                       None if job.shortlist is None else job.shortlist(src))
+    def _queue(self, handle: Hashable, job: Job, which: list[int], attention: bool) -> None:
+        """Have segments (positions in job.todo) join the search for the job's settings at the next step."""
+        self._joining.setdefault((job.key, attention), []).extend((handle, job, j) for j in which)
+
+    def _join(self) -> list[tuple[Hashable, Exception]]:
+        """Add the joining segments to their searches, creating those that are needed; the calls whose segments
+        could not join fail (the searches stay as they were)."""
+        failed: list[tuple[Hashable, Exception]] = []
+        joining, self._joining = self._joining, {}
+        for key, entries in joining.items():
+            if not entries:
+                continue
+            search = self._searches.get(key)
+            if search is None:
+                search = BeamSearch(self.translator.model, return_attention=key[1], **entries[0][1].search)
+            job = entries[0][1]  # the calls of one search share its settings, shortlist sizes included
+            ids = [owner.segments[owner.todo[j]].ids for _, owner, j in entries]
+            batch = collate(ids, None, list(range(len(ids))))
+            src = batch.src.to(self.translator.device)
+            try:
+                search.add([(handle, j) for handle, _, j in entries], src, batch.src_lens,
+                           None if job.shortlist is None else job.shortlist(src))
+            except Exception as exc:
+                for handle in dict.fromkeys(handle for handle, _, _ in entries):
+                    if handle in self._running:
+                        failed.append(self._fail(handle, exc))
+                continue
+            self._searches[key] = search
+        return failed
 
     def _finish(self, handle: Hashable) -> tuple[Hashable, list[Translation] | Exception]:
         running = self._running.pop(handle)

@@ -119,7 +119,7 @@ def test_a_failing_search_fails_only_its_calls(translator, monkeypatch):
     assert len(stream) == 0
 
 
-def test_a_call_that_cannot_join_leaves_the_stream_as_it_was(translator, monkeypatch):
+def test_calls_that_cannot_join_fail_and_leave_the_running_ones_as_they_were(translator, monkeypatch):
     stream = TranslationStream(translator)
     stream.add("running", ["a b c d"])
     stream.step()
@@ -128,14 +128,39 @@ def test_a_call_that_cannot_join_leaves_the_stream_as_it_was(translator, monkeyp
         raise RuntimeError("cannot allocate memory")
 
     monkeypatch.setattr(translator.model, "encode", no_memory)
-    with pytest.raises(RuntimeError, match="allocate"):
-        stream.add("refused", ["e f"])
+    stream.add("refused", ["e f"])
+    stream.add("refused too", ["g", "h i"])
+    failed = dict(stream.step())
     monkeypatch.undo()
+    assert sorted(failed) == ["refused", "refused too"]
+    assert all(isinstance(f, RuntimeError) for f in failed.values())
     assert len(stream) == 1 and stream.segments == 1
     stream.add("later", ["e f"])
     results = run(stream, [])
     same(results["running"], translator.translate(["a b c d"]))
     same(results["later"], translator.translate(["e f"]))
+
+
+def test_calls_added_between_two_steps_join_in_one_batch(translator, monkeypatch):
+    batches = []
+    real_add = nmt.search.BeamSearch.add
+
+    def add(self, keys, *args, **kwargs):
+        batches.append(sorted(keys))
+        return real_add(self, keys, *args, **kwargs)
+
+    monkeypatch.setattr(nmt.search.BeamSearch, "add", add)
+    stream = TranslationStream(translator)
+    stream.add("x", ["a b c", "d e"])
+    stream.add("y", ["f g h"])
+    stream.add("z", ["i j"], beam_size=2)  # other settings: another search
+    stream.add("w", ["k l"])
+    stream.cancel("w")
+    stream.step()
+    assert sorted(batches) == [[("x", 0), ("x", 1), ("y", 0)], [("z", 0)]]
+    results = run(stream, [])
+    same(results["x"], translator.translate(["a b c", "d e"]))
+    same(results["y"], translator.translate(["f g h"]))
 
 
 def test_a_call_that_fails_on_its_own_fails_alone(translator, monkeypatch):
