@@ -65,24 +65,29 @@ class Batcher:
 
     Before a step, waiting jobs join the running batch, oldest first, while it holds fewer than `max_requests`
     jobs and `max_tokens` tokens (a job over the token budget runs when the batch is empty). A job leaves as soon
-    as it is done, so a short request never waits for a long one, and the batch grows with the load. The worker
-    thread takes steps until a job is done or a waiting one could join (or SLICE_S passes), so a batch nobody
+    as it is done, so a short request never waits for a long one, and the batch grows with the load. While a
+    batch runs, jobs join it at most every `max_wait_s` (an idle engine starts at once): those arriving within
+    that time join together, which costs the engine much less than one by one (one encoder pass). The worker
+    thread takes steps until a job is done or waiting ones could join (or SLICE_S passes), so a batch nobody
     joins runs without a round trip to the event loop per step. Jobs wait in a queue of at most `max_queue`.
     When several jobs fail in one step (a search shared by their requests raised), each is rerun alone, so one
     bad request cannot fail the requests it ran with.
     """
 
     def __init__(self, engine: Engine, executor: Executor, *, max_tokens: int, max_requests: int, max_queue: int,
-                 observe: ObserveFn | None = None, count_tokens: Callable[[int], None] | None = None):
+                 max_wait_s: float = 0.0, observe: ObserveFn | None = None,
+                 count_tokens: Callable[[int], None] | None = None):
         self._engine = engine
         self._executor = executor
         self.max_tokens, self.max_requests, self.max_queue = max_tokens, max_requests, max_queue
+        self.max_wait_s = max_wait_s
+        self._next_join = 0.0  # monotonic time from which waiting jobs may join the running batch
         self._observe = observe
         self._count_tokens = count_tokens
         self._pending: collections.deque[_Job] = collections.deque()
         self._running: dict[_Job, None] = {}  # in the order they joined
         self._wake = asyncio.Event()
-        self._room = threading.Event()  # set when a waiting job could join: the worker thread should report back
+        self._room = threading.Event()  # set when a waiting job could join (from _next_join on): report back then
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
@@ -135,7 +140,6 @@ class Batcher:
             for job in leaving:  # before admitting: an abandoned job's room goes to a waiting one
                 del self._running[job]
             joining = self._admit()
-            self._room.clear()
             try:
                 outcomes = await asyncio.get_running_loop().run_in_executor(
                     self._executor, self._advance, joining, leaving, list(self._running))
@@ -152,7 +156,11 @@ class Batcher:
                     job.future.set_result(list(outcome))
 
     def _admit(self) -> list[_Job]:
-        """Move waiting jobs into the running batch while it has room."""
+        """Move waiting jobs into the running batch while it has room, unless they joined it too recently."""
+        if self._running and self._pending and time.monotonic() < self._next_join:
+            self._room.set()  # the worker thread reports back once they may join
+            return []
+        self._room.clear()
         joining = []
         tokens = sum(job.tokens for job in self._running)
         while self._pending and len(self._running) < self.max_requests:
@@ -165,12 +173,14 @@ class Batcher:
             tokens += job.tokens
             if self._count_tokens is not None:
                 self._count_tokens(job.tokens)
+        if joining:
+            self._next_join = time.monotonic() + self.max_wait_s
         return joining
 
     def _advance(self, joining: list[_Job], leaving: list[_Job],
                  running: list[_Job]) -> list[tuple[_Job, Sequence[Any] | BaseException]]:
-        """Worker thread: jobs join and leave the engine, which then takes steps until one is done, a waiting job
-        could join, or the time slice is over. If a step raises, every running job fails and leaves the engine."""
+        """Worker thread: jobs join and leave the engine, which then takes steps until one is done, waiting jobs
+        may join, or the time slice is over. If a step raises, every running job fails and leaves the engine."""
         engine = self._engine
         outcomes: list[tuple[_Job, Sequence[Any] | BaseException]] = []
         for job in leaving:
@@ -193,7 +203,8 @@ class Batcher:
                 stepped = [(job, exc) for job in running if job not in dict(outcomes)]
             if self._observe is not None:
                 self._observe(jobs, segments, time.monotonic() - start)
-            if self._room.is_set() or time.monotonic() > end:
+            now = time.monotonic()
+            if self._room.is_set() and now >= self._next_join or now > end:
                 break
         failed = [job for job, outcome in stepped if isinstance(outcome, Exception)]
         if len(failed) > 1:

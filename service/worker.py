@@ -50,7 +50,8 @@ class ModelWorker:
                                                         int8=s.int8))
         self._batcher = Batcher(_Engine(self.translator, s.max_batch_tokens), self._executor,
                                 max_tokens=s.max_batch_tokens, max_requests=s.max_batch_requests,
-                                max_queue=s.max_queue, observe=self.metrics.observe_step,
+                                max_queue=s.max_queue, max_wait_s=s.max_wait_ms / 1000,
+                                observe=self.metrics.observe_step,
                                 count_tokens=self.metrics.source_tokens.inc)
         self.metrics.queue_depth.set_function(lambda: self._batcher.depth if self._batcher else 0)
         self._batcher.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,11 +29,14 @@ class Recorder:
         self.entered = threading.Event()
         self.fail_on: object = None
         self.raise_on: object = None  # a step that runs this item raises (a bug outside any one search)
+        self.delay = 0.0  # seconds a step takes
+        self.joined: list[tuple[int, float]] = []  # per add: steps taken before it, and when
 
     def add(self, handle: Hashable, key: object, items: list) -> None:
         if "refused" in items:
             raise ValueError("cannot take that")
         self.added.append(items)
+        self.joined.append((len(self.steps), time.monotonic()))
         self.running[handle] = (key, items, max(i for i in items if isinstance(i, int)))
 
     def cancel(self, handle: Hashable) -> None:
@@ -41,6 +45,7 @@ class Recorder:
     def step(self) -> list:
         self.entered.set()
         assert self.gate.wait(10)
+        time.sleep(self.delay)
         self.steps.append([items for _, items, _ in self.running.values()])
         if any(self.raise_on in items for _, items, _ in self.running.values()):
             raise RuntimeError("engine bug")
@@ -125,6 +130,34 @@ def test_a_short_job_joins_a_running_one_and_leaves_first(executor):
     engine = asyncio.run(main())
     assert [[20], [2]] in engine.steps  # it joined the running batch between two steps
     assert len(engine.steps) == 20
+
+
+@pytest.mark.parametrize("max_wait_s", [0.3, 0.0])
+def test_jobs_arriving_while_a_batch_runs_join_it_together_at_most_every_max_wait(executor, max_wait_s):
+    async def main():
+        engine = Recorder()
+        engine.delay = 0.005
+        batcher = make(engine, executor, max_wait_s=max_wait_s)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit("k", [200], 1))
+        await wait_for(lambda: engine.joined)
+        later = []
+        for i in range(3):  # 40 ms apart: within max_wait of each other
+            await asyncio.sleep(0.04)
+            later.append(asyncio.ensure_future(batcher.submit("k", [2 + i], 1)))
+        assert await asyncio.gather(*later) == [["k:2"], ["k:3"], ["k:4"]]
+        first.cancel()
+        await batcher.close()
+        return engine
+
+    engine = asyncio.run(main())
+    (start, started_at), *joins = engine.joined
+    assert start == 0  # the idle engine took the first job at once
+    if max_wait_s:
+        assert len({step for step, _ in joins}) == 1  # one round for the three
+        assert joins[0][1] - started_at >= max_wait_s
+    else:
+        assert len({step for step, _ in joins}) == 3  # each at the step after it came
 
 
 @pytest.mark.parametrize("limits", [{"max_requests": 2}, {"max_tokens": 5}])
