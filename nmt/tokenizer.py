@@ -43,6 +43,10 @@ class Tokenizer:
         return self.sp.Encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # SentencePiece encodes a list on a thread pool, whose start costs ~0.2 ms (3.6 ms the first time): more
+        # than a hundred short texts take one by one, and a server request holds one to a few texts.
+        if len(texts) < 100:
+            return [self.sp.Encode(text) for text in texts]
         return self.sp.Encode(texts)
 
     def pieces(self, ids: list[int]) -> list[str]:
