@@ -33,6 +33,10 @@ class Memory:
     def _map(self, fn) -> Memory:
         return Memory(*(None if getattr(self, f) is None else fn(f, getattr(self, f)) for f in _FIELDS))
 
+    def select(self, index: torch.Tensor) -> Memory:
+        """These sentences' rows."""
+        return self._map(lambda _, t: t.index_select(0, index))
+
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(field name, tensor) for each field that is set."""
         return [(f, getattr(self, f)) for f in _FIELDS if getattr(self, f) is not None]
@@ -123,6 +127,16 @@ class MemorySlots:
             for name, t in buf.tensors():
                 t[:self.size] = getattr(live, name)
         self._buf = buf
+
+
+@dataclass
+class SegmentedMemory:
+    """A batch's memories in parts, each as wide as its own longest source: the decoder's rows read the parts'
+    sentences in order (k rows each), and attention over each part skips the padding a single memory as wide
+    as the batch's longest source would hold."""
+
+    parts: list[Memory]
+    vocab_bias: torch.Tensor | None = None  # (B, V') over all parts' sentences, as Memory.vocab_bias
 
 
 @dataclass
@@ -226,22 +240,22 @@ class Decoder(nn.Module):
         n = torch.tanh(xn + r * hn)
         return n + z * (h - n), None
 
-    def step(self, emb_gates: torch.Tensor, state: State,
-             mem: Memory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, State]:
-        """One time step from the target embedding's gate term -> (output s_i, context c_i, weights, state)."""
+    def step(self, emb_gates: torch.Tensor, state: State, mem: Memory | SegmentedMemory
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, State]:
+        """One time step from the target embedding's gate term -> (output s_i, context c_i, weights, state).
+
+        With a SegmentedMemory, the weights are zero-padded to its widest part."""
         proj = self.hidden_proj(state.h[0])
+        parts = mem.parts if isinstance(mem, SegmentedMemory) else [mem]
+        k = proj.size(0) // sum(part.values.size(0) for part in parts)
         if self.attention is not None:
             query, hh = proj.split([self.attn_dim, proj.size(1) - self.attn_dim], dim=1)
-            ctx, alpha = self.attention(query, mem.keys, mem.values, mem.mask_bias)
-            if mem.value_gates is None:
-                x = emb_gates + self.ctx_gates(ctx)
-            else:
-                b = mem.value_gates.size(0)
-                x = emb_gates + torch.bmm(alpha.view(b, -1, alpha.size(1)), mem.value_gates).view(alpha.size(0), -1)
+            ctx, alpha, ctx_gates = self._attend(query, parts, k)
+            x = emb_gates + (self.ctx_gates(ctx) if ctx_gates is None else ctx_gates)
         else:
-            k = proj.size(0) // mem.summary.size(0)
-            hh, ctx, alpha = proj, mem.summary.repeat_interleave(k, dim=0), None
-            x = emb_gates + mem.summary_gates.repeat_interleave(k, dim=0)
+            summary = torch.cat([part.summary for part in parts])
+            hh, ctx, alpha = proj, summary.repeat_interleave(k, dim=0), None
+            x = emb_gates + torch.cat([part.summary_gates for part in parts]).repeat_interleave(k, dim=0)
         h0, c0 = self._first_cell(x, hh, state.h[0], None if state.c is None else state.c[0])
         hs, cs = [h0], [c0]
         out = h0
@@ -254,6 +268,25 @@ class Decoder(nn.Module):
             cs.append(c)
             out = out + h
         return out, ctx, alpha, State(hs, cs if self.lstm else None)
+
+    def _attend(self, query: torch.Tensor, parts: list[Memory],
+                k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Context, attention weights (zero-padded to the widest part) and, where the memory holds the hoisted
+        W_c h_j, the context's gate term W_c c_i, for k query rows per sentence of the parts, in order."""
+        ctxs, alphas, gates, start = [], [], [], 0
+        for part in parts:
+            rows = k * part.values.size(0)
+            ctx, alpha = self.attention(query[start:start + rows], part.keys, part.values, part.mask_bias)
+            if part.value_gates is not None:
+                gates.append(torch.bmm(alpha.view(-1, k, alpha.size(1)), part.value_gates).view(rows, -1))
+            ctxs.append(ctx)
+            alphas.append(alpha)
+            start += rows
+        if len(parts) == 1:
+            return ctxs[0], alphas[0], gates[0] if gates else None
+        width = max(a.size(1) for a in alphas)
+        alpha = torch.cat([nn.functional.pad(a, (0, width - a.size(1))) for a in alphas])
+        return torch.cat(ctxs), alpha, torch.cat(gates) if gates else None
 
     def output_layer(self, out: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Readout t_i = tanh(W_o [s_i; c_i; emb(y_{i-1})]), before the vocabulary projection."""
@@ -284,7 +317,7 @@ class Decoder(nn.Module):
         rows, row_bias = (t.index_select(0, ids) for t in self._int8_out)
         return OutputVocab(ids, None, None, torch.ops.quantized.linear_prepack(rows, row_bias))
 
-    def step_logprobs(self, prev: torch.Tensor, state: State, mem: Memory,
+    def step_logprobs(self, prev: torch.Tensor, state: State, mem: Memory | SegmentedMemory,
                       vocab: OutputVocab | None = None) -> tuple[torch.Tensor, torch.Tensor | None, State]:
         """Inference step from previous tokens (N,) -> log-probabilities (N, V), attention (N, S), state.
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nmt.config import ModelConfig
-from nmt.decoder import Decoder, Memory, OutputVocab, State
+from nmt.decoder import Decoder, Memory, OutputVocab, SegmentedMemory, State
 from nmt.encoder import Encoder
 from nmt.loss import output_loss
 from nmt.tokenizer import PAD
@@ -62,7 +62,7 @@ class Seq2Seq(nn.Module):
         # Project only real positions to the vocabulary: padding would cost the biggest matmul for nothing.
         return output_loss(readout[real], self.decoder.out, tgt_out[real], label_smoothing, sampled_softmax)
 
-    def step(self, prev: torch.Tensor, state: State, mem: Memory,
+    def step(self, prev: torch.Tensor, state: State, mem: Memory | SegmentedMemory,
              vocab: OutputVocab | None = None) -> tuple[torch.Tensor, torch.Tensor | None, State]:
         """One decoding step: log-probabilities (N, V) (or over a shortlist's ids), attention weights (N, S)
         and the new state."""

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
+import bisect
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 
 from nmt.batching import collate, token_batches
-from nmt.decoder import MemorySlots, OutputVocab, State
+from nmt.decoder import MemorySlots, OutputVocab, SegmentedMemory, State
 from nmt.model import Seq2Seq
 from nmt.tokenizer import BOS, EOS, PAD, UNK
+
+# Source lengths (EOS included) at which a search's memory is split into parts (see SegmentedMemory): sentences up
+# to 24 pieces, up to 48, and longer ones. Bible verses are 33 pieces on average, but a batch of 28 usually holds
+# one of 70 or more, and attention over a single memory would read that much padding for every sentence.
+SOURCE_GROUPS = (24, 48)
 
 
 @dataclass
@@ -87,14 +92,16 @@ class BeamSearch:
         self.max_len_a, self.max_len_b, self.min_len = max_len_a, max_len_b, min_len
         self.ban_unk, self.no_repeat_ngram = ban_unk, no_repeat_ngram
         self.with_attention = return_attention and model.decoder.attention is not None
-        # One entry per live sentence, in row-group order: its key, tokens so far, output limit, source length.
+        # One entry per live sentence, in row-group order: its key, tokens so far, output limit, source length,
+        # and source-length group. The sentences of a group are consecutive, the groups in order.
         self.keys: list[Hashable] = []
         self.ages: list[int] = []
         self.limits: list[int] = []
         self.src_lens: list[int] = []
+        self.groups: list[int] = []
         self.finished: dict[Hashable, list[Hypothesis]] = {}
         self.dropped: set[Hashable] = set()
-        self.slots = MemorySlots()
+        self.slots = [MemorySlots() for _ in range(len(SOURCE_GROUPS) + 1)]  # the groups' memories
         self.state: State | None = None
         self.scores = self.tokens = self.attn = self.prev = self.vocab_ids = self.vocab_bias = None
         self.vocab: OutputVocab | None = None
@@ -117,7 +124,9 @@ class BeamSearch:
         k, n, device = self.k, src.size(0), src.device
         mem = self.model.encode(src, lens)
         # Everything is computed before anything changes, so that a failure leaves the running search as it was.
-        memory_width = max(self.slots.width, mem.width)
+        src_lens = lens.tolist()
+        groups = [bisect.bisect_left(SOURCE_GROUPS, m) for m in src_lens]
+        memory_width = max(self._memory_width, mem.width)
         state = self.model.init_state(mem).select(torch.arange(n, device=device).repeat_interleave(k))
         scores = torch.full((n, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical: expand only the first at the first step
@@ -126,7 +135,6 @@ class BeamSearch:
         tokens = torch.full((n * k, width), PAD, dtype=torch.long, device=device)
         prev = torch.full((n * k,), BOS, dtype=torch.long, device=device)
         attn = torch.zeros((n * k, width, memory_width), device=device) if self.with_attention else None
-        src_lens = lens.tolist()
         # Output limits count real pieces: the source's EOS is not part of its length.
         limits = [max(1, int(self.max_len_a * (m - 1) + self.max_len_b)) for m in src_lens]
         ids, bias = (None, None) if shortlist is None else shortlist
@@ -140,15 +148,44 @@ class BeamSearch:
             prev = torch.cat([self.prev, prev])
             if attn is not None:
                 attn = torch.cat([_pad_last(self.attn, memory_width), attn])
-        self.slots.append(mem)
+        # Each new sentence goes after the last of its group (a stable sort keeps the groups' order).
+        order = sorted(range(len(self.keys) + n), key=(self.groups + groups).__getitem__)
+        if order != list(range(len(order))):
+            index = torch.tensor(order, dtype=torch.long, device=device)
+            rows = _beam_rows(index, k)
+            state, scores, tokens, prev = state.select(rows), scores[index], tokens[rows], prev[rows]
+            attn = None if attn is None else attn[rows]
+            bias = None if bias is None else bias[index]
+        parts = []
+        for group in sorted(set(groups)):
+            members = [i for i, g in enumerate(groups) if g == group]
+            part = mem if len(members) == n else mem.select(torch.tensor(members, dtype=torch.long, device=device))
+            parts.append((group, part.with_width(max(src_lens[i] for i in members))))
+        for group, part in parts:
+            self.slots[group].append(part)
         self.state, self.scores, self.tokens, self.prev, self.attn = state, scores, tokens, prev, attn
         self.keys += keys
         self.ages += [0] * n
         self.limits += limits
         self.src_lens += src_lens
+        self.groups += groups
+        self._reorder(order)
         self.shortlisted = shortlist is not None
         self.vocab_bias = bias
         self._set_vocab(ids)
+
+    @property
+    def _memory_width(self) -> int:
+        """Source positions of the widest memory part (0 when none is live)."""
+        return max((slots.width for slots in self.slots if slots.size), default=0)
+
+    def _reorder(self, order: list[int]) -> None:
+        """Put the per-sentence lists in this order (for each place, the position it had before)."""
+        self.keys = [self.keys[i] for i in order]
+        self.ages = [self.ages[i] for i in order]
+        self.limits = [self.limits[i] for i in order]
+        self.src_lens = [self.src_lens[i] for i in order]
+        self.groups = [self.groups[i] for i in order]
 
     def drop(self, keys: list[Hashable]) -> None:
         """Stop decoding these sentences: they leave at the end of the next step, without results."""
@@ -166,7 +203,7 @@ class BeamSearch:
         if not self.keys:
             return []
         k, device, vocab = self.k, self.scores.device, self.vocab
-        mem = dataclasses.replace(self.slots.memory, vocab_bias=self.vocab_bias)
+        mem = SegmentedMemory([slots.memory for slots in self.slots if slots.size], self.vocab_bias)
         logp, alpha_t, state = self.model.step(self.prev, self.state, mem, vocab)
         width = logp.size(1)
         history = self.tokens.size(1)
@@ -228,7 +265,7 @@ class BeamSearch:
         self.tokens = torch.cat([self.tokens.index_select(0, rows), self.prev.unsqueeze(1)], dim=1)[:, keep:]
         if self.attn is not None:
             step_attn = alpha_t.index_select(0, rows).unsqueeze(1)
-            self.attn = torch.cat([self.attn.index_select(0, rows), step_attn], dim=1)[:, keep:, :self.slots.width]
+            self.attn = torch.cat([self.attn.index_select(0, rows), step_attn], dim=1)[:, keep:, :self._memory_width]
         return done
 
     def _retire(self, scores: torch.Tensor) -> tuple[list[tuple[Hashable, list[Hypothesis]]], list[int] | None]:
@@ -256,12 +293,17 @@ class BeamSearch:
         if not leaving:
             return done, None
         gone = set(leaving)
-        width = max((n for i, n in enumerate(self.src_lens) if i not in gone), default=1)
-        order = self.slots.remove(leaving, width)
-        self.keys = [self.keys[i] for i in order]
-        self.ages = [self.ages[i] for i in order]
-        self.limits = [self.limits[i] for i in order]
-        self.src_lens = [self.src_lens[i] for i in order]
+        order, start = [], 0
+        for slots in self.slots:  # each group's sentences leave its memory; the others move into their places
+            members = range(start, start + slots.size)
+            local = [i - start for i in members if i in gone]
+            if local:
+                width = max((self.src_lens[i] for i in members if i not in gone), default=1)
+                order += [start + j for j in slots.remove(local, width)]
+            else:
+                order += members
+            start = members.stop
+        self._reorder(order)
         if self.vocab_ids is not None and order:
             self.vocab_bias = self.vocab_bias[torch.tensor(order, dtype=torch.long, device=self.vocab_bias.device)]
             used = torch.isfinite(self.vocab_bias).any(dim=0)
@@ -269,6 +311,11 @@ class BeamSearch:
                 self.vocab_bias = self.vocab_bias[:, used]
                 self._set_vocab(self.vocab_ids[used])
         return done, order
+
+
+def _beam_rows(index: torch.Tensor, k: int) -> torch.Tensor:
+    """The k beam rows of each of these sentences, in order."""
+    return (index.unsqueeze(1) * k + torch.arange(k, device=index.device)).view(-1)
 
 
 def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import nmt.search
 from nmt.batching import collate
 from nmt.checkpoint import load_checkpoint
 from nmt.config import ModelConfig, from_dict
@@ -207,7 +208,13 @@ def assert_same(batched: list, single: list) -> None:
             assert torch.allclose(x.attention, y.attention, atol=1e-4)
 
 
-def test_batched_equals_one_by_one(tiny):
+# The shipped source-length groups, and small ones that spread these short test sentences over all three groups.
+GROUPINGS = [nmt.search.SOURCE_GROUPS, (3, 6)]
+
+
+@pytest.mark.parametrize("groups", GROUPINGS)
+def test_batched_equals_one_by_one(tiny, groups, monkeypatch):
+    monkeypatch.setattr(nmt.search, "SOURCE_GROUPS", groups)
     model, _, sentences = tiny
     mixed = sorted(sentences, key=len)[::3] + [[4], sentences[0] * 3]  # short, long, repeated
     random.Random(0).shuffle(mixed)
@@ -339,8 +346,10 @@ def run_staggered(search: BeamSearch, sentences: list[list[int]], joins: list[in
     return results
 
 
+@pytest.mark.parametrize("groups", GROUPINGS)
 @pytest.mark.parametrize("listed", [False, True])
-def test_sentences_joining_a_running_search_get_what_they_get_alone(tiny, tiny_shortlist, listed):
+def test_sentences_joining_a_running_search_get_what_they_get_alone(tiny, tiny_shortlist, listed, groups, monkeypatch):
+    monkeypatch.setattr(nmt.search, "SOURCE_GROUPS", groups)
     model, _, sentences = tiny
     lists = functools.partial(tiny_shortlist.for_batch, frequent=3, per_source=1) if listed else None
     mixed = sorted(sentences, key=len)[::4] + [[4], sentences[0] * 3]
@@ -355,8 +364,10 @@ def test_sentences_joining_a_running_search_get_what_they_get_alone(tiny, tiny_s
             assert_same(results[i], alone)
 
 
+@pytest.mark.parametrize("groups", GROUPINGS)
 @pytest.mark.parametrize("changes", [{"cell": "gru", "layers": 2}, {"attention": "none"}])
-def test_joining_works_for_every_decoder_variant(changes):
+def test_joining_works_for_every_decoder_variant(changes, groups, monkeypatch):
+    monkeypatch.setattr(nmt.search, "SOURCE_GROUPS", groups)
     torch.manual_seed(0)
     cfg = ModelConfig(emb_dim=16, enc_hidden=12, dec_hidden=20, attn_dim=10, out_dim=14, dropout=0.0, **changes)
     model = Seq2Seq(cfg, 30, 25).eval()
