@@ -12,7 +12,7 @@ queue made room for every client (NMT_MAX_QUEUE, --max-queue), so the numbers me
 errors still happen are counted, by status, and reported. The server's output goes to OUT/service_load_MODE.log.
 
 Once /v1/ready answers, --warmup requests are sent one after the other, outside the timing. Then, for each
-concurrency level C, C workers on one httpx.AsyncClient over loopback each send POST /v1/translate requests
+concurrency level C, C workers, each on its own keep-alive connection over loopback, send POST /v1/translate requests
 back to back: one sentence of --src (shuffled with --seed, the same sequence for every level and mode) at
 --beam, until --requests requests have been sent in all (default: 256, or 4 per client above 64 clients) or,
 with --duration S, until S seconds have passed (requests in flight then are finished and counted).
@@ -246,37 +246,73 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection that speaks just enough to POST JSON and read the status: a few hundred
+    microseconds of CPU a request against ~3 ms for httpx, which would take a share of the two cores from the server
+    it measures (and a larger one the faster the server answers)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> int:
+        """Send the request and read the whole response; its status code."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), self.port, len(body),
+                                                             body))
+        head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
+        status = int(head.split(b" ", 2)[1])
+        headers = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
+        if b"content-length" in headers:
+            await self.reader.readexactly(int(headers[b"content-length"]))
+        elif headers.get(b"transfer-encoding", b"").strip() == b"chunked":
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                await self.reader.readexactly(size + 2)
+            await self.reader.readuntil(b"\r\n")
+        if headers.get(b"connection", b"").strip() == b"close":
+            self.close()
+        return status
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
 async def load(url: str, texts: list[str], *, concurrency: int, requests: int, duration: float, beam: int,
                timeout: float) -> tuple[list[tuple[str, float]], float]:
-    """`concurrency` workers sending requests back to back; returns (outcome, seconds) per request and wall time.
+    """`concurrency` workers, each on its own connection, sending requests back to back; returns (outcome,
+    seconds) per request and the wall time.
 
     The outcome is the HTTP status code, or the exception's class name when no response came."""
     counter = itertools.count()
     results: list[tuple[str, float]] = []
     deadline = 0.0
+    address = httpx.URL(url)
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker() -> None:
+        connection = Connection(address.host, address.port)
         while True:
             i = next(counter)
             if (time.perf_counter() >= deadline) if duration else (i >= requests):
+                connection.close()
                 return
-            body = {"text": texts[i % len(texts)], "beam_size": beam}
+            body = json.dumps({"text": texts[i % len(texts)], "beam_size": beam}).encode()
             start = time.perf_counter()
             try:
-                response = await client.post("/v1/translate", json=body)
-                await response.aread()
-                outcome = str(response.status_code)
-            except Exception as exc:  # counted as an error of its kind; the worker goes on
+                outcome = str(await asyncio.wait_for(connection.post("/v1/translate", body), timeout))
+            except Exception as exc:  # counted as an error of its kind; the worker goes on on a new connection
+                connection.close()
                 outcome = type(exc).__name__
             results.append((outcome, time.perf_counter() - start))
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
-        start = time.perf_counter()
-        deadline = start + duration
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return results, wall
+    start = time.perf_counter()
+    deadline = start + duration
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - start
 
 
 def measure(args: argparse.Namespace, url: str, pid: int, mode: str, concurrency: int, texts: list[str]) -> dict:
