@@ -28,6 +28,11 @@ class AdditiveAttention(nn.Module):
 
         keys, values and mask_bias are per source sentence (B, ...); N = B * k queries read them, k consecutive
         ones per sentence (k beams in decoding, 1 in training), so beams share their sentence's memory."""
+        alpha = self.weights(query, keys, mask_bias)
+        return torch.bmm(alpha, values).view(query.size(0), -1), alpha.view(query.size(0), -1)
+
+    def weights(self, query: torch.Tensor, keys: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
+        """The attention weights alone, (B, k, S): what a weighted sum of anything per source position needs."""
         b = keys.size(0)
         k = query.size(0) // b
         queries = (2.0 * query).view(b, k, 1, -1)
@@ -35,9 +40,7 @@ class AdditiveAttention(nn.Module):
         # at a time so that each chunk stays in cache.
         step = b if torch.is_grad_enabled() else max(1, CHUNK_ELEMENTS // (k * keys.size(1) * keys.size(2)))
         scores = torch.cat([self._energies(keys[i:i + step], queries[i:i + step]) for i in range(0, b, step)])
-        alpha = torch.softmax(scores + mask_bias.unsqueeze(1), dim=-1)
-        context = torch.bmm(alpha, values)
-        return context.view(b * k, -1), alpha.view(b * k, -1)
+        return torch.softmax(scores + mask_bias.unsqueeze(1), dim=-1)
 
     def _energies(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """v^T tanh(W s + U h_j) for (B, S, A) keys and (B, k, 1, A) queries -> (B, k, S)."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nmt.attention import AdditiveAttention
 from nmt.tokenizer import PAD
 
-_FIELDS = ("values", "keys", "mask_bias", "summary", "summary_gates", "vocab_bias", "value_gates")
-_PER_POSITION = {"values": 0.0, "keys": 0.0, "value_gates": 0.0, "mask_bias": float("-inf")}  # padding fill
+_FIELDS = ("values", "keys", "mask_bias", "summary", "summary_gates", "vocab_bias", "value_gates", "value_readout")
+_PER_POSITION = {"values": 0.0, "keys": 0.0, "value_gates": 0.0, "value_readout": 0.0,
+                 "mask_bias": float("-inf")}  # padding fill
 
 
 @dataclass
@@ -29,6 +31,9 @@ class Memory:
     # (B, S, G*H) W_c h_j at inference: the context's gate term W_c c_i is their attention-weighted sum, a
     # (k x S) by (S x G*H) product per sentence instead of a (k x C) by (C x G*H) one per step.
     value_gates: torch.Tensor | None = None
+    # (B, S, O) W_oc h_j at inference, likewise: the readout's context term W_oc c_i as their weighted sum. With it
+    # the decoder never forms c_i itself (Decoder.step returns that term in its place).
+    value_readout: torch.Tensor | None = None
 
     def _map(self, fn) -> Memory:
         return Memory(*(None if getattr(self, f) is None else fn(f, getattr(self, f)) for f in _FIELDS))
@@ -244,7 +249,8 @@ class Decoder(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, State]:
         """One time step from the target embedding's gate term -> (output s_i, context c_i, weights, state).
 
-        With a SegmentedMemory, the weights are zero-padded to its widest part."""
+        With a memory that holds value_readout, the readout's context term W_oc c_i comes instead of c_i. With a
+        SegmentedMemory, the weights are zero-padded to its widest part."""
         proj = self.hidden_proj(state.h[0])
         parts = mem.parts if isinstance(mem, SegmentedMemory) else [mem]
         k = proj.size(0) // sum(part.values.size(0) for part in parts)
@@ -269,28 +275,45 @@ class Decoder(nn.Module):
             out = out + h
         return out, ctx, alpha, State(hs, cs if self.lstm else None)
 
+    def hoist(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For inference: W_c h_j and W_oc h_j for (B, S, C) annotations (Memory.value_gates, .value_readout)."""
+        start = self.hidden
+        return self.ctx_gates(values), F.linear(values, self.readout.weight[:, start:start + values.size(2)])
+
     def _attend(self, query: torch.Tensor, parts: list[Memory],
                 k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Context, attention weights (zero-padded to the widest part) and, where the memory holds the hoisted
-        W_c h_j, the context's gate term W_c c_i, for k query rows per sentence of the parts, in order."""
+        """Context (or the readout's context term, with hoisted memories), attention weights (zero-padded to the
+        widest part) and, with hoisted memories, the context's gate term, for k query rows per sentence."""
         ctxs, alphas, gates, start = [], [], [], 0
         for part in parts:
             rows = k * part.values.size(0)
-            ctx, alpha = self.attention(query[start:start + rows], part.keys, part.values, part.mask_bias)
-            if part.value_gates is not None:
-                gates.append(torch.bmm(alpha.view(-1, k, alpha.size(1)), part.value_gates).view(rows, -1))
+            query_rows = query[start:start + rows]
+            if part.value_readout is None:
+                ctx, alpha = self.attention(query_rows, part.keys, part.values, part.mask_bias)
+            else:
+                weights = self.attention.weights(query_rows, part.keys, part.mask_bias)
+                ctx, alpha = torch.bmm(weights, part.value_readout).view(rows, -1), weights.view(rows, -1)
+                gates.append(torch.bmm(weights, part.value_gates).view(rows, -1))
             ctxs.append(ctx)
             alphas.append(alpha)
             start += rows
         if len(parts) == 1:
             return ctxs[0], alphas[0], gates[0] if gates else None
         width = max(a.size(1) for a in alphas)
-        alpha = torch.cat([nn.functional.pad(a, (0, width - a.size(1))) for a in alphas])
+        alpha = torch.cat([F.pad(a, (0, width - a.size(1))) for a in alphas])
         return torch.cat(ctxs), alpha, torch.cat(gates) if gates else None
 
-    def output_layer(self, out: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """Readout t_i = tanh(W_o [s_i; c_i; emb(y_{i-1})]), before the vocabulary projection."""
-        return self.dropout(torch.tanh(self.readout(torch.cat([out, ctx, emb], dim=-1))))
+    def output_layer(self, out: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor,
+                     hoisted: bool = False) -> torch.Tensor:
+        """Readout t_i = tanh(W_o [s_i; c_i; emb(y_{i-1})]), before the vocabulary projection.
+
+        hoisted: ctx holds the readout's context term W_oc c_i already (see Memory.value_readout)."""
+        if not hoisted:
+            return self.dropout(torch.tanh(self.readout(torch.cat([out, ctx, emb], dim=-1))))
+        weight, rows, h, e = self.readout.weight, out.shape[:-1], out.size(-1), emb.size(-1)
+        readout = torch.addmm(ctx.reshape(-1, ctx.size(-1)), out.reshape(-1, h), weight[:, :h].t())
+        readout.addmm_(emb.reshape(-1, e), weight[:, weight.size(1) - e:].t())
+        return self.dropout(torch.tanh(readout.add_(self.readout.bias))).view(*rows, -1)
 
     def forward(self, tgt_in: torch.Tensor, state: State, mem: Memory) -> torch.Tensor:
         """Teacher-forced pass over (B, T) target inputs -> (B, T, out_dim) readout vectors."""
@@ -302,7 +325,7 @@ class Decoder(nn.Module):
             out, ctx, _, state = self.step(step_gates, state, mem)
             outs.append(out)
             ctxs.append(ctx)
-        readout = self.output_layer(torch.stack(outs), torch.stack(ctxs), emb)
+        readout = self.output_layer(torch.stack(outs), torch.stack(ctxs), emb, mem.value_readout is not None)
         return readout.transpose(0, 1)
 
     def output_vocab(self, ids: torch.Tensor) -> OutputVocab:
@@ -327,7 +350,8 @@ class Decoder(nn.Module):
         table = None if self.training else self.gate_table
         gates = self.emb_gates(emb) if table is None else table.index_select(0, prev)
         out, ctx, alpha, state = self.step(gates, state, mem)
-        readout = self.output_layer(out, ctx, emb)
+        hoisted = (mem.parts[0] if isinstance(mem, SegmentedMemory) else mem).value_readout is not None
+        readout = self.output_layer(out, ctx, emb, hoisted)
         if vocab is None:
             logits = self.out(readout)
         else:

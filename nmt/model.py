@@ -41,12 +41,12 @@ class Seq2Seq(nn.Module):
         summary = torch.cat([fwd_last, values[:, 0, half:]], dim=1)
         attention = self.decoder.attention
         if attention is not None:
-            # Inference hoists W_c h_j out of the step loop. Training keeps W_c c_i per step (its backward is cheaper
-            # that way), and so do int8 models: a dynamically quantized layer scales its input per call, so
-            # hoisting would change their rounding.
+            # Inference hoists W_c h_j and W_oc h_j out of the step loop. Training keeps W_c c_i per step (its
+            # backward is cheaper that way), and so do int8 models: a dynamically quantized layer scales its input
+            # per call, so hoisting would change their rounding.
             hoist = not self.training and isinstance(self.decoder.ctx_gates, nn.Linear)
-            value_gates = self.decoder.ctx_gates(values) if hoist else None
-            return Memory(values, attention.keys(values), mask_bias, summary, None, None, value_gates)
+            value_gates, value_readout = self.decoder.hoist(values) if hoist else (None, None)
+            return Memory(values, attention.keys(values), mask_bias, summary, None, None, value_gates, value_readout)
         return Memory(values, None, mask_bias, summary, self.decoder.ctx_gates(summary))
 
     def init_state(self, mem: Memory) -> State:

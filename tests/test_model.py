@@ -91,6 +91,19 @@ def test_the_cpu_encoder_matches_the_packed_sequence_one_with_its_gradients(chan
         assert torch.allclose(g, h, atol=1e-5)
 
 
+@pytest.mark.parametrize("changes", [{}, {"layers": 2}])
+def test_inference_hoisting_gives_the_training_arithmetic(changes: dict) -> None:
+    # At inference the memory holds W_c h_j and W_oc h_j, and the decoder weighs them instead of forming c_i.
+    model = make_model(**changes)
+    b = batch(sentences(5, SRC_VOCAB, 5), sentences(5, TGT_VOCAB, 6))
+    hoisted = model.encode(b.src, b.src_lens)
+    assert hoisted.value_gates is not None and hoisted.value_readout is not None
+    eval_loss, _ = model(b.src, b.src_lens, b.tgt_in, b.tgt_out)
+    train_loss, _ = model.train()(b.src, b.src_lens, b.tgt_in, b.tgt_out)  # dropout 0: the same function
+    assert model.encode(b.src, b.src_lens).value_readout is None
+    assert torch.allclose(eval_loss, train_loss, rtol=1e-5)
+
+
 def test_attention_sums_to_one_and_skips_padding() -> None:
     model = make_model()
     b = batch([[5, 6], [5, 6, 7, 8, 9, 10], [7]], [[4], [4], [4]])

@@ -161,7 +161,7 @@ def test_cpu_bfloat16_autocast_trains_where_the_cpu_has_bfloat16(corpus: Path, t
     trainer = Trainer(tiny_config(corpus, tmp_path / "run", *RESUME_SETTINGS, "train.amp_cpu=true"))
     assert trainer.amp
     seen: list[torch.dtype] = []
-    trainer.model.decoder.readout.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    trainer.model.decoder.hidden_proj.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     batch = trainer.data.epoch_batches(1, 0)[0]
     losses = [trainer.update([batch])[0] for _ in range(6)]
     assert seen[0] == torch.bfloat16 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
