@@ -126,7 +126,7 @@ class BeamSearch:
         # Everything is computed before anything changes, so that a failure leaves the running search as it was.
         src_lens = lens.tolist()
         groups = [bisect.bisect_left(SOURCE_GROUPS, m) for m in src_lens]
-        memory_width = max(self._memory_width, mem.width)
+        memory_width = max(self._memory_width, max(src_lens))  # the parts' widths: padding beyond is cut
         state = self.model.init_state(mem).select(torch.arange(n, device=device).repeat_interleave(k))
         scores = torch.full((n, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical: expand only the first at the first step

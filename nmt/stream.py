@@ -129,14 +129,14 @@ class TranslationStream:
         for key, entries in joining.items():
             if not entries:
                 continue
-            search = self._searches.get(key)
-            if search is None:
-                search = BeamSearch(self.translator.model, return_attention=key[1], **entries[0][1].search)
             job = entries[0][1]  # the calls of one search share its settings, shortlist sizes included
-            ids = [owner.segments[owner.todo[j]].ids for _, owner, j in entries]
-            batch = collate(ids, None, list(range(len(ids))))
-            src = batch.src.to(self.translator.device)
             try:
+                search = self._searches.get(key)
+                if search is None:
+                    search = BeamSearch(self.translator.model, return_attention=key[1], **job.search)
+                ids = [owner.segments[owner.todo[j]].ids for _, owner, j in entries]
+                batch = collate(ids, None, list(range(len(ids))))
+                src = batch.src.to(self.translator.device)
                 search.add([(handle, j) for handle, _, j in entries], src, batch.src_lens,
                            None if job.shortlist is None else job.shortlist(src))
             except Exception as exc:

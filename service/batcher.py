@@ -87,7 +87,7 @@ class Batcher:
         self._pending: collections.deque[_Job] = collections.deque()
         self._running: dict[_Job, None] = {}  # in the order they joined
         self._wake = asyncio.Event()
-        self._room = threading.Event()  # set when a waiting job could join (from _next_join on): report back then
+        self._room = threading.Event()  # set while jobs wait to join (from _next_join on): report back then
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None

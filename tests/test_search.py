@@ -379,6 +379,19 @@ def test_joining_works_for_every_decoder_variant(changes, groups, monkeypatch):
         assert_same(results[i], one(model, ids, **opts))
 
 
+@pytest.mark.parametrize("groups", GROUPINGS)
+def test_extra_padding_columns_change_nothing(tiny, groups, monkeypatch):
+    # The memory parts are cut to their longest source: attention comes back as wide as the sources, not the batch.
+    monkeypatch.setattr(nmt.search, "SOURCE_GROUPS", groups)
+    model, _, sentences = tiny
+    mixed = sorted(sentences, key=len)[::5]
+    batch = collate(mixed, None, list(range(len(mixed))))
+    wide = torch.cat([batch.src, torch.full((len(mixed), 4), PAD, dtype=torch.long)], dim=1)
+    opts = {"beam_size": 3, "n_best": 2, "return_attention": True}
+    for ids, hyps in zip(mixed, beam_search(model, wide, batch.src_lens, **opts), strict=True):
+        assert_same(hyps, one(model, ids, **opts))
+
+
 def test_a_search_refuses_keys_already_decoding_and_mixed_shortlists(tiny, tiny_shortlist):
     model, _, sentences = tiny
     search = BeamSearch(model, beam_size=2)
