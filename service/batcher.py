@@ -158,7 +158,10 @@ class Batcher:
     def _admit(self) -> list[_Job]:
         """Move waiting jobs into the running batch while it has room, unless they joined it too recently."""
         if self._running and self._pending and time.monotonic() < self._next_join:
-            self._room.set()  # the worker thread reports back once they may join
+            if len(self._running) < self.max_requests:
+                self._room.set()  # the worker thread reports back once they may join
+            else:
+                self._room.clear()  # no room: the worker reports back when a job is done
             return []
         self._room.clear()
         joining = []
@@ -200,7 +203,8 @@ class Batcher:
                 log.exception("a batch step failed")
                 for job in running:
                     engine.cancel(job)
-                stepped = [(job, exc) for job in running if job not in dict(outcomes)]
+                refused = dict(outcomes)  # jobs the engine did not take: they have their outcome already
+                stepped = [(job, exc) for job in running if job not in refused]
             if self._observe is not None:
                 self._observe(jobs, segments, time.monotonic() - start)
             now = time.monotonic()
