@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.attention import AdditiveAttention
+from nmt.onednn import PackedLinear, packable
 from nmt.tokenizer import PAD
 
 _FIELDS = ("values", "keys", "mask_bias", "summary", "summary_gates", "vocab_bias", "value_gates", "value_readout")
@@ -152,9 +153,12 @@ class OutputVocab:
     weight: torch.Tensor | None  # (V', out_dim) their rows of the output layer (fp32)
     bias: torch.Tensor | None  # (V',)
     packed: object = None  # int8: those rows and biases prepacked for torch.ops.quantized.linear_dynamic
+    onednn: PackedLinear | None = None  # fp32 on the CPU: those rows and biases prepacked for oneDNN
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         """(N, out_dim) readout -> (N, V') logits."""
+        if self.onednn is not None:
+            return self.onednn(readout)
         if self.packed is not None:  # as the quantized output Linear itself computes them (torch >= 1.6)
             return torch.ops.quantized.linear_dynamic(readout, self.packed, reduce_range=True)
         return torch.addmm(self.bias, readout, self.weight.t())
@@ -212,6 +216,29 @@ class Decoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("gate_table", None, persistent=False)
         self._int8_out: tuple[torch.Tensor, torch.Tensor] | None = None  # unpacked int8 output weights, bias
+        self._packed: dict[str, PackedLinear] = {}  # see pack_weights
+
+    def pack_weights(self) -> bool:
+        """For CPU inference: prepack the step loop's fp32 matmuls for oneDNN (nmt.onednn), used when neither
+        training nor recording gradients; whether it did.
+
+        The packed weights are a snapshot: only call this on a model whose weights will not change (a
+        Translator's)."""
+        if not isinstance(self.hidden_proj, nn.Linear) or not packable(self.hidden_proj.weight):
+            return False
+        weight, h, e = self.readout.weight, self.hidden, self.embed.embedding_dim
+        self._packed = {
+            "hidden_proj": PackedLinear(self.hidden_proj.weight, self.hidden_proj.bias),
+            "ctx_gates": PackedLinear(self.ctx_gates.weight),
+            "readout_context": PackedLinear(weight[:, h:weight.size(1) - e]),
+            "readout": PackedLinear(torch.cat([weight[:, :h], weight[:, weight.size(1) - e:]], 1), self.readout.bias),
+            "out": PackedLinear(self.out.weight, self.out.bias),
+        }
+        return True
+
+    def _packed_for(self, name: str) -> PackedLinear | None:
+        """The prepacked matmul for this layer, if there is one and it may be used now."""
+        return None if self.training or torch.is_grad_enabled() else self._packed.get(name)
 
     def cache_embedding_gates(self, max_mb: float) -> bool:
         """For inference: precompute emb_gates(embed(y)) for the whole target vocabulary when the table takes at
@@ -251,7 +278,7 @@ class Decoder(nn.Module):
 
         With a memory that holds value_readout, the readout's context term W_oc c_i comes instead of c_i. With a
         SegmentedMemory, the weights are zero-padded to its widest part."""
-        proj = self.hidden_proj(state.h[0])
+        proj = (self._packed_for("hidden_proj") or self.hidden_proj)(state.h[0])
         parts = mem.parts if isinstance(mem, SegmentedMemory) else [mem]
         k = proj.size(0) // sum(part.values.size(0) for part in parts)
         if self.attention is not None:
@@ -277,6 +304,9 @@ class Decoder(nn.Module):
 
     def hoist(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For inference: W_c h_j and W_oc h_j for (B, S, C) annotations (Memory.value_gates, .value_readout)."""
+        gates, readout = self._packed_for("ctx_gates"), self._packed_for("readout_context")
+        if gates is not None and readout is not None:
+            return gates(values), readout(values)
         start = self.hidden
         return self.ctx_gates(values), F.linear(values, self.readout.weight[:, start:start + values.size(2)])
 
@@ -310,6 +340,10 @@ class Decoder(nn.Module):
         hoisted: ctx holds the readout's context term W_oc c_i already (see Memory.value_readout)."""
         if not hoisted:
             return self.dropout(torch.tanh(self.readout(torch.cat([out, ctx, emb], dim=-1))))
+        packed = self._packed_for("readout")
+        if packed is not None:
+            readout = packed(torch.cat([out, emb], dim=-1)).add_(ctx)
+            return self.dropout(torch.tanh(readout))
         weight, rows, h, e = self.readout.weight, out.shape[:-1], out.size(-1), emb.size(-1)
         readout = torch.addmm(ctx.reshape(-1, ctx.size(-1)), out.reshape(-1, h), weight[:, :h].t())
         readout.addmm_(emb.reshape(-1, e), weight[:, weight.size(1) - e:].t())
@@ -332,7 +366,9 @@ class Decoder(nn.Module):
         """The output layer restricted to the target ids (sorted), for decoding over a shortlist."""
         weight, bias = self.out.weight, self.out.bias
         if not callable(weight):
-            return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
+            rows, row_bias = weight.index_select(0, ids), bias.index_select(0, ids)
+            onednn = PackedLinear(rows, row_bias) if self._packed_for("out") is not None else None
+            return OutputVocab(ids, rows, row_bias, onednn=onednn)
         # A dynamically quantized Linear (inference only): its int8 rows (one per-tensor scale, so a selection of
         # rows is exact), packed for the batch, keep the int8 matmul at a fraction of the whole vocabulary's cost.
         if self._int8_out is None:  # unpacking takes milliseconds: once, not per batch
@@ -353,7 +389,7 @@ class Decoder(nn.Module):
         hoisted = (mem.parts[0] if isinstance(mem, SegmentedMemory) else mem).value_readout is not None
         readout = self.output_layer(out, ctx, emb, hoisted)
         if vocab is None:
-            logits = self.out(readout)
+            logits = (self._packed_for("out") or self.out)(readout)
         else:
             logits = vocab.logits(readout)
             if mem.vocab_bias is not None:

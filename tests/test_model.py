@@ -104,6 +104,40 @@ def test_inference_hoisting_gives_the_training_arithmetic(changes: dict) -> None
     assert torch.allclose(eval_loss, train_loss, rtol=1e-5)
 
 
+@pytest.mark.parametrize("changes", [{}, {"cell": "gru", "layers": 2}, {"attention": "none"}])
+def test_packed_weights_change_inference_only_by_rounding(changes: dict) -> None:
+    plain, packed = make_model(**changes), make_model(**changes)
+    if not packed.decoder.pack_weights():
+        pytest.skip("this torch build has no oneDNN matmul")
+    b = batch(sentences(5, SRC_VOCAB, 7), sentences(5, TGT_VOCAB, 8))
+    with torch.no_grad():
+        mems = [m.encode(b.src, b.src_lens) for m in (plain, packed)]
+        states = [m.init_state(mem) for m, mem in zip((plain, packed), mems, strict=True)]
+        for t in range(b.tgt_in.size(1)):
+            steps = [m.step(b.tgt_in[:, t], state, mem) for m, state, mem in zip((plain, packed), states, mems,
+                                                                                 strict=True)]
+            (want, _, states[0]), (got, _, states[1]) = steps
+            assert torch.allclose(got, want, atol=1e-5)
+    # Training, and anything recording gradients, runs torch's own layers: the packed weights are a snapshot.
+    for model in (packed.train(), packed.eval()):
+        loss, _ = model(b.src, b.src_lens, b.tgt_in, b.tgt_out)
+        loss.backward()
+        assert packed.decoder.hidden_proj.weight.grad is not None
+        with torch.no_grad():
+            packed.decoder.hidden_proj.weight.add_(1.0)
+        changed, _ = model(b.src, b.src_lens, b.tgt_in, b.tgt_out)
+        with torch.no_grad():
+            packed.decoder.hidden_proj.weight.sub_(1.0)
+        assert not torch.allclose(changed, loss)
+
+
+def test_an_int8_decoder_is_not_packed() -> None:
+    from nmt.quantize import quantize_int8
+
+    model, quantized = quantize_int8(make_model())
+    assert not quantized or not model.decoder.pack_weights()
+
+
 def test_attention_sums_to_one_and_skips_padding() -> None:
     model = make_model()
     b = batch([[5, 6], [5, 6, 7, 8, 9, 10], [7]], [[4], [4], [4]])

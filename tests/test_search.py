@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import random
@@ -312,6 +313,20 @@ def test_a_shortlist_of_the_whole_vocabulary_decodes_like_none(tiny, tiny_shortl
     listed = search_ids(model, sentences, 10_000, torch.device("cpu"), shortlist=everything, **opts)
     for f, s in zip(full, listed, strict=True):
         assert_same(s, f)
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_packed_weights_decode_as_torch_layers_do(tiny, tiny_shortlist, listed):
+    model, _, sentences = tiny
+    packed = copy.deepcopy(model)
+    if not packed.decoder.pack_weights():
+        pytest.skip("this torch build has no oneDNN matmul")
+    lists = functools.partial(tiny_shortlist.for_batch, frequent=0, per_source=2) if listed else None
+    opts = {"beam_size": 4, "n_best": 2, "alpha": 0.6, "return_attention": True, "shortlist": lists}
+    want = search_ids(model, sentences, 10_000, torch.device("cpu"), **opts)
+    got = search_ids(packed, sentences, 10_000, torch.device("cpu"), **opts)
+    for g, w in zip(got, want, strict=True):
+        assert_same(g, w)
 
 
 def test_ngram_blocking_bans_the_right_pieces_on_a_shortlist(tiny, tiny_shortlist):

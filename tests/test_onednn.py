@@ -1,0 +1,36 @@
+"""oneDNN prepacked fp32 linear layers: the same products as torch's own matmul, for any input shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nmt.onednn import PackedLinear, packable
+
+pytestmark = pytest.mark.skipif(not packable(torch.zeros(1, 1)), reason="this torch build has no oneDNN matmul")
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 64, 301])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_is_torch_linear(rows: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(rows)
+    weight, b = torch.randn(37, 29, generator=g), torch.randn(37, generator=g) if bias else None
+    x = torch.randn(rows, 29, generator=g)
+    out = PackedLinear(weight, b)(x)
+    assert out.shape == (rows, 37)
+    assert torch.allclose(out, F.linear(x, weight, b), atol=1e-5)
+
+
+def test_packed_linear_takes_batches_and_strided_inputs() -> None:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 12, generator=g)
+    x = torch.randn(3, 7, 20, generator=g)[:, 1:6, 4:16]  # (3, 5, 12), not contiguous
+    assert torch.allclose(PackedLinear(weight)(x), F.linear(x, weight), atol=1e-5)
+    transposed = weight.t().contiguous().t()  # a strided weight is copied, not misread
+    assert torch.allclose(PackedLinear(transposed)(x), F.linear(x, weight), atol=1e-5)
+
+
+def test_only_cpu_float32_weights_are_packable() -> None:
+    assert not packable(torch.zeros(2, 2, dtype=torch.float64))
+    assert not packable(torch.zeros(2, 2, dtype=torch.bfloat16))
