@@ -153,12 +153,9 @@ class OutputVocab:
     weight: torch.Tensor | None  # (V', out_dim) their rows of the output layer (fp32)
     bias: torch.Tensor | None  # (V',)
     packed: object = None  # int8: those rows and biases prepacked for torch.ops.quantized.linear_dynamic
-    onednn: PackedLinear | None = None  # fp32 on the CPU: those rows and biases prepacked for oneDNN
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         """(N, out_dim) readout -> (N, V') logits."""
-        if self.onednn is not None:
-            return self.onednn(readout)
         if self.packed is not None:  # as the quantized output Linear itself computes them (torch >= 1.6)
             return torch.ops.quantized.linear_dynamic(readout, self.packed, reduce_range=True)
         return torch.addmm(self.bias, readout, self.weight.t())
@@ -219,8 +216,9 @@ class Decoder(nn.Module):
         self._packed: dict[str, PackedLinear] = {}  # see pack_weights
 
     def pack_weights(self) -> bool:
-        """For CPU inference: prepack the step loop's fp32 matmuls for oneDNN (nmt.onednn), used when neither
-        training nor recording gradients; whether it did.
+        """For CPU inference: prepack the fp32 matmuls of decoding's fixed weights (hidden_proj, the readout, the
+        context hoists, the whole-vocabulary output layer) for oneDNN (nmt.onednn), used when neither training
+        nor recording gradients; whether it did.
 
         The packed weights are a snapshot: only call this on a model whose weights will not change (a
         Translator's)."""
@@ -366,9 +364,9 @@ class Decoder(nn.Module):
         """The output layer restricted to the target ids (sorted), for decoding over a shortlist."""
         weight, bias = self.out.weight, self.out.bias
         if not callable(weight):
-            rows, row_bias = weight.index_select(0, ids), bias.index_select(0, ids)
-            onednn = PackedLinear(rows, row_bias) if self._packed_for("out") is not None else None
-            return OutputVocab(ids, rows, row_bias, onednn=onednn)
+            # MKL's sgemm, not a packed oneDNN matmul: a serving batch's shortlist changes with nearly every join
+            # and leave, and each new width would cost a reorder of the rows and new kernels.
+            return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
         # A dynamically quantized Linear (inference only): its int8 rows (one per-tensor scale, so a selection of
         # rows is exact), packed for the batch, keep the int8 matmul at a fraction of the whole vocabulary's cost.
         if self._int8_out is None:  # unpacking takes milliseconds: once, not per batch

@@ -15,6 +15,16 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 ROWS_HINT = 64  # rows the packed layout is chosen for; any number of rows works
+EXACT_ROWS = 16  # up to this many rows a matmul runs as it comes; more are padded to one of 8 sizes per doubling
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a matmul of this many rows runs at: oneDNN compiles a kernel for each new shape (1.5 ms
+    here, then cached), so the shapes are bucketed, padding at most an eighth."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 4)  # an eighth of the power of two at or below rows
+    return -(-rows // step) * step
 
 
 class PackedLinear:
@@ -27,7 +37,13 @@ class PackedLinear:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features
+        flat = x.reshape(rows, self.in_features)
+        padded = padded_rows(rows)
+        if padded != rows:
+            flat = F.pad(flat, (0, 0, 0, padded - rows))
+        out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, self.bias, "none", [], "")
+        return out[:rows].view(*x.shape[:-1], self.out_features)
 
 
 def packable(weight: torch.Tensor) -> bool:

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nmt.onednn import PackedLinear, packable
+from nmt.onednn import EXACT_ROWS, PackedLinear, packable, padded_rows
 
 pytestmark = pytest.mark.skipif(not packable(torch.zeros(1, 1)), reason="this torch build has no oneDNN matmul")
 
 
-@pytest.mark.parametrize("rows", [0, 1, 5, 64, 301])
+@pytest.mark.parametrize("rows", [0, 1, 5, 17, 64, 130, 301])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_is_torch_linear(rows: int, bias: bool) -> None:
     g = torch.Generator().manual_seed(rows)
@@ -34,3 +34,11 @@ def test_packed_linear_takes_batches_and_strided_inputs() -> None:
 def test_only_cpu_float32_weights_are_packable() -> None:
     assert not packable(torch.zeros(2, 2, dtype=torch.float64))
     assert not packable(torch.zeros(2, 2, dtype=torch.bfloat16))
+
+
+def test_row_counts_are_bucketed_to_few_shapes_with_little_padding() -> None:
+    # Each shape oneDNN sees costs a kernel compilation: a batch's changing row counts must map to few shapes.
+    sizes = [padded_rows(rows) for rows in range(1, 4097)]
+    assert all(rows <= size <= max(rows, rows * 9 // 8) for rows, size in zip(range(1, 4097), sizes, strict=True))
+    assert sizes[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))
+    assert len(set(sizes)) <= 80
