@@ -208,8 +208,13 @@ class Translator:
         return cls(model, cfg, src_tok, tgt_tok, dev, path, card, quantized, params, shortlist)
 
     @property
+    def name(self) -> str:
+        """The model card's name, else the model directory's."""
+        return (self.card or {}).get("name") or self.path.name
+
+    @property
     def info(self) -> dict[str, Any]:
-        name = (self.card or {}).get("name") or self.path.name
+        name = self.name
         return {"name": name, "id": name, "path": str(self.path), "src_lang": self.cfg.data.src_lang,
                 "tgt_lang": self.cfg.data.tgt_lang, "parameters": self.num_parameters, "int8": self.int8,
                 "device": str(self.device), "max_len": self.max_len, "decode": self.cfg.to_dict()["decode"],

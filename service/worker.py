@@ -71,7 +71,7 @@ class ModelWorker:
 
     @property
     def model_id(self) -> str:
-        return self.info["id"]
+        return self.translator.name  # info["id"], without building info (and a copy of the config) per request
 
     @property
     def info(self) -> dict[str, Any]:
