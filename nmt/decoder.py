@@ -13,6 +13,9 @@ from nmt.onednn import PackedLinear, packable
 from nmt.tokenizer import PAD
 
 _FIELDS = ("values", "keys", "mask_bias", "summary", "summary_gates", "vocab_bias", "value_gates", "value_readout")
+# Matmuls that Decoder.pack_weights sends to oneDNN, and the layer whose weights each one reads.
+_PACKED_LAYERS = {"hidden_proj": "hidden_proj", "ctx_gates": "ctx_gates", "readout_context": "readout",
+                  "readout": "readout", "out": "out"}
 _PER_POSITION = {"values": 0.0, "keys": 0.0, "value_gates": 0.0, "value_readout": 0.0,
                  "mask_bias": float("-inf")}  # padding fill
 
@@ -213,30 +216,42 @@ class Decoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("gate_table", None, persistent=False)
         self._int8_out: tuple[torch.Tensor, torch.Tensor] | None = None  # unpacked int8 output weights, bias
-        self._packed: dict[str, PackedLinear] = {}  # see pack_weights
+        self._pack_matmuls = False  # see pack_weights
+        # name -> ((weight storage, weight version, bias version) when packed, the PackedLinear)
+        self._packed: dict[str, tuple[tuple[int, int, int | None], PackedLinear]] = {}
 
     def pack_weights(self) -> bool:
-        """For CPU inference: prepack the fp32 matmuls of decoding's fixed weights (hidden_proj, the readout, the
-        context hoists, the whole-vocabulary output layer) for oneDNN (nmt.onednn), used when neither training
-        nor recording gradients; whether it did.
-
-        The packed weights are a snapshot: only call this on a model whose weights will not change (a
-        Translator's)."""
-        if not isinstance(self.hidden_proj, nn.Linear) or not packable(self.hidden_proj.weight):
-            return False
-        weight, h, e = self.readout.weight, self.hidden, self.embed.embedding_dim
-        self._packed = {
-            "hidden_proj": PackedLinear(self.hidden_proj.weight, self.hidden_proj.bias),
-            "ctx_gates": PackedLinear(self.ctx_gates.weight),
-            "readout_context": PackedLinear(weight[:, h:weight.size(1) - e]),
-            "readout": PackedLinear(torch.cat([weight[:, :h], weight[:, weight.size(1) - e:]], 1), self.readout.bias),
-            "out": PackedLinear(self.out.weight, self.out.bias),
-        }
-        return True
+        """For CPU inference: run the fp32 matmuls of decoding's fixed weights (hidden_proj, the readout, the
+        context hoists, the whole-vocabulary output layer) through oneDNN (nmt.onednn) whenever neither training
+        nor recording gradients; whether this model can. Each layer is packed at its first use and again after
+        its weights change (an optimizer step, load_state_dict, .to()), so the packed copies never go stale."""
+        self._pack_matmuls = isinstance(self.hidden_proj, nn.Linear) and packable(self.hidden_proj.weight)
+        return self._pack_matmuls
 
     def _packed_for(self, name: str) -> PackedLinear | None:
-        """The prepacked matmul for this layer, if there is one and it may be used now."""
-        return None if self.training or torch.is_grad_enabled() else self._packed.get(name)
+        """The packed matmul for this layer (a key of _PACKED_LAYERS), if it may be used now."""
+        if not self._pack_matmuls or self.training or torch.is_grad_enabled():
+            return None
+        layer = getattr(self, _PACKED_LAYERS[name])
+        if not isinstance(layer, nn.Linear):  # quantized since
+            return None
+        weight, bias = layer.weight, layer.bias
+        key = (weight.data_ptr(), weight._version, None if bias is None else bias._version)
+        entry = self._packed.get(name)
+        if entry is None or entry[0] != key:
+            if not packable(weight, probe=False):  # moved off the CPU since
+                return None
+            entry = self._packed[name] = key, PackedLinear(*self._pack_source(name, layer))
+        return entry[1]
+
+    def _pack_source(self, name: str, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight (out, in) and bias of the matmul a packed layer computes."""
+        weight, h, e = layer.weight, self.hidden, self.embed.embedding_dim
+        if name == "readout_context":  # W_oc: the readout's columns that read c_i
+            return weight[:, h:weight.size(1) - e], None
+        if name == "readout":  # its other columns, which read [s_i; emb(y_{i-1})]
+            return torch.cat([weight[:, :h], weight[:, weight.size(1) - e:]], 1), layer.bias
+        return weight, layer.bias
 
     def cache_embedding_gates(self, max_mb: float) -> bool:
         """For inference: precompute emb_gates(embed(y)) for the whole target vocabulary when the table takes at
@@ -302,9 +317,9 @@ class Decoder(nn.Module):
 
     def hoist(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For inference: W_c h_j and W_oc h_j for (B, S, C) annotations (Memory.value_gates, .value_readout)."""
-        gates, readout = self._packed_for("ctx_gates"), self._packed_for("readout_context")
-        if gates is not None and readout is not None:
-            return gates(values), readout(values)
+        gates = self._packed_for("ctx_gates")
+        if gates is not None:
+            return gates(values), self._packed_for("readout_context")(values)
         start = self.hidden
         return self.ctx_gates(values), F.linear(values, self.readout.weight[:, start:start + values.size(2)])
 

@@ -31,12 +31,18 @@ class PackedLinear:
     """x W^T + b for a fixed fp32 weight (out, in) on the CPU, through oneDNN. Inference only: no autograd."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        weight = weight.detach().contiguous()
-        self.out_features, self.in_features = weight.shape
+        self.weight = weight.detach().contiguous()
+        self.out_features, self.in_features = self.weight.shape
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, ROWS_HINT)
+
+    def __reduce__(self) -> tuple:
+        # The packed weight is an opaque oneDNN tensor that cannot be copied or pickled: pack a copy anew.
+        return PackedLinear, (self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(-1) != self.in_features:
+            raise ValueError(f"expected inputs of {self.in_features} features, got shape {tuple(x.shape)}")
         rows = x.numel() // self.in_features
         flat = x.reshape(rows, self.in_features)
         padded = padded_rows(rows)
@@ -46,10 +52,13 @@ class PackedLinear:
         return out[:rows].view(*x.shape[:-1], self.out_features)
 
 
-def packable(weight: torch.Tensor) -> bool:
-    """Whether this torch build can run PackedLinear on this weight (fp32 on the CPU), tried on a small one."""
+def packable(weight: torch.Tensor, probe: bool = True) -> bool:
+    """Whether this torch build can run PackedLinear on this weight (fp32 on the CPU); with probe, tried on a small
+    one first."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return False
+    if not probe:
+        return True
     try:
         probe = torch.arange(12, dtype=torch.float32).view(3, 4)
         x = torch.ones(2, 4)

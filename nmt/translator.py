@@ -201,10 +201,10 @@ class Translator:
             model, quantized = quantize_int8(model)
         model = model.to(dev)
         model.decoder.cache_embedding_gates(cfg.decode.gate_table_mb)
-        if cfg.decode.packed_matmuls:
-            model.decoder.pack_weights()
-        log.info("loaded %s (%s -> %s) on %s%s%s", source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
-                 ", int8" if quantized else "", ", with a vocabulary shortlist" if shortlist else "")
+        packed = cfg.decode.packed_matmuls and model.decoder.pack_weights()
+        log.info("loaded %s (%s -> %s) on %s%s%s%s", source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
+                 ", int8" if quantized else "", ", oneDNN matmuls" if packed else "",
+                 ", with a vocabulary shortlist" if shortlist else "")
         return cls(model, cfg, src_tok, tgt_tok, dev, path, card, quantized, params, shortlist)
 
     @property

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 
-from nmt import encoder
+from nmt import encoder, onednn
 from nmt.batching import collate
 from nmt.config import ModelConfig
 from nmt.model import Seq2Seq
@@ -105,10 +106,13 @@ def test_inference_hoisting_gives_the_training_arithmetic(changes: dict) -> None
 
 
 @pytest.mark.parametrize("changes", [{}, {"cell": "gru", "layers": 2}, {"attention": "none"}])
-def test_packed_weights_change_inference_only_by_rounding(changes: dict) -> None:
+def test_packed_weights_change_inference_only_by_rounding(changes: dict, monkeypatch) -> None:
     plain, packed = make_model(**changes), make_model(**changes)
     if not packed.decoder.pack_weights():
         pytest.skip("this torch build has no oneDNN matmul")
+    calls = []
+    original = onednn.PackedLinear.__call__
+    monkeypatch.setattr(onednn.PackedLinear, "__call__", lambda self, x: calls.append(1) or original(self, x))
     b = batch(sentences(5, SRC_VOCAB, 7), sentences(5, TGT_VOCAB, 8))
     with torch.no_grad():
         mems = [m.encode(b.src, b.src_lens) for m in (plain, packed)]
@@ -118,17 +122,37 @@ def test_packed_weights_change_inference_only_by_rounding(changes: dict) -> None
                                                                                  strict=True)]
             (want, _, states[0]), (got, _, states[1]) = steps
             assert torch.allclose(got, want, atol=1e-5)
-    # Training, and anything recording gradients, runs torch's own layers: the packed weights are a snapshot.
-    for model in (packed.train(), packed.eval()):
-        loss, _ = model(b.src, b.src_lens, b.tgt_in, b.tgt_out)
+    assert calls  # the packed matmuls did the work
+    # Training, and anything recording gradients, runs torch's own layers, with gradients.
+    calls.clear()
+    for training in (True, False):
+        loss, _ = packed.train(training)(b.src, b.src_lens, b.tgt_in, b.tgt_out)
         loss.backward()
         assert packed.decoder.hidden_proj.weight.grad is not None
-        with torch.no_grad():
-            packed.decoder.hidden_proj.weight.add_(1.0)
-        changed, _ = model(b.src, b.src_lens, b.tgt_in, b.tgt_out)
-        with torch.no_grad():
-            packed.decoder.hidden_proj.weight.sub_(1.0)
-        assert not torch.allclose(changed, loss)
+    assert not calls
+
+
+def test_packed_weights_follow_the_live_weights() -> None:
+    model = make_model()
+    if not model.decoder.pack_weights():
+        pytest.skip("this torch build has no oneDNN matmul")
+    b = batch(sentences(4, SRC_VOCAB, 9), sentences(4, TGT_VOCAB, 10))
+
+    @torch.no_grad()
+    def first_step(m: Seq2Seq) -> torch.Tensor:
+        mem = m.encode(b.src, b.src_lens)
+        return m.step(b.tgt_in[:, 0], m.init_state(mem), mem)[0]
+
+    before = first_step(model)  # packs
+    with torch.no_grad():  # in place, as an optimizer step or load_state_dict changes them
+        for p in model.parameters():
+            p.mul_(1.5)
+    plain = make_model()
+    plain.load_state_dict(model.state_dict())
+    want = first_step(plain)
+    assert not torch.allclose(before, want)
+    assert torch.allclose(first_step(model), want, atol=1e-5)
+    assert torch.allclose(first_step(copy.deepcopy(model)), want, atol=1e-5)  # a copy packs its own
 
 
 def test_an_int8_decoder_is_not_packed() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,3 +45,12 @@ def test_row_counts_are_bucketed_to_few_shapes_with_little_padding() -> None:
     assert all(rows <= size <= max(rows, rows * 9 // 8) for rows, size in zip(range(1, 4097), sizes, strict=True))
     assert sizes[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))
     assert len(set(sizes)) <= 80
+
+
+def test_packed_linear_copies_pickles_and_refuses_a_wrong_width() -> None:
+    g = torch.Generator().manual_seed(1)
+    layer, x = PackedLinear(torch.randn(8, 6, generator=g), torch.randn(8, generator=g)), torch.randn(3, 6, generator=g)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert torch.equal(other(x), layer(x))
+    with pytest.raises(ValueError, match="6 features"):
+        layer(torch.randn(2, 12))
