@@ -289,6 +289,8 @@ class Trainer:
         dev_s, dev_t, _ = encode_pairs(self.src_tok, self.tgt_tok, self.dev_src, self.dev_tgt, 10**9)
         self.dev_data = ParallelData(dev_s, dev_t, tc.batch_tokens, tc.max_sentences, tc.bucket_width)
         self.model = Seq2Seq(cfg.model, len(self.src_tok), len(self.tgt_tok)).to(self.device)
+        if cfg.decode.packed_matmuls:  # validation decodes like an exported model; training keeps torch's layers
+            self.model.decoder.pack_weights()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
                                           weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import nmt.onednn
 import nmt.train
 from nmt.checkpoint import load_checkpoint
 from nmt.cli import main
@@ -132,6 +133,28 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(corpus: Path,
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if '"valid"' in line]
     assert steps == list(range(4, TOTAL_STEPS + 1, 4))  # resuming did not validate step 8 again
+
+
+def test_validation_with_packed_matmuls_measures_what_torch_layers_do(corpus: Path, reference_run: Path,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    available, calls = nmt.onednn.packable(torch.zeros(1, 1)), []
+    original = nmt.onednn.PackedLinear.__call__
+    monkeypatch.setattr(nmt.onednn.PackedLinear, "__call__", lambda self, x: calls.append(packed) or original(self, x))
+    results = []
+    for packed in ("true", "false"):
+        run_dir = tmp_path / packed
+        run_dir.mkdir()
+        for name in ("last.pt", "src.model", "tgt.model", "src.vocab", "tgt.vocab"):
+            if (reference_run / name).exists():
+                (run_dir / name).write_bytes((reference_run / name).read_bytes())
+        cfg = tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.valid_bleu=true",
+                          f"decode.packed_matmuls={packed}")
+        results.append(Trainer(cfg, resume=True).validate())
+    (packed_result, plain_result) = results
+    assert set(calls) == ({"true"} if available else set())
+    assert packed_result["dev_bleu"] == plain_result["dev_bleu"]
+    assert packed_result["dev_loss"] == pytest.approx(plain_result["dev_loss"], rel=1e-5)
 
 
 def test_resume_takes_a_new_learning_rate_and_decay_settings_from_the_config(corpus: Path, tmp_path: Path,
