@@ -375,6 +375,10 @@ class Decoder(nn.Module):
         readout = self.output_layer(torch.stack(outs), torch.stack(ctxs), emb, mem.value_readout is not None)
         return readout.transpose(0, 1)
 
+    def vocab_logits(self, readout: torch.Tensor) -> torch.Tensor:
+        """Readout vectors (..., out_dim) -> logits over the whole target vocabulary."""
+        return (self._packed_for("out") or self.out)(readout)
+
     def output_vocab(self, ids: torch.Tensor) -> OutputVocab:
         """The output layer restricted to the target ids (sorted), for decoding over a shortlist."""
         weight, bias = self.out.weight, self.out.bias
@@ -402,7 +406,7 @@ class Decoder(nn.Module):
         hoisted = (mem.parts[0] if isinstance(mem, SegmentedMemory) else mem).value_readout is not None
         readout = self.output_layer(out, ctx, emb, hoisted)
         if vocab is None:
-            logits = (self._packed_for("out") or self.out)(readout)
+            logits = self.vocab_logits(readout)
         else:
             logits = vocab.logits(readout)
             if mem.vocab_bias is not None:

@@ -403,7 +403,7 @@ class Translator:
                 batch = collate([src[i] for i in group], [tgt[i] for i in group], group).to(self.device)
                 mem = model.encode(batch.src, batch.src_lens)
                 readout = model.decoder(batch.tgt_in, model.init_state(mem), mem)
-                logprobs = torch.log_softmax(model.decoder.out(readout).float(), dim=-1)
+                logprobs = torch.log_softmax(model.decoder.vocab_logits(readout).float(), dim=-1)
                 picked = logprobs.gather(2, batch.tgt_out.unsqueeze(2)).squeeze(2).cpu()
                 for row, i in enumerate(group):
                     values = picked[row, : len(tgt[i]) + 1].tolist()
