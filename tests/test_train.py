@@ -190,6 +190,14 @@ def test_cpu_bfloat16_autocast_trains_where_the_cpu_has_bfloat16(corpus: Path, t
     assert seen[0] == torch.bfloat16 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
     seen.clear()
+    original = nmt.onednn.PackedLinear.__call__  # validation decodes through the packed matmuls where it can
+
+    def packed(self: nmt.onednn.PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        out = original(self, x)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(nmt.onednn.PackedLinear, "__call__", packed)
     trainer.validate()
     assert seen and set(seen) == {torch.float32}  # dev numbers measure the float32 model that gets exported
 
