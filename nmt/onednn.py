@@ -60,9 +60,8 @@ def packable(weight: torch.Tensor, probe: bool = True) -> bool:
     if not probe:
         return True
     try:
-        probe = torch.arange(12, dtype=torch.float32).view(3, 4)
-        x = torch.ones(2, 4)
-        return torch.allclose(PackedLinear(probe)(x), F.linear(x, probe))
+        small, x = torch.arange(12, dtype=torch.float32).view(3, 4), torch.ones(2, 4)
+        return torch.allclose(PackedLinear(small)(x), F.linear(x, small))
     except (AttributeError, RuntimeError, NotImplementedError) as exc:
         log.info("oneDNN prepacked matmuls are not available in torch %s (%s)", torch.__version__, exc)
         return False
