@@ -246,12 +246,17 @@ class Decoder(nn.Module):
 
     def _pack_source(self, name: str, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight (out, in) and bias of the matmul a packed layer computes."""
-        weight, h, e = layer.weight, self.hidden, self.embed.embedding_dim
-        if name == "readout_context":  # W_oc: the readout's columns that read c_i
-            return weight[:, h:weight.size(1) - e], None
-        if name == "readout":  # its other columns, which read [s_i; emb(y_{i-1})]
-            return torch.cat([weight[:, :h], weight[:, weight.size(1) - e:]], 1), layer.bias
-        return weight, layer.bias
+        if name == "readout_context":
+            return self._readout_columns()[1], None
+        if name == "readout":  # the columns that read [s_i; emb(y_{i-1})]
+            state, _, emb = self._readout_columns()
+            return torch.cat([state, emb], 1), layer.bias
+        return layer.weight, layer.bias
+
+    def _readout_columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The readout weight's columns that read s_i, c_i (W_oc) and emb(y_{i-1})."""
+        weight, h, e = self.readout.weight, self.hidden, self.embed.embedding_dim
+        return weight[:, :h], weight[:, h:weight.size(1) - e], weight[:, weight.size(1) - e:]
 
     def cache_embedding_gates(self, max_mb: float) -> bool:
         """For inference: precompute emb_gates(embed(y)) for the whole target vocabulary when the table takes at
@@ -320,8 +325,7 @@ class Decoder(nn.Module):
         gates = self._packed_for("ctx_gates")
         if gates is not None:
             return gates(values), self._packed_for("readout_context")(values)
-        start = self.hidden
-        return self.ctx_gates(values), F.linear(values, self.readout.weight[:, start:start + values.size(2)])
+        return self.ctx_gates(values), F.linear(values, self._readout_columns()[1])
 
     def _attend(self, query: torch.Tensor, parts: list[Memory],
                 k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -357,9 +361,10 @@ class Decoder(nn.Module):
         if packed is not None:
             readout = packed(torch.cat([out, emb], dim=-1)).add_(ctx)
             return self.dropout(torch.tanh(readout))
-        weight, rows, h, e = self.readout.weight, out.shape[:-1], out.size(-1), emb.size(-1)
-        readout = torch.addmm(ctx.reshape(-1, ctx.size(-1)), out.reshape(-1, h), weight[:, :h].t())
-        readout.addmm_(emb.reshape(-1, e), weight[:, weight.size(1) - e:].t())
+        state_columns, _, emb_columns = self._readout_columns()
+        rows, h, e = out.shape[:-1], out.size(-1), emb.size(-1)
+        readout = torch.addmm(ctx.reshape(-1, ctx.size(-1)), out.reshape(-1, h), state_columns.t())
+        readout.addmm_(emb.reshape(-1, e), emb_columns.t())
         return self.dropout(torch.tanh(readout.add_(self.readout.bias))).view(*rows, -1)
 
     def forward(self, tgt_in: torch.Tensor, state: State, mem: Memory) -> torch.Tensor:
