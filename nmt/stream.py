@@ -54,9 +54,12 @@ class TranslationStream:
 
         The call's segments join their search at the next step, together with every other segment joining it
         then: one encoder pass and one batch merge for them all."""
+        self.add_job(handle, self.translator.prepare(texts, **options))
+
+    def add_job(self, handle: Hashable, job: Job) -> None:
+        """Start a call prepared already (Translator.prepare), as add does."""
         if handle in self._running:
             raise ValueError(f"call {handle!r} is already running")
-        job = self.translator.prepare(texts, **options)
         todo = len(job.todo)
         self._running[handle] = _Running(job, [None] * todo, todo)
         if not todo:

@@ -100,6 +100,11 @@ class Job:
         return [i for i, s in enumerate(self.segments) if s.ids]
 
     @property
+    def source_tokens(self) -> int:
+        """Source pieces to decode, each segment's end of sentence included: what the call costs a batch."""
+        return sum(len(s.ids) + 1 for s in self.segments if s.ids)
+
+    @property
     def key(self) -> tuple:
         return tuple(sorted(self.search.items())), self.shortlist_sizes
 
@@ -227,8 +232,11 @@ class Translator:
 
     def translate(self, texts: list[str], **options: Any) -> list[Translation]:
         """Translate each text; options as for prepare, unset ones from the config's decode section."""
+        return self.run(self.prepare(texts, **options))
+
+    def run(self, job: Job) -> list[Translation]:
+        """Translate a prepared call, start to end, on its own."""
         with self.lock:
-            job = self.prepare(texts, **options)
             ids = [job.segments[i].ids for i in job.todo]
             hyps = search_ids(self.model, ids, job.budget, self.device, return_attention=job.return_alignment,
                               shortlist=job.shortlist, **job.search)

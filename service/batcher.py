@@ -21,8 +21,8 @@ SLICE_S = 0.25  # the worker thread reports back at least this often, so abandon
 class Engine(Protocol):
     """What the Batcher drives, from its worker thread only: a batch that jobs join and leave between steps."""
 
-    def add(self, handle: Hashable, key: Hashable, items: list[Any]) -> None:
-        """Start a job; raising fails that job alone."""
+    def add(self, handle: Hashable, key: Hashable, work: Any) -> None:
+        """Start a job (what its submitter handed in); raising fails that job alone."""
 
     def cancel(self, handle: Hashable) -> None:
         """Stop a job nobody waits for any more; it is never returned."""
@@ -31,7 +31,7 @@ class Engine(Protocol):
         """Advance every running job by one step; the jobs now done, with their results in order or the
         exception that failed them."""
 
-    def run_alone(self, key: Hashable, items: list[Any]) -> Sequence[Any]:
+    def run_alone(self, key: Hashable, work: Any) -> Sequence[Any]:
         """Run one job start to end on its own (to tell which of several failed jobs is at fault)."""
 
     def __len__(self) -> int:
@@ -53,7 +53,7 @@ class Closed(Exception):
 @dataclass(eq=False)
 class _Job:
     key: Hashable
-    items: list[Any]
+    work: Any
     tokens: int
     future: asyncio.Future
     arrived: float = field(default_factory=time.monotonic)
@@ -101,13 +101,14 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
-    async def submit(self, key: Hashable, items: list[Any], tokens: int) -> list[Any]:
-        """Queue `items` and wait for their results, in order; cancelling the wait drops the job."""
+    async def submit(self, key: Hashable, work: Any, tokens: int) -> list[Any]:
+        """Queue work for the engine, costing `tokens` of a batch, and wait for its results, in order; cancelling
+        the wait drops the job."""
         if self._closed:
             raise Closed("the service is shutting down")
         if self.depth >= self.max_queue:
             raise QueueFull(f"{self.depth} requests are waiting")
-        job = _Job(key, items, tokens, asyncio.get_running_loop().create_future())
+        job = _Job(key, work, tokens, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self._idle.clear()
         self._wake.set()
@@ -190,7 +191,7 @@ class Batcher:
             engine.cancel(job)
         for job in joining:
             try:
-                engine.add(job, job.key, job.items)
+                engine.add(job, job.key, job.work)
             except Exception as exc:
                 outcomes.append((job, exc))
         stepped: list[tuple[Hashable, Sequence[Any] | BaseException]] = []
@@ -221,6 +222,6 @@ class Batcher:
 
     def _run_alone(self, job: _Job) -> Sequence[Any] | BaseException:
         try:
-            return self._engine.run_alone(job.key, job.items)
+            return self._engine.run_alone(job.key, job.work)
         except Exception as exc:
             return exc

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from nmt.stream import TranslationStream
-from nmt.translator import ScoreResult, Translation, Translator
+from nmt.translator import Job, ScoreResult, Translation, Translator
 from service.batcher import Batcher
 from service.metrics import Metrics
 from service.settings import Settings
@@ -84,20 +84,20 @@ class ModelWorker:
         d = self.translator.cfg.decode
         return d.beam_size, d.length_penalty
 
-    def count_tokens(self, texts: list[str]) -> int:
-        """Source pieces (plus end of sentence) the texts will cost in a batch."""
-        return sum(len(ids) + 1 for ids in self.translator.src_tok.encode_batch(texts))
-
     async def translate(self, texts: list[str], options: DecodeOptions) -> list[Translation]:
         if not texts:
             return []
-        return await self._batcher.submit(options, texts, self.count_tokens(texts))
+        # Tokenized here, once: the token count decides when the call may join the batch, and the model thread
+        # decodes the prepared job as it is. Bad options raise NMTError here.
+        job = self.translator.prepare(texts, batch_tokens=self.settings.max_batch_tokens, **asdict(options))
+        return await self._batcher.submit(options, job, job.source_tokens)
 
     async def score(self, source: str, candidates: list[str]) -> list[ScoreResult]:
         if not candidates:
             return []
         pairs = [(source, c) for c in candidates]
-        return await self._batcher.submit(_SCORE, pairs, self.count_tokens([source]) * len(pairs))
+        tokens = len(self.translator.src_tok.encode(source)) + 1
+        return await self._batcher.submit(_SCORE, pairs, tokens * len(pairs))
 
 
 
@@ -109,11 +109,11 @@ class _Engine:
         self.stream = TranslationStream(translator)
         self._scored: list[tuple[Hashable, Sequence[Any]]] = []
 
-    def add(self, handle: Hashable, key: DecodeOptions | str, items: list[Any]) -> None:
+    def add(self, handle: Hashable, key: DecodeOptions | str, work: Job | list[tuple[str, str]]) -> None:
         if key == _SCORE:
-            self._scored.append((handle, self.run_alone(key, items)))
+            self._scored.append((handle, self.run_alone(key, work)))
         else:
-            self.stream.add(handle, items, **asdict(key))
+            self.stream.add_job(handle, work)
 
     def cancel(self, handle: Hashable) -> None:
         self.stream.cancel(handle)
@@ -123,11 +123,11 @@ class _Engine:
         done, self._scored = self._scored, []
         return [*done, *stepped]
 
-    def run_alone(self, key: DecodeOptions | str, items: list[Any]) -> Sequence[Any]:
+    def run_alone(self, key: DecodeOptions | str, work: Job | list[tuple[str, str]]) -> Sequence[Any]:
         tr = self.translator
         if key == _SCORE:
-            return tr.score([s for s, _ in items], [c for _, c in items], batch_tokens=self.batch_tokens)
-        return tr.translate(items, batch_tokens=self.batch_tokens, **asdict(key))
+            return tr.score([s for s, _ in work], [c for _, c in work], batch_tokens=self.batch_tokens)
+        return tr.run(work)
 
     def __len__(self) -> int:
         return len(self.stream) + len(self._scored)

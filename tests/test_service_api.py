@@ -13,6 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from nmt.errors import NMTError
+from nmt.stream import TranslationStream
+from nmt.tokenizer import Tokenizer
 from nmt.translator import Translator
 from service.app import create_app
 from service.settings import Settings
@@ -48,19 +50,19 @@ def client(make_client) -> TestClient:
 
 
 class Gate:
-    """Holds the worker thread inside Translator.prepare (a request joining the batch) until opened, to make
+    """Holds the worker thread where a request joins the batch (TranslationStream.add_job) until opened, to make
     queueing deterministic."""
 
-    def __init__(self, translator: Translator, monkeypatch: pytest.MonkeyPatch):
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.entered, self.open = threading.Event(), threading.Event()
-        real = translator.prepare
+        real = TranslationStream.add_job
 
         def gated(*args, **kwargs):
             self.entered.set()
             assert self.open.wait(10)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(translator, "prepare", gated)
+        monkeypatch.setattr(TranslationStream, "add_job", gated)
 
 
 def post(client: TestClient, body: dict, path: str = "/v1/translate", **kwargs):
@@ -154,10 +156,24 @@ def test_metrics_count_requests_batches_and_tokens(client):
     assert metric(client, 'nmt_http_requests_total{method="GET",route="unmatched",status="404"}') == 1
 
 
+def test_a_request_is_tokenized_once(client, translator, monkeypatch):
+    texts = ["a b. c d e", "f g"]
+    calls = []
+    for name in ("encode", "encode_batch", "to_pieces"):
+        real = getattr(Tokenizer, name)
+        monkeypatch.setattr(Tokenizer, name, lambda self, *a, _real=real, _name=name, **k: (
+            calls.append(_name), _real(self, *a, **k))[1])
+    translator.prepare(texts)
+    alone = list(calls)
+    calls.clear()
+    assert post(client, {"text": texts}).status_code == 200
+    assert sorted(calls) == sorted(alone)  # the request tokenized its texts once, as prepare does
+
+
 def test_concurrent_requests_share_decoding_steps_without_changing_answers(client, translator, monkeypatch):
     texts = ["a b c", "d e f g", "h i", "j k l m n", "o p a"]
     expected = [t.text for t in translator.translate(texts)]
-    gate = Gate(translator, monkeypatch)
+    gate = Gate(monkeypatch)
     with ThreadPoolExecutor(8) as pool:
         blocker = pool.submit(post, client, {"text": "p"})
         assert gate.entered.wait(10)
@@ -335,7 +351,7 @@ def test_rate_limit_setting_is_checked():
 
 def test_full_queue_is_503_with_retry_after(make_client, translator, monkeypatch):
     client = make_client(max_queue=1, max_batch_requests=1)
-    gate = Gate(translator, monkeypatch)
+    gate = Gate(monkeypatch)
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(post, client, {"text": "a b"})
         assert gate.entered.wait(10)
@@ -354,7 +370,7 @@ def test_full_queue_is_503_with_retry_after(make_client, translator, monkeypatch
 
 def test_deadline_is_504_and_later_requests_are_fine(make_client, translator, monkeypatch):
     client = make_client(request_timeout_s=0.2)
-    gate = Gate(translator, monkeypatch)
+    gate = Gate(monkeypatch)
     error = error_of(post(client, {"text": "a b"}), 504)
     assert error["code"] == "timeout" and "0.2 s" in error["message"]
     gate.open.set()
@@ -379,12 +395,14 @@ def test_translator_errors_are_422_not_500(client, translator, monkeypatch):
 
 def test_unexpected_errors_are_a_json_500_and_the_service_goes_on(make_client, translator, monkeypatch):
     client = make_client(raise_server_exceptions=False)
-    real = translator.prepare
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(translator, "prepare", broken)
+    monkeypatch.setattr(translator, "prepare", broken)  # on the event loop
     assert error_of(post(client, {"text": "a"}), 500)["code"] == "internal_error"
-    monkeypatch.setattr(translator, "prepare", real)
+    monkeypatch.undo()
+    monkeypatch.setattr(TranslationStream, "add_job", broken)  # in the model's worker thread
+    assert error_of(post(client, {"text": "a"}), 500)["code"] == "internal_error"
+    monkeypatch.undo()
     assert post(client, {"text": "a b"}).json()["translations"][0]["text"] == "b a"
