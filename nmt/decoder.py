@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,17 +96,22 @@ class MemorySlots:
     def memory(self) -> Memory:
         return self._buf._map(lambda _, t: t[:self.size])
 
-    def append(self, mem: Memory) -> None:
-        """Add a memory's rows after the live ones."""
+    def stage(self, mem: Memory) -> Callable[[], None]:
+        """Add a memory's rows after the live ones in two parts: this writes them (into new buffers if these have
+        no room) without making them live, and the function it returns makes them live, which cannot fail; so
+        that several slots take their rows all or none."""
         n, m = self.size, mem.values.size(0)
         width = max(self.width, mem.width)
-        rows = self.capacity
+        rows, buf = self.capacity, self._buf
         if n + m > rows or width > self.width:
-            self._reshape(rows if n + m <= rows else max(n + m, 2 * rows), width, mem)
+            buf = self._resized(rows if n + m <= rows else max(n + m, 2 * rows), width, mem)
         new = mem.with_width(width)
-        for name, t in self._buf.tensors():
-            t[n:n + m] = getattr(new, name)
-        self.size = n + m
+        for name, t in buf.tensors():
+            t[n:n + m] = getattr(new, name)  # rows past the live ones: nobody reads them until the commit
+
+        def commit() -> None:
+            self._buf, self.size = buf, n + m
+        return commit
 
     def remove(self, leaving: list[int], width: int) -> list[int]:
         """Free the rows at these positions and fit the buffers to width; returns the new order (for each live
@@ -124,10 +130,10 @@ class MemorySlots:
                 t[to.to(t.device)] = t[frm.to(t.device)]
         self.size = size
         if width != self.width:
-            self._reshape(self.capacity, width, None)
+            self._buf = self._resized(self.capacity, width, None)
         return order
 
-    def _reshape(self, rows: int, width: int, like: Memory | None) -> None:
+    def _resized(self, rows: int, width: int, like: Memory | None) -> Memory:
         """New buffers of rows x width holding the live rows (padded or cut to width)."""
         live = None if self._buf is None else self.memory.with_width(width)
         template = live if live is not None else like.with_width(width)
@@ -135,7 +141,7 @@ class MemorySlots:
         if live is not None:
             for name, t in buf.tensors():
                 t[:self.size] = getattr(live, name)
-        self._buf = buf
+        return buf
 
 
 @dataclass

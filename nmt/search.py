@@ -161,8 +161,10 @@ class BeamSearch:
             members = [i for i, g in enumerate(groups) if g == group]
             part = mem if len(members) == n else mem.select(torch.tensor(members, dtype=torch.long, device=device))
             parts.append((group, part.with_width(max(src_lens[i] for i in members))))
-        for group, part in parts:
-            self.slots[group].append(part)
+        vocab = self._vocab_for(ids)
+        commits = [self.slots[group].stage(part) for group, part in parts]  # all groups take their rows, or none
+        for commit in commits:
+            commit()
         self.state, self.scores, self.tokens, self.prev, self.attn = state, scores, tokens, prev, attn
         self.keys += keys
         self.ages += [0] * n
@@ -171,8 +173,7 @@ class BeamSearch:
         self.groups += groups
         self._reorder(order)
         self.shortlisted = shortlist is not None
-        self.vocab_bias = bias
-        self._set_vocab(ids)
+        self.vocab_bias, self.vocab_ids, self.vocab = bias, ids, vocab
 
     @property
     def _memory_width(self) -> int:
@@ -191,11 +192,11 @@ class BeamSearch:
         """Stop decoding these sentences: they leave at the end of the next step, without results."""
         self.dropped.update(set(keys) & set(self.keys))
 
-    def _set_vocab(self, ids: torch.Tensor | None) -> None:
+    def _vocab_for(self, ids: torch.Tensor | None) -> OutputVocab | None:
+        """The output layer over these shortlisted ids (None: the whole vocabulary)."""
         if ids is not None and self.vocab_ids is not None and torch.equal(ids, self.vocab_ids):
-            return  # the output rows are gathered (and packed, for int8) only when the shortlist changes
-        self.vocab_ids = ids
-        self.vocab = None if ids is None else self.model.decoder.output_vocab(ids)
+            return self.vocab  # the output rows are gathered (and packed, for int8) only when the shortlist changes
+        return None if ids is None else self.model.decoder.output_vocab(ids)
 
     @torch.no_grad()
     def step(self) -> list[tuple[Hashable, list[Hypothesis]]]:
@@ -310,8 +311,9 @@ class BeamSearch:
             # Pieces no sentence lists any more cost a column of the output matmul each, but gathering the output
             # rows anew costs more than a few of those: the batch's list shrinks once an eighth of it is unused.
             if 8 * int(used.sum()) <= 7 * used.numel():
-                self.vocab_bias = self.vocab_bias[:, used]
-                self._set_vocab(self.vocab_ids[used])
+                ids = self.vocab_ids[used]
+                self.vocab = self._vocab_for(ids)
+                self.vocab_bias, self.vocab_ids = self.vocab_bias[:, used], ids
         return done, order
 
 

@@ -407,6 +407,40 @@ def test_extra_padding_columns_change_nothing(tiny, groups, monkeypatch):
         assert_same(hyps, one(model, ids, **opts))
 
 
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_join_that_fails_part_way_leaves_the_search_as_it_was(tiny, tiny_shortlist, listed, monkeypatch):
+    monkeypatch.setattr(nmt.search, "SOURCE_GROUPS", (3, 6))
+    model, _, sentences = tiny
+    lists = functools.partial(tiny_shortlist.for_batch, frequent=3, per_source=1) if listed else None
+    running = [min(sentences, key=len), max(sentences, key=len)]
+    joining = [s for s in sentences if len(s) < 5][:1] + [s for s in sentences if len(s) > 6][:1]  # two groups
+    opts = {"beam_size": 3, "n_best": 2, "return_attention": True}
+    search = BeamSearch(model, **opts)
+    batch = collate(running, None, [0, 1])
+    search.add([0, 1], batch.src, batch.src_lens, None if lists is None else lists(batch.src))
+    results = dict(search.step())
+    sizes = [slots.size for slots in search.slots]
+    real_stage, staged = MemorySlots.stage, []
+
+    def second_fails(self, mem):
+        staged.append(self)
+        if len(staged) == 2:
+            raise MemoryError("no room")
+        return real_stage(self, mem)
+
+    monkeypatch.setattr(MemorySlots, "stage", second_fails)
+    batch = collate(joining, None, [0, 1])
+    with pytest.raises(MemoryError):
+        search.add(["a", "b"], batch.src, batch.src_lens, None if lists is None else lists(batch.src))
+    monkeypatch.setattr(MemorySlots, "stage", real_stage)
+    assert len(staged) == 2 and len(search) == 2 and [slots.size for slots in search.slots] == sizes
+    while len(search):
+        results.update(search.step())
+    for key, ids in enumerate(running):
+        expected = one_listed(model, ids, lists, **opts) if listed else one(model, ids, **opts)
+        assert_same(results[key], expected)
+
+
 def test_a_search_refuses_keys_already_decoding_and_mixed_shortlists(tiny, tiny_shortlist):
     model, _, sentences = tiny
     search = BeamSearch(model, beam_size=2)
@@ -439,7 +473,7 @@ def test_memory_slots_keep_each_sentence_and_pad_the_rest():
         else:
             new = [(next_id + i, rng.randint(1, 12)) for i in range(rng.randint(1, 4))]
             next_id += len(new)
-            slots.append(memory(new))
+            slots.stage(memory(new))()
             live += new
         most = max(most, len(live))
         assert slots.capacity <= 2 * most  # the buffers grow with the rows, not with every change of width
