@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.attention import AdditiveAttention
-from nmt.onednn import PackedLinear, packable
+from nmt.onednn import PackedLinear, packable, padded_rows
 from nmt.tokenizer import PAD
 
 _FIELDS = ("values", "keys", "mask_bias", "summary", "summary_gates", "vocab_bias", "value_gates", "value_readout")
@@ -162,11 +162,14 @@ class OutputVocab:
     weight: torch.Tensor | None  # (V', out_dim) their rows of the output layer (fp32)
     bias: torch.Tensor | None  # (V',)
     packed: object = None  # int8: those rows and biases prepacked for torch.ops.quantized.linear_dynamic
+    onednn: PackedLinear | None = None  # fp32 on the CPU: those rows and biases prepacked for oneDNN
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         """(N, out_dim) readout -> (N, V') logits."""
         if self.packed is not None:  # as the quantized output Linear itself computes them (torch >= 1.6)
             return torch.ops.quantized.linear_dynamic(readout, self.packed, reduce_range=True)
+        if self.onednn is not None and not torch.is_grad_enabled():
+            return self.onednn(readout)[:, :self.ids.numel()]  # it computes a few rows more: see output_vocab
         return torch.addmm(self.bias, readout, self.weight.t())
 
 
@@ -394,9 +397,15 @@ class Decoder(nn.Module):
         """The output layer restricted to the target ids (sorted), for decoding over a shortlist."""
         weight, bias = self.out.weight, self.out.bias
         if not callable(weight):
-            # MKL's sgemm, not a packed oneDNN matmul: a serving batch's shortlist changes with nearly every join
-            # and leave, and each new width would cost a reorder of the rows and new kernels.
-            return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
+            if self._packed_for("out") is None:
+                return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
+            # Packed anew whenever a batch's shortlist changes (sentences join, or an eighth of it goes unused),
+            # for a third less time in the matmul at every step. oneDNN keeps a kernel for each shape (about half
+            # a megabyte each), so the rows are padded (with copies of the last) to one of 8 widths per doubling.
+            n = ids.numel()
+            padded = torch.cat([ids, ids[-1:].expand(padded_rows(n) - n)])
+            rows, row_bias = weight.index_select(0, padded), bias.index_select(0, padded)
+            return OutputVocab(ids, rows[:n], row_bias[:n], onednn=PackedLinear(rows, row_bias))
         # A dynamically quantized Linear (inference only): its int8 rows (one per-tensor scale, so a selection of
         # rows is exact), packed for the batch, keep the int8 matmul at a fraction of the whole vocabulary's cost.
         if self._int8_out is None:  # unpacking takes milliseconds: once, not per batch

@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import nmt.onednn
 import nmt.search
 from nmt.batching import collate
 from nmt.checkpoint import load_checkpoint
@@ -316,7 +317,7 @@ def test_a_shortlist_of_the_whole_vocabulary_decodes_like_none(tiny, tiny_shortl
 
 
 @pytest.mark.parametrize("listed", [False, True])
-def test_packed_weights_decode_as_torch_layers_do(tiny, tiny_shortlist, listed):
+def test_packed_weights_decode_as_torch_layers_do(tiny, tiny_shortlist, listed, monkeypatch):
     model, _, sentences = tiny
     packed = copy.deepcopy(model)
     if not packed.decoder.pack_weights():
@@ -324,9 +325,18 @@ def test_packed_weights_decode_as_torch_layers_do(tiny, tiny_shortlist, listed):
     lists = functools.partial(tiny_shortlist.for_batch, frequent=0, per_source=2) if listed else None
     opts = {"beam_size": 4, "n_best": 2, "alpha": 0.6, "return_attention": True, "shortlist": lists}
     want = search_ids(model, sentences, 10_000, torch.device("cpu"), **opts)
+    weights = []  # of each packed matmul the search runs
+    original = nmt.onednn.PackedLinear.__call__
+    monkeypatch.setattr(nmt.onednn.PackedLinear, "__call__", lambda self, x: weights.append(self.weight) or
+                        original(self, x))
     got = search_ids(packed, sentences, 10_000, torch.device("cpu"), **opts)
     for g, w in zip(got, want, strict=True):
         assert_same(g, w)
+    # Over a shortlist, the output layer is packed per batch for the batch's list; else it is the whole
+    # vocabulary's packed layer.
+    out = model.decoder.out
+    listed_rows = [w for w in weights if w.size(1) == out.in_features and w.size(0) < out.out_features]
+    assert bool(listed_rows) == listed
 
 
 def test_ngram_blocking_bans_the_right_pieces_on_a_shortlist(tiny, tiny_shortlist):
