@@ -45,8 +45,15 @@ class Seq2Seq(nn.Module):
             # backward is cheaper that way), and so do int8 models: a dynamically quantized layer scales its input
             # per call, so hoisting would change their rounding.
             hoist = not self.training and isinstance(self.decoder.ctx_gates, nn.Linear)
-            value_gates, value_readout = self.decoder.hoist(values) if hoist else (None, None)
-            return Memory(values, attention.keys(values), mask_bias, summary, None, None, value_gates, value_readout)
+            if not hoist:
+                return Memory(values, attention.keys(values), mask_bias, summary, None, None)
+            # The annotations are zero at padding, and so are these bias-free projections of them: computed at the
+            # real positions only, since a batch of sources of different lengths is a third padding or more.
+            real = ~mask
+            flat = values[real]
+            projected = (attention.keys(flat), *self.decoder.hoist(flat))
+            keys, value_gates, value_readout = (_spread(t, real) for t in projected)
+            return Memory(values, keys, mask_bias, summary, None, None, value_gates, value_readout)
         return Memory(values, None, mask_bias, summary, self.decoder.ctx_gates(summary))
 
     def init_state(self, mem: Memory) -> State:
@@ -70,3 +77,10 @@ class Seq2Seq(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _spread(rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(T, D) rows for the T true positions of a (B, S) mask -> (B, S, D), zero elsewhere."""
+    out = rows.new_zeros(*real.shape, rows.size(-1))
+    out[real] = rows
+    return out

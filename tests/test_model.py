@@ -103,6 +103,13 @@ def test_inference_hoisting_gives_the_training_arithmetic(changes: dict) -> None
     train_loss, _ = model.train()(b.src, b.src_lens, b.tgt_in, b.tgt_out)  # dropout 0: the same function
     assert model.encode(b.src, b.src_lens).value_readout is None
     assert torch.allclose(eval_loss, train_loss, rtol=1e-5)
+    # Computed at the real positions only, the hoisted projections are those of every position, zero at padding.
+    values, real = hoisted.values, b.src != PAD
+    assert not real.all()
+    gates, readout = model.decoder.hoist(values)
+    for got, want in ((hoisted.keys, model.decoder.attention.keys(values)), (hoisted.value_gates, gates),
+                      (hoisted.value_readout, readout)):
+        assert torch.allclose(got, want, atol=1e-6) and not got[~real].any()
 
 
 @pytest.mark.parametrize("changes", [{}, {"cell": "gru", "layers": 2}, {"attention": "none"}])
