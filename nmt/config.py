@@ -87,7 +87,7 @@ class DecodeConfig:
     no_repeat_ngram: int = 0  # ban any n-gram of this size from appearing twice in an output; 0 = off
     batch_tokens: int = 4000  # source tokens per translation batch
     gate_table_mb: int = 256  # precompute every target token's embedding gate term when the table fits; 0 = off
-    packed_matmuls: bool = True  # CPU fp32: the decoding step's matmuls through oneDNN, weights prepacked once
+    packed_matmuls: bool = True  # CPU fp32: decoding's matmuls through oneDNN on prepacked weights
     shortlist: bool = True  # decode over a lexical shortlist when the model directory has one (nmt export)
     shortlist_frequent: int = 2000  # the shortlist: this many most frequent target pieces ...
     shortlist_per_source: int = 10  # ... plus this many co-occurring ones per source piece and word (at most 50)
