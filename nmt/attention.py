@@ -19,7 +19,7 @@ class AdditiveAttention(nn.Module):
         self.v = nn.Parameter(torch.empty(attn_dim).uniform_(-0.1, 0.1))
 
     def keys(self, annotations: torch.Tensor) -> torch.Tensor:
-        """2 U h_j for every source position: (B, S, 2H) -> (B, S, A); doubled for the sigmoid form below."""
+        """2 U h_j for source annotations (..., 2H) -> (..., A); doubled for the sigmoid form below."""
         return self.key_proj(annotations) * 2.0
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

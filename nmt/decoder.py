@@ -233,23 +233,26 @@ class Decoder(nn.Module):
         """For CPU inference: run the fp32 matmuls of decoding's fixed weights (hidden_proj, the readout, the
         context hoists, the whole-vocabulary output layer) through oneDNN (nmt.onednn) whenever neither training
         nor recording gradients; whether this model can. Each layer is packed at its first use and again after
-        its weights change (an optimizer step, load_state_dict, .to()), so the packed copies never go stale."""
+        its weights change (an optimizer step, load_state_dict, .to()), so the packed copies never go stale; a
+        batch's shortlisted output rows are packed with the batch's list (output_vocab)."""
         self._pack_matmuls = isinstance(self.hidden_proj, nn.Linear) and packable(self.hidden_proj.weight)
         return self._pack_matmuls
 
+    def _may_pack(self, layer: nn.Module) -> bool:
+        """Whether this layer's matmuls may go through oneDNN now (see pack_weights)."""
+        return (self._pack_matmuls and not self.training and not torch.is_grad_enabled()
+                and isinstance(layer, nn.Linear)  # not quantized since
+                and packable(layer.weight, probe=False))  # not moved off the CPU since
+
     def _packed_for(self, name: str) -> PackedLinear | None:
         """The packed matmul for this layer (a key of _PACKED_LAYERS), if it may be used now."""
-        if not self._pack_matmuls or self.training or torch.is_grad_enabled():
-            return None
         layer = getattr(self, _PACKED_LAYERS[name])
-        if not isinstance(layer, nn.Linear):  # quantized since
+        if not self._may_pack(layer):
             return None
         weight, bias = layer.weight, layer.bias
         key = (weight.data_ptr(), weight._version, None if bias is None else bias._version)
         entry = self._packed.get(name)
         if entry is None or entry[0] != key:
-            if not packable(weight, probe=False):  # moved off the CPU since
-                return None
             entry = self._packed[name] = key, PackedLinear(*self._pack_source(name, layer))
         return entry[1]
 
@@ -330,7 +333,7 @@ class Decoder(nn.Module):
         return out, ctx, alpha, State(hs, cs if self.lstm else None)
 
     def hoist(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For inference: W_c h_j and W_oc h_j for (B, S, C) annotations (Memory.value_gates, .value_readout)."""
+        """For inference: W_c h_j and W_oc h_j for annotations (..., C) (Memory.value_gates, .value_readout)."""
         gates = self._packed_for("ctx_gates")
         if gates is not None:
             return gates(values), self._packed_for("readout_context")(values)
@@ -397,7 +400,7 @@ class Decoder(nn.Module):
         """The output layer restricted to the target ids (sorted), for decoding over a shortlist."""
         weight, bias = self.out.weight, self.out.bias
         if not callable(weight):
-            if self._packed_for("out") is None:
+            if not self._may_pack(self.out):
                 return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
             # Packed anew whenever a batch's shortlist changes (sentences join, or an eighth of it goes unused),
             # for a third less time in the matmul at every step. oneDNN keeps a kernel for each shape (about half

@@ -195,7 +195,7 @@ class BeamSearch:
     def _vocab_for(self, ids: torch.Tensor | None) -> OutputVocab | None:
         """The output layer over these shortlisted ids (None: the whole vocabulary)."""
         if ids is not None and self.vocab_ids is not None and torch.equal(ids, self.vocab_ids):
-            return self.vocab  # the output rows are gathered (and packed, for int8) only when the shortlist changes
+            return self.vocab  # the output rows are gathered (and packed) only when the shortlist changes
         return None if ids is None else self.model.decoder.output_vocab(ids)
 
     @torch.no_grad()

@@ -55,6 +55,10 @@ class Tokenizer:
     def to_pieces(self, text: str) -> list[str]:
         return self.sp.EncodeAsPieces(text)
 
+    def encode_with_pieces(self, text: str) -> tuple[list[int], list[str]]:
+        """Ids and their surface pieces (an <unk>'s piece is the text it stands for)."""
+        return self.sp.Encode(text), self.sp.EncodeAsPieces(text)
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.Decode([i for i in ids if i > EOS or i == UNK])
 

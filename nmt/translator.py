@@ -146,7 +146,10 @@ def _pick_device(name: str) -> torch.device:
 
 
 class Translator:
-    """A loaded model with its tokenizers and decoding defaults. Use from one thread at a time (a lock guards it)."""
+    """A loaded model with its tokenizers and decoding defaults.
+
+    prepare and finish touch no model state and may run on any thread; translate, run and score use the model
+    under a lock, one call at a time."""
 
     def __init__(self, model: Seq2Seq, cfg: Config, src_tok: Tokenizer, tgt_tok: Tokenizer,
                  device: torch.device, path: Path, card: dict[str, Any] | None = None, int8: bool = False,
@@ -332,16 +335,17 @@ class Translator:
         return plan
 
     def _split_line(self, line: str, segments: list[_Segment]) -> list[str | int]:
-        if len(self.src_tok.encode(line)) <= self.max_len:
-            return self._chunks(line, segments)
+        ids, pieces = self.src_tok.encode_with_pieces(line)
+        if len(ids) <= self.max_len:
+            return self._chunks(ids, pieces, segments)
         plan: list[str | int] = []
         for k, part in enumerate(_SENTENCE_END.split(line)):
-            plan += [part] if k % 2 else self._chunks(part, segments)
+            plan += [part] if k % 2 else self._chunks(*self.src_tok.encode_with_pieces(part), segments)
         return plan
 
-    def _chunks(self, sentence: str, segments: list[_Segment]) -> list[str | int]:
-        """One segment for the sentence, or several of at most max_len pieces cut before word starts."""
-        ids, pieces = self.src_tok.encode(sentence), self.src_tok.to_pieces(sentence)
+    def _chunks(self, ids: list[int], pieces: list[str], segments: list[_Segment]) -> list[str | int]:
+        """One segment for a sentence's ids and pieces, or several of at most max_len pieces cut before word
+        starts."""
         plan: list[str | int] = []
         start = 0
         while len(ids) - start > self.max_len:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 _SCORE = "score"
+INLINE_CHARS = 4000  # requests with more characters are tokenized on a thread, not on the event loop
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,11 @@ class ModelWorker:
         if not texts:
             return []
         # Tokenized here, once: the token count decides when the call may join the batch, and the model thread
-        # decodes the prepared job as it is. Bad options raise NMTError here.
-        job = self.translator.prepare(texts, batch_tokens=self.settings.max_batch_tokens, **asdict(options))
+        # decodes the prepared job as it is. Bad options raise NMTError here. A verse takes tens of microseconds,
+        # but the largest requests take tens of milliseconds: those on a thread, so the event loop keeps serving.
+        prepare = functools.partial(self.translator.prepare, texts, batch_tokens=self.settings.max_batch_tokens,
+                                    **asdict(options))
+        job = prepare() if sum(map(len, texts)) <= INLINE_CHARS else await asyncio.to_thread(prepare)
         return await self._batcher.submit(options, job, job.source_tokens)
 
     async def score(self, source: str, candidates: list[str]) -> list[ScoreResult]:

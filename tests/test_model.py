@@ -97,7 +97,11 @@ def test_inference_hoisting_gives_the_training_arithmetic(changes: dict) -> None
     # At inference the memory holds W_c h_j and W_oc h_j, and the decoder weighs them instead of forming c_i.
     model = make_model(**changes)
     b = batch(sentences(5, SRC_VOCAB, 5), sentences(5, TGT_VOCAB, 6))
+    rows, hoist = [], model.decoder.hoist
+    model.decoder.hoist = lambda values: rows.append(tuple(values.shape[:-1])) or hoist(values)
     hoisted = model.encode(b.src, b.src_lens)
+    del model.decoder.hoist
+    assert rows == [(int((b.src != PAD).sum()),)]  # only the real positions are projected
     assert hoisted.value_gates is not None and hoisted.value_readout is not None
     eval_loss, _ = model(b.src, b.src_lens, b.tgt_in, b.tgt_out)
     train_loss, _ = model.train()(b.src, b.src_lens, b.tgt_in, b.tgt_out)  # dropout 0: the same function

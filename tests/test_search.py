@@ -19,7 +19,7 @@ import nmt.search
 from nmt.batching import collate
 from nmt.checkpoint import load_checkpoint
 from nmt.config import ModelConfig, from_dict
-from nmt.decoder import Memory, MemorySlots
+from nmt.decoder import Decoder, Memory, MemorySlots
 from nmt.model import Seq2Seq
 from nmt.quantize import quantize_int8
 from nmt.search import BeamSearch, beam_search, greedy_search, length_penalty, search_ids
@@ -337,6 +337,7 @@ def test_packed_weights_decode_as_torch_layers_do(tiny, tiny_shortlist, listed, 
     out = model.decoder.out
     listed_rows = [w for w in weights if w.size(1) == out.in_features and w.size(0) < out.out_features]
     assert bool(listed_rows) == listed
+    assert ("out" in packed.decoder._packed) != listed  # the whole vocabulary is packed only where it is used
 
 
 def test_ngram_blocking_bans_the_right_pieces_on_a_shortlist(tiny, tiny_shortlist):
@@ -417,8 +418,11 @@ def test_extra_padding_columns_change_nothing(tiny, groups, monkeypatch):
         assert_same(hyps, one(model, ids, **opts))
 
 
+@pytest.mark.parametrize("fails", ["memory", "vocabulary"])
 @pytest.mark.parametrize("listed", [False, True])
-def test_a_join_that_fails_part_way_leaves_the_search_as_it_was(tiny, tiny_shortlist, listed, monkeypatch):
+def test_a_join_that_fails_part_way_leaves_the_search_as_it_was(tiny, tiny_shortlist, listed, fails, monkeypatch):
+    if fails == "vocabulary" and not listed:
+        pytest.skip("only a shortlisted search builds an output vocabulary")
     monkeypatch.setattr(nmt.search, "SOURCE_GROUPS", (3, 6))
     model, _, sentences = tiny
     lists = functools.partial(tiny_shortlist.for_batch, frequent=3, per_source=1) if listed else None
@@ -429,21 +433,28 @@ def test_a_join_that_fails_part_way_leaves_the_search_as_it_was(tiny, tiny_short
     batch = collate(running, None, [0, 1])
     search.add([0, 1], batch.src, batch.src_lens, None if lists is None else lists(batch.src))
     results = dict(search.step())
-    sizes = [slots.size for slots in search.slots]
-    real_stage, staged = MemorySlots.stage, []
 
-    def second_fails(self, mem):
-        staged.append(self)
-        if len(staged) == 2:
+    def slots_now():
+        return [(slots.size, slots.capacity, slots.width, slots._buf) for slots in search.slots]
+
+    before, vocab = slots_now(), search.vocab
+    tried = []
+
+    def failing(*args, **kwargs):
+        tried.append(1)
+        if fails == "vocabulary" or len(tried) == 2:
             raise MemoryError("no room")
-        return real_stage(self, mem)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(MemorySlots, "stage", second_fails)
+    owner, name = (MemorySlots, "stage") if fails == "memory" else (Decoder, "output_vocab")
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, failing)
     batch = collate(joining, None, [0, 1])
     with pytest.raises(MemoryError):
         search.add(["a", "b"], batch.src, batch.src_lens, None if lists is None else lists(batch.src))
-    monkeypatch.setattr(MemorySlots, "stage", real_stage)
-    assert len(staged) == 2 and len(search) == 2 and [slots.size for slots in search.slots] == sizes
+    monkeypatch.setattr(owner, name, real)
+    assert tried and len(search) == 2 and search.vocab is vocab
+    assert all(a[:3] == b[:3] and a[3] is b[3] for a, b in zip(slots_now(), before, strict=True))
     while len(search):
         results.update(search.step())
     for key, ids in enumerate(running):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+import service.worker
 from nmt.errors import NMTError
 from nmt.stream import TranslationStream
 from nmt.tokenizer import Tokenizer
@@ -157,17 +158,28 @@ def test_metrics_count_requests_batches_and_tokens(client):
 
 
 def test_a_request_is_tokenized_once(client, translator, monkeypatch):
-    texts = ["a b. c d e", "f g"]
+    texts = ["a b. c d e", "f g\nh"]  # three lines
+    expected = [t.text for t in translator.translate(texts)]
     calls = []
-    for name in ("encode", "encode_batch", "to_pieces"):
+    for name in ("encode", "encode_batch", "to_pieces", "encode_with_pieces"):
         real = getattr(Tokenizer, name)
         monkeypatch.setattr(Tokenizer, name, lambda self, *a, _real=real, _name=name, **k: (
             calls.append(_name), _real(self, *a, **k))[1])
-    translator.prepare(texts)
-    alone = list(calls)
-    calls.clear()
-    assert post(client, {"text": texts}).status_code == 200
-    assert sorted(calls) == sorted(alone)  # the request tokenized its texts once, as prepare does
+    response = post(client, {"text": texts})
+    assert [t["text"] for t in response.json()["translations"]] == expected
+    assert calls == ["encode_with_pieces"] * 3  # one pass over each line, nothing else
+
+
+def test_large_requests_are_tokenized_off_the_event_loop(client, translator, monkeypatch):
+    monkeypatch.setattr(service.worker, "INLINE_CHARS", 6)
+    threads = []
+    real = translator.prepare
+    monkeypatch.setattr(translator, "prepare", lambda *a, **k: threads.append(threading.current_thread()) or
+                        real(*a, **k))
+    small, large = post(client, {"text": "a b c"}), post(client, {"text": ["a b c", "d e"]})
+    assert small.json()["translations"][0]["text"] == "c b a"
+    assert [t["text"] for t in large.json()["translations"]] == ["c b a", "e d"]
+    assert len(threads) == 2 and threads[0] is not threads[1]  # the event loop's thread, then another
 
 
 def test_concurrent_requests_share_decoding_steps_without_changing_answers(client, translator, monkeypatch):
