@@ -405,9 +405,12 @@ class Translator:
         if len(sources) != len(candidates):
             raise NMTError(f"{len(sources)} sources but {len(candidates)} candidates: they must pair up")
         budget = _check_int("batch_tokens", self.cfg.decode.batch_tokens if batch_tokens is None else batch_tokens, 1)
+        # Tokenized before taking the model: a request scores many candidates of one source.
+        src_ids = {s: self.src_tok.encode(s) for s in set(sources)}
+        src = [src_ids[s] for s in sources]
+        encoded = [self.tgt_tok.encode_with_pieces(t) for t in candidates]
+        tgt = [ids for ids, _ in encoded]
         with self.lock:
-            src = [self.src_tok.encode(s) for s in sources]
-            tgt = [self.tgt_tok.encode(t) for t in candidates]
             results: list[ScoreResult] = [ScoreResult(0.0, [], []) for _ in sources]
             groups = token_batches([len(s) for s in src], [len(t) for t in tgt], budget, max(len(src), 1))
             model = self.model.eval()
@@ -419,6 +422,5 @@ class Translator:
                 picked = logprobs.gather(2, batch.tgt_out.unsqueeze(2)).squeeze(2).cpu()
                 for row, i in enumerate(group):
                     values = picked[row, : len(tgt[i]) + 1].tolist()
-                    pieces = [*self.tgt_tok.to_pieces(candidates[i]), EOS_PIECE]
-                    results[i] = ScoreResult(sum(values), pieces, values)
+                    results[i] = ScoreResult(sum(values), [*encoded[i][1], EOS_PIECE], values)
             return results
