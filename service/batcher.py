@@ -66,10 +66,11 @@ class Batcher:
     Before a step, waiting jobs join the running batch, oldest first, while it holds fewer than `max_requests`
     jobs and `max_tokens` tokens (a job over the token budget runs when the batch is empty). A job leaves as soon
     as it is done, so a short request never waits for a long one, and the batch grows with the load. While a
-    batch runs, jobs join it at most every `max_wait_s` (an idle engine starts at once): those arriving within
-    that time join together, which costs the engine much less than one by one (one encoder pass). The worker
-    thread takes steps until a job is done or waiting ones could join (or SLICE_S passes), so a batch nobody
-    joins runs without a round trip to the event loop per step. Jobs wait in a queue of at most `max_queue`.
+    batch runs, jobs join it at most every `max_wait_s` times the share of `max_requests` it holds (an idle
+    engine starts at once): those arriving within that time join together, which costs the engine much less
+    than one by one (one encoder pass), and a join holds up every running job, so a fuller batch waits longer.
+    The worker thread takes steps until a job is done or waiting ones could join (or SLICE_S passes), so a batch
+    nobody joins runs without a round trip to the event loop per step. Jobs wait in a queue of at most `max_queue`.
     When several jobs fail in one step (a search shared by their requests raised), each is rerun alone, so one
     bad request cannot fail the requests it ran with.
     """
@@ -178,7 +179,9 @@ class Batcher:
             if self._count_tokens is not None:
                 self._count_tokens(job.tokens)
         if joining:
-            self._next_join = time.monotonic() + self.max_wait_s
+            # A join holds up every running job (encoder pass, batch merge) at a cost that hardly depends on how
+            # many join: the fuller the batch, the more jobs should wait to join it together.
+            self._next_join = time.monotonic() + self.max_wait_s * len(self._running) / self.max_requests
         return joining
 
     def _advance(self, joining: list[_Job], leaving: list[_Job],

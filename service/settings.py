@@ -25,8 +25,9 @@ class Settings(BaseSettings):
                        "vary slightly with the requests batched with it")
     max_batch_tokens: int = Field(4000, ge=1, description="source tokens in the running batch")
     max_batch_requests: int = Field(32, ge=1, description="requests in the running batch; 1 turns batching off")
-    max_wait_ms: float = Field(100.0, ge=0, description="while a batch decodes, requests join it at most this often "
-                               "(those arriving meanwhile join together, one encoder pass); 0 = at the next step")
+    max_wait_ms: float = Field(300.0, ge=0, description="while a batch of n requests decodes, others join it at most "
+                               "every max_wait_ms * n / max_batch_requests (those arriving meanwhile join together, "
+                               "one encoder pass); 0 = at the next step")
     max_queue: int = Field(256, ge=1, description="requests waiting for the model before new ones get 503")
     max_texts: int = Field(64, ge=1, description="texts per request (413 above)")
     max_chars: int = Field(2000, ge=1, description="characters per text (413 above)")
