@@ -82,7 +82,8 @@ class Batcher:
         self._executor = executor
         self.max_tokens, self.max_requests, self.max_queue = max_tokens, max_requests, max_queue
         self.max_wait_s = max_wait_s
-        self._next_join = 0.0  # monotonic time from which waiting jobs may join the running batch
+        self._last_join = 0.0  # monotonic time at which jobs last joined the running batch
+        self._next_join = 0.0  # from when waiting jobs may join it (see _admit)
         self._observe = observe
         self._count_tokens = count_tokens
         self._pending: collections.deque[_Job] = collections.deque()
@@ -159,6 +160,7 @@ class Batcher:
 
     def _admit(self) -> list[_Job]:
         """Move waiting jobs into the running batch while it has room, unless they joined it too recently."""
+        self._schedule_join()
         if self._running and self._pending and time.monotonic() < self._next_join:
             if len(self._running) < self.max_requests:
                 self._room.set()  # the worker thread reports back once they may join
@@ -179,10 +181,15 @@ class Batcher:
             if self._count_tokens is not None:
                 self._count_tokens(job.tokens)
         if joining:
-            # A join holds up every running job (encoder pass, batch merge) at a cost that hardly depends on how
-            # many join: the fuller the batch, the more jobs should wait to join it together.
-            self._next_join = time.monotonic() + self.max_wait_s * len(self._running) / self.max_requests
+            self._last_join = time.monotonic()
+            self._schedule_join()
         return joining
+
+    def _schedule_join(self) -> None:
+        """Set when waiting jobs may next join: max_wait_s after the last join, times the share of max_requests
+        the batch holds now. A join holds up every running job (encoder pass, batch merge) at a cost that hardly
+        depends on how many join: the fuller the batch, the more jobs should wait to join it together."""
+        self._next_join = self._last_join + self.max_wait_s * len(self._running) / self.max_requests
 
     def _advance(self, joining: list[_Job], leaving: list[_Job],
                  running: list[_Job]) -> list[tuple[_Job, Sequence[Any] | BaseException]]:

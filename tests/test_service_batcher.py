@@ -132,7 +132,7 @@ def test_a_short_job_joins_a_running_one_and_leaves_first(executor):
     assert len(engine.steps) == 20
 
 
-@pytest.mark.parametrize("max_wait_s", [0.6, 0.0])
+@pytest.mark.parametrize("max_wait_s", [1.2, 0.0])
 def test_jobs_arriving_while_a_batch_runs_join_it_together_at_most_every_max_wait(executor, max_wait_s):
     async def main():
         engine = Recorder()
@@ -142,7 +142,7 @@ def test_jobs_arriving_while_a_batch_runs_join_it_together_at_most_every_max_wai
         first = asyncio.ensure_future(batcher.submit("k", [200], 1))
         await wait_for(lambda: engine.joined)
         later = []
-        for i in range(3):  # 40 ms apart: within max_wait of each other
+        for i in range(3):  # 40 ms apart: within the batch's join interval (0.3 s, below) of each other
             await asyncio.sleep(0.04)
             later.append(asyncio.ensure_future(batcher.submit("k", [2 + i], 1)))
         assert await asyncio.gather(*later) == [["k:2"], ["k:3"], ["k:4"]]
@@ -156,9 +156,33 @@ def test_jobs_arriving_while_a_batch_runs_join_it_together_at_most_every_max_wai
     if max_wait_s:
         assert len({step for step, _ in joins}) == 1  # one round for the three
         # A batch holding 1 job of at most 4 waits a quarter of max_wait_s for others to join it.
-        assert max_wait_s / 4 <= joins[0][1] - started_at < max_wait_s
+        assert max_wait_s / 4 <= joins[0][1] - started_at < max_wait_s / 2
     else:
         assert len({step for step, _ in joins}) == 3  # each at the step after it came
+
+
+def test_the_join_interval_shrinks_with_the_batch(executor):
+    async def main():
+        engine = Recorder()
+        engine.delay = 0.005
+        batcher = make(engine, executor, max_wait_s=1.2, max_requests=4)
+        batcher.start()
+        # Four join an idle engine together (a full batch: the next join 1.2 s on); three leave after two steps.
+        long = asyncio.ensure_future(batcher.submit("k", [400], 1))
+        short = [asyncio.ensure_future(batcher.submit("k", [2], 1)) for _ in range(3)]
+        await asyncio.gather(*short)
+        assert len(engine.running) == 1
+        late = await batcher.submit("k", [1], 1)
+        long.cancel()
+        await batcher.close()
+        return engine, late
+
+    engine, late = asyncio.run(main())
+    assert late == ["k:1"]
+    (first, started_at), *_, (_, joined_at) = engine.joined
+    assert first == 0 and len(engine.joined) == 5
+    # One job of at most 4 left running: others may join 0.3 s after the last join, not the full batch's 1.2 s.
+    assert 0.3 <= joined_at - started_at < 0.6
 
 
 @pytest.mark.parametrize("limits", [{"max_requests": 2}, {"max_tokens": 5}])
