@@ -71,11 +71,15 @@ def test_encoder_annotations_ignore_padding() -> None:
     assert torch.equal(values[0, 3:], torch.zeros_like(values[0, 3:]))
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("changes", [{}, {"cell": "gru"}, {"layers": 2}])
-def test_the_cpu_encoder_matches_the_packed_sequence_one_with_its_gradients(changes: dict) -> None:
-    # CPU runs each direction over the padded batch (oneDNN); CUDA and int8 models run packed sequences.
+def test_the_cpu_encoder_matches_the_packed_sequence_one_with_its_gradients(changes: dict, padded: bool) -> None:
+    # CPU runs each direction over the padded batch (oneDNN), or both at once when nothing is padded; CUDA and
+    # int8 models run packed sequences.
     model = make_model(**changes).train()
-    b = batch(sentences(7, SRC_VOCAB, 3), sentences(7, TGT_VOCAB, 4))
+    src = sentences(7, SRC_VOCAB, 3) if padded else [[4 + (3 * i + j) % (SRC_VOCAB - 4) for j in range(5)]
+                                                      for i in range(7)]
+    b = batch(src, sentences(7, TGT_VOCAB, 4))
     grads = []
     for one_way in (True, False):
         model.zero_grad()
