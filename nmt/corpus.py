@@ -26,38 +26,17 @@ import random
 import re
 import secrets
 import shutil
-import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from nmt.errors import NMTError
+from nmt.text import normalize_text
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 CORPUS_JSON = "corpus.json"
-
-# ----------------------------------------------------------------------------------------------------------
-# Text normalization shared by the recipes
-# ----------------------------------------------------------------------------------------------------------
-
-# Invisible characters that carry no text: byte order mark / zero-width no-break space, zero-width space.
-_INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b"))
-
-
-def normalize_text(text: str) -> str:
-    """Unicode NFC, control characters removed (tabs, newlines and other breaks become spaces),
-    whitespace runs collapsed to one space, stripped."""
-    text = unicodedata.normalize("NFC", text).translate(_INVISIBLE)
-    if not text.isprintable():
-        text = "".join(
-            " " if ch.isspace() else ch
-            for ch in text
-            if ch.isspace() or unicodedata.category(ch) != "Cc"
-        )
-    return " ".join(text.split())
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Atomic output directory

@@ -27,6 +27,7 @@ from nmt.export import CONFIG_FILE, MODEL_FILE, is_model_dir, load_weights, read
 from nmt.model import Seq2Seq
 from nmt.search import Hypothesis, search_ids
 from nmt.shortlist import SHORTLIST_FILE, STORED_PER_SOURCE, Shortlist
+from nmt.text import normalize_text
 from nmt.tokenizer import EOS_PIECE, UNK, WORD_START, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -255,13 +256,14 @@ class Translator:
     def prepare(self, texts: list[str], beam_size: int | None = None, n_best: int = 1,
                 length_penalty: float | None = None, return_alignment: bool = False,
                 batch_tokens: int | None = None, replace_unk: bool | None = None, ban_unk: bool = False,
-                no_repeat_ngram: int | None = None, min_len: int = 0,
+                no_repeat_ngram: int | None = None, min_len: int = 1,
                 max_len: int | None = None, shortlist: bool = True, shortlist_frequent: int | None = None,
                 shortlist_per_source: int | None = None) -> Job:
         """A translate call's checked options and tokenized segments, ready for beam search.
 
         max_len, when given, caps every output at that many pieces instead of the config's a * source + b;
-        min_len bans the end of sentence before that many pieces. Empty and whitespace-only texts give "".
+        min_len bans the end of sentence before that many pieces (1: a text never translates to nothing, as in
+        fairseq). Empty and whitespace-only texts give "", as do those of only control or invisible characters.
         shortlist=False decodes over the whole target vocabulary even when the model has a shortlist; the two
         sizes change its lists (see nmt/shortlist.py).
         """
@@ -335,13 +337,18 @@ class Translator:
         return plan
 
     def _split_line(self, line: str, segments: list[_Segment]) -> list[str | int]:
-        ids, pieces = self.src_tok.encode_with_pieces(line)
+        """A line as segments, split into sentences when too long; each segment's text is normalized as training
+        corpora are (nmt.text: no control or invisible characters), and one left empty decodes to nothing."""
+        ids, pieces = self._encode(line)
         if len(ids) <= self.max_len:
             return self._chunks(ids, pieces, segments)
         plan: list[str | int] = []
         for k, part in enumerate(_SENTENCE_END.split(line)):
-            plan += [part] if k % 2 else self._chunks(*self.src_tok.encode_with_pieces(part), segments)
+            plan += [part] if k % 2 else self._chunks(*self._encode(part), segments)
         return plan
+
+    def _encode(self, text: str) -> tuple[list[int], list[str]]:
+        return self.src_tok.encode_with_pieces(normalize_text(text))
 
     def _chunks(self, ids: list[int], pieces: list[str], segments: list[_Segment]) -> list[str | int]:
         """One segment for a sentence's ids and pieces, or several of at most max_len pieces cut before word
@@ -371,10 +378,10 @@ class Translator:
 
     def _assemble(self, plan: list[str | int], segments: list[_Segment], outputs: list[list[_Output]],
                   n_best: int, return_alignment: bool) -> Translation:
-        if not plan:
+        used = [p for p in plan if isinstance(p, int) and segments[p].ids]
+        if not used:  # nothing to translate: blank, or only characters the tokenizer drops
             empty = [] if return_alignment else None
             return Translation("", None, [], empty, empty, empty)
-        used = [p for p in plan if isinstance(p, int)]
         alternatives: dict[str, float] = {}
         # The r-th alternative joins each sentence's r-th best (or its last, where it has fewer).
         for rank in range(max(len(outputs[i]) for i in used)):
@@ -384,12 +391,12 @@ class Translator:
         alts = [Alternative(t, s) for t, s in list(alternatives.items())[:n_best]]
         result = Translation(alts[0].text, alts[0].score, alts)
         if return_alignment:
-            best = [(segments[i], outputs[i][0]) for i in used if segments[i].ids]
+            best = [(segments[i], outputs[i][0]) for i in used]
             result.src_pieces = [p for seg, _ in best for p in [*seg.pieces, EOS_PIECE]]
             result.tgt_pieces = [p for _, out in best for p in [*out.pieces, EOS_PIECE]]
             if all(out.attention is not None for _, out in best):
                 blocks = [out.attention for _, out in best]
-                result.alignment = torch.block_diag(*blocks).tolist() if blocks else []
+                result.alignment = torch.block_diag(*blocks).tolist()
         return result
 
     # ------------------------------------------------------------------------------------------------------

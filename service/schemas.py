@@ -7,16 +7,15 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_BEAM = 16
-# JSON may escape lone surrogates ("\\ud800"), which cannot be encoded for the tokenizer; control characters
-# (NUL, C1, ...) would reach the model as pieces it never saw. Both are mapped one to one, keeping lengths; tabs
-# and line breaks stay, since the Translator splits lines itself.
-_CLEAN = {**dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)], " "),
-          **dict.fromkeys(range(0xD800, 0xE000), "\ufffd")}
+# JSON may escape lone surrogates ("\\ud800"), which cannot be encoded for the tokenizer: they become U+FFFD, as
+# invalid UTF-8 does when decoded leniently. Control and invisible characters are the Translator's to remove (as
+# the CLI's input: nmt.text).
+_SURROGATES = dict.fromkeys(range(0xD800, 0xE000), "\ufffd")
 
 
 def clean_text(text: str) -> str:
-    """Lone surrogates become U+FFFD, control characters other than tab and line breaks spaces."""
-    return text.translate(_CLEAN)
+    """Lone surrogates become U+FFFD."""
+    return text.translate(_SURROGATES)
 
 
 Text = Annotated[str, AfterValidator(clean_text)]

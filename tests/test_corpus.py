@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from nmt import corpus
 from nmt.cli import main
-from nmt.corpus import clean_osis, normalize_text, prepare_bible, prepare_files
+from nmt.corpus import clean_osis, prepare_bible, prepare_files
 from nmt.errors import NMTError
+from nmt.text import normalize_text
 
 SWORD = Path("/usr/share/sword")
 HAVE_MODULES = all((SWORD / "mods.d" / f"{m}.conf").is_file() for m in ("spaRV1909eb", "engKJV2006eb"))

@@ -267,6 +267,9 @@ def test_odd_text_is_translated_and_changes_nothing_after(client, text):
     response = post(client, {"text": [text, text], "n_best": 2, "return_alignment": True})
     assert response.status_code == 200, response.text
     assert all(isinstance(t["text"], str) for t in response.json()["translations"])
+    expected = client.app.state.worker.translator.translate(
+        [json.loads(json.dumps(text)).translate({0xD800 + i: "\ufffd" for i in range(2048)})], n_best=2)
+    assert response.json()["translations"][0]["text"] == expected[0].text  # as `nmt translate` gives
     score = post(client, {"source": text, "candidates": [text, "a"]}, "/v1/score")
     assert score.status_code == 200, score.text
     after = post(client, {"text": ["a b c", "p o"]}).json()

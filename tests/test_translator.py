@@ -104,6 +104,14 @@ def test_empty_and_whitespace_inputs_skip_the_model(translator, monkeypatch):
     assert translator.translate([]) == []
 
 
+def test_control_and_invisible_characters_are_removed_as_in_training_corpora(translator):
+    # Corpora are normalized (nmt.text) before training: the same text at inference, not a NUL piece mid-word.
+    odd = ["a\x00b c", "\u202ea b c\u202c", "a\u200b b\ufeff c\x1b", "\x00\u200b", "a b\x00\n\x00\u200e"]
+    out = translator.translate(odd)
+    assert texts(out) == texts(translator.translate(["ab c", "a b c", "a b c", "", "a b\n"]))
+    assert out[3].score is None and out[3].alternatives == []
+
+
 def test_paragraphs_and_whitespace_are_kept(translator):
     out = translator.translate(["  a b c\n\n  d e f g \n", "a b\r\nc d"])[0:2]
     assert out[0].text == "  c b a\n\n  g f e d \n"
