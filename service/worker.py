@@ -22,6 +22,14 @@ _SCORE = "score"
 INLINE_CHARS = 4000  # requests with more characters are tokenized on a thread, not on the event loop
 
 
+class TooLong(Exception):
+    """A text to score has more pieces than the model takes."""
+
+    def __init__(self, field: str, pieces: int, limit: int):
+        super().__init__(f"{field}: {pieces} pieces, more than the {limit} this model scores")
+        self.field, self.pieces, self.limit = field, pieces, limit
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """A request's decoding options (requests with equal ones share a beam search)."""
@@ -98,11 +106,26 @@ class ModelWorker:
         return await self._batcher.submit(options, job, job.source_tokens)
 
     async def score(self, source: str, candidates: list[str]) -> list[ScoreResult]:
+        """Score candidates of a source; TooLong when a text has more pieces than the model's max_len."""
         if not candidates:
             return []
-        pairs = [(source, c) for c in candidates]
-        tokens = len(self.translator.src_tok.encode(source)) + 1
-        return await self._batcher.submit(_SCORE, pairs, tokens * len(pairs))
+        measure = functools.partial(self._score_tokens, source, candidates)
+        inline = len(source) + sum(map(len, candidates)) <= INLINE_CHARS
+        tokens = measure() if inline else await asyncio.to_thread(measure)
+        return await self._batcher.submit(_SCORE, [(source, c) for c in candidates], tokens)
+
+    def _score_tokens(self, source: str, candidates: list[str]) -> int:
+        """What scoring these costs a batch: source and candidate pieces, ends of sentence included. Translation
+        splits long texts into sentences, scoring cannot, and forced decoding costs the product of the two lengths:
+        texts longer than the model was trained on (max_len pieces) are refused."""
+        tr = self.translator
+        source_len = len(tr.src_tok.encode(source))
+        lengths = [("source", source_len), *((f"candidates[{i}]", len(tr.tgt_tok.encode(c)))
+                                            for i, c in enumerate(candidates))]
+        for name, pieces in lengths:
+            if pieces > tr.max_len:
+                raise TooLong(name, pieces, tr.max_len)
+        return sum(source_len + length + 2 for _, length in lengths[1:])
 
 
 

@@ -249,6 +249,22 @@ def test_unparseable_bodies_get_a_clear_4xx(client, content, content_type, messa
     assert 400 <= response.status_code < 500 and message in response.json()["error"]["message"]
 
 
+def test_score_refuses_texts_longer_than_the_model_takes(client, translator):
+    # Forced decoding costs source x candidate length and cannot split a text: a few long candidates held the model
+    # for minutes. Texts over max_len pieces are refused up front, naming the field; at the limit they are scored.
+    limit = translator.max_len
+    at_limit = " ".join("abcdefghijklmnop"[i % 16] for i in range(limit))
+    assert len(translator.tgt_tok.encode(at_limit)) == limit
+    ok = post(client, {"source": at_limit, "candidates": ["a b", at_limit]}, "/v1/score")
+    assert ok.status_code == 200, ok.text
+    over = at_limit + " a"
+    error = error_of(post(client, {"source": "a b", "candidates": ["a b", over]}, "/v1/score"), 413)
+    assert error["fields"] == [{"field": "candidates[1]", "message": f"at most {limit} pieces"}]
+    assert f"{limit + 1} pieces" in error["message"]
+    error = error_of(post(client, {"source": over, "candidates": ["a b"]}, "/v1/score"), 413)
+    assert error["fields"][0]["field"] == "source"
+
+
 def test_score_schema_errors(client):
     error = error_of(post(client, {"source": 1, "candidates": "c b a"}, "/v1/score"), 422)
     assert {f["field"] for f in error["fields"]} == {"source", "candidates"}
