@@ -115,9 +115,9 @@ class ModelWorker:
         return await self._batcher.submit(_SCORE, [(source, c) for c in candidates], tokens)
 
     def _score_tokens(self, source: str, candidates: list[str]) -> int:
-        """What scoring these costs a batch: source and candidate pieces, ends of sentence included. Translation
-        splits long texts into sentences, scoring cannot, and forced decoding costs the product of the two lengths:
-        texts longer than the model was trained on (max_len pieces) are refused."""
+        """What scoring these costs a batch, in source tokens as a translation's (each candidate encodes the source).
+        Translation splits long texts into sentences, scoring cannot, and forced decoding costs the product of the
+        two lengths: texts longer than the model was trained on (max_len pieces) are refused."""
         tr = self.translator
         source_len = len(tr.src_tok.encode(source))
         lengths = [("source", source_len), *((f"candidates[{i}]", len(tr.tgt_tok.encode(c)))
@@ -125,7 +125,7 @@ class ModelWorker:
         for name, pieces in lengths:
             if pieces > tr.max_len:
                 raise TooLong(name, pieces, tr.max_len)
-        return sum(source_len + length + 2 for _, length in lengths[1:])
+        return (source_len + 1) * len(candidates)
 
 
 
