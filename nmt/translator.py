@@ -413,9 +413,9 @@ class Translator:
             raise NMTError(f"{len(sources)} sources but {len(candidates)} candidates: they must pair up")
         budget = _check_int("batch_tokens", self.cfg.decode.batch_tokens if batch_tokens is None else batch_tokens, 1)
         # Tokenized before taking the model: a request scores many candidates of one source.
-        src_ids = {s: self.src_tok.encode(s) for s in set(sources)}
+        src_ids = {s: self._encode(s)[0] for s in set(sources)}
         src = [src_ids[s] for s in sources]
-        encoded = [self.tgt_tok.encode_with_pieces(t) for t in candidates]
+        encoded = [self.tgt_tok.encode_with_pieces(normalize_text(t)) for t in candidates]
         tgt = [ids for ids, _ in encoded]
         with self.lock:
             results: list[ScoreResult] = [ScoreResult(0.0, [], []) for _ in sources]

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from nmt.stream import TranslationStream
+from nmt.text import normalize_text
 from nmt.translator import Job, ScoreResult, Translation, Translator
 from service.batcher import Batcher
 from service.metrics import Metrics
@@ -119,8 +120,8 @@ class ModelWorker:
         Translation splits long texts into sentences, scoring cannot, and forced decoding costs the product of the
         two lengths: texts longer than the model was trained on (max_len pieces) are refused."""
         tr = self.translator
-        source_len = len(tr.src_tok.encode(source))
-        lengths = [("source", source_len), *((f"candidates[{i}]", len(tr.tgt_tok.encode(c)))
+        source_len = len(tr.src_tok.encode(normalize_text(source)))  # as Translator.score will encode them
+        lengths = [("source", source_len), *((f"candidates[{i}]", len(tr.tgt_tok.encode(normalize_text(c))))
                                             for i, c in enumerate(candidates))]
         for name, pieces in lengths:
             if pieces > tr.max_len:
