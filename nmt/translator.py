@@ -106,6 +106,17 @@ class Job:
         return sum(len(s.ids) + 1 for s in self.segments if s.ids)
 
     @property
+    def alignment_cells(self) -> int:
+        """The most attention weights the texts' alignments can hold: per text, its source pieces (ends of sentence
+        included) times the most target pieces its segments may decode to (BeamSearch's output limits)."""
+        a, b = self.search["max_len_a"], self.search["max_len_b"]
+        cells = 0
+        for plan in self.plans:
+            ids = [self.segments[p].ids for p in plan if isinstance(p, int) and self.segments[p].ids]
+            cells += sum(len(i) + 1 for i in ids) * sum(max(1, int(a * len(i) + b)) + 1 for i in ids)
+        return cells
+
+    @property
     def key(self) -> tuple:
         return tuple(sorted(self.search.items())), self.shortlist_sizes
 

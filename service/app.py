@@ -28,7 +28,7 @@ from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.ratelimit import RateLimiter
 from service.settings import Settings
-from service.worker import DecodeOptions, ModelWorker, TooLong
+from service.worker import DecodeOptions, ModelWorker, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,8 @@ async def _run(settings: Settings, work: Any) -> Any:
     except TimeoutError:
         raise ServiceError(504, f"not done within the {settings.request_timeout_s:g} s request deadline; "
                                 "send fewer or shorter texts") from None
-    except TooLong as exc:
-        raise ServiceError(413, str(exc), fields=[{"field": exc.field, "message": f"at most {exc.limit} pieces"}]
-                           ) from None
+    except TooLarge as exc:
+        raise ServiceError(413, str(exc), fields=[{"field": exc.field, "message": exc.limit}]) from None
     except NMTError as exc:
         raise ServiceError(422, str(exc)) from None
     except Exception:  # answered here: past the app's handlers, uvicorn would also drop the keep-alive connection

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_texts: int = Field(64, ge=1, description="texts per request (413 above)")
     max_chars: int = Field(2000, ge=1, description="characters per text (413 above)")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body size (413 above)")
+    max_alignment_cells: int = Field(1_000_000, ge=1, description="with return_alignment: attention weights a "
+                                     "request may return, bounded before decoding as each text's source pieces x "
+                                     "its longest possible translation (413 above)")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline (504 when exceeded)")
     api_keys: CommaList = Field(default_factory=list, description="comma-separated keys; empty = no auth")
     rate_limit: str = Field("", description="per API key (or client IP) limit like 60/minute; empty = off")

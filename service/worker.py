@@ -23,12 +23,12 @@ _SCORE = "score"
 INLINE_CHARS = 4000  # requests with more characters are tokenized on a thread, not on the event loop
 
 
-class TooLong(Exception):
-    """A text to score has more pieces than the model takes."""
+class TooLarge(Exception):
+    """A request over a limit that only the tokenized texts show (413): the field and the limit, for people."""
 
-    def __init__(self, field: str, pieces: int, limit: int):
-        super().__init__(f"{field}: {pieces} pieces, more than the {limit} this model scores")
-        self.field, self.pieces, self.limit = field, pieces, limit
+    def __init__(self, field: str, message: str, limit: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.limit = field, limit
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,15 @@ class ModelWorker:
         prepare = functools.partial(self.translator.prepare, texts, batch_tokens=self.settings.max_batch_tokens,
                                     **asdict(options))
         job = prepare() if sum(map(len, texts)) <= INLINE_CHARS else await asyncio.to_thread(prepare)
+        limit = self.settings.max_alignment_cells
+        if options.return_alignment and job.alignment_cells > limit:
+            raise TooLarge("return_alignment", f"the attention matrices of these texts could hold up to "
+                           f"{job.alignment_cells:,} weights, more than the limit of {limit:,}; send shorter or "
+                           "fewer texts, or leave out return_alignment", f"at most {limit:,} weights")
         return await self._batcher.submit(options, job, job.source_tokens)
 
     async def score(self, source: str, candidates: list[str]) -> list[ScoreResult]:
-        """Score candidates of a source; TooLong when a text has more pieces than the model's max_len."""
+        """Score candidates of a source; TooLarge when a text has more pieces than the model's max_len."""
         if not candidates:
             return []
         measure = functools.partial(self._score_tokens, source, candidates)
@@ -125,7 +130,8 @@ class ModelWorker:
                                             for i, c in enumerate(candidates))]
         for name, pieces in lengths:
             if pieces > tr.max_len:
-                raise TooLong(name, pieces, tr.max_len)
+                raise TooLarge(name, f"{pieces} pieces, more than the {tr.max_len} this model scores",
+                               f"at most {tr.max_len} pieces")
         return (source_len + 1) * len(candidates)
 
 

@@ -249,6 +249,17 @@ def test_unparseable_bodies_get_a_clear_4xx(client, content, content_type, messa
     assert 400 <= response.status_code < 500 and message in response.json()["error"]["message"]
 
 
+def test_alignments_are_refused_over_their_limit_before_decoding(make_client, translator):
+    # A 147 KB request for 64 long texts' alignments answered 98 MB of mostly zeros (helper review).
+    texts = ["a b c d e f g h\ni j k l m n o p"] * 4
+    bound = translator.prepare(texts, return_alignment=True).alignment_cells
+    client = make_client(max_alignment_cells=bound - 1)
+    error = error_of(post(client, {"text": texts, "return_alignment": True}), 413)
+    assert error["fields"] == [{"field": "return_alignment", "message": f"at most {bound - 1:,} weights"}]
+    assert post(client, {"text": texts}).status_code == 200
+    assert post(client, {"text": texts[:3], "return_alignment": True}).status_code == 200
+
+
 def test_score_refuses_texts_longer_than_the_model_takes(client, translator):
     # Forced decoding costs source x candidate length and cannot split a text: a few long candidates held the model
     # for minutes. Texts over max_len pieces are refused up front, naming the field; at the limit they are scored.

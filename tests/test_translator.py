@@ -186,6 +186,14 @@ def test_n_best_alternatives_are_sorted_and_distinct(translator):
         assert result.alternatives[0].text == result.text
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(alphabet=LETTERS + " \n.", max_size=40), min_size=1, max_size=3))
+def test_alignment_cells_bound_the_alignments_before_decoding(translator, inputs):
+    job = translator.prepare(inputs, return_alignment=True, beam_size=2)
+    cells = sum(len(r.alignment) * len(r.alignment[0]) for r in translator.run(job) if r.alignment)
+    assert cells <= job.alignment_cells
+
+
 def test_alignment_shapes(translator):
     result = translator.translate(["a b c\nd e"], return_alignment=True)[0]
     assert result.src_pieces == ["▁a", "▁b", "▁c", "</s>", "▁d", "▁e", "</s>"]
