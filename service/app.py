@@ -69,15 +69,18 @@ def _guards(settings: Settings) -> list[Any]:
     return guards
 
 
-def _check_sizes(settings: Settings, field: str, texts: list[str]) -> None:
+def _check_sizes(settings: Settings, field: str, value: str | list[str]) -> list[str]:
+    """The texts of a field (one string or a list), checked against the count and length limits (413)."""
+    texts = [value] if isinstance(value, str) else value
     if len(texts) > settings.max_texts:
         raise ServiceError(413, f"{field}: {len(texts)} texts, more than the limit of {settings.max_texts} per request",
                            fields=[{"field": field, "message": f"at most {settings.max_texts} texts"}])
     for i, text in enumerate(texts):
         if len(text) > settings.max_chars:
-            name = field if len(texts) == 1 and field != "candidates" else f"{field}[{i}]"
+            name = field if isinstance(value, str) else f"{field}[{i}]"
             raise ServiceError(413, f"{name}: {len(text)} characters, more than the limit of {settings.max_chars}",
                                fields=[{"field": name, "message": f"at most {settings.max_chars} characters"}])
+    return texts
 
 
 async def _run(settings: Settings, work: Any) -> Any:
@@ -146,8 +149,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
         """Translate one text or a list of texts; concurrent requests with equal options share model batches."""
         start = time.perf_counter()
         _require(worker)
-        texts = [req.text] if isinstance(req.text, str) else req.text
-        _check_sizes(settings, "text", texts)
+        texts = _check_sizes(settings, "text", req.text)
         default_beam, default_alpha = worker.defaults()
         beam = req.beam_size or default_beam
         if req.n_best > beam:
@@ -166,7 +168,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
         """Log-probabilities of candidate translations of one source, e.g. to rerank them."""
         start = time.perf_counter()
         _require(worker)
-        _check_sizes(settings, "source", [req.source])
+        _check_sizes(settings, "source", req.source)
         _check_sizes(settings, "candidates", req.candidates)
         results = await _run(settings, worker.score(req.source, req.candidates))
         return schemas.ScoreResponse(

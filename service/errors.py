@@ -15,6 +15,7 @@ from service.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
+MAX_REPORTED = 50  # errors listed in a 422: a list of thousands of bad items is not answered item by item
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
           413: "too_large", 415: "unsupported_media_type", 422: "validation_error", 429: "rate_limited",
           500: "internal_error", 503: "unavailable", 504: "timeout"}
@@ -96,8 +97,16 @@ async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    fields = validation_fields(exc)
+    errors = exc.errors()
+    too_long = [err for err in errors if err.get("type") == "too_long"]
+    if too_long:  # a list over schemas.MAX_TEXTS: too large, whatever its items are
+        fields = [{"field": _field_name(tuple(err["loc"])[:2]), "message":
+                   f"at most {err['ctx']['max_length']} texts, got {err['ctx']['actual_length']}"} for err in too_long]
+        return error_response(413, "; ".join(f"{f['field']}: {f['message']}" for f in fields), fields=fields)
+    fields = validation_fields(RequestValidationError(errors[:MAX_REPORTED]))
     message = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
+    if len(errors) > MAX_REPORTED:
+        message += f" (the first {MAX_REPORTED} of {len(errors)} errors)"
     return error_response(422, message, fields=fields)
 
 

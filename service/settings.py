@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.schemas import MAX_TEXTS
+
 _PERIODS = {"s": 1.0, "second": 1.0, "m": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\w+)\s*$")
 
@@ -29,7 +31,7 @@ class Settings(BaseSettings):
                                "every max_wait_ms * n / max_batch_requests (those arriving meanwhile join together, "
                                "one encoder pass); 0 = at the next step")
     max_queue: int = Field(256, ge=1, description="requests waiting for the model before new ones get 503")
-    max_texts: int = Field(64, ge=1, description="texts per request (413 above)")
+    max_texts: int = Field(64, ge=1, le=MAX_TEXTS, description="texts per request (413 above)")
     max_chars: int = Field(2000, ge=1, description="characters per text (413 above)")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body size (413 above)")
     max_alignment_cells: int = Field(1_000_000, ge=1, description="with return_alignment: attention weights a "
