@@ -55,7 +55,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise NMTError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError,
+            KeyError, AttributeError, TypeError) as exc:  # what torch.load raises on files it cannot read
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NMTError(f"{path} is not a readable rnnsearch checkpoint ({first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -12,6 +12,7 @@ import functools
 import logging
 import re
 import threading
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +147,8 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
-def _pick_device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
+    """The torch device for cpu, cuda, cuda:N or auto; NMTError for an unknown or unavailable one."""
     try:
         device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                               "cpu" if name == "auto" else name)
@@ -155,6 +157,21 @@ def _pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NMTError("device cuda was asked for, but no CUDA device is available")
     return device
+
+
+def locate_model(path: Path) -> tuple[Path, Path, bool]:
+    """Where a model path as Translator.load takes it leads: (the directory with its tokenizers, the weights file,
+    whether it is an exported model directory); NMTError, before anything is loaded, when it leads nowhere."""
+    if not path.exists():
+        raise NMTError(f"model not found: {path}")
+    if path.is_file() and path.name == MODEL_FILE:
+        path = path.parent
+    if path.is_dir() and is_model_dir(path):
+        return path, path / MODEL_FILE, True
+    source = run_checkpoint(path) if path.is_dir() else path
+    if not zipfile.is_zipfile(source):  # torch.save's format: anything else is not a checkpoint of ours
+        raise NMTError(f"{source} is not a readable rnnsearch checkpoint (nor an exported model or run directory)")
+    return source.parent, source, False
 
 
 class Translator:
@@ -181,23 +198,16 @@ class Translator:
         path = Path(path)
         if threads is not None:
             torch.set_num_threads(_check_int("threads", threads, 1))
-        dev = _pick_device(device)
+        dev = pick_device(device)
         if int8 and dev.type != "cpu":
             raise NMTError("int8 quantization is for CPU inference; use device cpu")
-        if not path.exists():
-            raise NMTError(f"model not found: {path}")
-        if path.is_file() and path.name == MODEL_FILE:
-            path = path.parent
+        home, source, model_dir = locate_model(path)
         card, shortlist = None, None
-        model_dir = path.is_dir() and is_model_dir(path)
         if model_dir:
-            home, cfg = path, load_config(path / CONFIG_FILE)
-            weights, card = read_safetensors(path / MODEL_FILE), read_card(path)
-            source = path / MODEL_FILE
+            cfg = load_config(home / CONFIG_FILE)
+            weights, card = read_safetensors(source), read_card(home)
             vocab = None
         else:
-            source = run_checkpoint(path) if path.is_dir() else path
-            home = source.parent
             state = load_checkpoint(source)
             try:
                 cfg, weights, vocab = from_dict(state["config"]), state["model"], state["vocab"]
@@ -225,7 +235,7 @@ class Translator:
         log.info("loaded %s (%s -> %s) on %s%s%s%s", source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
                  ", int8" if quantized else "", ", oneDNN matmuls" if packed else "",
                  ", with a vocabulary shortlist" if shortlist else "")
-        return cls(model, cfg, src_tok, tgt_tok, dev, path, card, quantized, params, shortlist)
+        return cls(model, cfg, src_tok, tgt_tok, dev, home if model_dir else path, card, quantized, params, shortlist)
 
     @property
     def name(self) -> str:

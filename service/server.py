@@ -8,6 +8,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from nmt.errors import NMTError
+from nmt.translator import locate_model, pick_device
 from service.settings import Settings
 
 
@@ -17,15 +18,25 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, w
     Settings travel to the workers through the environment, so MODEL is exported as NMT_MODEL_DIR. On SIGTERM
     uvicorn stops accepting connections and finishes the requests in flight before the model is unloaded.
     """
+    check(model, port, workers)
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
+                timeout_graceful_shutdown=None)
+
+
+def check(model: str | None = None, port: int = 8000, workers: int = 1) -> None:
+    """Check what serve is given (arguments, NMT_* settings, model path, device) before anything starts: a mistake
+    is one NMTError line, not a traceback from the app's startup. MODEL is exported as NMT_MODEL_DIR."""
     if model is not None:
         os.environ["NMT_MODEL_DIR"] = model
     try:
         settings = Settings()
     except ValidationError as exc:
-        raise NMTError(f"invalid NMT_* setting: {exc}") from None
-    if not settings.model_dir.exists():
-        raise NMTError(f"model not found: {settings.model_dir}")
+        raise NMTError("invalid setting: " + "; ".join(
+            f"NMT_{'_'.join(map(str, err['loc'])).upper()}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors())) from None
+    locate_model(settings.model_dir)
+    pick_device(settings.device)
     if workers < 1:
         raise NMTError(f"--workers must be >= 1, got {workers}")
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                timeout_graceful_shutdown=None)
+    if not 0 <= port <= 65535:
+        raise NMTError(f"--port must be between 0 and 65535, got {port}")

@@ -129,7 +129,25 @@ def test_sigterm_finishes_in_flight_requests(server):
         httpx.get(f"{url}/v1/health", timeout=2)
 
 
-def test_serve_refuses_a_missing_model(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("NMT_MODEL_DIR", "restored after the test")  # serve() exports MODEL as NMT_MODEL_DIR
-    assert nmt_main(["serve", str(tmp_path / "missing")]) == 2
-    assert "model not found" in capsys.readouterr().err
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["missing"], {}, "model not found"),
+    (["no-model"], {}, "holds no best.pt or last.pt"),
+    (["notes.txt"], {}, "notes.txt is not a readable rnnsearch checkpoint"),
+    ([], {"NMT_DEVICE": "banana"}, "unknown device 'banana'"),
+    ([], {"NMT_MAX_QUEUE": "abc", "NMT_RATE_LIMIT": "10/fortnight"},
+     "invalid setting: NMT_MAX_QUEUE: Input should be a valid integer, unable to parse string as an integer; "
+     "NMT_RATE_LIMIT: rate limit must look like 60/minute"),
+    (["--port", "99999"], {}, "--port must be between 0 and 65535, got 99999"),
+])
+def test_serve_refuses_bad_arguments_and_settings_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch, args,
+                                                             env, message):
+    # Before anything starts: not a traceback from the app's startup (exit 3) or a server on port 99999 % 65536.
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))  # serve() exports MODEL as NMT_MODEL_DIR: restored after
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert nmt_main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
