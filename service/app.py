@@ -137,10 +137,13 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
                               "Errors are JSON: `{\"error\": {\"code\", \"message\", \"fields\"}}`.")
     app.state.worker = worker
     install_error_handlers(app)
+    # The last added is the outermost: CORS headers go on every answer, the body limit's 413 too, and the metrics
+    # count them all.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Content-Type", "X-API-Key", "Authorization"])
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+                           allow_headers=["Content-Type", "X-API-Key", "Authorization"],
+                           expose_headers=["Retry-After"])  # so that pages can wait as 429 and 503 ask
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.post("/v1/translate", response_model=schemas.TranslateResponse, responses=ERROR_RESPONSES,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -40,8 +41,18 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def route_of(scope: Scope) -> str:
+    """The route template (or mount) a request goes to, before routing (which rewrites the scope): so also for one
+    answered before routing, as a 413 for its body size; not the raw path, to bound label cardinality."""
+    for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        if route.matches(scope)[0] == Match.FULL:
+            return route.path
+    return "unmatched"
+
+
 class MetricsMiddleware:
-    """Counts every response by route template (not raw path, to bound label cardinality) and status."""
+    """Counts every response by route template and status; a request whose client left before any response (a
+    body never finished) counts as 499, as nginx logs it, not as a server error."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
@@ -52,7 +63,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         metrics = self.metrics
-        status = 500
+        status: int | None = None
         start = time.perf_counter()
 
         async def send_status(message: Message) -> None:
@@ -61,11 +72,14 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        route = route_of(scope)
         metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_status)
+        except BaseException:
+            status = status or 500
+            raise
         finally:
             metrics.in_flight.dec()
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            metrics.requests.labels(route, scope["method"], str(status)).inc()
+            metrics.requests.labels(route, scope["method"], str(status or 499)).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)

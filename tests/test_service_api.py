@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -18,6 +19,7 @@ from nmt.stream import TranslationStream
 from nmt.tokenizer import Tokenizer
 from nmt.translator import Translator
 from service.app import create_app
+from service.metrics import Metrics, MetricsMiddleware
 from service.schemas import MAX_TEXTS
 from service.settings import Settings
 
@@ -156,6 +158,25 @@ def test_metrics_count_requests_batches_and_tokens(client):
     assert metric(client, "nmt_queue_depth") == 0
     client.get("/no/such/page")
     assert metric(client, 'nmt_http_requests_total{method="GET",route="unmatched",status="404"}') == 1
+    client.get("/static/app.js")
+    assert metric(client, 'nmt_http_requests_total{method="GET",route="/static",status="200"}') == 1
+
+
+def test_a_client_that_leaves_before_any_answer_is_no_server_error():
+    async def left(scope, receive, send):  # as BodyLimitMiddleware, when the client hangs up mid-body
+        return
+
+    metrics = Metrics()
+    asyncio.run(MetricsMiddleware(left, metrics)({"type": "http", "method": "POST", "path": "/v1/translate"},
+                                                 None, None))
+    assert metrics.requests.labels("unmatched", "POST", "499")._value.get() == 1
+    assert metrics.requests.labels("unmatched", "POST", "500")._value.get() == 0
+
+
+def test_metrics_name_the_route_of_a_body_refused_before_routing(make_client):
+    client = make_client(max_body_bytes=100)
+    assert post(client, {"text": "a " * 100}).status_code == 413
+    assert metric(client, 'nmt_http_requests_total{method="POST",route="/v1/translate",status="413"}') == 1
 
 
 def test_a_request_is_tokenized_once(client, translator, monkeypatch):
@@ -383,6 +404,17 @@ def test_cors_origins(make_client):
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
     other = post(client, {"text": "a"}, headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_headers_on_every_answer_and_retry_after_readable(make_client):
+    client = make_client(cors_origins=["https://app.example"], max_body_bytes=100, rate_limit="1/minute")
+    origin = {"Origin": "https://app.example"}
+    assert post(client, {"text": "a"}, headers=origin).status_code == 200
+    limited = post(client, {"text": "a"}, headers=origin)
+    assert limited.status_code == 429 and limited.headers["access-control-allow-origin"] == "https://app.example"
+    assert "retry-after" in limited.headers["access-control-expose-headers"].lower()
+    too_large = post(client, {"text": "a " * 100}, headers=origin)  # refused before routing, by the body limit
+    assert too_large.status_code == 413 and too_large.headers["access-control-allow-origin"] == "https://app.example"
 
 
 # --- 429 ------------------------------------------------------------------------------------------------------
