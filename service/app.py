@@ -186,11 +186,13 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
         _require(worker)
         return {"models": [worker.info]}
 
+    @app.head("/v1/health", include_in_schema=False)  # uptime monitors probe with HEAD
     @app.get("/v1/health", response_model=schemas.Status, tags=["service"])
     async def health() -> dict[str, Any]:
         """The process is up and its event loop answers."""
         return {"status": "ok"}
 
+    @app.head("/v1/ready", include_in_schema=False)
     @app.get("/v1/ready", response_model=schemas.Status, responses={503: ERROR_RESPONSES[503]}, tags=["service"])
     async def ready() -> Any:
         """The model is loaded and requests are taken."""
@@ -203,7 +205,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
         """Prometheus metrics: requests by route and status, latency, batch sizes, queue depth, tokens."""
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 

@@ -96,8 +96,21 @@ async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse
     return error_response(exc.status, exc.message, exc.code, exc.fields, exc.headers)
 
 
+def _unsupported_body(request: Request) -> JSONResponse | None:
+    """415 for a body the API cannot read at all: compressed, or sent as something other than JSON."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return error_response(415, f"Content-Encoding {encoding} is not supported: send the body uncompressed")
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        return error_response(415, f"the body must be JSON sent with Content-Type: application/json, not {media}")
+    return None
+
+
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    if unsupported := _unsupported_body(request):  # its failures say nothing about the request's fields
+        return unsupported
     too_long = [err for err in errors if err.get("type") == "too_long"]
     if too_long:  # a list over schemas.MAX_TEXTS: too large, whatever its items are
         fields = [{"field": _field_name(tuple(err["loc"])[:2]), "message":
@@ -112,6 +125,8 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = str(exc.detail)
+    if exc.status_code == 400 and (unsupported := _unsupported_body(request)):  # a body FastAPI could not decode
+        return unsupported
     if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's 400 for a body that is not UTF-8
         message = f"the body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
     return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
@@ -134,6 +149,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "the body could not be decoded (not UTF-8)",
         401: "missing or invalid API key (when keys are configured)",
         413: "body, text count or text length over the limits",
+        415: "the body is compressed or not JSON",
         422: "invalid request: the message and `fields` name the offending fields",
         429: "rate limit exceeded; see Retry-After",
         503: "queue full or model not loaded yet; see Retry-After",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 import threading
@@ -264,11 +265,21 @@ def test_schema_errors_name_the_field(client, body, field):
     (b"{not json", "application/json", "not valid JSON"),
     (b'{"text": NaN, "beam_size": Infinity}', "application/json", "text"),
     (b"[1, 2]", "application/json", "JSON object"),
-    (b'{"text": "a"}', "text/plain", "JSON object"),
+    (b'{"text": "a"}', "text/plain", "must be JSON sent with Content-Type: application/json, not text/plain"),
+    (b"text=a", "application/x-www-form-urlencoded", "not application/x-www-form-urlencoded"),
 ])
 def test_unparseable_bodies_get_a_clear_4xx(client, content, content_type, message):
     response = client.post("/v1/translate", content=content, headers={"Content-Type": content_type})
     assert 400 <= response.status_code < 500 and message in response.json()["error"]["message"]
+    assert (response.status_code == 415) == content_type.startswith(("text/", "application/x-"))
+
+
+def test_a_compressed_body_is_415_and_head_answers_where_get_does(client):
+    body = gzip.compress(json.dumps({"text": "a b"}).encode())
+    response = client.post("/v1/translate", content=body, headers={**HEADERS, "Content-Encoding": "gzip"})
+    assert error_of(response, 415)["message"] == "Content-Encoding gzip is not supported: send the body uncompressed"
+    for path in ("/", "/v1/health", "/v1/ready"):  # uptime monitors probe with HEAD
+        assert client.head(path).status_code == 200
 
 
 def test_alignments_are_refused_over_their_limit_before_decoding(make_client, translator):
