@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from nmt import __version__
 from nmt.errors import NMTError
@@ -132,9 +133,10 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
         yield
         await worker.close()
 
-    app = FastAPI(title="rnnsearch", version=__version__, lifespan=lifespan,
-                  description="Neural machine translation with RNNsearch (Bahdanau attention). "
-                              "Errors are JSON: `{\"error\": {\"code\", \"message\", \"fields\"}}`.")
+    # /docs and /redoc from files in the package (fastapi-offline), not from a CDN: air-gapped hosts get them too.
+    app = FastAPIOffline(title="rnnsearch", version=__version__, lifespan=lifespan, static_url="/docs-static",
+                         description="Neural machine translation with RNNsearch (Bahdanau attention). "
+                                     "Errors are JSON: `{\"error\": {\"code\", \"message\", \"fields\"}}`.")
     app.state.worker = worker
     install_error_handlers(app)
     # The last added is the outermost: CORS headers go on every answer, the body limit's 413 too, and the metrics

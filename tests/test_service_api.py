@@ -136,7 +136,10 @@ def test_models_health_ready_docs_and_page(client):
     assert model["card"]["metrics"]["best_dev_bleu"] > 50 and "path" not in model
     assert client.get("/v1/health").json() == {"status": "ok", "model": None}
     assert client.get("/v1/ready").json()["status"] == "ready"
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # works offline
+    for asset in re.findall(r'(?:src|href)="(/[^"]+)"', docs.text):
+        assert client.get(asset).status_code == 200, asset
     assert "/v1/translate" in client.get("/openapi.json").json()["paths"]
     page = client.get("/")
     assert page.status_code == 200 and 'id="source"' in page.text

@@ -80,3 +80,12 @@ def test_errors_are_shown_readably(browser, live_url):
     error = browser.find_element(By.ID, "error")
     WebDriverWait(browser, 30).until(lambda d: error.is_displayed())
     assert error.text.startswith("422: beam_size") and "16" in error.text
+
+
+def test_the_api_documentation_renders_without_the_internet(browser, live_url):
+    # Swagger UI's files come with the package (fastapi-offline); its default page loads them from a CDN.
+    browser.get(f"{live_url}/docs")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {e.text.replace("\u200b", "") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/v1/translate", "/v1/score", "/v1/health"} <= paths
