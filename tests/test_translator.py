@@ -112,6 +112,12 @@ def test_control_and_invisible_characters_are_removed_as_in_training_corpora(tra
     assert out[3].score is None and out[3].alternatives == []
 
 
+def test_a_text_never_translates_to_nothing_unless_asked(translator):
+    # As fairseq's --min-len 1: the shipped model translated "hola" to "" before (BeamSearch's min_len: test_search).
+    assert translator.prepare(["a"]).search["min_len"] == 1
+    assert translator.prepare(["a"], min_len=0).search["min_len"] == 0
+
+
 def test_paragraphs_and_whitespace_are_kept(translator):
     out = translator.translate(["  a b c\n\n  d e f g \n", "a b\r\nc d"])[0:2]
     assert out[0].text == "  c b a\n\n  g f e d \n"
