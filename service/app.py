@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     app = FastAPIOffline(title="rnnsearch", version=__version__, lifespan=lifespan, static_url="/docs-static",
                          description="Neural machine translation with RNNsearch (Bahdanau attention). "
                                      "Errors are JSON: `{\"error\": {\"code\", \"message\", \"fields\"}}`.")
-    app.state.worker = worker
+    app.state.worker, app.state.settings = worker, settings
     install_error_handlers(app)
     # The last added is the outermost: CORS headers go on every answer, the body limit's 413 too, and the metrics
     # count them all.

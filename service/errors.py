@@ -11,11 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.schemas import ErrorResponse
+from service.schemas import MAX_TEXTS, TOO_MANY_TEXTS, ErrorResponse
 
 log = logging.getLogger(__name__)
 
-MAX_REPORTED = 50  # errors listed in a 422: a list of thousands of bad items is not answered item by item
+MAX_REPORTED = 50  # fields listed in a 422: a list of thousands of bad items is not answered item by item
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
           413: "too_large", 415: "unsupported_media_type", 422: "validation_error", 429: "rate_limited",
           500: "internal_error", 503: "unavailable", 504: "timeout"}
@@ -97,30 +97,43 @@ async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse
 
 
 def _unsupported_body(request: Request) -> JSONResponse | None:
-    """415 for a body the API cannot read at all: compressed, or sent as something other than JSON."""
+    """415 for a body the API cannot read at all: compressed, or not sent as JSON."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         return error_response(415, f"Content-Encoding {encoding} is not supported: send the body uncompressed")
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media and media != "application/json" and not media.endswith("+json"):
-        return error_response(415, f"the body must be JSON sent with Content-Type: application/json, not {media}")
+    if media != "application/json" and not media.endswith("+json"):
+        return error_response(415, "the body must be JSON sent with Content-Type: application/json"
+                                   + (f", not {media}" if media else ""))
     return None
+
+
+def _too_many(request: Request, errors: list[dict[str, Any]]) -> JSONResponse | None:
+    """413 for a list over schemas.MAX_TEXTS (refused before its items were validated), with the limit that
+    applies: the service's max_texts."""
+    over = [err for err in errors if err.get("type") == TOO_MANY_TEXTS]
+    if not over:
+        return None
+    settings = getattr(request.app.state, "settings", None)
+    limit = settings.max_texts if settings is not None else MAX_TEXTS
+    fields = [{"field": _field_name(tuple(err["loc"])[:2]), "message": f"at most {limit} texts"} for err in over]
+    message = "; ".join(f"{f['field']}: {err['ctx']['actual_length']} texts, more than the limit of {limit} per "
+                        "request" for f, err in zip(fields, over, strict=True))
+    return error_response(413, message, fields=fields)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    if unsupported := _unsupported_body(request):  # its failures say nothing about the request's fields
+    whole_body = all(len(tuple(err.get("loc", ()))) <= 1 for err in errors)  # no field of it could be read
+    if whole_body and (unsupported := _unsupported_body(request)):
         return unsupported
-    too_long = [err for err in errors if err.get("type") == "too_long"]
-    if too_long:  # a list over schemas.MAX_TEXTS: too large, whatever its items are
-        fields = [{"field": _field_name(tuple(err["loc"])[:2]), "message":
-                   f"at most {err['ctx']['max_length']} texts, got {err['ctx']['actual_length']}"} for err in too_long]
-        return error_response(413, "; ".join(f"{f['field']}: {f['message']}" for f in fields), fields=fields)
-    fields = validation_fields(RequestValidationError(errors[:MAX_REPORTED]))
-    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
-    if len(errors) > MAX_REPORTED:
-        message += f" (the first {MAX_REPORTED} of {len(errors)} errors)"
-    return error_response(422, message, fields=fields)
+    if too_many := _too_many(request, errors):
+        return too_many
+    fields = validation_fields(exc)
+    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:MAX_REPORTED]) or "invalid request"
+    if len(fields) > MAX_REPORTED:
+        message += f" (the first {MAX_REPORTED} of {len(fields)} fields)"
+    return error_response(422, message, fields=fields[:MAX_REPORTED])
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -44,10 +44,14 @@ class Metrics:
 def route_of(scope: Scope) -> str:
     """The route template (or mount) a request goes to, before routing (which rewrites the scope): so also for one
     answered before routing, as a 413 for its body size; not the raw path, to bound label cardinality."""
+    partial = None  # a route whose path matches but not its method (405)
     for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
-        if route.matches(scope)[0] == Match.FULL:
+        match = route.matches(scope)[0]
+        if match == Match.FULL:
             return route.path
-    return "unmatched"
+        if match == Match.PARTIAL and partial is None:
+            partial = route.path
+    return partial or "unmatched"
 
 
 class MetricsMiddleware:

@@ -23,13 +23,14 @@ Text = Annotated[str, AfterValidator(clean_text)]
 # The most texts a request can hold, whatever NMT_MAX_TEXTS allows: a longer list is refused (413) before its items
 # are validated, as validating and reporting 150,000 bad items held the event loop for seconds.
 MAX_TEXTS = 10_000
+TOO_MANY_TEXTS = "too_many_texts"  # the error type it raises (the service answers it 413)
 
 
 def _not_too_long(value: Any) -> Any:
     """Refuse a list over MAX_TEXTS before its items are validated (a check, not a schema constraint: the limit
     users meet is NMT_MAX_TEXTS, answered 413)."""
     if isinstance(value, list) and len(value) > MAX_TEXTS:
-        raise PydanticCustomError("too_long", "at most {max_length} texts, got {actual_length}",
+        raise PydanticCustomError(TOO_MANY_TEXTS, "at most {max_length} texts, got {actual_length}",
                                   {"max_length": MAX_TEXTS, "actual_length": len(value)})
     return value
 

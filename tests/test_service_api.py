@@ -164,6 +164,8 @@ def test_metrics_count_requests_batches_and_tokens(client):
     assert metric(client, 'nmt_http_requests_total{method="GET",route="unmatched",status="404"}') == 1
     client.get("/static/app.js")
     assert metric(client, 'nmt_http_requests_total{method="GET",route="/static",status="200"}') == 1
+    client.get("/v1/translate")
+    assert metric(client, 'nmt_http_requests_total{method="GET",route="/v1/translate",status="405"}') == 1
 
 
 def test_a_client_that_leaves_before_any_answer_is_no_server_error():
@@ -277,6 +279,17 @@ def test_unparseable_bodies_get_a_clear_4xx(client, content, content_type, messa
     assert (response.status_code == 415) == content_type.startswith(("text/", "application/x-"))
 
 
+def test_415_only_for_a_body_that_cannot_be_read(client):
+    # A stray Content-Encoding header on a readable body: its field errors are the answer, not 415.
+    response = client.post("/v1/translate", content=b'{"text": 5}', headers={**HEADERS, "Content-Encoding": "utf-8"})
+    assert error_of(response, 422)["fields"][0]["field"] == "text"
+    response = client.post("/v1/translate", content=b'{"text": "a b"}', headers={"Content-Type": ""})
+    assert "must be JSON sent with Content-Type: application/json" in error_of(response, 415)["message"]
+    for media in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        response = client.post("/v1/translate", content=b'{"text": "a b"}', headers={"Content-Type": media})
+        assert response.status_code == 200
+
+
 def test_a_compressed_body_is_415_and_head_answers_where_get_does(client):
     body = gzip.compress(json.dumps({"text": "a b"}).encode())
     response = client.post("/v1/translate", content=body, headers={**HEADERS, "Content-Encoding": "gzip"})
@@ -301,12 +314,13 @@ def test_a_huge_list_is_refused_before_its_items_are_checked(client):
     for field, path, body in (("text", "/v1/translate", {}), ("candidates", "/v1/score", {"source": "a"})):
         start = time.perf_counter()
         error = error_of(post(client, {**body, field: [5] * (MAX_TEXTS + 1)}, path), 413)
-        assert error["fields"] == [{"field": field, "message": f"at most {MAX_TEXTS} texts, got {MAX_TEXTS + 1}"}]
+        assert error["fields"] == [{"field": field, "message": "at most 64 texts"}]  # the limit that applies
+        assert error["message"] == f"{field}: {MAX_TEXTS + 1} texts, more than the limit of 64 per request"
         assert time.perf_counter() - start < 2
     response = post(client, {"text": [5] * 500})
     error = error_of(response, 422)
-    assert 0 < len(error["fields"]) <= 50 and "the first 50 of 501 errors" in error["message"]
-    assert len(response.content) < 10_000
+    assert len(error["fields"]) == 50 and "(the first 50 of 500 fields)" in error["message"]
+    assert error["fields"][-1]["field"] == "text[49]" and len(response.content) < 10_000
 
 
 def test_score_refuses_texts_longer_than_the_model_takes(client, translator):
