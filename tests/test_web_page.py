@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 @pytest.fixture(scope="module")
 def live_url(tiny_model_dir: Path) -> Iterator[str]:
     """The app under uvicorn in a thread of this process."""
-    app = create_app(Settings(model_dir=tiny_model_dir), Translator.load(tiny_model_dir, threads=1))
+    settings = Settings(model_dir=tiny_model_dir, max_alignment_cells=2000)  # "a b c d": 60; 40 letters: 2,706
+    app = create_app(settings, Translator.load(tiny_model_dir, threads=1))
     with serve_in_thread(app) as url:
         yield url
 
@@ -68,6 +69,17 @@ def test_type_translate_and_read_the_heat_map(browser, live_url):
     assert all(len(w) == len(columns) and abs(sum(w) - 1) < 0.01 for w in weights)
     # the model learnt to reverse: the t-th output piece attends most to the t-th source piece from the end
     assert [w.index(max(w)) for w in weights[:4]] == [3, 2, 1, 0]
+
+
+def test_a_text_too_long_for_its_heat_map_is_translated_without_one(browser, live_url):
+    browser.get(live_url)
+    text = " ".join("abcdefghijklmnop"[i % 16] for i in range(40))
+    browser.find_element(By.ID, "source").send_keys(text)
+    browser.find_element(By.ID, "translate").click()
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.ID, "translation").text)
+    assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+    assert "too long" in browser.find_element(By.ID, "heatmap").text
 
 
 def test_errors_are_shown_readably(browser, live_url):

@@ -16,11 +16,11 @@ async function errorMessage(response) {
   return `${response.status} ${response.statusText || "error"}`;
 }
 
-function drawHeatmap(alignment) {
+function drawHeatmap(alignment, note) {
   const table = $("heatmap");
   table.replaceChildren();
   if (!alignment || !alignment.weights.length) {
-    table.insertRow().insertCell().textContent = "no attention weights for this translation";
+    table.insertRow().insertCell().textContent = note || "no attention weights for this translation";
     return;
   }
   const head = table.createTHead().insertRow();
@@ -47,7 +47,7 @@ function drawHeatmap(alignment) {
   });
 }
 
-function showResult(data) {
+function showResult(data, note) {
   const best = data.translations[0];
   $("translation").textContent = best.text;
   $("score").textContent = best.score === null ? "n/a" : best.score.toFixed(3);
@@ -60,8 +60,17 @@ function showResult(data) {
     list.appendChild(li);
   }
   $("alternatives-box").hidden = best.alternatives.length === 0;
-  drawHeatmap(best.alignment);
+  drawHeatmap(best.alignment, note);
   $("result").hidden = false;
+}
+
+async function refusesAlignment(response) {
+  try {
+    const body = await response.json();
+    return body.error.fields.some((field) => field.field === "return_alignment");
+  } catch (_) {
+    return false;
+  }
 }
 
 async function translate(event) {
@@ -77,13 +86,20 @@ async function translate(event) {
   const headers = { "Content-Type": "application/json" };
   if ($("apikey").value) headers["X-API-Key"] = $("apikey").value;
   $("translate").disabled = true;
+  const post = (body) => fetch("/v1/translate", { method: "POST", headers, body: JSON.stringify(body) });
   try {
-    const response = await fetch("/v1/translate", { method: "POST", headers, body: JSON.stringify(payload) });
+    let response = await post(payload);
+    let note = null;
+    if (response.status === 413 && await refusesAlignment(response.clone())) {
+      // Too long a text for its attention matrix (NMT_MAX_ALIGNMENT_CELLS): translate it without one.
+      note = "no heat map: this text is too long for the service to return its attention weights";
+      response = await post({ ...payload, return_alignment: false });
+    }
     if (!response.ok) {
       showError(await errorMessage(response));
       return;
     }
-    showResult(await response.json());
+    showResult(await response.json(), note);
   } catch (err) {
     showError(`Could not reach the translation service: ${err.message}`);
   } finally {
