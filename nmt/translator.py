@@ -65,6 +65,15 @@ class ScoreResult:
 
 
 @dataclass
+class ScoreJob:
+    """A score call's pairs, tokenized (Translator.prepare_score)."""
+
+    sources: list[list[int]]  # source ids per pair
+    targets: list[list[int]]  # candidate ids per pair
+    target_pieces: list[list[str]]
+
+
+@dataclass
 class _Segment:
     ids: list[int]
     pieces: list[str]
@@ -424,22 +433,29 @@ class Translator:
     # Scoring
     # ------------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def score(self, sources: list[str], candidates: list[str], batch_tokens: int | None = None) -> list[ScoreResult]:
         """Log-probability of each candidate translation of its source, by forced decoding (teacher forcing)."""
+        return self.run_score(self.prepare_score(sources, candidates), batch_tokens)
+
+    def prepare_score(self, sources: list[str], candidates: list[str]) -> ScoreJob:
+        """A score call's pairs checked and tokenized (cleaned as translation's texts are), ready for run_score; it
+        touches no model state, so it may run on any thread."""
         for name, value in (("sources", sources), ("candidates", candidates)):
             if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
                 raise NMTError(f"{name} must be a list of strings")
         if len(sources) != len(candidates):
             raise NMTError(f"{len(sources)} sources but {len(candidates)} candidates: they must pair up")
+        src_ids = {s: self._encode(s)[0] for s in set(sources)}  # a request scores many candidates of one source
+        targets = [self.tgt_tok.encode_with_pieces(normalize_text(t)) for t in candidates]
+        return ScoreJob([src_ids[s] for s in sources], [ids for ids, _ in targets], [p for _, p in targets])
+
+    @torch.no_grad()
+    def run_score(self, job: ScoreJob, batch_tokens: int | None = None) -> list[ScoreResult]:
+        """Score a prepared call, in token-budget batches, under the model lock."""
         budget = _check_int("batch_tokens", self.cfg.decode.batch_tokens if batch_tokens is None else batch_tokens, 1)
-        # Tokenized before taking the model: a request scores many candidates of one source.
-        src_ids = {s: self._encode(s)[0] for s in set(sources)}
-        src = [src_ids[s] for s in sources]
-        encoded = [self.tgt_tok.encode_with_pieces(normalize_text(t)) for t in candidates]
-        tgt = [ids for ids, _ in encoded]
+        src, tgt = job.sources, job.targets
         with self.lock:
-            results: list[ScoreResult] = [ScoreResult(0.0, [], []) for _ in sources]
+            results: list[ScoreResult] = [ScoreResult(0.0, [], []) for _ in src]
             groups = token_batches([len(s) for s in src], [len(t) for t in tgt], budget, max(len(src), 1))
             model = self.model.eval()
             for group in groups:
@@ -450,5 +466,5 @@ class Translator:
                 picked = logprobs.gather(2, batch.tgt_out.unsqueeze(2)).squeeze(2).cpu()
                 for row, i in enumerate(group):
                     values = picked[row, : len(tgt[i]) + 1].tolist()
-                    results[i] = ScoreResult(sum(values), [*encoded[i][1], EOS_PIECE], values)
+                    results[i] = ScoreResult(sum(values), [*job.target_pieces[i], EOS_PIECE], values)
             return results

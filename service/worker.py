@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from nmt.stream import TranslationStream
-from nmt.text import normalize_text
-from nmt.translator import Job, ScoreResult, Translation, Translator
+from nmt.translator import Job, ScoreJob, ScoreResult, Translation, Translator
 from service.batcher import Batcher
 from service.metrics import Metrics
 from service.settings import Settings
@@ -115,24 +114,20 @@ class ModelWorker:
         """Score candidates of a source; TooLarge when a text has more pieces than the model's max_len."""
         if not candidates:
             return []
-        measure = functools.partial(self._score_tokens, source, candidates)
+        prepare = functools.partial(self.translator.prepare_score, [source] * len(candidates), candidates)
         inline = len(source) + sum(map(len, candidates)) <= INLINE_CHARS
-        tokens = measure() if inline else await asyncio.to_thread(measure)
-        return await self._batcher.submit(_SCORE, [(source, c) for c in candidates], tokens)
-
-    def _score_tokens(self, source: str, candidates: list[str]) -> int:
-        """What scoring these costs a batch, in source tokens as a translation's (each candidate encodes the source).
-        Translation splits long texts into sentences, scoring cannot, and forced decoding costs the product of the
-        two lengths: texts longer than the model was trained on (max_len pieces) are refused."""
-        tr = self.translator
-        source_len = len(tr.src_tok.encode(normalize_text(source)))  # as Translator.score will encode them
-        lengths = [("source", source_len), *((f"candidates[{i}]", len(tr.tgt_tok.encode(normalize_text(c))))
-                                            for i, c in enumerate(candidates))]
+        job = prepare() if inline else await asyncio.to_thread(prepare)
+        # Translation splits long texts into sentences, scoring cannot, and forced decoding costs the product of
+        # the two lengths: texts longer than the model was trained on (max_len pieces) are refused.
+        limit = self.translator.max_len
+        lengths = [("source", len(job.sources[0])), *((f"candidates[{i}]", len(ids))
+                                                       for i, ids in enumerate(job.targets))]
         for name, pieces in lengths:
-            if pieces > tr.max_len:
-                raise TooLarge(name, f"{pieces} pieces, more than the {tr.max_len} this model scores",
-                               f"at most {tr.max_len} pieces")
-        return (source_len + 1) * len(candidates)
+            if pieces > limit:
+                raise TooLarge(name, f"{pieces} pieces, more than the {limit} this model scores",
+                               f"at most {limit} pieces")
+        # A batch's cost in source tokens, as a translation's (each candidate encodes the source).
+        return await self._batcher.submit(_SCORE, job, (len(job.sources[0]) + 1) * len(candidates))
 
 
 
@@ -144,7 +139,7 @@ class _Engine:
         self.stream = TranslationStream(translator)
         self._scored: list[tuple[Hashable, Sequence[Any]]] = []
 
-    def add(self, handle: Hashable, key: DecodeOptions | str, work: Job | list[tuple[str, str]]) -> None:
+    def add(self, handle: Hashable, key: DecodeOptions | str, work: Job | ScoreJob) -> None:
         if key == _SCORE:
             self._scored.append((handle, self.run_alone(key, work)))
         else:
@@ -158,11 +153,10 @@ class _Engine:
         done, self._scored = self._scored, []
         return [*done, *stepped]
 
-    def run_alone(self, key: DecodeOptions | str, work: Job | list[tuple[str, str]]) -> Sequence[Any]:
-        tr = self.translator
+    def run_alone(self, key: DecodeOptions | str, work: Job | ScoreJob) -> Sequence[Any]:
         if key == _SCORE:
-            return tr.score([s for s, _ in work], [c for _, c in work], batch_tokens=self.batch_tokens)
-        return tr.run(work)
+            return self.translator.run_score(work, batch_tokens=self.batch_tokens)
+        return self.translator.run(work)
 
     def __len__(self) -> int:
         return len(self.stream) + len(self._scored)
