@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nmt.batching import ParallelData
 from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
+from nmt.device import pick_device
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
@@ -153,14 +154,6 @@ def config_changes(saved: dict[str, Any], cfg: Config, sections: tuple[str, ...]
     return changes
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise NMTError("config key 'train.device' is cuda, but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def command_line() -> str:
     """How this process was started, for the run's record (torchrun shows as its rank count)."""
     world = os.environ.get("WORLD_SIZE")
@@ -256,7 +249,7 @@ class Trainer:
         tc = cfg.train
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
-        self.device = pick_device(tc.device)
+        self.device = pick_device(tc.device, "config key 'train.device'")
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)

@@ -23,6 +23,7 @@ import torch
 from nmt.batching import collate, token_batches
 from nmt.checkpoint import load_checkpoint
 from nmt.config import Config, from_dict, load_config
+from nmt.device import pick_device
 from nmt.errors import NMTError
 from nmt.export import CONFIG_FILE, MODEL_FILE, is_model_dir, load_weights, read_card, read_safetensors, run_checkpoint
 from nmt.model import Seq2Seq
@@ -154,18 +155,6 @@ def _check_int(name: str, value: Any, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise NMTError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
-
-
-def pick_device(name: str) -> torch.device:
-    """The torch device for cpu, cuda, cuda:N or auto; NMTError for an unknown or unavailable one."""
-    try:
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                              "cpu" if name == "auto" else name)
-    except RuntimeError:
-        raise NMTError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NMTError("device cuda was asked for, but no CUDA device is available")
-    return device
 
 
 def locate_model(path: Path) -> tuple[Path, Path, bool]:

@@ -7,8 +7,9 @@ import os
 import uvicorn
 from pydantic import ValidationError
 
+from nmt.device import pick_device
 from nmt.errors import NMTError
-from nmt.translator import locate_model, pick_device
+from nmt.translator import locate_model
 from service.settings import Settings
 
 
@@ -18,7 +19,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, w
     Settings travel to the workers through the environment, so MODEL is exported as NMT_MODEL_DIR. On SIGTERM
     uvicorn stops accepting connections and finishes the requests in flight before the model is unloaded.
     """
-    check(model, port, workers)
+    check(model, port, workers)  # cheap, and serve may be called without the CLI's check
     uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
                 timeout_graceful_shutdown=None)
 
@@ -35,7 +36,8 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1) -> None:
             f"NMT_{'_'.join(map(str, err['loc'])).upper()}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors())) from None
     locate_model(settings.model_dir)
-    pick_device(settings.device)
+    if pick_device(settings.device, "NMT_DEVICE").type != "cpu" and settings.int8:
+        raise NMTError("NMT_INT8 quantizes for CPU inference: use NMT_DEVICE=cpu")
     if workers < 1:
         raise NMTError(f"--workers must be >= 1, got {workers}")
     if not 0 <= port <= 65535:

@@ -133,7 +133,7 @@ def test_sigterm_finishes_in_flight_requests(server):
     (["missing"], {}, "model not found"),
     (["no-model"], {}, "holds no best.pt or last.pt"),
     (["notes.txt"], {}, "notes.txt is not a readable rnnsearch checkpoint"),
-    ([], {"NMT_DEVICE": "banana"}, "unknown device 'banana'"),
+    ([], {"NMT_DEVICE": "banana"}, "NMT_DEVICE must be cpu, cuda, cuda:N or auto, got 'banana'"),
     ([], {"NMT_MAX_QUEUE": "abc", "NMT_RATE_LIMIT": "10/fortnight"},
      "invalid setting: NMT_MAX_QUEUE: Input should be a valid integer, unable to parse string as an integer; "
      "NMT_RATE_LIMIT: rate limit must look like 60/minute"),
