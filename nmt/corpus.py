@@ -381,7 +381,7 @@ def prepare_files(
     or are held out at random (seeded) from the cleaned training pairs: `dev_size` / `test_size` pairs,
     by default 500 each but at most 10% of the pairs each.
 
-    Cleaning of every pair: `normalize_text` (NFC, control characters, whitespace). Training pairs are
+    Cleaning of every pair: `normalize_text` (NFC, control and invisible characters, whitespace). Training pairs are
     then dropped when a side is empty, a side is longer than `max_len` units, the longer side is more
     than `max_ratio` times the shorter (`max_ratio` 0 turns this off; pairs whose longer side has at most
     5 units are exempt), the pair repeats an earlier pair, or its source sentence is also a dev or test

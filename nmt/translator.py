@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 _LINE_BREAK = re.compile(r"(\s*\n\s*)")
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])(\s+)")
+# Whitespace kept as it is around the translated lines, except the control characters among it (vertical tab,
+# form feed, separators, next line), which would otherwise pass into the translation: spaces instead.
+_CONTROL_SPACE = dict.fromkeys([0x0B, 0x0C, 0x1C, 0x1D, 0x1E, 0x1F, 0x85], " ")
 
 
 @dataclass
@@ -343,16 +346,16 @@ class Translator:
         plan: list[str | int] = []
         for k, part in enumerate(_LINE_BREAK.split(text)):
             if k % 2:
-                plan.append(part)
+                plan.append(part.translate(_CONTROL_SPACE))
                 continue
             line = part.strip()
             start = len(part) - len(part.lstrip())
             if start:
-                plan.append(part[:start])
+                plan.append(part[:start].translate(_CONTROL_SPACE))
             if line:
                 plan += self._split_line(line, segments)
                 if len(part) > start + len(line):
-                    plan.append(part[start + len(line):])
+                    plan.append(part[start + len(line):].translate(_CONTROL_SPACE))
         return plan
 
     def _split_line(self, line: str, segments: list[_Segment]) -> list[str | int]:

@@ -110,6 +110,7 @@ def test_control_and_invisible_characters_are_removed_as_in_training_corpora(tra
     out = translator.translate(odd)
     assert texts(out) == texts(translator.translate(["ab c", "a b c", "a b c", "", "a b\n"]))
     assert out[3].score is None and out[3].alternatives == []
+    assert translator.translate(["a b\x0c\n\x1fc d\x0b"])[0].text == translator.translate(["a b \n c d "])[0].text
 
 
 def test_a_text_never_translates_to_nothing_unless_asked(translator):
