@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     install_error_handlers(app)
     # The last added is the outermost: CORS headers go on every answer, the body limit's 413 too, and the metrics
     # count them all.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "X-API-Key", "Authorization"],

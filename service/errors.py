@@ -16,7 +16,7 @@ from service.schemas import MAX_TEXTS, TOO_MANY_TEXTS, ErrorResponse
 log = logging.getLogger(__name__)
 
 MAX_REPORTED = 50  # fields listed in a 422: a list of thousands of bad items is not answered item by item
-_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
           413: "too_large", 415: "unsupported_media_type", 422: "validation_error", 429: "rate_limited",
           500: "internal_error", 503: "unavailable", 504: "timeout"}
 
@@ -161,6 +161,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description} for status, description in {
         400: "the body could not be decoded (not UTF-8)",
         401: "missing or invalid API key (when keys are configured)",
+        408: "the body did not arrive within the request deadline",
         413: "body, text count or text length over the limits",
         415: "the body is compressed or not JSON",
         422: "invalid request: the message and `fields` name the offending fields",

@@ -1,6 +1,10 @@
-"""Request body size limit, enforced before the body is parsed (also for chunked bodies without Content-Length)."""
+"""Request body limits, enforced before the body is parsed (also for chunked bodies without Content-Length): its
+size, and the time it may take to arrive."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -8,11 +12,13 @@ from service.errors import error_response
 
 
 class BodyLimitMiddleware:
-    """Answers 413 to a request whose body exceeds `max_bytes`; buffers at most `max_bytes` of it."""
+    """Answers 413 to a request whose body exceeds `max_bytes` (buffering at most that much of it), and 408 to one
+    whose body has not arrived `timeout_s` after the request began, so that slow senders cannot hold connections."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -24,8 +30,15 @@ class BodyLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                response = error_response(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                                          headers={"connection": "close"})
+                await response(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

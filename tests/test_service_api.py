@@ -6,12 +6,15 @@ import asyncio
 import gzip
 import json
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
+from conftest import serve_in_thread
 from fastapi.testclient import TestClient
 
 import service.worker
@@ -524,3 +527,18 @@ def test_unexpected_errors_are_a_json_500_and_the_service_goes_on(make_client, t
     assert error_of(post(client, {"text": "a"}), 500)["code"] == "internal_error"
     monkeypatch.undo()
     assert post(client, {"text": "a b"}).json()["translations"][0]["text"] == "b a"
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(translator, tiny_model_dir):
+    # A slow sender would otherwise hold its connection (and buffer) for as long as it likes.
+    app = create_app(Settings(model_dir=tiny_model_dir, request_timeout_s=1.0), translator)
+    with serve_in_thread(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"text\": ")
+            start = time.perf_counter()
+            answer = conn.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer
+        assert 0.9 < time.perf_counter() - start < 5
+        assert httpx.post(f"{url}/v1/translate", json={"text": "a b"}).status_code == 200
