@@ -441,22 +441,33 @@ class Translator:
         targets = [self.tgt_tok.encode_with_pieces(normalize_text(t)) for t in candidates]
         return ScoreJob([src_ids[s] for s in sources], [ids for ids, _ in targets], [p for _, p in targets])
 
-    @torch.no_grad()
     def run_score(self, job: ScoreJob, batch_tokens: int | None = None) -> list[ScoreResult]:
-        """Score a prepared call, in token-budget batches, under the model lock."""
+        """Score a prepared call, start to end, in token-budget batches."""
+        results: list[ScoreResult] = [ScoreResult(0.0, [], []) for _ in job.sources]
+        for group in self.score_groups(job, batch_tokens):
+            for i, result in zip(group, self.score_group(job, group), strict=True):
+                results[i] = result
+        return results
+
+    def score_groups(self, job: ScoreJob, batch_tokens: int | None = None) -> list[list[int]]:
+        """A prepared call's pairs in token-budget batches (their indices), for score_group one at a time."""
         budget = _check_int("batch_tokens", self.cfg.decode.batch_tokens if batch_tokens is None else batch_tokens, 1)
+        return token_batches([len(s) for s in job.sources], [len(t) for t in job.targets], budget,
+                             max(len(job.sources), 1))
+
+    @torch.no_grad()
+    def score_group(self, job: ScoreJob, group: list[int]) -> list[ScoreResult]:
+        """Score these pairs of a prepared call in one forced-decoding batch, under the model lock."""
         src, tgt = job.sources, job.targets
         with self.lock:
-            results: list[ScoreResult] = [ScoreResult(0.0, [], []) for _ in src]
-            groups = token_batches([len(s) for s in src], [len(t) for t in tgt], budget, max(len(src), 1))
             model = self.model.eval()
-            for group in groups:
-                batch = collate([src[i] for i in group], [tgt[i] for i in group], group).to(self.device)
-                mem = model.encode(batch.src, batch.src_lens)
-                readout = model.decoder(batch.tgt_in, model.init_state(mem), mem)
-                logprobs = torch.log_softmax(model.decoder.vocab_logits(readout).float(), dim=-1)
-                picked = logprobs.gather(2, batch.tgt_out.unsqueeze(2)).squeeze(2).cpu()
-                for row, i in enumerate(group):
-                    values = picked[row, : len(tgt[i]) + 1].tolist()
-                    results[i] = ScoreResult(sum(values), [*job.target_pieces[i], EOS_PIECE], values)
-            return results
+            batch = collate([src[i] for i in group], [tgt[i] for i in group], group).to(self.device)
+            mem = model.encode(batch.src, batch.src_lens)
+            readout = model.decoder(batch.tgt_in, model.init_state(mem), mem)
+            logprobs = torch.log_softmax(model.decoder.vocab_logits(readout).float(), dim=-1)
+            picked = logprobs.gather(2, batch.tgt_out.unsqueeze(2)).squeeze(2).cpu()
+        results = []
+        for row, i in enumerate(group):
+            values = picked[row, : len(tgt[i]) + 1].tolist()
+            results.append(ScoreResult(sum(values), [*job.target_pieces[i], EOS_PIECE], values))
+        return results

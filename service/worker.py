@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 from collections.abc import Hashable, Sequence
@@ -137,21 +138,37 @@ class _Engine:
     def __init__(self, translator: Translator, batch_tokens: int):
         self.translator, self.batch_tokens = translator, batch_tokens
         self.stream = TranslationStream(translator)
-        self._scored: list[tuple[Hashable, Sequence[Any]]] = []
+        self._scoring: dict[Hashable, _Scoring] = {}
 
     def add(self, handle: Hashable, key: DecodeOptions | str, work: Job | ScoreJob) -> None:
         if key == _SCORE:
-            self._scored.append((handle, self.run_alone(key, work)))
+            groups = self.translator.score_groups(work, self.batch_tokens)
+            self._scoring[handle] = _Scoring(work, collections.deque(groups), [None] * len(work.sources))
         else:
             self.stream.add_job(handle, work)
 
     def cancel(self, handle: Hashable) -> None:
         self.stream.cancel(handle)
+        self._scoring.pop(handle, None)
 
     def step(self) -> list[tuple[Hashable, Sequence[Any] | BaseException]]:
-        stepped = self.stream.step()
-        done, self._scored = self._scored, []
-        return [*done, *stepped]
+        """A decoding step of the translations, and one batch of each score call: a long score call neither holds
+        up the translations nor outlives its caller by more than a batch."""
+        done: list[tuple[Hashable, Sequence[Any] | BaseException]] = []
+        for handle, scoring in list(self._scoring.items()):
+            try:
+                if scoring.groups:
+                    group = scoring.groups.popleft()
+                    for i, result in zip(group, self.translator.score_group(scoring.job, group), strict=True):
+                        scoring.results[i] = result
+            except Exception as exc:
+                del self._scoring[handle]
+                done.append((handle, exc))
+                continue
+            if not scoring.groups:
+                del self._scoring[handle]
+                done.append((handle, scoring.results))
+        return [*done, *self.stream.step()]
 
     def run_alone(self, key: DecodeOptions | str, work: Job | ScoreJob) -> Sequence[Any]:
         if key == _SCORE:
@@ -159,8 +176,17 @@ class _Engine:
         return self.translator.run(work)
 
     def __len__(self) -> int:
-        return len(self.stream) + len(self._scored)
+        return len(self.stream) + len(self._scoring)
 
     @property
     def segments(self) -> int:
-        return self.stream.segments + sum(len(items) for _, items in self._scored)
+        return self.stream.segments + sum(len(s.job.sources) for s in self._scoring.values())
+
+
+@dataclass
+class _Scoring:
+    """A score call in progress: its batches still to run, and the results so far."""
+
+    job: ScoreJob
+    groups: collections.deque[list[int]]
+    results: list[ScoreResult | None]

@@ -542,3 +542,26 @@ def test_a_body_that_does_not_arrive_in_time_is_408(translator, tiny_model_dir):
         assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer
         assert 0.9 < time.perf_counter() - start < 5
         assert httpx.post(f"{url}/v1/translate", json={"text": "a b"}).status_code == 200
+
+
+def test_a_score_call_runs_a_batch_a_step_and_stops_when_its_caller_leaves(translator, monkeypatch):
+    # One batch per engine step: translations decode between a long call's batches, and a caller that gave up
+    # (deadline, disconnect) costs at most the batch under way.
+    engine = service.worker._Engine(translator, batch_tokens=12)
+    calls = []
+    real = translator.score_group
+    monkeypatch.setattr(translator, "score_group", lambda job, group: calls.append(group) or real(job, group))
+    sources, candidates = ["a b c"] * 6, ["c b a", "a b c", "c b", "c b a d", "b", "c c b a"]
+    for handle in ("left", "stayed"):
+        engine.add(handle, service.worker._SCORE, translator.prepare_score(sources, candidates))
+    batches = len(translator.score_groups(translator.prepare_score(sources, candidates), 12))
+    assert batches >= 3
+    assert engine.step() == [] and len(calls) == 2
+    engine.cancel("left")
+    done = []
+    while len(engine):
+        done += engine.step()
+    assert len(calls) == 1 + batches  # "left" ran its first batch only
+    [(handle, results)] = done
+    expected = translator.score(sources, candidates)
+    assert handle == "stayed" and [r.logprob for r in results] == pytest.approx([r.logprob for r in expected])
