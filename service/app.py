@@ -84,10 +84,28 @@ def _check_sizes(settings: Settings, field: str, value: str | list[str]) -> list
     return texts
 
 
-async def _run(settings: Settings, work: Any) -> Any:
-    """Await model work under the request deadline, mapping queue and model errors to responses."""
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed the connection (the body was read already: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _run(settings: Settings, work: Any, request: Request) -> Any:
+    """Await model work under the request deadline, mapping queue and model errors to responses. A client that
+    leaves first (a disconnect, a client-side timeout) drops its work: the model does not go on for nobody."""
+    task = asyncio.ensure_future(asyncio.wait_for(work, settings.request_timeout_s))
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        return await asyncio.wait_for(work, settings.request_timeout_s)
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        left = not task.done()
+        if left:
+            task.cancel()
+    if left:
+        raise ServiceError(499, "the client closed the connection before the answer", code="client_closed")
+    try:
+        return task.result()
     except QueueFull:
         raise ServiceError(503, "the translation queue is full; retry shortly", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -150,7 +168,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
 
     @app.post("/v1/translate", response_model=schemas.TranslateResponse, responses=ERROR_RESPONSES,
               dependencies=guards, tags=["translation"])
-    async def translate(req: schemas.TranslateRequest) -> schemas.TranslateResponse:
+    async def translate(req: schemas.TranslateRequest, request: Request) -> schemas.TranslateResponse:
         """Translate one text or a list of texts; concurrent requests with equal options share model batches."""
         start = time.perf_counter()
         _require(worker)
@@ -162,20 +180,20 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
             raise ServiceError(422, f"n_best: {message}", fields=[{"field": "n_best", "message": message}])
         options = DecodeOptions(beam, req.n_best, default_alpha if req.length_penalty is None else req.length_penalty,
                                 req.return_alignment)
-        results = await _run(settings, worker.translate(texts, options))
+        results = await _run(settings, worker.translate(texts, options), request)
         return schemas.TranslateResponse(
             translations=[_translation(t, req.return_scores, req.return_alignment) for t in results],
             model=worker.model_id, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
 
     @app.post("/v1/score", response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,
               dependencies=guards, tags=["translation"])
-    async def score(req: schemas.ScoreRequest) -> schemas.ScoreResponse:
+    async def score(req: schemas.ScoreRequest, request: Request) -> schemas.ScoreResponse:
         """Log-probabilities of candidate translations of one source, e.g. to rerank them."""
         start = time.perf_counter()
         _require(worker)
         _check_sizes(settings, "source", req.source)
         _check_sizes(settings, "candidates", req.candidates)
-        results = await _run(settings, worker.score(req.source, req.candidates))
+        results = await _run(settings, worker.score(req.source, req.candidates), request)
         return schemas.ScoreResponse(
             scores=[schemas.Score(text=c, logprob=r.logprob, pieces=r.pieces, token_logprobs=r.token_logprobs)
                     for c, r in zip(req.candidates, results, strict=True)],

@@ -565,3 +565,30 @@ def test_a_score_call_runs_a_batch_a_step_and_stops_when_its_caller_leaves(trans
     [(handle, results)] = done
     expected = translator.score(sources, candidates)
     assert handle == "stayed" and [r.logprob for r in results] == pytest.approx([r.logprob for r in expected])
+
+
+def test_a_client_that_leaves_drops_its_work(translator, tiny_model_dir, monkeypatch):
+    # The model does not go on for nobody: a disconnect cancels the request's job after the step under way.
+    calls = []
+    real = translator.score_group
+
+    def slow(job, group):
+        calls.append(group)
+        time.sleep(0.1)
+        return real(job, group)
+
+    monkeypatch.setattr(translator, "score_group", slow)
+    app = create_app(Settings(model_dir=tiny_model_dir, max_batch_tokens=8), translator)
+    body = json.dumps({"source": "a b c", "candidates": ["c b a"] * 40}).encode()
+    with serve_in_thread(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.5)
+        time.sleep(1.0)
+        ran = len(calls)
+        time.sleep(1.0)
+        batches = len(translator.score_groups(translator.prepare_score(["a b c"] * 40, ["c b a"] * 40), 8))
+        assert len(calls) == ran < batches / 2  # it stopped, and early
+        assert 'route="/v1/score",status="499"' in httpx.get(f"{url}/metrics").text
