@@ -125,16 +125,26 @@ class TranslationStream:
         self._joining.setdefault((job.key, attention), []).extend((handle, job, j) for j in which)
 
     def _join(self) -> list[tuple[Hashable, Exception]]:
-        """Add the joining segments to their searches, creating those that are needed; the calls whose segments
-        could not join fail (the searches stay as they were)."""
+        """Add the joining segments to their searches, creating those that are needed, while a search holds at most
+        its calls' token budget of source tokens (one segment at least, into an empty search); the others wait for
+        room, so a call of many segments decodes them as they fit and can be cancelled between steps. The calls
+        whose segments could not join fail (the searches stay as they were)."""
         failed: list[tuple[Hashable, Exception]] = []
         joining, self._joining = self._joining, {}
-        for key, entries in joining.items():
+        for key, waiting in joining.items():
+            if not waiting:
+                continue
+            job = waiting[0][1]  # the calls of one search share its settings, shortlist sizes included
+            search = self._searches.get(key)
+            live = sum(search.src_lens) if search is not None else 0
+            count = _fitting([len(owner.segments[owner.todo[j]].ids) + 1 for _, owner, j in waiting],
+                             job.budget - live, live == 0)
+            entries = waiting[:count]
+            if count < len(waiting):
+                self._joining[key] = waiting[count:]
             if not entries:
                 continue
-            job = entries[0][1]  # the calls of one search share its settings, shortlist sizes included
             try:
-                search = self._searches.get(key)
                 if search is None:
                     search = BeamSearch(self.translator.model, return_attention=key[1], **job.search)
                 ids = [owner.segments[owner.todo[j]].ids for _, owner, j in entries]
@@ -157,3 +167,14 @@ class TranslationStream:
         except Exception as exc:
             log.exception("finishing a translation call failed")
             return handle, exc
+
+
+def _fitting(tokens: list[int], room: int, empty: bool) -> int:
+    """How many of these segments (source tokens each, in order) fit in room; an empty search takes one at least."""
+    used = count = 0
+    for t in tokens:
+        used += t
+        if used > room and (count or not empty):
+            break
+        count += 1
+    return count

@@ -192,3 +192,24 @@ def test_a_call_that_fails_on_its_own_fails_alone(translator, monkeypatch):
     assert len(stream) == 0 and stream.segments == 0
     stream.add("after", ["  ", "d e"])
     assert not isinstance(run(stream, [])["after"], Exception)
+
+
+def test_a_call_of_many_segments_joins_as_they_fit_the_token_budget(translator):
+    # A call of hundreds of sentences used to join all at once (one encoder pass, one huge search), so it could
+    # not be cancelled before that pass and the step time grew without bound.
+    texts = [" ".join(LETTERS[(i + k) % 16] for k in range(3 + i % 5)) for i in range(30)]
+    stream = TranslationStream(translator)
+    stream.add("many", texts, batch_tokens=20)
+    stream.add("other", ["a b c"], batch_tokens=20)
+    results, live = {}, []
+    while len(stream):
+        results.update(stream.step())
+        live.append(max((sum(s.src_lens) for s in stream._searches.values()), default=0))
+    assert max(live) <= 20 and len(live) > 10  # never more than the budget decoding, so it took turns
+    same(results["many"], translator.translate(texts))
+    same(results["other"], translator.translate(["a b c"]))
+    stream.add("gone", texts, batch_tokens=20)
+    stream.step()
+    stream.cancel("gone")
+    assert all(not waiting for waiting in stream._joining.values())  # its segments still waiting left too
+    assert stream.step() == [] and not len(stream)
