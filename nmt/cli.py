@@ -346,7 +346,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{args.port}/"
     print(f"nmt serve: starting; once the model is loaded, open {url} (API documentation: {url}docs)", flush=True)
-    serve(args.model, args.host, args.port, args.workers)
+    serve(args.host, args.port, args.workers)
     return 0
 
 

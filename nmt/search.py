@@ -32,6 +32,11 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha if alpha else 1.0
 
 
+def output_limit(pieces: int, max_len_a: float, max_len_b: int) -> int:
+    """The most pieces (EOS not counted) a sentence of this many source pieces (EOS not counted) decodes to."""
+    return max(1, int(max_len_a * pieces + max_len_b))
+
+
 def _positions(ids: torch.Tensor, tokens: list[int]) -> list[int]:
     """Where the tokens that are in the sorted ids stand in them."""
     if not tokens:
@@ -136,7 +141,7 @@ class BeamSearch:
         prev = torch.full((n * k,), BOS, dtype=torch.long, device=device)
         attn = torch.zeros((n * k, width, memory_width), device=device) if self.with_attention else None
         # Output limits count real pieces: the source's EOS is not part of its length.
-        limits = [max(1, int(self.max_len_a * (m - 1) + self.max_len_b)) for m in src_lens]
+        limits = [output_limit(m - 1, self.max_len_a, self.max_len_b) for m in src_lens]
         ids, bias = (None, None) if shortlist is None else shortlist
         if self.keys:
             if ids is not None:

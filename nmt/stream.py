@@ -137,9 +137,9 @@ class TranslationStream:
             job = waiting[0][1]  # the calls of one search share its settings, shortlist sizes included
             search = self._searches.get(key)
             live = sum(search.src_lens) if search is not None else 0
-            count = _fitting([len(owner.segments[owner.todo[j]].ids) + 1 for _, owner, j in waiting],
-                             job.budget - live, live == 0)
-            entries = waiting[:count]
+            waiting_ids = [owner.segments[owner.todo[j]].ids for _, owner, j in waiting]
+            count = _fitting([len(ids) + 1 for ids in waiting_ids], job.budget - live, live == 0)
+            entries, ids = waiting[:count], waiting_ids[:count]
             if count < len(waiting):
                 self._joining[key] = waiting[count:]
             if not entries:
@@ -147,7 +147,6 @@ class TranslationStream:
             try:
                 if search is None:
                     search = BeamSearch(self.translator.model, return_attention=key[1], **job.search)
-                ids = [owner.segments[owner.todo[j]].ids for _, owner, j in entries]
                 batch = collate(ids, None, list(range(len(ids))))
                 src = batch.src.to(self.translator.device)
                 search.add([(handle, j) for handle, _, j in entries], src, batch.src_lens,

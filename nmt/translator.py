@@ -27,7 +27,7 @@ from nmt.device import pick_device
 from nmt.errors import NMTError
 from nmt.export import CONFIG_FILE, MODEL_FILE, is_model_dir, load_weights, read_card, read_safetensors, run_checkpoint
 from nmt.model import Seq2Seq
-from nmt.search import Hypothesis, search_ids
+from nmt.search import Hypothesis, output_limit, search_ids
 from nmt.shortlist import SHORTLIST_FILE, STORED_PER_SOURCE, Shortlist
 from nmt.text import normalize_text
 from nmt.tokenizer import EOS_PIECE, UNK, WORD_START, Tokenizer
@@ -127,7 +127,7 @@ class Job:
         cells = 0
         for plan in self.plans:
             ids = [self.segments[p].ids for p in plan if isinstance(p, int) and self.segments[p].ids]
-            cells += sum(len(i) + 1 for i in ids) * sum(max(1, int(a * len(i) + b)) + 1 for i in ids)
+            cells += sum(len(i) + 1 for i in ids) * sum(output_limit(len(i), a, b) + 1 for i in ids)
         return cells
 
     @property

@@ -13,13 +13,13 @@ from nmt.translator import locate_model
 from service.settings import Settings
 
 
-def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
-    """Serve `model` (default: NMT_MODEL_DIR) until SIGINT/SIGTERM; each worker process loads its own copy.
+def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Serve NMT_MODEL_DIR until SIGINT/SIGTERM, once `check` has passed (it exports MODEL as NMT_MODEL_DIR); each
+    worker process loads its own copy.
 
-    Settings travel to the workers through the environment, so MODEL is exported as NMT_MODEL_DIR. On SIGTERM
-    uvicorn stops accepting connections and finishes the requests in flight before the model is unloaded.
+    Settings travel to the workers through the environment. On SIGTERM uvicorn stops accepting connections and
+    finishes the requests in flight before the model is unloaded.
     """
-    check(model, port, workers)  # cheap, and serve may be called without the CLI's check
     uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
                 timeout_graceful_shutdown=None)
 

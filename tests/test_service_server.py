@@ -145,7 +145,7 @@ def test_serve_refuses_bad_arguments_and_settings_in_one_line(tiny_model_dir, tm
     (tmp_path / "no-model").mkdir()
     (tmp_path / "notes.txt").write_text("not a model\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))  # serve() exports MODEL as NMT_MODEL_DIR: restored after
+    monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))  # check() exports MODEL as NMT_MODEL_DIR: restored after
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert nmt_main(["serve", *args]) == 2
