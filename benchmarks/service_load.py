@@ -2,7 +2,8 @@
 
     python benchmarks/service_load.py [models/es-en-bible] [--src data/bible/test.src] \\
         [--concurrency 1 8 32 128] [--requests N | --duration S] [--modes on off] \\
-        [--server-cpus 0,1] [--threads 2] [--client-cpus 0] [--out benchmarks/results]
+        [--server-cpus 0,1] [--threads 2] [--client-cpus 0] [--large-texts N [--large-sentences K]] \\
+        [--out benchmarks/results]
 
 For each mode a fresh server is started: `nmt serve MODEL --host 127.0.0.1 --port <free port>` (as
 `python -m nmt serve`, pinned with `taskset -c SERVER_CPUS` when given, NMT_THREADS and OMP_NUM_THREADS from
@@ -26,6 +27,11 @@ steps of the level (nmt_batch_requests_sum / _count from /metrics; not measured 
 which each keep their own); server CPU is its user + system time (all its processes) over the wall time (100% = one core
 busy). The load generator shares the machine: pin it away from the server with --client-cpus where there are
 cores to spare.
+
+With --large-texts N, one more client sends requests of N texts (of --large-sentences sentences each, from the
+end of the shuffled sources) back to back while the others run, and is stopped when they are done (its request
+in flight abandoned): the rows then show the latency of single sentences beside large requests, and how many of
+those were answered (with their median latency).
 
 Writes OUT/service_load.json (machine, command lines, settings, rows) and OUT/service_load.md (the table), and
 prints the table with the issue's bars: batching on / off throughput at concurrency 32, and whether p99 at
@@ -283,15 +289,26 @@ class Connection:
 
 
 async def load(url: str, texts: list[str], *, concurrency: int, requests: int, duration: float, beam: int,
-               timeout: float) -> tuple[list[tuple[str, float]], float]:
+               timeout: float, large: bytes = b"",
+               large_results: list[tuple[str, float]] | None = None) -> tuple[list[tuple[str, float]], float]:
     """`concurrency` workers, each on its own connection, sending requests back to back; returns (outcome,
-    seconds) per request and the wall time.
+    seconds) per request and the wall time. With a `large` body, one more client sends it back to back until
+    the others are done (its request then in flight is abandoned), its outcomes going to large_results.
 
     The outcome is the HTTP status code, or the exception's class name when no response came."""
     counter = itertools.count()
     results: list[tuple[str, float]] = []
     deadline = 0.0
     address = httpx.URL(url)
+
+    async def post(connection: Connection, body: bytes, into: list[tuple[str, float]]) -> None:
+        start = time.perf_counter()
+        try:
+            outcome = str(await asyncio.wait_for(connection.post("/v1/translate", body), timeout))
+        except Exception as exc:  # counted as an error of its kind; the worker goes on on a new connection
+            connection.close()
+            outcome = type(exc).__name__
+        into.append((outcome, time.perf_counter() - start))
 
     async def worker() -> None:
         connection = Connection(address.host, address.port)
@@ -300,19 +317,25 @@ async def load(url: str, texts: list[str], *, concurrency: int, requests: int, d
             if (time.perf_counter() >= deadline) if duration else (i >= requests):
                 connection.close()
                 return
-            body = json.dumps({"text": texts[i % len(texts)], "beam_size": beam}).encode()
-            start = time.perf_counter()
-            try:
-                outcome = str(await asyncio.wait_for(connection.post("/v1/translate", body), timeout))
-            except Exception as exc:  # counted as an error of its kind; the worker goes on on a new connection
-                connection.close()
-                outcome = type(exc).__name__
-            results.append((outcome, time.perf_counter() - start))
+            await post(connection, json.dumps({"text": texts[i % len(texts)], "beam_size": beam}).encode(), results)
+
+    async def large_worker() -> None:
+        connection = Connection(address.host, address.port)
+        try:
+            while True:
+                await post(connection, large, large_results)
+        finally:
+            connection.close()
 
     start = time.perf_counter()
     deadline = start + duration
+    background = asyncio.ensure_future(large_worker()) if large else None
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return results, time.perf_counter() - start
+    wall = time.perf_counter() - start
+    if background is not None:
+        background.cancel()
+        await asyncio.gather(background, return_exceptions=True)
+    return results, wall
 
 
 def measure(args: argparse.Namespace, url: str, pid: int, mode: str, concurrency: int, texts: list[str]) -> dict:
@@ -322,8 +345,11 @@ def measure(args: argparse.Namespace, url: str, pid: int, mode: str, concurrency
     before, cpu_before = scrape(url), tree_total([cpu_seconds(p) for p in pids])
     client_cpu = time.process_time()
     requests = args.requests or max(256, 4 * concurrency)
+    large: list[tuple[str, float]] = []
     results, wall = asyncio.run(load(url, texts, concurrency=concurrency, requests=requests,
-                                     duration=args.duration, beam=args.beam, timeout=args.request_timeout + 30))
+                                     duration=args.duration, beam=args.beam, timeout=args.request_timeout + 30,
+                                     large=large_body(args, texts), large_results=large))
+    large_ok = sorted(seconds for outcome, seconds in large if outcome == "200")
     client_cpu = time.process_time() - client_cpu
     cpu_after, after = tree_total([cpu_seconds(p) for p in pids]), scrape(url)
     hwm = tree_total([proc_status_mb(p, "VmHWM") for p in pids])
@@ -347,7 +373,18 @@ def measure(args: argparse.Namespace, url: str, pid: int, mode: str, concurrency
             else m * 1000,
             "server_cpu_percent": None if cpu_before is None or cpu_after is None or wall <= 0
             else 100 * (cpu_after - cpu_before) / wall,
-            "client_cpu_percent": 100 * client_cpu / wall if wall > 0 else None}
+            "client_cpu_percent": 100 * client_cpu / wall if wall > 0 else None,
+            "large_ok": len(large_ok), "large_errors": sum(outcome != "200" for outcome, _ in large),
+            "large_p50_ms": None if (p := percentile(large_ok, 50)) is None else p * 1000}
+
+
+def large_body(args: argparse.Namespace, texts: list[str]) -> bytes:
+    """The body of the background client's requests (--large-texts): texts of --large-sentences sentences each,
+    taken from the end of the shuffled sources; empty without --large-texts."""
+    n, k = args.large_texts, args.large_sentences
+    pool = texts[::-1]
+    large = [" ".join(pool[(i * k + j) % len(pool)] for j in range(k)) for i in range(n)]
+    return json.dumps({"text": large, "beam_size": args.beam}).encode() if n else b""
 
 
 def run_mode(args: argparse.Namespace, mode: str, texts: list[str], out: Path) -> tuple[list[dict], dict]:
@@ -383,12 +420,14 @@ def markdown(rows: list[dict], machine: str, args: argparse.Namespace, servers: 
               else "max(256, 4 x concurrency) requests")
     cpus = ", ".join(sorted({str(s.get("cpus")) for s in servers}))
     threads = args.threads or f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} / torch default"
+    large = (f"; meanwhile one more client sends requests of {args.large_texts} texts of {args.large_sentences} "
+             "sentences back to back (large: those answered, their median latency)" if args.large_texts else "")
     lines = [f"Machine: {machine}", "",
              f"Model {args.model}; one sentence a request at beam {args.beam}; {amount} a row; server on CPUs "
-             f"{cpus}, {args.workers} worker process(es) of {threads} thread(s)", "",
+             f"{cpus}, {args.workers} worker process(es) of {threads} thread(s){large}", "",
              "| batching | concurrency | requests | errors | requests/s | p50 ms | p95 ms | p99 ms | peak RSS MB | "
-             "mean batch | server CPU % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "mean batch | server CPU % |" + (" large | large p50 ms |" if args.large_texts else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.large_texts else "")]
     for r in rows:
         errors = str(r["errors"])
         if r["errors"]:
@@ -396,8 +435,15 @@ def markdown(rows: list[dict], machine: str, args: argparse.Namespace, servers: 
         lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {errors} | "
                      f"{r['requests_per_s']:.2f} | {_num(r['p50_ms'], '.0f')} | {_num(r['p95_ms'], '.0f')} | "
                      f"{_num(r['p99_ms'], '.0f')} | {_num(r['peak_rss_mb'], '.0f')} | "
-                     f"{_num(r['mean_batch_requests'], '.1f')} | {_num(r['server_cpu_percent'], '.0f')} |")
+                     f"{_num(r['mean_batch_requests'], '.1f')} | {_num(r['server_cpu_percent'], '.0f')} |"
+                     + (_large_cells(r) if args.large_texts else ""))
     return "\n".join(lines) + "\n"
+
+
+def _large_cells(row: dict) -> str:
+    """The large-request columns of a row: those answered (and errors), their median latency."""
+    errors = f" ({row['large_errors']} errors)" if row["large_errors"] else ""
+    return f" {row['large_ok']}{errors} | {_num(row['large_p50_ms'], '.0f')} |"
 
 
 def summary(rows: list[dict]) -> dict:
@@ -468,12 +514,18 @@ def main() -> None:
                    help="NMT_MAX_QUEUE (default 0: max(256, 2 x the largest concurrency))")
     p.add_argument("--request-timeout", type=float, default=120.0, help="NMT_REQUEST_TIMEOUT_S (default 120)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /v1/ready (default 300)")
+    p.add_argument("--large-texts", type=int, default=0,
+                   help="meanwhile, one more client sends requests of this many texts back to back, so that the "
+                        "rows show what large requests do to the latency of small ones (default 0: none)")
+    p.add_argument("--large-sentences", type=int, default=5, help="sentences per text of --large-texts (default 5)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     if any(c < 1 for c in args.concurrency) or min(args.requests, args.duration, args.warmup, args.max_batch_requests,
-                                                   args.max_batch_tokens) < 0:
-        p.error("--concurrency must be >= 1; --requests, --duration, --warmup, --max-batch-requests and "
-                "--max-batch-tokens >= 0")
+                                                   args.max_batch_tokens, args.large_texts) < 0:
+        p.error("--concurrency must be >= 1; --requests, --duration, --warmup, --max-batch-requests, "
+                "--max-batch-tokens and --large-texts >= 0")
+    if args.large_sentences < 1:
+        p.error("--large-sentences must be >= 1")
     if not Path(args.model).exists():
         p.error(f"model not found: {args.model}")
     args.max_queue = args.max_queue or max(256, 2 * max(args.concurrency))

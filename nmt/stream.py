@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -125,30 +126,41 @@ class TranslationStream:
         self._joining.setdefault((job.key, attention), []).extend((handle, job, j) for j in which)
 
     def _join(self) -> list[tuple[Hashable, Exception]]:
-        """Add the joining segments to their searches, creating those that are needed, while a search holds at most
-        its calls' token budget of source tokens (one segment at least, into an empty search); the others wait for
-        room, so a call of many segments decodes them as they fit and can be cancelled between steps. The calls
-        whose segments could not join fail (the searches stay as they were)."""
+        """Add joining segments to their searches (creating those that are needed) while all searches together
+        decode at most the calls' token budget of source tokens (one segment at least, when nothing decodes); the
+        others wait for room, so a call of many segments decodes them as they fit and can be cancelled between
+        steps. Segments of the calls with the fewest source tokens waiting go first (then the earlier calls'), so
+        a short call never waits behind a long one, and calls of equal size finish in the order they came. The
+        calls whose segments could not join fail (the searches stay as they were)."""
         failed: list[tuple[Hashable, Exception]] = []
-        joining, self._joining = self._joining, {}
-        for key, waiting in joining.items():
-            if not waiting:
-                continue
-            job = waiting[0][1]  # the calls of one search share its settings, shortlist sizes included
+        waiting = [(key, entry) for key, entries in self._joining.items() for entry in entries]
+        live = sum(sum(search.src_lens) for search in self._searches.values())
+        if not waiting or live >= max(job.budget for _, (_, job, _) in waiting):
+            return failed
+        tokens = [len(job.segments[job.todo[j]].ids) + 1 for _, (_, job, j) in waiting]
+        left: collections.Counter[Hashable] = collections.Counter()
+        for (_, (handle, _, _)), count in zip(waiting, tokens, strict=True):
+            left[handle] += count
+        arrival = {handle: n for n, handle in enumerate(self._running)}
+        order = sorted(range(len(waiting)), key=lambda n: (left[waiting[n][1][0]], arrival[waiting[n][1][0]]))
+        chosen: set[int] = set()
+        for n in order:
+            if live + tokens[n] > waiting[n][1][1].budget and (live or chosen):
+                break
+            chosen.add(n)
+            live += tokens[n]
+        self._joining, joins = {}, {}
+        for n, (key, entry) in enumerate(waiting):
+            (joins if n in chosen else self._joining).setdefault(key, []).append(entry)
+        for key, entries in joins.items():
             search = self._searches.get(key)
-            live = sum(search.src_lens) if search is not None else 0
-            waiting_ids = [owner.segments[owner.todo[j]].ids for _, owner, j in waiting]
-            count = _fitting([len(ids) + 1 for ids in waiting_ids], job.budget - live, live == 0)
-            entries, ids = waiting[:count], waiting_ids[:count]
-            if count < len(waiting):
-                self._joining[key] = waiting[count:]
-            if not entries:
-                continue
             try:
                 if search is None:
-                    search = BeamSearch(self.translator.model, return_attention=key[1], **job.search)
-                batch = collate(ids, None, list(range(len(ids))))
+                    search = BeamSearch(self.translator.model, return_attention=key[1], **entries[0][1].search)
+                batch = collate([job.segments[job.todo[j]].ids for _, job, j in entries], None,
+                                list(range(len(entries))))
                 src = batch.src.to(self.translator.device)
+                job = entries[0][1]  # the calls of one search share its settings, shortlist sizes included
                 search.add([(handle, j) for handle, _, j in entries], src, batch.src_lens,
                            None if job.shortlist is None else job.shortlist(src))
             except Exception as exc:
@@ -166,14 +178,3 @@ class TranslationStream:
         except Exception as exc:
             log.exception("finishing a translation call failed")
             return handle, exc
-
-
-def _fitting(tokens: list[int], room: int, empty: bool) -> int:
-    """How many of these segments (source tokens each, in order) fit in room; an empty search takes one at least."""
-    used = count = 0
-    for t in tokens:
-        used += t
-        if used > room and (count or not empty):
-            break
-        count += 1
-    return count

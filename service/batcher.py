@@ -64,8 +64,9 @@ class Batcher:
     """Runs jobs on an Engine in a worker thread, one engine step at a time, with continuous batching.
 
     Before a step, waiting jobs join the running batch, oldest first, while it holds fewer than `max_requests`
-    jobs and `max_tokens` tokens (a job over the token budget runs when the batch is empty). A job leaves as soon
-    as it is done, so a short request never waits for a long one, and the batch grows with the load. While a
+    jobs; the engine keeps its steps within its own token budget, sharing it between the jobs it runs. A job
+    leaves as soon as it is done, so a short request never waits for a long one, and the batch grows with the
+    load. While a
     batch runs, jobs join it at most every `max_wait_s` times the share of `max_requests` it holds (an idle
     engine starts at once): those arriving within that time join together, which costs the engine much less
     than one by one (one encoder pass), and a join holds up every running job, so a fuller batch waits longer.
@@ -75,12 +76,12 @@ class Batcher:
     bad request cannot fail the requests it ran with.
     """
 
-    def __init__(self, engine: Engine, executor: Executor, *, max_tokens: int, max_requests: int, max_queue: int,
+    def __init__(self, engine: Engine, executor: Executor, *, max_requests: int, max_queue: int,
                  max_wait_s: float = 0.0, observe: ObserveFn | None = None,
                  count_tokens: Callable[[int], None] | None = None):
         self._engine = engine
         self._executor = executor
-        self.max_tokens, self.max_requests, self.max_queue = max_tokens, max_requests, max_queue
+        self.max_requests, self.max_queue = max_requests, max_queue
         self.max_wait_s = max_wait_s
         self._last_join = 0.0  # monotonic time at which jobs last joined the running batch
         self._next_join = 0.0  # from when waiting jobs may join it (see _admit)
@@ -104,8 +105,8 @@ class Batcher:
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
     async def submit(self, key: Hashable, work: Any, tokens: int) -> list[Any]:
-        """Queue work for the engine, costing `tokens` of a batch, and wait for its results, in order; cancelling
-        the wait drops the job."""
+        """Queue work for the engine (`tokens` source tokens, for count_tokens) and wait for its results, in order;
+        cancelling the wait drops the job."""
         if self._closed:
             raise Closed("the service is shutting down")
         if self.depth >= self.max_queue:
@@ -169,15 +170,10 @@ class Batcher:
             return []
         self._room.clear()
         joining = []
-        tokens = sum(job.tokens for job in self._running)
         while self._pending and len(self._running) < self.max_requests:
-            job = self._pending[0]
-            if self._running and tokens + job.tokens > self.max_tokens:
-                break
-            self._pending.popleft()
+            job = self._pending.popleft()
             self._running[job] = None
             joining.append(job)
-            tokens += job.tokens
             if self._count_tokens is not None:
                 self._count_tokens(job.tokens)
         if joining:

@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="torch CPU threads for the model worker; 0 = torch default")
     int8: bool = Field(False, description="dynamically quantize linear layers to int8 (CPU); a translation may then "
                        "vary slightly with the requests batched with it")
-    max_batch_tokens: int = Field(4000, ge=1, description="source tokens in the running batch")
+    max_batch_tokens: int = Field(4000, ge=1, description="source tokens decoding at once (and target tokens scored "
+                                  "per step), shared by the running requests")
     max_batch_requests: int = Field(32, ge=1, description="requests in the running batch; 1 turns batching off")
     max_wait_ms: float = Field(300.0, ge=0, description="while a batch of n requests decodes, others join it at most "
                                "every max_wait_ms * n / max_batch_requests (those arriving meanwhile join together, "

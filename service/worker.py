@@ -60,7 +60,7 @@ class ModelWorker:
                 self._executor, lambda: Translator.load(s.model_dir, device=s.device, threads=s.threads or None,
                                                         int8=s.int8))
         self._batcher = Batcher(_Engine(self.translator, s.max_batch_tokens), self._executor,
-                                max_tokens=s.max_batch_tokens, max_requests=s.max_batch_requests,
+                                max_requests=s.max_batch_requests,
                                 max_queue=s.max_queue, max_wait_s=s.max_wait_ms / 1000,
                                 observe=self.metrics.observe_step,
                                 count_tokens=self.metrics.source_tokens.inc)
@@ -152,15 +152,21 @@ class _Engine:
         self._scoring.pop(handle, None)
 
     def step(self) -> list[tuple[Hashable, Sequence[Any] | BaseException]]:
-        """A decoding step of the translations, and one batch of each score call: a long score call neither holds
-        up the translations nor outlives its caller by more than a batch."""
+        """A decoding step of the translations, and batches of score calls up to the token budget (one at least),
+        those with the fewest batches left first: a long score call neither holds up the translations and shorter
+        score calls nor outlives its caller by more than a batch."""
         done: list[tuple[Hashable, Sequence[Any] | BaseException]] = []
-        for handle, scoring in list(self._scoring.items()):
+        used = 0
+        for handle, scoring in sorted(self._scoring.items(), key=lambda item: len(item[1].groups)):
+            group = scoring.groups[0]
+            cost = max(len(scoring.job.targets[i]) + 1 for i in group) * len(group)  # as score_groups counts
+            if used and used + cost > self.batch_tokens:
+                break
+            used += cost
+            scoring.groups.popleft()
             try:
-                if scoring.groups:
-                    group = scoring.groups.popleft()
-                    for i, result in zip(group, self.translator.score_group(scoring.job, group), strict=True):
-                        scoring.results[i] = result
+                for i, result in zip(group, self.translator.score_group(scoring.job, group), strict=True):
+                    scoring.results[i] = result
             except Exception as exc:
                 del self._scoring[handle]
                 done.append((handle, exc))

@@ -544,24 +544,32 @@ def test_a_body_that_does_not_arrive_in_time_is_408(translator, tiny_model_dir):
         assert httpx.post(f"{url}/v1/translate", json={"text": "a b"}).status_code == 200
 
 
-def test_a_score_call_runs_a_batch_a_step_and_stops_when_its_caller_leaves(translator, monkeypatch):
-    # One batch per engine step: translations decode between a long call's batches, and a caller that gave up
-    # (deadline, disconnect) costs at most the batch under way.
+def test_score_calls_share_the_token_budget_shortest_first_and_stop_when_their_caller_leaves(translator,
+                                                                                             monkeypatch):
+    # Batches up to the budget per engine step: translations decode between a long call's batches, a short call
+    # does not wait for a long one, and a caller that gave up (deadline, disconnect) costs at most a batch.
     engine = service.worker._Engine(translator, batch_tokens=12)
     calls = []
     real = translator.score_group
-    monkeypatch.setattr(translator, "score_group", lambda job, group: calls.append(group) or real(job, group))
+    monkeypatch.setattr(translator, "score_group", lambda job, group: calls.append((job, group)) or real(job, group))
     sources, candidates = ["a b c"] * 6, ["c b a", "a b c", "c b", "c b a d", "b", "c c b a"]
-    for handle in ("left", "stayed"):
-        engine.add(handle, service.worker._SCORE, translator.prepare_score(sources, candidates))
-    batches = len(translator.score_groups(translator.prepare_score(sources, candidates), 12))
+    jobs = {handle: translator.prepare_score(sources, candidates) for handle in ("left", "stayed")}
+    jobs["short"] = translator.prepare_score(["a b"], ["b"])
+    for handle, job in jobs.items():
+        engine.add(handle, service.worker._SCORE, job)
+    batches = len(translator.score_groups(jobs["left"], 12))
     assert batches >= 3
-    assert engine.step() == [] and len(calls) == 2
+    first = engine.step()
+    assert [handle for handle, _ in first] == ["short"]  # it came last, but had the fewest batches left
+    engine.step()
     engine.cancel("left")
+    assert sum(job is jobs["left"] for job, _ in calls) == 1  # one batch each step: theirs took turns
     done = []
     while len(engine):
+        used = len(calls)
         done += engine.step()
-    assert len(calls) == 1 + batches  # "left" ran its first batch only
+        assert len(calls) == used + 1
+    assert sum(job is jobs["left"] for job, _ in calls) == 1  # "left" ran no batch after its caller left
     [(handle, results)] = done
     expected = translator.score(sources, candidates)
     assert handle == "stayed" and [r.logprob for r in results] == pytest.approx([r.logprob for r in expected])

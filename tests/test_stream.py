@@ -213,3 +213,27 @@ def test_a_call_of_many_segments_joins_as_they_fit_the_token_budget(translator):
     stream.cancel("gone")
     assert all(not waiting for waiting in stream._joining.values())  # its segments still waiting left too
     assert stream.step() == [] and not len(stream)
+
+
+def test_a_short_call_does_not_wait_behind_a_long_one_and_equal_calls_finish_in_order(translator):
+    # Calls share the token budget: the segments of the calls with the fewest tokens waiting join first. A short
+    # call used to wait for every segment of a long call that came before it.
+    texts = [" ".join(LETTERS[(i + k) % 16] for k in range(3 + i % 5)) for i in range(30)]
+    stream = TranslationStream(translator)
+    stream.add("long", texts, batch_tokens=20)
+    stream.add("twin", texts, batch_tokens=20)
+    stream.step()
+    stream.add("short", ["a b c"], batch_tokens=20)
+    order, steps, results = [], 0, {}
+    while len(stream):
+        for handle, result in stream.step():
+            order.append(handle)
+            results[handle] = result
+            if handle == "short":
+                steps_for_short = steps
+        steps += 1
+        assert sum(sum(s.src_lens) for s in stream._searches.values()) <= 20
+    assert order == ["short", "long", "twin"]  # the twin, as long, came later: it finishes later
+    assert steps_for_short < steps / 4
+    same(results["short"], translator.translate(["a b c"]))
+    same(results["long"], translator.translate(texts))
