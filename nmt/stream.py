@@ -22,6 +22,16 @@ class _Running:
     left: int  # segments not done yet
 
 
+@dataclass
+class _Waiting:
+    """A segment waiting to join its search."""
+
+    key: tuple  # the search's: (job key, with attention)
+    job: Job
+    position: int  # in job.todo
+    ids: list[int]  # its source ids
+
+
 class TranslationStream:
     """Keeps a Translator's decoding batch full while translate calls come and go.
 
@@ -38,8 +48,10 @@ class TranslationStream:
         self._searches: dict[tuple, BeamSearch] = {}  # by (job key, with attention)
         self._running: dict[Hashable, _Running] = {}
         self._ready: list[Hashable] = []  # calls with nothing to decode, answered at the next step
-        # Segments that join their search at the next step, by search key: (handle, job, position in job.todo).
-        self._joining: dict[tuple, list[tuple[Hashable, Job, int]]] = {}
+        # Segments waiting to join their searches, by call, in order, and their source tokens per call.
+        self._waiting: dict[Hashable, collections.deque[_Waiting]] = {}
+        self._waiting_tokens: dict[Hashable, int] = {}
+        self._pinned: Hashable | None = None  # the call whose next segment did not fit: it joins first
 
     def __len__(self) -> int:
         """Calls in progress."""
@@ -47,14 +59,14 @@ class TranslationStream:
 
     @property
     def segments(self) -> int:
-        """Segments being decoded or joining at the next step, over all searches."""
-        return sum(len(s) for s in self._searches.values()) + sum(len(j) for j in self._joining.values())
+        """Segments in progress: being decoded or waiting to join their search."""
+        return sum(len(s) for s in self._searches.values()) + sum(len(q) for q in self._waiting.values())
 
     def add(self, handle: Hashable, texts: list[str], **options: Any) -> None:
         """Start translating texts; bad options raise NMTError here. The handle names the call in step's results.
 
-        The call's segments join their search at the next step, together with every other segment joining it
-        then: one encoder pass and one batch merge for them all."""
+        The call's segments join their search at the next step as the token budget has room (see _join),
+        together with every other segment joining it then: one encoder pass and one batch merge for them all."""
         self.add_job(handle, self.translator.prepare(texts, **options))
 
     def add_job(self, handle: Hashable, job: Job) -> None:
@@ -75,8 +87,8 @@ class TranslationStream:
             return
         if handle in self._ready:
             self._ready.remove(handle)
-        for key, joining in list(self._joining.items()):
-            self._joining[key] = [entry for entry in joining if entry[0] != handle]
+        self._waiting.pop(handle, None)
+        self._waiting_tokens.pop(handle, None)
         for search in self._searches.values():
             search.drop([(handle, j) for j in range(len(running.hyps))])
 
@@ -122,49 +134,67 @@ class TranslationStream:
         return handle, exc
 
     def _queue(self, handle: Hashable, job: Job, which: list[int], attention: bool) -> None:
-        """Have segments (positions in job.todo) join the search for the job's settings at the next step."""
-        self._joining.setdefault((job.key, attention), []).extend((handle, job, j) for j in which)
+        """Have segments (positions in job.todo) wait to join the search for the job's settings."""
+        todo, queue = job.todo, self._waiting.setdefault(handle, collections.deque())
+        for j in which:
+            ids = job.segments[todo[j]].ids
+            queue.append(_Waiting((job.key, attention), job, j, ids))
+            self._waiting_tokens[handle] = self._waiting_tokens.get(handle, 0) + len(ids) + 1
 
     def _join(self) -> list[tuple[Hashable, Exception]]:
-        """Add joining segments to their searches (creating those that are needed) while all searches together
-        decode at most the calls' token budget of source tokens (one segment at least, when nothing decodes); the
-        others wait for room, so a call of many segments decodes them as they fit and can be cancelled between
-        steps. Segments of the calls with the fewest source tokens waiting go first (then the earlier calls'), so
-        a short call never waits behind a long one, and calls of equal size finish in the order they came. The
-        calls whose segments could not join fail (the searches stay as they were)."""
-        failed: list[tuple[Hashable, Exception]] = []
-        waiting = [(key, entry) for key, entries in self._joining.items() for entry in entries]
+        """Add waiting segments to their searches (creating those that are needed) while all searches together
+        decode at most the calls' token budget of source tokens (one segment at least, when nothing decodes), so
+        a call of many segments decodes them as they fit and can be cancelled between steps. The calls with the
+        fewest source tokens waiting go first (then the earlier calls), so a short call does not wait behind a
+        long one, and calls of equal size finish in the order they came. The first segment that does not fit
+        goes first from then on, and nothing joins before it, so that it cannot be passed over for ever (nor
+        can one longer than the budget, which joins once the searches are empty); a call with a smaller budget
+        than the others' may thus hold them up: give the calls of a stream one budget. The calls whose segments
+        could not join fail (the searches stay as they were)."""
         live = sum(sum(search.src_lens) for search in self._searches.values())
-        if not waiting or live >= max(job.budget for _, (_, job, _) in waiting):
-            return failed
-        tokens = [len(job.segments[job.todo[j]].ids) + 1 for _, (_, job, j) in waiting]
-        left: collections.Counter[Hashable] = collections.Counter()
-        for (_, (handle, _, _)), count in zip(waiting, tokens, strict=True):
-            left[handle] += count
-        arrival = {handle: n for n, handle in enumerate(self._running)}
-        order = sorted(range(len(waiting)), key=lambda n: (left[waiting[n][1][0]], arrival[waiting[n][1][0]]))
-        chosen: set[int] = set()
-        for n in order:
-            if live + tokens[n] > waiting[n][1][1].budget and (live or chosen):
-                break
-            chosen.add(n)
-            live += tokens[n]
-        self._joining, joins = {}, {}
-        for n, (key, entry) in enumerate(waiting):
-            (joins if n in chosen else self._joining).setdefault(key, []).append(entry)
+        joins: dict[tuple, list[tuple[Hashable, _Waiting]]] = {}
+        pinned, self._pinned = self._pinned, None
+
+        def take(handle: Hashable) -> bool:
+            """Move the call's next segment to joins if it fits; otherwise pin the call and say so."""
+            nonlocal live
+            queue = self._waiting[handle]
+            tokens = len(queue[0].ids) + 1
+            if live and live + tokens > queue[0].job.budget:
+                self._pinned = handle
+                return False
+            entry = queue.popleft()
+            joins.setdefault(entry.key, []).append((handle, entry))
+            live += tokens
+            self._waiting_tokens[handle] -= tokens
+            if not queue:
+                del self._waiting[handle], self._waiting_tokens[handle]
+            return True
+
+        if pinned not in self._waiting or take(pinned):
+            arrival = {handle: n for n, handle in enumerate(self._running)}
+            for handle in sorted(self._waiting, key=lambda h: (self._waiting_tokens[h], arrival[h])):
+                while handle in self._waiting and take(handle):
+                    pass
+                if self._pinned is not None:
+                    break
+        return self._add(joins)
+
+    def _add(self, joins: dict[tuple, list[tuple[Hashable, _Waiting]]]) -> list[tuple[Hashable, Exception]]:
+        """Add these segments to their searches, creating those that are needed; the calls that failed."""
+        failed: list[tuple[Hashable, Exception]] = []
         for key, entries in joins.items():
             search = self._searches.get(key)
+            job = entries[0][1].job  # the calls of one search share its settings, shortlist sizes included
             try:
                 if search is None:
-                    search = BeamSearch(self.translator.model, return_attention=key[1], **entries[0][1].search)
-                batch = collate([job.segments[job.todo[j]].ids for _, job, j in entries], None,
-                                list(range(len(entries))))
+                    search = BeamSearch(self.translator.model, return_attention=key[1], **job.search)
+                batch = collate([entry.ids for _, entry in entries], None, list(range(len(entries))))
                 src = batch.src.to(self.translator.device)
-                job = entries[0][1]  # the calls of one search share its settings, shortlist sizes included
-                search.add([(handle, j) for handle, _, j in entries], src, batch.src_lens,
+                search.add([(handle, entry.position) for handle, entry in entries], src, batch.src_lens,
                            None if job.shortlist is None else job.shortlist(src))
             except Exception as exc:
-                for handle in dict.fromkeys(handle for handle, _, _ in entries):
+                for handle in dict.fromkeys(handle for handle, _ in entries):
                     if handle in self._running:
                         failed.append(self._fail(handle, exc))
                 continue

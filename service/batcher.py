@@ -66,10 +66,10 @@ class Batcher:
     Before a step, waiting jobs join the running batch, oldest first, while it holds fewer than `max_requests`
     jobs; the engine keeps its steps within its own token budget, sharing it between the jobs it runs. A job
     leaves as soon as it is done, so a short request never waits for a long one, and the batch grows with the
-    load. While a
-    batch runs, jobs join it at most every `max_wait_s` times the share of `max_requests` it holds (an idle
-    engine starts at once): those arriving within that time join together, which costs the engine much less
-    than one by one (one encoder pass), and a join holds up every running job, so a fuller batch waits longer.
+    load. While a batch runs, jobs join it at most every `max_wait_s` times the share of `max_requests` it
+    holds (an idle engine starts at once): those arriving within that time join together, which costs the
+    engine much less than one by one (one encoder pass), and a join holds up every running job, so a fuller
+    batch waits longer.
     The worker thread takes steps until a job is done or waiting ones could join (or SLICE_S passes), so a batch
     nobody joins runs without a round trip to the event loop per step. Jobs wait in a queue of at most `max_queue`.
     When several jobs fail in one step (a search shared by their requests raised), each is rerun alone, so one

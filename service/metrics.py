@@ -24,7 +24,8 @@ class Metrics:
                                registry=self.registry)
         self.batch_requests = Histogram("nmt_batch_requests", "requests in the running model batch, per decoding step",
                                         buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.batch_texts = Histogram("nmt_batch_texts", "sentences in the running model batch, per decoding step",
+        self.batch_texts = Histogram("nmt_batch_texts", "sentences of the running requests (decoding, or waiting for "
+                                     "room in the token budget), per decoding step",
                                      buckets=_BATCH_BUCKETS, registry=self.registry)
         self.batch_seconds = Histogram("nmt_batch_duration_seconds", "model time per decoding step",
                                        buckets=_STEP_BUCKETS, registry=self.registry)

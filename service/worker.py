@@ -158,6 +158,10 @@ class _Engine:
         done: list[tuple[Hashable, Sequence[Any] | BaseException]] = []
         used = 0
         for handle, scoring in sorted(self._scoring.items(), key=lambda item: len(item[1].groups)):
+            if not scoring.groups:  # a call with nothing to score
+                del self._scoring[handle]
+                done.append((handle, scoring.results))
+                continue
             group = scoring.groups[0]
             cost = max(len(scoring.job.targets[i]) + 1 for i in group) * len(group)  # as score_groups counts
             if used and used + cost > self.batch_tokens:

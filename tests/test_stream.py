@@ -211,7 +211,7 @@ def test_a_call_of_many_segments_joins_as_they_fit_the_token_budget(translator):
     stream.add("gone", texts, batch_tokens=20)
     stream.step()
     stream.cancel("gone")
-    assert all(not waiting for waiting in stream._joining.values())  # its segments still waiting left too
+    assert not stream._waiting  # its segments still waiting left too
     assert stream.step() == [] and not len(stream)
 
 
@@ -237,3 +237,18 @@ def test_a_short_call_does_not_wait_behind_a_long_one_and_equal_calls_finish_in_
     assert steps_for_short < steps / 4
     same(results["short"], translator.translate(["a b c"]))
     same(results["long"], translator.translate(texts))
+
+
+@pytest.mark.parametrize("long_tokens", [8, 15])  # within a budget of 10, and over it
+def test_a_segment_that_does_not_fit_is_not_passed_over_for_ever(translator, long_tokens):
+    # Shorter calls go first, but not for ever: the first segment that does not fit joins before any other.
+    stream = TranslationStream(translator)
+    long_text = " ".join(LETTERS[k % 16] for k in range(long_tokens - 1))  # a piece a letter, and </s>
+    stream.add("long", [long_text], batch_tokens=10)
+    steps, done = 0, {}
+    while "long" not in done:
+        stream.add(steps, ["a b"], batch_tokens=10)  # a short call every step
+        done.update(stream.step())
+        steps += 1
+        assert steps < 100, "the long segment never joined"
+    same(done["long"], translator.translate([long_text]))
