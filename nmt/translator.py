@@ -240,8 +240,11 @@ class Translator:
 
     @property
     def name(self) -> str:
-        """The model card's name, else the model directory's."""
-        return (self.card or {}).get("name") or self.path.name
+        """The model card's name, else the model or run directory's (with the checkpoint's file name when loaded
+        from one: run/best.pt)."""
+        if (self.card or {}).get("name"):
+            return self.card["name"]
+        return f"{self.path.parent.name}/{self.path.name}" if self.path.is_file() else self.path.name
 
     @property
     def info(self) -> dict[str, Any]:

@@ -335,8 +335,12 @@ def test_run_directory_and_checkpoint_load(tiny_run, translator):
     lines = ["a b c", "m n o p"]
     expected = texts(translator.translate(lines))
     assert texts(Translator.load(tiny_run).translate(lines)) == expected
-    assert texts(Translator.load(tiny_run / "best.pt").translate(lines)) == expected
-    assert Translator.load(tiny_run).info["card"] is None
+    from_checkpoint = Translator.load(tiny_run / "best.pt")
+    assert texts(from_checkpoint.translate(lines)) == expected
+    run = Translator.load(tiny_run)
+    assert run.info["card"] is None
+    # Without a card the id names the run, and the checkpoint when loaded from one: not just "best.pt".
+    assert (run.name, from_checkpoint.name) == (tiny_run.name, f"{tiny_run.name}/best.pt")
 
 
 def test_one_thread_at_a_time(translator):
