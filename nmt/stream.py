@@ -14,6 +14,8 @@ from nmt.translator import Job, Translation, Translator
 
 log = logging.getLogger(__name__)
 
+_NOBODY = object()  # no call (a handle may be any hashable, None included)
+
 
 @dataclass
 class _Running:
@@ -51,7 +53,7 @@ class TranslationStream:
         # Segments waiting to join their searches, by call, in order, and their source tokens per call.
         self._waiting: dict[Hashable, collections.deque[_Waiting]] = {}
         self._waiting_tokens: dict[Hashable, int] = {}
-        self._pinned: Hashable | None = None  # the call whose next segment did not fit: it joins first
+        self._first: object = _NOBODY  # the call whose next segment joins before any other at the next step
 
     def __len__(self) -> int:
         """Calls in progress."""
@@ -146,22 +148,24 @@ class TranslationStream:
         decode at most the calls' token budget of source tokens (one segment at least, when nothing decodes), so
         a call of many segments decodes them as they fit and can be cancelled between steps. The calls with the
         fewest source tokens waiting go first (then the earlier calls), so a short call does not wait behind a
-        long one, and calls of equal size finish in the order they came. The first segment that does not fit
-        goes first from then on, and nothing joins before it, so that it cannot be passed over for ever (nor
-        can one longer than the budget, which joins once the searches are empty); a call with a smaller budget
-        than the others' may thus hold them up: give the calls of a stream one budget. The calls whose segments
-        could not join fail (the searches stay as they were)."""
+        long one, and calls of equal size finish in the order they came. But when segments are left waiting for
+        room, the next segment of the call that came first joins before any other at the next step, and nothing
+        joins until it fits; so no call waits for ever behind shorter ones that keep the budget busy, and a
+        segment longer than the budget joins once the searches are empty. A call with a smaller budget than the
+        others' may thus hold them up: give the calls of a stream one budget. The calls whose segments could not
+        join fail (the searches stay as they were)."""
         live = sum(sum(search.src_lens) for search in self._searches.values())
         joins: dict[tuple, list[tuple[Hashable, _Waiting]]] = {}
-        pinned, self._pinned = self._pinned, None
+        first, self._first = self._first, _NOBODY
+        arrival = {handle: n for n, handle in enumerate(self._running)}
 
         def take(handle: Hashable) -> bool:
-            """Move the call's next segment to joins if it fits; otherwise pin the call and say so."""
+            """Move the call's next segment to joins if it fits; whether it did."""
             nonlocal live
             queue = self._waiting[handle]
             tokens = len(queue[0].ids) + 1
             if live and live + tokens > queue[0].job.budget:
-                self._pinned = handle
+                self._first = min(self._waiting, key=arrival.__getitem__)  # left waiting: the earliest call next
                 return False
             entry = queue.popleft()
             joins.setdefault(entry.key, []).append((handle, entry))
@@ -171,12 +175,11 @@ class TranslationStream:
                 del self._waiting[handle], self._waiting_tokens[handle]
             return True
 
-        if pinned not in self._waiting or take(pinned):
-            arrival = {handle: n for n, handle in enumerate(self._running)}
+        if first not in self._waiting or take(first):
             for handle in sorted(self._waiting, key=lambda h: (self._waiting_tokens[h], arrival[h])):
                 while handle in self._waiting and take(handle):
                     pass
-                if self._pinned is not None:
+                if self._first is not _NOBODY:
                     break
         return self._add(joins)
 
@@ -184,6 +187,9 @@ class TranslationStream:
         """Add these segments to their searches, creating those that are needed; the calls that failed."""
         failed: list[tuple[Hashable, Exception]] = []
         for key, entries in joins.items():
+            entries = [(handle, entry) for handle, entry in entries if handle in self._running]  # none failed
+            if not entries:
+                continue
             search = self._searches.get(key)
             job = entries[0][1].job  # the calls of one search share its settings, shortlist sizes included
             try:

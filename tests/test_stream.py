@@ -252,3 +252,25 @@ def test_a_segment_that_does_not_fit_is_not_passed_over_for_ever(translator, lon
         steps += 1
         assert steps < 100, "the long segment never joined"
     same(done["long"], translator.translate([long_text]))
+
+
+def test_short_calls_that_keep_the_budget_busy_do_not_hold_a_long_one_for_ever(translator):
+    # Six clients with a short call each, a new one as soon as one is done: they keep a budget of 10 busy, and
+    # the call that came first among those left waiting goes first, so the long call's turn comes.
+    stream = TranslationStream(translator)
+    handles = iter(range(10_000))
+    for _ in range(6):
+        stream.add(next(handles), ["a b"], batch_tokens=10)
+    for _ in range(10):
+        for _ in stream.step():
+            stream.add(next(handles), ["a b"], batch_tokens=10)
+    stream.add("long", ["a b c d e f g"], batch_tokens=10)
+    for _ in range(200):
+        done = dict(stream.step())
+        if "long" in done:
+            break
+        for _ in done:
+            stream.add(next(handles), ["a b"], batch_tokens=10)
+    else:
+        raise AssertionError("the long call never finished")
+    same(done["long"], translator.translate(["a b c d e f g"]))
