@@ -19,7 +19,8 @@ SLICE_S = 0.25  # the worker thread reports back at least this often, so abandon
 
 
 class Engine(Protocol):
-    """What the Batcher drives, from its worker thread only: a batch that jobs join and leave between steps."""
+    """What the Batcher drives, from its worker thread only: a batch that jobs join and leave between steps, each
+    step kept within the engine's own budget (the Batcher limits only how many jobs run)."""
 
     def add(self, handle: Hashable, key: Hashable, work: Any) -> None:
         """Start a job (what its submitter handed in); raising fails that job alone."""
