@@ -74,12 +74,14 @@ class Batcher:
     The worker thread takes steps until a job is done or waiting ones could join (or SLICE_S passes), so a batch
     nobody joins runs without a round trip to the event loop per step. Jobs wait in a queue of at most `max_queue`.
     When several jobs fail in one step (a search shared by their requests raised), each is rerun alone, so one
-    bad request cannot fail the requests it ran with.
+    bad request cannot fail the requests it ran with. Once no job has run for `idle_s` after some did, `on_idle`
+    runs on the worker thread (the service gives the heap memory of the last burst back to the system).
     """
 
     def __init__(self, engine: Engine, executor: Executor, *, max_requests: int, max_queue: int,
                  max_wait_s: float = 0.0, observe: ObserveFn | None = None,
-                 count_tokens: Callable[[int], None] | None = None):
+                 count_tokens: Callable[[int], None] | None = None,
+                 on_idle: Callable[[], object] | None = None, idle_s: float = 1.0):
         self._engine = engine
         self._executor = executor
         self.max_requests, self.max_queue = max_requests, max_queue
@@ -88,6 +90,7 @@ class Batcher:
         self._next_join = 0.0  # from when waiting jobs may join it (see _admit)
         self._observe = observe
         self._count_tokens = count_tokens
+        self._on_idle, self.idle_s = on_idle, idle_s  # run on the worker thread idle_s into a pause after work
         self._pending: collections.deque[_Job] = collections.deque()
         self._running: dict[_Job, None] = {}  # in the order they joined
         self._wake = asyncio.Event()
@@ -134,13 +137,22 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _loop(self) -> None:
+        worked = False
         while True:
             self._pending = collections.deque(job for job in self._pending if not job.future.done())
             if not self._pending and not self._running:
                 self._idle.set()
                 self._wake.clear()
+                if worked and self._on_idle is not None:
+                    worked = False
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self.idle_s)
+                    except TimeoutError:
+                        await self._idle_work()
+                    continue
                 await self._wake.wait()
                 continue
+            worked = True
             leaving = [job for job in self._running if job.future.done()]
             for job in leaving:  # before admitting: an abandoned job's room goes to a waiting one
                 del self._running[job]
@@ -159,6 +171,12 @@ class Batcher:
                     job.future.set_exception(outcome)
                 else:
                     job.future.set_result(list(outcome))
+
+    async def _idle_work(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._on_idle)
+        except Exception:  # housekeeping: never the loop's end
+            log.exception("idle work failed")
 
     def _admit(self) -> list[_Job]:
         """Move waiting jobs into the running batch while it has room, unless they joined it too recently."""

@@ -14,6 +14,7 @@ from typing import Any
 from nmt.stream import TranslationStream
 from nmt.translator import Job, ScoreJob, ScoreResult, Translation, Translator
 from service.batcher import Batcher
+from service.memory import trim_heap
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _SCORE = "score"
 INLINE_CHARS = 4000  # requests with more characters are tokenized on a thread, not on the event loop
+TRIM_AFTER_IDLE_S = 1.0  # the heap's free pages go back to the system once the model has been idle this long
 
 
 class TooLarge(Exception):
@@ -63,7 +65,8 @@ class ModelWorker:
                                 max_requests=s.max_batch_requests,
                                 max_queue=s.max_queue, max_wait_s=s.max_wait_ms / 1000,
                                 observe=self.metrics.observe_step,
-                                count_tokens=self.metrics.source_tokens.inc)
+                                count_tokens=self.metrics.source_tokens.inc, on_idle=trim_heap,
+                                idle_s=TRIM_AFTER_IDLE_S)
         self.metrics.queue_depth.set_function(lambda: self._batcher.depth if self._batcher else 0)
         self._batcher.start()
         self.metrics.model_loaded.set(1)

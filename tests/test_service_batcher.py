@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.batcher import Batcher, Closed, QueueFull
+from service.memory import trim_heap
 
 
 class Recorder:
@@ -322,3 +323,43 @@ def test_jobs_failing_together_are_not_rerun_for_callers_who_gave_up(executor):
     engine = asyncio.run(main())
     assert engine.steps[0] == [[3, "bad"], [3]]  # they failed together ...
     assert engine.alone == [[3, "bad"]]  # ... and only the job somebody still waits for ran again
+
+
+def test_idle_work_runs_once_a_pause_after_work_on_the_worker_thread(executor):
+    calls = []
+
+    async def main():
+        engine = Recorder()
+        batcher = make(engine, executor, on_idle=lambda: calls.append(threading.current_thread().name),
+                       idle_s=0.1)
+        batcher.start()
+        await asyncio.sleep(0.3)
+        assert calls == []  # no work yet: nothing to clean up after
+        for _ in range(3):  # requests closer together than idle_s: no idle work between them
+            assert await batcher.submit("k", [2], 1) == ["k:2"]
+            await asyncio.sleep(0.02)
+        assert calls == []
+        await asyncio.sleep(0.3)
+        assert len(calls) == 1  # once, not again while idle
+        assert await batcher.submit("k", [1], 1) == ["k:1"]  # the batcher still serves after it
+        await asyncio.sleep(0.3)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert len(calls) == 2 and all(name != threading.main_thread().name for name in calls)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def test_trim_heap_gives_freed_heap_memory_back():
+    # 100 MB in blocks below glibc's mmap threshold, freed under a block still in use: the heap keeps the pages.
+    blocks = [bytearray(b"x" * 100_000) for _ in range(1000)]
+    kept = bytearray(b"x" * 100_000)
+    del blocks
+    before = rss_mb()
+    assert trim_heap() is True  # Debian's glibc has malloc_trim
+    assert rss_mb() < before - 50
+    assert kept[0] == ord("x")
