@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -38,7 +40,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plot", help="write a PNG of a run's training curves")
     p.add_argument("run", help="run directory (holds metrics.jsonl)")
-    p.add_argument("-o", "--output", help="PNG path (default RUN/curves.png)")
+    p.add_argument("-o", "--output", help="image file (.png, .svg, .pdf, ...) or a directory for curves.png "
+                   "(default RUN/curves.png)")
     p.set_defaults(func=_run_plot)
 
 
@@ -180,9 +183,19 @@ def _open(path: str | None, mode: str, default: Any) -> Any:
         raise NMTError(f"cannot open {path}: {exc.strerror}") from None
 
 
+def _check_not_input(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
+    """Refuse to write over a file the command reads (the output would destroy its own input)."""
+    for path in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(output, path):
+                raise NMTError(f"{output} is also an input ({path}): write the output to another file")
+
+
 def _run_translate(args: argparse.Namespace) -> int:
     from nmt.progress import Progress
 
+    if args.input and args.output:
+        _check_not_input(args.output, [args.input])
     translator = _load_translator(args)
     options = {**_decode_options(args), "n_best": args.n_best}
     translator.translate([], **options)  # checks the options before any input is read
@@ -229,7 +242,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nmt.evaluate import evaluate, evaluate_model, format_table, read_lines, write_lines, write_report
+    from nmt.evaluate import (
+        check_writable,
+        evaluate,
+        evaluate_model,
+        format_table,
+        read_lines,
+        write_lines,
+        write_report,
+    )
 
     if args.hyp:
         if args.model or args.src or args.split:
@@ -258,13 +279,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         src_path, ref_paths, name = Path(args.src), args.ref, Path(args.src).stem
     src = read_lines(src_path, "source file")
     refs = [read_lines(r, "reference file") for r in ref_paths]
-    hyps, report = evaluate_model(translator, src, refs, **_decode_options(args))
-    report.update(src=str(src_path), ref=[str(r) for r in ref_paths])
     model_path = Path(args.model)
     out = Path(args.out) if args.out else (model_path if model_path.is_dir() else model_path.parent) / "eval"
+    report_path = Path(args.report) if args.report else out / f"{name}.json"
+    if out.exists() and not out.is_dir():
+        raise NMTError(f"--out {out}: not a directory")
+    for path in (out / f"{name}.hyp", report_path):
+        check_writable(path)
+        _check_not_input(path, [src_path, *ref_paths])
+    hyps, report = evaluate_model(translator, src, refs, **_decode_options(args))
+    report.update(src=str(src_path), ref=[str(r) for r in ref_paths])
     write_lines(hyps, out / f"{name}.hyp")
     report["hyp"] = str(out / f"{name}.hyp")
-    report_path = Path(args.report) if args.report else out / f"{name}.json"
     write_report(report, report_path)
     print(format_table(report))
     print(f"{report['n']} sentences in {report['seconds']:.1f} s; hypotheses: {report['hyp']}  report: {report_path}")

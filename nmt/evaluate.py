@@ -80,13 +80,27 @@ def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]]
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_lines(lines: list[str], path: Path) -> None:
-    text = "".join(line.replace("\n", " ") + "\n" for line in lines)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _write_text(path, "".join(line.replace("\n", " ") + "\n" for line in lines))
+
+
+def check_writable(path: Path) -> None:
+    """NMTError when a file cannot be written at path because a directory is there."""
+    if path.is_dir():
+        raise NMTError(f"cannot write {path}: it is a directory")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a file atomically; NMTError naming it when it cannot be (a directory there, a file where its
+    directory should be, no permission)."""
+    check_writable(path)
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    except OSError as exc:
+        raise NMTError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -41,6 +41,17 @@ def is_model_dir(path: Path) -> bool:
     return (path / MODEL_FILE).is_file()
 
 
+def _check_replaceable(outdir: Path, run: Path) -> None:
+    """--force replaces an earlier export (or an empty directory), never anything else: not a file, not a
+    directory of other things, not the run being exported nor one holding it."""
+    target = outdir.resolve()
+    if target == run.resolve() or target in run.resolve().parents:
+        raise NMTError(f"{outdir} is (or holds) the run {run} being exported: choose another output directory")
+    if not target.is_dir() or not (is_model_dir(target) or not any(target.iterdir())):
+        raise NMTError(f"{outdir} is not an exported model directory: --force only replaces an earlier export; "
+                       "choose another output directory")
+
+
 def run_checkpoint(run: Path, which: str = "best") -> Path:
     """The checkpoint of a run directory: best.pt (falling back to last.pt when there is none yet) or last.pt."""
     if not run.is_dir():
@@ -233,8 +244,10 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     decoding defaults. The shortlist and the card's corpus come from `data`, by default the run's data.dir
     (relative to the working directory, as `nmt train` read it)."""
     run, outdir = Path(run), Path(outdir)
-    if outdir.exists() and not overwrite:
-        raise NMTError(f"{outdir} already exists (use --force to replace it)")
+    if outdir.exists() or outdir.is_symlink():
+        if not overwrite:
+            raise NMTError(f"{outdir} already exists (use --force to replace it)")
+        _check_replaceable(outdir, run)
     state, ckpt = _export_state(run, checkpoint, average)
     for name in TOKENIZER_FILES:
         if not (run / name).is_file():

@@ -69,7 +69,17 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     for ax in (loss, ppl, bleu, lr):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{run_dir.resolve().name}: {max((r['step'] for r in train + valid), default=0)} updates")
-    out = Path(output) if output else run_dir / "curves.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    out = Path(output) if output else run_dir
+    if out.is_dir():
+        out = out / "curves.png"
+    elif not out.suffix:
+        out = out.with_name(out.name + ".png")  # as savefig would name it, so the path printed is the file's
+    formats = fig.canvas.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise NMTError(f"cannot write {out}: the image formats are {', '.join(sorted(formats))}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+    except OSError as exc:
+        raise NMTError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -26,8 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from nmt.batching import ParallelData
 from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
+from nmt.corpus import CORPUS_JSON
 from nmt.device import pick_device
 from nmt.errors import NMTError
+from nmt.export import is_model_dir
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
 from nmt.search import search_ids
@@ -241,10 +244,40 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def label_languages(cfg: Config) -> None:
+    """Take data.src_lang and data.tgt_lang from the corpus's corpus.json (written by `nmt prepare`) where it names
+    them: the model card and the service report these labels, and the config's defaults say es -> en."""
+    try:
+        corpus = json.loads((Path(cfg.data.dir) / CORPUS_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    named = (corpus.get("src_lang"), corpus.get("tgt_lang")) if isinstance(corpus, dict) else (None, None)
+    if not all(isinstance(lang, str) and lang for lang in named) or named == ("src", "tgt"):
+        return  # prepare's placeholders when no language was given
+    if named != (cfg.data.src_lang, cfg.data.tgt_lang):
+        log.info("languages %s -> %s from %s/%s (the config said %s -> %s)", *named, cfg.data.dir, CORPUS_JSON,
+                 cfg.data.src_lang, cfg.data.tgt_lang)
+        cfg.data.src_lang, cfg.data.tgt_lang = named
+
+
+def lock_run_dir(run_dir: Path) -> Any:
+    """Hold a lock on the run directory while this process trains in it (the open lock file: keep it); NMTError
+    when another `nmt train` holds it, which would overwrite this run's checkpoints and log."""
+    lock = open(run_dir / ".lock", "w")  # held open for the whole run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise NMTError(f"another `nmt train` is training in {run_dir}: wait for it, or choose another "
+                       "train.run_dir") from None
+    return lock
+
+
 class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
     def __init__(self, cfg: Config, resume: bool = False):
+        label_languages(cfg)
         self.cfg = cfg
         tc = cfg.train
         if tc.threads > 0:
@@ -264,6 +297,7 @@ class Trainer:
         self.dev_src, self.dev_tgt = load_split(data_dir, "dev")
         if self.ranks.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_run_dir(self.run_dir)
             if not resume:
                 save_config(cfg, self.run_dir / "config.yaml")
             ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer)
@@ -303,6 +337,10 @@ class Trainer:
 
     def _check_run_dir(self, resume: bool) -> dict[str, Any] | None:
         """Refuse to overwrite a run or to continue one under an incompatible config; the checkpoint to resume."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise NMTError(f"train.run_dir {self.run_dir} is a file, not a directory")
+        if is_model_dir(self.run_dir):
+            raise NMTError(f"train.run_dir {self.run_dir} is an exported model directory: choose another one")
         if not resume:
             if self.last_path.is_file():
                 raise NMTError(f"{self.run_dir} already holds a run; use --resume to continue it or choose another "

@@ -137,3 +137,21 @@ def test_evaluate_a_model_on_files(tiny_model_dir, tiny_data, tmp_path, capsys):
     assert "2 source lines but 1 lines in reference 1" in capsys.readouterr().err
     assert main(["evaluate", str(tiny_model_dir), "--split", "nope", "--data", str(tiny_data)]) == 2
     assert "source file not found" in capsys.readouterr().err
+
+
+def test_evaluate_never_writes_over_its_inputs_or_into_a_directory(tiny_model_dir, tmp_path, capsys):
+    src, ref = tmp_path / "s.src", tmp_path / "s.hyp"  # the reference has the name the hypotheses get
+    src.write_text("a b c\n", encoding="utf-8")
+    ref.write_text("c b a\n", encoding="utf-8")
+    (tmp_path / "a file").write_text("x", encoding="utf-8")
+    base = ["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref)]
+    cases = [(["--out", str(tmp_path)], "is also an input"),
+             (["--out", str(tmp_path / "a file")], "not a directory"),
+             (["--out", str(tmp_path / "o"), "--report", str(tmp_path)], "it is a directory")]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert ref.read_text(encoding="utf-8") == "c b a\n"
+    assert main(["evaluate", "--hyp", str(ref), "--ref", str(ref), "--report", str(tmp_path)]) == 2
+    assert "it is a directory" in capsys.readouterr().err

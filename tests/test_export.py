@@ -104,6 +104,24 @@ def test_export_is_atomic_and_refuses_to_overwrite(tiny_run, tmp_path, capsys):
     assert "run directory not found" in capsys.readouterr().err
 
 
+def test_force_replaces_only_an_earlier_export(tiny_run, tmp_path, capsys):
+    # --force used to delete whatever was at OUTDIR: a file, a directory of notes, the run itself or its parent.
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "sub" / "keep.txt").write_text("mine", encoding="utf-8")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine", encoding="utf-8")
+    for target, message in [(victim, "not an exported model"), (notes, "not an exported model"),
+                            (tiny_run, "being exported"), (tiny_run.parent, "being exported")]:
+        before = sorted(p.relative_to(target) for p in target.rglob("*")) if target.is_dir() else None
+        assert main(["export", str(tiny_run), str(target), "--force"]) == 2
+        assert message in capsys.readouterr().err
+        assert (sorted(p.relative_to(target) for p in target.rglob("*")) if target.is_dir() else None) == before
+    assert victim.read_text(encoding="utf-8") == "mine"
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tiny_run), str(tmp_path / "empty"), "--force"]) == 0
+
+
 def test_export_card_takes_an_evaluation_report(tiny_run, tmp_path):
     report = tmp_path / "test.json"
     report.write_text(json.dumps({"n": 3, "metrics": {"bleu": {"score": 42.0, "signature": "nrefs:1|x"}}}),

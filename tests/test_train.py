@@ -294,6 +294,14 @@ def test_plot_writes_a_png(tiny_run: Path, tmp_path: Path, capsys: pytest.Captur
     assert main(["plot", str(tiny_run), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert str(out) in capsys.readouterr().out
+    # Without a suffix it wrote NAME.png but printed NAME; an unknown suffix was a traceback.
+    assert main(["plot", str(tiny_run), "-o", str(tmp_path / "named")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "named.png") and (tmp_path / "named.png").is_file()
+    assert main(["plot", str(tiny_run), "-o", str(tmp_path / "x.xyz")]) == 2
+    err = capsys.readouterr().err
+    assert "the image formats are" in err and "png" in err and "Traceback" not in err
+    assert main(["plot", str(tiny_run), "-o", str(tmp_path)]) == 0  # a directory: curves.png in it
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
 
 
 def test_plot_default_path_and_torn_lines(tmp_path: Path) -> None:
@@ -312,3 +320,38 @@ def test_plot_without_metrics_is_a_clear_error(tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "metrics.jsonl").write_text("\n")
     assert main(["plot", str(tmp_path)]) == 2
     assert "no train or valid records" in capsys.readouterr().err
+
+
+def test_the_corpus_names_the_languages(tmp_path: Path) -> None:
+    # `nmt prepare files ... --src-lang de --tgt-lang en` then training with a config that says es -> en gave a
+    # model card, translate log and /v1/models labelled es -> en.
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg = tiny_config(data, tmp_path / "run", "data.src_lang=es", "data.tgt_lang=en")
+    nmt.train.label_languages(cfg)  # no corpus.json: the config's
+    assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("es", "en")
+    (data / "corpus.json").write_text(json.dumps({"src_lang": "src", "tgt_lang": "tgt"}), encoding="utf-8")
+    nmt.train.label_languages(cfg)  # prepare's placeholders: the config's
+    assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("es", "en")
+    (data / "corpus.json").write_text(json.dumps({"src_lang": "de", "tgt_lang": "en"}), encoding="utf-8")
+    nmt.train.label_languages(cfg)
+    assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("de", "en")
+
+
+def test_a_run_directory_must_be_a_directory_of_no_model_and_no_other_training(corpus: Path, tmp_path: Path,
+                                                                                capsys) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("mine", encoding="utf-8")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"")
+    for run_dir, message in [(a_file, "is a file"), (model_dir, "exported model directory")]:
+        with pytest.raises(NMTError, match=message):
+            train(tiny_config(corpus, run_dir))
+    assert a_file.read_text(encoding="utf-8") == "mine"
+    # Two `nmt train` in one run directory overwrote each other's checkpoints and interleaved the log.
+    held = nmt.train.lock_run_dir(tmp_path)
+    with pytest.raises(NMTError, match="another `nmt train` is training in"):
+        nmt.train.lock_run_dir(tmp_path)
+    held.close()
+    nmt.train.lock_run_dir(tmp_path).close()

@@ -420,6 +420,11 @@ def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys):
     assert main(["translate", str(tiny_model_dir), "--beam", "2", "--n-best", "3", "-i", str(src)]) == 2
     assert "n_best" in capsys.readouterr().err
     assert main(["translate", str(tiny_model_dir), "-i", str(tmp_path / "nope.txt")]) == 2
+    capsys.readouterr()
+    # The same file as input and output was emptied, with exit status 0.
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", str(tmp_path / "." / "in.txt")]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert src.read_text(encoding="utf-8") == "a b c\n\nm n o p\n"
 
 
 def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, tmp_path):
