@@ -53,7 +53,8 @@ def _run_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     best = f"{result['best_bleu']:.2f}" if result["best_bleu"] >= 0 else "n/a"
     print(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {best}  stopped: {result['reason']}")
-    return 0
+    # Stopped by a signal (its checkpoint saved): not a finished run to a script's `&&`, as the shell would say.
+    return 128 + result["signal"] if result["signal"] else 0
 
 
 def _run_tokenizer(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,13 @@ class Ranks:
 
 
 class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each update, so it can save and exit."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each update, so it can save and exit; a second
+    SIGINT stops at once, without saving (`kept` says what is kept then)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: Callable[[], str] = str) -> None:
         self.requested = False
+        self.signum = 0  # the first signal received
+        self.kept = kept
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
@@ -127,9 +131,11 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
+            log.warning("stopping without saving: %s", self.kept())
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        self.requested, self.signum = True, signum
+        log.warning("received signal %d: saving a checkpoint after this update and stopping (Ctrl-C again stops "
+                    "at once, without saving)", signum)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
@@ -502,7 +508,7 @@ class Trainer:
                    "precision": "bf16" if self.amp else "fp32",
                    "time": time.time()})
         window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
-        with StopSignal() as stop:
+        with StopSignal(self._kept) as stop:
             while reason == "finished" and self.pos.epoch < tc.epochs:
                 if self.cfg.tokenizer.sample_alpha > 0:
                     self._resample(self.pos.epoch)
@@ -541,7 +547,13 @@ class Trainer:
         progress.close()
         self._log({"type": "session", "event": "end", "step": self.pos.step, "reason": reason, "time": time.time()})
         self.ranks.barrier()
-        return {"step": self.pos.step, "best_bleu": self.pos.best_bleu, "reason": reason}
+        return {"step": self.pos.step, "best_bleu": self.pos.best_bleu, "reason": reason, "signal": stop.signum}
+
+    def _kept(self) -> str:
+        """What a stop without saving keeps."""
+        if self.pos.last_valid_step < 0 or not self.last_path.is_file():
+            return "no checkpoint of this run yet"
+        return f"{self.last_path} keeps the weights of step {self.pos.last_valid_step}; later updates are lost"
 
     def _validate_and_save(self) -> bool:
         """Validate, adjust the learning rate, save last (and best); True when early stopping says stop."""
