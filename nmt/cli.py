@@ -369,7 +369,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from service.server import check, serve
 
-    check(args.model, args.port, args.workers)
+    check(args.model, args.port, args.workers, args.host)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{args.port}/"
     print(f"nmt serve: starting; once the model is loaded, open {url} (API documentation: {url}docs)", flush=True)

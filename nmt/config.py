@@ -219,7 +219,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise NMTError(f"config file {path} is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise NMTError(f"config file {path} is not valid YAML: {problem}{where}") from None
         if not isinstance(raw, dict):
             raise NMTError(f"config file {path} must hold a mapping of sections")
     return from_dict(apply_overrides(raw, overrides))

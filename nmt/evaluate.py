@@ -18,6 +18,8 @@ from nmt.translator import Translator
 def read_lines(path: str | Path, what: str = "file") -> list[str]:
     """The lines of a UTF-8 text file (split on \\n only, a trailing \\r dropped), as sacrebleu reads them."""
     path = Path(path)
+    if path.is_dir():
+        raise NMTError(f"{what} {path} is a directory")
     if not path.is_file():
         raise NMTError(f"{what} not found: {path}")
     try:

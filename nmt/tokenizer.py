@@ -95,7 +95,12 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, v
             raise NMTError(f"SentencePiece training failed on {', '.join(map(str, texts))}: {exc}") from None
         out = prefix.with_suffix(".model")
         os.replace(tmp_prefix.with_suffix(".model"), out)
-    log.info("trained SentencePiece %s (%s, vocab %d)", out, cfg.type, vocab_size)
+    size = spm.SentencePieceProcessor(model_file=str(out)).get_piece_size()
+    if size < vocab_size:  # hard_vocab_limit=False: a small corpus yields fewer pieces than asked for
+        log.info("trained SentencePiece %s (%s, vocab %d of the %d asked for: the corpus has no more)", out,
+                 cfg.type, size, vocab_size)
+    else:
+        log.info("trained SentencePiece %s (%s, vocab %d)", out, cfg.type, size)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import uvicorn
 from pydantic import ValidationError
@@ -24,7 +25,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
                 timeout_graceful_shutdown=None)
 
 
-def check(model: str | None = None, port: int = 8000, workers: int = 1) -> None:
+def check(model: str | None = None, port: int = 8000, workers: int = 1, host: str = "127.0.0.1") -> None:
     """Check what serve is given (arguments, NMT_* settings, model path, device) before anything starts: a mistake
     is one NMTError line, not a traceback from the app's startup. MODEL is exported as NMT_MODEL_DIR."""
     if model is not None:
@@ -42,3 +43,20 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1) -> None:
         raise NMTError(f"--workers must be >= 1, got {workers}")
     if not 0 <= port <= 65535:
         raise NMTError(f"--port must be between 0 and 65535, got {port}")
+    check_address(host, port)
+
+
+def check_address(host: str, port: int) -> None:
+    """NMTError when the service could not listen on host:port (a name that does not resolve, a port in use):
+    found before the model loads, not by uvicorn after it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise NMTError(f"--host {host}: {getattr(exc, 'strerror', None) or exc}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise NMTError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -95,8 +95,9 @@ def test_bad_config_files(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
-    with pytest.raises(NMTError, match="not valid YAML"):
+    with pytest.raises(NMTError, match="not valid YAML") as error:
         load_config(bad)
+    assert "\n" not in str(error.value) and "at line 2, column 1" in str(error.value)  # one line, where
     bad.write_text("- a list\n")
     with pytest.raises(NMTError, match="must hold a mapping"):
         load_config(bad)

@@ -151,3 +151,15 @@ def test_serve_refuses_bad_arguments_and_settings_in_one_line(tiny_model_dir, tm
     assert nmt_main(["serve", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(tiny_model_dir, capsys, monkeypatch):
+    # uvicorn found it only after the model had loaded, and exited 3.
+    monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert nmt_main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err and len(err.strip().splitlines()) == 1
