@@ -46,7 +46,8 @@ def _check_replaceable(outdir: Path, run: Path) -> None:
     directory of other things, not the run being exported nor one holding it."""
     target = outdir.resolve()
     if target == run.resolve() or target in run.resolve().parents:
-        raise NMTError(f"{outdir} is (or holds) the run {run} being exported: choose another output directory")
+        raise NMTError(f"{outdir} is (or holds) the run directory being exported, {run}: choose another output "
+                       "directory")
     if not target.is_dir() or not (is_model_dir(target) or not any(target.iterdir())):
         raise NMTError(f"{outdir} is not an exported model directory: --force only replaces an earlier export; "
                        "choose another output directory")
