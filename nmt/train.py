@@ -272,10 +272,13 @@ def lock_run_dir(run_dir: Path) -> Any:
     lock = open(run_dir / ".lock", "w")  # held open for the whole run
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         lock.close()
         raise NMTError(f"another `nmt train` is training in {run_dir}: wait for it, or choose another "
                        "train.run_dir") from None
+    except OSError as exc:  # a filesystem without locks: train unguarded rather than not at all
+        log.warning("cannot lock %s (%s): nothing stops another `nmt train` from using it meanwhile", run_dir,
+                    exc.strerror or exc)
     return lock
 
 
