@@ -54,7 +54,7 @@ def _run_train(args: argparse.Namespace) -> int:
     best = f"{result['best_bleu']:.2f}" if result["best_bleu"] >= 0 else "n/a"
     print(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {best}  stopped: {result['reason']}")
     # Stopped by a signal (its checkpoint saved): not a finished run to a script's `&&`, as the shell would say.
-    return 128 + result["signal"] if result["signal"] else 0
+    return 128 + result["signal"] if result["reason"] == "interrupted" and result["signal"] else 0
 
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
@@ -186,6 +186,8 @@ def _open(path: str | None, mode: str, default: Any) -> Any:
 
 def _check_not_input(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
     """Refuse to write over a file the command reads (the output would destroy its own input)."""
+    if not os.path.isfile(output):  # a new file, or a device or pipe such as /dev/stdout: nothing to destroy
+        return
     for path in inputs:
         with contextlib.suppress(OSError):
             if os.path.samefile(output, path):
@@ -258,6 +260,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise NMTError("--hyp scores existing translations: give no MODEL, --src or --split")
         if not args.ref:
             raise NMTError("--hyp needs --ref")
+        if args.report:
+            _check_not_input(args.report, [args.hyp, *args.ref])
         report = evaluate(read_lines(args.hyp, "hypothesis file"), [read_lines(r, "reference file") for r in args.ref])
         report.update(hyp=args.hyp, ref=args.ref)
         if args.report:
@@ -288,6 +292,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     for path in (out / f"{name}.hyp", report_path):
         check_writable(path)
         _check_not_input(path, [src_path, *ref_paths])
+    if report_path.resolve() == (out / f"{name}.hyp").resolve():
+        raise NMTError(f"--report {report_path} is where the hypotheses go: name another file")
     hyps, report = evaluate_model(translator, src, refs, **_decode_options(args))
     report.update(src=str(src_path), ref=[str(r) for r in ref_paths])
     write_lines(hyps, out / f"{name}.hyp")

@@ -221,7 +221,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+            problem = "; ".join(part for part in parts if part) or " ".join(str(exc).split())
             raise NMTError(f"config file {path} is not valid YAML: {problem}{where}") from None
         if not isinstance(raw, dict):
             raise NMTError(f"config file {path} must hold a mapping of sections")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{run_dir.resolve().name}: {max((r['step'] for r in train + valid), default=0)} updates")
     out = Path(output) if output else run_dir
-    if out.is_dir():
+    if out.is_dir() or str(output).endswith(("/", os.sep)):
         out = out / "curves.png"
     elif not out.suffix:
         out = out.with_name(out.name + ".png")  # as savefig would name it, so the path printed is the file's

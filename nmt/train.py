@@ -261,7 +261,7 @@ def label_languages(cfg: Config) -> None:
     if not all(isinstance(lang, str) and lang for lang in named) or named == ("src", "tgt"):
         return  # prepare's placeholders when no language was given
     if named != (cfg.data.src_lang, cfg.data.tgt_lang):
-        log.info("languages %s -> %s from %s/%s (the config said %s -> %s)", *named, cfg.data.dir, CORPUS_JSON,
+        log.warning("languages %s -> %s from %s/%s (the config said %s -> %s)", *named, cfg.data.dir, CORPUS_JSON,
                  cfg.data.src_lang, cfg.data.tgt_lang)
         cfg.data.src_lang, cfg.data.tgt_lang = named
 
@@ -286,6 +286,20 @@ class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
     def __init__(self, cfg: Config, resume: bool = False):
+        self._lock: Any = None  # see lock_run_dir
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of the run directory (another `nmt train` may use it then)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _setup(self, cfg: Config, resume: bool) -> None:
         label_languages(cfg)
         self.cfg = cfg
         tc = cfg.train
@@ -614,3 +628,4 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         return trainer.run()
     finally:
         trainer.ranks.close()
+        trainer.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -48,15 +49,21 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1, host: st
 
 def check_address(host: str, port: int) -> None:
     """NMTError when the service could not listen on host:port (a name that does not resolve, a port in use):
-    found before the model loads, not by uvicorn after it."""
+    found before the model loads, not by uvicorn after it. Each address the host resolves to is tried as asyncio
+    binds them (IPv6 sockets IPv6 only; an address family the machine lacks is skipped)."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
         raise NMTError(f"--host {host}: {getattr(exc, 'strerror', None) or exc}") from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    for family, kind, proto, _, address in addresses:
         try:
-            probe.bind(address)
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
         except OSError as exc:
-            raise NMTError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                continue
+            raise NMTError(f"cannot listen on {shown}: {exc.strerror or exc}") from None

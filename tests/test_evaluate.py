@@ -155,3 +155,8 @@ def test_evaluate_never_writes_over_its_inputs_or_into_a_directory(tiny_model_di
     assert ref.read_text(encoding="utf-8") == "c b a\n"
     assert main(["evaluate", "--hyp", str(ref), "--ref", str(ref), "--report", str(tmp_path)]) == 2
     assert "it is a directory" in capsys.readouterr().err
+    assert main(["evaluate", "--hyp", str(src), "--ref", str(ref), "--report", str(ref)]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "o"), "--report", str(tmp_path / "o" / "s.hyp")]) == 2
+    assert "is where the hypotheses go" in capsys.readouterr().err
+    assert ref.read_text(encoding="utf-8") == "c b a\n"

@@ -302,6 +302,8 @@ def test_plot_writes_a_png(tiny_run: Path, tmp_path: Path, capsys: pytest.Captur
     assert "the image formats are" in err and "png" in err and "Traceback" not in err
     assert main(["plot", str(tiny_run), "-o", str(tmp_path)]) == 0  # a directory: curves.png in it
     assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
+    assert main(["plot", str(tiny_run), "-o", str(tmp_path / "new") + "/"]) == 0  # one to make
+    assert (tmp_path / "new" / "curves.png").is_file()
 
 
 def test_plot_default_path_and_torn_lines(tmp_path: Path) -> None:
@@ -355,6 +357,12 @@ def test_a_run_directory_must_be_a_directory_of_no_model_and_no_other_training(c
         nmt.train.lock_run_dir(tmp_path)
     held.close()
     nmt.train.lock_run_dir(tmp_path).close()
+    # A run that fails after taking the lock lets go of it (a retry in the same process was refused).
+    run_dir = tmp_path / "failing"
+    with pytest.raises(NMTError, match="no training pairs left") as failure:  # its traceback kept, as a notebook
+        train(tiny_config(corpus, run_dir, "data.max_len=1"))
+    nmt.train.lock_run_dir(run_dir).close()
+    assert failure.traceback  # still held while the lock was taken again
 
 
 def test_a_second_ctrl_c_stops_at_once_and_says_what_is_kept(caplog: pytest.LogCaptureFixture) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -425,6 +426,7 @@ def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys):
     assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", str(tmp_path / "." / "in.txt")]) == 2
     assert "is also an input" in capsys.readouterr().err
     assert src.read_text(encoding="utf-8") == "a b c\n\nm n o p\n"
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", os.devnull]) == 0  # a device: fine
 
 
 def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, tmp_path):
