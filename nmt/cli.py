@@ -184,21 +184,33 @@ def _open(path: str | None, mode: str, default: Any) -> Any:
         raise NMTError(f"cannot open {path}: {exc.strerror}") from None
 
 
-def _check_not_input(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
-    """Refuse to write over a file the command reads (the output would destroy its own input)."""
+def _check_not_input(output: str | os.PathLike, inputs: list[str | os.PathLike | int]) -> None:
+    """Refuse to write over a file the command reads, named or an open descriptor such as stdin (the output would
+    destroy its own input)."""
     if not os.path.isfile(output):  # a new file, or a device or pipe such as /dev/stdout: nothing to destroy
         return
-    for path in inputs:
+    written = os.stat(output)
+    for source in inputs:
         with contextlib.suppress(OSError):
-            if os.path.samefile(output, path):
-                raise NMTError(f"{output} is also an input ({path}): write the output to another file")
+            read = os.fstat(source) if isinstance(source, int) else os.stat(source)
+            if (read.st_dev, read.st_ino) == (written.st_dev, written.st_ino):
+                name = "standard input" if isinstance(source, int) else source
+                raise NMTError(f"{output} is also an input ({name}): write the output to another file")
+
+
+def _stdin_fd() -> int:
+    """The descriptor of standard input (-1 when it has none: a test's replacement stream)."""
+    try:
+        return sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return -1
 
 
 def _run_translate(args: argparse.Namespace) -> int:
     from nmt.progress import Progress
 
-    if args.input and args.output:
-        _check_not_input(args.output, [args.input])
+    if args.output:
+        _check_not_input(args.output, [args.input or _stdin_fd()])
     translator = _load_translator(args)
     options = {**_decode_options(args), "n_best": args.n_best}
     translator.translate([], **options)  # checks the options before any input is read

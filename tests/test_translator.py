@@ -407,7 +407,7 @@ def test_bad_models_are_clear_errors(broken, case, message, capsys, monkeypatch)
     assert "nmt translate: error:" in err and message in err and "Traceback" not in err
 
 
-def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys):
+def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys, monkeypatch):
     src = tmp_path / "in.txt"
     src.write_text("a b c\n\nm n o p\n", encoding="utf-8")
     out = tmp_path / "out.txt"
@@ -427,6 +427,11 @@ def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys):
     assert "is also an input" in capsys.readouterr().err
     assert src.read_text(encoding="utf-8") == "a b c\n\nm n o p\n"
     assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", os.devnull]) == 0  # a device: fine
+    with open(src, encoding="utf-8") as stdin:  # `nmt translate MODEL -o in.txt < in.txt`
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert main(["translate", str(tiny_model_dir), "-o", str(src)]) == 2
+    assert "is also an input (standard input)" in capsys.readouterr().err
+    assert src.read_text(encoding="utf-8") == "a b c\n\nm n o p\n"
 
 
 def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, tmp_path):
