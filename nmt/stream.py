@@ -154,9 +154,11 @@ class TranslationStream:
         segment longer than the budget joins once the searches are empty. A call with a smaller budget than the
         others' may thus hold them up: give the calls of a stream one budget. The calls whose segments could not
         join fail (the searches stay as they were)."""
+        first, self._first = self._first, _NOBODY
+        if not self._waiting:  # most steps: nothing to join
+            return []
         live = sum(sum(search.src_lens) for search in self._searches.values())
         joins: dict[tuple, list[tuple[Hashable, _Waiting]]] = {}
-        first, self._first = self._first, _NOBODY
         arrival = {handle: n for n, handle in enumerate(self._running)}
 
         def take(handle: Hashable) -> bool:

@@ -238,10 +238,10 @@ class Translator:
                  ", with a vocabulary shortlist" if shortlist else "")
         return cls(model, cfg, src_tok, tgt_tok, dev, home if model_dir else path, card, quantized, params, shortlist)
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         """The model card's name, else the model or run directory's (with the checkpoint's file name when loaded
-        from one: run/best.pt)."""
+        from one: run/best.pt); once, as the service names the model in every answer."""
         if (self.card or {}).get("name"):
             return self.card["name"]
         return f"{self.path.parent.name}/{self.path.name}" if self.path.is_file() else self.path.name

@@ -5,9 +5,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
-
-log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -24,8 +21,8 @@ def trim_heap() -> bool:
     """Return free heap memory to the system; whether the C library could.
 
     glibc keeps the pages of freed tensors in its heaps for reuse, so a process that decoded a large batch keeps
-    its peak size after it (hundreds of megabytes here) unless asked; the call walks the heaps (about a
-    millisecond), so it is for idle moments, not for every request."""
+    its peak size after it (hundreds of megabytes here) unless asked; the call walks the heaps (a few
+    milliseconds), so it is for idle moments, not for every request."""
     trim = _malloc_trim()
     if trim is None:
         return False

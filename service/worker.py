@@ -161,23 +161,20 @@ class _Engine:
         done: list[tuple[Hashable, Sequence[Any] | BaseException]] = []
         used = 0
         for handle, scoring in sorted(self._scoring.items(), key=lambda item: len(item[1].groups)):
-            if not scoring.groups:  # a call with nothing to score
-                del self._scoring[handle]
-                done.append((handle, scoring.results))
-                continue
-            group = scoring.groups[0]
-            cost = max(len(scoring.job.targets[i]) + 1 for i in group) * len(group)  # as score_groups counts
-            if used and used + cost > self.batch_tokens:
-                break
-            used += cost
-            scoring.groups.popleft()
-            try:
-                for i, result in zip(group, self.translator.score_group(scoring.job, group), strict=True):
-                    scoring.results[i] = result
-            except Exception as exc:
-                del self._scoring[handle]
-                done.append((handle, exc))
-                continue
+            if scoring.groups:  # none: a call with nothing to score
+                group = scoring.groups[0]
+                cost = max(len(scoring.job.targets[i]) + 1 for i in group) * len(group)  # as score_groups counts
+                if used and used + cost > self.batch_tokens:
+                    break
+                used += cost
+                scoring.groups.popleft()
+                try:
+                    for i, result in zip(group, self.translator.score_group(scoring.job, group), strict=True):
+                        scoring.results[i] = result
+                except Exception as exc:
+                    del self._scoring[handle]
+                    done.append((handle, exc))
+                    continue
             if not scoring.groups:
                 del self._scoring[handle]
                 done.append((handle, scoring.results))
