@@ -14,7 +14,9 @@ from nmt.translator import Job, Translation, Translator
 
 log = logging.getLogger(__name__)
 
-_NOBODY = object()  # no call (a handle may be any hashable, None included)
+# Steps a call's next segment may be left waiting for room while other calls' segments join, before room is
+# kept for it (see TranslationStream._join): about as many as a verse takes to decode.
+PATIENCE_STEPS = 32
 
 
 @dataclass
@@ -53,7 +55,7 @@ class TranslationStream:
         # Segments waiting to join their searches, by call, in order, and their source tokens per call.
         self._waiting: dict[Hashable, collections.deque[_Waiting]] = {}
         self._waiting_tokens: dict[Hashable, int] = {}
-        self._first: object = _NOBODY  # the call whose next segment joins before any other at the next step
+        self._waited: dict[Hashable, int] = {}  # steps each waiting call's next segment has been left waiting
 
     def __len__(self) -> int:
         """Calls in progress."""
@@ -91,6 +93,7 @@ class TranslationStream:
             self._ready.remove(handle)
         self._waiting.pop(handle, None)
         self._waiting_tokens.pop(handle, None)
+        self._waited.pop(handle, None)
         for search in self._searches.values():
             search.drop([(handle, j) for j in range(len(running.hyps))])
 
@@ -142,19 +145,20 @@ class TranslationStream:
             ids = job.segments[todo[j]].ids
             queue.append(_Waiting((job.key, attention), job, j, ids))
             self._waiting_tokens[handle] = self._waiting_tokens.get(handle, 0) + len(ids) + 1
+        self._waited.setdefault(handle, 0)
 
     def _join(self) -> list[tuple[Hashable, Exception]]:
         """Add waiting segments to their searches (creating those that are needed) while all searches together
         decode at most the calls' token budget of source tokens (one segment at least, when nothing decodes), so
         a call of many segments decodes them as they fit and can be cancelled between steps. The calls with the
         fewest source tokens waiting go first (then the earlier calls), so a short call does not wait behind a
-        long one, and calls of equal size finish in the order they came. But when segments are left waiting for
-        room, the next segment of the call that came first joins before any other at the next step, and nothing
-        joins until it fits; so no call waits for ever behind shorter ones that keep the budget busy, and a
+        long one, and calls of equal size finish in the order they came; a call whose next segment does not fit
+        lets the others' smaller ones take the room. But once a call's next segment has been left waiting for
+        PATIENCE_STEPS steps, it joins before any other (the call left waiting longest, then the earlier), and
+        nothing joins until it fits; so no call waits for ever behind others that keep the budget busy, and a
         segment longer than the budget joins once the searches are empty. A call with a smaller budget than the
         others' may thus hold them up: give the calls of a stream one budget. The calls whose segments could not
         join fail (the searches stay as they were)."""
-        first, self._first = self._first, _NOBODY
         if not self._waiting:  # most steps: nothing to join
             return []
         live = sum(sum(search.src_lens) for search in self._searches.values())
@@ -167,22 +171,23 @@ class TranslationStream:
             queue = self._waiting[handle]
             tokens = len(queue[0].ids) + 1
             if live and live + tokens > queue[0].job.budget:
-                self._first = min(self._waiting, key=arrival.__getitem__)  # left waiting: the earliest call next
                 return False
             entry = queue.popleft()
             joins.setdefault(entry.key, []).append((handle, entry))
             live += tokens
             self._waiting_tokens[handle] -= tokens
+            self._waited[handle] = -1  # counted up to 0 below: it joined at this step
             if not queue:
-                del self._waiting[handle], self._waiting_tokens[handle]
+                del self._waiting[handle], self._waiting_tokens[handle], self._waited[handle]
             return True
 
-        if first not in self._waiting or take(first):
+        overdue = max(self._waiting, key=lambda h: (self._waited[h], -arrival[h]))
+        if self._waited[overdue] < PATIENCE_STEPS or take(overdue):
             for handle in sorted(self._waiting, key=lambda h: (self._waiting_tokens[h], arrival[h])):
                 while handle in self._waiting and take(handle):
                     pass
-                if self._first is not _NOBODY:
-                    break
+        for handle in self._waiting:
+            self._waited[handle] += 1
         return self._add(joins)
 
     def _add(self, joins: dict[tuple, list[tuple[Hashable, _Waiting]]]) -> list[tuple[Hashable, Exception]]:

@@ -274,3 +274,26 @@ def test_short_calls_that_keep_the_budget_busy_do_not_hold_a_long_one_for_ever(t
     else:
         raise AssertionError("the long call never finished")
     same(done["long"], translator.translate(["a b c d e f g"]))
+
+
+def test_a_short_call_takes_the_room_a_long_one_leaves_while_the_long_one_waits(translator):
+    # A long call keeps the budget full and always has segments waiting. A short call that arrives joins as soon
+    # as room for it frees up; it used to wait while the long call, as the earliest left waiting, took every
+    # room that freed up first.
+    texts = [" ".join(LETTERS[(i + k) % 16] for k in range(3 + i % 5)) for i in range(60)]
+    stream = TranslationStream(translator)
+    stream.add("long", texts, batch_tokens=20)
+    for _ in range(3):
+        stream.step()
+    stream.add("short", ["a b c d e f g"], batch_tokens=20)
+    steps = 0
+    while not any(key[0] == "short" for search in stream._searches.values() for key in search.keys):
+        assert "long" in stream._waiting  # the long call still had segments waiting
+        stream.step()
+        steps += 1
+    assert steps <= 5  # 130 before
+    results = {}
+    while len(stream):
+        results.update(stream.step())
+    same(results["short"], translator.translate(["a b c d e f g"]))
+    same(results["long"], translator.translate(texts))
