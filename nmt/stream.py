@@ -14,9 +14,7 @@ from nmt.translator import Job, Translation, Translator
 
 log = logging.getLogger(__name__)
 
-# Steps a call's next segment may be left waiting for room while other calls' segments join, before room is
-# kept for it (see TranslationStream._join): about as many as a verse takes to decode.
-PATIENCE_STEPS = 32
+_NOBODY = object()  # no call (a handle may be any hashable, None included)
 
 
 @dataclass
@@ -55,7 +53,7 @@ class TranslationStream:
         # Segments waiting to join their searches, by call, in order, and their source tokens per call.
         self._waiting: dict[Hashable, collections.deque[_Waiting]] = {}
         self._waiting_tokens: dict[Hashable, int] = {}
-        self._waited: dict[Hashable, int] = {}  # steps each waiting call's next segment has been left waiting
+        self._first: object = _NOBODY  # the call whose next segment joins before any other at the next step
 
     def __len__(self) -> int:
         """Calls in progress."""
@@ -93,7 +91,6 @@ class TranslationStream:
             self._ready.remove(handle)
         self._waiting.pop(handle, None)
         self._waiting_tokens.pop(handle, None)
-        self._waited.pop(handle, None)
         for search in self._searches.values():
             search.drop([(handle, j) for j in range(len(running.hyps))])
 
@@ -145,7 +142,6 @@ class TranslationStream:
             ids = job.segments[todo[j]].ids
             queue.append(_Waiting((job.key, attention), job, j, ids))
             self._waiting_tokens[handle] = self._waiting_tokens.get(handle, 0) + len(ids) + 1
-        self._waited.setdefault(handle, 0)
 
     def _join(self) -> list[tuple[Hashable, Exception]]:
         """Add waiting segments to their searches (creating those that are needed) while all searches together
@@ -153,17 +149,19 @@ class TranslationStream:
         a call of many segments decodes them as they fit and can be cancelled between steps. The calls with the
         fewest source tokens waiting go first (then the earlier calls), so a short call does not wait behind a
         long one, and calls of equal size finish in the order they came; a call whose next segment does not fit
-        lets the others' smaller ones take the room. But once a call's next segment has been left waiting for
-        PATIENCE_STEPS steps, it joins before any other (the call left waiting longest, then the earlier), and
-        nothing joins until it fits; so no call waits for ever behind others that keep the budget busy, and a
+        the room left lets the others' segments that do take it. But a call passed over so (its next segment left
+        waiting while another call's joined) joins before any other at the next step, the earliest such call,
+        and nothing joins until it fits; so no call waits for ever behind others that keep the budget busy, and a
         segment longer than the budget joins once the searches are empty. A call with a smaller budget than the
         others' may thus hold them up: give the calls of a stream one budget. The calls whose segments could not
         join fail (the searches stay as they were)."""
+        first, self._first = self._first, _NOBODY
         if not self._waiting:  # most steps: nothing to join
             return []
         live = sum(sum(search.src_lens) for search in self._searches.values())
         joins: dict[tuple, list[tuple[Hashable, _Waiting]]] = {}
         arrival = {handle: n for n, handle in enumerate(self._running)}
+        joined: set[Hashable] = set()  # the calls that joined a segment at this step
 
         def take(handle: Hashable) -> bool:
             """Move the call's next segment to joins if it fits; whether it did."""
@@ -175,19 +173,21 @@ class TranslationStream:
             entry = queue.popleft()
             joins.setdefault(entry.key, []).append((handle, entry))
             live += tokens
+            joined.add(handle)
             self._waiting_tokens[handle] -= tokens
-            self._waited[handle] = -1  # counted up to 0 below: it joined at this step
             if not queue:
-                del self._waiting[handle], self._waiting_tokens[handle], self._waited[handle]
+                del self._waiting[handle], self._waiting_tokens[handle]
             return True
 
-        overdue = max(self._waiting, key=lambda h: (self._waited[h], -arrival[h]))
-        if self._waited[overdue] < PATIENCE_STEPS or take(overdue):
-            for handle in sorted(self._waiting, key=lambda h: (self._waiting_tokens[h], arrival[h])):
-                while handle in self._waiting and take(handle):
-                    pass
-        for handle in self._waiting:
-            self._waited[handle] += 1
+        if first in self._waiting and not take(first):
+            self._first = first  # the room is kept for it
+            return []
+        for handle in sorted(self._waiting, key=lambda h: (self._waiting_tokens[h], arrival[h])):
+            while handle in self._waiting and take(handle):
+                pass
+        passed = [handle for handle in self._waiting if joined - {handle}]
+        if passed:
+            self._first = min(passed, key=arrival.__getitem__)
         return self._add(joins)
 
     def _add(self, joins: dict[tuple, list[tuple[Hashable, _Waiting]]]) -> list[tuple[Hashable, Exception]]:
