@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class _Running:
     job: Job
     hyps: list[list[Hypothesis] | None]  # per segment to decode (job.todo order)
     left: int  # segments not done yet
+    call: int  # the searches' name for the call (a handle may be used again once its call is over)
 
 
 @dataclass
@@ -49,6 +51,8 @@ class TranslationStream:
         self.translator = translator
         self._searches: dict[tuple, BeamSearch] = {}  # by (job key, with attention)
         self._running: dict[Hashable, _Running] = {}
+        self._calls = itertools.count()
+        self._handles: dict[int, Hashable] = {}  # the running calls' handles, by Running.call
         self._ready: list[Hashable] = []  # calls with nothing to decode, answered at the next step
         # Segments waiting to join their searches, by call, in order, and their source tokens per call.
         self._waiting: dict[Hashable, collections.deque[_Waiting]] = {}
@@ -65,7 +69,8 @@ class TranslationStream:
         return sum(len(s) for s in self._searches.values()) + sum(len(q) for q in self._waiting.values())
 
     def add(self, handle: Hashable, texts: list[str], **options: Any) -> None:
-        """Start translating texts; bad options raise NMTError here. The handle names the call in step's results.
+        """Start translating texts; bad options raise NMTError here. The handle names the call in step's results
+        (and may name another once this one is done or cancelled).
 
         The call's segments join their search at the next step as the token budget has room (see _join),
         together with every other segment joining it then: one encoder pass and one batch merge for them all."""
@@ -76,7 +81,8 @@ class TranslationStream:
         if handle in self._running:
             raise ValueError(f"call {handle!r} is already running")
         todo = len(job.todo)
-        self._running[handle] = _Running(job, [None] * todo, todo)
+        running = self._running[handle] = _Running(job, [None] * todo, todo, next(self._calls))
+        self._handles[running.call] = handle
         if not todo:
             self._ready.append(handle)
             return
@@ -87,12 +93,13 @@ class TranslationStream:
         running = self._running.pop(handle, None)
         if running is None:
             return
+        del self._handles[running.call]
         if handle in self._ready:
             self._ready.remove(handle)
         self._waiting.pop(handle, None)
         self._waiting_tokens.pop(handle, None)
         for search in self._searches.values():
-            search.drop([(handle, j) for j in range(len(running.hyps))])
+            search.drop([(running.call, j) for j in range(len(running.hyps))])
 
     def step(self) -> list[tuple[Hashable, list[Translation] | Exception]]:
         """One decoding step of every running search; the calls that are now done, or failed with an exception
@@ -109,14 +116,15 @@ class TranslationStream:
                 except Exception as exc:  # a bug must fail this search's calls, not every call of the stream
                     log.exception("a decoding step failed")
                     del self._searches[key]
-                    for handle in dict.fromkeys(h for h, _ in search.keys):
-                        if handle in self._running:
-                            done.append(self._fail(handle, exc))
+                    for call in dict.fromkeys(c for c, _ in search.keys):
+                        if call in self._handles:
+                            done.append(self._fail(self._handles[call], exc))
                     continue
-                for (handle, j), hyps in finished:
-                    running = self._running.get(handle)
-                    if running is None:
+                for (call, j), hyps in finished:
+                    if call not in self._handles:  # cancelled
                         continue
+                    handle = self._handles[call]
+                    running = self._running[handle]
                     if not key[1] and running.job.needs_attention(hyps):
                         # As Translator.translate does: decode it again with attention to replace its <unk>s.
                         self._queue(handle, running.job, [j], True)
@@ -204,8 +212,8 @@ class TranslationStream:
                     search = BeamSearch(self.translator.model, return_attention=key[1], **job.search)
                 batch = collate([entry.ids for _, entry in entries], None, list(range(len(entries))))
                 src = batch.src.to(self.translator.device)
-                search.add([(handle, entry.position) for handle, entry in entries], src, batch.src_lens,
-                           None if job.shortlist is None else job.shortlist(src))
+                keys = [(self._running[handle].call, entry.position) for handle, entry in entries]
+                search.add(keys, src, batch.src_lens, None if job.shortlist is None else job.shortlist(src))
             except Exception as exc:
                 for handle in dict.fromkeys(handle for handle, _ in entries):
                     if handle in self._running:
@@ -216,6 +224,7 @@ class TranslationStream:
 
     def _finish(self, handle: Hashable) -> tuple[Hashable, list[Translation] | Exception]:
         running = self._running.pop(handle)
+        del self._handles[running.call]
         try:
             return handle, self.translator.finish(running.job, running.hyps)
         except Exception as exc:

@@ -101,6 +101,22 @@ def test_empty_calls_bad_options_and_cancelled_calls(translator):
     assert len(stream) == 0 and stream.segments == 0
 
 
+def test_a_handle_can_be_used_again_at_once_after_its_call_is_cancelled(translator):
+    # The searches named sentences by handle, and a cancelled call's sentences leave them only at the next
+    # step: a new call under its handle before then failed ("add needs one key per sentence, none of them
+    # already decoding"), or could be given the old call's sentences.
+    stream = TranslationStream(translator)
+    stream.add("h", ["a b c d e f", "g h i"])
+    stream.step()
+    stream.cancel("h")
+    stream.add("h", ["k l m"])
+    results = {}
+    while len(stream):
+        results.update(stream.step())
+    assert list(results) == ["h"]
+    same(results["h"], translator.translate(["k l m"]))
+
+
 def test_a_failing_search_fails_only_its_calls(translator, monkeypatch):
     real_step = nmt.search.BeamSearch.step
 
@@ -157,7 +173,8 @@ def test_calls_added_between_two_steps_join_in_one_batch(translator, monkeypatch
     stream.add("w", ["k l"])
     stream.cancel("w")
     stream.step()
-    assert sorted(batches) == [[("x", 0), ("x", 1), ("y", 0)], [("z", 0)]]
+    named = [[(stream._handles[call], j) for call, j in batch] for batch in batches]  # the searches' names
+    assert sorted(named) == [[("x", 0), ("x", 1), ("y", 0)], [("z", 0)]]
     results = run(stream, [])
     same(results["x"], translator.translate(["a b c", "d e"]))
     same(results["y"], translator.translate(["f g h"]))
@@ -287,7 +304,11 @@ def test_a_short_call_takes_the_room_a_long_one_leaves_while_the_long_one_waits(
         stream.step()
     stream.add("short", ["a b c d e f g"], batch_tokens=20)
     steps = 0
-    while not any(key[0] == "short" for search in stream._searches.values() for key in search.keys):
+
+    def decoding(handle: str) -> bool:
+        calls = {call for search in stream._searches.values() for call, _ in search.keys}
+        return any(stream._handles.get(call) == handle for call in calls)
+    while not decoding("short"):
         assert "long" in stream._waiting  # the long call still had segments waiting
         stream.step()
         steps += 1
