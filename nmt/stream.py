@@ -39,11 +39,11 @@ class _Waiting:
 class TranslationStream:
     """Keeps a Translator's decoding batch full while translate calls come and go.
 
-    `add` starts a call (the same options as Translator.translate); every `step` advances each running beam search
-    by one token and returns the calls whose last segment just finished, with their translations. Calls with
-    the same search settings share one search; a new call joins it at the next step instead of waiting for the
-    running batch to end, and a finished segment leaves it at once. Every translation equals what
-    Translator.translate gives for the call alone (up to float rounding; int8 models: see BeamSearch).
+    `add` starts a call (the same options as Translator.translate); every `step` advances each running beam search by
+    one token and returns the calls whose last segment just finished, with their translations. Calls with the same
+    search settings share one search; a new call joins it between two steps as the token budget has room (see _join)
+    instead of waiting for the running batch to end, and a finished segment leaves it at once. Every translation equals
+    what Translator.translate gives for the call alone (up to float rounding; int8 models: see BeamSearch).
     Not thread-safe: use from one thread.
     """
 
@@ -153,16 +153,16 @@ class TranslationStream:
 
     def _join(self) -> list[tuple[Hashable, Exception]]:
         """Add waiting segments to their searches (creating those that are needed) while all searches together
-        decode at most the calls' token budget of source tokens (one segment at least, when nothing decodes), so
-        a call of many segments decodes them as they fit and can be cancelled between steps. The calls with the
-        fewest source tokens waiting go first (then the earlier calls), so a short call does not wait behind a
-        long one, and calls of equal size finish in the order they came; a call whose next segment does not fit
-        the room left lets the others' segments that do take it. But a call passed over so (its next segment left
-        waiting while another call's joined) joins before any other at the next step, the earliest such call,
-        and nothing joins until it fits; so no call waits for ever behind others that keep the budget busy, and a
-        segment longer than the budget joins once the searches are empty. A call with a smaller budget than the
-        others' may thus hold them up: give the calls of a stream one budget. The calls whose segments could not
-        join fail (the searches stay as they were)."""
+        decode at most the calls' token budget of source tokens (one segment at least, when nothing decodes), so a call
+        of many segments decodes them as they fit and can be cancelled between steps. The calls with the fewest source
+        tokens waiting go first (then the earlier calls), so a short call does not wait behind a long one, and calls of
+        equal size finish in the order they came; a call whose next segment does not fit the room left lets the others'
+        segments that do take it. But of the calls passed over at a step (still with a segment waiting after another
+        call's segment joined, even if some of their own did), the one that came first has its next segment join before
+        any other at the next step, and nothing joins until it fits; so no call waits for ever behind others that keep
+        the budget busy, and a segment longer than the budget joins once the searches are empty. A call with a smaller
+        budget than the others' may thus hold them up: give the calls of a stream one budget. The calls whose segments
+        could not join fail (the searches stay as they were)."""
         first, self._first = self._first, _NOBODY
         if not self._waiting:  # most steps: nothing to join
             return []
