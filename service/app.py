@@ -111,7 +111,7 @@ async def _run(settings: Settings, work: Any, request: Request) -> Any:
                            headers={"Retry-After": "1"}) from None
     except Closed:
         raise ServiceError(503, "the service is shutting down", headers={"Retry-After": "5"}) from None
-    except TimeoutError:
+    except asyncio.TimeoutError:  # wait_for's: not the builtin TimeoutError before Python 3.11
         raise ServiceError(504, f"not done within the {settings.request_timeout_s:g} s request deadline; "
                                 "send fewer or shorter texts") from None
     except TooLarge as exc:

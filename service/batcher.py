@@ -147,7 +147,7 @@ class Batcher:
                     worked = False
                     try:
                         await asyncio.wait_for(self._wake.wait(), self.idle_s)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # wait_for's: not the builtin TimeoutError before Python 3.11
                         await self._idle_work()
                     continue
                 await self._wake.wait()

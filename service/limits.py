@@ -34,7 +34,7 @@ class BodyLimitMiddleware:
         while True:
             try:
                 message = await asyncio.wait_for(receive(), deadline - time.monotonic())
-            except TimeoutError:
+            except asyncio.TimeoutError:  # wait_for's: not the builtin TimeoutError before Python 3.11
                 response = error_response(408, f"the request body did not arrive within {self.timeout_s:g} s",
                                           headers={"connection": "close"})
                 await response(scope, receive, send)
