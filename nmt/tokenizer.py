@@ -96,11 +96,9 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, v
         out = prefix.with_suffix(".model")
         os.replace(tmp_prefix.with_suffix(".model"), out)
     size = spm.SentencePieceProcessor(model_file=str(out)).get_piece_size()
-    if size < vocab_size:  # hard_vocab_limit=False: a small corpus yields fewer pieces than asked for
-        log.info("trained SentencePiece %s (%s, vocab %d of the %d asked for: the corpus has no more)", out,
-                 cfg.type, size, vocab_size)
-    else:
-        log.info("trained SentencePiece %s (%s, vocab %d)", out, cfg.type, size)
+    # hard_vocab_limit=False: a small corpus yields fewer pieces than asked for
+    short = f" of the {vocab_size} asked for: the corpus has no more" if size < vocab_size else ""
+    log.info("trained SentencePiece %s (%s, vocab %d%s)", out, cfg.type, size, short)
     return out
 
 

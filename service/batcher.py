@@ -66,8 +66,8 @@ class Batcher:
 
     Before a step, waiting jobs join the running batch, oldest first, while it holds fewer than `max_requests`
     jobs; the engine keeps its steps within its own token budget, sharing it between the jobs it runs. A job
-    leaves as soon as it is done, so a short request never waits for a long one, and the batch grows with the
-    load. While a batch runs, jobs join it at most every `max_wait_s` times the share of `max_requests` it
+    leaves as soon as it is done, so a short request does not wait for a long one to finish, and the batch grows
+    with the load. While a batch runs, jobs join it at most every `max_wait_s` times the share of `max_requests` it
     holds (an idle engine starts at once): those arriving within that time join together, which costs the
     engine much less than one by one (one encoder pass), and a join holds up every running job, so a fuller
     batch waits longer.
