@@ -47,6 +47,12 @@ def collate(src: list[list[int]], tgt: list[list[int]] | None, index: list[int])
     return Batch(src_t, lens, pad(tgt, prefix=[BOS]), pad(tgt, suffix=[EOS]), index)
 
 
+def padded_tokens(longest: int, count: int) -> int:
+    """What `count` sentences of at most `longest` tokens take of a token budget: each padded to the longest,
+    its end of sentence included."""
+    return (longest + 1) * count
+
+
 def token_batches(src_lens: list[int], tgt_lens: list[int] | None, batch_tokens: int, max_sentences: int,
                   bucket_width: int = 1, rng: random.Random | None = None) -> list[list[int]]:
     """Group sentence indices into batches whose padded size stays within the token budget.
@@ -63,12 +69,12 @@ def token_batches(src_lens: list[int], tgt_lens: list[int] | None, batch_tokens:
     current: list[int] = []
     longest = 0
     for i in order:
-        size = lens[i] + 1
-        if current and (max(longest, size) * (len(current) + 1) > batch_tokens or len(current) >= max_sentences):
+        if current and (padded_tokens(max(longest, lens[i]), len(current) + 1) > batch_tokens
+                        or len(current) >= max_sentences):
             batches.append(current)
             current, longest = [], 0
         current.append(i)
-        longest = max(longest, size)
+        longest = max(longest, lens[i])
     if current:
         batches.append(current)
     if rng is not None:

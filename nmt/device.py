@@ -21,3 +21,9 @@ def pick_device(name: str, setting: str = "device") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise NMTError(f"{setting} is {name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def check_int8(device: torch.device, setting: str = "int8", cpu: str = "device cpu") -> None:
+    """NMTError unless int8 quantization (for CPU inference only) can run on the device; `cpu` says how to pick it."""
+    if device.type != "cpu":
+        raise NMTError(f"{setting} quantizes for CPU inference: use {cpu}")

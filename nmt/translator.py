@@ -23,7 +23,7 @@ import torch
 from nmt.batching import collate, token_batches
 from nmt.checkpoint import load_checkpoint
 from nmt.config import Config, from_dict, load_config
-from nmt.device import pick_device
+from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.export import CONFIG_FILE, MODEL_FILE, is_model_dir, load_weights, read_card, read_safetensors, run_checkpoint
 from nmt.model import Seq2Seq
@@ -200,8 +200,8 @@ class Translator:
         if threads is not None:
             torch.set_num_threads(_check_int("threads", threads, 1))
         dev = pick_device(device)
-        if int8 and dev.type != "cpu":
-            raise NMTError("int8 quantization is for CPU inference; use device cpu")
+        if int8:
+            check_int8(dev)
         home, source, model_dir = locate_model(path)
         card, shortlist = None, None
         if model_dir:

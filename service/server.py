@@ -9,7 +9,7 @@ import socket
 import uvicorn
 from pydantic import ValidationError
 
-from nmt.device import pick_device
+from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.translator import locate_model
 from service.settings import Settings
@@ -38,8 +38,9 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1, host: st
             f"NMT_{'_'.join(map(str, err['loc'])).upper()}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors())) from None
     locate_model(settings.model_dir)
-    if pick_device(settings.device, "NMT_DEVICE").type != "cpu" and settings.int8:
-        raise NMTError("NMT_INT8 quantizes for CPU inference: use NMT_DEVICE=cpu")
+    device = pick_device(settings.device, "NMT_DEVICE")
+    if settings.int8:
+        check_int8(device, "NMT_INT8", "NMT_DEVICE=cpu")
     if workers < 1:
         raise NMTError(f"--workers must be >= 1, got {workers}")
     if not 0 <= port <= 65535:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from nmt.batching import padded_tokens
 from nmt.stream import TranslationStream
 from nmt.translator import Job, ScoreJob, ScoreResult, Translation, Translator
 from service.batcher import Batcher
@@ -131,7 +132,7 @@ class ModelWorker:
                 raise TooLarge(name, f"{pieces} pieces, more than the {limit} this model scores",
                                f"at most {limit} pieces")
         # A batch's cost in source tokens, as a translation's (each candidate encodes the source).
-        return await self._batcher.submit(_SCORE, job, (len(job.sources[0]) + 1) * len(candidates))
+        return await self._batcher.submit(_SCORE, job, padded_tokens(len(job.sources[0]), len(candidates)))
 
 
 
@@ -163,7 +164,7 @@ class _Engine:
         for handle, scoring in sorted(self._scoring.items(), key=lambda item: len(item[1].groups)):
             if scoring.groups:  # none: a call with nothing to score
                 group = scoring.groups[0]
-                cost = max(len(scoring.job.targets[i]) + 1 for i in group) * len(group)  # as score_groups counts
+                cost = padded_tokens(max(len(scoring.job.targets[i]) for i in group), len(group))
                 if used and used + cost > self.batch_tokens:
                     break
                 used += cost

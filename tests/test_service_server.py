@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import nmt.device
 from nmt.cli import main as nmt_main
 
 TEXTS = ["a b c d", "p o n m l k j", "c", "e f g h i j k l"]
@@ -163,3 +164,19 @@ def test_serve_refuses_a_port_in_use_before_loading_the_model(tiny_model_dir, ca
         assert nmt_main(["serve", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["serve"], "NMT_INT8 quantizes for CPU inference: use NMT_DEVICE=cpu"),
+    (["translate", "MODEL", "--int8", "--device", "cuda"], "int8 quantizes for CPU inference: use device cpu"),
+])
+def test_int8_on_a_cuda_device_is_refused_in_one_line(tiny_model_dir, capsys, monkeypatch, args, message):
+    # As on a machine with a CUDA device: int8 quantization runs on the CPU only, refused before the model loads.
+    monkeypatch.setattr(nmt.device.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(nmt.device.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))
+    monkeypatch.setenv("NMT_INT8", "1")
+    monkeypatch.setenv("NMT_DEVICE", "cuda")
+    assert nmt_main([str(tiny_model_dir) if a == "MODEL" else a for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
