@@ -52,7 +52,8 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
     best = f"{result['best_bleu']:.2f}" if result["best_bleu"] >= 0 else "n/a"
-    print(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {best}  stopped: {result['reason']}")
+    if result["main"]:  # under torchrun, once for the job
+        print(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {best}  stopped: {result['reason']}")
     # Stopped by a signal (its checkpoint saved): not a finished run to a script's `&&`, as the shell would say.
     return 128 + result["signal"] if result["reason"] == "interrupted" and result["signal"] else 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import gc
 import json
 import logging
 import math
@@ -293,6 +294,15 @@ class Trainer:
             self.release()
             raise
 
+    def close(self) -> None:
+        """Leave the torchrun job and let go of the run directory."""
+        # DistributedDataParallel keeps the process group alive: left for the interpreter's exit, gloo's threads
+        # are torn down after it and about one job in ten ended in "terminate called without an active exception".
+        self.net = self.model
+        gc.collect()
+        self.ranks.close()
+        self.release()
+
     def release(self) -> None:
         """Let go of the run directory (another `nmt train` may use it then)."""
         if self._lock is not None:
@@ -564,7 +574,8 @@ class Trainer:
         progress.close()
         self._log({"type": "session", "event": "end", "step": self.pos.step, "reason": reason, "time": time.time()})
         self.ranks.barrier()
-        return {"step": self.pos.step, "best_bleu": self.pos.best_bleu, "reason": reason, "signal": stop.signum}
+        return {"step": self.pos.step, "best_bleu": self.pos.best_bleu, "reason": reason, "signal": stop.signum,
+                "main": self.ranks.main}
 
     def _kept(self) -> str:
         """What a stop without saving keeps."""
@@ -622,10 +633,10 @@ class Trainer:
 
 
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Train (or resume) the run described by cfg; returns the final step, best dev BLEU and why it stopped."""
+    """Train (or resume) the run described by cfg; returns the final step, best dev BLEU, why it stopped (and the
+    signal that stopped it, else 0) and whether this process is rank 0 (always, outside torchrun)."""
     trainer = Trainer(cfg, resume)
     try:
         return trainer.run()
     finally:
-        trainer.ranks.close()
-        trainer.release()
+        trainer.close()

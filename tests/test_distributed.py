@@ -64,7 +64,7 @@ def rank_main(rank: int, world: int, port: int, cfg: dict, job: str, out: str) -
         grads = {n: p.grad for n, p in trainer.model.named_parameters()}
         torch.save({"weights": trainer.model.state_dict(), "grads": grads}, Path(out) / f"rank{rank}.pt")
     finally:
-        trainer.ranks.close()
+        trainer.close()
 
 
 def spawn(job: str, cfg: Config, out: Path, world: int = 2) -> list[dict]:
@@ -197,5 +197,5 @@ def test_torchrun_a_rank_that_dies_ends_the_job_and_resume_continues_exactly(
                     stderr=subprocess.STDOUT)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
-    assert f"steps: {TOTAL_STEPS}" in output and "stopped: max steps" in output
+    assert f"steps: {TOTAL_STEPS}" in output and output.count("stopped: max steps") == 1  # rank 0's summary only
     assert_equal(load_checkpoint(run_dir / "last.pt")["model"], two_rank_run[1][0]["weights"])
