@@ -530,12 +530,12 @@ class Trainer:
         total = tc.max_steps or per_epoch * tc.epochs
         progress = Progress(total, "step", enabled=None if self.ranks.main else False, start=self.pos.step)
         reason = "finished"
-        self._log({"type": "session", "event": "start", "step": self.pos.step, **hardware(self.device),
-                   "threads": torch.get_num_threads(), "ranks": self.ranks.world, "command": command_line(),
-                   "precision": "bf16" if self.amp else "fp32",
-                   "time": time.time()})
         window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
         with StopSignal(self._kept) as stop:
+            # Logged once SIGINT/SIGTERM are caught: from this line on, a stop saves a checkpoint.
+            self._log({"type": "session", "event": "start", "step": self.pos.step, **hardware(self.device),
+                       "threads": torch.get_num_threads(), "ranks": self.ranks.world, "command": command_line(),
+                       "precision": "bf16" if self.amp else "fp32", "time": time.time()})
             while reason == "finished" and self.pos.epoch < tc.epochs:
                 if self.cfg.tokenizer.sample_alpha > 0:
                     self._resample(self.pos.epoch)
