@@ -70,9 +70,9 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    for _ in range(1000):
-        if server.started:
-            break
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, f"uvicorn did not start on port {port}"
         time.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{port}"
