@@ -43,14 +43,29 @@ CORPUS_JSON = "corpus.json"
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_outdir(outdir: Path, overwrite: bool) -> None:
-    """Refuse to replace something that is not a previous corpus unless `overwrite`."""
+def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = ()) -> None:
+    """Refuse to replace a directory that holds the inputs or the current directory, and, unless `overwrite`,
+    one that holds anything besides a previous corpus (its split files and corpus.json)."""
     if not outdir.exists():
         return
     if not outdir.is_dir():
         raise NMTError(f"{outdir} exists and is not a directory")
-    if overwrite or not any(outdir.iterdir()) or (outdir / CORPUS_JSON).is_file():
+    home = outdir.resolve()
+    for path in inputs:
+        if Path(path).resolve().is_relative_to(home):
+            raise NMTError(f"{path} is inside {outdir}, which the corpus replaces: write it to another directory")
+    if Path.cwd().resolve().is_relative_to(home):
+        raise NMTError(f"{outdir} holds the current directory, which the corpus would replace: "
+                       "write it to another directory")
+    others = sorted(e.name for e in outdir.iterdir()
+                    if e.name != CORPUS_JSON and not (e.is_file() and e.name.split(".", 1)[0] in SPLITS))
+    previous = (outdir / CORPUS_JSON).is_file()
+    if overwrite or not others and (previous or not any(outdir.iterdir())):
         return
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    if previous:
+        raise NMTError(f"{outdir} holds a previous corpus and other files ({shown}); "
+                       "choose another directory, or pass --overwrite to replace them all")
     raise NMTError(f"{outdir} exists, is not empty and holds no previous corpus ({CORPUS_JSON}); "
                    "choose another directory or pass --overwrite to replace it")
 
@@ -61,16 +76,20 @@ def _sibling(path: Path, tag: str) -> Path:
 
 
 def _write_corpus(outdir: Path, splits: dict[str, dict[str, Sequence[str]]], meta: dict[str, Any],
-                  overwrite: bool) -> None:
+                  overwrite: bool, inputs: Sequence[Path | str]) -> None:
     """Write `{split}.{ext}` for each split and file extension, and corpus.json, atomically.
 
     Everything goes into a temporary directory beside `outdir`, which then replaces `outdir` by renames;
     on any error the temporary directory is removed and `outdir` is left as it was.
     """
-    _check_outdir(outdir, overwrite)
-    outdir.parent.mkdir(parents=True, exist_ok=True)
+    _check_outdir(outdir, overwrite, inputs)
+    outdir = outdir.resolve()  # "." or "..": a name to rename
     tmp = _sibling(outdir, "tmp")
-    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask: the corpus gets ordinary permissions
+    try:
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask: the corpus gets ordinary permissions
+    except OSError as exc:
+        raise NMTError(f"cannot write a corpus to {outdir}: {exc.strerror or exc}") from None
     old: Path | None = None
     try:
         for split, files in splits.items():
@@ -91,8 +110,10 @@ def _write_corpus(outdir: Path, splits: dict[str, dict[str, Sequence[str]]], met
                 old.rename(outdir)
                 old = None
             raise
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise NMTError(f"cannot write a corpus to {outdir}: {exc.strerror or exc}") from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -217,7 +238,7 @@ def prepare_bible(outdir: str | Path, sword_path: str = "/usr/share/sword", over
     test 878 pairs.
     """
     outdir = Path(outdir)
-    _check_outdir(outdir, overwrite)
+    _check_outdir(outdir, overwrite, [sword_path])
     src_bible, tgt_bible, sources = _load_bibles(sword_path)
     splits: dict[str, dict[str, list[str]]] = {s: {"src": [], "tgt": [], "ref": []} for s in SPLITS}
     skipped = {"empty_src": 0, "empty_tgt": 0}
@@ -253,7 +274,7 @@ def prepare_bible(outdir: str | Path, sword_path: str = "/usr/share/sword", over
         "splits": {"dev": list(BIBLE_DEV_BOOKS), "test": list(BIBLE_TEST_BOOKS), "train": "all other books"},
         "sources": sources,
     }
-    _write_corpus(outdir, splits, meta, overwrite)
+    _write_corpus(outdir, splits, meta, overwrite, [sword_path])
     log.info("Bible corpus in %s: train %d, dev %d, test %d (skipped %d empty verses)", outdir,
              counts["train"], counts["dev"], counts["test"], sum(skipped.values()))
     return {**meta, "outdir": str(outdir)}
@@ -396,7 +417,8 @@ def prepare_files(
         raise NMTError(f"--max-len must be at least 1 (got {max_len})")
     if max_ratio < 0:
         raise NMTError(f"--max-ratio must be 0 (off) or positive (got {max_ratio})")
-    _check_outdir(outdir, overwrite)
+    given = [src, tgt, tsv, dev_src, dev_tgt, dev_tsv, test_src, test_tgt, test_tsv]
+    _check_outdir(outdir, overwrite, [p for p in given if p])
 
     src_p, tgt_p, tsv_p = _opt_path(src), _opt_path(tgt), _opt_path(tsv)
     raw = _read_pairs(src_p, tgt_p, tsv_p, "training data")
@@ -481,7 +503,7 @@ def prepare_files(
         "sources": {k: {"path": str(p.resolve()), "sha256": _sha256(p)} for k, p in input_files.items()},
     }
     files = {s: {"src": [p[0] for p in v], "tgt": [p[1] for p in v]} for s, v in splits.items()}
-    _write_corpus(outdir, files, meta, overwrite)
+    _write_corpus(outdir, files, meta, overwrite, list(input_files.values()))
     log.info("corpus in %s: train %d, dev %d, test %d; dropped %s", outdir, counts["train"], counts["dev"],
              counts["test"], ", ".join(f"{k} {v}" for k, v in dropped.items()))
     return {**meta, "outdir": str(outdir)}
@@ -543,7 +565,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     b.add_argument("outdir", metavar="OUTDIR", help="output directory")
     b.add_argument("--sword-path", default="/usr/share/sword", help="SWORD library (default %(default)s)")
     b.add_argument("--overwrite", action="store_true",
-                   help="replace OUTDIR even if it holds something other than a previous corpus")
+                   help="replace OUTDIR even if it holds something other than a previous corpus "
+                        "(never one that holds the input files or the current directory)")
     b.set_defaults(func=_run_bible)
 
     f = recipes.add_parser("files", help="your own parallel text: two plain-text files or one TSV file",
@@ -573,5 +596,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="unit of --max-len and --max-ratio (default %(default)s; chars for languages "
                         "written without spaces)")
     f.add_argument("--overwrite", action="store_true",
-                   help="replace OUTDIR even if it holds something other than a previous corpus")
+                   help="replace OUTDIR even if it holds something other than a previous corpus "
+                        "(never one that holds the input files or the current directory)")
     f.set_defaults(func=_run_files)

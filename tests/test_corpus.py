@@ -349,6 +349,29 @@ def test_files_existing_outdir(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "out", "s", "t"]
 
 
+def test_files_never_replace_their_inputs_or_a_users_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # These were deleted: the inputs inside OUTDIR (with --overwrite, as the refusal advised), files beside a
+    # previous corpus (without it), and the whole current directory for OUTDIR "." (a ValueError besides).
+    src, tgt = numbered(30)
+    out = tmp_path / "out"
+    out.mkdir()
+    s, t = write(out / "corpus.de", src), write(out / "corpus.en", tgt)
+    with pytest.raises(NMTError, match="corpus.de is inside .*out, which the corpus replaces"):
+        prepare_files(out, s, t, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.de", "corpus.en"]
+    prepare_files(tmp_path / "c", s, t)
+    (tmp_path / "c" / "README.txt").write_text("mine")
+    with pytest.raises(NMTError, match=r"holds a previous corpus and other files \(README.txt\).*--overwrite"):
+        prepare_files(tmp_path / "c", s, t, seed=2)
+    assert (tmp_path / "c" / "README.txt").read_text() == "mine"
+    monkeypatch.chdir(tmp_path / "c")
+    with pytest.raises(NMTError, match="holds the current directory"):
+        prepare_files(".", s, t, overwrite=True)
+    with pytest.raises(NMTError, match=r"corpus.de is inside \.\., which the corpus replaces"):
+        prepare_files("..", s, t, overwrite=True)
+    assert (tmp_path / "c" / "README.txt").read_text() == "mine" and s.is_file()
+
+
 def test_files_failure_while_writing_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src, tgt = numbered(30)
     s, t = write(tmp_path / "s", src), write(tmp_path / "t", tgt)
@@ -360,9 +383,9 @@ def test_files_failure_while_writing_is_atomic(tmp_path: Path, monkeypatch: pyte
         raise OSError("disk full")
 
     monkeypatch.setattr(corpus.json, "dumps", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(NMTError, match="cannot write a corpus to .*out: disk full"):
         prepare_files(out, s, t, seed=2)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(NMTError, match="disk full"):
         prepare_files(tmp_path / "new", s, t)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s", "t"]
