@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -185,24 +186,38 @@ def _open(path: str | None, mode: str, default: Any) -> Any:
         raise NMTError(f"cannot open {path}: {exc.strerror}") from None
 
 
-def _check_not_input(output: str | os.PathLike, inputs: list[str | os.PathLike | int]) -> None:
+def _check_not_input(output: str | os.PathLike | int, inputs: list[str | os.PathLike | int]) -> None:
     """Refuse to write over a file the command reads, named or an open descriptor such as stdin (the output would
-    destroy its own input)."""
-    if not os.path.isfile(output):  # a new file, or a device or pipe such as /dev/stdout: nothing to destroy
+    destroy its own input, or, appended to it, be read again without end); the output too may be a descriptor
+    (stdout redirected to a file)."""
+    try:
+        written = os.fstat(output) if isinstance(output, int) else os.stat(output)
+    except OSError:  # a new file, or no descriptor: nothing to destroy
         return
-    written = os.stat(output)
+    if not stat.S_ISREG(written.st_mode):  # a device or pipe such as /dev/stdout
+        return
+    shown = "standard output" if isinstance(output, int) else output
     for source in inputs:
         with contextlib.suppress(OSError):
             read = os.fstat(source) if isinstance(source, int) else os.stat(source)
             if (read.st_dev, read.st_ino) == (written.st_dev, written.st_ino):
                 name = "standard input" if isinstance(source, int) else source
-                raise NMTError(f"{output} is also an input ({name}): write the output to another file")
+                raise NMTError(f"{shown} is also an input ({name}): write the output to another file")
 
 
 def _stdin_fd() -> int:
     """The descriptor of standard input (-1 when it has none: a test's replacement stream)."""
+    return _fd(sys.stdin)
+
+
+def _stdout_fd() -> int:
+    """The descriptor of standard output (-1 when it has none)."""
+    return _fd(sys.stdout)
+
+
+def _fd(stream: Any) -> int:
     try:
-        return sys.stdin.fileno()
+        return stream.fileno()
     except (AttributeError, OSError, ValueError):
         return -1
 
@@ -210,8 +225,7 @@ def _stdin_fd() -> int:
 def _run_translate(args: argparse.Namespace) -> int:
     from nmt.progress import Progress
 
-    if args.output:
-        _check_not_input(args.output, [args.input or _stdin_fd()])
+    _check_not_input(args.output or _stdout_fd(), [args.input or _stdin_fd()])
     translator = _load_translator(args)
     options = {**_decode_options(args), "n_best": args.n_best}
     translator.translate([], **options)  # checks the options before any input is read
@@ -230,6 +244,19 @@ def _run_translate(args: argparse.Namespace) -> int:
             out.flush()
             done += len(batch)
             progress.update(done)
+    except KeyboardInterrupt:
+        if args.input is None and _stdin_fd() >= 0:
+            # The reader thread is blocked reading stdin, holding its buffer's lock, on which the interpreter's
+            # shutdown would abort ("could not acquire lock"): finish here, without that shutdown.
+            progress.close()
+            with contextlib.suppress(OSError):
+                if args.output:
+                    out.close()
+                else:
+                    out.flush()
+            print("nmt translate: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)
+        raise
     finally:
         progress.close()
         if args.output:

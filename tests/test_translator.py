@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -432,6 +433,12 @@ def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys, monkey
         assert main(["translate", str(tiny_model_dir), "-o", str(src)]) == 2
     assert "is also an input (standard input)" in capsys.readouterr().err
     assert src.read_text(encoding="utf-8") == "a b c\n\nm n o p\n"
+    # `nmt translate MODEL < in.txt >> in.txt` read its own output back without end, the file growing.
+    with open(src, "rb") as stdin, open(src, "ab") as stdout:
+        done = subprocess.run([sys.executable, "-m", "nmt", "translate", str(tiny_model_dir)], stdin=stdin,
+                              stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 2 and "standard output is also an input (standard input)" in done.stderr
+    assert src.read_text(encoding="utf-8") == "a b c\n\nm n o p\n"
 
 
 def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, tmp_path):
@@ -472,3 +479,39 @@ def test_cli_score(tiny_model_dir, tmp_path, capsys):
     hyp.write_text("c b a\n", encoding="utf-8")
     assert main(["score", str(tiny_model_dir), "--src", str(src), "--hyp", str(hyp)]) == 2
     assert "has 2 lines but" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a pseudo-terminal")
+def test_ctrl_c_on_interactive_translate_exits_130(tiny_model_dir):
+    # It aborted (SIGABRT, "could not acquire lock for <_io.BufferedReader name='<stdin>'>") at shutdown.
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "nmt", "translate", str(tiny_model_dir)])
+    seen = b""
+
+    def read_until(text: bytes, seconds: float) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + seconds
+        while text not in seen and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    seen += os.read(fd, 4096)
+
+    try:
+        os.write(fd, b"a b c\n")
+        read_until(b"c b a", 60)
+        assert b"c b a" in seen
+        os.write(fd, b"\x03")
+        read_until(b"interrupted", 30)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 130
+    assert b"nmt translate: interrupted" in seen and b"Fatal Python error" not in seen
