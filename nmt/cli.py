@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from nmt import __version__
-from nmt.errors import NMTError
+from nmt.errors import NMTError, make_dir
 
 if TYPE_CHECKING:
     from nmt.translator import Translator
@@ -76,7 +76,7 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
                            "choose another train.run_dir")
         for m in models:
             m.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
     src, tgt = ensure_tokenizers(Path(cfg.data.dir), run_dir, cfg.tokenizer)
     save_config(cfg, run_dir / "config.yaml")  # so `nmt train` can tell whether its tokenizer settings match
     print(f"{models[0]} ({len(src)} pieces)\n{models[1]} ({len(tgt)} pieces)")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from nmt import __version__
 from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.config import Config, apply_overrides, from_dict, save_config
-from nmt.errors import NMTError
+from nmt.errors import NMTError, make_dir
 from nmt.model import Seq2Seq
 from nmt.shortlist import SHORTLIST_FILE, shortlist_from_corpus
 from nmt.tokenizer import Tokenizer
@@ -272,7 +272,7 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     card = build_card(cfg, state, run, ckpt, model.num_parameters(), str(dtype).removeprefix("torch."),
                       outdir.name, Path(report) if report else None, data_dir)
     shortlist = shortlist_from_corpus(data_dir, *(Tokenizer(run / name) for name in TOKENIZER_FILES))
-    outdir.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(outdir.parent)
     tmp = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}."))
     try:
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT, "dtype": card["dtype"]})

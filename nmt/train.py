@@ -31,7 +31,7 @@ from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_pat
 from nmt.config import Config, load_config, save_config
 from nmt.corpus import CORPUS_JSON
 from nmt.device import pick_device
-from nmt.errors import NMTError
+from nmt.errors import NMTError, make_dir
 from nmt.export import is_model_dir
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
@@ -329,7 +329,7 @@ class Trainer:
         train_src, train_tgt = load_split(data_dir, "train")
         self.dev_src, self.dev_tgt = load_split(data_dir, "dev")
         if self.ranks.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(self.run_dir)
             self._lock = lock_run_dir(self.run_dir)
             if not resume:
                 save_config(cfg, self.run_dir / "config.yaml")

@@ -272,6 +272,17 @@ def test_cli_train_error_exits_2(corpus: Path, reference_run: Path, capsys: pyte
     assert "already holds a run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "tokenizer"])
+def test_cli_run_dir_that_cannot_be_made_is_one_line(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      command: str) -> None:
+    # A raw NotADirectoryError traceback (exit 1) before.
+    (tmp_path / "file").write_text("x")
+    args = [command, str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={tmp_path / 'file' / 'run'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the directory" in err and "Not a directory" in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_tokenizer_trains_the_models_train_then_uses(corpus: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"

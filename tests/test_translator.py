@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -489,7 +490,8 @@ def test_ctrl_c_on_interactive_translate_exits_130(tiny_model_dir):
     import time
 
     pid, fd = pty.fork()
-    if pid == 0:
+    if pid == 0:  # as a terminal's foreground job: SIGINT as Python expects it (a background shell ignores it)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-m", "nmt", "translate", str(tiny_model_dir)])
     seen = b""
 
@@ -507,7 +509,11 @@ def test_ctrl_c_on_interactive_translate_exits_130(tiny_model_dir):
         assert b"c b a" in seen
         os.write(fd, b"\x03")
         read_until(b"interrupted", 30)
-        _, status = os.waitpid(pid, 0)
+        deadline = time.monotonic() + 30
+        while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+            assert time.monotonic() < deadline, "still running 30 s after Ctrl-C"
+            time.sleep(0.05)
+        status = done[1]
     finally:
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(pid, 9)
