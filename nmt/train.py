@@ -358,6 +358,7 @@ class Trainer:
         self.pos = Position()
         if checkpoint is not None:
             self._restore(checkpoint)
+        self._saved_step = self.pos.step if checkpoint is not None else -1  # the step last.pt holds
         self.net = self.model
         if self.ranks.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -452,6 +453,7 @@ class Trainer:
         if not self.ranks.main:
             return
         save_checkpoint(self.last_path, self._state(True, rngs))
+        self._saved_step = self.pos.step
         if best:
             save_checkpoint(self.best_path, self._state(False, rngs))
         if keep and self.cfg.train.keep_checkpoints:
@@ -579,9 +581,9 @@ class Trainer:
 
     def _kept(self) -> str:
         """What a stop without saving keeps."""
-        if self.pos.last_valid_step < 0 or not self.last_path.is_file():
+        if self._saved_step < 0 or not self.last_path.is_file():
             return "no checkpoint of this run yet"
-        return f"{self.last_path} keeps the weights of step {self.pos.last_valid_step}; later updates are lost"
+        return f"{self.last_path} keeps the weights of step {self._saved_step}; later updates are lost"
 
     def _validate_and_save(self) -> bool:
         """Validate, adjust the learning rate, save last (and best); True when early stopping says stop."""

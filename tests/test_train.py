@@ -229,6 +229,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_as_stopped(corpus: Path, reference
     state = load_checkpoint(run_dir / "last.pt")
     stopped_at = state["position"]["step"]
     assert 1 <= stopped_at < TOTAL_STEPS
+    # What a second Ctrl-C of the resumed run would say last.pt keeps: the step saved, not the last validation's.
+    resumed = Trainer(tiny_config(corpus, run_dir, *RESUME_SETTINGS), resume=True)
+    try:
+        assert resumed._kept().startswith(f"{run_dir / 'last.pt'} keeps the weights of step {stopped_at};")
+    finally:
+        resumed.close()
     # The checkpoint is good for more than loading: resuming it lands exactly where an uninterrupted run does.
     result = train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS}"), resume=True)
     assert result["step"] == TOTAL_STEPS
