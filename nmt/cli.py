@@ -226,10 +226,10 @@ def _run_translate(args: argparse.Namespace) -> int:
     from nmt.progress import Progress
 
     _check_not_input(args.output or _stdout_fd(), [args.input or _stdin_fd()])
+    source = _open(args.input, "r", sys.stdin)  # a missing input is found before the model loads
     translator = _load_translator(args)
     options = {**_decode_options(args), "n_best": args.n_best}
     translator.translate([], **options)  # checks the options before any input is read
-    source = _open(args.input, "r", sys.stdin)
     out = _open(args.output, "w", sys.stdout)
     progress = Progress(None, "lines")
     done = 0
@@ -314,16 +314,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise NMTError("give either --split NAME or --src FILE (with --ref)")
     if args.src and not args.ref:
         raise NMTError("--src needs --ref")
+    if args.split and args.ref:
+        raise NMTError("--split uses the corpus's own references: drop --ref")
+    if args.src:  # read before the model loads, so that a missing file is found at once
+        src_path, ref_paths, name = Path(args.src), args.ref, Path(args.src).stem
+        src, refs = read_lines(src_path, "source file"), [read_lines(r, "reference file") for r in ref_paths]
     translator = _load_translator(args)
     if args.split:
         data = Path(args.data or translator.cfg.data.dir)
         src_path, ref_paths, name = data / f"{args.split}.src", [str(data / f"{args.split}.tgt")], args.split
-        if args.ref:
-            raise NMTError("--split uses the corpus's own references: drop --ref")
-    else:
-        src_path, ref_paths, name = Path(args.src), args.ref, Path(args.src).stem
-    src = read_lines(src_path, "source file")
-    refs = [read_lines(r, "reference file") for r in ref_paths]
+        src, refs = read_lines(src_path, "source file"), [read_lines(r, "reference file") for r in ref_paths]
     model_path = Path(args.model)
     out = Path(args.out) if args.out else (model_path if model_path.is_dir() else model_path.parent) / "eval"
     report_path = Path(args.report) if args.report else out / f"{name}.json"
