@@ -316,14 +316,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise NMTError("--src needs --ref")
     if args.split and args.ref:
         raise NMTError("--split uses the corpus's own references: drop --ref")
+    def read(src_path: Path, ref_paths: list[str]) -> tuple[list[str], list[list[str]]]:
+        return read_lines(src_path, "source file"), [read_lines(r, "reference file") for r in ref_paths]
+
     if args.src:  # read before the model loads, so that a missing file is found at once
         src_path, ref_paths, name = Path(args.src), args.ref, Path(args.src).stem
-        src, refs = read_lines(src_path, "source file"), [read_lines(r, "reference file") for r in ref_paths]
+        src, refs = read(src_path, ref_paths)
     translator = _load_translator(args)
-    if args.split:
+    if args.split:  # the corpus may be the model's own, known once it has loaded
         data = Path(args.data or translator.cfg.data.dir)
         src_path, ref_paths, name = data / f"{args.split}.src", [str(data / f"{args.split}.tgt")], args.split
-        src, refs = read_lines(src_path, "source file"), [read_lines(r, "reference file") for r in ref_paths]
+        src, refs = read(src_path, ref_paths)
     model_path = Path(args.model)
     out = Path(args.out) if args.out else (model_path if model_path.is_dir() else model_path.parent) / "eval"
     report_path = Path(args.report) if args.report else out / f"{name}.json"

@@ -57,10 +57,11 @@ def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = 
     if Path.cwd().resolve().is_relative_to(home):
         raise NMTError(f"{outdir} holds the current directory, which the corpus would replace: "
                        "write it to another directory")
-    others = sorted(e.name for e in outdir.iterdir()
+    entries = list(outdir.iterdir())
+    others = sorted(e.name for e in entries
                     if e.name != CORPUS_JSON and not (e.is_file() and e.name.split(".", 1)[0] in SPLITS))
     previous = (outdir / CORPUS_JSON).is_file()
-    if overwrite or not others and (previous or not any(outdir.iterdir())):
+    if overwrite or not others and (previous or not entries):
         return
     shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
     if previous:
