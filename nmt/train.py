@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import fcntl
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -228,6 +229,16 @@ def load_split(data_dir: Path, split: str) -> tuple[list[str], list[str]]:
     return src, tgt
 
 
+def train_data_digest(data_dir: Path) -> str:
+    """SHA-256 of a corpus's train.src and train.tgt: a resumed run must read the pairs it began with."""
+    digest = hashlib.sha256()
+    for name in ("train.src", "train.tgt"):
+        with open(data_dir / name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def encode_pairs(src_tok: Tokenizer, tgt_tok: Tokenizer, src: list[str], tgt: list[str],
                  max_len: int) -> tuple[list[list[int]], list[list[int]], int]:
     """Encode a parallel corpus; drops pairs empty on a side or longer than max_len pieces."""
@@ -327,6 +338,12 @@ class Trainer:
         torch.manual_seed(tc.seed)
         data_dir = Path(cfg.data.dir)
         train_src, train_tgt = load_split(data_dir, "train")
+        self.data_sha256 = train_data_digest(data_dir)
+        if checkpoint is not None and checkpoint.get("data_sha256", self.data_sha256) != self.data_sha256:
+            raise NMTError(f"cannot resume {self.run_dir}: it was trained on other pairs than {data_dir}/train.* "
+                           f"(its data.dir was {checkpoint['config']['data']['dir']!r}); give the --set overrides "
+                           f"of its first command again, or resume with `nmt train {self.run_dir}/config.yaml "
+                           "--resume`")
         self.dev_src, self.dev_tgt = load_split(data_dir, "dev")
         if self.ranks.main:
             make_dir(self.run_dir)
@@ -388,7 +405,8 @@ class Trainer:
                                    "train.run_dir")
             return None
         if not self.last_path.is_file():
-            raise NMTError(f"--resume: no checkpoint at {self.last_path}")
+            raise NMTError(f"--resume: no checkpoint at {self.last_path} (train.run_dir; a run's own settings are in "
+                           "RUN/config.yaml: `nmt train RUN/config.yaml --resume`)")
         state = load_checkpoint(self.last_path)  # on CPU: RNG states must stay there; load_state_dict moves the rest
         changes = config_changes(state.get("config", {}), self.cfg)
         if changes:
@@ -441,7 +459,7 @@ class Trainer:
     def _state(self, full: bool, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         state = {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                  "vocab": {"src": len(self.src_tok), "tgt": len(self.tgt_tok)},
-                 "position": self.pos.__dict__.copy(), "world": self.ranks.world}
+                 "position": self.pos.__dict__.copy(), "world": self.ranks.world, "data_sha256": self.data_sha256}
         if full:
             state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rngs)
         return state

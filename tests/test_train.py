@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,6 +250,19 @@ def test_a_run_directory_holding_a_run_needs_resume(corpus: Path, reference_run:
 def test_resume_needs_a_checkpoint(corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(NMTError, match="--resume: no checkpoint at"):
         train(tiny_config(corpus, tmp_path / "empty"), resume=True)
+
+
+def test_resume_on_other_training_pairs_is_refused(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
+    other = small_corpus(tmp_path / "other", seed=1)  # same size and alphabet, so the vocabularies fit
+    before = (reference_run / "last.pt").read_bytes()
+    cfg = tiny_config(other, reference_run, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS + 4}")
+    with pytest.raises(NMTError, match=f"other pairs than {other}/train.* \\(its data.dir was '{corpus}'\\)"):
+        train(cfg, resume=True)
+    assert (reference_run / "last.pt").read_bytes() == before
+    shutil.copytree(corpus, tmp_path / "moved")  # the same corpus elsewhere is no other data
+    resumed = Trainer(tiny_config(tmp_path / "moved", reference_run, *RESUME_SETTINGS), resume=True)
+    resumed.close()
+    assert resumed.pos.step == TOTAL_STEPS
 
 
 @pytest.mark.parametrize(("override", "key"), [("model.cell=gru", "model.cell"),
