@@ -76,7 +76,8 @@ def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]]
     report = evaluate(hyps, refs)
     decode = {**translator.cfg.to_dict()["decode"], **{k: v for k, v in options.items() if v is not None}}
     decode["shortlist"] = translator.shortlist is not None and decode["shortlist"]  # whether one was used
-    report.update(model=translator.info["name"], model_path=str(translator.path), decode=decode,
+    report.update(model=translator.info["name"], model_path=str(translator.path), step=translator.step,
+                  weights_sha256=translator.weights_sha256, decode=decode,
                   int8=translator.int8, seconds=round(seconds, 3), sentences_per_s=round(len(src) / seconds, 2))
     return hyps, report
 

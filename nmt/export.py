@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 FORMAT = "rnnsearch-model-1"
 MODEL_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.yaml", "card.json"
 TOKENIZER_FILES = ("src.model", "tgt.model")
+EXPORT_FILES = {MODEL_FILE, CONFIG_FILE, CARD_FILE, SHORTLIST_FILE, *TOKENIZER_FILES}
 TIED = {"decoder.out.weight": "decoder.embed.weight"}  # with model.tie_embeddings: stored once, re-tied on load
 
 
@@ -62,6 +64,20 @@ def run_checkpoint(run: Path, which: str = "best") -> Path:
         if (run / name).is_file():
             return run / name
     raise NMTError(f"{run} holds no {' or '.join(names)} (is it a run directory?)")
+
+
+def weights_digest(weights: dict[str, torch.Tensor], tied: bool) -> str:
+    """SHA-256 of a model's weights as float32, tied copies left out: the same for a checkpoint, its fp32 export
+    and a model loaded from either (an fp16 export has its own), so a report can name the weights it scored."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        if tied and name in TIED:
+            continue
+        tensor = weights[name].detach().cpu()
+        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def load_weights(model: Seq2Seq, weights: dict[str, torch.Tensor], source: Path | str) -> None:
@@ -165,9 +181,11 @@ def _sessions(run: Path) -> dict[str, Any]:
             "wall_seconds": round(seconds), "wall_hours": round(seconds / 3600, 2)}
 
 
-def _evaluation(run: Path, report: Path | None) -> dict[str, Any] | None:
-    """Scores and sacrebleu signatures from an `nmt evaluate` report (given, or RUN/eval/test.json)."""
-    if report is None:
+def _evaluation(run: Path, report: Path | None, digests: set[str], step: int | None) -> dict[str, Any] | None:
+    """Scores and sacrebleu signatures from an `nmt evaluate` report (given, or RUN/eval/test.json) of the weights
+    being exported (`digests`: theirs as trained and as stored); RUN/eval/test.json of other weights is left out."""
+    default = report is None
+    if default:
         report = run / "eval" / "test.json"
         if not report.is_file():
             return None
@@ -176,7 +194,23 @@ def _evaluation(run: Path, report: Path | None) -> dict[str, Any] | None:
     data = _read_json(report)
     if not isinstance(data, dict) or "metrics" not in data:
         raise NMTError(f"{report} is not an `nmt evaluate` report (no 'metrics')")
-    return {k: data[k] for k in ("metrics", "n", "src", "ref", "decode") if k in data}
+    digest = data.get("weights_sha256")
+    if isinstance(digest, str) and digest in digests:
+        return {k: data[k] for k in ("metrics", "n", "src", "ref", "decode", "int8", "model", "step",
+                                     "weights_sha256") if k in data}
+    if digest is not None:
+        problem = (f"{report} scored other weights than this export's (step {step}): those of "
+                   f"{data.get('model_path')} at step {data.get('step')}; evaluate the exported model and export "
+                   "again with --report")
+    elif "model" not in data:
+        problem = f"{report} scores translations from a file (`nmt evaluate --hyp`), not this model's"
+    else:
+        problem = (f"{report} does not say which weights it scored (a report from before `nmt evaluate` recorded "
+                   "them): evaluate again")
+    if default:
+        log.warning("%s; the card carries no test scores", problem)
+        return None
+    raise NMTError(problem)
 
 
 def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
@@ -215,7 +249,9 @@ def _export_state(run: Path, checkpoint: str, average: int) -> tuple[dict[str, A
 
 
 def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, params: int, dtype: str,
-               name: str, report: Path | None = None, data_dir: Path | None = None) -> dict[str, Any]:
+               name: str, digests: tuple[str, str], report: Path | None = None,
+               data_dir: Path | None = None) -> dict[str, Any]:
+    """The card of an export; `digests` are the weights' as trained and as stored (equal unless fp16)."""
     data_dir = data_dir or Path(cfg.data.dir)
     corpus_json = data_dir / "corpus.json"
     data = _read_json(corpus_json) if corpus_json.is_file() else {"dir": str(data_dir)}
@@ -230,9 +266,10 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
         "dtype": dtype,
         "vocab": state.get("vocab"),
         "checkpoint": checkpoint,
+        "weights_sha256": digests[1],
         "data": data,
         "metrics": _training_metrics(run, state),
-        "evaluation": _evaluation(run, report),
+        "evaluation": _evaluation(run, report, set(digests), state.get("position", {}).get("step")),
         "training": _sessions(run),
     }
 
@@ -269,8 +306,9 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
         missing = [name for name in ("train.src", "train.tgt") if not (data_dir / name).is_file()]
         if missing:
             raise NMTError(f"--data {data_dir}: no {' or '.join(missing)} (a corpus made by `nmt prepare`)")
+    digests = (weights_digest(model.state_dict(), cfg.model.tie_embeddings), weights_digest(tensors, False))
     card = build_card(cfg, state, run, ckpt, model.num_parameters(), str(dtype).removeprefix("torch."),
-                      outdir.name, Path(report) if report else None, data_dir)
+                      outdir.name, digests, Path(report) if report else None, data_dir)
     shortlist = shortlist_from_corpus(data_dir, *(Tokenizer(run / name) for name in TOKENIZER_FILES))
     make_dir(outdir.parent)
     tmp = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}."))
@@ -290,6 +328,9 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
             shutil.rmtree(old, ignore_errors=True)
             os.replace(outdir, old)
             os.replace(tmp, outdir)
+            for entry in old.iterdir():  # what the export did not write (its eval/, the user's notes) stays
+                if entry.name not in EXPORT_FILES:
+                    os.replace(entry, outdir / entry.name)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, outdir)

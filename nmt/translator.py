@@ -25,7 +25,16 @@ from nmt.checkpoint import load_checkpoint
 from nmt.config import Config, from_dict, load_config
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
-from nmt.export import CONFIG_FILE, MODEL_FILE, is_model_dir, load_weights, read_card, read_safetensors, run_checkpoint
+from nmt.export import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    is_model_dir,
+    load_weights,
+    read_card,
+    read_safetensors,
+    run_checkpoint,
+    weights_digest,
+)
 from nmt.model import Seq2Seq
 from nmt.search import Hypothesis, output_limit, search_ids
 from nmt.shortlist import SHORTLIST_FILE, STORED_PER_SOURCE, Shortlist
@@ -183,10 +192,12 @@ class Translator:
 
     def __init__(self, model: Seq2Seq, cfg: Config, src_tok: Tokenizer, tgt_tok: Tokenizer,
                  device: torch.device, path: Path, card: dict[str, Any] | None = None, int8: bool = False,
-                 num_parameters: int | None = None, shortlist: Shortlist | None = None):
+                 num_parameters: int | None = None, shortlist: Shortlist | None = None,
+                 weights_sha256: str | None = None, step: int | None = None):
         self.model, self.cfg, self.src_tok, self.tgt_tok = model.eval(), cfg, src_tok, tgt_tok
         self.device, self.path, self.card, self.int8 = device, path, card, int8
         self.shortlist = shortlist  # None: the model has none, or decode.shortlist is off
+        self.weights_sha256, self.step = weights_sha256, step  # which weights: for evaluation reports and cards
         self.max_len = cfg.data.max_len
         # Counted before quantization: packed int8 weights are no parameters to torch.
         self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
@@ -207,13 +218,14 @@ class Translator:
         if model_dir:
             cfg = load_config(home / CONFIG_FILE)
             weights, card = read_safetensors(source), read_card(home)
-            vocab = None
+            vocab, step = None, (card.get("metrics") or {}).get("steps")
         else:
             state = load_checkpoint(source)
             try:
                 cfg, weights, vocab = from_dict(state["config"]), state["model"], state["vocab"]
             except KeyError as exc:
                 raise NMTError(f"{source} is not a training checkpoint (no {exc})") from None
+            step = state.get("position", {}).get("step")
         src_tok, tgt_tok = Tokenizer(home / "src.model"), Tokenizer(home / "tgt.model")
         if vocab is not None and vocab != {"src": len(src_tok), "tgt": len(tgt_tok)}:
             raise NMTError(f"{source} was trained with other vocabularies than {home}/src.model and tgt.model")
@@ -226,6 +238,7 @@ class Translator:
         load_weights(model, weights, source)
         model = model.float().eval()
         params, quantized = model.num_parameters(), False
+        digest = weights_digest(model.state_dict(), cfg.model.tie_embeddings)
         if int8:
             from nmt.quantize import quantize_int8
 
@@ -236,7 +249,8 @@ class Translator:
         log.info("loaded %s (%s -> %s) on %s%s%s%s", source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
                  ", int8" if quantized else "", ", oneDNN matmuls" if packed else "",
                  ", with a vocabulary shortlist" if shortlist else "")
-        return cls(model, cfg, src_tok, tgt_tok, dev, home if model_dir else path, card, quantized, params, shortlist)
+        return cls(model, cfg, src_tok, tgt_tok, dev, home if model_dir else path, card, quantized, params, shortlist,
+                   digest, step)
 
     @functools.cached_property
     def name(self) -> str:
@@ -252,7 +266,7 @@ class Translator:
         return {"name": name, "id": name, "path": str(self.path), "src_lang": self.cfg.data.src_lang,
                 "tgt_lang": self.cfg.data.tgt_lang, "parameters": self.num_parameters, "int8": self.int8,
                 "device": str(self.device), "max_len": self.max_len, "decode": self.cfg.to_dict()["decode"],
-                "shortlist": self.shortlist is not None,
+                "shortlist": self.shortlist is not None, "weights_sha256": self.weights_sha256, "step": self.step,
                 "card": self.card}
 
     # ------------------------------------------------------------------------------------------------------

@@ -28,6 +28,10 @@ def outputs(translator: Translator) -> list[tuple[str, float | None]]:
     return [(r.text, r.score) for r in translator.translate(LINES, n_best=2)]
 
 
+def card(model_dir: Path) -> dict:
+    return json.loads((model_dir / "card.json").read_text(encoding="utf-8"))
+
+
 def test_export_then_load_gives_identical_output(tiny_run, tiny_model_dir):
     run, exported = Translator.load(tiny_run), Translator.load(tiny_model_dir)
     assert outputs(exported) == outputs(run)
@@ -94,11 +98,14 @@ def test_tied_embeddings_are_stored_once_and_tied_again(tiny_run, tmp_path):
 def test_export_is_atomic_and_refuses_to_overwrite(tiny_run, tmp_path, capsys):
     out = tmp_path / "m"
     export_model(tiny_run, out)
-    (out / "stale.txt").write_text("old", encoding="utf-8")
+    (out / "eval").mkdir()  # what the export did not write survives --force
+    (out / "eval" / "notes.txt").write_text("mine", encoding="utf-8")
+    (out / "card.json").write_text("{}", encoding="utf-8")
     assert main(["export", str(tiny_run), str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(tiny_run), str(out), "--force"]) == 0
-    assert not (out / "stale.txt").exists()
+    assert (out / "eval" / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert card(out)["checkpoint"] == "best.pt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary directories left behind
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "run directory not found" in capsys.readouterr().err
@@ -122,17 +129,48 @@ def test_force_replaces_only_an_earlier_export(tiny_run, tmp_path, capsys):
     assert main(["export", str(tiny_run), str(tmp_path / "empty"), "--force"]) == 0
 
 
-def test_export_card_takes_an_evaluation_report(tiny_run, tmp_path):
+def test_export_card_refuses_a_report_that_names_no_weights(tiny_run, tmp_path):
     report = tmp_path / "test.json"
-    report.write_text(json.dumps({"n": 3, "metrics": {"bleu": {"score": 42.0, "signature": "nrefs:1|x"}}}),
-                      encoding="utf-8")
-    card = json.loads((export_model(tiny_run, tmp_path / "m", report=report) / "card.json").read_text("utf-8"))
-    assert card["evaluation"]["metrics"]["bleu"] == {"score": 42.0, "signature": "nrefs:1|x"}
+    report.write_text(json.dumps({"n": 3, "metrics": {"bleu": {"score": 42.0}}, "model": "m"}), encoding="utf-8")
+    with pytest.raises(NMTError, match="does not say which weights it scored"):
+        export_model(tiny_run, tmp_path / "m1", report=report)
+    report.write_text(json.dumps({"n": 3, "metrics": {"bleu": {"score": 42.0}}, "hyp": "h"}), encoding="utf-8")
+    with pytest.raises(NMTError, match="translations from a file"):
+        export_model(tiny_run, tmp_path / "m2", report=report)
     report.write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(NMTError, match="not an `nmt evaluate` report"):
-        export_model(tiny_run, tmp_path / "m2", report=report)
+        export_model(tiny_run, tmp_path / "m3", report=report)
     with pytest.raises(NMTError, match="evaluation report not found"):
-        export_model(tiny_run, tmp_path / "m3", report=tmp_path / "missing.json")
+        export_model(tiny_run, tmp_path / "m4", report=tmp_path / "missing.json")
+    assert not any((tmp_path / f"m{i}").exists() for i in range(1, 5))
+
+
+def test_the_card_credits_only_an_evaluation_of_the_weights_it_exports(tiny_run, tmp_path, caplog):
+    run = shutil.copytree(tiny_run, tmp_path / "run")  # nmt evaluate writes into it
+    assert main(["evaluate", str(run), "--split", "test"]) == 0
+    report = json.loads((run / "eval" / "test.json").read_text(encoding="utf-8"))
+    best = Translator.load(run)
+    assert report["weights_sha256"] == best.weights_sha256 and report["step"] == best.step
+    assert best.step == load_checkpoint(run / "best.pt")["position"]["step"]
+
+    exported = card(export_model(run, tmp_path / "best"))  # RUN/eval/test.json scored these weights
+    assert exported["evaluation"]["metrics"] == report["metrics"]
+    assert exported["weights_sha256"] == report["weights_sha256"] == Translator.load(tmp_path / "best").weights_sha256
+    half = card(export_model(run, tmp_path / "half", fp16=True))  # the same weights, stored in fp16
+    assert half["evaluation"]["metrics"] == report["metrics"]
+    assert half["weights_sha256"] != report["weights_sha256"]
+    assert half["weights_sha256"] == Translator.load(tmp_path / "half").weights_sha256
+
+    caplog.clear()
+    averaged = card(export_model(run, tmp_path / "avg", average=2))  # other weights: not credited
+    assert averaged["evaluation"] is None
+    assert "scored other weights" in caplog.text and "no test scores" in caplog.text
+    stale = rf"scored other weights than this export's \(step \d+\): those of {run} at step {best.step};"
+    with pytest.raises(NMTError, match=stale):
+        export_model(run, tmp_path / "avg2", average=2, report=run / "eval" / "test.json")
+    assert main(["evaluate", str(tmp_path / "avg"), "--split", "test"]) == 0
+    again = card(export_model(run, tmp_path / "avg2", average=2, report=tmp_path / "avg" / "eval" / "test.json"))
+    assert again["evaluation"]["weights_sha256"] == averaged["weights_sha256"]
 
 
 def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, capsys):
