@@ -421,6 +421,11 @@ def prepare_files(
     given = [src, tgt, tsv, dev_src, dev_tgt, dev_tsv, test_src, test_tgt, test_tsv]
     _check_outdir(outdir, overwrite, [p for p in given if p])
 
+    holdouts = {"dev": (dev_size, dev_src, dev_tgt, dev_tsv), "test": (test_size, test_src, test_tgt, test_tsv)}
+    for split, (size, *files) in holdouts.items():
+        if size is not None and any(f is not None for f in files):
+            raise NMTError(f"--{split}-size holds out a {split} set from the training data, but {split} files "
+                           "were given: drop one or the other")
     src_p, tgt_p, tsv_p = _opt_path(src), _opt_path(tgt), _opt_path(tsv)
     raw = _read_pairs(src_p, tgt_p, tsv_p, "training data")
     explicit: dict[str, list[tuple[str, str]] | None] = {}
@@ -469,8 +474,7 @@ def prepare_files(
         if len(pairs) < MIN_PAIRS:
             raise NMTError(f"only {len(pairs)} usable sentence pairs after cleaning; at least {MIN_PAIRS} "
                            "are needed to hold out dev and test sets (or give dev and test files)")
-        requested = {"dev": dev_size, "test": test_size}
-        sizes = {split: _holdout_size(requested[split], len(pairs), split) for split in to_draw}
+        sizes = {split: _holdout_size(holdouts[split][0], len(pairs), split) for split in to_draw}
         wanted = sum(sizes[s] for s in to_draw)
         if wanted > len(pairs) // 2:
             raise NMTError(f"holding out {wanted} pairs for {' and '.join(to_draw)} would leave too little "

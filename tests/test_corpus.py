@@ -272,6 +272,10 @@ def test_files_explicit_dev_test_and_overlap(tmp_path: Path) -> None:
     # Only one side of the dev pair given.
     with pytest.raises(NMTError, match="dev data"):
         prepare_files(tmp_path / "o2", s, t, dev_src=dev_s)
+    # A size for a split whose files are given would be ignored.
+    with pytest.raises(NMTError, match="--test-size holds out a test set .* but test files were given"):
+        prepare_files(tmp_path / "o3", s, t, test_tsv=test_tsv, test_size=5)
+    assert not (tmp_path / "o3").exists()
 
 
 def test_files_crlf_and_bom(tmp_path: Path) -> None:
