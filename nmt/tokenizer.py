@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, v
                 minloglevel=2,
             )
         except RuntimeError as exc:
-            raise NMTError(f"SentencePiece training failed on {', '.join(map(str, texts))}: {exc}") from None
+            raise NMTError(_training_error(str(exc), texts, cfg)) from None
         out = prefix.with_suffix(".model")
         os.replace(tmp_prefix.with_suffix(".model"), out)
     size = spm.SentencePieceProcessor(model_file=str(out)).get_piece_size()
@@ -100,6 +101,17 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, v
     short = f" of the {vocab_size} asked for: the corpus has no more" if size < vocab_size else ""
     log.info("trained SentencePiece %s (%s, vocab %d%s)", out, cfg.type, size, short)
     return out
+
+
+def _training_error(message: str, texts: list[Path], cfg: TokenizerConfig) -> str:
+    """SentencePiece's failure in the config's terms (it names its own flags and source lines)."""
+    message = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", message.strip())  # "INTERNAL: file.cc(638) [check] "
+    too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_small:
+        return (f"tokenizer.vocab_size {too_small[1]} is too small for the {too_small[2]} characters and special "
+                f"pieces of {', '.join(map(str, texts))}: raise tokenizer.vocab_size, or lower "
+                f"tokenizer.character_coverage (now {cfg.character_coverage}) to leave out rare characters")
+    return f"SentencePiece training failed on {', '.join(map(str, texts))}: {message}"
 
 
 def ensure_tokenizers(data_dir: Path, run_dir: Path, cfg: TokenizerConfig) -> tuple[Tokenizer, Tokenizer]:

@@ -321,6 +321,16 @@ def test_cli_tokenizer_trains_the_models_train_then_uses(corpus: Path, tmp_path:
     assert "holds a trained model" in capsys.readouterr().err
 
 
+def test_a_vocabulary_too_small_for_the_characters_is_one_line_in_config_terms(
+        corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["tokenizer", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={tmp_path / 'run'}",
+            "--set", "tokenizer.vocab_size=6"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--character_coverage" not in err
+    assert "tokenizer.vocab_size 6 is too small for the" in err and "tokenizer.character_coverage (now 1.0)" in err
+
+
 def test_plot_writes_a_png(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "curves.png"
     assert main(["plot", str(tiny_run), "-o", str(out)]) == 0
