@@ -115,10 +115,10 @@ _POSITIVE = {
     "tokenizer.vocab_size", "model.emb_dim", "model.enc_hidden", "model.dec_hidden", "model.attn_dim",
     "model.out_dim", "model.layers", "data.max_len", "train.batch_tokens", "train.max_sentences",
     "train.bucket_width", "train.epochs", "train.log_every", "train.accum_steps", "decode.beam_size",
-    "decode.batch_tokens",
+    "decode.batch_tokens", "train.lr",
 }
 _NON_NEGATIVE = {
-    "train.threads", "train.max_steps", "train.lr", "train.weight_decay", "train.clip_norm",
+    "train.threads", "train.max_steps", "train.weight_decay", "train.clip_norm",
     "train.min_lr", "train.valid_every", "train.valid_max_sentences", "train.early_stop_patience",
     "train.lr_patience", "train.keep_checkpoints", "train.sampled_softmax", "tokenizer.sample_alpha",
     "decode.length_penalty", "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram",
