@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -20,6 +21,11 @@ class Progress:
         self.total, self.label = total, label
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.start_done, self.start_time, self.last_draw = start, time.monotonic(), 0.0
+        self.drawn = ""  # what is on the line now
+        self._filter = _ClearForLogging(self)
+        if self.enabled:  # a log line (a validation's scores) starts on a line of its own, then the bar comes back
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(self._filter)
 
     def update(self, done: int, **fields: object) -> None:
         now = time.monotonic()
@@ -31,10 +37,33 @@ class Progress:
         parts += [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
         if self.total and rate > 0:
             parts.append(f"ETA {format_duration((self.total - done) / rate)}")
-        sys.stderr.write("\r" + "  ".join(parts)[:200].ljust(80))
+        self.drawn = "  ".join(parts)[:200].ljust(80)
+        sys.stderr.write("\r" + self.drawn)
         sys.stderr.flush()
+
+    def clear_line(self) -> None:
+        """Blank the bar's line and put the cursor at its start; the next update draws it again at once."""
+        if self.drawn:
+            sys.stderr.write("\r" + " " * len(self.drawn) + "\r")
+            sys.stderr.flush()
+            self.drawn, self.last_draw = "", 0.0
 
     def close(self) -> None:
         if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            for handler in logging.getLogger().handlers:
+                handler.removeFilter(self._filter)
+            if self.drawn:
+                sys.stderr.write("\n")
+                sys.stderr.flush()
+
+
+class _ClearForLogging(logging.Filter):
+    """A filter on the root logger's handlers that clears the progress line before each record is written."""
+
+    def __init__(self, bar: Progress) -> None:
+        super().__init__()
+        self.bar = bar
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.bar.clear_line()
+        return True
