@@ -273,7 +273,7 @@ def label_languages(cfg: Config) -> None:
     if not all(isinstance(lang, str) and lang for lang in named) or named == ("src", "tgt"):
         return  # prepare's placeholders when no language was given
     if named != (cfg.data.src_lang, cfg.data.tgt_lang):
-        log.warning("languages %s -> %s from %s/%s (the config said %s -> %s)", *named, cfg.data.dir, CORPUS_JSON,
+        log.info("languages %s -> %s from %s/%s (the config said %s -> %s)", *named, cfg.data.dir, CORPUS_JSON,
                     cfg.data.src_lang, cfg.data.tgt_lang)
         cfg.data.src_lang, cfg.data.tgt_lang = named
 
