@@ -74,7 +74,7 @@ def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]]
     hyps = translate_lines(translator, src, **options)
     seconds = time.perf_counter() - start
     report = evaluate(hyps, refs)
-    decode = {**translator.cfg.to_dict()["decode"], **{k: v for k, v in options.items() if v is not None}}
+    decode = {**translator.decode_defaults, **{k: v for k, v in options.items() if v is not None}}
     decode["shortlist"] = translator.shortlist is not None and decode["shortlist"]  # whether one was used
     report.update(model=translator.info["name"], model_path=str(translator.path), step=translator.step,
                   weights_sha256=translator.weights_sha256, decode=decode,

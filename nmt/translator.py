@@ -261,11 +261,16 @@ class Translator:
         return f"{self.path.parent.name}/{self.path.name}" if self.path.is_file() else self.path.name
 
     @property
+    def decode_defaults(self) -> dict[str, Any]:
+        """The config's decode section, its shortlist saying whether one is in use (a run directory has none)."""
+        return {**self.cfg.to_dict()["decode"], "shortlist": self.shortlist is not None}
+
+    @property
     def info(self) -> dict[str, Any]:
         name = self.name
         return {"name": name, "id": name, "path": str(self.path), "src_lang": self.cfg.data.src_lang,
                 "tgt_lang": self.cfg.data.tgt_lang, "parameters": self.num_parameters, "int8": self.int8,
-                "device": str(self.device), "max_len": self.max_len, "decode": self.cfg.to_dict()["decode"],
+                "device": str(self.device), "max_len": self.max_len, "decode": self.decode_defaults,
                 "shortlist": self.shortlist is not None, "weights_sha256": self.weights_sha256, "step": self.step,
                 "card": self.card}
 

@@ -250,9 +250,11 @@ def test_texts_must_be_a_list_of_strings(translator):
         translator.translate(["a", None])
 
 
-def test_the_shortlist_comes_with_the_export_and_can_be_turned_off(tiny_model_dir, tmp_path, capsys):
+def test_the_shortlist_comes_with_the_export_and_can_be_turned_off(tiny_run, tiny_model_dir, tmp_path, capsys):
     listed = Translator.load(tiny_model_dir, threads=1)
-    assert listed.shortlist is not None and listed.info["shortlist"] is True
+    assert listed.shortlist is not None and listed.info["shortlist"] is True and listed.info["decode"]["shortlist"]
+    run = Translator.load(tiny_run)  # a run directory has no shortlist, whatever its config's decode.shortlist
+    assert run.cfg.decode.shortlist and run.info["decode"]["shortlist"] is False
     lines = ["a b c d", "p o n m l", "e f g h i j k", "k"]
 
     def outputs(**options) -> list:
