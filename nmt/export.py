@@ -255,6 +255,9 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
     data_dir = data_dir or Path(cfg.data.dir)
     corpus_json = data_dir / "corpus.json"
     data = _read_json(corpus_json) if corpus_json.is_file() else {"dir": str(data_dir)}
+    if isinstance(data, dict) and isinstance(data.get("sources"), dict):  # a card travels: file names, no paths
+        data["sources"] = {k: {**v, "path": Path(v["path"]).name} if isinstance(v, dict) and "path" in v else v
+                           for k, v in data["sources"].items()}
     return {
         "format": FORMAT,
         "name": name,

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from nmt.cli import main
 from nmt.config import load_config
+from nmt.corpus import prepare_files
 from nmt.errors import NMTError
 from nmt.export import export_model, read_safetensors
 from nmt.model import Seq2Seq
@@ -127,6 +128,16 @@ def test_force_replaces_only_an_earlier_export(tiny_run, tmp_path, capsys):
     assert victim.read_text(encoding="utf-8") == "mine"
     (tmp_path / "empty").mkdir()
     assert main(["export", str(tiny_run), str(tmp_path / "empty"), "--force"]) == 0
+
+
+def test_the_card_names_the_corpus_files_without_their_paths(tiny_run, tiny_data, tmp_path):
+    prepared = tmp_path / "prepared"
+    prepare_files(prepared, tiny_data / "train.src", tiny_data / "train.tgt")
+    sources = card(export_model(tiny_run, tmp_path / "m", data=prepared))["data"]["sources"]
+    assert [sources[k]["path"] for k in ("src", "tgt")] == ["train.src", "train.tgt"]
+    assert len(sources["src"]["sha256"]) == 64
+    assert json.loads((prepared / "corpus.json").read_text("utf-8"))["sources"]["src"]["path"] == str(
+        (tiny_data / "train.src").resolve())  # the corpus's own record keeps where it came from
 
 
 def test_export_card_refuses_a_report_that_names_no_weights(tiny_run, tmp_path):
