@@ -244,6 +244,8 @@ def _run_translate(args: argparse.Namespace) -> int:
             out.flush()
             done += len(batch)
             progress.update(done)
+        if args.output:
+            out.close()  # here, so that a failing last write is reported
     except KeyboardInterrupt:
         if args.input is None and _stdin_fd() >= 0:
             # The reader thread is blocked reading stdin, holding its buffer's lock, on which the interpreter's
@@ -257,10 +259,16 @@ def _run_translate(args: argparse.Namespace) -> int:
             print("nmt translate: interrupted", file=sys.stderr, flush=True)
             os._exit(130)
         raise
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # a full disk: the reader thread raises no OSError here
+        raise NMTError(f"cannot write the translations to {args.output or 'standard output'} after {done} lines "
+                       f"({exc.strerror or exc})") from None
     finally:
         progress.close()
         if args.output:
-            out.close()
+            with contextlib.suppress(OSError):
+                out.close()
     return 0
 
 

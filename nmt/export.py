@@ -23,11 +23,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nmt import __version__
-from nmt.checkpoint import load_checkpoint, step_checkpoints
+from nmt.checkpoint import load_checkpoint, step_checkpoints, write_failure
 from nmt.config import Config, apply_overrides, from_dict, save_config
 from nmt.errors import NMTError, make_dir
 from nmt.model import Seq2Seq
-from nmt.shortlist import SHORTLIST_FILE, shortlist_from_corpus
+from nmt.shortlist import SHORTLIST_FILE, Shortlist, shortlist_from_corpus
 from nmt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -314,6 +314,17 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
                       outdir.name, digests, Path(report) if report else None, data_dir)
     shortlist = shortlist_from_corpus(data_dir, *(Tokenizer(run / name) for name in TOKENIZER_FILES))
     make_dir(outdir.parent)
+    try:
+        _write_model_dir(outdir, run, tensors, cfg, card, shortlist)
+    except (OSError, SafetensorError) as exc:
+        raise NMTError(f"cannot write {outdir} ({write_failure(outdir, exc)}); nothing there was changed") from None
+    log.info("exported %s (%s, %d parameters) to %s", ckpt, card["dtype"], card["parameters"], outdir)
+    return outdir
+
+
+def _write_model_dir(outdir: Path, run: Path, tensors: dict[str, torch.Tensor], cfg: Config, card: dict[str, Any],
+                     shortlist: Shortlist | None) -> None:
+    """Write the files in a temporary directory beside outdir, then put it in outdir's place."""
     tmp = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}."))
     try:
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT, "dtype": card["dtype"]})
@@ -339,5 +350,3 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
             os.replace(tmp, outdir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s (%s, %d parameters) to %s", ckpt, card["dtype"], card["parameters"], outdir)
-    return outdir

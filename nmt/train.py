@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nmt.batching import ParallelData
-from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
+from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints, write_failure
 from nmt.config import Config, load_config, save_config
 from nmt.corpus import CORPUS_JSON
 from nmt.device import pick_device
@@ -481,8 +481,12 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.ranks.main:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.run_dir / "metrics.jsonl"
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise NMTError(f"cannot write {path} ({write_failure(path, exc)})") from None
 
     def _log_train(self, window: list[float], seconds: float) -> None:
         """A metrics line from all ranks' (loss, nll, tokens) sums since the last one."""

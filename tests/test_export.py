@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
@@ -110,6 +111,22 @@ def test_export_is_atomic_and_refuses_to_overwrite(tiny_run, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary directories left behind
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_leaves_an_earlier_export_as_it_was(tiny_run, tmp_path, capsys, monkeypatch):
+    out = export_model(tiny_run, tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("nmt.export.save_file", full)
+    monkeypatch.setattr("nmt.checkpoint.shutil.disk_usage", lambda path: SimpleNamespace(free=0))
+    assert main(["export", str(tiny_run), str(out), "--force"]) == 2
+    assert capsys.readouterr().err.strip() == (f"nmt export: error: cannot write {out} (the disk is full: 0 KB "
+                                                "free); nothing there was changed")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_force_replaces_only_an_earlier_export(tiny_run, tmp_path, capsys):

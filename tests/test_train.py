@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -245,6 +246,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_as_stopped(corpus: Path, reference
 def test_a_run_directory_holding_a_run_needs_resume(corpus: Path, reference_run: Path) -> None:
     with pytest.raises(NMTError, match="already holds a run; use --resume"):
         train(tiny_config(corpus, reference_run, *RESUME_SETTINGS))
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(corpus: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(state: object, path: str) -> None:  # what torch.save raises on a full disk
+        Path(path).write_bytes(b"PK half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 93568 vs 93456")
+
+    monkeypatch.setattr("nmt.checkpoint.torch.save", full)
+    monkeypatch.setattr("nmt.checkpoint.shutil.disk_usage", lambda path: SimpleNamespace(free=4096))
+    run_dir = tmp_path / "run"
+    args = ["train", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}",
+            "--set", "train.max_steps=2", "--set", "train.valid_bleu=false"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"nmt train: error: cannot write {run_dir / 'last.pt'} (the disk is full: 4 KB free); last.pt was left as "
+        "it was")
+    assert not [p for p in run_dir.iterdir() if p.suffix in (".pt", ".tmp")]  # nor a half-written temporary file
 
 
 def test_resume_needs_a_checkpoint(corpus: Path, tmp_path: Path) -> None:

@@ -431,6 +431,11 @@ def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys, monkey
     assert "is also an input" in capsys.readouterr().err
     assert src.read_text(encoding="utf-8") == "a b c\n\nm n o p\n"
     assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", os.devnull]) == 0  # a device: fine
+    if Path("/dev/full").exists():  # a full disk: every write fails with ENOSPC (was a traceback)
+        assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", "/dev/full"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "nmt translate: error: cannot write the translations to /dev/full after 0 lines (No space " \
+                      "left on device)"
     with open(src, encoding="utf-8") as stdin:  # `nmt translate MODEL -o in.txt < in.txt`
         monkeypatch.setattr(sys, "stdin", stdin)
         assert main(["translate", str(tiny_model_dir), "-o", str(src)]) == 2
