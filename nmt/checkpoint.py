@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import torch
 
-from nmt.errors import NMTError
+from nmt.errors import NMTError, write_failure
 
 FORMAT = "rnnsearch-checkpoint-1"
 STEP_DIR = "checkpoints"  # in a run directory: the weights kept at validations (train.keep_checkpoints)
@@ -51,19 +50,6 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
         raise NMTError(f"cannot write {path} ({write_failure(path, exc)}); {path.name} was left as it was") from None
-
-
-def write_failure(path: Path, exc: Exception) -> str:
-    """Why a write under path failed, in a few words: a full disk said as such."""
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    if free is not None and free < 16 << 20:
-        return f"the disk is full: {free // 1024} KB free"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

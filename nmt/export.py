@@ -23,9 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nmt import __version__
-from nmt.checkpoint import load_checkpoint, step_checkpoints, write_failure
+from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.config import Config, apply_overrides, from_dict, save_config
-from nmt.errors import NMTError, make_dir
+from nmt.errors import NMTError, make_dir, write_failure
 from nmt.model import Seq2Seq
 from nmt.shortlist import SHORTLIST_FILE, Shortlist, shortlist_from_corpus
 from nmt.tokenizer import Tokenizer

@@ -11,7 +11,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from nmt.config import TokenizerConfig
-from nmt.errors import NMTError
+from nmt.errors import NMTError, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,12 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, v
             )
         except RuntimeError as exc:
             raise NMTError(_training_error(str(exc), texts, cfg)) from None
-        out = prefix.with_suffix(".model")
-        os.replace(tmp_prefix.with_suffix(".model"), out)
-    size = spm.SentencePieceProcessor(model_file=str(out)).get_piece_size()
+        out, written = prefix.with_suffix(".model"), tmp_prefix.with_suffix(".model")
+        try:  # SentencePiece does not check its writes: on a full disk it leaves a model cut short
+            size = spm.SentencePieceProcessor(model_file=str(written)).get_piece_size()
+        except (OSError, RuntimeError) as exc:
+            raise NMTError(f"cannot write {out} ({write_failure(out, exc)})") from None
+        os.replace(written, out)
     # hard_vocab_limit=False: a small corpus yields fewer pieces than asked for
     short = f" of the {vocab_size} asked for: the corpus has no more" if size < vocab_size else ""
     log.info("trained SentencePiece %s (%s, vocab %d%s)", out, cfg.type, size, short)

@@ -28,11 +28,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nmt.batching import ParallelData
-from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints, write_failure
+from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
 from nmt.corpus import CORPUS_JSON
 from nmt.device import pick_device
-from nmt.errors import NMTError, make_dir
+from nmt.errors import NMTError, make_dir, write_failure
 from nmt.export import is_model_dir
 from nmt.model import Seq2Seq
 from nmt.progress import Progress

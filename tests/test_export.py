@@ -121,7 +121,7 @@ def test_a_full_disk_is_one_line_and_leaves_an_earlier_export_as_it_was(tiny_run
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr("nmt.export.save_file", full)
-    monkeypatch.setattr("nmt.checkpoint.shutil.disk_usage", lambda path: SimpleNamespace(free=0))
+    monkeypatch.setattr("nmt.errors.shutil.disk_usage", lambda path: SimpleNamespace(free=0))
     assert main(["export", str(tiny_run), str(out), "--force"]) == 2
     assert capsys.readouterr().err.strip() == (f"nmt export: error: cannot write {out} (the disk is full: 0 KB "
                                                 "free); nothing there was changed")

@@ -256,7 +256,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(corpus: 
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 93568 vs 93456")
 
     monkeypatch.setattr("nmt.checkpoint.torch.save", full)
-    monkeypatch.setattr("nmt.checkpoint.shutil.disk_usage", lambda path: SimpleNamespace(free=4096))
+    monkeypatch.setattr("nmt.errors.shutil.disk_usage", lambda path: SimpleNamespace(free=4096))
     run_dir = tmp_path / "run"
     args = ["train", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}",
             "--set", "train.max_steps=2", "--set", "train.valid_bleu=false"]
@@ -349,6 +349,21 @@ def test_a_vocabulary_too_small_for_the_characters_is_one_line_in_config_terms(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--character_coverage" not in err
     assert "tokenizer.vocab_size 6 is too small for the" in err and "tokenizer.character_coverage (now 1.0)" in err
+
+
+def test_a_tokenizer_cut_short_by_a_full_disk_is_not_kept(corpus: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(model_prefix: str, **options: object) -> None:  # SentencePiece ignores its failed writes
+        Path(model_prefix + ".model").write_bytes(b"")
+
+    monkeypatch.setattr("nmt.tokenizer.spm.SentencePieceTrainer.Train", full)
+    monkeypatch.setattr("nmt.errors.shutil.disk_usage", lambda path: SimpleNamespace(free=0))
+    run_dir = tmp_path / "run"
+    assert main(["tokenizer", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"nmt tokenizer: error: cannot write {run_dir / 'src.model'} (the "
+                                               "disk is full: 0 KB free)")
+    assert list(run_dir.iterdir()) == []  # a later `nmt train` trains them again instead of failing to load them
 
 
 def test_plot_writes_a_png(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
