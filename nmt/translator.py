@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from nmt.batching import collate, token_batches
-from nmt.checkpoint import load_checkpoint
+from nmt.checkpoint import STEP_DIR, load_checkpoint
 from nmt.config import Config, from_dict, load_config
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
@@ -181,7 +181,10 @@ def locate_model(path: Path) -> tuple[Path, Path, bool]:
     source = run_checkpoint(path) if path.is_dir() else path
     if not zipfile.is_zipfile(source):  # torch.save's format: anything else is not a checkpoint of ours
         raise NMTError(f"{source} is not a readable rnnsearch checkpoint (nor an exported model or run directory)")
-    return source.parent, source, False
+    home = source.parent
+    if home.name == STEP_DIR and not (home / "src.model").is_file():
+        home = home.parent  # a kept step checkpoint (train.keep_checkpoints): the run's tokenizers are above it
+    return home, source, False
 
 
 class Translator:

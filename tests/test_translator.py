@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nmt.translator
+from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.cli import main
 from nmt.config import load_config, save_config
 from nmt.errors import NMTError
@@ -346,6 +347,10 @@ def test_run_directory_and_checkpoint_load(tiny_run, translator):
     assert run.info["card"] is None
     # Without a card the id names the run, and the checkpoint when loaded from one: not just "best.pt".
     assert (run.name, from_checkpoint.name) == (tiny_run.name, f"{tiny_run.name}/best.pt")
+    kept = step_checkpoints(tiny_run)[0]  # RUN/checkpoints/step-N.pt: the run's tokenizers are one level up
+    from_step = Translator.load(kept)
+    assert from_step.step == load_checkpoint(kept)["position"]["step"] and from_step.name == f"checkpoints/{kept.name}"
+    assert len(texts(from_step.translate(lines))) == 2
 
 
 def test_one_thread_at_a_time(translator):
