@@ -395,13 +395,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--average", type=int, default=0, metavar="N",
                    help="export the mean weights of the last N kept step checkpoints (train.keep_checkpoints) "
                         "instead of --checkpoint")
-    p.add_argument("--report", help="`nmt evaluate` JSON report for the card (default: RUN/eval/test.json if any)")
+    p.add_argument("--report", help="`nmt evaluate` JSON report of the exported weights for the card (default: "
+                                    "RUN/eval/test.json when it scored them)")
     p.add_argument("--set", action="append", default=[], metavar="decode.KEY=VALUE",
                    help="change a decoding default of the exported model (e.g. decode.length_penalty=0.6)")
     p.add_argument("--data", metavar="DIR",
                    help="the prepared training corpus, for the shortlist and the card (default: the run's "
                         "data.dir, relative to where `nmt train` ran)")
-    p.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier export at OUTDIR (files it did not write, such as eval/, stay)")
     p.set_defaults(func=_run_export)
 
 
