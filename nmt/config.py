@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,6 +128,9 @@ _NON_NEGATIVE = {
 _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay", "tokenizer.character_coverage"}
 
 
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check one value against its declared type, converting int to float where a float is expected."""
     origin = typing.get_origin(hint)
@@ -139,6 +143,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot in the mantissa) as a string
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -79,6 +79,16 @@ def test_unknown_keys_and_sections() -> None:
         from_dict({"model": ["lstm"]})
 
 
+def test_exponent_notation_is_a_float(tmp_path: Path) -> None:
+    # YAML 1.1 reads 1e-4 (no dot before the exponent) as a string: `--set train.lr=1e-4` was refused.
+    assert load_config(TINY, ["train.lr=1e-4", "train.min_lr=1E-6"]).train.lr == 1e-4
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 5e-4\n  min_lr: +2e-6\n", encoding="utf-8")
+    assert (load_config(tmp_path / "c.yaml").train.lr, load_config(tmp_path / "c.yaml").train.min_lr) == (5e-4, 2e-6)
+    for bad in ("nan", "inf", "1e", "fast"):
+        with pytest.raises(NMTError, match="'train.lr' must be of type float"):
+            load_config(TINY, [f"train.lr={bad}"])
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("model.cell", "must look like section.key=value"),
     ("cell=gru", "must look like section.key"),
