@@ -50,6 +50,8 @@ def _check_replaceable(outdir: Path, run: Path) -> None:
     if target == run.resolve() or target in run.resolve().parents:
         raise NMTError(f"{outdir} is (or holds) the run directory being exported, {run}: choose another output "
                        "directory")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise NMTError(f"{outdir} is (or holds) the current directory: run `nmt export` from another one")
     if not target.is_dir() or not (is_model_dir(target) or not any(target.iterdir())):
         raise NMTError(f"{outdir} is not an exported model directory: --force only replaces an earlier export; "
                        "choose another output directory")
@@ -285,6 +287,8 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     decoding defaults. The shortlist and the card's corpus come from `data`, by default the run's data.dir
     (relative to the working directory, as `nmt train` read it)."""
     run, outdir = Path(run), Path(outdir)
+    if outdir.is_symlink() or not outdir.name:  # export into the directory a link names; "." has no name
+        outdir = Path(os.path.realpath(outdir))
     if outdir.exists() or outdir.is_symlink():
         if not overwrite:
             raise NMTError(f"{outdir} already exists (use --force to replace it)")
@@ -322,6 +326,30 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     return outdir
 
 
+def _replace_export(outdir: Path, new: Path) -> None:
+    """Put the directory `new` in the place of the earlier export `outdir`, moving into it what the export did not
+    write (its eval/, the user's notes); whatever fails, nothing of the user's is deleted."""
+    old = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}.old."))
+    try:
+        os.replace(outdir, old)  # onto the empty directory: a name no one else uses
+    except OSError:
+        old.rmdir()
+        raise
+    try:
+        os.replace(new, outdir)
+    except OSError:
+        os.replace(old, outdir)
+        raise
+    try:
+        for entry in old.iterdir():
+            if entry.name not in EXPORT_FILES:
+                os.replace(entry, outdir / entry.name)
+    except OSError as exc:
+        raise NMTError(f"exported to {outdir}, but the earlier export's other files could not be moved back "
+                       f"({exc.strerror or exc}): they are in {old}") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _write_model_dir(outdir: Path, run: Path, tensors: dict[str, torch.Tensor], cfg: Config, card: dict[str, Any],
                      shortlist: Shortlist | None) -> None:
     """Write the files in a temporary directory beside outdir, then put it in outdir's place."""
@@ -338,14 +366,7 @@ def _write_model_dir(outdir: Path, run: Path, tensors: dict[str, torch.Tensor], 
             f.chmod(0o644)
         tmp.chmod(0o755)
         if outdir.exists():
-            old = outdir.with_name(f".{outdir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(outdir, old)
-            os.replace(tmp, outdir)
-            for entry in old.iterdir():  # what the export did not write (its eval/, the user's notes) stays
-                if entry.name not in EXPORT_FILES:
-                    os.replace(entry, outdir / entry.name)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_export(outdir, tmp)
         else:
             os.replace(tmp, outdir)
     finally:

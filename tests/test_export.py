@@ -157,6 +157,25 @@ def test_the_card_names_the_corpus_files_without_their_paths(tiny_run, tiny_data
         (tiny_data / "train.src").resolve())  # the corpus's own record keeps where it came from
 
 
+def test_force_through_a_link_or_beside_old_copies_keeps_everything_of_the_users(tiny_run, tmp_path, capsys,
+                                                                                 monkeypatch):
+    models = tmp_path / "models"
+    v3 = export_model(tiny_run, models / "v3")
+    (v3 / "NOTES.md").write_text("mine", encoding="utf-8")
+    (models / "current").symlink_to("v3")
+    (models / ".v3.old").mkdir()  # a name the replacement once used for the earlier export, now the user's
+    (models / ".v3.old" / "precious").write_text("mine", encoding="utf-8")
+    assert main(["export", str(tiny_run), str(models / "current"), "--force", "--checkpoint", "last"]) == 0
+    assert (models / "current").is_symlink() and card(models / "current")["checkpoint"] == "last.pt"
+    assert (v3 / "NOTES.md").read_text(encoding="utf-8") == "mine"
+    assert (models / ".v3.old" / "precious").read_text(encoding="utf-8") == "mine"
+    assert sorted(p.name for p in models.iterdir()) == [".v3.old", "current", "v3"]
+    monkeypatch.chdir(v3)  # `nmt export RUN . --force` from inside the export
+    assert main(["export", str(tiny_run), ".", "--force"]) == 2
+    assert "is (or holds) the current directory" in capsys.readouterr().err
+    assert (v3 / "NOTES.md").is_file() and card(v3)["checkpoint"] == "last.pt"
+
+
 def test_export_card_refuses_a_report_that_names_no_weights(tiny_run, tmp_path):
     report = tmp_path / "test.json"
     report.write_text(json.dumps({"n": 3, "metrics": {"bleu": {"score": 42.0}}, "model": "m"}), encoding="utf-8")
