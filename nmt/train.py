@@ -554,6 +554,10 @@ class Trainer:
         total = tc.max_steps or per_epoch * tc.epochs
         progress = Progress(total, "step", enabled=None if self.ranks.main else False, start=self.pos.step)
         reason = "finished"
+        if tc.max_steps and self.pos.step >= tc.max_steps:  # a resumed run that had reached it: not one more update
+            log.info("the run is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps to go on)",
+                     self.pos.step, tc.max_steps)
+            reason = "max steps"
         window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
         with StopSignal(self._kept) as stop:
             # Logged once SIGINT/SIGTERM are caught: from this line on, a stop saves a checkpoint.

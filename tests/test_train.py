@@ -272,6 +272,14 @@ def test_resume_needs_a_checkpoint(corpus: Path, tmp_path: Path) -> None:
         train(tiny_config(corpus, tmp_path / "empty"), resume=True)
 
 
+def test_resuming_a_run_at_max_steps_trains_nothing(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
+    run_dir = shutil.copytree(reference_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run_dir.glob("*.pt")}
+    result = train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS}"), resume=True)
+    assert (result["step"], result["reason"]) == (TOTAL_STEPS, "max steps")  # it trained one more update
+    assert {p.name: p.read_bytes() for p in run_dir.glob("*.pt")} == before
+
+
 def test_resume_on_other_training_pairs_is_refused(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
     other = small_corpus(tmp_path / "other", seed=1)  # same size and alphabet, so the vocabularies fit
     before = (reference_run / "last.pt").read_bytes()
