@@ -337,19 +337,14 @@ class Trainer:
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
         data_dir = Path(cfg.data.dir)
+        digest = self._check_resumed_data(checkpoint, data_dir) if checkpoint is not None else None
         train_src, train_tgt = load_split(data_dir, "train")
-        self.data_sha256 = train_data_digest(data_dir)
-        if checkpoint is not None and checkpoint.get("data_sha256", self.data_sha256) != self.data_sha256:
-            raise NMTError(f"cannot resume {self.run_dir}: it was trained on other pairs than {data_dir}/train.* "
-                           f"(its data.dir was {checkpoint['config']['data']['dir']!r}); give the --set overrides "
-                           f"of its first command again, or resume with `nmt train {self.run_dir}/config.yaml "
-                           "--resume`")
+        self.data_sha256 = digest or train_data_digest(data_dir)
         self.dev_src, self.dev_tgt = load_split(data_dir, "dev")
         if self.ranks.main:
             make_dir(self.run_dir)
             self._lock = lock_run_dir(self.run_dir)
-            if not resume:
-                save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run_dir / "config.yaml")  # for `nmt train RUN/config.yaml --resume`
             ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer)
         self.ranks.barrier()
         if not (self.run_dir / "src.model").is_file():
@@ -405,14 +400,35 @@ class Trainer:
                                    "train.run_dir")
             return None
         if not self.last_path.is_file():
-            raise NMTError(f"--resume: no checkpoint at {self.last_path} (train.run_dir; a run's own settings are in "
-                           "RUN/config.yaml: `nmt train RUN/config.yaml --resume`)")
+            where = "" if self.run_dir.is_absolute() else f", relative to the current directory {Path.cwd()}"
+            raise NMTError(f"--resume: no checkpoint at {self.last_path} (train.run_dir{where}; a run's own settings "
+                           "are in RUN/config.yaml: `nmt train RUN/config.yaml --resume`)")
         state = load_checkpoint(self.last_path)  # on CPU: RNG states must stay there; load_state_dict moves the rest
         changes = config_changes(state.get("config", {}), self.cfg)
         if changes:
             raise NMTError(f"cannot resume {self.run_dir} with this config: {'; '.join(changes)}. The model and "
                            "tokenizer settings must stay as the run began (train.* and decode.* may change)")
         return state
+
+    def _check_resumed_data(self, state: dict[str, Any], data_dir: Path) -> str | None:
+        """A resumed run must read the training pairs it began with (data.dir may name them elsewhere); their
+        digest, when the files are there."""
+        began = state.get("config", {}).get("data", {}).get("dir")
+        where = "" if began is None or Path(began).is_absolute() else " (relative to where training ran)"
+        hint = f"resume with --set data.dir={began}{where}, or with `nmt train {self.run_dir}/config.yaml --resume`"
+        if began is not None and began != str(data_dir) and not (data_dir / "train.src").is_file():
+            raise NMTError(f"cannot resume {self.run_dir}: no {data_dir}/train.src; the run trained on data.dir "
+                           f"{began!r}: {hint}")
+        if not all((data_dir / name).is_file() for name in ("train.src", "train.tgt")):
+            return None  # load_split says which
+        digest = train_data_digest(data_dir)
+        if state.get("data_sha256", digest) == digest:
+            return digest
+        if began is not None and Path(began).resolve() == data_dir.resolve():
+            raise NMTError(f"cannot resume {self.run_dir}: the training pairs in {data_dir} changed since it began "
+                           "(prepared again?): put back the corpus it began with, or train a new run")
+        raise NMTError(f"cannot resume {self.run_dir}: {data_dir}/train.* are not the pairs it began with, from "
+                       f"data.dir {began!r}: {hint}")
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("vocab") != {"src": len(self.src_tok), "tgt": len(self.tgt_tok)}:

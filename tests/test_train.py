@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -280,17 +281,32 @@ def test_resuming_a_run_at_max_steps_trains_nothing(corpus: Path, reference_run:
     assert {p.name: p.read_bytes() for p in run_dir.glob("*.pt")} == before
 
 
-def test_resume_on_other_training_pairs_is_refused(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
+def test_resume_reads_the_pairs_the_run_began_with(corpus: Path, tmp_path: Path) -> None:
+    mine, run_dir = shutil.copytree(corpus, tmp_path / "mine"), tmp_path / "run"
+    train(tiny_config(mine, run_dir, *RESUME_SETTINGS, "train.max_steps=2"))
+    before = (run_dir / "last.pt").read_bytes()
+
+    def resume(data: Path) -> dict:
+        return train(tiny_config(data, run_dir, *RESUME_SETTINGS, "train.max_steps=3"), resume=True)
+
     other = small_corpus(tmp_path / "other", seed=1)  # same size and alphabet, so the vocabularies fit
-    before = (reference_run / "last.pt").read_bytes()
-    cfg = tiny_config(other, reference_run, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS + 4}")
-    with pytest.raises(NMTError, match=f"other pairs than {other}/train.* \\(its data.dir was '{corpus}'\\)"):
-        train(cfg, resume=True)
-    assert (reference_run / "last.pt").read_bytes() == before
-    shutil.copytree(corpus, tmp_path / "moved")  # the same corpus elsewhere is no other data
-    resumed = Trainer(tiny_config(tmp_path / "moved", reference_run, *RESUME_SETTINGS), resume=True)
-    resumed.close()
-    assert resumed.pos.step == TOTAL_STEPS
+    hint = f"resume with --set data.dir={mine}, or with `nmt train {run_dir}/config.yaml --resume`"
+    with pytest.raises(NMTError, match=re.escape(f"{other}/train.* are not the pairs it began with, from data.dir "
+                                                 f"'{mine}': {hint}")):
+        resume(other)
+    with pytest.raises(NMTError, match=re.escape(f"no {tmp_path / 'gone'}/train.src; the run trained on data.dir "
+                                                 f"'{mine}': {hint}")):
+        resume(tmp_path / "gone")  # `--resume` without the first command's --set data.dir
+    lines = (mine / "train.tgt").read_text(encoding="utf-8").splitlines()
+    (mine / "train.tgt").write_text("\n".join(["x y", *lines[1:]]) + "\n", encoding="utf-8")
+    with pytest.raises(NMTError, match=f"the training pairs in {mine} changed since it began"):
+        resume(mine)  # prepared again in place
+    assert (run_dir / "last.pt").read_bytes() == before
+    (mine / "train.tgt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    moved = shutil.copytree(mine, tmp_path / "moved")  # the same corpus elsewhere is no other data
+    assert resume(moved)["step"] == 3
+    assert load_config(run_dir / "config.yaml").data.dir == str(moved)  # what `RUN/config.yaml --resume` reads
+    assert train(load_config(run_dir / "config.yaml", ["train.max_steps=4"]), resume=True)["step"] == 4
 
 
 @pytest.mark.parametrize(("override", "key"), [("model.cell=gru", "model.cell"),
