@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -183,36 +184,55 @@ def _sessions(run: Path) -> dict[str, Any]:
             "wall_seconds": round(seconds), "wall_hours": round(seconds / 3600, 2)}
 
 
-def _evaluation(run: Path, report: Path | None, digests: set[str], step: int | None) -> dict[str, Any] | None:
+def _evaluation(run: Path, report: Path | None, digests: set[str], step: int | None,
+                dtype: str) -> dict[str, Any] | None:
     """Scores and sacrebleu signatures from an `nmt evaluate` report (given, or RUN/eval/test.json) of the weights
-    being exported (`digests`: theirs as trained and as stored); RUN/eval/test.json of other weights is left out."""
-    default = report is None
-    if default:
-        report = run / "eval" / "test.json"
-        if not report.is_file():
-            return None
-    elif not report.is_file():
-        raise NMTError(f"evaluation report not found: {report}")
-    data = _read_json(report)
-    if not isinstance(data, dict) or "metrics" not in data:
-        raise NMTError(f"{report} is not an `nmt evaluate` report (no 'metrics')")
-    digest = data.get("weights_sha256")
-    if isinstance(digest, str) and digest in digests:
-        return {k: data[k] for k in ("metrics", "n", "src", "ref", "decode", "int8", "model", "step",
-                                     "weights_sha256") if k in data}
-    if digest is not None:
-        problem = (f"{report} scored other weights than this export's (step {step}): those of "
-                   f"{data.get('model_path')} at step {data.get('step')}; evaluate the exported model and export "
-                   "again with --report")
-    elif "model" not in data:
-        problem = f"{report} scores translations from a file (`nmt evaluate --hyp`), not this model's"
-    else:
-        problem = (f"{report} does not say which weights it scored (a report from before `nmt evaluate` recorded "
-                   "them): evaluate again")
-    if default:
-        log.warning("%s; the card carries no test scores", problem)
+    being exported (`digests`: theirs as trained and as stored); RUN/eval/test.json of other weights, or not a
+    report at all, is left out with a warning."""
+    path = report or run / "eval" / "test.json"
+    if report is None and not path.is_file():
         return None
-    raise NMTError(problem)
+    try:
+        data = _report_of(path, digests, f"{dtype}, step {step}")
+    except NMTError as exc:
+        if report is not None:
+            raise
+        log.warning("%s; the card carries no test scores", exc)
+        return None
+    card = {k: data[k] for k in ("metrics", "n", "src", "ref", "decode", "int8", "model", "step", "weights_sha256")
+            if k in data}
+    if isinstance(card.get("src"), str):
+        card["src"] = _portable(card["src"])
+    if isinstance(card.get("ref"), list):
+        card["ref"] = [_portable(r) if isinstance(r, str) else r for r in card["ref"]]
+    return card
+
+
+def _report_of(path: Path, digests: set[str], exported: str) -> dict[str, Any]:
+    """An `nmt evaluate` report that scored one of `digests`; NMTError saying why a file is not one."""
+    if not path.is_file():
+        raise NMTError(f"evaluation report not found: {path}")
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict) or not data["metrics"]:
+        raise NMTError(f"{path} is not an `nmt evaluate` report (no 'metrics' scores)")
+    digest = data.get("weights_sha256")
+    if digest is None and "model" not in data:
+        raise NMTError(f"{path} scores translations from a file (`nmt evaluate --hyp`), not this model's")
+    if digest is None:
+        raise NMTError(f"{path} does not say which weights it scored (a report from before `nmt evaluate` recorded "
+                       "them): evaluate again")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise NMTError(f"{path}: its weights_sha256 is not a SHA-256 digest ({digest!r}; edited?): evaluate again")
+    if digest not in digests:
+        raise NMTError(f"{path} scored other weights than this export's ({exported}): those of "
+                       f"{data.get('model_path')} at step {data.get('step')}. Give a report of these weights: for an "
+                       "--fp16 or --average export, evaluate the export, then export again with --report")
+    return data
+
+
+def _portable(path: str) -> str:
+    """A path for a card that travels: relative ones as they are, absolute ones cut to their last two parts."""
+    return str(Path(*Path(path).parts[-2:])) if Path(path).is_absolute() else path
 
 
 def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
@@ -256,9 +276,10 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
     """The card of an export; `digests` are the weights' as trained and as stored (equal unless fp16)."""
     data_dir = data_dir or Path(cfg.data.dir)
     corpus_json = data_dir / "corpus.json"
-    data = _read_json(corpus_json) if corpus_json.is_file() else {"dir": str(data_dir)}
+    data = _read_json(corpus_json) if corpus_json.is_file() else {"dir": _portable(str(data_dir))}
     if isinstance(data, dict) and isinstance(data.get("sources"), dict):  # a card travels: file names, no paths
-        data["sources"] = {k: {**v, "path": Path(v["path"]).name} if isinstance(v, dict) and "path" in v else v
+        data["sources"] = {k: {**v, "path": Path(v["path"]).name}
+                           if isinstance(v, dict) and isinstance(v.get("path"), str) else v
                            for k, v in data["sources"].items()}
     return {
         "format": FORMAT,
@@ -274,7 +295,7 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
         "weights_sha256": digests[1],
         "data": data,
         "metrics": _training_metrics(run, state),
-        "evaluation": _evaluation(run, report, set(digests), state.get("position", {}).get("step")),
+        "evaluation": _evaluation(run, report, set(digests), state.get("position", {}).get("step"), dtype),
         "training": _sessions(run),
     }
 

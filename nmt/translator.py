@@ -221,7 +221,8 @@ class Translator:
         if model_dir:
             cfg = load_config(home / CONFIG_FILE)
             weights, card = read_safetensors(source), read_card(home)
-            vocab, step = None, (card.get("metrics") or {}).get("steps")
+            metrics = card.get("metrics")
+            vocab, step = None, metrics.get("steps") if isinstance(metrics, dict) else None
         else:
             state = load_checkpoint(source)
             try:

@@ -176,8 +176,27 @@ def test_force_through_a_link_or_beside_old_copies_keeps_everything_of_the_users
     assert (v3 / "NOTES.md").is_file() and card(v3)["checkpoint"] == "last.pt"
 
 
-def test_export_card_refuses_a_report_that_names_no_weights(tiny_run, tmp_path):
+def test_a_hand_edited_card_does_not_stop_the_model_loading(tiny_model_dir, tmp_path):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (model / "card.json").write_text(json.dumps({**card(model), "metrics": "see notes"}), encoding="utf-8")
+    loaded = Translator.load(model)
+    assert loaded.step is None and outputs(loaded) == outputs(Translator.load(tiny_model_dir))
+
+
+def test_export_card_refuses_a_report_that_names_no_weights(tiny_run, tmp_path, caplog):
     report = tmp_path / "test.json"
+    for digest in (["ab"], "A" * 64, 7):  # edited by hand
+        report.write_text(json.dumps({"metrics": {"bleu": {"score": 42.0}}, "model": "m", "weights_sha256": digest}))
+        with pytest.raises(NMTError, match=r"its weights_sha256 is not a SHA-256 digest \(.*; edited\?\)"):
+            export_model(tiny_run, tmp_path / "m0", report=report)
+    report.write_text(json.dumps({"metrics": "oops", "model": "m", "weights_sha256": "a" * 64}), encoding="utf-8")
+    with pytest.raises(NMTError, match="not an `nmt evaluate` report"):
+        export_model(tiny_run, tmp_path / "m0", report=report)
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "eval").mkdir()
+    (run / "eval" / "test.json").write_text('{"n": 3, "metr', encoding="utf-8")  # cut short: not in the way
+    assert card(export_model(run, tmp_path / "m0"))["evaluation"] is None
+    assert "is not a readable JSON file" in caplog.text and "the card carries no test scores" in caplog.text
     report.write_text(json.dumps({"n": 3, "metrics": {"bleu": {"score": 42.0}}, "model": "m"}), encoding="utf-8")
     with pytest.raises(NMTError, match="does not say which weights it scored"):
         export_model(tiny_run, tmp_path / "m1", report=report)
@@ -202,6 +221,7 @@ def test_the_card_credits_only_an_evaluation_of_the_weights_it_exports(tiny_run,
 
     exported = card(export_model(run, tmp_path / "best"))  # RUN/eval/test.json scored these weights
     assert exported["evaluation"]["metrics"] == report["metrics"]
+    assert exported["evaluation"]["src"] == "data/test.src"  # no local paths on a card: report["src"] is absolute
     assert exported["weights_sha256"] == report["weights_sha256"] == Translator.load(tmp_path / "best").weights_sha256
     half = card(export_model(run, tmp_path / "half", fp16=True))  # the same weights, stored in fp16
     assert half["evaluation"]["metrics"] == report["metrics"]
@@ -212,7 +232,7 @@ def test_the_card_credits_only_an_evaluation_of_the_weights_it_exports(tiny_run,
     averaged = card(export_model(run, tmp_path / "avg", average=2))  # other weights: not credited
     assert averaged["evaluation"] is None
     assert "scored other weights" in caplog.text and "no test scores" in caplog.text
-    stale = rf"scored other weights than this export's \(step \d+\): those of {run} at step {best.step};"
+    stale = rf"scored other weights than this export's \(float32, step \d+\): those of {run} at step {best.step}\."
     with pytest.raises(NMTError, match=stale):
         export_model(run, tmp_path / "avg2", average=2, report=run / "eval" / "test.json")
     assert main(["evaluate", str(tmp_path / "avg"), "--split", "test"]) == 0
