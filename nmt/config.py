@@ -28,7 +28,7 @@ class TokenizerConfig:
     type: str = "unigram"  # SentencePiece model type: unigram or bpe
     vocab_size: int = 8000  # per language (or shared when joint)
     joint: bool = False  # one vocabulary for source and target
-    character_coverage: float = 1.0
+    character_coverage: float = 1.0  # share of the characters the vocabulary covers (0.98-1); rarer ones: <unk>
     sample_alpha: float = 0.0  # subword regularization during training (unigram only); 0 = off
     input_sentence_size: int = 2_000_000  # sentences SentencePiece samples to train on
 
@@ -125,7 +125,8 @@ _NON_NEGATIVE = {
     "decode.length_penalty", "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram",
     "decode.gate_table_mb", "decode.shortlist_frequent", "decode.shortlist_per_source",
 }
-_UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay", "tokenizer.character_coverage"}
+_UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
+MIN_CHARACTER_COVERAGE = 0.98  # SentencePiece refuses less
 
 
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -171,6 +172,9 @@ def _check_ranges(cfg: Config) -> None:
                 raise NMTError(f"config key '{key}' must be >= 0, got {value!r}")
             if key in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
                 raise NMTError(f"config key '{key}' must be between 0 and 1, got {value!r}")
+    if not MIN_CHARACTER_COVERAGE <= cfg.tokenizer.character_coverage <= 1.0:
+        raise NMTError(f"config key 'tokenizer.character_coverage' must be between {MIN_CHARACTER_COVERAGE} and 1 "
+                       f"(SentencePiece's range), got {cfg.tokenizer.character_coverage!r}")
     if cfg.model.tie_embeddings and cfg.model.out_dim != cfg.model.emb_dim:
         raise NMTError("config key 'model.tie_embeddings' needs model.out_dim == model.emb_dim")
     if len(cfg.train.adam_betas) != 2:

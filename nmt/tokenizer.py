@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from nmt.config import TokenizerConfig
+from nmt.config import MIN_CHARACTER_COVERAGE, TokenizerConfig
 from nmt.errors import NMTError, write_failure
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,11 @@ def _training_error(message: str, texts: list[Path], cfg: TokenizerConfig) -> st
     message = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", message.strip())  # "INTERNAL: file.cc(638) [check] "
     too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
     if too_small:
+        lower = (f", or lower tokenizer.character_coverage (now {cfg.character_coverage}, at least "
+                 f"{MIN_CHARACTER_COVERAGE}) to leave out rare characters"
+                 if cfg.character_coverage > MIN_CHARACTER_COVERAGE else "")
         return (f"tokenizer.vocab_size {too_small[1]} is too small for the {too_small[2]} characters and special "
-                f"pieces of {', '.join(map(str, texts))}: raise tokenizer.vocab_size, or lower "
-                f"tokenizer.character_coverage (now {cfg.character_coverage}) to leave out rare characters")
+                f"pieces of {', '.join(map(str, texts))}: raise tokenizer.vocab_size{lower}")
     return f"SentencePiece training failed on {', '.join(map(str, texts))}: {message}"
 
 

@@ -45,6 +45,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     ("train.label_smoothing=-0.1", "train.label_smoothing"),
     ("train.lr=-0.001", "train.lr"),
     ("train.lr=0", "train.lr"),
+    ("tokenizer.character_coverage=0.97", "tokenizer.character_coverage"),
     ("train.batch_tokens=0", "train.batch_tokens"),
     ("model.layers=0", "model.layers"),
     ("train.accum_steps=0", "train.accum_steps"),

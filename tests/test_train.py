@@ -372,7 +372,10 @@ def test_a_vocabulary_too_small_for_the_characters_is_one_line_in_config_terms(
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--character_coverage" not in err
-    assert "tokenizer.vocab_size 6 is too small for the" in err and "tokenizer.character_coverage (now 1.0)" in err
+    assert "tokenizer.vocab_size 6 is too small for the" in err
+    assert "lower tokenizer.character_coverage (now 1.0, at least 0.98)" in err
+    assert main([*args, "--set", "tokenizer.character_coverage=0.98"]) == 2  # nothing lower to advise
+    assert capsys.readouterr().err.strip().endswith("raise tokenizer.vocab_size")
 
 
 def test_a_tokenizer_cut_short_by_a_full_disk_is_not_kept(corpus: Path, tmp_path: Path,
