@@ -354,12 +354,19 @@ def _length(text: str, unit: str) -> int:
     return len(text.split()) if unit == "words" else len(text)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(*paths: Path) -> str:
+    """SHA-256 of the files' bytes, one after the other."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def train_pairs_sha256(data_dir: Path) -> str:
+    """SHA-256 of a corpus's train.src and train.tgt: which pairs a run trained on."""
+    return sha256_of(data_dir / "train.src", data_dir / "train.tgt")
 
 
 def _opt_path(p: str | Path | None) -> Path | None:
@@ -505,7 +512,7 @@ def prepare_files(
         "settings": {"max_len": max_len, "length_unit": length_unit, "max_ratio": max_ratio,
                      "ratio_min_len": RATIO_MIN_LEN, "dev_size": dev_size, "test_size": test_size,
                      "seed": seed},
-        "sources": {k: {"path": str(p.resolve()), "sha256": _sha256(p)} for k, p in input_files.items()},
+        "sources": {k: {"path": str(p.resolve()), "sha256": sha256_of(p)} for k, p in input_files.items()},
     }
     files = {s: {"src": [p[0] for p in v], "tgt": [p[1] for p in v]} for s, v in splits.items()}
     _write_corpus(outdir, files, meta, overwrite, list(input_files.values()))

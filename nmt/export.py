@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from nmt import __version__
 from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.config import Config, apply_overrides, from_dict, save_config
+from nmt.corpus import train_pairs_sha256
 from nmt.errors import NMTError, make_dir, write_failure
 from nmt.model import Seq2Seq
 from nmt.shortlist import SHORTLIST_FILE, Shortlist, shortlist_from_corpus
@@ -335,6 +336,11 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
         if missing:
             raise NMTError(f"--data {data_dir}: no {' or '.join(missing)} (a corpus made by `nmt prepare`)")
     digests = (weights_digest(model.state_dict(), cfg.model.tie_embeddings), weights_digest(tensors, False))
+    pairs = [data_dir / name for name in ("train.src", "train.tgt")]
+    if state.get("data_sha256") and all(p.is_file() for p in pairs) and \
+            train_pairs_sha256(data_dir) != state["data_sha256"]:
+        log.warning("%s holds other training pairs than %s was trained on (prepared again?): the card's data and "
+                    "the shortlist describe them all the same; name the run's corpus with --data", data_dir, ckpt)
     card = build_card(cfg, state, run, ckpt, model.num_parameters(), str(dtype).removeprefix("torch."),
                       outdir.name, digests, Path(report) if report else None, data_dir)
     shortlist = shortlist_from_corpus(data_dir, *(Tokenizer(run / name) for name in TOKENIZER_FILES))

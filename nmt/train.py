@@ -6,7 +6,6 @@ import contextlib
 import datetime
 import fcntl
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nmt.batching import ParallelData
 from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
-from nmt.corpus import CORPUS_JSON
+from nmt.corpus import CORPUS_JSON, train_pairs_sha256
 from nmt.device import pick_device
 from nmt.errors import NMTError, make_dir, write_failure
 from nmt.export import is_model_dir
@@ -229,16 +228,6 @@ def load_split(data_dir: Path, split: str) -> tuple[list[str], list[str]]:
     return src, tgt
 
 
-def train_data_digest(data_dir: Path) -> str:
-    """SHA-256 of a corpus's train.src and train.tgt: a resumed run must read the pairs it began with."""
-    digest = hashlib.sha256()
-    for name in ("train.src", "train.tgt"):
-        with open(data_dir / name, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def encode_pairs(src_tok: Tokenizer, tgt_tok: Tokenizer, src: list[str], tgt: list[str],
                  max_len: int) -> tuple[list[list[int]], list[list[int]], int]:
     """Encode a parallel corpus; drops pairs empty on a side or longer than max_len pieces."""
@@ -339,7 +328,7 @@ class Trainer:
         data_dir = Path(cfg.data.dir)
         digest = self._check_resumed_data(checkpoint, data_dir) if checkpoint is not None else None
         train_src, train_tgt = load_split(data_dir, "train")
-        self.data_sha256 = digest or train_data_digest(data_dir)
+        self.data_sha256 = digest or train_pairs_sha256(data_dir)
         self.dev_src, self.dev_tgt = load_split(data_dir, "dev")
         if self.ranks.main:
             make_dir(self.run_dir)
@@ -421,7 +410,7 @@ class Trainer:
                            f"{began!r}: {hint}")
         if not all((data_dir / name).is_file() for name in ("train.src", "train.tgt")):
             return None  # load_split says which
-        digest = train_data_digest(data_dir)
+        digest = train_pairs_sha256(data_dir)
         if state.get("data_sha256", digest) == digest:
             return digest
         if began is not None and Path(began).resolve() == data_dir.resolve():

@@ -147,10 +147,14 @@ def test_force_replaces_only_an_earlier_export(tiny_run, tmp_path, capsys):
     assert main(["export", str(tiny_run), str(tmp_path / "empty"), "--force"]) == 0
 
 
-def test_the_card_names_the_corpus_files_without_their_paths(tiny_run, tiny_data, tmp_path):
+def test_the_card_names_the_corpus_files_without_their_paths(tiny_run, tiny_data, tmp_path, caplog):
     prepared = tmp_path / "prepared"
-    prepare_files(prepared, tiny_data / "train.src", tiny_data / "train.tgt")
+    prepare_files(prepared, tiny_data / "train.src", tiny_data / "train.tgt")  # holds out dev and test from them
+    caplog.clear()
+    export_model(tiny_run, tmp_path / "same", data=tiny_data)
+    assert "other training pairs" not in caplog.text
     sources = card(export_model(tiny_run, tmp_path / "m", data=prepared))["data"]["sources"]
+    assert f"{prepared} holds other training pairs than best.pt was trained on" in caplog.text
     assert [sources[k]["path"] for k in ("src", "tgt")] == ["train.src", "train.tgt"]
     assert len(sources["src"]["sha256"]) == 64
     assert json.loads((prepared / "corpus.json").read_text("utf-8"))["sources"]["src"]["path"] == str(
