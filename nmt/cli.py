@@ -276,7 +276,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="BLEU, chrF and TER (sacrebleu) of a model on a test set, or of any system's output",
         description="`nmt evaluate MODEL --split test` or `nmt evaluate MODEL --src F --ref F` translates and "
-                    "scores, writing OUT/NAME.hyp and OUT/NAME.json (OUT defaults to MODEL/eval); "
+                    "scores, writing OUT/NAME.hyp and OUT/NAME.json (OUT defaults to MODEL/eval, and to "
+                    "RUN/eval/CHECKPOINT for a .pt file); "
                     "`nmt evaluate --hyp F --ref F` scores a file of translations from any system.")
     p.add_argument("model", nargs="?", help="exported model directory, run directory or .pt checkpoint")
     p.add_argument("--src", help="source file to translate")
@@ -284,7 +285,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hyp", help="score these translations instead of translating (no MODEL)")
     p.add_argument("--split", help="a split of a prepared corpus (e.g. test): its .src and .tgt files")
     p.add_argument("--data", help="prepared corpus directory for --split (default: the model config's data.dir)")
-    p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: MODEL/eval)")
+    p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: MODEL/eval; RUN/eval/CHECKPOINT "
+                                        "for a .pt file)")
     p.add_argument("--report", help="write the JSON report here instead")
     _add_decode_options(p)
     p.set_defaults(func=_run_evaluate)
@@ -335,8 +337,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         data = Path(args.data or translator.cfg.data.dir)
         src_path, ref_paths, name = data / f"{args.split}.src", [str(data / f"{args.split}.tgt")], args.split
         src, refs = read(src_path, ref_paths)
-    model_path = Path(args.model)
-    out = Path(args.out) if args.out else (model_path if model_path.is_dir() else model_path.parent) / "eval"
+    from nmt.translator import locate_model
+
+    home, source, exported = locate_model(Path(args.model))
+    # A checkpoint file gets a folder of its own: scoring last.pt must not replace the run's (best.pt's) report.
+    folder = home / "eval" if exported or Path(args.model).is_dir() else home / "eval" / source.stem
+    out = Path(args.out) if args.out else folder
     report_path = Path(args.report) if args.report else out / f"{name}.json"
     if out.exists() and not out.is_dir():
         raise NMTError(f"--out {out}: not a directory")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import sacrebleu
 from sacrebleu.metrics import CHRF, TER
 
+from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.cli import main
 from nmt.errors import NMTError
 from nmt.evaluate import evaluate, read_lines
@@ -121,6 +123,20 @@ def test_evaluate_a_model_on_a_split(tiny_model_dir, tiny_data, tmp_path, capsys
     assert report["decode"]["beam_size"] == 2 and report["model"] == tiny_model_dir.name
     assert report["sentences_per_s"] > 0 and report["src"].endswith("test.src")
     assert "BLEU" in printed and "test.hyp" in printed
+
+
+def test_each_checkpoint_file_has_its_own_default_report(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    src = tmp_path / "s.txt"
+    src.write_text("a b c\n", encoding="utf-8")
+    for model in (run, run / "last.pt", step_checkpoints(run)[0]):
+        assert main(["evaluate", str(model), "--src", str(src), "--ref", str(src)]) == 0
+    reports = sorted(str(p.relative_to(run)) for p in run.rglob("*.json"))
+    kept = step_checkpoints(run)[0].stem
+    assert reports == sorted(["eval/s.json", "eval/last/s.json", f"eval/{kept}/s.json"])  # last.pt replaced best.pt's
+    steps = {p: json.loads((run / p).read_text(encoding="utf-8"))["step"] for p in reports}
+    assert steps["eval/s.json"] == load_checkpoint(run / "best.pt")["position"]["step"]
+    assert steps["eval/last/s.json"] == load_checkpoint(run / "last.pt")["position"]["step"]
 
 
 def test_evaluate_a_model_on_files(tiny_model_dir, tiny_data, tmp_path, capsys):
