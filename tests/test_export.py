@@ -264,6 +264,8 @@ def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, caps
     assert "holds 3 kept step checkpoints; train with train.keep_checkpoints >= 4" in capsys.readouterr().err
     assert main(["export", str(tiny_run), str(tmp_path / "neg"), "--average", "-1"]) == 2
     assert "--average must be a number of checkpoints" in capsys.readouterr().err
+    assert main(["export", str(tiny_run), str(tmp_path / "both"), "--average", "2", "--checkpoint", "last"]) == 2
+    assert "not --checkpoint: give one of them" in capsys.readouterr().err  # --checkpoint was ignored
     assert not (tmp_path / "four").exists() and not (tmp_path / "neg").exists()
 
     foreign = tmp_path / "foreign"
