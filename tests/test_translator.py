@@ -311,7 +311,8 @@ def test_export_reads_the_corpus_given_by_data(tiny_run, tiny_data, tmp_path, ca
     out = tmp_path / "model"
     assert main(["export", str(tiny_run), str(out), "--data", str(moved)]) == 0
     assert (out / "shortlist.safetensors").is_file()
-    assert json.loads((out / "card.json").read_text(encoding="utf-8"))["data"] == {"dir": str(moved)}
+    # No corpus.json: the card names the directory, without the local part of its path.
+    assert json.loads((out / "card.json").read_text(encoding="utf-8"))["data"] == {"dir": f"{tmp_path.name}/moved"}
     assert main(["export", str(tiny_run), str(tmp_path / "other"), "--data", str(tmp_path / "gone")]) == 2
     assert "--data" in capsys.readouterr().err and not (tmp_path / "other").exists()
     (moved / "train.tgt").unlink()  # a directory, but not a prepared corpus
