@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nmt.errors import NMTError, write_failure
+from nmt.errors import NMTError
+from nmt.files import atomic_write
 
 FORMAT = "rnnsearch-checkpoint-1"
 STEP_DIR = "checkpoints"  # in a run directory: the weights kept at validations (train.keep_checkpoints)
@@ -27,29 +26,10 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path), then rename over path, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints unreadable to other users
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write a checkpoint atomically; NMTError (the file left as it was) when it cannot be written."""
-    path, state = Path(path), {"format": FORMAT, **state}
-    try:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
-        raise NMTError(f"cannot write {path} ({write_failure(path, exc)}); {path.name} was left as it was") from None
+    state = {"format": FORMAT, **state}
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from nmt import __version__
-from nmt.errors import NMTError, make_dir
+from nmt.errors import NMTError
+from nmt.files import make_dir
 
 if TYPE_CHECKING:
     from nmt.translator import Translator

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from nmt.errors import NMTError
+from nmt.files import atomic_write
 
 
 @dataclass
@@ -257,4 +258,5 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

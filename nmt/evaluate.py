@@ -9,8 +9,8 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from nmt.checkpoint import atomic_write
 from nmt.errors import NMTError
+from nmt.files import atomic_write
 from nmt.progress import Progress
 from nmt.translator import Translator
 
@@ -100,10 +100,7 @@ def _write_text(path: Path, text: str) -> None:
     """Write a file atomically; NMTError naming it when it cannot be (a directory there, a file where its
     directory should be, no permission)."""
     check_writable(path)
-    try:
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    except OSError as exc:
-        raise NMTError(f"cannot write {path}: {exc.strerror or exc}") from None
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -27,7 +27,8 @@ from nmt import __version__
 from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.config import Config, apply_overrides, from_dict, save_config
 from nmt.corpus import train_pairs_sha256
-from nmt.errors import NMTError, make_dir, write_failure
+from nmt.errors import NMTError
+from nmt.files import make_dir, write_failure
 from nmt.model import Seq2Seq
 from nmt.shortlist import SHORTLIST_FILE, Shortlist, shortlist_from_corpus
 from nmt.tokenizer import Tokenizer

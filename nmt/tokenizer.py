@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 
 from nmt.config import MIN_CHARACTER_COVERAGE, TokenizerConfig
-from nmt.errors import NMTError, write_failure
+from nmt.errors import NMTError
+from nmt.files import atomic_write, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ def ensure_tokenizers(data_dir: Path, run_dir: Path, cfg: TokenizerConfig) -> tu
                 raise NMTError(f"training text not found: {f} (run `nmt prepare` first)")
         if cfg.joint:
             train_sentencepiece([src_text, tgt_text], run_dir / "src", cfg, cfg.vocab_size)
-            (run_dir / "tgt.model").write_bytes(src_path.read_bytes())
+            atomic_write(run_dir / "tgt.model", lambda tmp: shutil.copyfile(src_path, tmp))
         else:
             train_sentencepiece([src_text], run_dir / "src", cfg, cfg.vocab_size)
             train_sentencepiece([tgt_text], run_dir / "tgt", cfg, cfg.vocab_size)

@@ -31,8 +31,9 @@ from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_pat
 from nmt.config import Config, load_config, save_config
 from nmt.corpus import CORPUS_JSON, train_pairs_sha256
 from nmt.device import pick_device
-from nmt.errors import NMTError, make_dir, write_failure
+from nmt.errors import NMTError
 from nmt.export import is_model_dir
+from nmt.files import make_dir, write_failure
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
 from nmt.search import search_ids

@@ -257,14 +257,13 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(corpus: 
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 93568 vs 93456")
 
     monkeypatch.setattr("nmt.checkpoint.torch.save", full)
-    monkeypatch.setattr("nmt.errors.shutil.disk_usage", lambda path: SimpleNamespace(free=4096))
+    monkeypatch.setattr("nmt.files.shutil.disk_usage", lambda path: SimpleNamespace(free=4096))
     run_dir = tmp_path / "run"
     args = ["train", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}",
             "--set", "train.max_steps=2", "--set", "train.valid_bleu=false"]
     assert main(args) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"nmt train: error: cannot write {run_dir / 'last.pt'} (the disk is full: 4 KB free); last.pt was left as "
-        "it was")
+        f"nmt train: error: cannot write {run_dir / 'last.pt'} (no space left on the device)")
     assert not [p for p in run_dir.iterdir() if p.suffix in (".pt", ".tmp")]  # nor a half-written temporary file
 
 
@@ -385,11 +384,11 @@ def test_a_tokenizer_cut_short_by_a_full_disk_is_not_kept(corpus: Path, tmp_path
         Path(model_prefix + ".model").write_bytes(b"")
 
     monkeypatch.setattr("nmt.tokenizer.spm.SentencePieceTrainer.Train", full)
-    monkeypatch.setattr("nmt.errors.shutil.disk_usage", lambda path: SimpleNamespace(free=0))
+    monkeypatch.setattr("nmt.files.shutil.disk_usage", lambda path: SimpleNamespace(free=0))
     run_dir = tmp_path / "run"
     assert main(["tokenizer", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}"]) == 2
-    assert capsys.readouterr().err.strip() == (f"nmt tokenizer: error: cannot write {run_dir / 'src.model'} (the "
-                                               "disk is full: 0 KB free)")
+    assert capsys.readouterr().err.strip() == (f"nmt tokenizer: error: cannot write {run_dir / 'src.model'} (no "
+                                               "space left on the device)")
     assert list(run_dir.iterdir()) == []  # a later `nmt train` trains them again instead of failing to load them
 
 

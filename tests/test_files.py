@@ -1,0 +1,46 @@
+"""Writing files: a failed write is one line that says what happened, and leaves what was there."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from nmt.errors import NMTError
+from nmt.files import atomic_write, write_failure
+
+
+def test_a_full_disk_is_said_as_such_and_only_then(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("nmt.files.shutil.disk_usage", lambda path: SimpleNamespace(free=200 << 20))
+    target = tmp_path / "f"
+    assert write_failure(target, OSError(errno.ENOSPC, "No space left on device")) == "no space left on the device"
+    assert write_failure(target, RuntimeError("... No space left on device (os error 28)")) == \
+        "no space left on the device"
+    assert write_failure(target, RuntimeError("unexpected pos 1\nmore")) == "unexpected pos 1"  # the first line
+    monkeypatch.setattr("nmt.files.shutil.disk_usage", lambda path: SimpleNamespace(free=4096))
+    assert write_failure(target, OSError(errno.EACCES, "Permission denied")) == "Permission denied"  # not "full"
+    assert write_failure(target, RuntimeError("unexpected pos 1")) == "no space left on the device"
+
+
+def test_atomic_write_judges_a_failure_while_the_unfinished_file_holds_its_space(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "last.pt"
+    target.write_text("step 10", encoding="utf-8")
+    # The disk is full while the unfinished file is there, and has room again once it is removed.
+    monkeypatch.setattr("nmt.files.shutil.disk_usage",
+                        lambda path: SimpleNamespace(free=0 if list(tmp_path.glob(".*.tmp")) else 1 << 30))
+
+    def cut_short(tmp: str) -> None:
+        Path(tmp).write_text("half", encoding="utf-8")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 93568 vs 93456")
+
+    with pytest.raises(NMTError) as error:
+        atomic_write(target, cut_short)
+    assert str(error.value) == f"cannot write {target} (no space left on the device); the earlier last.pt is kept"
+    assert target.read_text(encoding="utf-8") == "step 10" and sorted(tmp_path.iterdir()) == [target]
+    atomic_write(target, lambda tmp: Path(tmp).write_text("step 20", encoding="utf-8"))
+    assert target.read_text(encoding="utf-8") == "step 20" and sorted(tmp_path.iterdir()) == [target]
+    with pytest.raises(NMTError, match=r"cannot write .*nope/x \(Not a directory\)|cannot create the directory"):
+        atomic_write(target / "nope" / "x", lambda tmp: None)
