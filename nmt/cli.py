@@ -287,7 +287,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="a split of a prepared corpus (e.g. test): its .src and .tgt files")
     p.add_argument("--data", help="prepared corpus directory for --split (default: the model config's data.dir)")
     p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: MODEL/eval; RUN/eval/CHECKPOINT "
-                                        "for a .pt file)")
+                                 "for a .pt file)")
     p.add_argument("--report", help="write the JSON report here instead")
     _add_decode_options(p)
     p.set_defaults(func=_run_evaluate)

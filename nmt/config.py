@@ -127,10 +127,8 @@ _NON_NEGATIVE = {
     "decode.gate_table_mb", "decode.shortlist_frequent", "decode.shortlist_per_source",
 }
 _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
-MIN_CHARACTER_COVERAGE = 0.98  # SentencePiece refuses less
-
-
-_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+MIN_CHARACTER_COVERAGE = 0.98  # tokenizer.character_coverage: SentencePiece refuses less
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a float that YAML 1.1 may leave a string
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 CORPUS_JSON = "corpus.json"
+TRAIN_FILES = ("train.src", "train.tgt")  # the pairs a run trains on
 
 # ----------------------------------------------------------------------------------------------------------
 # Atomic output directory
@@ -366,7 +367,7 @@ def sha256_of(*paths: Path) -> str:
 
 def train_pairs_sha256(data_dir: Path) -> str:
     """SHA-256 of a corpus's train.src and train.tgt: which pairs a run trained on."""
-    return sha256_of(data_dir / "train.src", data_dir / "train.tgt")
+    return sha256_of(*(data_dir / name for name in TRAIN_FILES))
 
 
 def _opt_path(p: str | Path | None) -> Path | None:

@@ -55,12 +55,11 @@ def evaluate(hyps: list[str], refs: list[str] | list[list[str]]) -> dict[str, An
 def translate_lines(translator: Translator, lines: list[str], chunk: int = 500, progress: bool | None = None,
                     **options: Any) -> list[str]:
     """Translate a list of lines in chunks (token-budget batches inside each), with a progress bar on a TTY."""
-    bar = Progress(len(lines), "lines", enabled=progress)
     out: list[str] = []
-    for start in range(0, len(lines), chunk):
-        out += [t.text for t in translator.translate(lines[start:start + chunk], **options)]
-        bar.update(len(out))
-    bar.close()
+    with Progress(len(lines), "lines", enabled=progress) as bar:
+        for start in range(0, len(lines), chunk):
+            out += [t.text for t in translator.translate(lines[start:start + chunk], **options)]
+            bar.update(len(out))
     return out
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from nmt import __version__
 from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.config import Config, apply_overrides, from_dict, save_config
-from nmt.corpus import train_pairs_sha256
+from nmt.corpus import TRAIN_FILES, train_pairs_sha256
 from nmt.errors import NMTError
 from nmt.files import make_dir, write_failure
 from nmt.model import Seq2Seq
@@ -186,21 +186,31 @@ def _sessions(run: Path) -> dict[str, Any]:
             "wall_seconds": round(seconds), "wall_hours": round(seconds / 3600, 2)}
 
 
-def _evaluation(run: Path, report: Path | None, digests: set[str], step: int | None,
+def _evaluation(run: Path, checkpoint: str, report: Path | None, digests: set[str], step: int | None,
                 dtype: str) -> dict[str, Any] | None:
-    """Scores and sacrebleu signatures from an `nmt evaluate` report (given, or RUN/eval/test.json) of the weights
-    being exported (`digests`: theirs as trained and as stored); RUN/eval/test.json of other weights, or not a
-    report at all, is left out with a warning."""
-    path = report or run / "eval" / "test.json"
-    if report is None and not path.is_file():
-        return None
-    try:
-        data = _report_of(path, digests, f"{dtype}, step {step}")
-    except NMTError as exc:
-        if report is not None:
-            raise
-        log.warning("%s; the card carries no test scores", exc)
-        return None
+    """Scores and sacrebleu signatures from an `nmt evaluate` report of the weights being exported (`digests`:
+    theirs as trained and as stored): `report`, else the test report of the run (RUN/eval/test.json) or of the
+    checkpoint file (RUN/eval/last/test.json); those of other weights, or not reports at all, are left out with a
+    warning."""
+    exported = f"{dtype}, step {step}"
+    if report is not None:
+        return _card_evaluation(_report_of(report, digests, exported))
+    candidates = [run / "eval" / "test.json"]
+    if checkpoint.endswith(".pt"):
+        candidates.append(run / "eval" / Path(checkpoint).stem / "test.json")
+    problems = []
+    for path in (p for p in candidates if p.is_file()):
+        try:
+            return _card_evaluation(_report_of(path, digests, exported))
+        except NMTError as exc:
+            problems.append(str(exc))
+    for problem in problems:
+        log.warning("%s; the card carries no test scores from it", problem)
+    return None
+
+
+def _card_evaluation(data: dict[str, Any]) -> dict[str, Any]:
+    """What the card keeps of a report, with no local paths."""
     card = {k: data[k] for k in ("metrics", "n", "src", "ref", "decode", "int8", "model", "step", "weights_sha256")
             if k in data}
     if isinstance(card.get("src"), str):
@@ -211,7 +221,8 @@ def _evaluation(run: Path, report: Path | None, digests: set[str], step: int | N
 
 
 def _report_of(path: Path, digests: set[str], exported: str) -> dict[str, Any]:
-    """An `nmt evaluate` report that scored one of `digests`; NMTError saying why a file is not one."""
+    """An `nmt evaluate` report that scored one of `digests` (the weights `exported` describes); NMTError saying
+    why a file is not one."""
     if not path.is_file():
         raise NMTError(f"evaluation report not found: {path}")
     data = _read_json(path)
@@ -228,7 +239,10 @@ def _report_of(path: Path, digests: set[str], exported: str) -> dict[str, Any]:
     if digest not in digests:
         raise NMTError(f"{path} scored other weights than this export's ({exported}): those of "
                        f"{data.get('model_path')} at step {data.get('step')}. Give a report of these weights: for an "
-                       "--fp16 or --average export, evaluate the export, then export again with --report")
+                       "--average export, evaluate the export, then export again with --report and --force")
+    if data.get("int8"):
+        raise NMTError(f"{path} scored these weights quantized to int8 (`nmt evaluate --int8`), not as exported: "
+                       "evaluate without --int8")
     return data
 
 
@@ -297,7 +311,8 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
         "weights_sha256": digests[1],
         "data": data,
         "metrics": _training_metrics(run, state),
-        "evaluation": _evaluation(run, report, set(digests), state.get("position", {}).get("step"), dtype),
+        "evaluation": _evaluation(run, checkpoint, report, set(digests), state.get("position", {}).get("step"),
+                                  dtype),
         "training": _sessions(run),
     }
 
@@ -309,12 +324,16 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     kept step checkpoints) to outdir, atomically; `decode` overrides (`decode.key=value`) set the model's
     decoding defaults. The shortlist and the card's corpus come from `data`, by default the run's data.dir
     (relative to the working directory, as `nmt train` read it)."""
-    run, outdir = Path(run), Path(outdir)
-    if outdir.is_symlink() or not outdir.name:  # export into the directory a link names; "." has no name
-        outdir = Path(os.path.realpath(outdir))
+    run, outdir = Path(run), Path(os.path.normpath(outdir))
     if outdir.exists() or outdir.is_symlink():
         if not overwrite:
             raise NMTError(f"{outdir} already exists (use --force to replace it)")
+        if outdir.is_symlink() or not outdir.name:  # replace what a link names, keeping the link; "." has no name
+            try:
+                outdir = outdir.resolve(strict=True)
+            except (OSError, RuntimeError):  # RuntimeError: a loop, before Python 3.13
+                raise NMTError(f"{outdir} is a link that leads nowhere: remove it or choose another output "
+                               "directory") from None
         _check_replaceable(outdir, run)
     state, ckpt = _export_state(run, checkpoint, average)
     for name in TOKENIZER_FILES:
@@ -333,11 +352,11 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     if data is not None:  # named by the user, so it must hold what it is for (the run's own may be gone)
         if not data_dir.is_dir():
             raise NMTError(f"--data {data_dir}: not a directory")
-        missing = [name for name in ("train.src", "train.tgt") if not (data_dir / name).is_file()]
+        missing = [name for name in TRAIN_FILES if not (data_dir / name).is_file()]
         if missing:
             raise NMTError(f"--data {data_dir}: no {' or '.join(missing)} (a corpus made by `nmt prepare`)")
     digests = (weights_digest(model.state_dict(), cfg.model.tie_embeddings), weights_digest(tensors, False))
-    pairs = [data_dir / name for name in ("train.src", "train.tgt")]
+    pairs = [data_dir / name for name in TRAIN_FILES]
     if state.get("data_sha256") and all(p.is_file() for p in pairs) and \
             train_pairs_sha256(data_dir) != state["data_sha256"]:
         log.warning("%s holds other training pairs than %s was trained on (prepared again?): the card's data and "

@@ -49,12 +49,20 @@ class Progress:
             self.drawn, self.last_draw = "", 0.0
 
     def close(self) -> None:
+        """End the bar's line (an error printed after it starts on a line of its own); closing twice is harmless."""
         if self.enabled:
             for handler in logging.getLogger().handlers:
                 handler.removeFilter(self._filter)
             if self.drawn:
                 sys.stderr.write("\n")
                 sys.stderr.flush()
+                self.drawn = ""
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _ClearForLogging(logging.Filter):

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nmt.batching import ParallelData
 from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
-from nmt.corpus import CORPUS_JSON, train_pairs_sha256
+from nmt.corpus import CORPUS_JSON, TRAIN_FILES, train_pairs_sha256
 from nmt.device import pick_device
 from nmt.errors import NMTError
 from nmt.export import is_model_dir
@@ -264,7 +264,7 @@ def label_languages(cfg: Config) -> None:
         return  # prepare's placeholders when no language was given
     if named != (cfg.data.src_lang, cfg.data.tgt_lang):
         log.info("languages %s -> %s from %s/%s (the config said %s -> %s)", *named, cfg.data.dir, CORPUS_JSON,
-                    cfg.data.src_lang, cfg.data.tgt_lang)
+                 cfg.data.src_lang, cfg.data.tgt_lang)
         cfg.data.src_lang, cfg.data.tgt_lang = named
 
 
@@ -409,14 +409,14 @@ class Trainer:
         if began is not None and began != str(data_dir) and not (data_dir / "train.src").is_file():
             raise NMTError(f"cannot resume {self.run_dir}: no {data_dir}/train.src; the run trained on data.dir "
                            f"{began!r}: {hint}")
-        if not all((data_dir / name).is_file() for name in ("train.src", "train.tgt")):
+        if not all((data_dir / name).is_file() for name in TRAIN_FILES):
             return None  # load_split says which
         digest = train_pairs_sha256(data_dir)
         if state.get("data_sha256", digest) == digest:
             return digest
         if began is not None and Path(began).resolve() == data_dir.resolve():
-            raise NMTError(f"cannot resume {self.run_dir}: the training pairs in {data_dir} changed since it began "
-                           "(prepared again?): put back the corpus it began with, or train a new run")
+            raise NMTError(f"cannot resume {self.run_dir}: the training pairs in {data_dir} are not those it began "
+                           "with (prepared again?): put back the corpus it began with, or train a new run")
         raise NMTError(f"cannot resume {self.run_dir}: {data_dir}/train.* are not the pairs it began with, from "
                        f"data.dir {began!r}: {hint}")
 
@@ -558,14 +558,14 @@ class Trainer:
         if per_epoch == 0:
             raise NMTError("the training data gives fewer batches than train.accum_steps x ranks")
         total = tc.max_steps or per_epoch * tc.epochs
-        progress = Progress(total, "step", enabled=None if self.ranks.main else False, start=self.pos.step)
         reason = "finished"
         if tc.max_steps and self.pos.step >= tc.max_steps:  # a resumed run that had reached it: not one more update
             log.info("the run is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps to go on)",
                      self.pos.step, tc.max_steps)
             reason = "max steps"
         window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
-        with StopSignal(self._kept) as stop:
+        bar = Progress(total, "step", enabled=None if self.ranks.main else False, start=self.pos.step)
+        with StopSignal(self._kept) as stop, bar as progress:
             # Logged once SIGINT/SIGTERM are caught: from this line on, a stop saves a checkpoint.
             self._log({"type": "session", "event": "start", "step": self.pos.step, **hardware(self.device),
                        "threads": torch.get_num_threads(), "ranks": self.ranks.world, "command": command_line(),
@@ -605,7 +605,6 @@ class Trainer:
                 self.save()
             elif self.pos.last_valid_step != self.pos.step:
                 self._validate_and_save()
-        progress.close()
         self._log({"type": "session", "event": "end", "step": self.pos.step, "reason": reason, "time": time.time()})
         self.ranks.barrier()
         return {"step": self.pos.step, "best_bleu": self.pos.best_bleu, "reason": reason, "signal": stop.signum,

@@ -262,7 +262,12 @@ class Translator:
         from one: run/best.pt); once, as the service names the model in every answer."""
         if (self.card or {}).get("name"):
             return self.card["name"]
-        return f"{self.path.parent.name}/{self.path.name}" if self.path.is_file() else self.path.name
+        if not self.path.is_file():
+            return self.path.name
+        folder = self.path.parent
+        if folder.name == STEP_DIR:  # a kept step checkpoint: RUN/checkpoints/step-N.pt
+            return f"{folder.parent.name}/{STEP_DIR}/{self.path.name}"
+        return f"{folder.name}/{self.path.name}"
 
     @property
     def decode_defaults(self) -> dict[str, Any]:

@@ -171,7 +171,12 @@ def test_force_through_a_link_or_beside_old_copies_keeps_everything_of_the_users
     assert (models / "current").is_symlink() and card(models / "current")["checkpoint"] == "last.pt"
     assert (v3 / "NOTES.md").read_text(encoding="utf-8") == "mine"
     assert (models / ".v3.old" / "precious").read_text(encoding="utf-8") == "mine"
-    assert sorted(p.name for p in models.iterdir()) == [".v3.old", "current", "v3"]
+    assert sorted(p.name for p in models.iterdir()) == [".v3.old", "current", "v3"]  # no .NAME.old.XXXX left
+    (models / "dangling").symlink_to("v9")
+    assert main(["export", str(tiny_run), str(models / "dangling")]) == 2
+    assert "already exists (use --force" in capsys.readouterr().err
+    assert main(["export", str(tiny_run), str(models / "dangling"), "--force"]) == 2
+    assert "is a link that leads nowhere" in capsys.readouterr().err and not (models / "v9").exists()
     monkeypatch.chdir(v3)  # `nmt export RUN . --force` from inside the export
     assert main(["export", str(tiny_run), ".", "--force"]) == 2
     assert "is (or holds) the current directory" in capsys.readouterr().err
@@ -240,6 +245,13 @@ def test_the_card_credits_only_an_evaluation_of_the_weights_it_exports(tiny_run,
     assert main(["evaluate", str(tmp_path / "avg"), "--split", "test"]) == 0
     again = card(export_model(run, tmp_path / "avg2", average=2, report=tmp_path / "avg" / "eval" / "test.json"))
     assert again["evaluation"]["weights_sha256"] == averaged["weights_sha256"]
+
+    assert main(["evaluate", str(run / "last.pt"), "--split", "test"]) == 0  # to RUN/eval/last/, which export reads
+    last = card(export_model(run, tmp_path / "last", checkpoint="last"))
+    assert last["evaluation"]["weights_sha256"] == last["weights_sha256"]
+    assert main(["evaluate", str(run), "--split", "test", "--int8", "--report", str(tmp_path / "int8.json")]) == 0
+    with pytest.raises(NMTError, match="scored these weights quantized to int8"):  # not the float weights' scores
+        export_model(run, tmp_path / "int8", report=tmp_path / "int8.json")
 
 
 def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, capsys):

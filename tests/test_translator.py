@@ -350,7 +350,8 @@ def test_run_directory_and_checkpoint_load(tiny_run, translator):
     assert (run.name, from_checkpoint.name) == (tiny_run.name, f"{tiny_run.name}/best.pt")
     kept = step_checkpoints(tiny_run)[0]  # RUN/checkpoints/step-N.pt: the run's tokenizers are one level up
     from_step = Translator.load(kept)
-    assert from_step.step == load_checkpoint(kept)["position"]["step"] and from_step.name == f"checkpoints/{kept.name}"
+    assert from_step.step == load_checkpoint(kept)["position"]["step"]
+    assert from_step.name == f"{tiny_run.name}/checkpoints/{kept.name}"
     assert len(texts(from_step.translate(lines))) == 2
 
 
