@@ -65,9 +65,11 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
 
     from nmt.config import load_config, save_config
     from nmt.tokenizer import ensure_tokenizers
+    from nmt.train import check_run_dir_holds_only_a_run
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.train.run_dir)
+    check_run_dir_holds_only_a_run(run_dir)
     models = [run_dir / "src.model", run_dir / "tgt.model"]
     if any(m.exists() for m in models):
         if not args.force:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nmt.batching import ParallelData
-from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
+from nmt.checkpoint import STEP_DIR, load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
 from nmt.corpus import CORPUS_JSON, TRAIN_FILES, train_pairs_sha256
 from nmt.device import pick_device
@@ -268,6 +268,22 @@ def label_languages(cfg: Config) -> None:
         cfg.data.src_lang, cfg.data.tgt_lang = named
 
 
+RUN_ENTRIES = {"config.yaml", "src.model", "tgt.model", "metrics.jsonl", "last.pt", "best.pt", STEP_DIR, "eval",
+               "curves.png"}  # what nmt tokenizer, train, evaluate and plot write in a run directory
+
+
+def check_run_dir_holds_only_a_run(run_dir: Path) -> None:
+    """Refuse a run directory that holds anything but a run's files (hidden ones aside: the lock, temporary
+    files): training would write over a config.yaml or into a corpus or project of the user's."""
+    if not run_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise NMTError(f"train.run_dir {run_dir} holds other files than a run's ({shown}): choose a new or empty "
+                       "directory")
+
+
 def lock_run_dir(run_dir: Path) -> Any:
     """Hold a lock on the run directory while this process trains in it (the open lock file: keep it); NMTError
     when another `nmt train` holds it, which would overwrite this run's checkpoints and log."""
@@ -381,6 +397,7 @@ class Trainer:
             if self.last_path.is_file():
                 raise NMTError(f"{self.run_dir} already holds a run; use --resume to continue it or choose another "
                                "train.run_dir")
+            check_run_dir_holds_only_a_run(self.run_dir)
             saved = self.run_dir / "config.yaml"
             if (self.run_dir / "src.model").is_file() and saved.is_file():
                 changes = config_changes(load_config(saved).to_dict(), self.cfg, ("tokenizer",))

@@ -454,6 +454,18 @@ def test_a_run_directory_must_be_a_directory_of_no_model_and_no_other_training(c
         with pytest.raises(NMTError, match=message):
             train(tiny_config(corpus, run_dir))
     assert a_file.read_text(encoding="utf-8") == "mine"
+    # A project or corpus directory given as the run directory: config.yaml was replaced, metrics appended to.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("mine", encoding="utf-8")
+    (project / "notes.txt").write_text("mine", encoding="utf-8")
+    for run_dir, shown in [(project, "notes.txt"), (corpus, "dev.src, dev.tgt, train.src, train.tgt")]:
+        with pytest.raises(NMTError, match=re.escape(f"{run_dir} holds other files than a run's ({shown})")):
+            train(tiny_config(corpus, run_dir))
+        assert main(["tokenizer", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}"]) == 2
+        assert "holds other files than a run's" in capsys.readouterr().err
+    assert (project / "config.yaml").read_text(encoding="utf-8") == "mine"
+    assert sorted(p.name for p in project.iterdir()) == ["config.yaml", "notes.txt"]
     # Two `nmt train` in one run directory overwrote each other's checkpoints and interleaved the log.
     held = nmt.train.lock_run_dir(tmp_path)
     with pytest.raises(NMTError, match="another `nmt train` is training in"):
