@@ -479,15 +479,17 @@ def prepare_files(
                 raise NMTError(f"the {split} files hold no non-empty sentence pairs")
     to_draw = [split for split in ("dev", "test") if explicit[split] is None]
     if to_draw:
-        if len(pairs) < MIN_PAIRS:
-            raise NMTError(f"only {len(pairs)} usable sentence pairs after cleaning; at least {MIN_PAIRS} "
+        given = {s for split in held for s, _ in held[split]}  # a drawn set must not repeat a given one
+        candidates = [i for i, (s, _) in enumerate(pairs) if s not in given]
+        if len(candidates) < MIN_PAIRS:
+            raise NMTError(f"only {len(candidates)} usable sentence pairs after cleaning; at least {MIN_PAIRS} "
                            "are needed to hold out dev and test sets (or give dev and test files)")
-        sizes = {split: _holdout_size(holdouts[split][0], len(pairs), split) for split in to_draw}
+        sizes = {split: _holdout_size(holdouts[split][0], len(candidates), split) for split in to_draw}
         wanted = sum(sizes[s] for s in to_draw)
-        if wanted > len(pairs) // 2:
+        if wanted > len(candidates) // 2:
             raise NMTError(f"holding out {wanted} pairs for {' and '.join(to_draw)} would leave too little "
-                           f"training data ({len(pairs)} usable pairs); lower --dev-size/--test-size")
-        picked = random.Random(seed).sample(range(len(pairs)), wanted)
+                           f"training data ({len(candidates)} usable pairs); lower --dev-size/--test-size")
+        picked = random.Random(seed).sample(candidates, wanted)
         taken = set(picked)
         for split in to_draw:
             held[split], picked = [pairs[i] for i in picked[:sizes[split]]], picked[sizes[split]:]

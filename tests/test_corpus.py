@@ -278,6 +278,18 @@ def test_files_explicit_dev_test_and_overlap(tmp_path: Path) -> None:
     assert not (tmp_path / "o3").exists()
 
 
+def test_a_drawn_test_set_never_repeats_given_dev_files(tmp_path: Path) -> None:
+    src, tgt = numbered(400)
+    s, t = write(tmp_path / "s", src), write(tmp_path / "t", tgt)
+    prepare_files(tmp_path / "first", s, t)
+    dev = tmp_path / "first" / "dev"
+    for seed in (0, 99):  # the same corpus again, its earlier dev set given: the test set was drawn from it
+        out = tmp_path / f"again{seed}"
+        prepare_files(out, s, t, dev_src=dev.with_suffix(".src"), dev_tgt=dev.with_suffix(".tgt"), seed=seed)
+        dev_sources = {p[0] for p in read_split(out, "dev")}
+        assert dev_sources and not dev_sources & {p[0] for p in read_split(out, "test")}
+
+
 def test_files_crlf_and_bom(tmp_path: Path) -> None:
     src, tgt = numbered(20)
     s = write(tmp_path / "s", ("\ufeff" + "\r\n".join(src) + "\r\n").encode("utf-8"))
