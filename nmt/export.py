@@ -56,8 +56,8 @@ def _check_replaceable(outdir: Path, run: Path) -> None:
     if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
         raise NMTError(f"{outdir} is (or holds) the current directory: run `nmt export` from another one")
     if not target.is_dir() or not (is_model_dir(target) or not any(target.iterdir())):
-        raise NMTError(f"{outdir} is not an exported model directory: --force only replaces an earlier export; "
-                       "choose another output directory")
+        raise NMTError(f"{outdir} exists and is not an exported model directory (--force replaces only an earlier "
+                       "export): choose another output directory")
 
 
 def run_checkpoint(run: Path, which: str = "best") -> Path:
@@ -326,15 +326,15 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     (relative to the working directory, as `nmt train` read it)."""
     run, outdir = Path(run), Path(os.path.normpath(outdir))
     if outdir.exists() or outdir.is_symlink():
-        if not overwrite:
-            raise NMTError(f"{outdir} already exists (use --force to replace it)")
         if outdir.is_symlink() or not outdir.name:  # replace what a link names, keeping the link; "." has no name
             try:
                 outdir = outdir.resolve(strict=True)
             except (OSError, RuntimeError):  # RuntimeError: a loop, before Python 3.13
                 raise NMTError(f"{outdir} is a link that leads nowhere: remove it or choose another output "
                                "directory") from None
-        _check_replaceable(outdir, run)
+        _check_replaceable(outdir, run)  # before advising --force, which would be refused
+        if not overwrite:
+            raise NMTError(f"{outdir} already exists (use --force to replace it)")
     state, ckpt = _export_state(run, checkpoint, average)
     for name in TOKENIZER_FILES:
         if not (run / name).is_file():

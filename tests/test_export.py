@@ -139,6 +139,8 @@ def test_force_replaces_only_an_earlier_export(tiny_run, tmp_path, capsys):
         before = sorted(p.relative_to(target) for p in target.rglob("*")) if target.is_dir() else None
         assert main(["export", str(tiny_run), str(target), "--force"]) == 2
         assert message in capsys.readouterr().err
+        assert main(["export", str(tiny_run), str(target)]) == 2  # without --force: not advised to add it
+        assert message in capsys.readouterr().err
         assert (sorted(p.relative_to(target) for p in target.rglob("*")) if target.is_dir() else None) == before
     assert victim.read_text(encoding="utf-8") == "mine"
     (tmp_path / "empty").mkdir()
@@ -173,10 +175,9 @@ def test_force_through_a_link_or_beside_old_copies_keeps_everything_of_the_users
     assert (models / ".v3.old" / "precious").read_text(encoding="utf-8") == "mine"
     assert sorted(p.name for p in models.iterdir()) == [".v3.old", "current", "v3"]  # no .NAME.old.XXXX left
     (models / "dangling").symlink_to("v9")
-    assert main(["export", str(tiny_run), str(models / "dangling")]) == 2
-    assert "already exists (use --force" in capsys.readouterr().err
-    assert main(["export", str(tiny_run), str(models / "dangling"), "--force"]) == 2
-    assert "is a link that leads nowhere" in capsys.readouterr().err and not (models / "v9").exists()
+    for force in ([], ["--force"]):
+        assert main(["export", str(tiny_run), str(models / "dangling"), *force]) == 2
+        assert "is a link that leads nowhere" in capsys.readouterr().err and not (models / "v9").exists()
     monkeypatch.chdir(v3)  # `nmt export RUN . --force` from inside the export
     assert main(["export", str(tiny_run), ".", "--force"]) == 2
     assert "is (or holds) the current directory" in capsys.readouterr().err
