@@ -511,13 +511,18 @@ class Trainer:
             except OSError as exc:
                 raise NMTError(f"cannot write {path} ({write_failure(path, exc)})") from None
 
-    def _log_train(self, window: list[float], seconds: float) -> None:
-        """A metrics line from all ranks' (loss, nll, tokens) sums since the last one."""
+    def _log_train(self, window: list[float], seconds: float, echo: bool) -> None:
+        """A metrics line from all ranks' (loss, nll, tokens) sums since the last one; with `echo` (no progress bar:
+        output to a file, as under nohup) also a log line, so that a log shows training going on."""
         loss, nll, tokens = window
-        self._log({"type": "train", "step": self.pos.step, "epoch": self.pos.epoch_number, "loss": loss / tokens,
-                   "nll": nll / tokens, "ppl": math.exp(min(nll / tokens, 50.0)),
-                   "lr": self.optimizer.param_groups[0]["lr"], "tok_s": tokens / max(seconds, 1e-9),
-                   "time": time.time()})
+        record = {"type": "train", "step": self.pos.step, "epoch": self.pos.epoch_number, "loss": loss / tokens,
+                  "nll": nll / tokens, "ppl": math.exp(min(nll / tokens, 50.0)),
+                  "lr": self.optimizer.param_groups[0]["lr"], "tok_s": tokens / max(seconds, 1e-9),
+                  "time": time.time()}
+        self._log(record)
+        if echo and self.ranks.main:
+            log.info("step %d  epoch %d  loss %.3f  ppl %.2f  lr %g  %.0f tok/s", record["step"], record["epoch"],
+                     record["loss"], record["ppl"], record["lr"], record["tok_s"])
 
     def update(self, batches: list[list[int]]) -> tuple[float, float, int]:
         """One optimizer update over accumulated batches; returns (loss sum, nll sum, target tokens)."""
@@ -602,7 +607,7 @@ class Trainer:
                     progress.update(self.pos.step, epoch=self.pos.epoch + 1, loss=loss / max(ntok, 1),
                                     tok_s=round(window[2] * self.ranks.world / max(now - window_start, 1e-9)))
                     if self.pos.step % tc.log_every == 0:
-                        self._log_train(self.ranks.sums(window), now - window_start)
+                        self._log_train(self.ranks.sums(window), now - window_start, echo=not progress.enabled)
                         window, window_start = [0.0, 0.0, 0.0], now
                     if tc.valid_every and self.pos.step % tc.valid_every == 0 and self._validate_and_save():
                         reason = "early stopping"

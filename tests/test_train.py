@@ -272,6 +272,16 @@ def test_resume_needs_a_checkpoint(corpus: Path, tmp_path: Path) -> None:
         train(tiny_config(corpus, tmp_path / "empty"), resume=True)
 
 
+def test_without_a_terminal_the_log_shows_training_going_on(corpus: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nmt.train")  # pytest's stderr is no terminal: no progress bar
+    train(tiny_config(corpus, tmp_path / "run", *RESUME_SETTINGS, "train.max_steps=2"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ") and "  epoch " in
+             r.getMessage()]  # not the validations' "step N: dev_loss ..." lines
+    assert [line.split("  ")[:2] for line in lines] == [["step 1", "epoch 1"], ["step 2", "epoch 1"]]
+    assert all(" tok/s" in line and "loss " in line for line in lines)
+
+
 def test_resuming_a_run_at_max_steps_trains_nothing(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
     run_dir = shutil.copytree(reference_run, tmp_path / "run")
     before = {p.name: p.read_bytes() for p in run_dir.glob("*.pt")}
