@@ -63,6 +63,8 @@ def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = 
                     if e.name != CORPUS_JSON and not (e.is_file() and e.name.split(".", 1)[0] in SPLITS))
     previous = (outdir / CORPUS_JSON).is_file()
     if overwrite or not others and (previous or not entries):
+        if entries:
+            log.info("replacing what %s holds%s", outdir, " (a previous corpus)" if previous else "")
         return
     shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
     if previous:
