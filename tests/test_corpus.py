@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import unicodedata
 from pathlib import Path
 
@@ -342,7 +343,7 @@ def test_files_holdout_too_large(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_files_existing_outdir(tmp_path: Path) -> None:
+def test_files_existing_outdir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src, tgt = numbered(30)
     s, t = write(tmp_path / "s", src), write(tmp_path / "t", tgt)
     out = tmp_path / "out"
@@ -353,8 +354,10 @@ def test_files_existing_outdir(tmp_path: Path) -> None:
     assert (out / "notes.txt").read_text() == "mine"
     prepare_files(out, s, t, overwrite=True)
     assert not (out / "notes.txt").exists() and (out / "corpus.json").is_file()
-    # A previous corpus is replaced without --overwrite; an empty directory is fine too.
+    # A previous corpus is replaced without --overwrite, and said so; an empty directory is fine too.
+    caplog.set_level(logging.INFO, logger="nmt.corpus")
     r = prepare_files(out, s, t, seed=99)
+    assert f"replacing what {out} holds (a previous corpus)" in caplog.text
     assert r["settings"]["seed"] == 99
     assert json.loads((out / "corpus.json").read_text())["settings"]["seed"] == 99
     (tmp_path / "empty").mkdir()
