@@ -627,8 +627,10 @@ class Trainer:
                 self.save()
             elif self.pos.last_valid_step != self.pos.step:
                 self._validate_and_save()
-        self._log({"type": "session", "event": "end", "step": self.pos.step, "reason": reason, "time": time.time()})
-        self.ranks.barrier()
+            # Still under StopSignal: a second Ctrl-C from here on says what last.pt keeps, as before the save.
+            self._log({"type": "session", "event": "end", "step": self.pos.step, "reason": reason,
+                       "time": time.time()})
+            self.ranks.barrier()
         return {"step": self.pos.step, "best_bleu": self.pos.best_bleu, "reason": reason, "signal": stop.signum,
                 "main": self.ranks.main}
 
@@ -636,6 +638,8 @@ class Trainer:
         """What a stop without saving keeps."""
         if self._saved_step < 0 or not self.last_path.is_file():
             return "no checkpoint of this run yet"
+        if self._saved_step == self.pos.step:
+            return f"{self.last_path} keeps the weights of step {self._saved_step}, the last update"
         return f"{self.last_path} keeps the weights of step {self._saved_step}; later updates are lost"
 
     def _validate_and_save(self) -> bool:

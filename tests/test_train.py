@@ -235,7 +235,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_as_stopped(corpus: Path, reference
     # What a second Ctrl-C of the resumed run would say last.pt keeps: the step saved, not the last validation's.
     resumed = Trainer(tiny_config(corpus, run_dir, *RESUME_SETTINGS), resume=True)
     try:
-        assert resumed._kept().startswith(f"{run_dir / 'last.pt'} keeps the weights of step {stopped_at};")
+        kept = f"{run_dir / 'last.pt'} keeps the weights of step {stopped_at}"
+        assert resumed._kept() == f"{kept}, the last update"  # nothing trained since
+        resumed.pos.step += 1
+        assert resumed._kept() == f"{kept}; later updates are lost"
     finally:
         resumed.close()
     # The checkpoint is good for more than loading: resuming it lands exactly where an uninterrupted run does.
