@@ -348,19 +348,8 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     dtype = torch.float16 if fp16 else torch.float32
     tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in model.state_dict().items() if not (cfg.model.tie_embeddings and k in TIED)}
-    data_dir = Path(data if data is not None else cfg.data.dir)
-    if data is not None:  # named by the user, so it must hold what it is for (the run's own may be gone)
-        if not data_dir.is_dir():
-            raise NMTError(f"--data {data_dir}: not a directory")
-        missing = [name for name in TRAIN_FILES if not (data_dir / name).is_file()]
-        if missing:
-            raise NMTError(f"--data {data_dir}: no {' or '.join(missing)} (a corpus made by `nmt prepare`)")
+    data_dir = _export_corpus(Path(data) if data is not None else None, cfg, state, ckpt)
     digests = (weights_digest(model.state_dict(), cfg.model.tie_embeddings), weights_digest(tensors, False))
-    pairs = [data_dir / name for name in TRAIN_FILES]
-    if state.get("data_sha256") and all(p.is_file() for p in pairs) and \
-            train_pairs_sha256(data_dir) != state["data_sha256"]:
-        log.warning("%s holds other training pairs than %s was trained on (prepared again?): the card's data and "
-                    "the shortlist describe them all the same; name the run's corpus with --data", data_dir, ckpt)
     card = build_card(cfg, state, run, ckpt, model.num_parameters(), str(dtype).removeprefix("torch."),
                       outdir.name, digests, Path(report) if report else None, data_dir)
     shortlist = shortlist_from_corpus(data_dir, *(Tokenizer(run / name) for name in TOKENIZER_FILES))
@@ -371,6 +360,24 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
         raise NMTError(f"cannot write {outdir} ({write_failure(outdir, exc)}); nothing there was changed") from None
     log.info("exported %s (%s, %d parameters) to %s", ckpt, card["dtype"], card["parameters"], outdir)
     return outdir
+
+
+def _export_corpus(data: Path | None, cfg: Config, state: dict[str, Any], ckpt: str) -> Path:
+    """The corpus the shortlist and the card come from: `data` (which must be one), else the run's data.dir; a
+    warning when it does not hold the pairs the run trained on."""
+    data_dir = data if data is not None else Path(cfg.data.dir)
+    if data is not None:  # named by the user, so it must hold what it is for (the run's own may be gone)
+        if not data_dir.is_dir():
+            raise NMTError(f"--data {data_dir}: not a directory")
+        missing = [name for name in TRAIN_FILES if not (data_dir / name).is_file()]
+        if missing:
+            raise NMTError(f"--data {data_dir}: no {' or '.join(missing)} (a corpus made by `nmt prepare`)")
+    trained_on = state.get("data_sha256")
+    if trained_on and all((data_dir / name).is_file() for name in TRAIN_FILES) and \
+            train_pairs_sha256(data_dir) != trained_on:
+        log.warning("%s holds other training pairs than %s was trained on (prepared again?): the card's data and "
+                    "the shortlist describe them all the same; name the run's corpus with --data", data_dir, ckpt)
+    return data_dir
 
 
 def _replace_export(outdir: Path, new: Path) -> None:
