@@ -187,6 +187,55 @@ def locate_model(path: Path) -> tuple[Path, Path, bool]:
     return home, source, False
 
 
+@dataclass
+class ModelFiles:
+    """What a model path holds, read and checked: its config, tokenizers, card and shortlist, and its weights in a
+    float model on the CPU."""
+
+    path: Path  # how a Translator names it: the model directory, or the run directory or checkpoint given
+    source: Path  # the weights file
+    cfg: Config
+    model: Seq2Seq
+    src_tok: Tokenizer
+    tgt_tok: Tokenizer
+    card: dict[str, Any] | None
+    shortlist: Shortlist | None
+    step: int | None
+    weights_sha256: str
+
+
+def read_model(path: Path) -> ModelFiles:
+    """Read a run directory (best.pt, else last.pt), a .pt checkpoint in one, or an exported model directory;
+    NMTError naming what is missing or broken."""
+    home, source, model_dir = locate_model(path)
+    card, shortlist = None, None
+    if model_dir:
+        cfg = load_config(home / CONFIG_FILE)
+        weights, card = read_safetensors(source), read_card(home)
+        metrics = card.get("metrics")
+        vocab, step = None, metrics.get("steps") if isinstance(metrics, dict) else None
+    else:
+        state = load_checkpoint(source)
+        try:
+            cfg, weights, vocab = from_dict(state["config"]), state["model"], state["vocab"]
+        except KeyError as exc:
+            raise NMTError(f"{source} is not a training checkpoint (no {exc})") from None
+        step = state.get("position", {}).get("step")
+    src_tok, tgt_tok = Tokenizer(home / "src.model"), Tokenizer(home / "tgt.model")
+    if vocab is not None and vocab != {"src": len(src_tok), "tgt": len(tgt_tok)}:
+        raise NMTError(f"{source} was trained with other vocabularies than {home}/src.model and tgt.model")
+    if cfg.decode.shortlist_per_source > STORED_PER_SOURCE:
+        raise NMTError(f"config key 'decode.shortlist_per_source' must be at most {STORED_PER_SOURCE}, "
+                       f"got {cfg.decode.shortlist_per_source}")
+    if cfg.decode.shortlist and model_dir and (home / SHORTLIST_FILE).is_file():
+        shortlist = Shortlist.load(home / SHORTLIST_FILE, len(src_tok), len(tgt_tok))
+    model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
+    load_weights(model, weights, source)
+    model = model.float().eval()
+    digest = weights_digest(model.state_dict(), cfg.model.tie_embeddings)
+    return ModelFiles(home if model_dir else path, source, cfg, model, src_tok, tgt_tok, card, shortlist, step, digest)
+
+
 class Translator:
     """A loaded model with its tokenizers and decoding defaults.
 
@@ -216,33 +265,9 @@ class Translator:
         dev = pick_device(device)
         if int8:
             check_int8(dev)
-        home, source, model_dir = locate_model(path)
-        card, shortlist = None, None
-        if model_dir:
-            cfg = load_config(home / CONFIG_FILE)
-            weights, card = read_safetensors(source), read_card(home)
-            metrics = card.get("metrics")
-            vocab, step = None, metrics.get("steps") if isinstance(metrics, dict) else None
-        else:
-            state = load_checkpoint(source)
-            try:
-                cfg, weights, vocab = from_dict(state["config"]), state["model"], state["vocab"]
-            except KeyError as exc:
-                raise NMTError(f"{source} is not a training checkpoint (no {exc})") from None
-            step = state.get("position", {}).get("step")
-        src_tok, tgt_tok = Tokenizer(home / "src.model"), Tokenizer(home / "tgt.model")
-        if vocab is not None and vocab != {"src": len(src_tok), "tgt": len(tgt_tok)}:
-            raise NMTError(f"{source} was trained with other vocabularies than {home}/src.model and tgt.model")
-        if cfg.decode.shortlist_per_source > STORED_PER_SOURCE:
-            raise NMTError(f"config key 'decode.shortlist_per_source' must be at most {STORED_PER_SOURCE}, "
-                           f"got {cfg.decode.shortlist_per_source}")
-        if cfg.decode.shortlist and model_dir and (home / SHORTLIST_FILE).is_file():
-            shortlist = Shortlist.load(home / SHORTLIST_FILE, len(src_tok), len(tgt_tok))
-        model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
-        load_weights(model, weights, source)
-        model = model.float().eval()
+        files = read_model(path)
+        model, cfg, shortlist = files.model, files.cfg, files.shortlist
         params, quantized = model.num_parameters(), False
-        digest = weights_digest(model.state_dict(), cfg.model.tie_embeddings)
         if int8:
             from nmt.quantize import quantize_int8
 
@@ -250,11 +275,11 @@ class Translator:
         model = model.to(dev)
         model.decoder.cache_embedding_gates(cfg.decode.gate_table_mb)
         packed = cfg.decode.packed_matmuls and model.decoder.pack_weights()
-        log.info("loaded %s (%s -> %s) on %s%s%s%s", source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
+        log.info("loaded %s (%s -> %s) on %s%s%s%s", files.source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
                  ", int8" if quantized else "", ", oneDNN matmuls" if packed else "",
                  ", with a vocabulary shortlist" if shortlist else "")
-        return cls(model, cfg, src_tok, tgt_tok, dev, home if model_dir else path, card, quantized, params, shortlist,
-                   digest, step)
+        return cls(model, cfg, files.src_tok, files.tgt_tok, dev, files.path, files.card, quantized, params, shortlist,
+                   files.weights_sha256, files.step)
 
     @functools.cached_property
     def name(self) -> str:

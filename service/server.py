@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
-from nmt.translator import locate_model
+from nmt.translator import locate_model, read_model
 from service.settings import Settings
 
 
@@ -46,6 +46,9 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1, host: st
     if not 0 <= port <= 65535:
         raise NMTError(f"--port must be between 0 and 65535, got {port}")
     check_address(host, port)
+    # Every file of the model, read once here, last as the slowest check: a broken one inside the directory was a
+    # traceback from the app's startup (exit 3), and, with --workers, an exit status of 0.
+    read_model(settings.model_dir)
 
 
 def check_address(host: str, port: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,6 +135,8 @@ def test_sigterm_finishes_in_flight_requests(server):
     (["missing"], {}, "model not found"),
     (["no-model"], {}, "holds no best.pt or last.pt"),
     (["notes.txt"], {}, "notes.txt is not a readable rnnsearch checkpoint"),
+    (["no-tgt"], {}, "SentencePiece model not found: no-tgt/tgt.model"),  # a traceback (exit 3), or exit 0
+    (["garbled"], {}, "garbled/model.safetensors is not a readable safetensors file"),  # with --workers 2
     ([], {"NMT_DEVICE": "banana"}, "NMT_DEVICE must be cpu, cuda, cuda:N or auto, got 'banana'"),
     ([], {"NMT_MAX_QUEUE": "abc", "NMT_RATE_LIMIT": "10/fortnight"},
      "invalid setting: NMT_MAX_QUEUE: Input should be a valid integer, unable to parse string as an integer; "
@@ -145,6 +148,8 @@ def test_serve_refuses_bad_arguments_and_settings_in_one_line(tiny_model_dir, tm
     # Before anything starts: not a traceback from the app's startup (exit 3) or a server on port 99999 % 65536.
     (tmp_path / "no-model").mkdir()
     (tmp_path / "notes.txt").write_text("not a model\n")
+    (shutil.copytree(tiny_model_dir, tmp_path / "no-tgt") / "tgt.model").unlink()
+    (shutil.copytree(tiny_model_dir, tmp_path / "garbled") / "model.safetensors").write_bytes(b"\x00" * 64)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))  # check() exports MODEL as NMT_MODEL_DIR: restored after
     for name, value in env.items():
