@@ -28,7 +28,7 @@ from service.errors import ERROR_RESPONSES, ServiceError, error_response, instal
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.ratelimit import RateLimiter
-from service.settings import Settings
+from service.settings import Settings, describe
 from service.worker import DecodeOptions, ModelWorker, TooLarge
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await worker.start()
-        log.info("serving %s", worker.model_id)
+        log.info("serving %s: %s", worker.model_id, describe(settings))
         yield
         await worker.close()
 

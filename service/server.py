@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 
@@ -12,7 +13,9 @@ from pydantic import ValidationError
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.translator import locate_model, read_model
-from service.settings import Settings
+from service.settings import Settings, unknown_names
+
+log = logging.getLogger(__name__)
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
@@ -37,6 +40,8 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1, host: st
         raise NMTError("invalid setting: " + "; ".join(
             f"NMT_{'_'.join(map(str, err['loc'])).upper()}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors())) from None
+    for name in unknown_names(os.environ):
+        log.warning("%s is not a setting of nmt serve: ignored", name)
     locate_model(settings.model_dir)
     device = pick_device(settings.device, "NMT_DEVICE")
     if settings.int8:

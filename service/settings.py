@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +17,10 @@ _PERIODS = {"s": 1.0, "second": 1.0, "m": 60.0, "minute": 60.0, "h": 3600.0, "ho
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\w+)\s*$")
 
 CommaList = Annotated[list[str], NoDecode]
+
+
+# NMT_* names that are not settings of the service: docker-compose's choices and training's collective timeout.
+OTHER_NAMES = {"NMT_MODEL", "NMT_WORKERS", "NMT_CONFIG", "NMT_DIST_TIMEOUT"}
 
 
 class Settings(BaseSettings):
@@ -69,3 +75,22 @@ def parse_rate(text: str) -> tuple[int, float]:
     if not match or match.group(2).lower() not in _PERIODS or int(match.group(1)) < 1:
         raise ValueError(f"rate limit must look like 60/minute (periods: second, minute, hour), got {text!r}")
     return int(match.group(1)), _PERIODS[match.group(2).lower()]
+
+
+def unknown_names(environ: Mapping[str, str]) -> list[str]:
+    """NMT_* variables the service does not know, each with the setting it may have meant: a misspelt
+    NMT_API_KEY would otherwise leave the service open without a word."""
+    known = {f"NMT_{name.upper()}" for name in Settings.model_fields}
+    found = []
+    for name in sorted(n for n in environ if n.startswith("NMT_") and n not in known | OTHER_NAMES):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        found.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return found
+
+
+def describe(settings: Settings) -> str:
+    """What guards the service, for its startup log: keys, rate limit, CORS."""
+    keys = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API keys (open to all)"
+    rate = f"rate limit {settings.rate_limit}" if settings.rate_limit else "no rate limit"
+    cors = f"CORS for {', '.join(settings.cors_origins)}" if settings.cors_origins else "no CORS origins"
+    return f"{keys}, {rate}, {cors}"

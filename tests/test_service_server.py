@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -17,9 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 import nmt.device
 from nmt.cli import main as nmt_main
+from service.app import create_app
+from service.server import check
+from service.settings import Settings
 
 TEXTS = ["a b c d", "p o n m l k j", "c", "e f g h i j k l"]
 
@@ -157,6 +162,25 @@ def test_serve_refuses_bad_arguments_and_settings_in_one_line(tiny_model_dir, tm
     assert nmt_main(["serve", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_misspelt_setting_is_named_and_the_log_says_what_guards_the_service(tiny_model_dir, monkeypatch, caplog):
+    # NMT_API_KEY (for NMT_API_KEYS) left the service open without a word.
+    monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))  # check() exports MODEL as NMT_MODEL_DIR: restored after
+    monkeypatch.setenv("NMT_API_KEY", "secret")
+    monkeypatch.setenv("NMT_WORKERS", "2")  # docker-compose's, not a setting: no warning
+    caplog.set_level(logging.INFO)
+    check(str(tiny_model_dir), port=0)
+    assert "NMT_API_KEY (did you mean NMT_API_KEYS?) is not a setting of nmt serve: ignored" in caplog.text
+    assert "NMT_WORKERS" not in caplog.text
+    for env, said in [({}, "no API keys (open to all), no rate limit, no CORS origins"),
+                      ({"NMT_API_KEYS": "a,b", "NMT_RATE_LIMIT": "60/minute"}, "2 API key(s), rate limit 60/minute")]:
+        caplog.clear()
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with TestClient(create_app(Settings())):
+            pass
+        assert f"serving {tiny_model_dir.name}: {said}" in caplog.text
 
 
 def test_serve_refuses_a_port_in_use_before_loading_the_model(tiny_model_dir, capsys, monkeypatch):
