@@ -25,7 +25,7 @@ from nmt.translator import Translation, Translator
 from service import schemas
 from service.batcher import Closed, QueueFull
 from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers
-from service.limits import BodyLimitMiddleware
+from service.limits import DEADLINE, BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.ratelimit import RateLimiter
 from service.settings import Settings, describe
@@ -93,7 +93,9 @@ async def _disconnected(request: Request) -> None:
 async def _run(settings: Settings, work: Any, request: Request) -> Any:
     """Await model work under the request deadline, mapping queue and model errors to responses. A client that
     leaves first (a disconnect, a client-side timeout) drops its work: the model does not go on for nobody."""
-    task = asyncio.ensure_future(asyncio.wait_for(work, settings.request_timeout_s))
+    deadline = request.scope.get(DEADLINE)  # set as the body began to arrive: what is left of it
+    left_s = settings.request_timeout_s if deadline is None else max(deadline - time.monotonic(), 0.0)
+    task = asyncio.ensure_future(asyncio.wait_for(work, left_s))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)

@@ -10,10 +10,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
 
+DEADLINE = "nmt.deadline"  # the scope key of a request's deadline (time.monotonic())
+
 
 class BodyLimitMiddleware:
     """Answers 413 to a request whose body exceeds `max_bytes` (buffering at most that much of it), and 408 to one
-    whose body has not arrived `timeout_s` after the request began, so that slow senders cannot hold connections."""
+    whose body has not arrived `timeout_s` after the request began, so that a slow body cannot hold a connection
+    (headers that never end are uvicorn's to bound: none does, hence a reverse proxy in front on open networks)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
         self.app = app
@@ -31,6 +34,7 @@ class BodyLimitMiddleware:
         chunks: list[bytes] = []
         size = 0
         deadline = time.monotonic() + self.timeout_s
+        scope[DEADLINE] = deadline  # one deadline for the body and the answer (service.app._run)
         while True:
             try:
                 message = await asyncio.wait_for(receive(), deadline - time.monotonic())

@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     max_alignment_cells: int = Field(1_000_000, ge=1, description="with return_alignment: attention weights a "
                                      "request may return, bounded before decoding as each text's source pieces x "
                                      "its longest possible translation (413 above)")
-    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline: for the body to arrive (408) and "
-                                     "for the answer (504)")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline, one for the body to arrive (408) "
+                                     "and the answer (504) together")
     api_keys: CommaList = Field(default_factory=list, description="comma-separated keys; empty = no auth")
     rate_limit: str = Field("", description="per API key (or client IP) limit like 60/minute; empty = off")
     cors_origins: CommaList = Field(default_factory=list, description="comma-separated origins allowed by CORS")

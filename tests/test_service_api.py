@@ -544,6 +544,27 @@ def test_a_body_that_does_not_arrive_in_time_is_408(translator, tiny_model_dir):
         assert httpx.post(f"{url}/v1/translate", json={"text": "a b"}).status_code == 200
 
 
+def test_one_deadline_covers_the_body_and_the_answer(translator, tiny_model_dir, monkeypatch):
+    # The body's time was not counted against the answer's: a request could take twice NMT_REQUEST_TIMEOUT_S.
+    gate = Gate(monkeypatch)  # the model does not answer
+    app = create_app(Settings(model_dir=tiny_model_dir, request_timeout_s=1.0), translator)
+    with serve_in_thread(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        body = b'{"text": "a b"}'
+        try:
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                start = time.perf_counter()
+                conn.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+                time.sleep(0.6)
+                conn.sendall(body[5:])
+                answer = conn.recv(4096).decode()
+                took = time.perf_counter() - start
+        finally:
+            gate.open.set()
+    assert answer.startswith("HTTP/1.1 504") and 0.9 < took < 1.5  # 1 s from the start, not 0.6 + 1
+
+
 def test_score_calls_share_the_token_budget_shortest_first_and_stop_when_their_caller_leaves(translator,
                                                                                              monkeypatch):
     # Batches up to the budget per engine step: translations decode between a long call's batches, a short call
