@@ -57,14 +57,16 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1, host: st
 
 
 def check_address(host: str, port: int) -> None:
-    """NMTError when the service could not listen on host:port (a name that does not resolve, a port in use):
-    found before the model loads, not by uvicorn after it. Each address the host resolves to is tried as asyncio
-    binds them (IPv6 sockets IPv6 only; an address family the machine lacks is skipped)."""
+    """NMTError when the service could not listen on host:port (a name that does not resolve, an address not this
+    machine's, a port in use): found before the model loads, not by uvicorn after it. Each address the host
+    resolves to is tried as asyncio binds them (IPv6 sockets IPv6 only; an address family the machine lacks is
+    skipped, unless it is all there is)."""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
         raise NMTError(f"--host {host}: {getattr(exc, 'strerror', None) or exc}") from None
+    skipped: list[OSError] = []
     for family, kind, proto, _, address in addresses:
         try:
             with socket.socket(family, kind, proto) as probe:
@@ -73,6 +75,8 @@ def check_address(host: str, port: int) -> None:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind(address)
         except OSError as exc:
-            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                continue
-            raise NMTError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise NMTError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+            skipped.append(exc)
+    if addresses and len(skipped) == len(addresses):  # none of its addresses is this machine's
+        raise NMTError(f"cannot listen on {shown}: {skipped[0].strerror or skipped[0]}")

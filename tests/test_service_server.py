@@ -147,6 +147,7 @@ def test_sigterm_finishes_in_flight_requests(server):
      "invalid setting: NMT_MAX_QUEUE: Input should be a valid integer, unable to parse string as an integer; "
      "NMT_RATE_LIMIT: rate limit must look like 60/minute"),
     (["--port", "99999"], {}, "--port must be between 0 and 65535, got 99999"),
+    (["--host", "192.0.2.1"], {}, "cannot listen on 192.0.2.1:8000: Cannot assign requested address"),  # TEST-NET
 ])
 def test_serve_refuses_bad_arguments_and_settings_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch, args,
                                                              env, message):
