@@ -274,10 +274,12 @@ RUN_ENTRIES = {"config.yaml", "src.model", "tgt.model", "metrics.jsonl", "last.p
 
 def check_run_dir_holds_only_a_run(run_dir: Path) -> None:
     """Refuse a run directory that holds anything but a run's files (hidden ones aside: the lock, temporary
-    files): training would write over a config.yaml or into a corpus or project of the user's."""
+    files; and logs, as `nohup nmt train ... > RUN/train.log` makes): training would write over a config.yaml or
+    into a corpus or project of the user's."""
     if not run_dir.is_dir():
         return
-    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in RUN_ENTRIES and not p.name.startswith(".") and p.suffix != ".log")
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise NMTError(f"train.run_dir {run_dir} holds other files than a run's ({shown}): choose a new or empty "

@@ -479,6 +479,10 @@ def test_a_run_directory_must_be_a_directory_of_no_model_and_no_other_training(c
         assert "holds other files than a run's" in capsys.readouterr().err
     assert (project / "config.yaml").read_text(encoding="utf-8") == "mine"
     assert sorted(p.name for p in project.iterdir()) == ["config.yaml", "notes.txt"]
+    logged = tmp_path / "logged"  # `nohup nmt train ... > RUN/train.log` makes the log first
+    logged.mkdir()
+    (logged / "train.log").write_text("", encoding="utf-8")
+    nmt.train.check_run_dir_holds_only_a_run(logged)
     # Two `nmt train` in one run directory overwrote each other's checkpoints and interleaved the log.
     held = nmt.train.lock_run_dir(tmp_path)
     with pytest.raises(NMTError, match="another `nmt train` is training in"):
