@@ -8,7 +8,7 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from nmt import __version__
@@ -94,20 +94,35 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_from(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low, so that a bad value is refused before the model loads."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam", type=int, help="beam size (default: the model config's decode.beam_size)")
+    p.add_argument("--beam", type=_int_from(1), help="beam size (default: the model config's decode.beam_size)")
     p.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha; 0 = none (default: config)")
-    p.add_argument("--no-repeat-ngram", type=int, metavar="N",
+    p.add_argument("--no-repeat-ngram", type=_int_from(0), metavar="N",
                    help="never repeat an n-gram of N pieces in an output; 0 = off (default: config)")
-    p.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: config's decode.batch_tokens)")
+    p.add_argument("--batch-tokens", type=_int_from(1),
+                   help="source tokens per batch (default: config's decode.batch_tokens)")
     p.add_argument("--no-shortlist", dest="shortlist", action="store_false",
                    help="decode over the whole target vocabulary, not the model's lexical shortlist")
-    p.add_argument("--shortlist-frequent", type=int, metavar="N",
+    p.add_argument("--shortlist-frequent", type=_int_from(0), metavar="N",
                    help="shortlists hold the N most frequent target pieces (default: decode.shortlist_frequent)")
-    p.add_argument("--shortlist-per-source", type=int, metavar="K",
+    p.add_argument("--shortlist-per-source", type=_int_from(0), metavar="K",
                    help="... and K per source piece and word, at most 50 (default: decode.shortlist_per_source)")
     p.add_argument("--int8", action="store_true", help="int8 dynamic quantization for faster CPU inference")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=_int_from(1), help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 
 
@@ -133,7 +148,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="exported model directory, run directory or .pt checkpoint")
     p.add_argument("-i", "--input", help="input file (default: stdin)")
     p.add_argument("-o", "--output", help="output file (default: stdout)")
-    p.add_argument("--n-best", type=int, default=1, help="distinct translations per line (default 1)")
+    p.add_argument("--n-best", type=_int_from(1), default=1, help="distinct translations per line (default 1)")
     _add_decode_options(p)
     p.set_defaults(func=_run_translate)
 
@@ -229,6 +244,8 @@ def _run_translate(args: argparse.Namespace) -> int:
     from nmt.progress import Progress
 
     _check_not_input(args.output or _stdout_fd(), [args.input or _stdin_fd()])
+    if args.beam is not None and args.n_best > args.beam:  # found before the model loads; else by translate()
+        raise NMTError(f"--n-best {args.n_best} is more than --beam {args.beam}")
     source = _open(args.input, "r", sys.stdin)  # a missing input is found before the model loads
     translator = _load_translator(args)
     options = {**_decode_options(args), "n_best": args.n_best}
@@ -373,8 +390,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--src", required=True, help="source file")
     p.add_argument("--hyp", required=True, help="translations to score, line-parallel to --src")
     p.add_argument("--tokens", action="store_true", help="also print each target piece's log-probability")
-    p.add_argument("--batch-tokens", type=int, help="tokens per batch (default: config's decode.batch_tokens)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--batch-tokens", type=_int_from(1), help="tokens per batch (default: config's decode.batch_tokens)")
+    p.add_argument("--threads", type=_int_from(1), help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(func=_run_score, int8=False)
 

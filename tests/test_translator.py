@@ -62,8 +62,10 @@ def test_no_repeat_ngram_from_the_call_the_config_or_the_cli(translator, tiny_mo
     src.write_text(line + "\n", encoding="utf-8")
     assert main(["translate", str(tiny_model_dir), "-i", str(src), "--no-repeat-ngram", "2"]) == 0
     assert capsys.readouterr().out.split() == blocked
-    assert main(["translate", str(tiny_model_dir), "-i", str(src), "--no-repeat-ngram", "-1"]) == 2
-    assert "no_repeat_ngram" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # by the argument parser, before the model loads
+        main(["translate", str(tiny_model_dir), "-i", str(src), "--no-repeat-ngram", "-1"])
+    assert refused.value.code == 2
+    assert "argument --no-repeat-ngram: must be an integer >= 0, got -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -430,7 +432,7 @@ def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys, monkey
     assert lines[2] == "1 |||  ||| 0.0000"
     assert [line.split(" ||| ")[0] for line in lines] == ["0", "0", "1", "2", "2"]
     assert main(["translate", str(tiny_model_dir), "--beam", "2", "--n-best", "3", "-i", str(src)]) == 2
-    assert "n_best" in capsys.readouterr().err
+    assert "--n-best 3 is more than --beam 2" in capsys.readouterr().err
     assert main(["translate", str(tiny_model_dir), "-i", str(tmp_path / "nope.txt")]) == 2
     capsys.readouterr()
     # The same file as input and output was emptied, with exit status 0.
