@@ -77,7 +77,7 @@ def set_sampling_seed(seed: int) -> None:
 def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, vocab_size: int) -> Path:
     """Train a SentencePiece model on the given text files; writes PREFIX.model atomically."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=prefix.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".sentencepiece-") as tmp:  # hidden: not a run's
         tmp_prefix = Path(tmp) / prefix.name
         try:
             spm.SentencePieceTrainer.Train(

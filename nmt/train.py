@@ -342,6 +342,7 @@ class Trainer:
         self.run_dir = Path(tc.run_dir)
         self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
         checkpoint = self._check_run_dir(resume)
+        self.ranks.barrier()  # every rank has looked at the run directory before rank 0 writes in it
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
         data_dir = Path(cfg.data.dir)
