@@ -19,7 +19,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from nmt import __version__
+from nmt import LOG_FORMAT, __version__
 from nmt.errors import NMTError
 from nmt.translator import Translation, Translator
 from service import schemas
@@ -142,6 +142,8 @@ def _translation(t: Translation, scores: bool, alignment: bool) -> schemas.Trans
 def create_app(settings: Settings | None = None, translator: Translator | None = None) -> FastAPI:
     """Build the service; the model is loaded at startup (or `translator` is used as it is)."""
     settings = settings or Settings()
+    if not logging.getLogger().handlers:  # a worker process of `nmt serve --workers N`: spawned, with no logging
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     metrics = Metrics()
     worker = ModelWorker(settings, metrics, translator)
     guards = _guards(settings)

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -182,6 +183,28 @@ def test_a_misspelt_setting_is_named_and_the_log_says_what_guards_the_service(ti
         with TestClient(create_app(Settings())):
             pass
         assert f"serving {tiny_model_dir.name}: {said}" in caplog.text
+
+
+def test_each_worker_process_logs_what_it_serves(tiny_model_dir):
+    # uvicorn's spawned workers had no logging set up: neither "loaded" nor "serving" reached the log.
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NMT_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nmt", "serve", str(tiny_model_dir), "--port", str(port),
+                             "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while sum("INFO service.app: serving" in line for line in lines) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        assert sum("INFO nmt.translator: loaded" in line for line in lines) == 2
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        reader.join(10)
+        proc.stdout.close()
 
 
 def test_serve_refuses_a_port_in_use_before_loading_the_model(tiny_model_dir, capsys, monkeypatch):
