@@ -201,7 +201,6 @@ class ModelFiles:
     card: dict[str, Any] | None
     shortlist: Shortlist | None
     step: int | None
-    weights_sha256: str
 
 
 def read_model(path: Path) -> ModelFiles:
@@ -232,8 +231,7 @@ def read_model(path: Path) -> ModelFiles:
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
     load_weights(model, weights, source)
     model = model.float().eval()
-    digest = weights_digest(model.state_dict(), cfg.model.tie_embeddings)
-    return ModelFiles(home if model_dir else path, source, cfg, model, src_tok, tgt_tok, card, shortlist, step, digest)
+    return ModelFiles(home if model_dir else path, source, cfg, model, src_tok, tgt_tok, card, shortlist, step)
 
 
 class Translator:
@@ -249,7 +247,7 @@ class Translator:
         self.model, self.cfg, self.src_tok, self.tgt_tok = model.eval(), cfg, src_tok, tgt_tok
         self.device, self.path, self.card, self.int8 = device, path, card, int8
         self.shortlist = shortlist  # None: the model has none, or decode.shortlist is off
-        self.weights_sha256, self.step = weights_sha256, step  # which weights: for evaluation reports and cards
+        self._weights_sha256, self.step = weights_sha256, step  # which weights: for evaluation reports and cards
         self.max_len = cfg.data.max_len
         # Counted before quantization: packed int8 weights are no parameters to torch.
         self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
@@ -268,6 +266,8 @@ class Translator:
         files = read_model(path)
         model, cfg, shortlist = files.model, files.cfg, files.shortlist
         params, quantized = model.num_parameters(), False
+        # The float weights' digest is taken when first asked for, but quantized ones are not the float weights.
+        digest = weights_digest(model.state_dict(), cfg.model.tie_embeddings) if int8 else None
         if int8:
             from nmt.quantize import quantize_int8
 
@@ -279,7 +279,7 @@ class Translator:
                  ", int8" if quantized else "", ", oneDNN matmuls" if packed else "",
                  ", with a vocabulary shortlist" if shortlist else "")
         return cls(model, cfg, files.src_tok, files.tgt_tok, dev, files.path, files.card, quantized, params, shortlist,
-                   files.weights_sha256, files.step)
+                   digest, files.step)
 
     @functools.cached_property
     def name(self) -> str:
@@ -293,6 +293,14 @@ class Translator:
         if folder.name == STEP_DIR:  # a kept step checkpoint: RUN/checkpoints/step-N.pt
             return f"{folder.parent.name}/{STEP_DIR}/{self.path.name}"
         return f"{folder.name}/{self.path.name}"
+
+    @property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights as loaded (nmt.export.weights_digest), taken when first asked for: reports and
+        /v1/models need it, translating does not."""
+        if self._weights_sha256 is None:
+            self._weights_sha256 = weights_digest(self.model.state_dict(), self.cfg.model.tie_embeddings)
+        return self._weights_sha256
 
     @property
     def decode_defaults(self) -> dict[str, Any]:

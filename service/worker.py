@@ -62,6 +62,8 @@ class ModelWorker:
             self.translator = await asyncio.get_running_loop().run_in_executor(
                 self._executor, lambda: Translator.load(s.model_dir, device=s.device, threads=s.threads or None,
                                                         int8=s.int8))
+        loop = asyncio.get_running_loop()  # /v1/models shows the weights' digest: taken here, off the event loop
+        await loop.run_in_executor(self._executor, lambda: self.translator.weights_sha256)
         self._batcher = Batcher(_Engine(self.translator, s.max_batch_tokens), self._executor,
                                 max_requests=s.max_batch_requests,
                                 max_queue=s.max_queue, max_wait_s=s.max_wait_ms / 1000,
