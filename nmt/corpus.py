@@ -367,9 +367,10 @@ def sha256_of(*paths: Path) -> str:
     return digest.hexdigest()
 
 
-def train_pairs_sha256(data_dir: Path) -> str:
-    """SHA-256 of a corpus's train.src and train.tgt: which pairs a run trained on."""
-    return sha256_of(*(data_dir / name for name in TRAIN_FILES))
+def train_pairs_sha256(data_dir: Path) -> str | None:
+    """SHA-256 of a corpus's train.src and train.tgt (which pairs a run trained on); None without them."""
+    paths = [data_dir / name for name in TRAIN_FILES]
+    return sha256_of(*paths) if all(p.is_file() for p in paths) else None
 
 
 def _opt_path(p: str | Path | None) -> Path | None:

@@ -373,8 +373,7 @@ def _export_corpus(data: Path | None, cfg: Config, state: dict[str, Any], ckpt: 
         if missing:
             raise NMTError(f"--data {data_dir}: no {' or '.join(missing)} (a corpus made by `nmt prepare`)")
     trained_on = state.get("data_sha256")
-    if trained_on and all((data_dir / name).is_file() for name in TRAIN_FILES) and \
-            train_pairs_sha256(data_dir) != trained_on:
+    if trained_on and train_pairs_sha256(data_dir) not in (None, trained_on):
         log.warning("%s holds other training pairs than %s was trained on (prepared again?): the card's data and "
                     "the shortlist describe them all the same; name the run's corpus with --data", data_dir, ckpt)
     return data_dir

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nmt.batching import ParallelData
 from nmt.checkpoint import STEP_DIR, load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
-from nmt.corpus import CORPUS_JSON, TRAIN_FILES, train_pairs_sha256
+from nmt.corpus import CORPUS_JSON, train_pairs_sha256
 from nmt.device import pick_device
 from nmt.errors import NMTError
 from nmt.export import is_model_dir
@@ -348,7 +348,7 @@ class Trainer:
         data_dir = Path(cfg.data.dir)
         digest = self._check_resumed_data(checkpoint, data_dir) if checkpoint is not None else None
         train_src, train_tgt = load_split(data_dir, "train")
-        self.data_sha256 = digest or train_pairs_sha256(data_dir)
+        self.data_sha256 = digest or train_pairs_sha256(data_dir)  # the files are there: load_split read them
         self.dev_src, self.dev_tgt = load_split(data_dir, "dev")
         if self.ranks.main:
             make_dir(self.run_dir)
@@ -429,11 +429,9 @@ class Trainer:
         if began is not None and began != str(data_dir) and not (data_dir / "train.src").is_file():
             raise NMTError(f"cannot resume {self.run_dir}: no {data_dir}/train.src; the run trained on data.dir "
                            f"{began!r}: {hint}")
-        if not all((data_dir / name).is_file() for name in TRAIN_FILES):
-            return None  # load_split says which
         digest = train_pairs_sha256(data_dir)
-        if state.get("data_sha256", digest) == digest:
-            return digest
+        if digest is None or state.get("data_sha256", digest) == digest:
+            return digest  # None: load_split says which file is missing
         if began is not None and Path(began).resolve() == data_dir.resolve():
             raise NMTError(f"cannot resume {self.run_dir}: the training pairs in {data_dir} are not those it began "
                            "with (prepared again?): put back the corpus it began with, or train a new run")
