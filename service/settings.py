@@ -20,7 +20,7 @@ CommaList = Annotated[list[str], NoDecode]
 
 
 # NMT_* names that are not settings of the service: docker-compose's choices and training's collective timeout.
-OTHER_NAMES = {"NMT_MODEL", "NMT_WORKERS", "NMT_CONFIG", "NMT_DIST_TIMEOUT"}
+OTHER_NAMES = {"NMT_MODEL", "NMT_WORKERS", "NMT_DIST_TIMEOUT"}
 
 
 class Settings(BaseSettings):
