@@ -224,7 +224,8 @@ def _report_of(path: Path, digests: set[str], exported: str) -> dict[str, Any]:
     """An `nmt evaluate` report that scored one of `digests` (the weights `exported` describes); NMTError saying
     why a file is not one."""
     if not path.is_file():
-        raise NMTError(f"evaluation report not found: {path}")
+        raise NMTError(f"{path} is a directory, not an `nmt evaluate` report" if path.is_dir() else
+                       f"evaluation report not found: {path}")
     data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict) or not data["metrics"]:
         raise NMTError(f"{path} is not an `nmt evaluate` report (no 'metrics' scores)")

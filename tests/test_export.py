@@ -216,6 +216,8 @@ def test_export_card_refuses_a_report_that_names_no_weights(tiny_run, tmp_path, 
         export_model(tiny_run, tmp_path / "m3", report=report)
     with pytest.raises(NMTError, match="evaluation report not found"):
         export_model(tiny_run, tmp_path / "m4", report=tmp_path / "missing.json")
+    with pytest.raises(NMTError, match="is a directory, not an `nmt evaluate` report"):
+        export_model(tiny_run, tmp_path / "m4", report=tmp_path)
     assert not any((tmp_path / f"m{i}").exists() for i in range(1, 5))
 
 
