@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 
+import torch
 import uvicorn
 from pydantic import ValidationError
 
@@ -52,8 +53,16 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1, host: st
         raise NMTError(f"--port must be between 0 and 65535, got {port}")
     check_address(host, port)
     # Every file of the model, read once here, last as the slowest check: a broken one inside the directory was a
-    # traceback from the app's startup (exit 3), and, with --workers, an exit status of 0.
-    read_model(settings.model_dir)
+    # traceback from the app's startup (exit 3), and, with --workers, an exit status of 0. Read on this thread alone:
+    # torch's parallel ops would give it an OpenMP team that stays, idle, beside the model thread's, and with more
+    # OpenMP threads than cores libgomp stops spin-waiting between parallel regions: batched decoding ran a third
+    # slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        read_model(settings.model_dir)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def check_address(host: str, port: int) -> None:

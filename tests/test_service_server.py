@@ -207,6 +207,19 @@ def test_each_worker_process_logs_what_it_serves(tiny_model_dir):
         proc.stdout.close()
 
 
+def test_the_startup_check_starts_no_threads_beside_the_model_threads():
+    # nmt serve reads the model on the thread that then runs the event loop. torch's parallel ops gave that thread an
+    # OpenMP team of its own, idle beside the model thread's, and with more OpenMP threads than cores libgomp stops
+    # spin-waiting between parallel regions: batched decoding ran a third slower. The shipped model, because the
+    # tiny one's tensors are too small for torch to run any op in parallel.
+    model = Path(__file__).resolve().parent.parent / "models" / "es-en-bible"
+    code = ("import os; from service.server import check; threads = lambda: len(os.listdir('/proc/self/task')); "
+            f"before = threads(); check({str(model)!r}); print(before, threads())")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "2"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == out[-2], out
+
+
 def test_serve_refuses_a_port_in_use_before_loading_the_model(tiny_model_dir, capsys, monkeypatch):
     # uvicorn found it only after the model had loaded, and exited 3.
     monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))
