@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Security
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -24,6 +23,7 @@ from nmt.errors import NMTError
 from nmt.translator import Translation, Translator
 from service import schemas
 from service.batcher import Closed, QueueFull
+from service.cors import CORS
 from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers
 from service.limits import DEADLINE, BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     # count them all.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(CORS, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "X-API-Key", "Authorization"],
                            expose_headers=["Retry-After"])  # so that pages can wait as 429 and 503 ask
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -437,6 +437,17 @@ def test_cors_origins(make_client):
     assert "access-control-allow-origin" not in other.headers
 
 
+def test_a_refused_cors_preflight_is_a_json_error_naming_what_is_not_allowed(make_client):
+    # Starlette answered it in plain text, "Disallowed CORS origin", unlike every other error of the service.
+    client = make_client(cors_origins=["https://app.example"])
+    refused = client.options("/v1/translate", headers={"Origin": "https://evil.example",
+                                                       "Access-Control-Request-Method": "DELETE"})
+    error = error_of(refused, 400)
+    assert error["code"] == "cors_refused" and "origin" in error["message"] and "method" in error["message"]
+    assert "NMT_CORS_ORIGINS" in error["message"]
+    assert "access-control-allow-origin" not in refused.headers
+
+
 def test_cors_headers_on_every_answer_and_retry_after_readable(make_client):
     client = make_client(cors_origins=["https://app.example"], max_body_bytes=100, rate_limit="1/minute")
     origin = {"Origin": "https://app.example"}
