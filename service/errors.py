@@ -124,7 +124,8 @@ def _too_many(request: Request, errors: list[dict[str, Any]]) -> JSONResponse | 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    whole_body = all(len(tuple(err.get("loc", ()))) <= 1 for err in errors)  # no field of it could be read
+    # no field of it could be read
+    whole_body = all(len(tuple(err.get("loc", ()))) <= 1 or err.get("type") == "json_invalid" for err in errors)
     if whole_body and (unsupported := _unsupported_body(request)):
         return unsupported
     if too_many := _too_many(request, errors):

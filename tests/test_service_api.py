@@ -297,6 +297,9 @@ def test_a_compressed_body_is_415_and_head_answers_where_get_does(client):
     body = gzip.compress(json.dumps({"text": "a b"}).encode())
     response = client.post("/v1/translate", content=body, headers={**HEADERS, "Content-Encoding": "gzip"})
     assert error_of(response, 415)["message"] == "Content-Encoding gzip is not supported: send the body uncompressed"
+    # One that happens to be UTF-8 (a broken or tiny one) is no JSON either: the encoding is still the answer.
+    response = client.post("/v1/translate", content=b"xx", headers={**HEADERS, "Content-Encoding": "gzip"})
+    assert error_of(response, 415)["message"] == "Content-Encoding gzip is not supported: send the body uncompressed"
     for path in ("/", "/v1/health", "/v1/ready"):  # uptime monitors probe with HEAD
         assert client.head(path).status_code == 200
 
