@@ -16,7 +16,7 @@ DEADLINE = "nmt.deadline"  # the scope key of a request's deadline (time.monoton
 class BodyLimitMiddleware:
     """Answers 413 to a request whose body exceeds `max_bytes` (buffering at most that much of it), and 408 to one
     whose body has not arrived `timeout_s` after the request began, so that a slow body cannot hold a connection
-    (headers that never end are uvicorn's to bound: none does, hence a reverse proxy in front on open networks)."""
+    (slow headers: service/http.py)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
         self.app = app

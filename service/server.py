@@ -27,7 +27,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     finishes the requests in flight before the model is unloaded.
     """
     uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                timeout_graceful_shutdown=None)
+                http="service.http:HeaderDeadlineProtocol", timeout_graceful_shutdown=None)
 
 
 def check(model: str | None = None, port: int = 8000, workers: int = 1, host: str = "127.0.0.1") -> None:

@@ -207,6 +207,27 @@ def test_each_worker_process_logs_what_it_serves(tiny_model_dir):
         proc.stdout.close()
 
 
+def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
+    # uvicorn held such a connection open for as long as the client liked: enough of them (slowloris) used up the
+    # process's file descriptors, and nobody else was served.
+    with serving(tiny_model_dir, header_timeout_s="0.5") as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as stalled, \
+                socket.create_connection(("127.0.0.1", port)) as silent:
+            stalled.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+            for conn in (stalled, silent):
+                conn.settimeout(10)
+            start = time.monotonic()
+            answer = b"".join(iter(lambda: stalled.recv(4096), b""))  # until the server closes it
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"request headers" in answer, answer
+            assert silent.recv(4096) == b""  # no request begun: closed without an answer
+            assert time.monotonic() - start < 5
+        with httpx.Client(base_url=url) as client:  # one that keeps up is served, and its connection kept
+            for _ in range(2):
+                assert client.post("/v1/translate", json={"text": "a b"}).status_code == 200
+                time.sleep(0.7)
+
+
 def test_the_startup_check_starts_no_threads_beside_the_model_threads():
     # nmt serve reads the model on the thread that then runs the event loop. torch's parallel ops gave that thread an
     # OpenMP team of its own, idle beside the model thread's, and with more OpenMP threads than cores libgomp stops
