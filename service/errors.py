@@ -143,7 +143,7 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
         return unsupported
     if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's 400 for a body that is not UTF-8
         message = f"the body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
-    elif isinstance(exc.__cause__, RecursionError):  # Python's json parser stops at about a thousand levels
+    elif isinstance(exc.__cause__, RecursionError):  # Python's json parser stops at a thousand levels or more
         message = "the JSON body is nested too deeply to read (a request of this API nests two levels deep)"
     return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
