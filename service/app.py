@@ -25,7 +25,6 @@ from service import schemas
 from service.batcher import Closed, QueueFull
 from service.cors import CORS
 from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers
-from service.http import STATE_KEY as HEADER_TIMEOUT_KEY
 from service.limits import DEADLINE, BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.ratelimit import RateLimiter
@@ -150,10 +149,10 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     guards = _guards(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, float]]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await worker.start()
         log.info("serving %s: %s", worker.model_id, describe(settings))
-        yield {HEADER_TIMEOUT_KEY: settings.header_timeout_s}  # uvicorn's protocol reads it (service.http)
+        yield
         await worker.close()
 
     # /docs and /redoc from files in the package (fastapi-offline), not from a CDN: air-gapped hosts get them too.

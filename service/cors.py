@@ -21,9 +21,15 @@ class CORS(CORSMiddleware):
         reasons = {"origin": f"origin {request_headers['origin']} is not among NMT_CORS_ORIGINS",
                    "method": f"method {request_headers['access-control-request-method']} is not one of "
                              f"{', '.join(sorted(self.allow_methods))}",
-                   "headers": "a requested header is not one of " + ", ".join(sorted(self.allow_headers)),
+                   "headers": f"header(s) {', '.join(self._refused_headers(request_headers))} not among "
+                              + ", ".join(sorted(self.allow_headers)),
                    "private-network": "private-network requests are not allowed"}
         headers = {name: value for name, value in response.headers.items()
                    if name not in ("content-length", "content-type")}
         message = "CORS preflight refused: " + "; ".join(reasons.get(r, r) for r in refused)
         return error_response(400, message, code="cors_refused", headers=headers)
+
+    def _refused_headers(self, request_headers: Headers) -> list[str]:
+        requested = request_headers.get("access-control-request-headers", "")
+        names = (name.strip().lower() for name in requested.split(","))
+        return [name for name in names if name and name not in self.allow_headers]

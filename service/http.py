@@ -5,30 +5,48 @@ request's headers take: a client that sends them a byte at a time, or opens a co
 held it open for as long as it liked, and enough such connections (slowloris) used up the process's file
 descriptors: nobody else was served (400 of them under `ulimit -n 256`: connections reset; with a deadline of
 2 s, served again 4 s later, the 400 still open on the client's side). As nginx's client_header_timeout, a
-request whose headers are not complete NMT_HEADER_TIMEOUT_S after its first byte (or after the connection
-opened) gets 408 and the connection is closed; a connection on which no request has begun is closed without an
-answer.
+request whose headers are not complete NMT_HEADER_TIMEOUT_S after the connection opened (after its first byte,
+for the later requests of a connection) gets 408 and the connection is closed; a connection on which no request
+has begun is closed without an answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import time
 from typing import Any
 
+from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "nmt.header_timeout_s"  # where the app's lifespan state holds the deadline (service.app)
-DEFAULT_TIMEOUT_S: float = Settings.model_fields["header_timeout_s"].default  # for an app that puts none there
+LOG_EVERY_S = 60.0  # a flood of slow clients is one warning line, with a count, at most this often
+
+
+@functools.cache
+def header_timeout_s() -> float:
+    """NMT_HEADER_TIMEOUT_S, read once per process from the environment as the app reads its settings (nmt serve
+    has checked them; where they do not validate, the app fails its startup anyway)."""
+    try:
+        return Settings().header_timeout_s
+    except ValidationError:
+        return Settings.model_fields["header_timeout_s"].default
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol closing a connection whose request headers take longer than the deadline."""
+    """HttpToolsProtocol closing a connection whose request headers take longer than the deadline, counted from
+    the connection's opening for its first request and from a request's first byte for later ones. Bytes that
+    arrive between requests (the rest of a body the app answered without reading, stray line ends) start the same
+    deadline: uvicorn's keep-alive timeout, which any byte cancels, no longer bounds that connection."""
+
+    _last_log = float("-inf")
+    _unlogged = 0
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -43,10 +61,17 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        between_requests = self.cycle is None or self.cycle.response_complete
+        if self._header_timer is None and between_requests and not self.transport.is_closing():
+            self._arm()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._begun = True
-        self._arm()
+        if self._header_timer is None:  # a deadline running since the connection opened keeps running
+            self._arm()
 
     def on_headers_complete(self) -> None:
         self._begun = False
@@ -55,15 +80,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _arm(self) -> None:
         self._disarm()
-        timeout = self.app_state.get(STATE_KEY, DEFAULT_TIMEOUT_S)
-        self._header_timer = self.loop.call_later(timeout, self._expire, timeout)
+        self._header_timer = self.loop.call_later(header_timeout_s(), self._expire)
 
     def _disarm(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
-    def _expire(self, timeout: float) -> None:
+    def _expire(self) -> None:
         self._header_timer = None
         if self.transport.is_closing():
             return
@@ -74,10 +98,19 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if not self._begun:
             self.transport.close()
             return
-        log.warning("%s: request headers not complete within %g s; closing the connection",
-                    f"{self.client[0]}:{self.client[1]}" if self.client else "a client", timeout)
-        body = json.dumps({"error": {"code": "timeout", "message": f"the request headers did not all arrive within "
-                                                                   f"{timeout:g} s", "fields": []}}).encode()
+        self._log_timeout()
+        body = json.dumps({"error": {"code": "timeout", "message": "the request headers did not all arrive within "
+                                     f"{header_timeout_s():g} s", "fields": []}}).encode()
         self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                              b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
         self.transport.close()
+
+    def _log_timeout(self) -> None:
+        cls = HeaderDeadlineProtocol
+        cls._unlogged += 1
+        now = time.monotonic()
+        if now - cls._last_log >= LOG_EVERY_S:
+            log.warning("%d connection(s) closed with 408: request headers not complete within %g s (the last from "
+                        "%s)", cls._unlogged, header_timeout_s(),
+                        f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client")
+            cls._last_log, cls._unlogged = now, 0

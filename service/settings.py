@@ -46,8 +46,10 @@ class Settings(BaseSettings):
                                      "its longest possible translation (413 above)")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline, one for the body to arrive (408) "
                                      "and the answer (504) together")
-    header_timeout_s: float = Field(10.0, gt=0, description="time a request's headers may take to arrive (408, and "
-                                    "the connection closed; one on which no request begins is closed silently)")
+    header_timeout_s: float = Field(10.0, gt=0, description="time a request's headers may take to arrive, from the "
+                                    "connection's opening (from its first byte for a connection's later requests): "
+                                    "408, and the connection closed; one on which no request begins, or that only "
+                                    "trickles bytes between requests, is closed silently")
     api_keys: CommaList = Field(default_factory=list, description="comma-separated keys; empty = no auth")
     rate_limit: str = Field("", description="per API key (or client IP) limit like 60/minute; empty = off")
     cors_origins: CommaList = Field(default_factory=list, description="comma-separated origins allowed by CORS")

@@ -458,6 +458,9 @@ def test_a_refused_cors_preflight_is_a_json_error_naming_what_is_not_allowed(mak
     assert error["code"] == "cors_refused" and "origin" in error["message"] and "method" in error["message"]
     assert "NMT_CORS_ORIGINS" in error["message"]
     assert "access-control-allow-origin" not in refused.headers
+    header = client.options("/v1/translate", headers={"Origin": "https://app.example", "Access-Control-Request-Method":
+                                                      "POST", "Access-Control-Request-Headers": "X-API-Key, X-Custom"})
+    assert "x-custom not among" in error_of(header, 400)["message"]
 
 
 def test_cors_headers_on_every_answer_and_retry_after_readable(make_client):

@@ -222,6 +222,23 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
             assert answer.startswith(b"HTTP/1.1 408 ") and b"request headers" in answer, answer
             assert silent.recv(4096) == b""  # no request begun: closed without an answer
             assert time.monotonic() - start < 5
+        # A body the app answered without reading, sent a byte at a time: each byte cancelled uvicorn's keep-alive
+        # timeout, and nothing else bounded the connection.
+        with socket.create_connection(("127.0.0.1", port)) as trickle:
+            trickle.settimeout(10)
+            trickle.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            assert trickle.recv(4096).startswith(b"HTTP/1.1 200 ")
+            trickle.settimeout(0.1)
+            start, closed = time.monotonic(), False
+            while not closed and time.monotonic() - start < 5:
+                try:
+                    trickle.sendall(b"x")
+                    closed = trickle.recv(4096) == b""
+                except TimeoutError:  # open, with nothing to read
+                    pass
+                except ConnectionError:
+                    closed = True
+            assert closed and time.monotonic() - start < 3
         with httpx.Client(base_url=url) as client:  # one that keeps up is served, and its connection kept
             for _ in range(2):
                 assert client.post("/v1/translate", json={"text": "a b"}).status_code == 200
