@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.errors import error_response
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,10 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self._log_timeout()
-        body = json.dumps({"error": {"code": "timeout", "message": "the request headers did not all arrive within "
-                                     f"{header_timeout_s():g} s", "fields": []}}).encode()
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        response = error_response(408, f"the request headers did not all arrive within {header_timeout_s():g} s",
+                                  headers={"connection": "close"})
+        head = b"".join(b"%s: %s\r\n" % pair for pair in response.raw_headers)
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\n" + head + b"\r\n" + response.body)
         self.transport.close()
 
     def _log_timeout(self) -> None:
