@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from service_load import read_sources
 
+from nmt.errors import NMTError
 from nmt.stream import TranslationStream
 from nmt.train import cpu_name
 from nmt.translator import Translator
@@ -94,7 +95,10 @@ def main() -> int:
     if min(args.concurrency + args.join_every + [args.requests, args.beam, args.threads]) < 1:
         p.error("--concurrency, --join-every, --requests, --beam and --threads must be at least 1")
     sources = read_sources(args.src, args.seed)
-    translator = Translator.load(args.model, threads=args.threads)
+    try:
+        translator = Translator.load(args.model, threads=args.threads)
+    except NMTError as exc:
+        raise SystemExit(f"stream_batching.py: {exc}") from None
     rows = []
     for concurrency in sorted(args.concurrency):
         # One call at a time joins at the step after the last finished, whatever the interval: one row.
