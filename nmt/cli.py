@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
 from nmt.errors import NMTError
@@ -467,8 +467,15 @@ def _run_serve(args: argparse.Namespace) -> int:
 COMMANDS = [_add_prepare, _add_train, _add_translate, _add_evaluate, _add_score, _add_export, _add_serve]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, as the commands' own errors are, pointing to --help instead of the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nmt", description="RNNsearch neural machine translation")
+    parser = _Parser(prog="nmt", description="RNNsearch neural machine translation")
     parser.add_argument("--version", action="version", version=f"rnnsearch {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -211,13 +211,13 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
         return {"models": [worker.info]}
 
     @app.head("/v1/health", include_in_schema=False)  # uptime monitors probe with HEAD
-    @app.get("/v1/health", response_model=schemas.Status, tags=["service"])
+    @app.get("/v1/health", response_model=schemas.Health, tags=["service"])
     async def health() -> dict[str, Any]:
         """The process is up and its event loop answers."""
         return {"status": "ok"}
 
     @app.head("/v1/ready", include_in_schema=False)
-    @app.get("/v1/ready", response_model=schemas.Status, responses={503: ERROR_RESPONSES[503]}, tags=["service"])
+    @app.get("/v1/ready", response_model=schemas.Ready, responses={503: ERROR_RESPONSES[503]}, tags=["service"])
     async def ready() -> Any:
         """The model is loaded and requests are taken."""
         if not worker.ready:

@@ -116,9 +116,13 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
 
 
-class Status(BaseModel):
+class Health(BaseModel):
     status: str
-    model: str | None = None
+
+
+class Ready(BaseModel):
+    status: str
+    model: str  # the served model's id
 
 
 class FieldError(BaseModel):

@@ -137,7 +137,7 @@ def test_models_health_ready_docs_and_page(client):
     model = client.get("/v1/models").json()["models"][0]
     assert model["src_lang"] == "src" and model["tgt_lang"] == "tgt" and model["parameters"] > 0
     assert model["card"]["metrics"]["best_dev_bleu"] > 50 and "path" not in model
-    assert client.get("/v1/health").json() == {"status": "ok", "model": None}
+    assert client.get("/v1/health").json() == {"status": "ok"}
     assert client.get("/v1/ready").json()["status"] == "ready"
     docs = client.get("/docs")
     assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # works offline
@@ -300,8 +300,11 @@ def test_a_compressed_body_is_415_and_head_answers_where_get_does(client):
     # One that happens to be UTF-8 (a broken or tiny one) is no JSON either: the encoding is still the answer.
     response = client.post("/v1/translate", content=b"xx", headers={**HEADERS, "Content-Encoding": "gzip"})
     assert error_of(response, 415)["message"] == "Content-Encoding gzip is not supported: send the body uncompressed"
-    for path in ("/", "/v1/health", "/v1/ready"):  # uptime monitors probe with HEAD
-        assert client.head(path).status_code == 200
+    for path in ("/", "/v1/health", "/v1/ready"):  # uptime monitors probe with HEAD: the same headers as GET's
+        head, get = client.head(path), client.get(path)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
+        assert head.headers["content-type"] == get.headers["content-type"]
 
 
 def test_alignments_are_refused_over_their_limit_before_decoding(make_client, translator):

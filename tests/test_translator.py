@@ -65,7 +65,8 @@ def test_no_repeat_ngram_from_the_call_the_config_or_the_cli(translator, tiny_mo
     with pytest.raises(SystemExit) as refused:  # by the argument parser, before the model loads
         main(["translate", str(tiny_model_dir), "-i", str(src), "--no-repeat-ngram", "-1"])
     assert refused.value.code == 2
-    assert "argument --no-repeat-ngram: must be an integer >= 0, got -1" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("nmt translate: error: argument --no-repeat-ngram: must be an integer >= 0, "
+                                       "got -1 (see nmt translate --help)\n")
 
 
 @pytest.mark.parametrize("int8", [False, True])
