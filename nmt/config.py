@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -62,7 +63,7 @@ class TrainConfig:
     epochs: int = 30
     max_steps: int = 0  # stop after this many updates; 0 = no limit
     lr: float = 0.001
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])  # Adam's two decay rates, each in [0, 1)
     weight_decay: float = 0.0
     clip_norm: float = 5.0  # gradient-norm clipping; 0 = off
     label_smoothing: float = 0.1
@@ -82,8 +83,8 @@ class TrainConfig:
 @dataclass
 class DecodeConfig:
     beam_size: int = 5
-    length_penalty: float = 1.0  # GNMT alpha; 0 = none
-    max_len_a: float = 1.5  # output length limit: a * source_length + b
+    length_penalty: float = 1.0  # GNMT alpha, 0-10; 0 = none
+    max_len_a: float = 1.5  # output length limit: a * source_length + b pieces (a at most 10, b at most 1000)
     max_len_b: int = 10
     replace_unk: bool = True  # replace <unk> by the most-attended source piece
     no_repeat_ngram: int = 0  # ban any n-gram of this size from appearing twice in an output; 0 = off
@@ -127,6 +128,9 @@ _NON_NEGATIVE = {
     "decode.gate_table_mb", "decode.shortlist_frequent", "decode.shortlist_per_source",
 }
 _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
+# Upper bounds past which a value is a mistake: decoding to a*source+b pieces with a model that has not learnt to
+# stop yet (early in training) would run for hours.
+_AT_MOST = {"decode.length_penalty": 10, "decode.max_len_a": 10, "decode.max_len_b": 1000}
 MIN_CHARACTER_COVERAGE = 0.98  # tokenizer.character_coverage: SentencePiece refuses less
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a float that YAML 1.1 may leave a string
 
@@ -141,10 +145,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-4 (no dot in the mantissa) as a string
+        number = _float(value)
+        if number is not None and not math.isfinite(number):
+            raise NMTError(f"config key '{key}' must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -155,6 +160,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return value
     name = getattr(hint, "__name__", str(hint))
     raise NMTError(f"config key '{key}' must be of type {name}, got {value!r}")
+
+
+def _float(value: Any) -> float | None:
+    """A YAML number (or a string YAML 1.1 leaves unread: 1e-4, nan, inf) as a float; None for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower().replace(".inf", "inf").replace(".nan", "nan")
+        if _DECIMAL.fullmatch(text) or text.lstrip("+-") in ("nan", "inf", "infinity"):
+            return float(text)
+    return None
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -171,13 +187,18 @@ def _check_ranges(cfg: Config) -> None:
                 raise NMTError(f"config key '{key}' must be >= 0, got {value!r}")
             if key in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
                 raise NMTError(f"config key '{key}' must be between 0 and 1, got {value!r}")
+            if key in _AT_MOST and value > _AT_MOST[key]:
+                raise NMTError(f"config key '{key}' must be at most {_AT_MOST[key]}, got {value!r}")
     if not MIN_CHARACTER_COVERAGE <= cfg.tokenizer.character_coverage <= 1.0:
         raise NMTError(f"config key 'tokenizer.character_coverage' must be between {MIN_CHARACTER_COVERAGE} and 1 "
                        f"(SentencePiece's range), got {cfg.tokenizer.character_coverage!r}")
     if cfg.model.tie_embeddings and cfg.model.out_dim != cfg.model.emb_dim:
         raise NMTError("config key 'model.tie_embeddings' needs model.out_dim == model.emb_dim")
-    if len(cfg.train.adam_betas) != 2:
-        raise NMTError("config key 'train.adam_betas' must be a list of two numbers")
+    betas = [_float(b) for b in cfg.train.adam_betas]
+    if len(betas) != 2 or not all(b is not None and 0.0 <= b < 1.0 for b in betas):
+        raise NMTError(f"config key 'train.adam_betas' must be a list of two numbers in [0, 1), "
+                       f"got {cfg.train.adam_betas!r}")
+    cfg.train.adam_betas = betas
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -214,8 +235,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise NMTError(f"override '{item}': value is not valid YAML ({exc})") from None
+        raise NMTError(f"override '{item}': value is not valid YAML: {_yaml_problem(exc)}") from None
     return path, value
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML parser's complaint in one line."""
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    return "; ".join(part for part in parts if part) or " ".join(str(exc).split())
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -230,9 +257,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
-            problem = "; ".join(part for part in parts if part) or " ".join(str(exc).split())
-            raise NMTError(f"config file {path} is not valid YAML: {problem}{where}") from None
+            raise NMTError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}{where}") from None
         if not isinstance(raw, dict):
             raise NMTError(f"config file {path} must hold a mapping of sections")
     return from_dict(apply_overrides(raw, overrides))

@@ -491,6 +491,8 @@ class Trainer:
     def save(self, best: bool = False, keep: bool = False) -> None:
         """Write last.pt (best.pt, and a kept step checkpoint) on rank 0; every rank must call it, as it gathers
         their RNG states."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):  # the same on every rank
+            raise self._diverged(self.pos.step)
         rngs = self.ranks.gather(rng_state(self.device))
         if not self.ranks.main:
             return
@@ -545,6 +547,8 @@ class Trainer:
                 (loss * (self.ranks.world / total_tokens)).backward()
             loss_sum += float(loss.detach())
             nll_sum += float(nll)
+        if self.ranks.any(not math.isfinite(loss_sum)):
+            raise self._diverged(self.pos.step + 1)
         if tc.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm)
         self.optimizer.step()
@@ -564,13 +568,15 @@ class Trainer:
             nll_sum += float(nll)
             tokens += batch.ntokens
         result = {"dev_loss": nll_sum / tokens, "dev_ppl": math.exp(min(nll_sum / tokens, 50.0))}
-        if self.cfg.train.valid_bleu:
+        if self.cfg.train.valid_bleu and math.isfinite(nll_sum):  # else save() stops the run: see _diverged
             limit = self.cfg.train.valid_max_sentences or len(self.dev_src)
             src, refs = self.dev_src[:limit], self.dev_tgt[:limit]
             ids = [s[: self.cfg.data.max_len] for s in self.src_tok.encode_batch(src)]
             d = self.cfg.decode
             hyps = search_ids(self.model, ids, d.batch_tokens, self.device, beam_size=1,
                               max_len_a=d.max_len_a, max_len_b=d.max_len_b)
+            if not all(hyps):  # a sentence without a hypothesis: every score overflowed to inf or nan
+                raise self._diverged(self.pos.step)
             out = [self.tgt_tok.decode(h[0].tokens) for h in hyps]
             result["dev_bleu"] = sacrebleu.corpus_bleu(out, [refs]).score
         return result
@@ -634,6 +640,14 @@ class Trainer:
             self.ranks.barrier()
         return {"step": self.pos.step, "best_bleu": self.pos.best_bleu, "reason": reason, "signal": stop.signum,
                 "main": self.ranks.main}
+
+    def _diverged(self, step: int) -> NMTError:
+        """The error that stops a run whose loss, weights or decoding scores overflowed (not saving them)."""
+        lr = f"train.lr (now {self.optimizer.param_groups[0]['lr']:g})"
+        advice = (f"resume (--resume) with a lower {lr}" if self._saved_step >= 0 and self.last_path.is_file()
+                  else f"start again with a lower {lr}")
+        return NMTError(f"training diverged at step {step}: the loss, the weights or the decoder's scores are no "
+                        f"longer finite numbers; {self._kept()}; {advice}")
 
     def _kept(self) -> str:
         """What a stop without saving keeps."""

@@ -177,6 +177,38 @@ def test_resume_takes_a_new_learning_rate_and_decay_settings_from_the_config(cor
     assert lrs[:4] == [0.005] * 4 and lrs[4:] == [0.0007] * 4
 
 
+def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_finite_checkpoint(
+        corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = tmp_path / "run"
+    args = ["train", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}",
+            *(x for s in RESUME_SETTINGS for x in ("--set", s))]
+    assert main([*args, "--set", "train.max_steps=4"]) == 0
+    kept = weights(run_dir)
+    update = Trainer.update
+
+    def poisoned(self: Trainer, batches: list[list[int]]) -> tuple[float, float, int]:
+        if self.pos.step == 5:  # the weights overflow in update 6, as a far too high learning rate makes them
+            next(self.model.parameters()).data.fill_(float("inf"))
+        return update(self, batches)
+
+    monkeypatch.setattr(Trainer, "update", poisoned)
+    assert main([*args, "--set", "train.max_steps=8", "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "nmt train: error: training diverged at step 6: the loss, the weights or the decoder's scores are no longer "
+        f"finite numbers; {run_dir / 'last.pt'} keeps the weights of step 4; later updates are lost; resume "
+        "(--resume) with a lower train.lr (now 0.005)")
+    assert_same_weights(weights(run_dir), kept)
+
+
+def test_validation_whose_decoding_overflows_stops_the_run(corpus: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Weights of 1e30 stay finite, yet greedy decoding's scores overflow, and the search keeps no hypothesis.
+    monkeypatch.setattr(nmt.train, "search_ids", lambda model, ids, *a, **kw: [[] for _ in ids])
+    with pytest.raises(NMTError, match="training diverged at step 2: .* no checkpoint of this run yet; start again"):
+        train(tiny_config(corpus, tmp_path / "run", "train.max_steps=2", "train.valid_every=2"))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_cpu_bfloat16_autocast_trains_where_the_cpu_has_bfloat16(corpus: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
