@@ -9,6 +9,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
@@ -61,8 +62,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from nmt.config import load_config, save_config
     from nmt.tokenizer import ensure_tokenizers
     from nmt.train import check_run_dir_holds_only_a_run
@@ -198,6 +197,8 @@ def _open(path: str | None, mode: str, default: Any) -> Any:
     """A file, or the default stream; input as bytes where possible, so each line is decoded on its own."""
     if path is None:
         return getattr(default, "buffer", default) if mode == "r" else default
+    if mode == "w":
+        make_dir(Path(path).parent)  # as every other command's outputs
     try:
         return open(path, "rb") if mode == "r" else open(path, "w", encoding="utf-8", newline="\n")
     except OSError as exc:
@@ -279,6 +280,11 @@ def _run_translate(args: argparse.Namespace) -> int:
             print("nmt translate: interrupted", file=sys.stderr, flush=True)
             os._exit(130)
         raise
+    except NMTError as exc:  # bad input further on: say what the output file holds, as it was overwritten
+        if not args.output:
+            raise
+        held = {0: "nothing", 1: "the translation of line 1"}.get(done, f"the translations of lines 1-{done}")
+        raise NMTError(f"{exc}; {args.output} holds {held}") from None
     except BrokenPipeError:
         raise
     except OSError as exc:  # a full disk: the reader thread raises no OSError here
@@ -313,8 +319,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from nmt.evaluate import (
         check_writable,
         evaluate,
@@ -356,6 +360,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.split:  # the corpus may be the model's own, known once it has loaded
         data = Path(args.data or translator.cfg.data.dir)
         src_path, ref_paths, name = data / f"{args.split}.src", [str(data / f"{args.split}.tgt")], args.split
+        if not args.data and not src_path.is_file():
+            where = "" if data.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+            raise NMTError(f"no {src_path}: --split reads the model's corpus, data.dir={data}{where}; name the "
+                           "prepared corpus with --data DIR")
         src, refs = read(src_path, ref_paths)
     from nmt.translator import locate_model
 

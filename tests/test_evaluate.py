@@ -153,6 +153,10 @@ def test_evaluate_a_model_on_files(tiny_model_dir, tiny_data, tmp_path, capsys):
     assert "2 source lines but 1 lines in reference 1" in capsys.readouterr().err
     assert main(["evaluate", str(tiny_model_dir), "--split", "nope", "--data", str(tiny_data)]) == 2
     assert "source file not found" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_model_dir), "--split", "nope"]) == 2  # the corpus the model names
+    assert capsys.readouterr().err.strip().endswith(
+        f"no {tiny_data / 'nope.src'}: --split reads the model's corpus, data.dir={tiny_data}; name the prepared "
+        "corpus with --data DIR")
 
 
 def test_evaluate_never_writes_over_its_inputs_or_into_a_directory(tiny_model_dir, tmp_path, capsys):

@@ -468,6 +468,12 @@ def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, t
     assert main(["translate", str(tiny_model_dir), "-i", str(bad)]) == 2
     captured = capsys.readouterr()
     assert "input line 2 is not valid UTF-8" in captured.err and captured.out == "b a\n"
+    out = tmp_path / "new" / "dir" / "out.txt"  # directories made, as every command's outputs
+    assert main(["translate", str(tiny_model_dir), "-i", str(bad), "-o", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"input line 2 is not valid UTF-8 (invalid start byte at byte 0); {out} holds the translation of line "
+        "1")
+    assert out.read_text(encoding="utf-8") == "b a\n"
 
 
 def test_cli_translate_streams_in_a_pipe(tiny_model_dir):
