@@ -57,9 +57,22 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 def _message(err: dict[str, Any]) -> str:
     if err.get("type") == "json_invalid":
         return f"not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
-    if err.get("type") == "model_attributes_type" and len(err.get("loc", ())) <= 1:
-        return "must be a JSON object sent with Content-Type: application/json"
+    whole_body = len(err.get("loc", ())) <= 1  # its media type is JSON: _unsupported_body answered the others
+    if err.get("type") == "model_attributes_type" and whole_body:
+        return f"must be a JSON object, not {_json_kind(err.get('input'))}"
+    if err.get("type") == "missing" and whole_body:
+        return "empty: send a JSON object"
     return str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in the spec's words."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return ("an array" if isinstance(value, list) else "a string" if isinstance(value, str)
+            else "a number" if isinstance(value, (int, float)) else "an object")
 
 
 def _union_branch(loc: tuple[Any, ...]) -> tuple[str, int] | None:
@@ -101,10 +114,13 @@ def _unsupported_body(request: Request) -> JSONResponse | None:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         return error_response(415, f"Content-Encoding {encoding} is not supported: send the body uncompressed")
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media, *params = (part.strip().lower() for part in request.headers.get("content-type", "").split(";"))
     if media != "application/json" and not media.endswith("+json"):
         return error_response(415, "the body must be JSON sent with Content-Type: application/json"
                                    + (f", not {media}" if media else ""))
+    charset = next((p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")), "utf-8")
+    if charset.replace("-", "") != "utf8":
+        return error_response(415, f"the body must be UTF-8 JSON (RFC 8259), not charset={charset}")
     return None
 
 

@@ -272,7 +272,9 @@ def test_schema_errors_name_the_field(client, body, field):
 @pytest.mark.parametrize("content, content_type, message", [
     (b"{not json", "application/json", "not valid JSON"),
     (b'{"text": NaN, "beam_size": Infinity}', "application/json", "text"),
-    (b"[1, 2]", "application/json", "JSON object"),
+    (b"[1, 2]", "application/json", "body: must be a JSON object, not an array"),
+    (b'"a b"', "application/json", "body: must be a JSON object, not a string"),
+    (b"", "application/json", "body: empty: send a JSON object"),
     (b'{"text": "a"}', "text/plain", "must be JSON sent with Content-Type: application/json, not text/plain"),
     (b"text=a", "application/x-www-form-urlencoded", "not application/x-www-form-urlencoded"),
 ])
@@ -288,9 +290,13 @@ def test_415_only_for_a_body_that_cannot_be_read(client):
     assert error_of(response, 422)["fields"][0]["field"] == "text"
     response = client.post("/v1/translate", content=b'{"text": "a b"}', headers={"Content-Type": ""})
     assert "must be JSON sent with Content-Type: application/json" in error_of(response, 415)["message"]
-    for media in ("application/json; charset=utf-8", "application/vnd.api+json"):
+    for media in ("application/json; charset=utf-8", "application/vnd.api+json", "application/json;charset=UTF8"):
         response = client.post("/v1/translate", content=b'{"text": "a b"}', headers={"Content-Type": media})
         assert response.status_code == 200
+    # JSON is UTF-8 (RFC 8259): a Latin-1 body was read as UTF-8 and refused as such, or read wrong.
+    response = client.post("/v1/translate", content='{"text": "a é"}'.encode("latin-1"),
+                           headers={"Content-Type": "application/json; charset=ISO-8859-1"})
+    assert error_of(response, 415)["message"] == "the body must be UTF-8 JSON (RFC 8259), not charset=iso-8859-1"
 
 
 def test_a_compressed_body_is_415_and_head_answers_where_get_does(client):
