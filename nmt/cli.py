@@ -134,7 +134,10 @@ def _decode_options(args: argparse.Namespace) -> dict:
 def _load_translator(args: argparse.Namespace) -> Translator:
     from nmt.translator import Translator  # imported here: torch stays out of `nmt --help`
 
-    return Translator.load(args.model, device=args.device, threads=args.threads, int8=args.int8)
+    translator = Translator.load(args.model, device=args.device, threads=args.threads, int8=args.int8)
+    if not getattr(args, "shortlist", True) and translator.shortlist is not None:
+        logging.getLogger("nmt.cli").info("--no-shortlist: decoding over the whole target vocabulary")
+    return translator
 
 
 def _add_translate(sub: argparse._SubParsersAction) -> None:
