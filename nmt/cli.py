@@ -19,6 +19,8 @@ from nmt.files import make_dir
 if TYPE_CHECKING:
     from nmt.translator import Translator
 
+log = logging.getLogger(__name__)
+
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     from nmt import corpus
@@ -136,7 +138,7 @@ def _load_translator(args: argparse.Namespace) -> Translator:
 
     translator = Translator.load(args.model, device=args.device, threads=args.threads, int8=args.int8)
     if not getattr(args, "shortlist", True) and translator.shortlist is not None:
-        logging.getLogger("nmt.cli").info("--no-shortlist: decoding over the whole target vocabulary")
+        log.info("--no-shortlist: decoding over the whole target vocabulary")
     return translator
 
 

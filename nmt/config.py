@@ -83,7 +83,7 @@ class TrainConfig:
 @dataclass
 class DecodeConfig:
     beam_size: int = 5
-    length_penalty: float = 1.0  # GNMT alpha, 0-10; 0 = none
+    length_penalty: float = 1.0  # GNMT alpha, at most MAX_LENGTH_PENALTY; 0 = none
     max_len_a: float = 1.5  # output length limit: a * source_length + b pieces (a at most 10, b at most 1000)
     max_len_b: int = 10
     replace_unk: bool = True  # replace <unk> by the most-attended source piece
@@ -127,10 +127,11 @@ _NON_NEGATIVE = {
     "decode.length_penalty", "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram",
     "decode.gate_table_mb", "decode.shortlist_frequent", "decode.shortlist_per_source",
 }
+MAX_LENGTH_PENALTY = 10.0  # GNMT's alpha is 0.6-1; far past it, the longest hypothesis always wins
 _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
 # Upper bounds past which a value is a mistake: decoding to a*source+b pieces with a model that has not learnt to
 # stop yet (early in training) would run for hours.
-_AT_MOST = {"decode.length_penalty": 10, "decode.max_len_a": 10, "decode.max_len_b": 1000}
+_AT_MOST = {"decode.length_penalty": MAX_LENGTH_PENALTY, "decode.max_len_a": 10, "decode.max_len_b": 1000}
 MIN_CHARACTER_COVERAGE = 0.98  # tokenizer.character_coverage: SentencePiece refuses less
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a float that YAML 1.1 may leave a string
 
@@ -146,9 +147,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
     elif hint is float:
         number = _float(value)
-        if number is not None and not math.isfinite(number):
-            raise NMTError(f"config key '{key}' must be a finite number, got {value!r}")
         if number is not None:
+            if not math.isfinite(number):
+                raise NMTError(f"config key '{key}' must be a finite number, got {value!r}")
             return number
     elif hint is str:
         if isinstance(value, str):

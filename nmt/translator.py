@@ -22,7 +22,7 @@ import torch
 
 from nmt.batching import collate, token_batches
 from nmt.checkpoint import STEP_DIR, load_checkpoint
-from nmt.config import Config, from_dict, load_config
+from nmt.config import MAX_LENGTH_PENALTY, Config, from_dict, load_config
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.export import (
@@ -358,8 +358,8 @@ class Translator:
         if not 1 <= _check_int("n_best", n_best, 1) <= beam:
             raise NMTError(f"n_best must be between 1 and the beam size ({beam}), got {n_best}")
         alpha = d.length_penalty if length_penalty is None else length_penalty
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 10:
-            raise NMTError(f"length_penalty must be a number between 0 and 10, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= MAX_LENGTH_PENALTY:
+            raise NMTError(f"length_penalty must be a number between 0 and {MAX_LENGTH_PENALTY:g}, got {alpha!r}")
         search = {
             "beam_size": beam, "alpha": float(alpha), "ban_unk": bool(ban_unk),
             "no_repeat_ngram": _check_int("no_repeat_ngram",

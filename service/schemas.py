@@ -7,6 +7,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from nmt.config import MAX_LENGTH_PENALTY
+
 MAX_BEAM = 16
 # JSON may escape lone surrogates ("\\ud800"), which cannot be encoded for the tokenizer: they become U+FFFD, as
 # invalid UTF-8 does when decoded leniently. Control and invisible characters are the Translator's to remove (as
@@ -48,7 +50,7 @@ class TranslateRequest(_Request):
                                   examples=["En el principio creó Dios los cielos y la tierra."])
     beam_size: int | None = Field(None, ge=1, le=MAX_BEAM, description="beam width; default: the model's")
     n_best: int = Field(1, ge=1, le=MAX_BEAM, description="translations per text (best first); at most beam_size")
-    length_penalty: float | None = Field(None, ge=0.0, le=10.0, allow_inf_nan=False,
+    length_penalty: float | None = Field(None, ge=0.0, le=MAX_LENGTH_PENALTY, allow_inf_nan=False,
                                          description="GNMT length penalty alpha; default: the model's")
     return_alignment: bool = Field(False, description="include source/target pieces and the attention matrix")
     return_scores: bool = Field(True, description="include model scores (length-normalized log-probabilities)")
