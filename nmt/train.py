@@ -567,8 +567,10 @@ class Trainer:
                 _, nll = self.model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out)
             nll_sum += float(nll)
             tokens += batch.ntokens
+        if not math.isfinite(nll_sum):  # weights of 1e30 are finite yet overflow: save() would keep them
+            raise self._diverged(self.pos.step)
         result = {"dev_loss": nll_sum / tokens, "dev_ppl": math.exp(min(nll_sum / tokens, 50.0))}
-        if self.cfg.train.valid_bleu and math.isfinite(nll_sum):  # else save() stops the run: see _diverged
+        if self.cfg.train.valid_bleu:
             limit = self.cfg.train.valid_max_sentences or len(self.dev_src)
             src, refs = self.dev_src[:limit], self.dev_tgt[:limit]
             ids = [s[: self.cfg.data.max_len] for s in self.src_tok.encode_batch(src)]

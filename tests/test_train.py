@@ -200,6 +200,20 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_finite_checkpoint(
     assert_same_weights(weights(run_dir), kept)
 
 
+def test_a_dev_loss_that_overflows_stops_the_run(corpus: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = Seq2Seq.forward
+
+    def overflowing(self: Seq2Seq, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, nll = forward(self, *args, **kwargs)
+        return loss, nll if self.training else nll * float("inf")  # finite weights, overflowing in evaluation
+
+    monkeypatch.setattr(Seq2Seq, "forward", overflowing)
+    with pytest.raises(NMTError, match="training diverged at step 2: .* no checkpoint of this run yet; start again"):
+        train(tiny_config(corpus, tmp_path / "run", "train.max_steps=2", "train.valid_every=2"))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_validation_whose_decoding_overflows_stops_the_run(corpus: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # Weights of 1e30 stay finite, yet greedy decoding's scores overflow, and the search keeps no hypothesis.
