@@ -18,6 +18,8 @@ def make_dir(path: Path) -> None:
     """mkdir -p, with an NMTError for a directory that cannot be made (a path through a file, no permission)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NMTError(f"cannot create the directory {path}: a file of that name is in the way") from None
     except OSError as exc:
         raise NMTError(f"cannot create the directory {path}: {exc.strerror or exc}") from None
 

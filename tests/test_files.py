@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from nmt.errors import NMTError
-from nmt.files import atomic_write, write_failure
+from nmt.files import atomic_write, make_dir, write_failure
 
 
 def test_a_full_disk_is_said_as_such_and_only_then(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,3 +44,12 @@ def test_atomic_write_judges_a_failure_while_the_unfinished_file_holds_its_space
     assert target.read_text(encoding="utf-8") == "step 20" and sorted(tmp_path.iterdir()) == [target]
     with pytest.raises(NMTError, match=r"cannot write .*nope/x \(Not a directory\)|cannot create the directory"):
         atomic_write(target / "nope" / "x", lambda tmp: None)
+
+
+def test_a_directory_that_a_file_is_in_the_way_of_says_so(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("", encoding="utf-8")
+    with pytest.raises(NMTError) as error:
+        make_dir(tmp_path / "out")
+    assert str(error.value) == f"cannot create the directory {tmp_path / 'out'}: a file of that name is in the way"
+    with pytest.raises(NMTError, match="Not a directory"):
+        make_dir(tmp_path / "out" / "deeper")
