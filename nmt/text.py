@@ -3,6 +3,7 @@ of text it was trained on."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 # Invisible characters that carry no text: byte order mark / zero-width no-break space, zero-width space, soft
@@ -23,3 +24,26 @@ def normalize_text(text: str) -> str:
             if ch.isspace() or unicodedata.category(ch) != "Cc"
         )
     return " ".join(text.split())
+
+
+# A sentence ends at . ! ? or … (and the quotes or brackets that close there) before whitespace and an upper-case
+# letter (after opening quotes or brackets, and the inverted marks that open Spanish questions and exclamations),
+# except at a period after a single capital (an initial) or one of these abbreviations that precede names.
+_SENTENCE_BREAK = re.compile(r"[.!?…][\"'»›”’)\]}]*(\s+)")
+_OPENERS = "\"'«‹“‘„([{¿¡—–-"
+_TITLES = frozenset("mr mrs ms dr prof sr sra srta dra st mt jr rev gen col capt lt sgt hon fr sto sta".split())
+
+
+def split_sentences(line: str) -> list[str]:
+    """A line as its sentences and the whitespace between them, alternately (sentence, space, sentence, ...)."""
+    parts, start = [], 0
+    for match in _SENTENCE_BREAK.finditer(line):
+        head, after = line[start:match.start(1)], line[match.end():].lstrip(_OPENERS)
+        word = head.rsplit(maxsplit=1)[-1].rstrip(".").lstrip(_OPENERS) if head.strip() else ""
+        initial = len(word) == 1 and word.isupper()
+        if not after[:1].isupper() or head.endswith(".") and (initial or word.lower() in _TITLES):
+            continue
+        parts += [head, match.group(1)]
+        start = match.end()
+    parts.append(line[start:])
+    return parts

@@ -1,9 +1,9 @@
 """The Translator, the one path from text to text: split, tokenize, batch, beam search, detokenize, reassemble.
 
-Inputs are split on newlines; a line longer than the model's max length (data.max_len pieces) is split into
-sentences after . ! ? ; or : and a sentence still too long into chunks at word boundaries, so nothing is
-truncated. The pieces are translated as separate segments in length-sorted token-budget batches and joined
-back with the original whitespace (chunks with a space).
+Inputs are split on newlines and into sentences (nmt.text.split_sentences); a sentence longer than the model's
+max length (data.max_len pieces) is split after . ! ? ; or : and a part still too long into chunks at word
+boundaries, so nothing is truncated. The pieces are translated as separate segments in length-sorted token-budget
+batches and joined back with the original whitespace (chunks with a space).
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from nmt.export import (
 from nmt.model import Seq2Seq
 from nmt.search import Hypothesis, output_limit, search_ids
 from nmt.shortlist import SHORTLIST_FILE, STORED_PER_SOURCE, Shortlist
-from nmt.text import normalize_text
+from nmt.text import normalize_text, split_sentences
 from nmt.tokenizer import EOS_PIECE, UNK, WORD_START, Tokenizer
 
 log = logging.getLogger(__name__)
 
 _LINE_BREAK = re.compile(r"(\s*\n\s*)")
-_SENTENCE_END = re.compile(r"(?<=[.!?;:])(\s+)")
+_CLAUSE_END = re.compile(r"(?<=[.!?;:])(\s+)")
 # Whitespace kept as it is around the translated lines, except the control characters among it (vertical tab,
 # form feed, separators, next line), which would otherwise pass into the translation: spaces instead.
 _CONTROL_SPACE = dict.fromkeys([0x0B, 0x0C, 0x1C, 0x1D, 0x1E, 0x1F, 0x85], " ")
@@ -423,13 +423,20 @@ class Translator:
         return plan
 
     def _split_line(self, line: str, segments: list[_Segment]) -> list[str | int]:
-        """A line as segments, split into sentences when too long; each segment's text is normalized as training
-        corpora are (nmt.text: no control or invisible characters), and one left empty decodes to nothing."""
-        ids, pieces = self._encode(line)
+        """A line as segments, one per sentence; each segment's text is normalized as training corpora are
+        (nmt.text: no control or invisible characters), and one left empty decodes to nothing."""
+        plan: list[str | int] = []
+        for k, part in enumerate(split_sentences(line)):
+            plan += [part] if k % 2 else self._split_sentence(part, segments)
+        return plan
+
+    def _split_sentence(self, sentence: str, segments: list[_Segment]) -> list[str | int]:
+        """A sentence as one segment, or split after . ! ? ; or : (then at word starts) when over max_len pieces."""
+        ids, pieces = self._encode(sentence)
         if len(ids) <= self.max_len:
             return self._chunks(ids, pieces, segments)
         plan: list[str | int] = []
-        for k, part in enumerate(_SENTENCE_END.split(line)):
+        for k, part in enumerate(_CLAUSE_END.split(sentence)):
             plan += [part] if k % 2 else self._chunks(*self._encode(part), segments)
         return plan
 

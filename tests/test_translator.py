@@ -142,6 +142,17 @@ def test_long_input_is_split_into_sentences_not_truncated(translator):
     assert translator.translate([text])[0].text == parts[0] + "  " + parts[1]
 
 
+def test_each_sentence_of_a_line_is_its_own_segment(translator):
+    # A short line of two sentences was one segment, and a model trained on single sentences (or verses) often
+    # dropped the second one. Capitals here are pieces the tiny model maps to <unk>: the split is what counts.
+    job = translator.prepare(["a b c.  D e f", "a b. c d", "Q. Xy"])
+    assert [[job.segments[p].pieces for p in plan if isinstance(p, int)] for plan in job.plans] == [
+        [translator._encode("a b c.")[1], translator._encode("D e f")[1]],
+        [translator._encode("a b. c d")[1]], [translator._encode("Q. Xy")[1]]]
+    alone = texts(translator.translate(["a b c.", "D e f"]))
+    assert translator.translate(["a b c.  D e f"])[0].text == alone[0] + "  " + alone[1]
+
+
 def test_a_sentence_longer_than_max_len_is_chunked_at_word_starts(translator, monkeypatch):
     words = [LETTERS[(7 * i) % 16] for i in range(2 * translator.max_len + 20)]
     n = translator.max_len

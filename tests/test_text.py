@@ -1,0 +1,37 @@
+"""Sentence splitting (nmt.text.split_sentences): what the Translator decodes as separate segments."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nmt.text import split_sentences
+
+
+@pytest.mark.parametrize("line, sentences", [
+    ("El Señor es mi pastor. Nada me faltará.", ["El Señor es mi pastor.", "Nada me faltará."]),
+    ("Jesús lloró.  Dios es amor.", ["Jesús lloró.", "Dios es amor."]),
+    ("¿Quién eres? ¡Ay! «Ven.» Él vino…  Y se fue", ["¿Quién eres?", "¡Ay!", "«Ven.»", "Él vino…", "Y se fue"]),
+    ('He said "Go." (Then he left.) Amen.', ['He said "Go."', "(Then he left.)", "Amen."]),
+    # Not sentence ends: a lower-case word next, an initial, an abbreviation before a name, no space.
+    ("uno. dos; tres: Cuatro", ["uno. dos; tres: Cuatro"]),
+    ("J. R. R. Tolkien wrote it.", ["J. R. R. Tolkien wrote it."]),
+    ("El Sr. García y la Dra. Ruiz. Mr. Smith", ["El Sr. García y la Dra. Ruiz.", "Mr. Smith"]),
+    ("1.5 millones.Fin", ["1.5 millones.Fin"]),
+    ("...", ["..."]),
+    ("", [""]),
+])
+def test_sentences_end_before_a_capital(line, sentences):
+    parts = split_sentences(line)
+    assert parts[::2] == sentences
+    assert "".join(parts) == line
+
+
+@given(st.text(alphabet=st.sampled_from(list("aB .!?¿¡«»\"()\n\t…")), max_size=60))
+def test_splitting_loses_nothing(line):
+    parts = split_sentences(line)
+    assert "".join(parts) == line and len(parts) % 2 == 1
+    assert all(space and not space.strip() for space in parts[1::2])
+    sentences = parts[::2]  # the whitespace between two sentences is all in the part between them
+    assert all(s == s.rstrip() for s in sentences[:-1]) and all(s == s.lstrip() for s in sentences[1:])
