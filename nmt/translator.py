@@ -9,11 +9,12 @@ batches and joined back with the original whitespace (chunks with a space).
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import re
 import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,25 @@ class Job:
 def detokenize(pieces: list[str]) -> str:
     """SentencePiece pieces -> text, for pieces that may not be in the vocabulary (replaced unknowns)."""
     return "".join(pieces).replace(WORD_START, " ").strip()
+
+
+def _by_total_score(scores: list[list[float]]) -> Iterator[tuple[int, ...]]:
+    """Choices of one item from each list (each sorted best first), as the index chosen in each, in the order of
+    their summed scores, best first: a multi-sentence text's n best translations combine its sentences' that way."""
+    def total(ranks: tuple[int, ...]) -> float:
+        return sum(row[r] for row, r in zip(scores, ranks, strict=True))
+
+    start = (0,) * len(scores)
+    heap, seen = [(-total(start), start)], {start}
+    while heap:
+        _, ranks = heapq.heappop(heap)
+        yield ranks
+        for i, row in enumerate(scores):
+            if ranks[i] + 1 < len(row):
+                nxt = (*ranks[:i], ranks[i] + 1, *ranks[i + 1:])
+                if nxt not in seen:
+                    seen.add(nxt)
+                    heapq.heappush(heap, (-total(nxt), nxt))
 
 
 def _source_piece(pieces: list[str], j: int) -> str:
@@ -476,12 +496,13 @@ class Translator:
             empty = [] if return_alignment else None
             return Translation("", None, [], empty, empty, empty)
         alternatives: dict[str, float] = {}
-        # The r-th alternative joins each sentence's r-th best (or its last, where it has fewer).
-        for rank in range(max(len(outputs[i]) for i in used)):
-            text = "".join(p if isinstance(p, str) else outputs[p][min(rank, len(outputs[p]) - 1)].text for p in plan)
-            score = sum(outputs[i][min(rank, len(outputs[i]) - 1)].score for i in used)
-            alternatives.setdefault(text, score)
-        alts = [Alternative(t, s) for t, s in list(alternatives.items())[:n_best]]
+        for ranks in _by_total_score([[out.score for out in outputs[i]] for i in used]):
+            chosen = dict(zip(used, ranks, strict=True))
+            text = "".join(p if isinstance(p, str) else outputs[p][chosen.get(p, 0)].text for p in plan)
+            alternatives.setdefault(text, sum(outputs[i][r].score for i, r in chosen.items()))
+            if len(alternatives) == n_best:
+                break
+        alts = [Alternative(t, s) for t, s in alternatives.items()]
         result = Translation(alts[0].text, alts[0].score, alts)
         if return_alignment:
             best = [(segments[i], outputs[i][0]) for i in used]

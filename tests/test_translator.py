@@ -211,6 +211,26 @@ def test_n_best_alternatives_are_sorted_and_distinct(translator):
         assert result.alternatives[0].text == result.text
 
 
+def test_the_n_best_of_a_text_of_sentences_are_the_best_combinations(translator, monkeypatch):
+    # The r-th alternative used to join each sentence's r-th best: "a b c d" (-4.5) came second, and the better
+    # "a b d c" (-1.6) never came.
+    tok = translator.tgt_tok.sp.PieceToId
+    first = translator._encode("a b.")[0]
+
+    def fake_search(model, ids, batch_tokens, device, **kwargs):
+        one = [(["▁b", "▁a"], -1.0), (["▁a", "▁b"], -1.5)]
+        two = [(["▁d", "▁c"], -0.1), (["▁c", "▁d"], -3.0)]
+        return [[Hypothesis([tok(p) for p in pieces], score, score) for pieces, score in (one if s == first else two)]
+                for s in ids]
+
+    monkeypatch.setattr(nmt.translator, "search_ids", fake_search)
+    result = translator.translate(["a b.  D c"], beam_size=4, n_best=3)[0]
+    assert [(a.text, round(a.score, 6)) for a in result.alternatives] == [
+        ("b a  d c", -1.1), ("a b  d c", -1.6), ("b a  c d", -4.0)]
+    assert result.text == "b a  d c" and len(translator.translate(["a b.  D c"], beam_size=4, n_best=4)[0]
+                                                 .alternatives) == 4
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.text(alphabet=LETTERS + " \n.", max_size=40), min_size=1, max_size=3))
 def test_alignment_cells_bound_the_alignments_before_decoding(translator, inputs):
