@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +23,7 @@ from service import schemas
 from service.batcher import Closed, QueueFull
 from service.cors import CORS
 from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers
+from service.guard import Guard
 from service.limits import DEADLINE, BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.ratelimit import RateLimiter
@@ -34,40 +33,15 @@ from service.worker import DecodeOptions, ModelWorker, TooLarge
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+TRANSLATE, SCORE = "/v1/translate", "/v1/score"  # the model endpoints: API keys and rate limits apply to them
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from NMT_API_KEYS")
 _bearer = HTTPBearer(auto_error=False, description="an API key from NMT_API_KEYS, as a bearer token")
 
 
-def _guards(settings: Settings) -> list[Any]:
-    """Dependencies of the model endpoints: the API key check (401; only when keys are configured, so the OpenAPI
-    schema declares security only then) and the per key or client address rate limit (429)."""
-    keys = [k.encode() for k in settings.api_keys]
-    rate = settings.rate()
-    limiter = RateLimiter(*rate) if rate else None
-
-    async def authenticate(request: Request, api_key: str | None = Security(_api_key_header),
-                           bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
-        given = api_key or (bearer.credentials if bearer else None)
-        if not given:
-            raise ServiceError(401, "an API key is required: send it as X-API-Key or Authorization: Bearer",
-                               headers={"WWW-Authenticate": "Bearer"})
-        if not any(hmac.compare_digest(given.encode(), key) for key in keys):
-            raise ServiceError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-        request.state.client = f"key:{given}"
-
-    async def limit(request: Request) -> None:
-        client = getattr(request.state, "client", None) or f"ip:{request.client.host if request.client else '?'}"
-        wait = limiter.acquire(client)
-        if wait > 0:
-            raise ServiceError(429, f"rate limit of {settings.rate_limit} exceeded; retry in {wait:.1f} s",
-                               headers={"Retry-After": str(math.ceil(wait))})
-
-    guards = []
-    if keys:
-        guards.append(Depends(authenticate))
-    if limiter is not None:
-        guards.append(Depends(limit))
-    return guards
+async def _declare_api_keys(api_key: str | None = Security(_api_key_header),
+                            bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
+    """The API key schemes, for the OpenAPI schema only: service.guard.Guard checks the keys before the body is read
+    (a dependency runs after it is parsed)."""
 
 
 def _check_sizes(settings: Settings, field: str, value: str | list[str]) -> list[str]:
@@ -146,7 +120,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     metrics = Metrics()
     worker = ModelWorker(settings, metrics, translator)
-    guards = _guards(settings)
+    guards = [Depends(_declare_api_keys)] if settings.api_keys else []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -161,16 +135,19 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
                                      "Errors are JSON: `{\"error\": {\"code\", \"message\", \"fields\"}}`.")
     app.state.worker, app.state.settings = worker, settings
     install_error_handlers(app)
-    # The last added is the outermost: CORS headers go on every answer, the body limit's 413 too, and the metrics
-    # count them all.
+    # The last added is the outermost: keys and rate limits are checked before the body limit reads the body, CORS
+    # headers go on every answer, and the metrics count them all.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s)
+    rate = settings.rate()
+    app.add_middleware(Guard, paths=frozenset((TRANSLATE, SCORE)), keys=settings.api_keys,
+                       rate_limit=settings.rate_limit, limiter=RateLimiter(*rate) if rate else None)
     if settings.cors_origins:
         app.add_middleware(CORS, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "X-API-Key", "Authorization"],
                            expose_headers=["Retry-After"])  # so that pages can wait as 429 and 503 ask
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    @app.post("/v1/translate", response_model=schemas.TranslateResponse, responses=ERROR_RESPONSES,
+    @app.post(TRANSLATE, response_model=schemas.TranslateResponse, responses=ERROR_RESPONSES,
               dependencies=guards, tags=["translation"])
     async def translate(req: schemas.TranslateRequest, request: Request) -> schemas.TranslateResponse:
         """Translate one text or a list of texts; concurrent requests with equal options share model batches."""
@@ -189,7 +166,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
             translations=[_translation(t, req.return_scores, req.return_alignment) for t in results],
             model=worker.model_id, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
 
-    @app.post("/v1/score", response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,
+    @app.post(SCORE, response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,
               dependencies=guards, tags=["translation"])
     async def score(req: schemas.ScoreRequest, request: Request) -> schemas.ScoreResponse:
         """Log-probabilities of candidate translations of one source, e.g. to rerank them."""

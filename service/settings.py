@@ -51,7 +51,8 @@ class Settings(BaseSettings):
                                     "408, and the connection closed; one on which no request begins, or that only "
                                     "trickles bytes between requests, is closed silently")
     api_keys: CommaList = Field(default_factory=list, description="comma-separated keys; empty = no auth")
-    rate_limit: str = Field("", description="per API key (or client IP) limit like 60/minute; empty = off")
+    rate_limit: str = Field("", description="per API key (or client IP) limit like 60/minute, on translate and "
+                            "score; a request without a valid key counts against its client IP's; empty = off")
     cors_origins: CommaList = Field(default_factory=list, description="comma-separated origins allowed by CORS")
 
     @field_validator("api_keys", "cors_origins", mode="before")

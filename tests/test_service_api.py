@@ -442,6 +442,32 @@ def test_api_keys(make_client):
     assert client.get("/v1/health").status_code == 200 and client.get("/v1/models").status_code == 200
 
 
+def test_without_a_key_the_body_is_not_read(make_client):
+    # FastAPI parses the body before it runs a route's dependencies: malformed JSON got 422 and a large body 413,
+    # where a request without a key gets 401 before anything reads its body.
+    client = make_client(api_keys=["k1"], max_body_bytes=100)
+    for content in (b'{"text":', b'{"text": "' + b"a " * 100 + b'"}', b"\xff"):
+        error_of(client.post("/v1/translate", content=content, headers=HEADERS), 401)
+    error_of(client.post("/v1/score", content=b"[", headers={"Content-Type": "text/plain"}), 401)
+    keyed = {**HEADERS, "Authorization": "bearer  k1 "}
+    malformed = client.post("/v1/translate", content=b'{"text":', headers=keyed)
+    assert "not valid JSON" in error_of(malformed, 422)["message"]
+    assert client.post("/v1/translate", content=b'{"text": "a"}', headers=keyed).status_code == 200
+    assert client.get("/v1/translate").status_code == 405  # other methods: as without keys
+    schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]  # declared for the docs' clients
+    assert {scheme["type"] for scheme in schemes.values()} == {"apiKey", "http"}
+
+
+def test_wrong_keys_count_against_the_client_address_rate_limit(make_client):
+    # A wrong key was answered 401 without counting: keys could be guessed as fast as the service answered.
+    client = make_client(api_keys=["k1"], rate_limit="3/minute")
+    statuses = [post(client, {"text": "a"}, headers={"X-API-Key": f"guess{i}"}).status_code for i in range(5)]
+    assert statuses == [401, 401, 401, 429, 429]
+    assert post(client, {"text": "a"}, headers={"X-API-Key": "k1"}).status_code == 200  # a key has its own count
+    response = post(client, {"text": "a"})
+    assert error_of(response, 429)["code"] == "rate_limited" and int(response.headers["Retry-After"]) >= 1
+
+
 def test_api_keys_from_the_environment(monkeypatch, tiny_model_dir):
     monkeypatch.setenv("NMT_API_KEYS", " k1, k2 ,")
     monkeypatch.setenv("NMT_CORS_ORIGINS", "https://a.example,https://b.example")
@@ -473,14 +499,14 @@ def test_a_refused_cors_preflight_is_a_json_error_naming_what_is_not_allowed(mak
 
 
 def test_cors_headers_on_every_answer_and_retry_after_readable(make_client):
-    client = make_client(cors_origins=["https://app.example"], max_body_bytes=100, rate_limit="1/minute")
+    client = make_client(cors_origins=["https://app.example"], max_body_bytes=100, rate_limit="2/minute")
     origin = {"Origin": "https://app.example"}
     assert post(client, {"text": "a"}, headers=origin).status_code == 200
+    too_large = post(client, {"text": "a " * 100}, headers=origin)  # refused before routing, by the body limit
+    assert too_large.status_code == 413 and too_large.headers["access-control-allow-origin"] == "https://app.example"
     limited = post(client, {"text": "a"}, headers=origin)
     assert limited.status_code == 429 and limited.headers["access-control-allow-origin"] == "https://app.example"
     assert "retry-after" in limited.headers["access-control-expose-headers"].lower()
-    too_large = post(client, {"text": "a " * 100}, headers=origin)  # refused before routing, by the body limit
-    assert too_large.status_code == 413 and too_large.headers["access-control-allow-origin"] == "https://app.example"
 
 
 # --- 429 ------------------------------------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""API keys and rate limits for the model endpoints, checked before a request's body is read."""
+
+from __future__ import annotations
+
+import hmac
+import math
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import error_response
+from service.ratelimit import RateLimiter
+
+
+def given_key(headers: Headers) -> str | None:
+    """The API key a request sends, as X-API-Key or as an Authorization bearer token."""
+    if key := headers.get("x-api-key", "").strip():
+        return key
+    scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class Guard:
+    """Answers a POST to a guarded path with 401 when API keys are set and it sends none of them, and with 429 (and
+    Retry-After) when its client is over the rate limit, before anything reads its body: a client without a key
+    cannot have a large or malformed body read and parsed. The limit counts per key, and per client address for
+    requests without a valid key, so that keys cannot be guessed at full speed either."""
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str], keys: list[str], rate_limit: str,
+                 limiter: RateLimiter | None):
+        self.app = app
+        self.paths = paths
+        self.keys = [key.encode() for key in keys]
+        self.rate_limit, self.limiter = rate_limit, limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        key = given_key(Headers(scope=scope))
+        valid = not self.keys or key is not None and any(hmac.compare_digest(key.encode(), k) for k in self.keys)
+        client = f"key:{key}" if self.keys and valid else f"ip:{scope['client'][0] if scope.get('client') else '?'}"
+        wait = self.limiter.acquire(client) if self.limiter is not None else 0.0
+        if wait > 0:
+            response = error_response(429, f"rate limit of {self.rate_limit} exceeded; retry in {wait:.1f} s",
+                                      headers={"Retry-After": str(math.ceil(wait))})
+        elif not valid:
+            message = ("invalid API key" if key else
+                       "an API key is required: send it as X-API-Key or Authorization: Bearer")
+            response = error_response(401, message, headers={"WWW-Authenticate": "Bearer"})
+        else:
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)
