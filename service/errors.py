@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from service.schemas import MAX_TEXTS, TOO_MANY_TEXTS, ErrorResponse
 
@@ -154,14 +156,22 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    message = str(exc.detail)
+    message, headers = str(exc.detail), getattr(exc, "headers", None)
     if exc.status_code == 400 and (unsupported := _unsupported_body(request)):  # a body FastAPI could not decode
         return unsupported
-    if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's 400 for a body that is not UTF-8
-        message = f"the body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
-    elif isinstance(exc.__cause__, RecursionError):  # Python's json parser stops at a thousand levels or more
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):  # FastAPI's 400 for a body that is not UTF-8
+        message = f"the body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    elif isinstance(cause, RecursionError):  # Python's json parser stops at a thousand levels or more
         message = "the JSON body is nested too deeply to read (a request of this API nests two levels deep)"
-    return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+    elif isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        message = (f"a number in the JSON body has more digits than can be read (at most "
+                   f"{sys.get_int_max_str_digits()})")
+    elif exc.status_code == 405:  # Starlette names the methods of the first route of the path only (GET, not HEAD)
+        methods = {method for route in request.app.router.routes if isinstance(route, Route)
+                   and route.matches(request.scope)[0] != Match.NONE for method in route.methods or ()}
+        headers = {**(headers or {}), "Allow": ", ".join(sorted(methods))}
+    return error_response(exc.status_code, message, headers=headers)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -178,7 +188,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description} for status, description in {
-        400: "the body could not be decoded (not UTF-8)",
+        400: "the body could not be decoded (not UTF-8, nested too deeply, a number too long to read)",
         401: "missing or invalid API key (when keys are configured)",
         408: "the body did not arrive within the request deadline",
         413: "body, text count or text length over the limits",

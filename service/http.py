@@ -1,4 +1,5 @@
-"""uvicorn's HTTP protocol (httptools) with a deadline for each request's headers.
+"""uvicorn's HTTP protocol (httptools) with a deadline for each request's headers, and JSON for the errors it
+answers itself.
 
 uvicorn bounds the idle time between two requests of a connection (its keep-alive timeout) but not the time a
 request's headers take: a client that sends them a byte at a time, or opens a connection and sends nothing,
@@ -99,10 +100,18 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self._log_timeout()
-        response = error_response(408, f"the request headers did not all arrive within {header_timeout_s():g} s",
-                                  headers={"connection": "close"})
+        self._answer(408, b"Request Timeout", f"the request headers did not all arrive within {header_timeout_s():g} s")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are no valid HTTP request (a negative or repeated Content-Length, a
+        malformed request line), in the service's JSON error shape instead of plain text."""
+        self._answer(400, b"Bad Request", f"{msg.rstrip('.')}: malformed request line, headers or framing")
+
+    def _answer(self, status: int, reason: bytes, message: str) -> None:
+        """Write a JSON error outside any request cycle and close the connection."""
+        response = error_response(status, message, headers={"connection": "close"})
         head = b"".join(b"%s: %s\r\n" % pair for pair in response.raw_headers)
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\n" + head + b"\r\n" + response.body)
+        self.transport.write(b"HTTP/1.1 %d %s\r\n" % (status, reason) + head + b"\r\n" + response.body)
         self.transport.close()
 
     def _log_timeout(self) -> None:

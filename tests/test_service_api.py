@@ -277,6 +277,7 @@ def test_schema_errors_name_the_field(client, body, field):
     (b"", "application/json", "body: empty: send a JSON object"),
     (b'{"text": "a"}', "text/plain", "must be JSON sent with Content-Type: application/json, not text/plain"),
     (b"text=a", "application/x-www-form-urlencoded", "not application/x-www-form-urlencoded"),
+    (b'{"text": "a", "beam_size": ' + b"9" * 5000 + b"}", "application/json", "a number in the JSON body has more"),
 ])
 def test_unparseable_bodies_get_a_clear_4xx(client, content, content_type, message):
     response = client.post("/v1/translate", content=content, headers={"Content-Type": content_type})
@@ -311,6 +312,14 @@ def test_a_compressed_body_is_415_and_head_answers_where_get_does(client):
         assert head.status_code == 200 and head.content == b""
         assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
         assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_405_names_every_method_of_the_path(client):
+    # Starlette named only the first route's: POST /v1/health said "allow: GET" although HEAD is served too.
+    for method, path, allowed in (("POST", "/v1/health", "GET, HEAD"), ("PUT", "/", "GET, HEAD"),
+                                  ("GET", "/v1/translate", "POST")):
+        response = client.request(method, path)
+        assert error_of(response, 405)["code"] == "method_not_allowed" and response.headers["allow"] == allowed
 
 
 def test_alignments_are_refused_over_their_limit_before_decoding(make_client, translator):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -243,6 +244,14 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
             for _ in range(2):
                 assert client.post("/v1/translate", json={"text": "a b"}).status_code == 200
                 time.sleep(0.7)
+        # Bytes that are no HTTP request: uvicorn answered in plain text, unlike every other error of the service.
+        for framing in (b"Content-Length: -5", b"Content-Length: 2\r\nContent-Length: 3"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as bad:
+                bad.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n{}")
+                answer = b"".join(iter(lambda: bad.recv(4096), b""))
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head, answer
+                assert json.loads(body)["error"]["code"] == "bad_request", answer
 
 
 def test_the_startup_check_starts_no_threads_beside_the_model_threads():
