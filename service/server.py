@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.translator import locate_model, read_model
-from service.settings import Settings, unknown_names
+from service.settings import Settings, env_file_variables, unknown_names
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1, host: st
             for err in exc.errors())) from None
     for name in unknown_names(os.environ):
         log.warning("%s is not a setting of nmt serve: ignored", name)
+    for name in unknown_names(env_file_variables()):
+        log.warning("%s in .env is not a setting of nmt serve: ignored", name)
     locate_model(settings.model_dir)
     device = pick_device(settings.device, "NMT_DEVICE")
     if settings.int8:

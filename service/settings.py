@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
+from dotenv import dotenv_values
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -91,6 +92,13 @@ def unknown_names(environ: Mapping[str, str]) -> list[str]:
         close = difflib.get_close_matches(name, sorted(known), n=1)
         found.append(f"{name} (did you mean {close[0]}?)" if close else name)
     return found
+
+
+def env_file_variables() -> dict[str, str]:
+    """The variables of the .env file that Settings reads (in the current directory), by upper-case name: pydantic
+    matches names in any case."""
+    path = Path(str(Settings.model_config["env_file"]))
+    return {name.upper(): value or "" for name, value in dotenv_values(path).items()} if path.is_file() else {}
 
 
 def describe(settings: Settings) -> str:

@@ -167,7 +167,8 @@ def test_serve_refuses_bad_arguments_and_settings_in_one_line(tiny_model_dir, tm
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_misspelt_setting_is_named_and_the_log_says_what_guards_the_service(tiny_model_dir, monkeypatch, caplog):
+def test_a_misspelt_setting_is_named_and_the_log_says_what_guards_the_service(tiny_model_dir, monkeypatch, caplog,
+                                                                             tmp_path):
     # NMT_API_KEY (for NMT_API_KEYS) left the service open without a word.
     monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))  # check() exports MODEL as NMT_MODEL_DIR: restored after
     monkeypatch.setenv("NMT_API_KEY", "secret")
@@ -184,6 +185,12 @@ def test_a_misspelt_setting_is_named_and_the_log_says_what_guards_the_service(ti
         with TestClient(create_app(Settings())):
             pass
         assert f"serving {tiny_model_dir.name}: {said}" in caplog.text
+    caplog.clear()  # the same misspelling in the .env file (which Settings reads too) was not named
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("nmt_rate_limt=5/minute\nNMT_CORS_ORIGINS=https://a.example\n")
+    check(str(tiny_model_dir), port=0)
+    assert "NMT_RATE_LIMT (did you mean NMT_RATE_LIMIT?) in .env is not a setting of nmt serve: ignored" in caplog.text
+    assert "CORS" not in caplog.text
 
 
 def test_each_worker_process_logs_what_it_serves(tiny_model_dir):
