@@ -82,16 +82,21 @@ def test_a_text_too_long_for_its_heat_map_is_translated_without_one(browser, liv
     assert "too long" in browser.find_element(By.ID, "heatmap").text
 
 
-def test_errors_are_shown_readably(browser, live_url):
+def test_errors_are_shown_readably_in_place_of_the_last_translation(browser, live_url):
     browser.get(live_url)
     browser.find_element(By.ID, "source").send_keys("a b")
+    browser.find_element(By.ID, "translate").click()
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.ID, "translation").text == "b a")
     beam = browser.find_element(By.ID, "beam")
     beam.clear()
     beam.send_keys("40")
     browser.find_element(By.ID, "translate").click()
     error = browser.find_element(By.ID, "error")
-    WebDriverWait(browser, 30).until(lambda d: error.is_displayed())
+    wait.until(lambda d: error.is_displayed())
     assert error.text.startswith("422: beam_size") and "16" in error.text
+    # The earlier translation, its scores and heat map stayed on screen under the error, as if they answered it.
+    assert not browser.find_element(By.ID, "result").is_displayed()
 
 
 def test_the_api_documentation_renders_without_the_internet(browser, live_url):

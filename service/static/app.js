@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 function showError(message) {
   $("error").textContent = message;
   $("error").hidden = false;
+  $("result").hidden = true; // the previous text's translation is no answer to this one
 }
 
 async function errorMessage(response) {
