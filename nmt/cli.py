@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
 from nmt.errors import NMTError
-from nmt.files import make_dir
+from nmt.files import make_dir, say
 
 if TYPE_CHECKING:
     from nmt.translator import Translator
@@ -58,7 +58,7 @@ def _run_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     best = f"{result['best_bleu']:.2f}" if result["best_bleu"] >= 0 else "n/a"
     if result["main"]:  # under torchrun, once for the job
-        print(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {best}  stopped: {result['reason']}")
+        say(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {best}  stopped: {result['reason']}")
     # Stopped by a signal (its checkpoint saved): not a finished run to a script's `&&`, as the shell would say.
     return 128 + result["signal"] if result["reason"] == "interrupted" and result["signal"] else 0
 
@@ -83,7 +83,7 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
     make_dir(run_dir)
     src, tgt = ensure_tokenizers(Path(cfg.data.dir), run_dir, cfg.tokenizer)
     save_config(cfg, run_dir / "config.yaml")  # so `nmt train` can tell whether its tokenizer settings match
-    print(f"{models[0]} ({len(src)} pieces)\n{models[1]} ({len(tgt)} pieces)")
+    say(f"{models[0]} ({len(src)} pieces)", f"{models[1]} ({len(tgt)} pieces)")
     return 0
 
 
@@ -91,7 +91,7 @@ def _run_plot(args: argparse.Namespace) -> int:
     from nmt.plot import plot_run
 
     out = plot_run(args.run, args.output)
-    print(out)
+    say(str(out))
     return 0
 
 
@@ -345,7 +345,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         report.update(hyp=args.hyp, ref=args.ref)
         if args.report:
             write_report(report, Path(args.report))
-        print(format_table(report))
+        say(format_table(report))
         return 0
     if not args.model:
         raise NMTError("give a MODEL to translate with, or --hyp FILE to score existing translations")
@@ -389,8 +389,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     write_lines(hyps, out / f"{name}.hyp")
     report["hyp"] = str(out / f"{name}.hyp")
     write_report(report, report_path)
-    print(format_table(report))
-    print(f"{report['n']} sentences in {report['seconds']:.1f} s; hypotheses: {report['hyp']}  report: {report_path}")
+    say(format_table(report),
+        f"{report['n']} sentences in {report['seconds']:.1f} s; hypotheses: {report['hyp']}  report: {report_path}")
     return 0
 
 
@@ -421,7 +421,7 @@ def _run_score(args: argparse.Namespace) -> int:
         if args.tokens:
             line += "\t" + " ".join(f"{p}:{lp:.4f}" for p, lp in zip(result.pieces, result.token_logprobs,
                                                                     strict=True))
-        print(line)
+        say(line)
     return 0
 
 
@@ -453,7 +453,7 @@ def _run_export(args: argparse.Namespace) -> int:
         raise NMTError("--average N exports the mean of the kept step checkpoints, not --checkpoint: give one of them")
     out = export_model(args.run, args.outdir, fp16=args.fp16, checkpoint=args.checkpoint or "best", report=args.report,
                        overwrite=args.force, average=args.average, decode=args.set, data=args.data)
-    print(out)
+    say(str(out))
     return 0
 
 
@@ -472,7 +472,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     check(args.model, args.port, args.workers, args.host)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{args.port}/"
-    print(f"nmt serve: starting; once the model is loaded, open {url} (API documentation: {url}docs)", flush=True)
+    say(f"nmt serve: starting; once the model is loaded, open {url} (API documentation: {url}docs)")
     serve(args.host, args.port, args.workers)
     return 0
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from nmt.errors import NMTError
+from nmt.files import say
 from nmt.text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -537,15 +538,15 @@ _DROP_LABELS = {"empty": "empty", "too_long": "too long", "ratio": "length ratio
 
 def _print_counts(result: dict) -> None:
     c = result["counts"]
-    print(f"corpus: {result['outdir']} ({result['recipe']}, {result['src_lang']} -> {result['tgt_lang']})")
-    print(f"  train {c['train']:,}  dev {c['dev']:,}  test {c['test']:,}")
+    say(f"corpus: {result['outdir']} ({result['recipe']}, {result['src_lang']} -> {result['tgt_lang']})")
+    say(f"  train {c['train']:,}  dev {c['dev']:,}  test {c['test']:,}")
 
 
 def _run_bible(args: argparse.Namespace) -> int:
     result = prepare_bible(args.outdir, sword_path=args.sword_path, overwrite=args.overwrite)
     _print_counts(result)
     skipped = result["skipped"]
-    print(f"  skipped {sum(skipped.values())} of {result['verses']:,} verses (empty source "
+    say(f"  skipped {sum(skipped.values())} of {result['verses']:,} verses (empty source "
           f"{skipped['empty_src']}, empty target {skipped['empty_tgt']})")
     return 0
 
@@ -561,10 +562,10 @@ def _run_files(args: argparse.Namespace) -> int:
     _print_counts(result)
     dropped = result["dropped"]
     reasons = ", ".join(f"{_DROP_LABELS[k]} {v:,}" for k, v in dropped.items() if v) or "none"
-    print(f"  read {result['input_pairs']:,} pairs; dropped {sum(dropped.values()):,} ({reasons})")
+    say(f"  read {result['input_pairs']:,} pairs; dropped {sum(dropped.values()):,} ({reasons})")
     empty_eval = {k: v for k, v in result["dropped_dev_test"].items() if v}
     if empty_eval:
-        print("  empty pairs dropped from the given " + ", ".join(
+        say("  empty pairs dropped from the given " + ", ".join(
             f"{k.split('_')[0]} files: {v}" for k, v in empty_eval.items()))
     return 0
 

@@ -1,4 +1,5 @@
-"""Writing files: directories made or refused in one line, atomic replacement, a failed write in a few words."""
+"""Writing files: directories made or refused in one line, atomic replacement, a failed write in a few words, and
+a command's results on standard output."""
 
 from __future__ import annotations
 
@@ -62,3 +63,14 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def say(*lines: str) -> None:
+    """Print a command's result lines on standard output, written at once: a failed write (a full disk behind a
+    redirection) is an NMTError, and a closed pipe stays a BrokenPipeError, on which the CLI ends quietly."""
+    try:
+        print(*lines, sep="\n", flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise NMTError(f"cannot write to standard output ({write_failure(Path(os.devnull), exc)})") from None

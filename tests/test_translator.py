@@ -536,6 +536,26 @@ def test_cli_score(tiny_model_dir, tmp_path, capsys):
     assert "has 2 lines but" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_results_that_cannot_be_written_are_a_one_line_error(tiny_model_dir, tiny_run, tiny_data, tmp_path):
+    # Standard output on a full disk: score, evaluate, prepare and plot ended in a traceback with status 1.
+    src, hyp = tmp_path / "s.txt", tmp_path / "h.txt"
+    src.write_text("a b c\n" * 3000, encoding="utf-8")  # more than a buffer's worth of results
+    hyp.write_text("c b a\n" * 3000, encoding="utf-8")
+    commands = [["score", str(tiny_model_dir), "--src", str(src), "--hyp", str(hyp)],
+                ["evaluate", "--hyp", str(hyp), "--ref", str(src)],
+                ["plot", str(tiny_run), "-o", str(tmp_path / "curves.png")],
+                ["prepare", "files", str(tmp_path / "corpus"), "--src", str(tiny_data / "train.src"), "--tgt",
+                 str(tiny_data / "train.tgt")]]
+    for command in commands:
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, "-m", "nmt", *command], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == \
+            f"nmt {command[0]}: error: cannot write to standard output (no space left on the device)", done.stderr
+        assert "Traceback" not in done.stderr
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a pseudo-terminal")
 def test_ctrl_c_on_interactive_translate_exits_130(tiny_model_dir):
     # It aborted (SIGABRT, "could not acquire lock for <_io.BufferedReader name='<stdin>'>") at shutdown.
