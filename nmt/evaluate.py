@@ -16,14 +16,15 @@ from nmt.translator import Translator
 
 
 def read_lines(path: str | Path, what: str = "file") -> list[str]:
-    """The lines of a UTF-8 text file (split on \\n only, a trailing \\r dropped), as sacrebleu reads them."""
+    """The lines of a UTF-8 text file (split on \\n only, a trailing \\r dropped), as sacrebleu reads them, but
+    without the byte order mark some editors write first, which sacrebleu scores as part of the first line."""
     path = Path(path)
     if path.is_dir():
         raise NMTError(f"{what} {path} is a directory")
     if not path.is_file():
         raise NMTError(f"{what} not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise NMTError(f"{path} is not valid UTF-8: {exc}") from None
     lines = text.split("\n")

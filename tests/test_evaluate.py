@@ -105,6 +105,9 @@ def test_read_lines_keeps_line_structure(tmp_path):
     assert read_lines(f) == ["a", "", "b \u2028 c"]
     f.write_text("", encoding="utf-8")
     assert read_lines(f) == []
+    # A file saved with a byte order mark (Windows Notepad) scored lower, its first line not matching, silently.
+    f.write_bytes("\ufeffa b\n\ufeffc\n".encode())
+    assert read_lines(f) == ["a b", "\ufeffc"]  # only the mark that opens the file is no text
     with pytest.raises(NMTError, match="nothing to score"):
         evaluate([], [])
 
