@@ -316,9 +316,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hyp", help="score these translations instead of translating (no MODEL)")
     p.add_argument("--split", help="a split of a prepared corpus (e.g. test): its .src and .tgt files")
     p.add_argument("--data", help="prepared corpus directory for --split (default: the model config's data.dir)")
-    p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: MODEL/eval; RUN/eval/CHECKPOINT "
-                                 "for a .pt file)")
-    p.add_argument("--report", help="write the JSON report here instead")
+    p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: the --report file's directory, "
+                                 "else MODEL/eval; RUN/eval/CHECKPOINT for a .pt file)")
+    p.add_argument("--report", help="write the JSON report here instead (and NAME.hyp beside it, unless --out)")
     _add_decode_options(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -375,15 +375,21 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     home, source, exported = locate_model(Path(args.model))
     # A checkpoint file gets a folder of its own: scoring last.pt must not replace the run's (best.pt's) report.
     folder = home / "eval" if exported or Path(args.model).is_dir() else home / "eval" / source.stem
-    out = Path(args.out) if args.out else folder
+    out = Path(args.out) if args.out else Path(args.report).parent if args.report else folder
     report_path = Path(args.report) if args.report else out / f"{name}.json"
-    if out.exists() and not out.is_dir():
+    if args.out and out.exists() and not out.is_dir():
         raise NMTError(f"--out {out}: not a directory")
     for path in (out / f"{name}.hyp", report_path):
         check_writable(path)
         _check_not_input(path, [src_path, *ref_paths])
     if report_path.resolve() == (out / f"{name}.hyp").resolve():
         raise NMTError(f"--report {report_path} is where the hypotheses go: name another file")
+    try:  # before translating, which takes a while: a read-only model directory (a container's volume) fails here
+        make_dir(out)
+    except NMTError as exc:
+        if args.out:
+            raise
+        raise NMTError(f"{exc}; write the hypotheses and report elsewhere with --out DIR") from None
     hyps, report = evaluate_model(translator, src, refs, **_decode_options(args))
     report.update(src=str(src_path), ref=[str(r) for r in ref_paths])
     write_lines(hyps, out / f"{name}.hyp")

@@ -151,6 +151,18 @@ def test_evaluate_a_model_on_files(tiny_model_dir, tiny_data, tmp_path, capsys):
                  "--report", str(report)]) == 0
     assert json.loads(report.read_text(encoding="utf-8"))["metrics"]["bleu"]["score"] == pytest.approx(100.0)
     assert read_lines(tmp_path / "s.hyp") == ["c b a", "g f e d"]
+    # With --report alone, the hypotheses go beside it: they went to MODEL/eval, which a read-only model
+    # directory (docker-compose mounts models/ read-only) refused after the whole translation.
+    elsewhere = tmp_path / "reports" / "mine.json"
+    base = ["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref)]
+    assert main([*base, "--report", str(elsewhere)]) == 0
+    assert read_lines(elsewhere.parent / "s.hyp") == ["c b a", "g f e d"] and not (tiny_model_dir / "eval").exists()
+    blocked = tmp_path / "blocked-model"
+    shutil.copytree(tiny_model_dir, blocked)
+    (blocked / "eval").write_text("a file", encoding="utf-8")
+    assert main(["evaluate", str(blocked), "--src", str(src), "--ref", str(ref)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("in the way; write the hypotheses and report elsewhere with --out DIR"), error
     ref.write_text("c b a\n", encoding="utf-8")
     assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref), "--out", str(tmp_path)]) == 2
     assert "2 source lines but 1 lines in reference 1" in capsys.readouterr().err
