@@ -437,7 +437,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("outdir", help="model directory to create")
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
     p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint (default best)")
-    p.add_argument("--average", type=int, default=0, metavar="N",
+    p.add_argument("--average", type=int, metavar="N",
                    help="export the mean weights of the last N kept step checkpoints (train.keep_checkpoints) "
                         "instead of --checkpoint")
     p.add_argument("--report", help="`nmt evaluate` JSON report of the exported weights for the card (default: "
@@ -455,10 +455,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from nmt.export import export_model
 
+    if args.average is not None and args.average < 1:
+        raise NMTError(f"--average must be a number of checkpoints (1 or more), not {args.average}")
     if args.checkpoint and args.average:
         raise NMTError("--average N exports the mean of the kept step checkpoints, not --checkpoint: give one of them")
     out = export_model(args.run, args.outdir, fp16=args.fp16, checkpoint=args.checkpoint or "best", report=args.report,
-                       overwrite=args.force, average=args.average, decode=args.set, data=args.data)
+                       overwrite=args.force, average=args.average or 0, decode=args.set, data=args.data)
     say(str(out))
     return 0
 

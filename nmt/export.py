@@ -62,6 +62,9 @@ def _check_replaceable(outdir: Path, run: Path) -> None:
 
 def run_checkpoint(run: Path, which: str = "best") -> Path:
     """The checkpoint of a run directory: best.pt (falling back to last.pt when there is none yet) or last.pt."""
+    if run.is_file():
+        raise NMTError(f"{run} is a file: give the run directory that holds it (its best.pt is exported, or its "
+                       "last.pt with --checkpoint last)")
     if not run.is_dir():
         raise NMTError(f"run directory not found: {run}")
     names = ["best.pt", "last.pt"] if which == "best" else ["last.pt"]
@@ -192,7 +195,7 @@ def _evaluation(run: Path, checkpoint: str, report: Path | None, digests: set[st
     theirs as trained and as stored): `report`, else the test report of the run (RUN/eval/test.json) or of the
     checkpoint file (RUN/eval/last/test.json); those of other weights, or not reports at all, are left out with a
     warning."""
-    exported = f"{dtype}, step {step}"
+    exported = f"{dtype}, {checkpoint}" if checkpoint.startswith("average") else f"{dtype}, step {step}"
     if report is not None:
         return _card_evaluation(_report_of(report, digests, exported))
     candidates = [run / "eval" / "test.json"]

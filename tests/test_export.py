@@ -242,7 +242,9 @@ def test_the_card_credits_only_an_evaluation_of_the_weights_it_exports(tiny_run,
     averaged = card(export_model(run, tmp_path / "avg", average=2))  # other weights: not credited
     assert averaged["evaluation"] is None
     assert "scored other weights" in caplog.text and "no test scores" in caplog.text
-    stale = rf"scored other weights than this export's \(float32, step \d+\): those of {run} at step {best.step}\."
+    # It said "(float32, step 270): those of RUN at step 270", as if the same weights: an average is named as such.
+    stale = (rf"scored other weights than this export's \(float32, average of step-\d+\.pt, step-\d+\.pt\): those "
+             rf"of {run} at step {best.step}\.")
     with pytest.raises(NMTError, match=stale):
         export_model(run, tmp_path / "avg2", average=2, report=run / "eval" / "test.json")
     assert main(["evaluate", str(tmp_path / "avg"), "--split", "test"]) == 0
@@ -275,8 +277,11 @@ def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, caps
 
     assert main(["export", str(tiny_run), str(tmp_path / "four"), "--average", "4"]) == 2
     assert "holds 3 kept step checkpoints; train with train.keep_checkpoints >= 4" in capsys.readouterr().err
-    assert main(["export", str(tiny_run), str(tmp_path / "neg"), "--average", "-1"]) == 2
-    assert "--average must be a number of checkpoints" in capsys.readouterr().err
+    for n in ("-1", "0"):  # 0 exported best.pt without a word
+        assert main(["export", str(tiny_run), str(tmp_path / "neg"), "--average", n]) == 2
+        assert f"--average must be a number of checkpoints (1 or more), not {n}" in capsys.readouterr().err
+    assert main(["export", str(tiny_run / "best.pt"), str(tmp_path / "file")]) == 2  # said "run directory not found"
+    assert "best.pt is a file: give the run directory that holds it" in capsys.readouterr().err
     assert main(["export", str(tiny_run), str(tmp_path / "both"), "--average", "2", "--checkpoint", "last"]) == 2
     assert "not --checkpoint: give one of them" in capsys.readouterr().err  # --checkpoint was ignored
     assert not (tmp_path / "four").exists() and not (tmp_path / "neg").exists()
