@@ -150,8 +150,8 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
                     "lines `i ||| translation ||| score` (Moses n-best style; score = length-normalized "
                     "log-probability), best first.")
     p.add_argument("model", help="exported model directory, run directory or .pt checkpoint")
-    p.add_argument("-i", "--input", help="input file (default: stdin)")
-    p.add_argument("-o", "--output", help="output file (default: stdout)")
+    p.add_argument("-i", "--input", help="input file (default, or -: stdin)")
+    p.add_argument("-o", "--output", help="output file (default, or -: stdout)")
     p.add_argument("--n-best", type=_int_from(1), default=1, help="distinct translations per line (default 1)")
     _add_decode_options(p)
     p.set_defaults(func=_run_translate)
@@ -249,6 +249,7 @@ def _fd(stream: Any) -> int:
 def _run_translate(args: argparse.Namespace) -> int:
     from nmt.progress import Progress
 
+    args.input, args.output = (None if path == "-" else path for path in (args.input, args.output))
     _check_not_input(args.output or _stdout_fd(), [args.input or _stdin_fd()])
     if args.beam is not None and args.n_best > args.beam:  # found before the model loads; else by translate()
         raise NMTError(f"--n-best {args.n_best} is more than --beam {args.beam}")
@@ -313,7 +314,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", help="exported model directory, run directory or .pt checkpoint")
     p.add_argument("--src", help="source file to translate")
     p.add_argument("--ref", nargs="+", help="reference file(s), line-parallel to the source/hypotheses")
-    p.add_argument("--hyp", help="score these translations instead of translating (no MODEL)")
+    p.add_argument("--hyp", help="score these translations (- reads them from stdin) instead of translating (no "
+                                 "MODEL)")
     p.add_argument("--split", help="a split of a prepared corpus (e.g. test): its .src and .tgt files")
     p.add_argument("--data", help="prepared corpus directory for --split (default: the model config's data.dir)")
     p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: the --report file's directory, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,23 @@ from nmt.translator import Translator
 
 
 def read_lines(path: str | Path, what: str = "file") -> list[str]:
-    """The lines of a UTF-8 text file (split on \\n only, a trailing \\r dropped), as sacrebleu reads them, but
-    without the byte order mark some editors write first, which sacrebleu scores as part of the first line."""
-    path = Path(path)
-    if path.is_dir():
-        raise NMTError(f"{what} {path} is a directory")
-    if not path.is_file():
-        raise NMTError(f"{what} not found: {path}")
+    """The lines of a UTF-8 text file (- for standard input), split on \\n only, a trailing \\r dropped, as sacrebleu
+    reads them, but without the byte order mark some editors write first, which sacrebleu scores as part of the
+    first line."""
+    if str(path) == "-":
+        name, stream = "standard input", sys.stdin
+        data = getattr(stream, "buffer", stream).read()
+    else:
+        name = str(path)
+        if Path(path).is_dir():
+            raise NMTError(f"{what} {path} is a directory")
+        if not Path(path).is_file():
+            raise NMTError(f"{what} not found: {path}")
+        data = Path(path).read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data.removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
-        raise NMTError(f"{path} is not valid UTF-8: {exc}") from None
+        raise NMTError(f"{name} is not valid UTF-8: {exc}") from None
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()

@@ -63,6 +63,10 @@ def test_cli_hyp_mode_is_the_sacrebleu_number(system, tmp_path, capsys):
                             capture_output=True, text=True, check=True).stdout.strip()
     assert f"{ours:.1f}" == theirs
     assert table.splitlines()[1].split()[:2] == ["BLEU", f"{ours:.2f}"]
+    with open(hyp_file, "rb") as stdin:  # `nmt translate ... | nmt evaluate --hyp - --ref REF`, as sacrebleu reads
+        done = subprocess.run([sys.executable, "-m", "nmt", "evaluate", "--hyp", "-", "--ref", str(ref_file)],
+                              stdin=stdin, capture_output=True, text=True, check=True)
+    assert done.stdout == table
 
 
 @pytest.mark.parametrize("setup, message", [

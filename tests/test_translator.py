@@ -458,6 +458,9 @@ def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys, monkey
     out = tmp_path / "out.txt"
     assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", str(out), "--beam", "2"]) == 0
     assert out.read_text(encoding="utf-8") == "c b a\n\np o n m\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a b c\n"))  # - for stdin and stdout, as fairseq and sacrebleu
+    assert main(["translate", str(tiny_model_dir), "-i", "-", "-o", "-", "--beam", "2"]) == 0
+    assert capsys.readouterr().out == "c b a\n" and not Path("-").exists()
     assert main(["translate", str(tiny_model_dir), "-i", str(src), "--beam", "3", "--n-best", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("0 ||| c b a ||| -")
