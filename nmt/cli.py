@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -523,3 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def run() -> NoReturn:
+    """The `nmt` command: main(), then an exit that ignores Ctrl-C. The command has finished and said how; a Ctrl-C
+    now (a second one, after training stopped and saved) would only break into the interpreter's shutdown, whose
+    finalizers printed tracebacks."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)

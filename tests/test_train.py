@@ -552,3 +552,16 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_is_kept(caplog: pytest.LogC
         with pytest.raises(KeyboardInterrupt):
             stop._handle(signal.SIGINT, None)
     assert "stopping without saving: runs/x/last.pt keeps the weights of step 100" in caplog.text
+
+
+def test_the_command_ignores_ctrl_c_once_it_has_finished(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A second Ctrl-C just after training had stopped and saved broke into the interpreter's shutdown: tracebacks
+    # from torch's finalizers, after the run had said how it stopped.
+    import nmt.cli
+
+    handlers = []
+    monkeypatch.setattr(nmt.cli, "main", lambda: 130)
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: handlers.append((sig, handler)))
+    with pytest.raises(SystemExit) as exited:
+        nmt.cli.run()
+    assert exited.value.code == 130 and handlers == [(signal.SIGINT, signal.SIG_IGN)]
