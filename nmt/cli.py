@@ -514,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format=LOG_FORMAT, stream=sys.stderr)
+    if not args.verbose:  # torch's own INFO lines (FakeTensor cache stats at exit) are not this command's
+        logging.getLogger("torch").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except NMTError as exc:
