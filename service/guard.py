@@ -20,6 +20,13 @@ def given_key(headers: Headers) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+def route_path(scope: Scope) -> str:
+    """The path the app's routes match, as Starlette takes it: without the root path a proxy mounts it under
+    (uvicorn --root-path), where that begins the request's path."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root + "/") else path
+
+
 class Guard:
     """Answers a POST to a guarded path with 401 when API keys are set and it sends none of them, and with 429 (and
     Retry-After) when its client is over the rate limit, before anything reads its body: a client without a key
@@ -34,7 +41,7 @@ class Guard:
         self.rate_limit, self.limiter = rate_limit, limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or scope["method"] != "POST" or route_path(scope) not in self.paths:
             await self.app(scope, receive, send)
             return
         key = given_key(Headers(scope=scope))

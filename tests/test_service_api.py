@@ -467,6 +467,16 @@ def test_without_a_key_the_body_is_not_read(make_client):
     assert {scheme["type"] for scheme in schemes.values()} == {"apiKey", "http"}
 
 
+def test_keys_are_required_under_a_root_path_too(translator, tiny_model_dir):
+    # Behind a proxy (uvicorn --root-path /nmt) the routes match /nmt/v1/translate too, and the key check, which
+    # compared the whole path, let it through.
+    app = create_app(Settings(model_dir=tiny_model_dir, api_keys=["k1"]), translator)
+    with TestClient(app, root_path="/nmt") as client:
+        for path in ("/nmt/v1/translate", "/v1/translate"):
+            error_of(post(client, {"text": "a"}, path), 401)
+        assert post(client, {"text": "a"}, "/nmt/v1/translate", headers={"X-API-Key": "k1"}).status_code == 200
+
+
 def test_wrong_keys_count_against_the_client_address_rate_limit(make_client):
     # A wrong key was answered 401 without counting: keys could be guessed as fast as the service answered.
     client = make_client(api_keys=["k1"], rate_limit="3/minute")
