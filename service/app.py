@@ -23,7 +23,7 @@ from service import schemas
 from service.batcher import Closed, QueueFull
 from service.cors import CORS
 from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers
-from service.guard import Guard
+from service.guard import PASSED, Guard
 from service.limits import DEADLINE, BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.ratelimit import RateLimiter
@@ -38,10 +38,15 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="
 _bearer = HTTPBearer(auto_error=False, description="an API key from NMT_API_KEYS, as a bearer token")
 
 
-async def _declare_api_keys(api_key: str | None = Security(_api_key_header),
-                            bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
-    """The API key schemes, for the OpenAPI schema only: service.guard.Guard checks the keys before the body is read
-    (a dependency runs after it is parsed)."""
+async def _guarded(request: Request, api_key: str | None = Security(_api_key_header),
+                   bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
+    """Declares the API key schemes in the OpenAPI schema; service.guard.Guard checks the keys, before the body is
+    read (a dependency runs after it is parsed). A request that reached a model endpoint without passing the Guard
+    is refused here all the same: the keys fail closed."""
+    if not request.scope.get(PASSED):
+        log.error("%s %s reached its endpoint without the key check", request.method, request.url.path)
+        raise ServiceError(401, "an API key is required: send it as X-API-Key or Authorization: Bearer",
+                           headers={"WWW-Authenticate": "Bearer"})
 
 
 def _check_sizes(settings: Settings, field: str, value: str | list[str]) -> list[str]:
@@ -120,7 +125,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     metrics = Metrics()
     worker = ModelWorker(settings, metrics, translator)
-    guards = [Depends(_declare_api_keys)] if settings.api_keys else []
+    guards = [Depends(_guarded)] if settings.api_keys else []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -6,10 +6,13 @@ import hmac
 import math
 
 from starlette.datastructures import Headers
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import error_response
 from service.ratelimit import RateLimiter
+
+PASSED = "nmt.guard_passed"  # the scope key the Guard sets on a request it let through
 
 
 def given_key(headers: Headers) -> str | None:
@@ -36,12 +39,15 @@ class Guard:
     def __init__(self, app: ASGIApp, paths: frozenset[str], keys: list[str], rate_limit: str,
                  limiter: RateLimiter | None):
         self.app = app
-        self.paths = paths
+        # The routes' own patterns, matched as the router matches them: a path compared as a string let
+        # /v1/translate%0A through, which the router's `$` still takes for /v1/translate.
+        self.patterns = [compile_path(path)[0] for path in paths]
         self.keys = [key.encode() for key in keys]
         self.rate_limit, self.limiter = rate_limit, limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or route_path(scope) not in self.paths:
+        if scope["type"] != "http" or scope["method"] != "POST" or not any(
+                pattern.match(route_path(scope)) for pattern in self.patterns):
             await self.app(scope, receive, send)
             return
         key = given_key(Headers(scope=scope))
@@ -56,6 +62,7 @@ class Guard:
                        "an API key is required: send it as X-API-Key or Authorization: Bearer")
             response = error_response(401, message, headers={"WWW-Authenticate": "Bearer"})
         else:
+            scope[PASSED] = True
             await self.app(scope, receive, send)
             return
         await response(scope, receive, send)

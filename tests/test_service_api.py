@@ -17,6 +17,7 @@ import pytest
 from conftest import serve_in_thread
 from fastapi.testclient import TestClient
 
+import service.guard
 import service.worker
 from nmt.errors import NMTError
 from nmt.stream import TranslationStream
@@ -475,6 +476,19 @@ def test_keys_are_required_under_a_root_path_too(translator, tiny_model_dir):
         for path in ("/nmt/v1/translate", "/v1/translate"):
             error_of(post(client, {"text": "a"}, path), 401)
         assert post(client, {"text": "a"}, "/nmt/v1/translate", headers={"X-API-Key": "k1"}).status_code == 200
+
+
+def test_no_path_variant_reaches_a_model_endpoint_without_a_key(make_client, monkeypatch):
+    # The router's pattern ends in `$`, which also matches before a final newline: /v1/translate%0A ran the
+    # endpoint, while the key check compared the path as a string and let it through (review of the change).
+    client = make_client(api_keys=["k1"], rate_limit="100/minute")
+    for path in ("/v1/translate%0A", "/v1/translate%0a?x=1", "/v1/score%0A", "/v1/translate%0A/"):
+        response = client.post(path, content=b'{"text": "a", "source": "a", "candidates": ["a"]}', headers=HEADERS,
+                               follow_redirects=True)
+        assert response.status_code == 401, (path, response.status_code)
+    # And the endpoints refuse what did not pass the check, whatever routed it there.
+    monkeypatch.setattr(service.guard, "route_path", lambda scope: "/elsewhere")
+    error_of(post(client, {"text": "a"}), 401)
 
 
 def test_wrong_keys_count_against_the_client_address_rate_limit(make_client):
