@@ -149,7 +149,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
         description="Translate lines from FILE or stdin to FILE or stdout, streaming: each batch of lines is "
                     "written as soon as it is translated. With --n-best N, each input line i (from 0) gives N "
                     "lines `i ||| translation ||| score` (Moses n-best style; score = length-normalized "
-                    "log-probability), best first.")
+                    "log-probability, summed over the line's sentences), best first.")
     p.add_argument("model", help="exported model directory, run directory or .pt checkpoint")
     p.add_argument("-i", "--input", help="input file (default, or -: stdin)")
     p.add_argument("-o", "--output", help="output file (default, or -: stdout)")

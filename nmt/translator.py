@@ -447,7 +447,7 @@ class Translator:
         (nmt.text: no control or invisible characters), and one left empty decodes to nothing."""
         plan: list[str | int] = []
         for k, part in enumerate(split_sentences(line)):
-            plan += [part] if k % 2 else self._split_sentence(part, segments)
+            plan += [part.translate(_CONTROL_SPACE)] if k % 2 else self._split_sentence(part, segments)
         return plan
 
     def _split_sentence(self, sentence: str, segments: list[_Segment]) -> list[str | int]:
@@ -457,7 +457,7 @@ class Translator:
             return self._chunks(ids, pieces, segments)
         plan: list[str | int] = []
         for k, part in enumerate(_CLAUSE_END.split(sentence)):
-            plan += [part] if k % 2 else self._chunks(*self._encode(part), segments)
+            plan += [part.translate(_CONTROL_SPACE)] if k % 2 else self._chunks(*self._encode(part), segments)
         return plan
 
     def _encode(self, text: str) -> tuple[list[int], list[str]]:

@@ -110,7 +110,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def _answer(self, status: int, reason: bytes, message: str) -> None:
         """Write a JSON error outside any request cycle and close the connection."""
         response = error_response(status, message, headers={"connection": "close"})
-        head = b"".join(b"%s: %s\r\n" % pair for pair in response.raw_headers)
+        head = b"".join(b"%s: %s\r\n" % pair for pair in [*self.server_state.default_headers, *response.raw_headers])
         self.transport.write(b"HTTP/1.1 %d %s\r\n" % (status, reason) + head + b"\r\n" + response.body)
         self.transport.close()
 

@@ -151,6 +151,9 @@ def test_each_sentence_of_a_line_is_its_own_segment(translator):
         [translator._encode("a b. c d")[1]], [translator._encode("Q. Xy")[1]]]
     alone = texts(translator.translate(["a b c.", "D e f"]))
     assert translator.translate(["a b c.  D e f"])[0].text == alone[0] + "  " + alone[1]
+    # Control spaces between sentences come out as plain spaces, as around lines (they reached the output).
+    for space in ("\x0c", "\x0b", " \x1c", "\x85"):
+        assert translator.translate([f"a b c.{space}D e f"])[0].text == alone[0] + " " * len(space) + alone[1]
 
 
 def test_a_sentence_longer_than_max_len_is_chunked_at_word_starts(translator, monkeypatch):
