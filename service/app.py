@@ -23,7 +23,7 @@ from service import schemas
 from service.batcher import Closed, QueueFull
 from service.cors import CORS
 from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers
-from service.guard import PASSED, Guard
+from service.guard import KEY_REQUIRED, PASSED, Guard
 from service.limits import DEADLINE, BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.ratelimit import RateLimiter
@@ -45,8 +45,7 @@ async def _guarded(request: Request, api_key: str | None = Security(_api_key_hea
     is refused here all the same: the keys fail closed."""
     if not request.scope.get(PASSED):
         log.error("%s %s reached its endpoint without the key check", request.method, request.url.path)
-        raise ServiceError(401, "an API key is required: send it as X-API-Key or Authorization: Bearer",
-                           headers={"WWW-Authenticate": "Bearer"})
+        raise ServiceError(401, KEY_REQUIRED, headers={"WWW-Authenticate": "Bearer"})
 
 
 def _check_sizes(settings: Settings, field: str, value: str | list[str]) -> list[str]:

@@ -13,6 +13,7 @@ from service.errors import error_response
 from service.ratelimit import RateLimiter
 
 PASSED = "nmt.guard_passed"  # the scope key the Guard sets on a request it let through
+KEY_REQUIRED = "an API key is required: send it as X-API-Key or Authorization: Bearer"
 
 
 def given_key(headers: Headers) -> str | None:
@@ -46,8 +47,8 @@ class Guard:
         self.rate_limit, self.limiter = rate_limit, limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not any(
-                pattern.match(route_path(scope)) for pattern in self.patterns):
+        path = route_path(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if path is None or not any(pattern.match(path) for pattern in self.patterns):
             await self.app(scope, receive, send)
             return
         key = given_key(Headers(scope=scope))
@@ -58,9 +59,8 @@ class Guard:
             response = error_response(429, f"rate limit of {self.rate_limit} exceeded; retry in {wait:.1f} s",
                                       headers={"Retry-After": str(math.ceil(wait))})
         elif not valid:
-            message = ("invalid API key" if key else
-                       "an API key is required: send it as X-API-Key or Authorization: Bearer")
-            response = error_response(401, message, headers={"WWW-Authenticate": "Bearer"})
+            response = error_response(401, "invalid API key" if key else KEY_REQUIRED,
+                                      headers={"WWW-Authenticate": "Bearer"})
         else:
             scope[PASSED] = True
             await self.app(scope, receive, send)
