@@ -154,6 +154,15 @@ def detokenize(pieces: list[str]) -> str:
     return "".join(pieces).replace(WORD_START, " ").strip()
 
 
+def _interleaved(parts: list[str], segment: Callable[[str], list[str | int]]) -> list[str | int]:
+    """The plan of text split into parts and the whitespace between them (alternately): each part's segments, and
+    the whitespace kept, control spaces as plain ones."""
+    plan: list[str | int] = []
+    for k, part in enumerate(parts):
+        plan += [part.translate(_CONTROL_SPACE)] if k % 2 else segment(part)
+    return plan
+
+
 def _by_total_score(scores: list[list[float]]) -> Iterator[tuple[int, ...]]:
     """Choices of one item from each list (each sorted best first), as the index chosen in each, in the order of
     their summed scores, best first: a multi-sentence text's n best translations combine its sentences' that way."""
@@ -445,20 +454,14 @@ class Translator:
     def _split_line(self, line: str, segments: list[_Segment]) -> list[str | int]:
         """A line as segments, one per sentence; each segment's text is normalized as training corpora are
         (nmt.text: no control or invisible characters), and one left empty decodes to nothing."""
-        plan: list[str | int] = []
-        for k, part in enumerate(split_sentences(line)):
-            plan += [part.translate(_CONTROL_SPACE)] if k % 2 else self._split_sentence(part, segments)
-        return plan
+        return _interleaved(split_sentences(line), lambda sentence: self._split_sentence(sentence, segments))
 
     def _split_sentence(self, sentence: str, segments: list[_Segment]) -> list[str | int]:
         """A sentence as one segment, or split after . ! ? ; or : (then at word starts) when over max_len pieces."""
         ids, pieces = self._encode(sentence)
         if len(ids) <= self.max_len:
             return self._chunks(ids, pieces, segments)
-        plan: list[str | int] = []
-        for k, part in enumerate(_CLAUSE_END.split(sentence)):
-            plan += [part.translate(_CONTROL_SPACE)] if k % 2 else self._chunks(*self._encode(part), segments)
-        return plan
+        return _interleaved(_CLAUSE_END.split(sentence), lambda part: self._chunks(*self._encode(part), segments))
 
     def _encode(self, text: str) -> tuple[list[int], list[str]]:
         return self.src_tok.encode_with_pieces(normalize_text(text))
