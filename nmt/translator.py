@@ -401,12 +401,14 @@ class Translator:
         }
         lists = self._shortlist_sizes(shortlist, shortlist_frequent, shortlist_per_source)
         budget = _check_int("batch_tokens", d.batch_tokens if batch_tokens is None else batch_tokens, 1)
+        # Replacing <unk>s copies the source piece attended most: a model without attention has none to copy.
+        can_replace = self.model.decoder.attention is not None
+        replace = can_replace and (d.replace_unk if replace_unk is None else bool(replace_unk))
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise NMTError("texts must be a list of strings")
         segments: list[_Segment] = []
         plans = [self._plan(text, segments) for text in texts]
-        return Job(plans, segments, search, lists, budget, d.replace_unk if replace_unk is None else bool(replace_unk),
-                   bool(return_alignment), n_best,
+        return Job(plans, segments, search, lists, budget, replace, bool(return_alignment), n_best,
                    None if lists is None else functools.partial(self.shortlist.for_batch, frequent=lists[0],
                                                                 per_source=lists[1]))
 

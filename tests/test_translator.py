@@ -203,6 +203,10 @@ def test_unknown_output_is_replaced_by_the_most_attended_source_piece(translator
     assert translator.translate(["a b cü"])[0].text == "b c a"  # pieces ▁a ▁b ▁c ü: piece 2 is ▁c
     kept = translator.translate(["a b ü"], replace_unk=False)[0].text
     assert "\u2047" in kept and "ü" not in kept  # SentencePiece writes <unk> as ⁇
+    asked.clear()
+    monkeypatch.setattr(translator.model.decoder, "attention", None)
+    assert "\u2047" in translator.translate(["a b ü"])[0].text
+    assert asked == [False]  # a model without attention has nothing to copy: no second decoding
 
 
 def test_n_best_alternatives_are_sorted_and_distinct(translator):
