@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
 from nmt.errors import NMTError
-from nmt.files import make_dir, say
+from nmt.files import make_dir, read_lines, say
 
 if TYPE_CHECKING:
     from nmt.translator import Translator
@@ -332,7 +332,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         evaluate,
         evaluate_model,
         format_table,
-        read_lines,
         write_lines,
         write_report,
     )
@@ -419,8 +418,6 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from nmt.evaluate import read_lines
-
     src, hyp = read_lines(args.src, "source file"), read_lines(args.hyp, "hypothesis file")
     if len(src) != len(hyp):
         raise NMTError(f"{args.src} has {len(src)} lines but {args.hyp} has {len(hyp)}")

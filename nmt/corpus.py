@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from nmt.errors import NMTError
-from nmt.files import say
+from nmt.files import read_lines, say
 from nmt.text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -299,31 +299,9 @@ LENGTH_UNITS = ("words", "chars")
 DROP_REASONS = ("empty", "too_long", "ratio", "duplicate", "overlap_dev_test")
 
 
-def _read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 file (split on `\\n` only; `\\r\\n` and a leading BOM accepted)."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise NMTError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise NMTError(f"{path}: is a directory, not a text file") from None
-    except OSError as exc:
-        raise NMTError(f"{path}: cannot read ({exc.strerror})") from None
-    lines = []
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.endswith(b"\n"):
-                raw = raw[:-1]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise NMTError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
-                               f"{exc.start + 1}); convert the file to UTF-8, e.g. with iconv") from None
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")
-            lines.append(line)
+def _read_lines(path: Path, what: str) -> list[str]:
+    """Lines of a corpus file (see read_lines); an empty file is an error."""
+    lines = read_lines(path, what)
     if not lines:
         raise NMTError(f"{path}: file is empty")
     return lines
@@ -335,7 +313,7 @@ def _read_pairs(src: Path | None, tgt: Path | None, tsv: Path | None, what: str)
         if src is not None or tgt is not None:
             raise NMTError(f"give the {what} either as a TSV file or as source and target files, not both")
         pairs = []
-        for lineno, line in enumerate(_read_lines(tsv), 1):
+        for lineno, line in enumerate(_read_lines(tsv, "TSV file"), 1):
             if not line.strip():
                 pairs.append(("", ""))
                 continue
@@ -347,7 +325,7 @@ def _read_pairs(src: Path | None, tgt: Path | None, tsv: Path | None, what: str)
         return pairs
     if src is None or tgt is None:
         raise NMTError(f"give the {what} as both a source and a target file (or as one TSV file)")
-    src_lines, tgt_lines = _read_lines(src), _read_lines(tgt)
+    src_lines, tgt_lines = _read_lines(src, "source file"), _read_lines(tgt, "target file")
     if len(src_lines) != len(tgt_lines):
         raise NMTError(f"{src} has {len(src_lines)} lines but {tgt} has {len(tgt_lines)}; "
                        "parallel files must have one line per sentence pair")

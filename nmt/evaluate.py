@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,30 +13,6 @@ from nmt.errors import NMTError
 from nmt.files import atomic_write
 from nmt.progress import Progress
 from nmt.translator import Translator
-
-
-def read_lines(path: str | Path, what: str = "file") -> list[str]:
-    """The lines of a UTF-8 text file (- for standard input), split on \\n only, a trailing \\r dropped, as sacrebleu
-    reads them, but without the byte order mark some editors write first, which sacrebleu scores as part of the
-    first line."""
-    if str(path) == "-":
-        name, stream = "standard input", sys.stdin
-        data = getattr(stream, "buffer", stream).read()
-    else:
-        name = str(path)
-        if Path(path).is_dir():
-            raise NMTError(f"{what} {path} is a directory")
-        if not Path(path).is_file():
-            raise NMTError(f"{what} not found: {path}")
-        data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data.removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        raise NMTError(f"{name} is not valid UTF-8: {exc}") from None
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
 
 
 def evaluate(hyps: list[str], refs: list[str] | list[list[str]]) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""Writing files: directories made or refused in one line, atomic replacement, a failed write in a few words, and
-a command's results on standard output."""
+"""Files: text lines read as parallel corpora and sacrebleu need them, directories made or refused in one line,
+atomic replacement, a failed write in a few words, and a command's results on standard output."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,38 @@ from pathlib import Path
 from nmt.errors import NMTError
 
 NEARLY_FULL = 16 << 20  # bytes free under which a library's own words for a failed write mean a full disk
+
+
+def read_lines(path: str | Path, what: str = "file") -> list[str]:
+    """The lines of a UTF-8 text file (- for standard input), a trailing \\r and the byte order mark some editors
+    write first dropped. Split on \\n only, as sacrebleu reads them: str.splitlines would also split at U+2028, form
+    feeds and the like, so that two parallel files would no longer line up."""
+    if str(path) == "-":
+        name, stream = "standard input", getattr(sys.stdin, "buffer", sys.stdin)
+        closing = contextlib.nullcontext()  # standard input stays open for the caller
+    else:
+        name = str(path)
+        try:
+            stream = closing = open(path, "rb")
+        except FileNotFoundError:
+            raise NMTError(f"{what} not found: {path}") from None
+        except IsADirectoryError:
+            raise NMTError(f"{what} {path} is a directory, not a text file") from None
+        except OSError as exc:
+            raise NMTError(f"cannot read the {what} {path} ({exc.strerror or exc})") from None
+    lines = []
+    with closing:
+        for lineno, raw in enumerate(stream, 1):
+            if isinstance(raw, str):  # a text stream standing in for standard input
+                raw = raw.encode("utf-8", "surrogateescape")
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise NMTError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                               f"{exc.start + 1}); convert the file to UTF-8, e.g. with iconv") from None
+            lines.append(line.removeprefix("\ufeff") if lineno == 1 else line)
+    return lines
 
 
 def make_dir(path: Path) -> None:

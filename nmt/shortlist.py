@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nmt.errors import NMTError
+from nmt.files import read_lines
 from nmt.tokenizer import BOS, EOS, PAD, WORD_START, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -188,10 +189,7 @@ def shortlist_from_corpus(data_dir: Path, src_tok: Tokenizer, tgt_tok: Tokenizer
         log.warning("no shortlist: the training data (%s) is not there (nmt export --data DIR points to it); "
                     "the model decodes over its whole vocabulary", " and ".join(map(str, files)))
         return None
-    try:
-        src, tgt = (f.read_text(encoding="utf-8").splitlines() for f in files)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise NMTError(f"cannot read the training data in {data_dir} for the shortlist ({exc})") from None
+    src, tgt = (read_lines(f, "training data file") for f in files)
     if len(src) != len(tgt):
         raise NMTError(f"{files[0]} and {files[1]} have {len(src)} and {len(tgt)} lines: not a prepared corpus")
     if not src:

@@ -33,7 +33,7 @@ from nmt.corpus import CORPUS_JSON, train_pairs_sha256
 from nmt.device import pick_device
 from nmt.errors import NMTError
 from nmt.export import is_model_dir
-from nmt.files import make_dir, write_failure
+from nmt.files import make_dir, read_lines, write_failure
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
 from nmt.search import search_ids
@@ -211,17 +211,12 @@ def cpu_name() -> str:
     return f"{name} ({isa})" if isa else name
 
 
-def read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise NMTError(f"corpus file not found: {path} (run `nmt prepare` first)")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise NMTError(f"{path} is not valid UTF-8: {exc}") from None
-
-
 def load_split(data_dir: Path, split: str) -> tuple[list[str], list[str]]:
-    src, tgt = read_lines(data_dir / f"{split}.src"), read_lines(data_dir / f"{split}.tgt")
+    files = [data_dir / f"{split}.src", data_dir / f"{split}.tgt"]
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:
+        raise NMTError(f"corpus file not found: {missing} (run `nmt prepare` first)")
+    src, tgt = (read_lines(f, "corpus file") for f in files)
     if len(src) != len(tgt):
         raise NMTError(f"{data_dir}/{split}.src has {len(src)} lines but {split}.tgt has {len(tgt)}")
     if not src:

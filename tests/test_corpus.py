@@ -308,7 +308,7 @@ def test_files_crlf_and_bom(tmp_path: Path) -> None:
         (lambda d: (write(d / "s", b"uno\ndos\ntr\xe9s\n"), write(d / "t", ["a", "b", "c"]), None),
          r"/s:3: invalid UTF-8 \(byte 0xe9 at column 3\)"),
         (lambda d: (write(d / "s", b""), write(d / "t", b""), None), r"/s: file is empty"),
-        (lambda d: (d / "missing.txt", write(d / "t", ["a"]), None), r"missing.txt: no such file"),
+        (lambda d: (d / "missing.txt", write(d / "t", ["a"]), None), r"source file not found: .*missing.txt"),
         (lambda d: (None, None, write(d / "c.tsv", ["a\tb", "c\td", "no tab here"])),
          r"c.tsv:3: expected exactly one tab \(source<TAB>target\), found 0"),
         (lambda d: (None, None, write(d / "c.tsv", ["a\tb\tc"])),
@@ -455,7 +455,7 @@ def test_cli_files_tsv_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert not (tmp_path / "o2").exists()
 
     rc = main(["prepare", "files", str(tmp_path / "o3"), "--src", str(tmp_path / "nope"), "--tgt", str(bad)])
-    assert rc == 2 and "nope: no such file" in capsys.readouterr().err
+    assert rc == 2 and f"source file not found: {tmp_path / 'nope'}" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):  # argparse: a recipe is required
         main(["prepare"])

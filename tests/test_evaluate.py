@@ -16,7 +16,8 @@ from sacrebleu.metrics import CHRF, TER
 from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.cli import main
 from nmt.errors import NMTError
-from nmt.evaluate import evaluate, read_lines
+from nmt.evaluate import evaluate
+from nmt.files import read_lines
 
 WORDS = "the a cat dog sat on mat ran fast slow big small house tree".split()
 
@@ -73,7 +74,7 @@ def test_cli_hyp_mode_is_the_sacrebleu_number(system, tmp_path, capsys):
     ("short_ref", "same number of lines"),
     ("missing_hyp", "hypothesis file not found"),
     ("missing_ref", "reference file not found"),
-    ("bad_utf8", "not valid UTF-8"),
+    ("bad_utf8", "invalid UTF-8"),
 ])
 def test_cli_hyp_mode_errors(system, tmp_path, capsys, setup, message):
     hyp_file, ref_file, _, refs = system
@@ -103,15 +104,7 @@ def test_cli_argument_errors(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_read_lines_keeps_line_structure(tmp_path):
-    f = tmp_path / "x.txt"
-    f.write_bytes("a\r\n\nb \u2028 c\n".encode())
-    assert read_lines(f) == ["a", "", "b \u2028 c"]
-    f.write_text("", encoding="utf-8")
-    assert read_lines(f) == []
-    # A file saved with a byte order mark (Windows Notepad) scored lower, its first line not matching, silently.
-    f.write_bytes("\ufeffa b\n\ufeffc\n".encode())
-    assert read_lines(f) == ["a b", "\ufeffc"]  # only the mark that opens the file is no text
+def test_nothing_to_score_is_an_error():
     with pytest.raises(NMTError, match="nothing to score"):
         evaluate([], [])
 

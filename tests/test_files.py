@@ -1,4 +1,4 @@
-"""Writing files: a failed write is one line that says what happened, and leaves what was there."""
+"""Files: lines read alike everywhere; a failed write is one line that says what happened, and leaves what was there."""
 
 from __future__ import annotations
 
@@ -9,7 +9,33 @@ from types import SimpleNamespace
 import pytest
 
 from nmt.errors import NMTError
-from nmt.files import atomic_write, make_dir, write_failure
+from nmt.files import atomic_write, make_dir, read_lines, write_failure
+from nmt.train import load_split
+
+
+def test_read_lines_splits_at_newlines_only(tmp_path: Path) -> None:
+    f = tmp_path / "x.txt"
+    f.write_bytes("a\r\n\nb \u2028 c\x0c d\x85 e\u2029\n".encode())
+    assert read_lines(f) == ["a", "", "b \u2028 c\x0c d\x85 e\u2029"]
+    f.write_text("", encoding="utf-8")
+    assert read_lines(f) == []
+    # A file saved with a byte order mark (Windows Notepad) scored lower, its first line not matching, silently.
+    f.write_bytes("\ufeffa b\n\ufeffc\n".encode())
+    assert read_lines(f) == ["a b", "\ufeffc"]  # only the mark that opens the file is no text
+    f.write_bytes(b"ok\nbad \xff\n")
+    with pytest.raises(NMTError, match=r"x.txt:2: invalid UTF-8 \(byte 0xff at column 5\)"):
+        read_lines(f)
+    with pytest.raises(NMTError, match="hypothesis file not found: .*nope"):
+        read_lines(tmp_path / "nope", "hypothesis file")
+    with pytest.raises(NMTError, match="is a directory"):
+        read_lines(tmp_path)
+
+
+def test_training_reads_a_line_separator_as_text_as_the_shortlist_and_evaluation_do(tmp_path: Path) -> None:
+    # str.splitlines would make three source lines of these two, and training would refuse the corpus.
+    (tmp_path / "train.src").write_text("uno \u2028 dos\ntres\n", encoding="utf-8")
+    (tmp_path / "train.tgt").write_text("one two\nthree\n", encoding="utf-8")
+    assert load_split(tmp_path, "train") == (["uno \u2028 dos", "tres"], ["one two", "three"])
 
 
 def test_a_full_disk_is_said_as_such_and_only_then(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
