@@ -7,7 +7,6 @@ nmt/shortlist.py). It carries no optimizer state and no pickled code: safetensor
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -30,6 +29,7 @@ from nmt.corpus import TRAIN_FILES, train_pairs_sha256
 from nmt.errors import NMTError
 from nmt.files import make_dir, write_failure
 from nmt.model import Seq2Seq
+from nmt.run_log import METRICS_FILE, read_records
 from nmt.shortlist import SHORTLIST_FILE, Shortlist, shortlist_from_corpus
 from nmt.tokenizer import Tokenizer
 
@@ -142,39 +142,26 @@ def _read_json(path: Path) -> Any:
         raise NMTError(f"{path} is not a readable JSON file: {exc}") from None
 
 
-def _training_metrics(run: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Best dev BLEU, steps and the dev metrics at the exported step, from the checkpoint and metrics.jsonl."""
+def _training_metrics(records: list[dict[str, Any]], state: dict[str, Any]) -> dict[str, Any]:
+    """Best dev BLEU, steps and the dev metrics at the exported step, from the checkpoint and metrics.jsonl's
+    records."""
     pos = state.get("position", {})
     metrics: dict[str, Any] = {"steps": pos.get("step"), "epochs": pos.get("epoch"),
                                "best_dev_bleu": pos.get("best_bleu") if pos.get("best_bleu", -1) >= 0 else None,
                                "dev_bleu_decoding": "greedy"}
-    path = run / "metrics.jsonl"
-    if path.is_file():
-        records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interrupted run
-        valid = [r for r in records if r.get("type") == "valid" and r.get("step") == pos.get("step")]
-        if valid:
-            metrics["dev"] = {k: v for k, v in valid[-1].items() if k.startswith("dev_")}
+    valid = [r for r in records if r.get("type") == "valid" and r.get("step") == pos.get("step")]
+    if valid:
+        metrics["dev"] = {k: v for k, v in valid[-1].items() if k.startswith("dev_")}
     return metrics
 
 
-def _sessions(run: Path) -> dict[str, Any]:
+def _sessions(records: list[dict[str, Any]]) -> dict[str, Any]:
     """How the run was trained: its commands, hardware and wall time, from the session records of metrics.jsonl.
 
     A session killed without its end record counts up to its last metrics line."""
-    path = run / "metrics.jsonl"
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
     sessions: list[dict[str, Any]] = []
     for r in records:
-        if not isinstance(r, dict) or not isinstance(r.get("time"), (int, float)):
+        if not isinstance(r.get("time"), (int, float)):
             continue
         if r.get("type") == "session" and r.get("event") == "start":
             sessions.append({"start": r["time"], "end": r["time"], **{k: r.get(k) for k in (
@@ -301,6 +288,7 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
         data["sources"] = {k: {**v, "path": Path(v["path"]).name}
                            if isinstance(v, dict) and isinstance(v.get("path"), str) else v
                            for k, v in data["sources"].items()}
+    records = read_records(run / METRICS_FILE)
     return {
         "format": FORMAT,
         "name": name,
@@ -314,10 +302,10 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
         "checkpoint": checkpoint,
         "weights_sha256": digests[1],
         "data": data,
-        "metrics": _training_metrics(run, state),
+        "metrics": _training_metrics(records, state),
         "evaluation": _evaluation(run, checkpoint, report, set(digests), state.get("position", {}).get("step"),
                                   dtype),
-        "training": _sessions(run),
+        "training": _sessions(records),
     }
 
 

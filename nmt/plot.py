@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -11,23 +9,15 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from nmt.errors import NMTError
-
-log = logging.getLogger(__name__)
+from nmt.run_log import METRICS_FILE, read_records
 
 
 def read_metrics(path: Path) -> dict[str, list[dict[str, Any]]]:
     """Train and valid records by step; a step logged twice (a run resumed from an older checkpoint) keeps the
     later record, and a torn last line (a run still writing) is skipped."""
     by_type: dict[str, dict[int, dict[str, Any]]] = {"train": {}, "valid": {}}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d is not JSON; skipped", path, number)
-            continue
-        if isinstance(record, dict) and record.get("type") in by_type and isinstance(record.get("step"), int):
+    for record in read_records(path):
+        if record.get("type") in by_type and isinstance(record.get("step"), int):
             by_type[record["type"]][record["step"]] = record
     return {kind: [records[s] for s in sorted(records)] for kind, records in by_type.items()}
 
@@ -40,7 +30,7 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Draw loss, perplexity, dev BLEU and learning rate against updates; returns the PNG's path."""
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise NMTError(f"no metrics in {run_dir}: {metrics_path} not found (is it a run directory of `nmt train`?)")
     metrics = read_metrics(metrics_path)

@@ -33,9 +33,10 @@ from nmt.corpus import CORPUS_JSON, train_pairs_sha256
 from nmt.device import pick_device
 from nmt.errors import NMTError
 from nmt.export import is_model_dir
-from nmt.files import make_dir, read_lines, write_failure
+from nmt.files import make_dir, read_lines
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
+from nmt.run_log import METRICS_FILE, append_record
 from nmt.search import search_ids
 from nmt.tokenizer import Tokenizer, ensure_tokenizers, set_sampling_seed
 
@@ -263,7 +264,7 @@ def label_languages(cfg: Config) -> None:
         cfg.data.src_lang, cfg.data.tgt_lang = named
 
 
-RUN_ENTRIES = {"config.yaml", "src.model", "tgt.model", "metrics.jsonl", "last.pt", "best.pt", STEP_DIR, "eval",
+RUN_ENTRIES = {"config.yaml", "src.model", "tgt.model", METRICS_FILE, "last.pt", "best.pt", STEP_DIR, "eval",
                "curves.png"}  # what nmt tokenizer, train, evaluate and plot write in a run directory
 
 
@@ -502,12 +503,7 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.ranks.main:
-            path = self.run_dir / "metrics.jsonl"
-            try:
-                with open(path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as exc:
-                raise NMTError(f"cannot write {path} ({write_failure(path, exc)})") from None
+            append_record(self.run_dir / METRICS_FILE, record)
 
     def _log_train(self, window: list[float], seconds: float, echo: bool) -> None:
         """A metrics line from all ranks' (loss, nll, tokens) sums since the last one; with `echo` (no progress bar:

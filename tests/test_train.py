@@ -26,6 +26,7 @@ from nmt.cli import main
 from nmt.config import Config, from_dict, load_config
 from nmt.errors import NMTError
 from nmt.model import Seq2Seq
+from nmt.run_log import append_record, read_records
 from nmt.search import search_ids
 from nmt.tokenizer import Tokenizer
 from nmt.train import Trainer, train
@@ -476,6 +477,18 @@ def test_plot_default_path_and_torn_lines(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "tr')
     assert main(["plot", str(tmp_path)]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_metrics_records_skip_torn_and_foreign_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "metrics.jsonl"
+    assert read_records(path) == []
+    append_record(path, {"type": "train", "step": 1})
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('3\n\n["a"]\n{"type": "valid", "step": 1}\n{"type": "tr')
+    assert read_records(path) == [{"type": "train", "step": 1}, {"type": "valid", "step": 1}]
+    assert [r.getMessage().split(":")[-1] for r in caplog.records] == ["2 is not a JSON object; skipped",
+                                                                      "4 is not a JSON object; skipped",
+                                                                      "6 is not a JSON object; skipped"]
 
 
 def test_plot_without_metrics_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
