@@ -65,9 +65,6 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.Decode([i for i in ids if i > EOS or i == UNK])
 
-    def decode_pieces(self, pieces: list[str]) -> str:
-        return self.sp.DecodePieces(pieces)
-
 
 def set_sampling_seed(seed: int) -> None:
     """Seed SentencePiece's sampler so subword sampling is repeatable (and resumable)."""
