@@ -69,12 +69,12 @@ class TrainConfig:
     label_smoothing: float = 0.1
     sampled_softmax: int = 0  # K > 0: softmax over each batch's target pieces + K drawn at random; 0 = whole vocab
     lr_decay: float = 0.5  # multiply lr by this when dev loss plateaus
-    lr_patience: int = 2  # validations without dev-loss improvement before decaying
+    lr_patience: int = 2  # validations without dev-loss improvement tolerated: the next one such decays lr
     min_lr: float = 1.0e-5
     valid_every: int = 1000  # updates between validations; 0 = once per epoch
     valid_bleu: bool = True  # greedy-decode dev for BLEU at each validation
     valid_max_sentences: int = 0  # cap on dev sentences decoded for BLEU; 0 = all
-    early_stop_patience: int = 8  # validations without dev-BLEU improvement before stopping; 0 = off
+    early_stop_patience: int = 8  # stop at this many validations in a row without dev-BLEU improvement; 0 = off
     log_every: int = 50  # updates between metric lines
     accum_steps: int = 1  # batches whose gradients are summed before one update
     keep_checkpoints: int = 0  # weights saved at the last N validations, for `nmt export --average`; 0 = none
