@@ -28,10 +28,19 @@ def normalize_text(text: str) -> str:
 
 # A sentence ends at . ! ? or … (and the quotes or brackets that close there) before whitespace and an upper-case
 # letter (after opening quotes or brackets, and the inverted marks that open Spanish questions and exclamations),
-# except at a period after a single capital (an initial) or one of these abbreviations that precede names.
+# except at the period of an abbreviation: after a single capital (an initial), a word with periods inside (U.S.,
+# S.A.), a doubled capital (Spanish plurals: EE. UU., FF. AA.) or one of these words that precede names.
 _SENTENCE_BREAK = re.compile(r"[.!?…][\"'»›”’)\]}]*(\s+)")
 _OPENERS = "\"'«‹“‘„([{¿¡—–-"
-_TITLES = frozenset("mr mrs ms dr prof sr sra srta dra st mt jr rev gen col capt lt sgt hon fr sto sta".split())
+_TITLES = frozenset("mr mrs ms dr prof sr sra srta dra st mt jr rev gen col capt lt sgt hon fr sto sta ud uds vd "
+                    "vds dña lic ing arq av avda".split())
+
+
+def _is_abbreviation(word: str) -> bool:
+    """Whether a word that a period follows is an abbreviation (see _SENTENCE_BREAK)."""
+    word = word.rstrip(".")
+    return (len(word) == 1 and word.isupper() or "." in word
+            or len(word) == 2 and word.isupper() and word[0] == word[1] or word.lower() in _TITLES)
 
 
 def split_sentences(line: str) -> list[str]:
@@ -39,9 +48,8 @@ def split_sentences(line: str) -> list[str]:
     parts, start = [], 0
     for match in _SENTENCE_BREAK.finditer(line):
         head, after = line[start:match.start(1)], line[match.end():].lstrip(_OPENERS)
-        word = head.rsplit(maxsplit=1)[-1].rstrip(".").lstrip(_OPENERS) if head.strip() else ""
-        initial = len(word) == 1 and word.isupper()
-        if not after[:1].isupper() or head.endswith(".") and (initial or word.lower() in _TITLES):
+        word = head.rsplit(maxsplit=1)[-1].lstrip(_OPENERS) if head.strip() else ""
+        if not after[:1].isupper() or head.endswith(".") and _is_abbreviation(word):
             continue
         parts += [head, match.group(1)]
         start = match.end()

@@ -18,6 +18,10 @@ from nmt.text import split_sentences
     ("uno. dos; tres: Cuatro", ["uno. dos; tres: Cuatro"]),
     ("J. R. R. Tolkien wrote it.", ["J. R. R. Tolkien wrote it."]),
     ("El Sr. García y la Dra. Ruiz. Mr. Smith", ["El Sr. García y la Dra. Ruiz.", "Mr. Smith"]),
+    ("Vive en EE. UU. desde 1990. Trabaja para la U.S. Army y Ud. lo sabe. Bien.",
+     ["Vive en EE. UU. desde 1990.", "Trabaja para la U.S. Army y Ud. lo sabe.", "Bien."]),
+    ("Llegó a las 5 p.m. Luego se fue. Es de la ONU. Bien.",  # an abbreviation may end a sentence: not split there
+     ["Llegó a las 5 p.m. Luego se fue.", "Es de la ONU.", "Bien."]),
     ("1.5 millones.Fin", ["1.5 millones.Fin"]),
     ("...", ["..."]),
     ("", [""]),
