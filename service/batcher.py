@@ -163,6 +163,7 @@ class Batcher:
             except Exception as exc:  # a bug here must fail the running jobs, not stop the loop that serves them all
                 log.exception("a batch step failed")
                 outcomes = [(job, exc) for job in self._running]
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._drop, list(self._running))
             for job, outcome in outcomes:
                 self._running.pop(job, None)
                 if job.future.done():
@@ -244,6 +245,14 @@ class Batcher:
                 outcome = self._run_alone(job)
             outcomes.append((job, outcome))
         return outcomes
+
+    def _drop(self, jobs: list[_Job]) -> None:
+        """Worker thread: take failed jobs out of the engine, so that it does not go on decoding them for nobody."""
+        for job in jobs:
+            try:
+                self._engine.cancel(job)
+            except Exception:
+                log.exception("a failed request could not leave the batch")
 
     def _run_alone(self, job: _Job) -> Sequence[Any] | BaseException:
         try:

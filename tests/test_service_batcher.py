@@ -302,6 +302,30 @@ def test_a_raising_step_takes_the_running_jobs_out_of_the_engine_and_reruns_them
     assert engine.cancelled and after == ["k:1"] and len(engine) == 0
 
 
+def test_a_failure_outside_the_engine_fails_the_running_jobs_and_takes_them_out_of_it(executor):
+    engine = Recorder()
+
+    def observe(jobs: int, segments: int, seconds: float) -> None:
+        if engine.raise_on is not None:
+            raise RuntimeError("metrics bug")
+
+    async def main():
+        batcher = make(engine, executor, observe=observe)
+        batcher.start()
+        engine.raise_on = "off"  # only observe raises
+        failed = await asyncio.gather(batcher.submit("k", [3], 1), batcher.submit("k", [5], 1),
+                                      return_exceptions=True)
+        engine.raise_on = None
+        after = await batcher.submit("k", [1], 1)
+        await batcher.close()
+        return failed, after
+
+    failed, after = asyncio.run(main())
+    assert [str(f) for f in failed] == ["metrics bug", "metrics bug"] and after == ["k:1"]
+    assert sorted(engine.cancelled) == [[3], [5]]  # not decoded on for nobody
+    assert engine.steps[-1] == [[1]]
+
+
 def test_jobs_failing_together_are_not_rerun_for_callers_who_gave_up(executor):
     async def main():
         engine = Recorder()
