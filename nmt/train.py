@@ -566,8 +566,9 @@ class Trainer:
             src, refs = self.dev_src[:limit], self.dev_tgt[:limit]
             ids = [s[: self.cfg.data.max_len] for s in self.src_tok.encode_batch(src)]
             d = self.cfg.decode
+            # min_len 1, as the Translator's: `nmt evaluate` never scores an empty translation either.
             hyps = search_ids(self.model, ids, d.batch_tokens, self.device, beam_size=1,
-                              max_len_a=d.max_len_a, max_len_b=d.max_len_b)
+                              max_len_a=d.max_len_a, max_len_b=d.max_len_b, min_len=1)
             if not all(hyps):  # a sentence without a hypothesis: every score overflowed to inf or nan
                 raise self._diverged(self.pos.step)
             out = [self.tgt_tok.decode(h[0].tokens) for h in hyps]
