@@ -23,10 +23,97 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+_DROP_LABELS = {"empty": "empty", "too_long": "too long", "ratio": "length ratio", "duplicate": "duplicate",
+                "overlap_dev_test": "source also in dev/test"}
+
+
+def _print_counts(result: dict) -> None:
+    c = result["counts"]
+    say(f"corpus: {result['outdir']} ({result['recipe']}, {result['src_lang']} -> {result['tgt_lang']})")
+    say(f"  train {c['train']:,}  dev {c['dev']:,}  test {c['test']:,}")
+
+
+def _run_bible(args: argparse.Namespace) -> int:
+    from nmt.corpus import prepare_bible
+
+    result = prepare_bible(args.outdir, sword_path=args.sword_path, overwrite=args.overwrite)
+    _print_counts(result)
+    skipped = result["skipped"]
+    say(f"  skipped {sum(skipped.values())} of {result['verses']:,} verses (empty source "
+        f"{skipped['empty_src']}, empty target {skipped['empty_tgt']})")
+    return 0
+
+
+def _run_files(args: argparse.Namespace) -> int:
+    from nmt.corpus import prepare_files
+
+    result = prepare_files(
+        args.outdir, args.src, args.tgt, tsv=args.tsv,
+        dev_src=args.dev_src, dev_tgt=args.dev_tgt, dev_tsv=args.dev_tsv,
+        test_src=args.test_src, test_tgt=args.test_tgt, test_tsv=args.test_tsv,
+        dev_size=args.dev_size, test_size=args.test_size, seed=args.seed,
+        src_lang=args.src_lang, tgt_lang=args.tgt_lang, max_len=args.max_len, max_ratio=args.max_ratio,
+        length_unit=args.length_unit, overwrite=args.overwrite)
+    _print_counts(result)
+    dropped = result["dropped"]
+    reasons = ", ".join(f"{_DROP_LABELS[k]} {v:,}" for k, v in dropped.items() if v) or "none"
+    say(f"  read {result['input_pairs']:,} pairs; dropped {sum(dropped.values()):,} ({reasons})")
+    empty_eval = {k: v for k, v in result["dropped_dev_test"].items() if v}
+    if empty_eval:
+        say("  empty pairs dropped from the given " + ", ".join(
+            f"{k.split('_')[0]} files: {v}" for k, v in empty_eval.items()))
+    return 0
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     from nmt import corpus
 
-    corpus.add_cli(sub)
+    p = sub.add_parser("prepare", help="build a cleaned parallel corpus (train/dev/test files)",
+                       description="Build a cleaned parallel corpus: OUTDIR/{train,dev,test}.{src,tgt} and "
+                                   "OUTDIR/corpus.json.")
+    recipes = p.add_subparsers(dest="recipe", metavar="RECIPE")
+    recipes.required = True
+
+    b = recipes.add_parser("bible", help="the built-in Spanish->English Bible corpus (RV1909 -> KJV)",
+                           description="Spanish (Reina-Valera 1909) -> English (King James Version) verses "
+                                       "from the Debian packages sword-text-sparv and sword-text-kjv.")
+    b.add_argument("outdir", metavar="OUTDIR", help="output directory")
+    b.add_argument("--sword-path", default="/usr/share/sword", help="SWORD library (default %(default)s)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace OUTDIR even if it holds something other than a previous corpus "
+                        "(never one that holds the input files or the current directory)")
+    b.set_defaults(func=_run_bible)
+
+    f = recipes.add_parser("files", help="your own parallel text: two plain-text files or one TSV file",
+                           description="Clean your own parallel text (NFC, control characters, whitespace; "
+                                       "drop empty, too long, badly proportioned and duplicate pairs) and "
+                                       "split it into train/dev/test.")
+    f.add_argument("outdir", metavar="OUTDIR", help="output directory")
+    f.add_argument("--src", metavar="FILE", help="source sentences, one a line")
+    f.add_argument("--tgt", metavar="FILE", help="target sentences, line-parallel to --src")
+    f.add_argument("--tsv", metavar="FILE", help="source<TAB>target a line (instead of --src/--tgt)")
+    for split in ("dev", "test"):
+        f.add_argument(f"--{split}-src", metavar="FILE", help=f"{split} source file (else held out)")
+        f.add_argument(f"--{split}-tgt", metavar="FILE", help=f"{split} target file")
+        f.add_argument(f"--{split}-tsv", metavar="FILE", help=f"{split} TSV file")
+        f.add_argument(f"--{split}-size", type=int, metavar="N",
+                       help=f"{split} pairs to hold out (default {corpus.DEFAULT_HOLDOUT} or "
+                            f"{corpus.HOLDOUT_FRACTION * 100:.0f}%% of the pairs, whichever is fewer)")
+    f.add_argument("--seed", type=int, default=1234, help="hold-out random seed (default %(default)s)")
+    f.add_argument("--src-lang", default="src", help="source language code for corpus.json")
+    f.add_argument("--tgt-lang", default="tgt", help="target language code for corpus.json")
+    f.add_argument("--max-len", type=int, default=corpus.DEFAULT_MAX_LEN, metavar="N",
+                   help="drop training pairs with a side longer than N units (default %(default)s)")
+    f.add_argument("--max-ratio", type=float, default=corpus.DEFAULT_MAX_RATIO, metavar="R",
+                   help="drop training pairs whose longer side is over R times the shorter "
+                        "(default %(default)s; 0 = off)")
+    f.add_argument("--length-unit", choices=corpus.LENGTH_UNITS, default="words",
+                   help="unit of --max-len and --max-ratio (default %(default)s; chars for languages "
+                        "written without spaces)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace OUTDIR even if it holds something other than a previous corpus "
+                        "(never one that holds the input files or the current directory)")
+    f.set_defaults(func=_run_files)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
