@@ -15,12 +15,23 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
 from nmt.errors import NMTError
-from nmt.files import make_dir, read_lines, say
+from nmt.files import make_dir, read_lines, write_failure
 
 if TYPE_CHECKING:
     from nmt.translator import Translator
 
 log = logging.getLogger(__name__)
+
+
+def say(*lines: str) -> None:
+    """Print a command's result lines on standard output, written at once: a failed write (a full disk behind a
+    redirection) is an NMTError, and a closed pipe stays a BrokenPipeError, on which the CLI ends quietly."""
+    try:
+        print(*lines, sep="\n", flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise NMTError(f"cannot write to standard output ({write_failure(Path(os.devnull), exc)})") from None
 
 
 _DROP_LABELS = {"empty": "empty", "too_long": "too long", "ratio": "length ratio", "duplicate": "duplicate",

@@ -1,5 +1,5 @@
 """Files: text lines read as parallel corpora and sacrebleu need them, directories made or refused in one line,
-atomic replacement, a failed write in a few words, and a command's results on standard output."""
+atomic replacement, a failed write in a few words."""
 
 from __future__ import annotations
 
@@ -98,13 +98,3 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
-
-def say(*lines: str) -> None:
-    """Print a command's result lines on standard output, written at once: a failed write (a full disk behind a
-    redirection) is an NMTError, and a closed pipe stays a BrokenPipeError, on which the CLI ends quietly."""
-    try:
-        print(*lines, sep="\n", flush=True)
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise NMTError(f"cannot write to standard output ({write_failure(Path(os.devnull), exc)})") from None
