@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
 from nmt.errors import NMTError
-from nmt.files import make_dir, read_lines, write_failure
+from nmt.files import is_special_file, make_dir, read_lines, write_failure
 
 if TYPE_CHECKING:
     from nmt.translator import Translator
@@ -475,7 +475,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     home, source, exported = locate_model(Path(args.model))
     # A checkpoint file gets a folder of its own: scoring last.pt must not replace the run's (best.pt's) report.
     folder = home / "eval" if exported or Path(args.model).is_dir() else home / "eval" / source.stem
-    out = Path(args.out) if args.out else Path(args.report).parent if args.report else folder
+    # Beside the report, unless that is a device or pipe (--report /dev/stdout): its directory is no place for them.
+    beside = args.report and not is_special_file(Path(args.report))
+    out = Path(args.out) if args.out else Path(args.report).parent if beside else folder
     report_path = Path(args.report) if args.report else out / f"{name}.json"
     if args.out and out.exists() and not out.is_dir():
         raise NMTError(f"--out {out}: not a directory")

@@ -75,15 +75,30 @@ def write_failure(path: Path, exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def is_special_file(path: Path) -> bool:
+    """Whether path is something other than a regular file or a directory: a device (/dev/null), a pipe."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Call write(tmp_path), then rename it over path, so readers never see a half-written file. A failure is an
-    NMTError naming path, judged while the unfinished file still holds its space; path is left as it was."""
+    NMTError naming path, judged while the unfinished file still holds its space; path is left as it was.
+
+    A symbolic link stays one: the file it points to is replaced. A device or pipe (/dev/null, /dev/stdout) is
+    written to, as it cannot be replaced."""
+    shown, path = path, path.resolve() if path.is_symlink() else path
+    if is_special_file(path):
+        try:
+            write(str(path))
+        except (OSError, RuntimeError) as exc:
+            raise NMTError(f"cannot write {shown} ({write_failure(path, exc)})") from None
+        return
     make_dir(path.parent)
     existed = path.exists()
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise NMTError(f"cannot write {path} ({write_failure(path, exc)})") from None
+        raise NMTError(f"cannot write {shown} ({write_failure(path, exc)})") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -93,7 +108,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # RuntimeError: torch.save's failures
         kept = f"; the earlier {path.name} is kept" if existed else ""
-        raise NMTError(f"cannot write {path} ({write_failure(path, exc)}){kept}") from None
+        raise NMTError(f"cannot write {shown} ({write_failure(path, exc)}){kept}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -156,6 +157,10 @@ def test_evaluate_a_model_on_files(tiny_model_dir, tiny_data, tmp_path, capsys):
     assert read_lines(elsewhere.parent / "s.hyp") == ["c b a", "g f e d"] and not (tiny_model_dir / "eval").exists()
     blocked = tmp_path / "blocked-model"
     shutil.copytree(tiny_model_dir, blocked)
+    # A report to a device goes there; the hypotheses, which have no place beside it, to MODEL/eval.
+    assert main(["evaluate", str(blocked), "--src", str(src), "--ref", str(ref), "--report", os.devnull]) == 0
+    assert read_lines(blocked / "eval" / "s.hyp") == ["c b a", "g f e d"] and Path(os.devnull).is_char_device()
+    shutil.rmtree(blocked / "eval")
     (blocked / "eval").write_text("a file", encoding="utf-8")
     assert main(["evaluate", str(blocked), "--src", str(src), "--ref", str(ref)]) == 2
     error = capsys.readouterr().err.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,6 +71,21 @@ def test_atomic_write_judges_a_failure_while_the_unfinished_file_holds_its_space
     assert target.read_text(encoding="utf-8") == "step 20" and sorted(tmp_path.iterdir()) == [target]
     with pytest.raises(NMTError, match=r"cannot write .*nope/x \(Not a directory\)|cannot create the directory"):
         atomic_write(target / "nope" / "x", lambda tmp: None)
+
+
+def test_atomic_write_keeps_links_and_devices(tmp_path: Path) -> None:
+    # Renaming over them turned a link into a plain file, and /dev/full into a file holding a report.
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("old", encoding="utf-8")
+    link.symlink_to(real)
+    atomic_write(link, lambda tmp: Path(tmp).write_text("new", encoding="utf-8"))
+    assert link.is_symlink() and real.read_text(encoding="utf-8") == "new"
+    atomic_write(Path(os.devnull), lambda tmp: Path(tmp).write_text("gone", encoding="utf-8"))
+    assert Path(os.devnull).is_char_device()
+    if Path("/dev/full").is_char_device():
+        with pytest.raises(NMTError, match=r"^cannot write /dev/full \(no space left on the device\)$"):
+            atomic_write(Path("/dev/full"), lambda tmp: Path(tmp).write_text("x" * 10000, encoding="utf-8"))
+        assert Path("/dev/full").is_char_device()
 
 
 def test_a_directory_that_a_file_is_in_the_way_of_says_so(tmp_path: Path) -> None:
