@@ -165,23 +165,24 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_tokenizer(args: argparse.Namespace) -> int:
     from nmt.config import load_config, save_config
     from nmt.tokenizer import ensure_tokenizers
-    from nmt.train import check_run_dir_holds_only_a_run
+    from nmt.train import check_run_dir_holds_only_a_run, lock_run_dir
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.train.run_dir)
     check_run_dir_holds_only_a_run(run_dir)
-    models = [run_dir / "src.model", run_dir / "tgt.model"]
-    if any(m.exists() for m in models):
-        if not args.force:
-            raise NMTError(f"{run_dir} already has tokenizers (src.model, tgt.model); --force replaces them")
-        if (run_dir / "last.pt").exists():
-            raise NMTError(f"{run_dir} holds a trained model that depends on its tokenizers; "
-                           "choose another train.run_dir")
-        for m in models:
-            m.unlink(missing_ok=True)
     make_dir(run_dir)
-    src, tgt = ensure_tokenizers(Path(cfg.data.dir), run_dir, cfg.tokenizer)
-    save_config(cfg, run_dir / "config.yaml")  # so `nmt train` can tell whether its tokenizer settings match
+    models = [run_dir / "src.model", run_dir / "tgt.model"]
+    with lock_run_dir(run_dir):  # a run training here (not yet at its first checkpoint) reads these tokenizers
+        if any(m.exists() for m in models):
+            if not args.force:
+                raise NMTError(f"{run_dir} already has tokenizers (src.model, tgt.model); --force replaces them")
+            if (run_dir / "last.pt").exists():
+                raise NMTError(f"{run_dir} holds a trained model that depends on its tokenizers; "
+                               "choose another train.run_dir")
+            for m in models:
+                m.unlink(missing_ok=True)
+        src, tgt = ensure_tokenizers(Path(cfg.data.dir), run_dir, cfg.tokenizer)
+        save_config(cfg, run_dir / "config.yaml")  # so `nmt train` can tell whether its tokenizer settings match
     say(f"{models[0]} ({len(src)} pieces)", f"{models[1]} ({len(tgt)} pieces)")
     return 0
 

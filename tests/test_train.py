@@ -416,6 +416,11 @@ def test_cli_tokenizer_trains_the_models_train_then_uses(corpus: Path, tmp_path:
     assert "already has tokenizers" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
     made = (run_dir / "src.model").read_bytes()
+    held = nmt.train.lock_run_dir(run_dir)  # a run training here, before its first checkpoint
+    assert main([*args, "--force", "--set", "tokenizer.vocab_size=60"]) == 2
+    assert "another `nmt train` is training in" in capsys.readouterr().err
+    held.close()
+    assert (run_dir / "src.model").read_bytes() == made
     with pytest.raises(NMTError, match="tokenizers trained with other settings"):
         train(tiny_config(corpus, run_dir, "tokenizer.vocab_size=60"))
     train(tiny_config(corpus, run_dir, "train.max_steps=1"))
