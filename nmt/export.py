@@ -333,9 +333,13 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
             raise NMTError(f"{run / name} not found: a run directory holds the SentencePiece models")
     try:
         cfg = from_dict(apply_overrides(state["config"], decode, sections=("decode",)))
-        model = Seq2Seq(cfg.model, state["vocab"]["src"], state["vocab"]["tgt"])
+        vocab = state["vocab"]["src"], state["vocab"]["tgt"]
+        model = Seq2Seq(cfg.model, *vocab)
     except (KeyError, TypeError) as exc:
         raise NMTError(f"{ckpt} lacks the config or vocabulary sizes of an rnnsearch run ({exc})") from None
+    tokenizers = [Tokenizer(run / name) for name in TOKENIZER_FILES]
+    if tuple(map(len, tokenizers)) != vocab:  # replaced since (nmt tokenizer --force, a copy): no model would load
+        raise NMTError(f"{ckpt} was trained with other vocabularies than {run}/src.model and tgt.model")
     load_weights(model, state["model"], ckpt)
     dtype = torch.float16 if fp16 else torch.float32
     tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
@@ -344,7 +348,7 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     digests = (weights_digest(model.state_dict(), cfg.model.tie_embeddings), weights_digest(tensors, False))
     card = build_card(cfg, state, run, ckpt, model.num_parameters(), str(dtype).removeprefix("torch."),
                       outdir.name, digests, Path(report) if report else None, data_dir)
-    shortlist = shortlist_from_corpus(data_dir, *(Tokenizer(run / name) for name in TOKENIZER_FILES))
+    shortlist = shortlist_from_corpus(data_dir, *tokenizers)
     make_dir(outdir.parent)
     try:
         _write_model_dir(outdir, run, tensors, cfg, card, shortlist)

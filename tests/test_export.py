@@ -18,7 +18,7 @@ from nmt.corpus import prepare_files
 from nmt.errors import NMTError
 from nmt.export import export_model, read_safetensors
 from nmt.model import Seq2Seq
-from nmt.tokenizer import Tokenizer
+from nmt.tokenizer import Tokenizer, train_sentencepiece
 from nmt.translator import Translator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +110,19 @@ def test_export_is_atomic_and_refuses_to_overwrite(tiny_run, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary directories left behind
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_export_refuses_tokenizers_the_checkpoint_was_not_trained_with(tiny_run, tiny_data, tmp_path, capsys):
+    # `nmt tokenizer --force` or a copied-in tgt.model: the export was written, and no model loaded from it.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = load_config(run / "config.yaml").tokenizer
+    train_sentencepiece([tiny_data / "train.tgt"], tmp_path / "other", cfg, cfg.vocab_size - 10)
+    shutil.copyfile(tmp_path / "other.model", run / "tgt.model")
+    assert main(["export", str(run), str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.strip() == ("nmt export: error: best.pt was trained with other vocabularies "
+                                                f"than {run}/src.model and tgt.model")
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_full_disk_is_one_line_and_leaves_an_earlier_export_as_it_was(tiny_run, tmp_path, capsys, monkeypatch):
