@@ -225,6 +225,27 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the last silently, so a
+    second `train:` section dropped every setting of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge key's entries may be overridden, as YAML means them to
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary Python objects
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Parse `section.key=value` (value as YAML) from the command line."""
     if "=" not in item:
@@ -234,7 +255,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if len(path) != 2 or not all(path):
         raise NMTError(f"override key '{key}' must look like section.key (e.g. train.lr)")
     try:
-        value = yaml.safe_load(text)
+        value = _load_yaml(text)
     except yaml.YAMLError as exc:
         raise NMTError(f"override '{item}': value is not valid YAML: {_yaml_problem(exc)}") from None
     return path, value
@@ -251,10 +272,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise NMTError(f"config file {path} is a directory")
         if not path.is_file():
             raise NMTError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = _load_yaml(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

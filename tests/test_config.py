@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -133,9 +134,27 @@ def test_bad_config_files(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(NMTError, match="must hold a mapping"):
         load_config(bad)
-    bad.write_text("model:\n  cell: gru\n  cell: lstm\n  dropout: 2\n")
+    bad.write_text("model:\n  cell: gru\n  dropout: 2\n")
     with pytest.raises(NMTError, match="'model.dropout'"):
         load_config(bad)
+    with pytest.raises(NMTError, match=f"config file {tmp_path} is a directory"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    # PyYAML keeps the last of a repeated key: a second train: section silently dropped the first one's settings.
+    ("train:\n  lr: 0.1\n  seed: 3\nmodel:\n  emb_dim: 8\ntrain:\n  lr: 0.2\n",
+     "key 'train' appears twice (first at line 1) at line 6, column 1"),
+    ("model:\n  cell: gru\n  cell: lstm\n", "key 'cell' appears twice (first at line 2) at line 3, column 3"),
+])
+def test_a_key_given_twice_is_an_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(NMTError, match=re.escape(f"config file {path} is not valid YAML: {message}")):
+        load_config(path)
+    merged = tmp_path / "merge.yaml"  # what a merge key brings in may still be overridden
+    merged.write_text("train:\n  <<: {lr: 0.1, seed: 3}\n  lr: 0.2\n")
+    assert (load_config(merged).train.lr, load_config(merged).train.seed) == (0.2, 3)
 
 
 def test_cli_reports_a_bad_value_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
