@@ -133,6 +133,7 @@ _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
 # stop yet (early in training) would run for hours.
 _AT_MOST = {"decode.length_penalty": MAX_LENGTH_PENALTY, "decode.max_len_a": 10, "decode.max_len_b": 1000}
 MIN_CHARACTER_COVERAGE = 0.98  # tokenizer.character_coverage: SentencePiece refuses less
+SPECIAL_PIECES = 4  # every vocabulary's ids 0-3 (nmt.tokenizer: PAD, UNK, BOS, EOS)
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a float that YAML 1.1 may leave a string
 
 
@@ -193,6 +194,9 @@ def _check_ranges(cfg: Config) -> None:
     if not MIN_CHARACTER_COVERAGE <= cfg.tokenizer.character_coverage <= 1.0:
         raise NMTError(f"config key 'tokenizer.character_coverage' must be between {MIN_CHARACTER_COVERAGE} and 1 "
                        f"(SentencePiece's range), got {cfg.tokenizer.character_coverage!r}")
+    if cfg.tokenizer.vocab_size <= SPECIAL_PIECES:
+        raise NMTError(f"config key 'tokenizer.vocab_size' must be more than the {SPECIAL_PIECES} special pieces "
+                       f"(padding, unknown, start and end of sentence), got {cfg.tokenizer.vocab_size}")
     if cfg.model.tie_embeddings and cfg.model.out_dim != cfg.model.emb_dim:
         raise NMTError("config key 'model.tie_embeddings' needs model.out_dim == model.emb_dim")
     betas = [_float(b) for b in cfg.train.adam_betas]

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
 WORD_START = "\u2581"  # SentencePiece's visible space, which begins every word's first piece
+SENTENCEPIECE_MAX_BYTES = 4192  # longer lines are left out of tokenizer training (SentencePiece's default)
 
 
 class Tokenizer:
@@ -84,6 +85,7 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, v
                 vocab_size=vocab_size,
                 character_coverage=cfg.character_coverage,
                 input_sentence_size=cfg.input_sentence_size,
+                max_sentence_length=SENTENCEPIECE_MAX_BYTES,
                 shuffle_input_sentence=True,
                 pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
                 pad_piece=PAD_PIECE, unk_piece=UNK_PIECE, bos_piece=BOS_PIECE, eos_piece=EOS_PIECE,
@@ -115,6 +117,9 @@ def _training_error(message: str, texts: list[Path], cfg: TokenizerConfig) -> st
                  if cfg.character_coverage > MIN_CHARACTER_COVERAGE else "")
         return (f"tokenizer.vocab_size {too_small[1]} is too small for the {too_small[2]} characters and special "
                 f"pieces of {', '.join(map(str, texts))}: raise tokenizer.vocab_size{lower}")
+    if "!sentences_.empty()" in message:  # it skips empty lines and those over its max_sentence_length
+        return (f"SentencePiece found no line to train on in {', '.join(map(str, texts))}: every line is empty or "
+                f"longer than {SENTENCEPIECE_MAX_BYTES} bytes")
     return f"SentencePiece training failed on {', '.join(map(str, texts))}: {message}"
 
 

@@ -440,6 +440,20 @@ def test_a_vocabulary_too_small_for_the_characters_is_one_line_in_config_terms(
     assert "lower tokenizer.character_coverage (now 1.0, at least 0.98)" in err
     assert main([*args, "--set", "tokenizer.character_coverage=0.98"]) == 2  # nothing lower to advise
     assert capsys.readouterr().err.strip().endswith("raise tokenizer.vocab_size")
+    assert main([*args[:-1], "tokenizer.vocab_size=3"]) == 2  # SentencePiece's own words were a check of its code
+    assert "'tokenizer.vocab_size' must be more than the 4 special pieces" in capsys.readouterr().err
+
+
+def test_a_corpus_of_lines_too_long_for_the_tokenizer_is_one_line(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for side, word in (("src", "palabra "), ("tgt", "word ")):
+        (data / f"train.{side}").write_text((word * 1000 + "\n") * 3, encoding="utf-8")
+    args = ["tokenizer", str(TINY), "--set", f"data.dir={data}", "--set", f"train.run_dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (f"nmt tokenizer: error: SentencePiece found no line to train on in "
+                                                f"{data / 'train.src'}: every line is empty or longer than 4192 bytes")
 
 
 def test_a_tokenizer_cut_short_by_a_full_disk_is_not_kept(corpus: Path, tmp_path: Path,
