@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nmt.errors import NMTError
-from nmt.files import read_lines
+from nmt.files import make_dir, read_lines
 from nmt.text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _write_corpus(outdir: Path, splits: dict[str, dict[str, Sequence[str]]], met
     outdir = outdir.resolve()  # "." or "..": a name to rename
     tmp = _sibling(outdir, "tmp")
     try:
-        outdir.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(outdir.parent)
         tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask: the corpus gets ordinary permissions
     except OSError as exc:
         raise NMTError(f"cannot write a corpus to {outdir}: {exc.strerror or exc}") from None

@@ -9,6 +9,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from nmt.errors import NMTError
+from nmt.files import atomic_write
 from nmt.run_log import METRICS_FILE, read_records
 
 
@@ -68,9 +69,5 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     formats = fig.canvas.get_supported_filetypes()
     if out.suffix[1:].lower() not in formats:
         raise NMTError(f"cannot write {out}: the image formats are {', '.join(sorted(formats))}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100)
-    except OSError as exc:
-        raise NMTError(f"cannot write {out}: {exc.strerror or exc}") from None
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format=out.suffix[1:].lower()))
     return out

@@ -462,7 +462,7 @@ class Trainer:
             log.warning("the run was trained on %d processes and resumes on %d: it continues from about the same "
                         "place in the epoch, but not bit for bit", world, self.ranks.world)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last_path, self.pos.step,
-                 self.pos.epoch, self.pos.batch)
+                 self.pos.epoch_number, self.pos.batch)
 
     def _apply_schedule_changes(self, saved: dict[str, Any]) -> None:
         """On --resume, train.lr and the decay settings of the config win over those saved in the checkpoint."""

@@ -454,6 +454,10 @@ def test_cli_files_tsv_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert f"nmt prepare: error: {bad}:2: invalid UTF-8" in err
     assert not (tmp_path / "o2").exists()
 
+    rc = main(["prepare", "files", str(tsv / "sub"), "--tsv", str(tsv)])  # said "File exists"
+    assert rc == 2 and f"cannot create the directory {tsv}: a file of that name is in the way" in \
+        capsys.readouterr().err
+
     rc = main(["prepare", "files", str(tmp_path / "o3"), "--src", str(tmp_path / "nope"), "--tgt", str(bad)])
     assert rc == 2 and f"source file not found: {tmp_path / 'nope'}" in capsys.readouterr().err
 

@@ -488,7 +488,7 @@ def test_plot_writes_a_png(tiny_run: Path, tmp_path: Path, capsys: pytest.Captur
     assert (tmp_path / "new" / "curves.png").is_file()
 
 
-def test_plot_default_path_and_torn_lines(tmp_path: Path) -> None:
+def test_plot_default_path_and_torn_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A run still writing may end in a half line; resumed runs log some steps twice."""
     lines = [{"type": "train", "step": s, "epoch": 1, "loss": 3.0 / s, "nll": 3.0 / s, "ppl": 2.0, "lr": 0.001}
              for s in (1, 2, 3, 2, 3, 4)]
@@ -496,6 +496,9 @@ def test_plot_default_path_and_torn_lines(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "tr')
     assert main(["plot", str(tmp_path)]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path), "-o", str(tmp_path / "curves.png" / "x.png")]) == 2  # said "File exists"
+    assert f"cannot create the directory {tmp_path / 'curves.png'}: a file of that name is in the way" in \
+        capsys.readouterr().err
 
 
 def test_metrics_records_skip_torn_and_foreign_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
