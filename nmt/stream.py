@@ -98,8 +98,12 @@ class TranslationStream:
             self._ready.remove(handle)
         self._waiting.pop(handle, None)
         self._waiting_tokens.pop(handle, None)
-        for search in self._searches.values():
+        for key, search in list(self._searches.items()):
             search.drop([(running.call, j) for j in range(len(running.hyps))])
+            if search.dropped.issuperset(search.keys):
+                # Nobody is left in it: gone now, not at the next step, which would be that of the next call to
+                # come (its first step batched with the cancelled rows, as wide as their sources: other digits).
+                del self._searches[key]
 
     def step(self) -> list[tuple[Hashable, list[Translation] | Exception]]:
         """One decoding step of every running search; the calls that are now done, or failed with an exception

@@ -117,6 +117,26 @@ def test_a_handle_can_be_used_again_at_once_after_its_call_is_cancelled(translat
     same(results["h"], translator.translate(["k l m"]))
 
 
+def test_a_cancelled_call_alone_leaves_at_once_and_the_next_call_decodes_as_if_alone(translator):
+    # Its sentences stayed in the search until the next step, the next call's first: a server that was otherwise
+    # idle gave that call other digits of its score than alone.
+    stream = TranslationStream(translator)
+    stream.add("long", [" ".join(LETTERS * 3)])
+    stream.step()
+    stream.cancel("long")
+    assert len(stream) == 0 and stream.segments == 0
+    stream.add("next", ["k l m"])
+    results = {}
+    while len(stream):
+        results.update(stream.step())
+    alone = TranslationStream(translator)
+    alone.add("next", ["k l m"])
+    expected = {}
+    while len(alone):
+        expected.update(alone.step())
+    assert results["next"][0].score == expected["next"][0].score  # exactly
+
+
 def test_a_failing_search_fails_only_its_calls(translator, monkeypatch):
     real_step = nmt.search.BeamSearch.step
 
