@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 MAX_REPORTED = 50  # fields listed in a 422: a list of thousands of bad items is not answered item by item
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
           413: "too_large", 415: "unsupported_media_type", 422: "validation_error", 429: "rate_limited",
-          500: "internal_error", 503: "unavailable", 504: "timeout"}
+          431: "headers_too_large", 500: "internal_error", 503: "unavailable", 504: "timeout"}
 
 
 class ServiceError(Exception):
@@ -195,6 +195,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         415: "the body is compressed or not JSON",
         422: "invalid request: the message and `fields` name the offending fields",
         429: "rate limit exceeded; see Retry-After",
+        431: "the request line and headers are over NMT_MAX_HEADER_BYTES (the connection is closed)",
         503: "queue full or model not loaded yet; see Retry-After",
         504: "the request deadline passed before the translation was done",
     }.items()

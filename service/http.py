@@ -31,20 +31,32 @@ LOG_EVERY_S = 60.0  # a flood of slow clients is one warning line, with a count,
 
 
 @functools.cache
-def header_timeout_s() -> float:
-    """NMT_HEADER_TIMEOUT_S, read once per process from the environment as the app reads its settings (nmt serve
-    has checked them; where they do not validate, the app fails its startup anyway)."""
+def _setting(name: str) -> Any:
+    """A setting read once per process from the environment as the app reads them (nmt serve has checked them;
+    where they do not validate, the app fails its startup anyway)."""
     try:
-        return Settings().header_timeout_s
+        return getattr(Settings(), name)
     except ValidationError:
-        return Settings.model_fields["header_timeout_s"].default
+        return Settings.model_fields[name].default
+
+
+def header_timeout_s() -> float:
+    return _setting("header_timeout_s")
+
+
+def max_header_bytes() -> int:
+    return _setting("max_header_bytes")
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """HttpToolsProtocol closing a connection whose request headers take longer than the deadline, counted from
     the connection's opening for its first request and from a request's first byte for later ones. Bytes that
     arrive between requests (the rest of a body the app answered without reading, stray line ends) start the same
-    deadline: uvicorn's keep-alive timeout, which any byte cancels, no longer bounds that connection."""
+    deadline: uvicorn's keep-alive timeout, which any byte cancels, no longer bounds that connection.
+
+    Nor did anything bound the headers' size: httptools keeps them whole, so that ten connections sending 80 MB
+    of one header each took the process from 475 to 945 MB. Past NMT_MAX_HEADER_BYTES, 431 and the connection
+    closed, as nginx answers past its header buffers."""
 
     _last_log = float("-inf")
     _unlogged = 0
@@ -53,6 +65,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
         self._begun = False  # a request's first byte has arrived and its headers have not all
+        self._header_bytes = 0  # received since the request began, while its headers are incomplete
+        self._parsed_bytes = 0  # of its request line and headers, as the parser hands them over
+        self._too_large = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -64,18 +79,41 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if self._begun:  # still in the headers after these bytes (their end resets the count)
+            self._header_bytes += len(data)
+            if self._header_bytes > max_header_bytes():
+                self._refuse_large_headers()
+                return
         between_requests = self.cycle is None or self.cycle.response_complete
-        if self._header_timer is None and between_requests and not self.transport.is_closing():
+        if self._header_timer is None and between_requests:
             self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._begun = True
+        self._begun, self._parsed_bytes = True, 0
         if self._header_timer is None:  # a deadline running since the connection opened keeps running
             self._arm()
 
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)  # ": " and the line end
+        super().on_header(name, value)
+
+    def _count(self, size: int) -> None:
+        """Headers that arrive whole in one read are no incomplete bytes: they are counted as they are parsed.
+        Past the limit the parser stops, and uvicorn's answer to a parser error is this 431 (send_400_response)."""
+        self._parsed_bytes += size
+        if self._parsed_bytes > max_header_bytes():
+            self._too_large = True
+            raise ValueError("request headers too large")
+
     def on_headers_complete(self) -> None:
-        self._begun = False
+        self._begun, self._header_bytes = False, 0
         self._disarm()
         super().on_headers_complete()
 
@@ -102,9 +140,20 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._log_timeout()
         self._answer(408, b"Request Timeout", f"the request headers did not all arrive within {header_timeout_s():g} s")
 
+    def _refuse_large_headers(self) -> None:
+        self._disarm()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # pipelined behind an answer still being sent: no room for a 431
+            return
+        self._answer(431, b"Request Header Fields Too Large",
+                     f"the request line and headers exceed {max_header_bytes()} bytes")
+
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are no valid HTTP request (a negative or repeated Content-Length, a
         malformed request line), in the service's JSON error shape instead of plain text."""
+        if self._too_large:
+            self._refuse_large_headers()
+            return
         self._answer(400, b"Bad Request", f"{msg.rstrip('.')}: malformed request line, headers or framing")
 
     def _answer(self, status: int, reason: bytes, message: str) -> None:

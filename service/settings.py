@@ -51,6 +51,8 @@ class Settings(BaseSettings):
                                     "connection's opening (from its first byte for a connection's later requests): "
                                     "408, and the connection closed; one on which no request begins, or that only "
                                     "trickles bytes between requests, is closed silently")
+    max_header_bytes: int = Field(32_768, ge=1024, description="size of a request's line and headers together: "
+                                  "431 above, and the connection closed")
     api_keys: CommaList = Field(default_factory=list, description="comma-separated keys; empty = no auth")
     rate_limit: str = Field("", description="per API key (or client IP) limit like 60/minute, on translate and "
                             "score; a request without a valid key counts against its client IP's; empty = off")

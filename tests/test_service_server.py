@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -218,8 +219,22 @@ def test_each_worker_process_logs_what_it_serves(tiny_model_dir):
 def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
     # uvicorn held such a connection open for as long as the client liked: enough of them (slowloris) used up the
     # process's file descriptors, and nobody else was served.
-    with serving(tiny_model_dir, header_timeout_s="0.5") as (url, _):
+    with serving(tiny_model_dir, header_timeout_s="0.5", max_header_bytes="2048") as (url, _):
         port = int(url.rsplit(":", 1)[1])
+        # Nor was their size bounded: ten connections sending 80 MB of one header each doubled the process's memory.
+        for parts in ([b"X-B: " + b"a" * 5000 + b"\r\n\r\n"], [b"X-B: " + b"a" * 600] * 4):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as big:
+                big.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+                with contextlib.suppress(ConnectionError):  # the server may close before the last part
+                    for part in parts:
+                        big.sendall(part)
+                        time.sleep(0.05)
+                answer = b"".join(iter(lambda: big.recv(4096), b""))
+                assert answer.startswith(b"HTTP/1.1 431 ") and b"exceed 2048 bytes" in answer, answer
+                assert b"\"code\":\"headers_too_large\"" in answer
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as fits:
+            fits.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-B: " + b"a" * 1500 + b"\r\n\r\n")
+            assert fits.recv(4096).startswith(b"HTTP/1.1 200 ")
         with socket.create_connection(("127.0.0.1", port)) as stalled, \
                 socket.create_connection(("127.0.0.1", port)) as silent:
             stalled.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
