@@ -88,7 +88,7 @@ class DecodeConfig:
     max_len_b: int = 10
     replace_unk: bool = True  # replace <unk> by the most-attended source piece
     no_repeat_ngram: int = 0  # ban any n-gram of this size from appearing twice in an output; 0 = off
-    batch_tokens: int = 4000  # source tokens per translation batch
+    batch_tokens: int = 4000  # source tokens per translation batch (padded, ends of sentence included)
     gate_table_mb: int = 256  # precompute every target token's embedding gate term when the table fits; 0 = off
     packed_matmuls: bool = True  # CPU fp32: decoding's matmuls through oneDNN on prepacked weights
     shortlist: bool = True  # decode over a lexical shortlist when the model directory has one (nmt export)

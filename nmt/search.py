@@ -358,13 +358,12 @@ def search_ids(model: Seq2Seq, ids: list[list[int]], batch_tokens: int, device: 
                beam_size: int = 5,
                shortlist: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
                **kwargs) -> list[list[Hypothesis]]:
-    """Decode many id sequences in length-sorted token-budget batches; results come back in input order.
+    """Decode many id sequences in length-sorted batches of at most batch_tokens source tokens (padded, ends of
+    sentence included; a longer sentence alone), the service's measure too; results come back in input order.
 
     shortlist, when given, maps each padded source batch to its shortlist (see beam_search)."""
     results: list[list[Hypothesis]] = [[] for _ in ids]
-    lengths = [len(s) + 1 for s in ids]
-    budget = max(batch_tokens // max(beam_size, 1), max(lengths, default=1))
-    for group in token_batches(lengths, None, budget, max_sentences=len(ids) or 1):
+    for group in token_batches([len(s) for s in ids], None, batch_tokens, max_sentences=len(ids) or 1):
         batch = collate([ids[i] for i in group], None, group)
         src = batch.src.to(device)
         hyps = beam_search(model, src, batch.src_lens, beam_size=beam_size,

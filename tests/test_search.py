@@ -222,7 +222,7 @@ def test_batched_equals_one_by_one(tiny, groups, monkeypatch):
     random.Random(0).shuffle(mixed)
     opts = {"beam_size": 5, "n_best": 3, "alpha": 1.0, "return_attention": True}
     batched = search_ids(model, mixed, 10_000, torch.device("cpu"), **opts)
-    tiny_batches = search_ids(model, mixed, 40, torch.device("cpu"), **opts)  # one or two sentences a batch
+    tiny_batches = search_ids(model, mixed, 10, torch.device("cpu"), **opts)  # one or two sentences a batch
     for ids, b, t in zip(mixed, batched, tiny_batches, strict=True):
         single = one(model, ids, **opts)
         assert_same(b, single)
@@ -230,6 +230,23 @@ def test_batched_equals_one_by_one(tiny, groups, monkeypatch):
         for h in b:
             assert h.attention.shape == (len(h.tokens) + 1, len(ids) + 1)
             assert torch.allclose(h.attention.sum(1), torch.ones(len(h.tokens) + 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("beam", [1, 5])
+def test_the_batch_budget_counts_padded_source_tokens_whatever_the_beam(tiny, beam, monkeypatch):
+    # It was divided by the beam size, and each end of sentence counted twice: `nmt translate` batched 5x fewer
+    # sentences than the service under the same number.
+    model, _, _ = tiny
+    sizes = []
+    real = nmt.search.beam_search
+
+    def spy(model, src, lens, **kwargs):
+        sizes.append(tuple(src.shape))
+        return real(model, src, lens, **kwargs)
+
+    monkeypatch.setattr(nmt.search, "beam_search", spy)
+    search_ids(model, [[5, 6, 7, 8]] * 9, 20, torch.device("cpu"), beam_size=beam)
+    assert sizes == [(4, 5), (4, 5), (1, 5)]  # 4 x (4 pieces + </s>) = 20
 
 
 def test_n_best_sorted_distinct_and_limited(tiny):
