@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from nmt.errors import NMTError
 
@@ -75,9 +76,24 @@ def write_failure(path: Path, exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# The names of this process's standard output and error (read when written: tests and callers may replace them).
+_OWN_STREAMS: dict[str, Callable[[], Any]] = {
+    **dict.fromkeys(("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"), lambda: sys.stdout),
+    **dict.fromkeys(("/dev/stderr", "/dev/fd/2", "/proc/self/fd/2"), lambda: sys.stderr),
+}
+
+
 def is_special_file(path: Path) -> bool:
-    """Whether path is something other than a regular file or a directory: a device (/dev/null), a pipe."""
-    return path.exists() and not path.is_file() and not path.is_dir()
+    """Whether path is written into rather than replaced: a device or pipe (/dev/null), or a name under /dev or
+    /proc, such as /dev/stdout, which stands for whatever a process has open (a pipe, or a file a shell redirection
+    opened: renaming over that file would cut the shell's output off from it)."""
+    absolute = os.path.abspath(path)  # not resolved: /dev/stdout resolves to the file it stands for
+    if absolute.startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        return path.exists() and not path.is_file() and not path.is_dir()
+    except OSError:  # a symbolic link loop: no file to write into
+        return False
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
@@ -85,14 +101,32 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     NMTError naming path, judged while the unfinished file still holds its space; path is left as it was.
 
     A symbolic link stays one: the file it points to is replaced. A device or pipe (/dev/null, /dev/stdout) is
-    written to, as it cannot be replaced."""
-    shown, path = path, path.resolve() if path.is_symlink() else path
+    written into (see is_special_file)."""
+    shown = path
     if is_special_file(path):
-        try:
-            write(str(path))
-        except (OSError, RuntimeError) as exc:
-            raise NMTError(f"cannot write {shown} ({write_failure(path, exc)})") from None
+        # Written aside, then copied: opening /dev/stdout truncates the file a shell's >> opened, or writes at
+        # another offset than the process's own output there, so our own standard streams are written as such.
+        with tempfile.TemporaryDirectory(prefix="nmt-") as aside:
+            tmp = os.path.join(aside, path.name or "output")
+            stream = _OWN_STREAMS.get(os.path.abspath(path))
+            try:
+                write(tmp)
+                with open(tmp, "rb") as src:
+                    if stream is not None:
+                        stream().flush()
+                        shutil.copyfileobj(src, stream().buffer)
+                        stream().flush()
+                    else:
+                        with open(path, "ab") as dst:
+                            shutil.copyfileobj(src, dst)
+            except (OSError, RuntimeError) as exc:
+                raise NMTError(f"cannot write {shown} ({write_failure(path, exc)})") from None
         return
+    if path.is_symlink():
+        try:
+            path = path.resolve(strict=False)
+        except (OSError, RuntimeError) as exc:  # a loop: RuntimeError before Python 3.13, OSError since
+            raise NMTError(f"cannot write {shown} ({exc})") from None
     make_dir(path.parent)
     existed = path.exists()
     try:

@@ -82,10 +82,23 @@ def test_atomic_write_keeps_links_and_devices(tmp_path: Path) -> None:
     assert link.is_symlink() and real.read_text(encoding="utf-8") == "new"
     atomic_write(Path(os.devnull), lambda tmp: Path(tmp).write_text("gone", encoding="utf-8"))
     assert Path(os.devnull).is_char_device()
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(NMTError, match="cannot write .*loop"):  # was a RuntimeError's traceback
+        atomic_write(loop, lambda tmp: Path(tmp).write_text("x", encoding="utf-8"))
     if Path("/dev/full").is_char_device():
         with pytest.raises(NMTError, match=r"^cannot write /dev/full \(no space left on the device\)$"):
             atomic_write(Path("/dev/full"), lambda tmp: Path(tmp).write_text("x" * 10000, encoding="utf-8"))
         assert Path("/dev/full").is_char_device()
+
+
+def test_dev_stdout_is_this_process_s_output_not_the_file_behind_it(capsys: pytest.CaptureFixture[str]) -> None:
+    # Resolved, it was the file a shell's redirection had opened: renamed over (the shell's later output lost), or
+    # a pipe's name under /proc that could not be written.
+    print("before")
+    atomic_write(Path("/dev/stdout"), lambda tmp: Path(tmp).write_text("report\n", encoding="utf-8"))
+    print("after")
+    assert capsys.readouterr().out == "before\nreport\nafter\n"
 
 
 def test_a_directory_that_a_file_is_in_the_way_of_says_so(tmp_path: Path) -> None:
