@@ -231,19 +231,31 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the last silently, so a
-    second `train:` section dropped every setting of the first."""
+    second `train:` section dropped every setting of the first. Checked on the document as written, before merge
+    keys (<<) bring in entries that a mapping may override."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # a merge key's entries may be overridden, as YAML means them to
-            key = self.construct_object(key_node)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (first at line {seen[key] + 1})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(node, set())
+        return super().construct_document(node)
+
+
+def _check_unique_keys(node: yaml.Node, checked: set[int]) -> None:
+    if id(node) in checked:  # an alias of a node already checked
+        return
+    checked.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key.value!r} appears twice (first at line {first[key.tag, key.value] + 1})",
+                        key.start_mark)
+                first[key.tag, key.value] = key.start_mark.line
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        for child in node.value:
+            for part in child if isinstance(child, tuple) else (child,):
+                _check_unique_keys(part, checked)
 
 
 def _load_yaml(text: str) -> Any:

@@ -155,6 +155,10 @@ def test_a_key_given_twice_is_an_error(tmp_path: Path, text: str, message: str) 
     merged = tmp_path / "merge.yaml"  # what a merge key brings in may still be overridden
     merged.write_text("train:\n  <<: {lr: 0.1, seed: 3}\n  lr: 0.2\n")
     assert (load_config(merged).train.lr, load_config(merged).train.seed) == (0.2, 3)
+    # A merge of a mapping that merges another, used before its own turn: flattened in place, it looked doubled.
+    merged.write_text("x: &c {lr: 0.1, seed: 3}\ny:\n  t: &m {<<: *c, lr: 0.2}\ntrain: {<<: *m}\n")
+    with pytest.raises(NMTError, match="unknown config section 'x'"):
+        load_config(merged)
 
 
 def test_cli_reports_a_bad_value_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
