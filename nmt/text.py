@@ -28,19 +28,27 @@ def normalize_text(text: str) -> str:
 
 # A sentence ends at . ! ? or … (and the quotes or brackets that close there) before whitespace and an upper-case
 # letter (after opening quotes or brackets, and the inverted marks that open Spanish questions and exclamations),
-# except at the period of an abbreviation: after a single capital (an initial), a word with periods inside (U.S.,
-# S.A.), a doubled capital (Spanish plurals: EE. UU., FF. AA.) or one of these words that precede names.
+# except at the period of an abbreviation: after a single capital (an initial), short runs of letters joined by
+# periods (U.S., S.A., p.m.; not 1.500, 3.5 or example.com), a doubled capital before another (Spanish plurals:
+# EE. UU., FF. AA.; not the Roman numerals of "siglo XX. Después") or one of these words that precede names.
 _SENTENCE_BREAK = re.compile(r"[.!?…][\"'»›”’)\]}]*(\s+)")
 _OPENERS = "\"'«‹“‘„([{¿¡—–-"
 _TITLES = frozenset("mr mrs ms dr prof sr sra srta dra st mt jr rev gen col capt lt sgt hon fr sto sta ud uds vd "
                     "vds dña lic ing arq av avda".split())
+_DOTTED = re.compile(r"(?:[^\W\d_]{1,4}\.)+[^\W\d_]{1,4}\.?")
 
 
-def _is_abbreviation(word: str) -> bool:
-    """Whether a word that a period follows is an abbreviation (see _SENTENCE_BREAK)."""
+def _doubled_capital(word: str) -> bool:
     word = word.rstrip(".")
-    return (len(word) == 1 and word.isupper() or "." in word
-            or len(word) == 2 and word.isupper() and word[0] == word[1] or word.lower() in _TITLES)
+    return len(word) == 2 and word.isupper() and word[0] == word[1]
+
+
+def _is_abbreviation(word: str, after: str) -> bool:
+    """Whether a word that a period follows is an abbreviation (see _SENTENCE_BREAK); after: the text next."""
+    bare = word.rstrip(".")
+    return (len(bare) == 1 and bare.isupper() or _DOTTED.fullmatch(word) is not None
+            or _doubled_capital(word) and _doubled_capital(after.split(maxsplit=1)[0] if after.strip() else "")
+            or bare.lower() in _TITLES)
 
 
 def split_sentences(line: str) -> list[str]:
@@ -49,7 +57,7 @@ def split_sentences(line: str) -> list[str]:
     for match in _SENTENCE_BREAK.finditer(line):
         head, after = line[start:match.start(1)], line[match.end():].lstrip(_OPENERS)
         word = head.rsplit(maxsplit=1)[-1].lstrip(_OPENERS) if head.strip() else ""
-        if not after[:1].isupper() or head.endswith(".") and _is_abbreviation(word):
+        if not after[:1].isupper() or head.endswith(".") and _is_abbreviation(word, after):
             continue
         parts += [head, match.group(1)]
         start = match.end()

@@ -22,6 +22,11 @@ from nmt.text import split_sentences
      ["Vive en EE. UU. desde 1990.", "Trabaja para la U.S. Army y Ud. lo sabe.", "Bien."]),
     ("Llegó a las 5 p.m. Luego se fue. Es de la ONU. Bien.",  # an abbreviation may end a sentence: not split there
      ["Llegó a las 5 p.m. Luego se fue.", "Es de la ONU.", "Bien."]),
+    ("Fue en el siglo XX. Después vino la guerra. Murieron 1.500. Luego subió a 3.5. Ver example.com. Fin.",
+     ["Fue en el siglo XX.", "Después vino la guerra.", "Murieron 1.500.", "Luego subió a 3.5.", "Ver example.com.",
+      "Fin."]),
+    ("World War II. Then the U.S.A. Army came. Vive en EE. UU. Trabaja.",  # a sentence may end in EE. UU.
+     ["World War II.", "Then the U.S.A. Army came.", "Vive en EE. UU.", "Trabaja."]),
     ("1.5 millones.Fin", ["1.5 millones.Fin"]),
     ("...", ["..."]),
     ("", [""]),
