@@ -56,7 +56,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     Nor did anything bound the headers' size: httptools keeps them whole, so that ten connections sending 80 MB
     of one header each took the process from 475 to 945 MB. Past NMT_MAX_HEADER_BYTES, 431 and the connection
-    closed, as nginx answers past its header buffers."""
+    closed, as nginx answers past its header buffers; the parser's further callbacks on that connection are then
+    ignored."""
 
     _last_log = float("-inf")
     _unlogged = 0
@@ -65,9 +66,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
         self._begun = False  # a request's first byte has arrived and its headers have not all
-        self._header_bytes = 0  # received since the request began, while its headers are incomplete
+        self._in_body = False  # a request's headers are complete and its body is not
+        self._completed = 0  # requests whose body has all arrived, on this connection
+        self._header_bytes = 0  # received in reads that fall within a request's line and headers
         self._parsed_bytes = 0  # of its request line and headers, as the parser hands them over
-        self._too_large = False
+        self._too_large = False  # refused with 431: the parser's further callbacks are ignored
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -78,10 +81,16 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        in_body, completed = self._in_body, self._completed
         super().data_received(data)
         if self.transport.is_closing():
             return
-        if self._begun:  # still in the headers after these bytes (their end resets the count)
+        # A read that began outside any body, in which no request ended and after which a request's headers are
+        # still incomplete, holds nothing but header bytes (and perhaps line ends between requests). Those of a
+        # read that holds the end of a body are counted as the parser hands them over (_counted).
+        if self._begun and not in_body and self._completed == completed:
             self._header_bytes += len(data)
             if self._header_bytes > max_header_bytes():
                 self._refuse_large_headers()
@@ -97,25 +106,42 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self._arm()
 
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
+        if self._counted(len(url)):
+            super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)  # ": " and the line end
-        super().on_header(name, value)
+        if self._counted(len(name) + len(value) + 4):  # ": " and the line end
+            super().on_header(name, value)
 
-    def _count(self, size: int) -> None:
-        """Headers that arrive whole in one read are no incomplete bytes: they are counted as they are parsed.
-        Past the limit the parser stops, and uvicorn's answer to a parser error is this 431 (send_400_response)."""
-        self._parsed_bytes += size
-        if self._parsed_bytes > max_header_bytes():
-            self._too_large = True
-            raise ValueError("request headers too large")
+    def _counted(self, size: int) -> bool:
+        """Count a request's line and headers as the parser hands them over (those that arrive whole in one read
+        are no incomplete bytes; a chunked body's trailers, after the headers, are not counted); whether the
+        request may go on: past the limit it gets 431."""
+        if self._too_large:
+            return False
+        if self._begun:
+            self._parsed_bytes += size
+            if self._parsed_bytes > max_header_bytes():
+                self._refuse_large_headers()
+                return False
+        return True
 
     def on_headers_complete(self) -> None:
-        self._begun, self._header_bytes = False, 0
+        if self._too_large:  # refused: no app call
+            return
+        self._begun, self._header_bytes, self._parsed_bytes, self._in_body = False, 0, 0, True
         self._disarm()
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._too_large:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._completed += 1
+        if not self._too_large:
+            super().on_message_complete()
 
     def _arm(self) -> None:
         self._disarm()
@@ -141,6 +167,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._answer(408, b"Request Timeout", f"the request headers did not all arrive within {header_timeout_s():g} s")
 
     def _refuse_large_headers(self) -> None:
+        self._too_large = True
         self._disarm()
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # pipelined behind an answer still being sent: no room for a 431
@@ -151,8 +178,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are no valid HTTP request (a negative or repeated Content-Length, a
         malformed request line), in the service's JSON error shape instead of plain text."""
-        if self._too_large:
-            self._refuse_large_headers()
+        if self._too_large:  # answered already
             return
         self._answer(400, b"Bad Request", f"{msg.rstrip('.')}: malformed request line, headers or framing")
 
