@@ -285,13 +285,16 @@ def check_run_dir_holds_only_a_run(run_dir: Path) -> None:
 def lock_run_dir(run_dir: Path) -> Any:
     """Hold a lock on the run directory while this process trains in it (the open lock file: keep it); NMTError
     when another `nmt train` holds it, which would overwrite this run's checkpoints and log."""
-    lock = open(run_dir / ".lock", "w")  # held open for the whole run
+    try:
+        lock = open(run_dir / ".lock", "w")  # held open for the whole run
+    except OSError as exc:
+        raise NMTError(f"cannot write {run_dir / '.lock'} ({exc.strerror or exc})") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise NMTError(f"another `nmt train` is training in {run_dir}: wait for it, or choose another "
-                       "train.run_dir") from None
+        raise NMTError(f"another `nmt train` or `nmt tokenizer` is working in {run_dir}: wait for it, or choose "
+                       "another train.run_dir") from None
     except OSError as exc:  # a filesystem without locks: train unguarded rather than not at all
         log.warning("cannot lock %s (%s): nothing stops another `nmt train` from using it meanwhile", run_dir,
                     exc.strerror or exc)

@@ -163,7 +163,10 @@ class Batcher:
             except Exception as exc:  # a bug here must fail the running jobs, not stop the loop that serves them all
                 log.exception("a batch step failed")
                 outcomes = [(job, exc) for job in self._running]
-                await asyncio.get_running_loop().run_in_executor(self._executor, self._drop, list(self._running))
+                try:
+                    await asyncio.get_running_loop().run_in_executor(self._executor, self._drop, list(self._running))
+                except Exception:  # an executor shut down: the jobs still fail below, and the loop goes on
+                    log.exception("the failed requests could not leave the batch")
             for job, outcome in outcomes:
                 self._running.pop(job, None)
                 if job.future.done():

@@ -418,7 +418,7 @@ def test_cli_tokenizer_trains_the_models_train_then_uses(corpus: Path, tmp_path:
     made = (run_dir / "src.model").read_bytes()
     held = nmt.train.lock_run_dir(run_dir)  # a run training here, before its first checkpoint
     assert main([*args, "--force", "--set", "tokenizer.vocab_size=60"]) == 2
-    assert "another `nmt train` is training in" in capsys.readouterr().err
+    assert "another `nmt train` or `nmt tokenizer` is working in" in capsys.readouterr().err
     held.close()
     assert (run_dir / "src.model").read_bytes() == made
     with pytest.raises(NMTError, match="tokenizers trained with other settings"):
@@ -567,10 +567,14 @@ def test_a_run_directory_must_be_a_directory_of_no_model_and_no_other_training(c
     nmt.train.check_run_dir_holds_only_a_run(logged)
     # Two `nmt train` in one run directory overwrote each other's checkpoints and interleaved the log.
     held = nmt.train.lock_run_dir(tmp_path)
-    with pytest.raises(NMTError, match="another `nmt train` is training in"):
+    with pytest.raises(NMTError, match="another `nmt train` or `nmt tokenizer` is working in"):
         nmt.train.lock_run_dir(tmp_path)
     held.close()
     nmt.train.lock_run_dir(tmp_path).close()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / ".lock").mkdir()  # no lock file can be made: a traceback before
+    with pytest.raises(NMTError, match=r"cannot write .*taken/\.lock \(Is a directory\)"):
+        nmt.train.lock_run_dir(tmp_path / "taken")
     # A run that fails after taking the lock lets go of it (a retry in the same process was refused).
     run_dir = tmp_path / "failing"
     with pytest.raises(NMTError, match="no training pairs left") as failure:  # its traceback kept, as a notebook
