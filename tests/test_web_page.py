@@ -79,7 +79,7 @@ def test_a_text_too_long_for_its_heat_map_is_translated_without_one(browser, liv
     wait = WebDriverWait(browser, 30)
     wait.until(lambda d: d.find_element(By.ID, "translation").text)
     assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
-    assert "too long" in browser.find_element(By.ID, "heatmap").text
+    assert "too long" in browser.find_element(By.ID, "heatmap-note").text
 
 
 def test_errors_are_shown_readably_in_place_of_the_last_translation(browser, live_url):
@@ -97,6 +97,54 @@ def test_errors_are_shown_readably_in_place_of_the_last_translation(browser, liv
     assert error.text.startswith("422: beam_size") and "16" in error.text
     # The earlier translation, its scores and heat map stayed on screen under the error, as if they answered it.
     assert not browser.find_element(By.ID, "result").is_displayed()
+
+
+def test_only_the_latest_request_is_shown(browser, live_url):
+    # Ctrl+Enter sent a second request while one ran, and the first one's late answer stayed under the second text.
+    browser.get(live_url)
+    browser.execute_script("""
+        const real = window.fetch; let calls = 0;
+        window.fetch = (url, options) => (url === "/v1/translate" && calls++ === 0)
+            ? new Promise((resolve, reject) => setTimeout(() => real(url, options).then(resolve, reject), 1500))
+            : real(url, options);""")
+    source = browser.find_element(By.ID, "source")
+    source.send_keys("a b c")
+    browser.find_element(By.ID, "translate").click()
+    assert browser.find_element(By.ID, "status").text == "translating…"
+    source.clear()
+    source.send_keys("d e")
+    browser.find_element(By.ID, "translate").click()
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.ID, "translation").text == "e d")
+    browser.execute_script("return new Promise((done) => setTimeout(done, 2500));")  # past the first's answer
+    assert browser.find_element(By.ID, "translation").text == "e d"
+    assert browser.find_element(By.ID, "status").text == ""
+
+
+def test_a_heat_map_too_large_to_draw_is_a_note_and_n_best_follows_the_beam(browser, live_url):
+    # A 514 x 534 table took seconds to draw, froze the page and could not be read.
+    browser.get(live_url)
+    browser.execute_script("""
+        const pieces = Array.from({length: 300}, (_, i) => "p" + i);
+        const weights = pieces.map(() => pieces.map(() => 1 / 300));
+        window.fetch = async () => new Response(JSON.stringify({translations: [{text: "long", score: -1,
+            alternatives: [{text: "one\\n\\ntwo", score: -2}],
+            alignment: {source: pieces, target: pieces, weights}}], model: "m", elapsed_ms: 1}),
+            {status: 200, headers: {"Content-Type": "application/json"}});""")
+    browser.find_element(By.ID, "source").send_keys("x")
+    for field, value in (("beam", "2"), ("nbest", "5")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "translate").click()
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.ID, "translation").text == "long")
+    assert "300 x 300 pieces are too many to draw" in browser.find_element(By.ID, "heatmap-note").text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#heatmap td")
+    assert browser.find_element(By.ID, "nbest").get_attribute("value") == "2"  # was sent as 2, and still said 5
+    assert browser.find_element(By.CSS_SELECTOR, "#alternatives li").text.startswith("one\n\ntwo")
+    browser.find_element(By.ID, "source").clear()
+    browser.find_element(By.ID, "translate").click()  # blank: no request
+    assert browser.find_element(By.ID, "error").text == "Type a text to translate."
 
 
 def test_the_api_documentation_renders_without_the_internet(browser, live_url):

@@ -2,11 +2,20 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+// A heat map of more cells than this took seconds to draw (a 514 x 534 table froze the page) and could not be read.
+const MAX_HEATMAP_CELLS = 20000;
+let inFlight = null; // the AbortController of the request whose answer the page waits for
 
 function showError(message) {
   $("error").textContent = message;
   $("error").hidden = false;
   $("result").hidden = true; // the previous text's translation is no answer to this one
+}
+
+function setBusy(busy) {
+  $("status").textContent = busy ? "translating…" : "";
+  $("result").classList.toggle("stale", busy); // the last answer stays readable, but not as this text's
+  $("form").setAttribute("aria-busy", String(busy));
 }
 
 async function errorMessage(response) {
@@ -20,10 +29,16 @@ async function errorMessage(response) {
 function drawHeatmap(alignment, note) {
   const table = $("heatmap");
   table.replaceChildren();
-  if (!alignment || !alignment.weights.length) {
-    table.insertRow().insertCell().textContent = note || "no attention weights for this translation";
+  const cells = alignment ? alignment.weights.length * alignment.source.length : 0;
+  if (!cells || cells > MAX_HEATMAP_CELLS) {
+    $("heatmap-note").textContent = note || (cells
+      ? `no heat map: ${alignment.weights.length} x ${alignment.source.length} pieces are too many to draw; ` +
+        "translate a shorter text to see its attention"
+      : "no attention weights for this translation");
+    $("heatmap-note").hidden = false;
     return;
   }
+  $("heatmap-note").hidden = true;
   const head = table.createTHead().insertRow();
   head.appendChild(document.createElement("th"));
   for (const piece of alignment.source) {
@@ -74,20 +89,40 @@ async function refusesAlignment(response) {
   }
 }
 
+function fitNBest() {
+  // n-best beyond the beam size cannot be had: say so in the field rather than send fewer silently.
+  const beam = Number($("beam").value);
+  if (beam >= 1) {
+    $("nbest").max = String(Math.min(beam, 16));
+    if (Number($("nbest").value) > beam) $("nbest").value = String(beam);
+  }
+}
+
 async function translate(event) {
   event.preventDefault();
   $("error").hidden = true;
+  if (!$("source").value.trim()) {
+    showError("Type a text to translate.");
+    return;
+  }
+  fitNBest();
   const beam = Number($("beam").value);
   const payload = {
     text: $("source").value,
     beam_size: beam,
-    n_best: Math.max(1, Math.min(Number($("nbest").value), beam)),
+    n_best: Math.max(1, Number($("nbest").value)),
     return_alignment: true,
   };
   const headers = { "Content-Type": "application/json" };
   if ($("apikey").value) headers["X-API-Key"] = $("apikey").value;
-  $("translate").disabled = true;
-  const post = (body) => fetch("/v1/translate", { method: "POST", headers, body: JSON.stringify(body) });
+  // A new request replaces the one under way (Ctrl+Enter twice, a change of text): only the latest is shown.
+  if (inFlight) inFlight.abort();
+  const request = new AbortController();
+  inFlight = request;
+  const post = (body) => fetch("/v1/translate", {
+    method: "POST", headers, body: JSON.stringify(body), signal: request.signal,
+  });
+  setBusy(true);
   try {
     let response = await post(payload);
     let note = null;
@@ -96,15 +131,17 @@ async function translate(event) {
       note = "no heat map: this text is too long for the service to return its attention weights";
       response = await post({ ...payload, return_alignment: false });
     }
-    if (!response.ok) {
-      showError(await errorMessage(response));
-      return;
-    }
-    showResult(await response.json(), note);
+    const data = response.ok ? await response.json() : await errorMessage(response);
+    if (request !== inFlight) return;
+    if (!response.ok) showError(data);
+    else showResult(data, note);
   } catch (err) {
-    showError(`Could not reach the translation service: ${err.message}`);
+    if (request === inFlight) showError(`Could not reach the translation service: ${err.message}`);
   } finally {
-    $("translate").disabled = false;
+    if (request === inFlight) {
+      inFlight = null;
+      setBusy(false);
+    }
   }
 }
 
@@ -122,6 +159,7 @@ async function loadModelInfo() {
 }
 
 $("form").addEventListener("submit", translate);
+$("beam").addEventListener("change", fitNBest);
 $("source").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("form").requestSubmit();
 });
