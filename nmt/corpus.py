@@ -16,7 +16,6 @@ run never leaves a half-written corpus.
 from __future__ import annotations
 
 import functools
-import hashlib
 import html
 import json
 import logging
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nmt.errors import NMTError
-from nmt.files import make_dir, read_lines
+from nmt.files import make_dir, read_lines, sha256_of
 from nmt.text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -333,16 +332,6 @@ def _read_pairs(src: Path | None, tgt: Path | None, tsv: Path | None, what: str)
 
 def _length(text: str, unit: str) -> int:
     return len(text.split()) if unit == "words" else len(text)
-
-
-def sha256_of(*paths: Path) -> str:
-    """SHA-256 of the files' bytes, one after the other."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def train_pairs_sha256(data_dir: Path) -> str | None:

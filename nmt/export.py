@@ -31,7 +31,7 @@ from nmt.files import make_dir, write_failure
 from nmt.model import Seq2Seq
 from nmt.run_log import METRICS_FILE, read_records
 from nmt.shortlist import SHORTLIST_FILE, Shortlist, shortlist_from_corpus
-from nmt.tokenizer import Tokenizer
+from nmt.tokenizer import Tokenizer, check_trained_with
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +338,7 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
     except (KeyError, TypeError) as exc:
         raise NMTError(f"{ckpt} lacks the config or vocabulary sizes of an rnnsearch run ({exc})") from None
     tokenizers = [Tokenizer(run / name) for name in TOKENIZER_FILES]
-    if tuple(map(len, tokenizers)) != vocab:  # replaced since (nmt tokenizer --force, a copy): no model would load
-        raise NMTError(f"{ckpt} was trained with other vocabularies than {run}/src.model and tgt.model")
+    check_trained_with(state, *tokenizers, run, ckpt)
     load_weights(model, state["model"], ckpt)
     dtype = torch.float16 if fp16 else torch.float32
     tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import sys
@@ -147,3 +148,12 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
+
+def sha256_of(*paths: Path) -> str:
+    """SHA-256 of the files' bytes, one after the other."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()

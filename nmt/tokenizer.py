@@ -8,12 +8,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
 from nmt.config import MIN_CHARACTER_COVERAGE, TokenizerConfig
 from nmt.errors import NMTError
-from nmt.files import atomic_write, write_failure
+from nmt.files import atomic_write, sha256_of, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +139,19 @@ def ensure_tokenizers(data_dir: Path, run_dir: Path, cfg: TokenizerConfig) -> tu
             train_sentencepiece([src_text], run_dir / "src", cfg, cfg.vocab_size)
             train_sentencepiece([tgt_text], run_dir / "tgt", cfg, cfg.vocab_size)
     return Tokenizer(src_path), Tokenizer(tgt_path)
+
+
+def tokenizers_sha256(home: Path) -> str:
+    """SHA-256 of a run's src.model and tgt.model: which vocabularies its checkpoints were trained with."""
+    return sha256_of(home / "src.model", home / "tgt.model")
+
+
+def check_trained_with(state: dict[str, Any], src: Tokenizer, tgt: Tokenizer, home: Path, source: Path) -> None:
+    """NMTError unless the checkpoint `state`, read from `source`, was trained with home's tokenizers: by their
+    digest, or by their sizes alone in checkpoints from before the digest was kept."""
+    digest = state.get("tokenizers_sha256")
+    same = (digest == tokenizers_sha256(home) if digest is not None
+            else state.get("vocab") == {"src": len(src), "tgt": len(tgt)})
+    if not same:
+        raise NMTError(f"{source} was trained with other vocabularies than {home}/src.model and tgt.model "
+                       "(replaced since?): put back the tokenizers it was trained with")

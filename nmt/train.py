@@ -38,7 +38,7 @@ from nmt.model import Seq2Seq
 from nmt.progress import Progress
 from nmt.run_log import METRICS_FILE, append_record
 from nmt.search import search_ids
-from nmt.tokenizer import Tokenizer, ensure_tokenizers, set_sampling_seed
+from nmt.tokenizer import Tokenizer, check_trained_with, ensure_tokenizers, set_sampling_seed, tokenizers_sha256
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,7 @@ class Trainer:
             raise NMTError(f"rank {self.ranks.rank} cannot see {self.run_dir}/src.model written by rank 0: "
                            "for training on several machines, train.run_dir must be on a filesystem they share")
         self.src_tok, self.tgt_tok = ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer)
+        self.tokenizers_sha256 = tokenizers_sha256(self.run_dir)
         self.train_text = (train_src, train_tgt)
         src_ids, tgt_ids, dropped = encode_pairs(self.src_tok, self.tgt_tok, train_src, train_tgt, cfg.data.max_len)
         if not src_ids:
@@ -438,8 +439,7 @@ class Trainer:
                        f"data.dir {began!r}: {hint}")
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("vocab") != {"src": len(self.src_tok), "tgt": len(self.tgt_tok)}:
-            raise NMTError(f"{self.last_path} was trained with other vocabularies than {self.run_dir}/*.model")
+        check_trained_with(state, self.src_tok, self.tgt_tok, self.run_dir, self.last_path)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -482,7 +482,8 @@ class Trainer:
     def _state(self, full: bool, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         state = {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                  "vocab": {"src": len(self.src_tok), "tgt": len(self.tgt_tok)},
-                 "position": self.pos.__dict__.copy(), "world": self.ranks.world, "data_sha256": self.data_sha256}
+                 "position": self.pos.__dict__.copy(), "world": self.ranks.world, "data_sha256": self.data_sha256,
+                 "tokenizers_sha256": self.tokenizers_sha256}
         if full:
             state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rngs)
         return state

@@ -40,7 +40,7 @@ from nmt.model import Seq2Seq
 from nmt.search import Hypothesis, output_limit, search_ids
 from nmt.shortlist import SHORTLIST_FILE, STORED_PER_SOURCE, Shortlist
 from nmt.text import normalize_text, split_sentences
-from nmt.tokenizer import EOS_PIECE, UNK, WORD_START, Tokenizer
+from nmt.tokenizer import EOS_PIECE, UNK, WORD_START, Tokenizer, check_trained_with
 
 log = logging.getLogger(__name__)
 
@@ -241,17 +241,16 @@ def read_model(path: Path) -> ModelFiles:
         cfg = load_config(home / CONFIG_FILE)
         weights, card = read_safetensors(source), read_card(home)
         metrics = card.get("metrics")
-        vocab, step = None, metrics.get("steps") if isinstance(metrics, dict) else None
+        step = metrics.get("steps") if isinstance(metrics, dict) else None
     else:
         state = load_checkpoint(source)
-        try:
-            cfg, weights, vocab = from_dict(state["config"]), state["model"], state["vocab"]
-        except KeyError as exc:
-            raise NMTError(f"{source} is not a training checkpoint (no {exc})") from None
-        step = state.get("position", {}).get("step")
+        missing = [key for key in ("config", "model", "vocab") if key not in state]
+        if missing:
+            raise NMTError(f"{source} is not a training checkpoint (no {missing[0]!r})")
+        cfg, weights, step = from_dict(state["config"]), state["model"], state.get("position", {}).get("step")
     src_tok, tgt_tok = Tokenizer(home / "src.model"), Tokenizer(home / "tgt.model")
-    if vocab is not None and vocab != {"src": len(src_tok), "tgt": len(tgt_tok)}:
-        raise NMTError(f"{source} was trained with other vocabularies than {home}/src.model and tgt.model")
+    if not model_dir:
+        check_trained_with(state, src_tok, tgt_tok, home, source)
     if cfg.decode.shortlist_per_source > STORED_PER_SOURCE:
         raise NMTError(f"config key 'decode.shortlist_per_source' must be at most {STORED_PER_SOURCE}, "
                        f"got {cfg.decode.shortlist_per_source}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from nmt.errors import NMTError
 from nmt.export import export_model, read_safetensors
 from nmt.model import Seq2Seq
 from nmt.tokenizer import Tokenizer, train_sentencepiece
+from nmt.train import train
 from nmt.translator import Translator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,17 +115,33 @@ def test_export_is_atomic_and_refuses_to_overwrite(tiny_run, tmp_path, capsys):
     assert "run directory not found" in capsys.readouterr().err
 
 
-def test_export_refuses_tokenizers_the_checkpoint_was_not_trained_with(tiny_run, tiny_data, tmp_path, capsys):
-    # `nmt tokenizer --force` or a copied-in tgt.model: the export was written, and no model loaded from it.
+def test_tokenizers_the_checkpoint_was_not_trained_with_are_refused_even_at_the_same_size(
+        tiny_run, tiny_data, tmp_path, capsys):
+    # A copied-in tgt.model of the same size (another corpus, another model type) would load and translate
+    # garbage: export, loading the run and resuming it all refuse it.
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     cfg = load_config(run / "config.yaml").tokenizer
-    train_sentencepiece([tiny_data / "train.tgt"], tmp_path / "other", cfg, cfg.vocab_size - 10)
+    other_type = dataclasses.replace(cfg, type="bpe" if cfg.type != "bpe" else "unigram")
+    train_sentencepiece([tiny_data / "train.tgt"], tmp_path / "other", other_type, cfg.vocab_size)
+    assert len(Tokenizer(tmp_path / "other.model")) == len(Tokenizer(run / "tgt.model"))
     shutil.copyfile(tmp_path / "other.model", run / "tgt.model")
+    refusal = (f"was trained with other vocabularies than {run}/src.model and tgt.model (replaced since?): put back "
+               "the tokenizers it was trained with")
     assert main(["export", str(run), str(tmp_path / "m")]) == 2
-    assert capsys.readouterr().err.strip() == ("nmt export: error: best.pt was trained with other vocabularies "
-                                                f"than {run}/src.model and tgt.model")
+    assert capsys.readouterr().err.strip() == f"nmt export: error: best.pt {refusal}"
     assert not (tmp_path / "m").exists()
+    with pytest.raises(NMTError, match=re.escape(f"{run / 'best.pt'} {refusal}")):
+        Translator.load(run)
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(NMTError, match=re.escape(f"{run / 'last.pt'} {refusal}")):
+        train(load_config(run / "config.yaml", [f"train.run_dir={run}", "train.epochs=13"]), resume=True)
+    assert (run / "last.pt").read_bytes() == before
+    shutil.copyfile(tiny_run / "tgt.model", run / "tgt.model")
+    state = load_checkpoint(run / "best.pt")
+    del state["tokenizers_sha256"]  # a checkpoint from before the digest was kept: checked by sizes
+    save_checkpoint(run / "best.pt", state)
+    assert outputs(Translator.load(run)) == outputs(Translator.load(tiny_run))
 
 
 def test_a_full_disk_is_one_line_and_leaves_an_earlier_export_as_it_was(tiny_run, tmp_path, capsys, monkeypatch):
