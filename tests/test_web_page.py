@@ -69,6 +69,14 @@ def test_type_translate_and_read_the_heat_map(browser, live_url):
     assert all(len(w) == len(columns) and abs(sum(w) - 1) < 0.01 for w in weights)
     # the model learnt to reverse: the t-th output piece attends most to the t-th source piece from the end
     assert [w.index(max(w)) for w in weights[:4]] == [3, 2, 1, 0]
+    # Not colour alone: each cell holds its weight in percent for screen readers, shown on demand.
+    cells = browser.find_elements(By.CSS_SELECTOR, "#heatmap tbody td")
+    percents = [int(td.get_attribute("textContent")) for td in cells]
+    assert all(abs(p - w * 100) <= 0.51 for p, w in zip(percents, [w for r in weights for w in r], strict=True))
+    assert "percent" in browser.find_element(By.CSS_SELECTOR, "#heatmap caption").get_attribute("textContent")
+    assert {td.value_of_css_property("color") for td in cells} == {"rgba(0, 0, 0, 0)"}
+    browser.find_element(By.ID, "numbers").click()
+    assert "rgba(0, 0, 0, 0)" not in {td.value_of_css_property("color") for td in cells}
 
 
 def test_a_text_too_long_for_its_heat_map_is_translated_without_one(browser, live_url):

@@ -39,6 +39,8 @@ function drawHeatmap(alignment, note) {
     return;
   }
   $("heatmap-note").hidden = true;
+  table.createCaption().textContent =
+    "Attention weights in percent: rows are target pieces, columns source pieces";
   const head = table.createTHead().insertRow();
   head.appendChild(document.createElement("th"));
   for (const piece of alignment.source) {
@@ -59,6 +61,10 @@ function drawHeatmap(alignment, note) {
       td.style.backgroundColor = `rgba(25, 80, 160, ${weight.toFixed(3)})`;
       td.title = `${alignment.target[t]} ← ${alignment.source[s]}: ${weight.toFixed(3)}`;
       td.dataset.weight = weight.toFixed(4);
+      // The weight as a percentage in the cell, not in colour alone: screen readers read it with the cell's row and
+      // column headers, and "show weights as numbers" makes it visible.
+      td.textContent = String(Math.round(weight * 100));
+      if (weight > 0.5) td.classList.add("dark");
     });
   });
 }
@@ -160,6 +166,7 @@ async function loadModelInfo() {
 
 $("form").addEventListener("submit", translate);
 $("beam").addEventListener("change", fitNBest);
+$("numbers").addEventListener("change", () => $("heatmap").classList.toggle("numbers", $("numbers").checked));
 $("source").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("form").requestSubmit();
 });
