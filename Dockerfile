@@ -4,7 +4,7 @@
 #   docker run --rm -p 8000:8000 rnnsearch
 #   docker build --target train -t rnnsearch-train .       # adds the Bible corpus packages for `nmt prepare bible`
 #
-# docker-compose.yml builds both (see docs: `docker-compose up -d translate`).
+# docker-compose.yml builds each stage for its service (`docker-compose up -d translate` builds the service's).
 
 FROM python:3.11-slim-bookworm AS base
 
@@ -43,6 +43,8 @@ CMD ["nmt", "train", "configs/base.yaml"]
 FROM base AS serve
 # The shipped model as a default; docker-compose mounts ./models over /models.
 COPY models/es-en-bible/ /models/es-en-bible/
+# COPY keeps the checkout's file modes: readable by uid 1000 even from a checkout made under umask 077.
+RUN chmod -R a+rX /models
 # NMT_THREADS: torch threads per worker process; keep workers x threads <= the CPUs the container gets.
 ENV NMT_MODEL_DIR=/models/es-en-bible \
     NMT_THREADS=2

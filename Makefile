@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 MODEL ?= models/es-en-bible
 HOST ?= 127.0.0.1
 PORT ?= 8000
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: the Bible corpus (SWORD modules), Chromium for the web-page test, docker-compose to validate
 # the compose file.
@@ -16,10 +18,16 @@ system-deps:
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $$missing; fi
 
 $(VENV)/.installed: pyproject.toml
+	# Debian's python3 leaves out venv's ensurepip (package python3-venv).
+	python3 -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	# The CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA libraries.
-	$(PY) -m pip install torch==2.13.0
+	# The CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA libraries. A wheel
+	# among pip's find-links (a machine's local wheels) if there is one, else PyTorch's CPU index; then its
+	# dependencies from PyPI.
+	$(PY) -m pip install --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null || \
+		$(PY) -m pip install --no-deps torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX)
+	$(PY) -m pip install torch==$(TORCH_VERSION)
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 

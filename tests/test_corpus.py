@@ -10,6 +10,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from conftest import require_system_package
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,10 +28,6 @@ try:
     HAVE_PYSWORD = True
 except ImportError:  # pragma: no cover
     HAVE_PYSWORD = False
-needs_bible = pytest.mark.skipif(
-    not (HAVE_MODULES and HAVE_PYSWORD),
-    reason="needs the SWORD modules spaRV1909eb and engKJV2006eb in /usr/share/sword and pysword "
-           "(apt-get install -y sword-text-sparv sword-text-kjv; pip install pysword)")
 
 
 def lines(path: Path) -> list[str]:
@@ -46,8 +43,9 @@ def lines(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bible(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if not (HAVE_MODULES and HAVE_PYSWORD):
-        pytest.skip("SWORD modules or pysword missing")
+    require_system_package(HAVE_MODULES and HAVE_PYSWORD,
+                           "needs the SWORD modules spaRV1909eb and engKJV2006eb in /usr/share/sword and pysword "
+                           "(apt-get install -y sword-text-sparv sword-text-kjv; pip install pysword)")
     out = tmp_path_factory.mktemp("bible") / "corpus"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -62,7 +60,6 @@ def bible(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return data
 
 
-@needs_bible
 def test_bible_counts_and_metadata(bible: dict) -> None:
     assert bible["rc"] == 0
     assert {s: len(bible[s]) for s in corpus.SPLITS} == {"train": 29533, "dev": 673, "test": 878}
@@ -77,7 +74,6 @@ def test_bible_counts_and_metadata(bible: dict) -> None:
     assert not list(bible["dir"].parent.glob(".*")), "temporary directories left behind"
 
 
-@needs_bible
 def test_bible_split_by_whole_books(bible: dict) -> None:
     def books(split: str) -> set[str]:
         return {ref.rsplit(" ", 1)[0] for ref in bible[split]}
@@ -90,7 +86,6 @@ def test_bible_split_by_whole_books(bible: dict) -> None:
     assert bible["test_order"][0] == "Ruth 1:1" and bible["dev_order"][0] == "Joel 1:1"
 
 
-@needs_bible
 def test_bible_verses_aligned(bible: dict) -> None:
     src, tgt = bible["train"]["Gen 1:1"]
     assert src == "EN el principio crió Dios los cielos y la tierra."
@@ -110,7 +105,6 @@ def test_bible_verses_aligned(bible: dict) -> None:
     assert "Job 38:38" in train and "Job 38:39" not in train and "Job 39:1" in train
 
 
-@needs_bible
 def test_bible_markup_removed(bible: dict) -> None:
     for split in corpus.SPLITS:
         for ref, (src, tgt) in bible[split].items():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require_system_package
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_URL = "http://127.0.0.1:8000/v1/ready"
@@ -69,11 +70,7 @@ def volume_mounts(volumes: list) -> dict[str, tuple[str, bool]]:
 def compose_config() -> dict:
     """`docker-compose config`: the compose file as Debian's docker-compose (1.29) parses and resolves it."""
     exe = shutil.which("docker-compose")
-    if exe is None:
-        message = "docker-compose is not installed (`make system-deps` installs Debian's package)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must have it")
-        pytest.skip(message)
+    require_system_package(exe, "docker-compose is not installed (`make system-deps` installs Debian's package)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NMT_", "COMPOSE_", "DOCKER_"))}
     proc = subprocess.run([exe, "-f", "docker-compose.yml", "config"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
@@ -129,9 +126,22 @@ def test_dockerfile_pins_cpu_torch_before_the_project() -> None:
     assert len(torch) == 1 and len(project) == 1, runs
     assert torch[0] < project[0], "torch must be installed before the project (else pip pulls the CUDA build)"
     assert "--index-url https://download.pytorch.org/whl/cpu" in instructions[torch[0]][1]
-    # The same pin as the Makefile's virtual environment.
-    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    assert "pip install torch==2.13.0" in makefile
+
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="needs make")
+def test_the_makefile_installs_cpu_torch_before_the_project(tmp_path: Path) -> None:
+    # The same pin as the Dockerfile; from the machine's own wheels when it has them, else from the CPU index:
+    # never a bare `torch` from PyPI, whose Linux build is the several-GB CUDA one.
+    venv = tmp_path / "venv"
+    recipe = subprocess.run(["make", "-n", "-B", f"{venv}/.installed", f"VENV={venv}"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    commands = [line for line in recipe.splitlines() if not line.startswith("#")]
+    torch = [i for i, line in enumerate(commands) if "pip install" in line and "torch==2.13.0" in line]
+    project = [i for i, line in enumerate(commands) if "pip install -e" in line]
+    assert torch and project and max(torch) < project[0], commands
+    assert "--no-index --no-deps torch==2.13.0" in commands[torch[0]]
+    assert "--no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in commands[torch[0] + 1]
 
 
 def test_dockerfile_service_stage() -> None:
