@@ -427,6 +427,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from nmt.evaluate import (
+        check_report_replaceable,
         check_writable,
         evaluate,
         evaluate_model,
@@ -442,6 +443,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise NMTError("--hyp needs --ref")
         if args.report:
             _check_not_input(args.report, [args.hyp, *args.ref])
+            check_report_replaceable(Path(args.report), args.hyp, args.ref, named=True)
         report = evaluate(read_lines(args.hyp, "hypothesis file"), [read_lines(r, "reference file") for r in args.ref])
         report.update(hyp=args.hyp, ref=args.ref)
         if args.report:
@@ -487,6 +489,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         _check_not_input(path, [src_path, *ref_paths])
     if report_path.resolve() == (out / f"{name}.hyp").resolve():
         raise NMTError(f"--report {report_path} is where the hypotheses go: name another file")
+    check_report_replaceable(report_path, str(src_path), [str(r) for r in ref_paths], named=bool(args.report))
     try:  # before translating, which takes a while: a read-only model directory (a container's volume) fails here
         make_dir(out)
     except NMTError as exc:

@@ -10,7 +10,7 @@ from typing import Any
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from nmt.errors import NMTError
-from nmt.files import atomic_write
+from nmt.files import atomic_write, is_special_file
 from nmt.progress import Progress
 from nmt.translator import Translator
 
@@ -62,6 +62,43 @@ def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]]
                   weights_sha256=translator.weights_sha256, decode=decode,
                   int8=translator.int8, seconds=round(seconds, 3), sentences_per_s=round(len(src) / seconds, 2))
     return hyps, report
+
+
+def check_report_replaceable(path: Path, scored: str, refs: list[str], named: bool) -> None:
+    """NMTError unless a report of `scored` (the source translated, or the hypotheses) against `refs` may go at
+    path: nothing there yet, a device or pipe, or an earlier report. A file that is no report is never replaced
+    (--report data/corpus.json), nor, where the user named no path, a report of other files (eval/test.json of the
+    test split, by a report of some other test.src)."""
+    if is_special_file(path) or not path.is_file():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and isinstance(earlier.get("metrics"), dict)):
+        raise NMTError(f"{path} exists and is not an `nmt evaluate` report: name another file for the report, or "
+                       "move that one")
+    if named:
+        return
+    was = earlier.get("src", earlier.get("hyp")), earlier.get("ref")
+    if not (_same_file(was[0], scored) and isinstance(was[1], list) and len(was[1]) == len(refs)
+            and all(map(_same_file, was[1], refs))):
+        raise NMTError(f"{path} is the report of {was[0]} against {_listed(was[1])}, not of {scored} against "
+                       f"{_listed(refs)}: write this one elsewhere (--report FILE or --out DIR), or move that one")
+
+
+def _same_file(a: object, b: str) -> bool:
+    """Whether a path a report names is b, as named or from the current directory."""
+    if not isinstance(a, str):
+        return False
+    try:
+        return a == b or Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13)
+        return False
+
+
+def _listed(refs: object) -> str:
+    return ", ".join(map(str, refs)) if isinstance(refs, list) else repr(refs)
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:

@@ -197,3 +197,35 @@ def test_evaluate_never_writes_over_its_inputs_or_into_a_directory(tiny_model_di
     assert main(base + ["--out", str(tmp_path / "o"), "--report", str(tmp_path / "o" / "s.hyp")]) == 2
     assert "is where the hypotheses go" in capsys.readouterr().err
     assert ref.read_text(encoding="utf-8") == "c b a\n"
+
+
+def test_a_report_never_replaces_a_file_that_is_no_report_nor_by_default_one_of_other_files(
+        tiny_model_dir, tiny_data, tmp_path, capsys):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    split = ["evaluate", str(model), "--split", "test", "--data", str(tiny_data), "--threads", "1"]
+    assert main(split) == 0
+    kept = (model / "eval" / "test.json").read_bytes()
+    # Another file called test.src, scored against the wrong references by mistake, would have replaced the split's
+    # report, which export then put in the model card as the test score.
+    other = tmp_path / "elsewhere" / "test.src"
+    other.parent.mkdir()
+    other.write_text("a b c\n", encoding="utf-8")
+    assert main(["evaluate", str(model), "--src", str(other), "--ref", str(other)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nmt evaluate: error: {model}/eval/test.json is the report of {tiny_data}/test.src against "
+        f"{tiny_data}/test.tgt, not of {other} against {other}: write this one elsewhere (--report FILE or --out DIR), "
+        "or move that one")
+    assert (model / "eval" / "test.json").read_bytes() == kept
+    assert main(split) == 0  # the same evaluation again replaces its own report
+    named = tmp_path / "named.json"
+    assert main(["evaluate", str(model), "--src", str(other), "--ref", str(other), "--report", str(named)]) == 0
+    assert main([*split, "--report", str(named)]) == 0  # a report named by the user may replace another
+    # --report over a file that is no report (here the corpus's metadata, which export reads) is refused.
+    corpus_json = tmp_path / "corpus.json"
+    corpus_json.write_text('{"recipe": "files"}\n', encoding="utf-8")
+    for command in (split, ["evaluate", "--hyp", str(other), "--ref", str(other)]):
+        assert main([*command, "--report", str(corpus_json)]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"{corpus_json} exists and is not an `nmt evaluate` report: name another file for the report, or move "
+            "that one")
+    assert corpus_json.read_text(encoding="utf-8") == '{"recipe": "files"}\n'
