@@ -305,7 +305,7 @@ class Translator:
         packed = cfg.decode.packed_matmuls and model.decoder.pack_weights()
         log.info("loaded %s (%s -> %s) on %s%s%s%s", files.source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
                  ", int8" if quantized else "", ", oneDNN matmuls" if packed else "",
-                 ", with a vocabulary shortlist (used unless a call turns it off: --no-shortlist)" if shortlist else "")
+                 ", with a vocabulary shortlist" if shortlist else "")
         return cls(model, cfg, files.src_tok, files.tgt_tok, dev, files.path, files.card, quantized, params, shortlist,
                    digest, files.step)
 
