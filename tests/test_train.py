@@ -514,6 +514,30 @@ def test_metrics_records_skip_torn_and_foreign_lines(tmp_path: Path, caplog: pyt
                                                                       "6 is not a JSON object; skipped"]
 
 
+def test_metrics_of_lost_updates_and_of_an_abandoned_attempt_are_left_out(tmp_path: Path) -> None:
+    # Two Ctrl-Cs before the first checkpoint, then a new run in the same directory: plot drew the abandoned
+    # attempt's steps 30-40 past the new run's last step and titled it "40 updates". A run resumed from step 4
+    # after logging step 6 unsaved: steps 5-6 were lost with the process.
+    def session(step: int) -> dict:
+        return {"type": "session", "event": "start", "step": step, "time": float(step)}
+
+    def train_line(step: int, loss: float) -> dict:
+        return {"type": "train", "step": step, "loss": loss, "nll": loss, "ppl": 2.0, "lr": 0.001}
+
+    abandoned = [session(0), *(train_line(s, 9.0) for s in (10, 20, 30, 40))]
+    run = [session(0), train_line(2, 3.0), train_line(4, 2.0), {"type": "valid", "step": 4, "dev_bleu": 1.0},
+           train_line(6, 1.5), {"type": "valid", "step": 6, "dev_bleu": 2.0},
+           session(4), train_line(6, 1.0), train_line(8, 0.5)]
+    path = tmp_path / "metrics.jsonl"
+    for record in abandoned + run:
+        append_record(path, record)
+    kept = read_records(path)
+    assert kept == [*run[:4], run[6], *run[7:]]
+    assert [(r["type"], r["step"], r.get("loss")) for r in kept if r["type"] != "session"] == [
+        ("train", 2, 3.0), ("train", 4, 2.0), ("valid", 4, None), ("train", 6, 1.0), ("train", 8, 0.5)]
+    assert sum(r["type"] == "session" for r in kept) == 2  # both sessions of this run count in the card's time
+
+
 def test_plot_without_metrics_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
