@@ -466,6 +466,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         src, refs = read(src_path, ref_paths)
     translator = _load_translator(args)
     if args.split:  # the corpus may be the model's own, known once it has loaded
+        from nmt.corpus import train_pairs_sha256
+
         data = Path(args.data or translator.cfg.data.dir)
         src_path, ref_paths, name = data / f"{args.split}.src", [str(data / f"{args.split}.tgt")], args.split
         if not args.data and not src_path.is_file():
@@ -473,6 +475,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise NMTError(f"no {src_path}: --split reads the model's corpus, data.dir={data}{where}; name the "
                            "prepared corpus with --data DIR")
         src, refs = read(src_path, ref_paths)
+        if translator.data_sha256 and train_pairs_sha256(data) not in (None, translator.data_sha256):
+            log.warning("%s holds other training pairs than %s was trained on (prepared again?): its %s split may "
+                        "hold sentences the model trained on, and the scores are not those of its own test set",
+                        data, args.model, args.split)
     from nmt.translator import locate_model
 
     home, source, exported = locate_model(Path(args.model))

@@ -301,6 +301,7 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
         "vocab": state.get("vocab"),
         "checkpoint": checkpoint,
         "weights_sha256": digests[1],
+        "data_sha256": state.get("data_sha256"),  # the training pairs: `nmt evaluate --split` checks its corpus
         "data": data,
         "metrics": _training_metrics(records, state),
         "evaluation": _evaluation(run, checkpoint, report, set(digests), state.get("position", {}).get("step"),

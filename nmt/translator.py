@@ -230,6 +230,7 @@ class ModelFiles:
     card: dict[str, Any] | None
     shortlist: Shortlist | None
     step: int | None
+    data_sha256: str | None  # the training pairs' digest (corpus.train_pairs_sha256), where the files record it
 
 
 def read_model(path: Path) -> ModelFiles:
@@ -242,12 +243,14 @@ def read_model(path: Path) -> ModelFiles:
         weights, card = read_safetensors(source), read_card(home)
         metrics = card.get("metrics")
         step = metrics.get("steps") if isinstance(metrics, dict) else None
+        data_sha256 = card.get("data_sha256")
     else:
         state = load_checkpoint(source)
         missing = [key for key in ("config", "model", "vocab") if key not in state]
         if missing:
             raise NMTError(f"{source} is not a training checkpoint (no {missing[0]!r})")
         cfg, weights, step = from_dict(state["config"]), state["model"], state.get("position", {}).get("step")
+        data_sha256 = state.get("data_sha256")
     src_tok, tgt_tok = Tokenizer(home / "src.model"), Tokenizer(home / "tgt.model")
     if not model_dir:
         check_trained_with(state, src_tok, tgt_tok, home, source)
@@ -259,7 +262,8 @@ def read_model(path: Path) -> ModelFiles:
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
     load_weights(model, weights, source)
     model = model.float().eval()
-    return ModelFiles(home if model_dir else path, source, cfg, model, src_tok, tgt_tok, card, shortlist, step)
+    return ModelFiles(home if model_dir else path, source, cfg, model, src_tok, tgt_tok, card, shortlist, step,
+                      data_sha256 if isinstance(data_sha256, str) else None)
 
 
 class Translator:
@@ -271,11 +275,12 @@ class Translator:
     def __init__(self, model: Seq2Seq, cfg: Config, src_tok: Tokenizer, tgt_tok: Tokenizer,
                  device: torch.device, path: Path, card: dict[str, Any] | None = None, int8: bool = False,
                  num_parameters: int | None = None, shortlist: Shortlist | None = None,
-                 weights_sha256: str | None = None, step: int | None = None):
+                 weights_sha256: str | None = None, step: int | None = None, data_sha256: str | None = None):
         self.model, self.cfg, self.src_tok, self.tgt_tok = model.eval(), cfg, src_tok, tgt_tok
         self.device, self.path, self.card, self.int8 = device, path, card, int8
         self.shortlist = shortlist  # None: the model has none, or decode.shortlist is off
         self._weights_sha256, self.step = weights_sha256, step  # which weights: for evaluation reports and cards
+        self.data_sha256 = data_sha256  # which training pairs, where known: a test split must hold none of them
         self.max_len = cfg.data.max_len
         # Counted before quantization: packed int8 weights are no parameters to torch.
         self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
@@ -307,7 +312,7 @@ class Translator:
                  ", int8" if quantized else "", ", oneDNN matmuls" if packed else "",
                  ", with a vocabulary shortlist" if shortlist else "")
         return cls(model, cfg, files.src_tok, files.tgt_tok, dev, files.path, files.card, quantized, params, shortlist,
-                   digest, files.step)
+                   digest, files.step, files.data_sha256)
 
     @functools.cached_property
     def name(self) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
+from conftest import reverse_corpus
 from sacrebleu.metrics import CHRF, TER
 
 from nmt.checkpoint import load_checkpoint, step_checkpoints
@@ -229,3 +230,18 @@ def test_a_report_never_replaces_a_file_that_is_no_report_nor_by_default_one_of_
             f"{corpus_json} exists and is not an `nmt evaluate` report: name another file for the report, or move "
             "that one")
     assert corpus_json.read_text(encoding="utf-8") == '{"recipe": "files"}\n'
+
+
+def test_a_split_of_a_corpus_prepared_again_is_scored_with_a_warning(tiny_run, tiny_model_dir, tiny_data, tmp_path,
+                                                                      caplog):
+    # `nmt prepare` again with another seed puts training sentences in the test split: the run and its export know
+    # which training pairs they learnt from, and say so instead of scoring a contaminated test set in silence.
+    again = reverse_corpus(tmp_path / "again", n_train=300, n_dev=20, n_test=20, seed=7)
+    base = ["--split", "test", "--threads", "1", "--out", str(tmp_path / "eval")]
+    for model in (tiny_run, tiny_model_dir):
+        caplog.clear()
+        assert main(["evaluate", str(model), *base, "--data", str(tiny_data)]) == 0
+        assert "other training pairs" not in caplog.text
+        assert main(["evaluate", str(model), *base, "--data", str(again), "--report", str(tmp_path / "r.json")]) == 0
+        assert (f"{again} holds other training pairs than {model} was trained on (prepared again?): its test split "
+                "may hold sentences the model trained on") in caplog.text
