@@ -423,20 +423,21 @@ class Trainer:
     def _check_resumed_data(self, state: dict[str, Any], data_dir: Path) -> str | None:
         """A resumed run must read the training pairs it began with (data.dir may name them elsewhere); their
         digest, when the files are there."""
-        began = state.get("config", {}).get("data", {}).get("dir")
-        where = "" if began is None or Path(began).is_absolute() else " (relative to where training ran)"
-        hint = f"resume with --set data.dir={began}{where}, or with `nmt train {self.run_dir}/config.yaml --resume`"
-        if began is not None and began != str(data_dir) and not (data_dir / "train.src").is_file():
-            raise NMTError(f"cannot resume {self.run_dir}: no {data_dir}/train.src; the run trained on data.dir "
-                           f"{began!r}: {hint}")
+        # The data.dir of the session that saved the checkpoint: a resume may have read the same pairs elsewhere.
+        last = state.get("config", {}).get("data", {}).get("dir")
+        where = "" if last is None or Path(last).is_absolute() else " (relative to where training ran)"
+        hint = f"resume with --set data.dir={last}{where}, or with `nmt train {self.run_dir}/config.yaml --resume`"
+        if last is not None and last != str(data_dir) and not (data_dir / "train.src").is_file():
+            raise NMTError(f"cannot resume {self.run_dir}: no {data_dir}/train.src; the run last trained on data.dir "
+                           f"{last!r}: {hint}")
         digest = train_pairs_sha256(data_dir)
         if digest is None or state.get("data_sha256", digest) == digest:
             return digest  # None: load_split says which file is missing
-        if began is not None and Path(began).resolve() == data_dir.resolve():
+        if last is not None and Path(last).resolve() == data_dir.resolve():
             raise NMTError(f"cannot resume {self.run_dir}: the training pairs in {data_dir} are not those it began "
                            "with (prepared again?): put back the corpus it began with, or train a new run")
-        raise NMTError(f"cannot resume {self.run_dir}: {data_dir}/train.* are not the pairs it began with, from "
-                       f"data.dir {began!r}: {hint}")
+        raise NMTError(f"cannot resume {self.run_dir}: {data_dir}/train.* are not the pairs it began with, last "
+                       f"read from data.dir {last!r}: {hint}")
 
     def _restore(self, state: dict[str, Any]) -> None:
         check_trained_with(state, self.src_tok, self.tgt_tok, self.run_dir, self.last_path)

@@ -350,10 +350,10 @@ def test_resume_reads_the_pairs_the_run_began_with(corpus: Path, tmp_path: Path)
 
     other = small_corpus(tmp_path / "other", seed=1)  # same size and alphabet, so the vocabularies fit
     hint = f"resume with --set data.dir={mine}, or with `nmt train {run_dir}/config.yaml --resume`"
-    with pytest.raises(NMTError, match=re.escape(f"{other}/train.* are not the pairs it began with, from data.dir "
-                                                 f"'{mine}': {hint}")):
+    with pytest.raises(NMTError, match=re.escape(f"{other}/train.* are not the pairs it began with, last read from "
+                                                 f"data.dir '{mine}': {hint}")):
         resume(other)
-    with pytest.raises(NMTError, match=re.escape(f"no {tmp_path / 'gone'}/train.src; the run trained on data.dir "
+    with pytest.raises(NMTError, match=re.escape(f"no {tmp_path / 'gone'}/train.src; the run last trained on data.dir "
                                                  f"'{mine}': {hint}")):
         resume(tmp_path / "gone")  # `--resume` without the first command's --set data.dir
     lines = (mine / "train.tgt").read_text(encoding="utf-8").splitlines()
@@ -366,6 +366,10 @@ def test_resume_reads_the_pairs_the_run_began_with(corpus: Path, tmp_path: Path)
     assert resume(moved)["step"] == 3
     assert load_config(run_dir / "config.yaml").data.dir == str(moved)  # what `RUN/config.yaml --resume` reads
     assert train(load_config(run_dir / "config.yaml", ["train.max_steps=4"]), resume=True)["step"] == 4
+    # Resumed from `moved` since, the run names that corpus, not `mine`, where it began.
+    last = f"are not the pairs it began with, last read from data.dir '{moved}'"
+    with pytest.raises(NMTError, match=re.escape(last)):
+        resume(other)
 
 
 @pytest.mark.parametrize(("override", "key"), [("model.cell=gru", "model.cell"),
