@@ -29,7 +29,7 @@ from nmt.corpus import TRAIN_FILES, train_pairs_sha256
 from nmt.errors import NMTError
 from nmt.files import make_dir, write_failure
 from nmt.model import Seq2Seq
-from nmt.run_log import METRICS_FILE, read_records
+from nmt.run_log import METRICS_FILE, current, read_records, this_run
 from nmt.shortlist import SHORTLIST_FILE, Shortlist, shortlist_from_corpus
 from nmt.tokenizer import Tokenizer, check_trained_with
 
@@ -303,10 +303,10 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
         "weights_sha256": digests[1],
         "data_sha256": state.get("data_sha256"),  # the training pairs: `nmt evaluate --split` checks its corpus
         "data": data,
-        "metrics": _training_metrics(records, state),
+        "metrics": _training_metrics(current(records), state),
         "evaluation": _evaluation(run, checkpoint, report, set(digests), state.get("position", {}).get("step"),
                                   dtype),
-        "training": _sessions(records),
+        "training": _sessions(this_run(records)),  # lost updates took their time too
     }
 
 

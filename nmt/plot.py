@@ -10,14 +10,14 @@ from matplotlib.figure import Figure
 
 from nmt.errors import NMTError
 from nmt.files import atomic_write
-from nmt.run_log import METRICS_FILE, read_records
+from nmt.run_log import METRICS_FILE, current, read_records
 
 
 def read_metrics(path: Path) -> dict[str, list[dict[str, Any]]]:
     """Train and valid records by step; a step logged twice (a run resumed from an older checkpoint) keeps the
     later record, and a torn last line (a run still writing) is skipped."""
     by_type: dict[str, dict[int, dict[str, Any]]] = {"train": {}, "valid": {}}
-    for record in read_records(path):
+    for record in current(read_records(path)):
         if record.get("type") in by_type and isinstance(record.get("step"), int):
             by_type[record["type"]][record["step"]] = record
     return {kind: [records[s] for s in sorted(records)] for kind, records in by_type.items()}

@@ -25,9 +25,8 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of the run as it stands, in order (see `current`), none when the file is missing; a line that
-    is no JSON object (a torn last line of a run still writing, or of one killed while writing) is skipped with a
-    warning."""
+    """All records in order, none when the file is missing; a line that is no JSON object (a torn last line of a
+    run still writing, or of one killed while writing) is skipped with a warning."""
     if not path.is_file():
         return []
     records = []
@@ -42,19 +41,32 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             records.append(record)
         else:
             log.warning("%s:%d is not a JSON object; skipped", path, number)
-    return current(records)
+    return records
+
+
+def this_run(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records from the last session that started at step 0: one that began the run anew where an earlier
+    attempt saved no checkpoint, whose records are no part of this run."""
+    starts = [i for i, r in enumerate(records) if _session_start(r) == 0]
+    return records[starts[-1]:] if starts else records
 
 
 def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Leave out what a later session superseded. A session that starts at step S resumed the checkpoint of step
-    S: the train and valid records earlier sessions logged past S belong to updates that were lost (stopped without
-    saving, or killed). One that starts at step 0 began the run anew where an earlier attempt saved nothing: all
-    that attempt logged goes."""
+    """This run's records without those of updates that were lost: a session that starts at step S resumed the
+    checkpoint of step S, so the train and valid records earlier sessions logged past S (stopped without saving, or
+    killed) are left out. Session records stay: the time those sessions took was spent all the same."""
     kept: list[dict[str, Any]] = []
-    for record in records:
-        step = record.get("step")
-        if record.get("type") == "session" and record.get("event") == "start" and isinstance(step, int):
-            kept = [] if step == 0 else [r for r in kept if not (
+    for record in this_run(records):
+        step = _session_start(record)
+        if step is not None:
+            kept = [r for r in kept if not (
                 r.get("type") in ("train", "valid") and isinstance(r.get("step"), int) and r["step"] > step)]
         kept.append(record)
     return kept
+
+
+def _session_start(record: dict[str, Any]) -> int | None:
+    """The step a session-start record began at; None for any other record."""
+    if record.get("type") == "session" and record.get("event") == "start" and isinstance(record.get("step"), int):
+        return record["step"]
+    return None

@@ -25,8 +25,9 @@ from nmt.checkpoint import load_checkpoint
 from nmt.cli import main
 from nmt.config import Config, from_dict, load_config
 from nmt.errors import NMTError
+from nmt.export import _sessions
 from nmt.model import Seq2Seq
-from nmt.run_log import append_record, read_records
+from nmt.run_log import append_record, current, read_records, this_run
 from nmt.search import search_ids
 from nmt.tokenizer import Tokenizer
 from nmt.train import Trainer, train
@@ -522,24 +523,29 @@ def test_metrics_of_lost_updates_and_of_an_abandoned_attempt_are_left_out(tmp_pa
     # Two Ctrl-Cs before the first checkpoint, then a new run in the same directory: plot drew the abandoned
     # attempt's steps 30-40 past the new run's last step and titled it "40 updates". A run resumed from step 4
     # after logging step 6 unsaved: steps 5-6 were lost with the process.
-    def session(step: int) -> dict:
-        return {"type": "session", "event": "start", "step": step, "time": float(step)}
+    def session(step: int, time: float) -> dict:
+        return {"type": "session", "event": "start", "step": step, "time": time}
 
-    def train_line(step: int, loss: float) -> dict:
-        return {"type": "train", "step": step, "loss": loss, "nll": loss, "ppl": 2.0, "lr": 0.001}
+    def train_line(step: int, loss: float, time: float) -> dict:
+        return {"type": "train", "step": step, "loss": loss, "nll": loss, "ppl": 2.0, "lr": 0.001, "time": time}
 
-    abandoned = [session(0), *(train_line(s, 9.0) for s in (10, 20, 30, 40))]
-    run = [session(0), train_line(2, 3.0), train_line(4, 2.0), {"type": "valid", "step": 4, "dev_bleu": 1.0},
-           train_line(6, 1.5), {"type": "valid", "step": 6, "dev_bleu": 2.0},
-           session(4), train_line(6, 1.0), train_line(8, 0.5)]
+    abandoned = [session(0, 0.0), *(train_line(s, 9.0, 1000.0 + s) for s in (10, 20, 30, 40))]
+    run = [session(0, 2000.0), train_line(2, 3.0, 2020.0), train_line(4, 2.0, 2040.0),
+           {"type": "valid", "step": 4, "dev_bleu": 1.0}, train_line(6, 1.5, 2060.0),
+           {"type": "valid", "step": 6, "dev_bleu": 2.0},
+           session(4, 2100.0), train_line(6, 1.0, 2160.0), train_line(8, 0.5, 2180.0)]
     path = tmp_path / "metrics.jsonl"
     for record in abandoned + run:
         append_record(path, record)
-    kept = read_records(path)
+    assert read_records(path) == abandoned + run
+    assert this_run(read_records(path)) == run
+    kept = current(read_records(path))
     assert kept == [*run[:4], run[6], *run[7:]]
     assert [(r["type"], r["step"], r.get("loss")) for r in kept if r["type"] != "session"] == [
         ("train", 2, 3.0), ("train", 4, 2.0), ("valid", 4, None), ("train", 6, 1.0), ("train", 8, 0.5)]
-    assert sum(r["type"] == "session" for r in kept) == 2  # both sessions of this run count in the card's time
+    # The card's training time counts the killed session up to its last line, lost updates and all: 60 + 80 s.
+    training = _sessions(this_run(read_records(path)))
+    assert (training["sessions"], training["wall_seconds"]) == (2, 140)
 
 
 def test_plot_without_metrics_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
