@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
 from nmt.errors import NMTError
-from nmt.files import is_special_file, make_dir, read_lines, write_failure
+from nmt.files import is_special_file, make_dir, read_lines, sha256_of, write_failure
 
 if TYPE_CHECKING:
     from nmt.translator import Translator
@@ -443,7 +443,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise NMTError("--hyp needs --ref")
         if args.report:
             _check_not_input(args.report, [args.hyp, *args.ref])
-            check_report_replaceable(Path(args.report), args.hyp, args.ref, named=True)
+            check_report_replaceable(Path(args.report), None)
         report = evaluate(read_lines(args.hyp, "hypothesis file"), [read_lines(r, "reference file") for r in args.ref])
         report.update(hyp=args.hyp, ref=args.ref)
         if args.report:
@@ -475,7 +475,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise NMTError(f"no {src_path}: --split reads the model's corpus, data.dir={data}{where}; name the "
                            "prepared corpus with --data DIR")
         src, refs = read(src_path, ref_paths)
-        if translator.data_sha256 and train_pairs_sha256(data) not in (None, translator.data_sha256):
+        try:  # only for a warning: unreadable training files are not this command's business
+            pairs = train_pairs_sha256(data) if translator.data_sha256 else None
+        except OSError:
+            pairs = None
+        if pairs not in (None, translator.data_sha256):
             log.warning("%s holds other training pairs than %s was trained on (prepared again?): its %s split may "
                         "hold sentences the model trained on, and the scores are not those of its own test set",
                         data, args.model, args.split)
@@ -495,7 +499,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         _check_not_input(path, [src_path, *ref_paths])
     if report_path.resolve() == (out / f"{name}.hyp").resolve():
         raise NMTError(f"--report {report_path} is where the hypotheses go: name another file")
-    check_report_replaceable(report_path, str(src_path), [str(r) for r in ref_paths], named=bool(args.report))
+    inputs_sha256 = sha256_of(src_path, *ref_paths)  # the files were read: what this report is of
+    check_report_replaceable(report_path, None if args.report else inputs_sha256)
     try:  # before translating, which takes a while: a read-only model directory (a container's volume) fails here
         make_dir(out)
     except NMTError as exc:
@@ -503,7 +508,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise
         raise NMTError(f"{exc}; write the hypotheses and report elsewhere with --out DIR") from None
     hyps, report = evaluate_model(translator, src, refs, **_decode_options(args))
-    report.update(src=str(src_path), ref=[str(r) for r in ref_paths])
+    report.update(src=str(src_path), ref=[str(r) for r in ref_paths], inputs_sha256=inputs_sha256)
     write_lines(hyps, out / f"{name}.hyp")
     report["hyp"] = str(out / f"{name}.hyp")
     write_report(report, report_path)

@@ -64,12 +64,13 @@ def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]]
     return hyps, report
 
 
-def check_report_replaceable(path: Path, scored: str, refs: list[str], named: bool) -> None:
-    """NMTError unless a report of `scored` (the source translated, or the hypotheses) against `refs` may go at
-    path: nothing there yet, a device or pipe, or an earlier report. A file that is no report is never replaced
-    (--report data/corpus.json), nor, where the user named no path, a report of other files (eval/test.json of the
-    test split, by a report of some other test.src)."""
-    if is_special_file(path) or not path.is_file():
+def check_report_replaceable(path: Path, inputs_sha256: str | None) -> None:
+    """NMTError unless a report may go at path: nothing there yet (or an empty file), a device or pipe, or an
+    earlier report. A file that is no report is never replaced (--report data/corpus.json). With `inputs_sha256`
+    (the source and references' digest, where the user named no path), neither is a report of other inputs
+    (eval/test.json of the test split, by a report of some other test.src); reports from before the digest was
+    kept are replaced as they were."""
+    if is_special_file(path) or not path.is_file() or path.stat().st_size == 0:
         return
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
@@ -78,27 +79,11 @@ def check_report_replaceable(path: Path, scored: str, refs: list[str], named: bo
     if not (isinstance(earlier, dict) and isinstance(earlier.get("metrics"), dict)):
         raise NMTError(f"{path} exists and is not an `nmt evaluate` report: name another file for the report, or "
                        "move that one")
-    if named:
-        return
-    was = earlier.get("src", earlier.get("hyp")), earlier.get("ref")
-    if not (_same_file(was[0], scored) and isinstance(was[1], list) and len(was[1]) == len(refs)
-            and all(map(_same_file, was[1], refs))):
-        raise NMTError(f"{path} is the report of {was[0]} against {_listed(was[1])}, not of {scored} against "
-                       f"{_listed(refs)}: write this one elsewhere (--report FILE or --out DIR), or move that one")
-
-
-def _same_file(a: object, b: str) -> bool:
-    """Whether a path a report names is b, as named or from the current directory."""
-    if not isinstance(a, str):
-        return False
-    try:
-        return a == b or Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13)
-        return False
-
-
-def _listed(refs: object) -> str:
-    return ", ".join(map(str, refs)) if isinstance(refs, list) else repr(refs)
+    if inputs_sha256 is not None and earlier.get("inputs_sha256") not in (None, inputs_sha256):
+        refs = earlier.get("ref")
+        refs = ", ".join(map(str, refs)) if isinstance(refs, list) else refs
+        raise NMTError(f"{path} is the report of other files ({earlier.get('src')} against {refs}): write this "
+                       "one elsewhere (--report FILE or --out DIR), or move that one")
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:

@@ -15,6 +15,7 @@ import sacrebleu
 from conftest import reverse_corpus
 from sacrebleu.metrics import CHRF, TER
 
+from nmt import corpus
 from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.cli import main
 from nmt.errors import NMTError
@@ -201,7 +202,7 @@ def test_evaluate_never_writes_over_its_inputs_or_into_a_directory(tiny_model_di
 
 
 def test_a_report_never_replaces_a_file_that_is_no_report_nor_by_default_one_of_other_files(
-        tiny_model_dir, tiny_data, tmp_path, capsys):
+        tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch):
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     split = ["evaluate", str(model), "--split", "test", "--data", str(tiny_data), "--threads", "1"]
     assert main(split) == 0
@@ -213,11 +214,14 @@ def test_a_report_never_replaces_a_file_that_is_no_report_nor_by_default_one_of_
     other.write_text("a b c\n", encoding="utf-8")
     assert main(["evaluate", str(model), "--src", str(other), "--ref", str(other)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"nmt evaluate: error: {model}/eval/test.json is the report of {tiny_data}/test.src against "
-        f"{tiny_data}/test.tgt, not of {other} against {other}: write this one elsewhere (--report FILE or --out DIR), "
-        "or move that one")
+        f"nmt evaluate: error: {model}/eval/test.json is the report of other files ({tiny_data}/test.src against "
+        f"{tiny_data}/test.tgt): write this one elsewhere (--report FILE or --out DIR), or move that one")
     assert (model / "eval" / "test.json").read_bytes() == kept
     assert main(split) == 0  # the same evaluation again replaces its own report
+    # ... also named from another directory, or as a copy of the same corpus elsewhere: the same files.
+    monkeypatch.chdir(tiny_data.parent)
+    assert main([*split[:4], "--data", tiny_data.name, "--threads", "1"]) == 0
+    assert main([*split[:4], "--data", str(shutil.copytree(tiny_data, tmp_path / "copy")), "--threads", "1"]) == 0
     named = tmp_path / "named.json"
     assert main(["evaluate", str(model), "--src", str(other), "--ref", str(other), "--report", str(named)]) == 0
     assert main([*split, "--report", str(named)]) == 0  # a report named by the user may replace another
@@ -230,10 +234,14 @@ def test_a_report_never_replaces_a_file_that_is_no_report_nor_by_default_one_of_
             f"{corpus_json} exists and is not an `nmt evaluate` report: name another file for the report, or move "
             "that one")
     assert corpus_json.read_text(encoding="utf-8") == '{"recipe": "files"}\n'
+    empty = tmp_path / "empty.json"  # as mktemp makes one
+    empty.touch()
+    assert main(["evaluate", "--hyp", str(other), "--ref", str(other), "--report", str(empty)]) == 0
+    assert json.loads(empty.read_text(encoding="utf-8"))["n"] == 1
 
 
 def test_a_split_of_a_corpus_prepared_again_is_scored_with_a_warning(tiny_run, tiny_model_dir, tiny_data, tmp_path,
-                                                                      caplog):
+                                                                      caplog, monkeypatch):
     # `nmt prepare` again with another seed puts training sentences in the test split: the run and its export know
     # which training pairs they learnt from, and say so instead of scoring a contaminated test set in silence.
     again = reverse_corpus(tmp_path / "again", n_train=300, n_dev=20, n_test=20, seed=7)
@@ -245,3 +253,11 @@ def test_a_split_of_a_corpus_prepared_again_is_scored_with_a_warning(tiny_run, t
         assert main(["evaluate", str(model), *base, "--data", str(again), "--report", str(tmp_path / "r.json")]) == 0
         assert (f"{again} holds other training pairs than {model} was trained on (prepared again?): its test split "
                 "may hold sentences the model trained on") in caplog.text
+
+    def unreadable(data: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(data / "train.src"))
+
+    monkeypatch.setattr(corpus, "train_pairs_sha256", unreadable)  # the check is advisory: no traceback for it
+    caplog.clear()
+    assert main(["evaluate", str(tiny_run), *base, "--data", str(again), "--report", str(tmp_path / "r.json")]) == 0
+    assert "other training pairs" not in caplog.text
