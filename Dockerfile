@@ -25,6 +25,8 @@ COPY nmt/ nmt/
 COPY service/ service/
 RUN pip install . && rm -rf build ./*.egg-info
 COPY configs/ configs/
+# COPY keeps the checkout's file modes: readable by uid 1000 even from a checkout made under umask 077.
+RUN chmod -R a+rX /app
 
 # A fixed non-root user; mounted directories the container writes to (runs/, data/) must be writable by it.
 RUN useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin nmt
@@ -43,7 +45,6 @@ CMD ["nmt", "train", "configs/base.yaml"]
 FROM base AS serve
 # The shipped model as a default; docker-compose mounts ./models over /models.
 COPY models/es-en-bible/ /models/es-en-bible/
-# COPY keeps the checkout's file modes: readable by uid 1000 even from a checkout made under umask 077.
 RUN chmod -R a+rX /models
 # NMT_THREADS: torch threads per worker process; keep workers x threads <= the CPUs the container gets.
 ENV NMT_MODEL_DIR=/models/es-en-bible \

@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA libraries. A wheel
 	# among pip's find-links (a machine's local wheels) if there is one, else PyTorch's CPU index; then its
 	# dependencies from PyPI.
-	$(PY) -m pip install --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null || \
-		$(PY) -m pip install --no-deps torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX)
+	$(PY) -m pip install --no-index --no-deps torch==$(TORCH_VERSION) || { \
+		echo "no usable torch $(TORCH_VERSION) wheel among pip's find-links (above): trying $(TORCH_CPU_INDEX)"; \
+		$(PY) -m pip install --no-deps torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); }
 	$(PY) -m pip install torch==$(TORCH_VERSION)
 	$(PY) -m pip install -e '.[test]'
 	touch $@

@@ -141,7 +141,7 @@ def test_the_makefile_installs_cpu_torch_before_the_project(tmp_path: Path) -> N
     project = [i for i, line in enumerate(commands) if "pip install -e" in line]
     assert torch and project and max(torch) < project[0], commands
     assert "--no-index --no-deps torch==2.13.0" in commands[torch[0]]
-    assert "--no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in commands[torch[0] + 1]
+    assert "--no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in commands[torch[1]]
 
 
 def test_dockerfile_service_stage() -> None:
