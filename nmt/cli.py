@@ -466,7 +466,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         src, refs = read(src_path, ref_paths)
     translator = _load_translator(args)
     if args.split:  # the corpus may be the model's own, known once it has loaded
-        from nmt.corpus import train_pairs_sha256
+        from nmt.corpus import holds_other_pairs
 
         data = Path(args.data or translator.cfg.data.dir)
         src_path, ref_paths, name = data / f"{args.split}.src", [str(data / f"{args.split}.tgt")], args.split
@@ -475,11 +475,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise NMTError(f"no {src_path}: --split reads the model's corpus, data.dir={data}{where}; name the "
                            "prepared corpus with --data DIR")
         src, refs = read(src_path, ref_paths)
-        try:  # only for a warning: unreadable training files are not this command's business
-            pairs = train_pairs_sha256(data) if translator.data_sha256 else None
-        except OSError:
-            pairs = None
-        if pairs not in (None, translator.data_sha256):
+        if holds_other_pairs(data, translator.data_sha256):
             log.warning("%s holds other training pairs than %s was trained on (prepared again?): its %s split may "
                         "hold sentences the model trained on, and the scores are not those of its own test set",
                         data, args.model, args.split)

@@ -340,6 +340,17 @@ def train_pairs_sha256(data_dir: Path) -> str | None:
     return sha256_of(*paths) if all(p.is_file() for p in paths) else None
 
 
+def holds_other_pairs(data_dir: Path, trained_on: str | None) -> bool:
+    """Whether a corpus's training pairs are known not to be those of digest `trained_on`: False when either is
+    unknown (no digest recorded, no train files, files that cannot be read), as this only ever decides a warning."""
+    if not trained_on:
+        return False
+    try:
+        return train_pairs_sha256(data_dir) not in (None, trained_on)
+    except OSError:
+        return False
+
+
 def _opt_path(p: str | Path | None) -> Path | None:
     return None if p is None else Path(p)
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from nmt import __version__
 from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.config import Config, apply_overrides, from_dict, save_config
-from nmt.corpus import TRAIN_FILES, train_pairs_sha256
+from nmt.corpus import TRAIN_FILES, holds_other_pairs
 from nmt.errors import NMTError
 from nmt.files import make_dir, write_failure
 from nmt.model import Seq2Seq
@@ -368,8 +368,7 @@ def _export_corpus(data: Path | None, cfg: Config, state: dict[str, Any], ckpt: 
         missing = [name for name in TRAIN_FILES if not (data_dir / name).is_file()]
         if missing:
             raise NMTError(f"--data {data_dir}: no {' or '.join(missing)} (a corpus made by `nmt prepare`)")
-    trained_on = state.get("data_sha256")
-    if trained_on and train_pairs_sha256(data_dir) not in (None, trained_on):
+    if holds_other_pairs(data_dir, state.get("data_sha256")):
         log.warning("%s holds other training pairs than %s was trained on (prepared again?): the card's data and "
                     "the shortlist describe them all the same; name the run's corpus with --data", data_dir, ckpt)
     return data_dir
