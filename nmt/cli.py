@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
 from nmt.errors import NMTError
-from nmt.files import is_special_file, make_dir, read_lines, sha256_of, write_failure
+from nmt.files import is_special_file, make_dir, read_lines, write_failure
 
 if TYPE_CHECKING:
     from nmt.translator import Translator
@@ -329,6 +330,11 @@ def _check_not_input(output: str | os.PathLike | int, inputs: list[str | os.Path
                 raise NMTError(f"{shown} is also an input ({name}): write the output to another file")
 
 
+def _inputs(*paths: str | os.PathLike) -> list[str | os.PathLike | int]:
+    """Input files as _check_not_input takes them: - is standard input's descriptor."""
+    return [_stdin_fd() if str(path) == "-" else path for path in paths]
+
+
 def _stdin_fd() -> int:
     """The descriptor of standard input (-1 when it has none: a test's replacement stream)."""
     return _fd(sys.stdin)
@@ -412,7 +418,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                     "RUN/eval/CHECKPOINT for a .pt file); "
                     "`nmt evaluate --hyp F --ref F` scores a file of translations from any system.")
     p.add_argument("model", nargs="?", help="exported model directory, run directory or .pt checkpoint")
-    p.add_argument("--src", help="source file to translate")
+    p.add_argument("--src", help="source file to translate (- reads it from stdin)")
     p.add_argument("--ref", nargs="+", help="reference file(s), line-parallel to the source/hypotheses")
     p.add_argument("--hyp", help="score these translations (- reads them from stdin) instead of translating (no "
                                  "MODEL)")
@@ -442,7 +448,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if not args.ref:
             raise NMTError("--hyp needs --ref")
         if args.report:
-            _check_not_input(args.report, [args.hyp, *args.ref])
+            _check_not_input(args.report, _inputs(args.hyp, *args.ref))
             check_report_replaceable(Path(args.report), None)
         report = evaluate(read_lines(args.hyp, "hypothesis file"), [read_lines(r, "reference file") for r in args.ref])
         report.update(hyp=args.hyp, ref=args.ref)
@@ -458,11 +464,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise NMTError("--src needs --ref")
     if args.split and args.ref:
         raise NMTError("--split uses the corpus's own references: drop --ref")
+    digest = hashlib.sha256()  # of the source and references as read: what the report is of
+
     def read(src_path: Path, ref_paths: list[str]) -> tuple[list[str], list[list[str]]]:
-        return read_lines(src_path, "source file"), [read_lines(r, "reference file") for r in ref_paths]
+        return (read_lines(src_path, "source file", digest),
+                [read_lines(r, "reference file", digest) for r in ref_paths])
 
     if args.src:  # read before the model loads, so that a missing file is found at once
-        src_path, ref_paths, name = Path(args.src), args.ref, Path(args.src).stem
+        src_path, ref_paths = Path(args.src), args.ref
+        name = "stdin" if args.src == "-" else src_path.stem
         src, refs = read(src_path, ref_paths)
     translator = _load_translator(args)
     if args.split:  # the corpus may be the model's own, known once it has loaded
@@ -492,10 +502,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise NMTError(f"--out {out}: not a directory")
     for path in (out / f"{name}.hyp", report_path):
         check_writable(path)
-        _check_not_input(path, [src_path, *ref_paths])
+        _check_not_input(path, _inputs(src_path, *ref_paths))
     if report_path.resolve() == (out / f"{name}.hyp").resolve():
         raise NMTError(f"--report {report_path} is where the hypotheses go: name another file")
-    inputs_sha256 = sha256_of(src_path, *ref_paths)  # the files were read: what this report is of
+    inputs_sha256 = digest.hexdigest()
     check_report_replaceable(report_path, None if args.report else inputs_sha256)
     try:  # before translating, which takes a while: a read-only model directory (a container's volume) fails here
         make_dir(out)

@@ -16,6 +16,7 @@ run never leaves a half-written corpus.
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import json
 import logging
@@ -297,21 +298,26 @@ LENGTH_UNITS = ("words", "chars")
 DROP_REASONS = ("empty", "too_long", "ratio", "duplicate", "overlap_dev_test")
 
 
-def _read_lines(path: Path, what: str) -> list[str]:
-    """Lines of a corpus file (see read_lines); an empty file is an error."""
-    lines = read_lines(path, what)
+def _read_lines(path: Path, what: str, digests: dict[Path, str]) -> list[str]:
+    """Lines of a corpus file (see read_lines); an empty file is an error. Its SHA-256 goes into digests."""
+    digest = hashlib.sha256()
+    lines = read_lines(path, what, digest)
     if not lines:
+        if str(path) == "-":
+            raise NMTError("standard input (-) is empty; it can be read once only, so give at most one file as -")
         raise NMTError(f"{path}: file is empty")
+    digests[path] = digest.hexdigest()
     return lines
 
 
-def _read_pairs(src: Path | None, tgt: Path | None, tsv: Path | None, what: str) -> list[tuple[str, str]]:
-    """Raw (source, target) pairs, from two parallel files or one TSV file."""
+def _read_pairs(src: Path | None, tgt: Path | None, tsv: Path | None, what: str,
+                digests: dict[Path, str]) -> list[tuple[str, str]]:
+    """Raw (source, target) pairs, from two parallel files or one TSV file; the files' SHA-256 go into digests."""
     if tsv is not None:
         if src is not None or tgt is not None:
             raise NMTError(f"give the {what} either as a TSV file or as source and target files, not both")
         pairs = []
-        for lineno, line in enumerate(_read_lines(tsv, "TSV file"), 1):
+        for lineno, line in enumerate(_read_lines(tsv, "TSV file", digests), 1):
             if not line.strip():
                 pairs.append(("", ""))
                 continue
@@ -323,7 +329,7 @@ def _read_pairs(src: Path | None, tgt: Path | None, tsv: Path | None, what: str)
         return pairs
     if src is None or tgt is None:
         raise NMTError(f"give the {what} as both a source and a target file (or as one TSV file)")
-    src_lines, tgt_lines = _read_lines(src, "source file"), _read_lines(tgt, "target file")
+    src_lines, tgt_lines = _read_lines(src, "source file", digests), _read_lines(tgt, "target file", digests)
     if len(src_lines) != len(tgt_lines):
         raise NMTError(f"{src} has {len(src_lines)} lines but {tgt} has {len(tgt_lines)}; "
                        "parallel files must have one line per sentence pair")
@@ -416,7 +422,8 @@ def prepare_files(
             raise NMTError(f"--{split}-size holds out a {split} set from the training data, but {split} files "
                            "were given: drop one or the other")
     src_p, tgt_p, tsv_p = _opt_path(src), _opt_path(tgt), _opt_path(tsv)
-    raw = _read_pairs(src_p, tgt_p, tsv_p, "training data")
+    digests: dict[Path, str] = {}
+    raw = _read_pairs(src_p, tgt_p, tsv_p, "training data", digests)
     explicit: dict[str, list[tuple[str, str]] | None] = {}
     input_files: dict[str, Path] = {k: v for k, v in (("src", src_p), ("tgt", tgt_p), ("tsv", tsv_p)) if v}
     for split, s, t, ts in (("dev", dev_src, dev_tgt, dev_tsv), ("test", test_src, test_tgt, test_tsv)):
@@ -424,7 +431,7 @@ def prepare_files(
             explicit[split] = None
             continue
         paths = {"src": _opt_path(s), "tgt": _opt_path(t), "tsv": _opt_path(ts)}
-        explicit[split] = _read_pairs(paths["src"], paths["tgt"], paths["tsv"], f"{split} data")
+        explicit[split] = _read_pairs(paths["src"], paths["tgt"], paths["tsv"], f"{split} data", digests)
         input_files.update({f"{split}_{k}": v for k, v in paths.items() if v})
 
     dropped = dict.fromkeys(DROP_REASONS, 0)
@@ -496,7 +503,9 @@ def prepare_files(
         "settings": {"max_len": max_len, "length_unit": length_unit, "max_ratio": max_ratio,
                      "ratio_min_len": RATIO_MIN_LEN, "dev_size": dev_size, "test_size": test_size,
                      "seed": seed},
-        "sources": {k: {"path": str(p.resolve()), "sha256": sha256_of(p)} for k, p in input_files.items()},
+        # Standard input (-) and pipes (/dev/fd/63) keep their names: resolved, a pipe's says nothing.
+        "sources": {k: {"path": str(p.resolve()) if p.is_file() else str(p), "sha256": digests[p]}
+                    for k, p in input_files.items()},
     }
     files = {s: {"src": [p[0] for p in v], "tgt": [p[1] for p in v]} for s, v in splits.items()}
     _write_corpus(outdir, files, meta, overwrite, list(input_files.values()))

@@ -12,17 +12,26 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from nmt.errors import NMTError
 
 NEARLY_FULL = 16 << 20  # bytes free under which a library's own words for a failed write mean a full disk
 
 
-def read_lines(path: str | Path, what: str = "file") -> list[str]:
+class Digest(Protocol):
+    """A hashlib object, such as hashlib.sha256()."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
+def read_lines(path: str | Path, what: str = "file", digest: Digest | None = None) -> list[str]:
     """The lines of a UTF-8 text file (- for standard input), a trailing \\r and the byte order mark some editors
     write first dropped. Split on \\n only, as sacrebleu reads them: str.splitlines would also split at U+2028, form
-    feeds and the like, so that two parallel files would no longer line up."""
+    feeds and the like, so that two parallel files would no longer line up.
+
+    digest is updated with the bytes as read: the file's own digest, also of standard input or a pipe, which
+    cannot be read a second time."""
     if str(path) == "-":
         name, stream = "standard input", getattr(sys.stdin, "buffer", sys.stdin)
         closing = contextlib.nullcontext()  # standard input stays open for the caller
@@ -41,6 +50,8 @@ def read_lines(path: str | Path, what: str = "file") -> list[str]:
         for lineno, raw in enumerate(stream, 1):
             if isinstance(raw, str):  # a text stream standing in for standard input
                 raw = raw.encode("utf-8", "surrogateescape")
+            if digest is not None:
+                digest.update(raw)
             raw = raw.removesuffix(b"\n").removesuffix(b"\r")
             try:
                 line = raw.decode("utf-8")

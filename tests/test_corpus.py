@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
+import os
 import unicodedata
 from pathlib import Path
 
@@ -194,6 +196,31 @@ def test_files_parallel_and_tsv_agree(tmp_path: Path) -> None:
     assert len(meta["sources"]["src"]["sha256"]) == 64
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
         [f"{s}.{e}" for s in corpus.SPLITS for e in ("src", "tgt")] + ["corpus.json"])
+
+
+def test_files_from_stdin_or_a_pipe_record_the_digest_of_what_was_read(tmp_path: Path, monkeypatch) -> None:
+    # `zcat corpus.tsv.gz | nmt prepare files --tsv - OUT`: --tsv - failed with a traceback, and a pipe
+    # (--tsv <(zcat ...)) was recorded with the digest of an empty file, as it was read a second time for it.
+    src, tgt = numbered(50)
+    data = "".join(f"{s}\t{t}\n" for s, t in zip(src, tgt, strict=True)).encode()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    assert main(["prepare", "files", "--tsv", "-", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "corpus.json").read_text(encoding="utf-8"))
+    assert meta["sources"]["tsv"] == {"path": "-", "sha256": hashlib.sha256(data).hexdigest()}
+    reader, writer = os.pipe()
+    os.write(writer, data)
+    os.close(writer)
+    try:
+        assert main(["prepare", "files", "--tsv", f"/dev/fd/{reader}", str(tmp_path / "b")]) == 0
+    finally:
+        os.close(reader)
+    meta = json.loads((tmp_path / "b" / "corpus.json").read_text(encoding="utf-8"))
+    assert meta["sources"]["tsv"]["sha256"] == hashlib.sha256(data).hexdigest()
+    for split in corpus.SPLITS:
+        assert read_split(tmp_path / "a", split) == read_split(tmp_path / "b", split)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"a\nb\n"), encoding="utf-8"))
+    with pytest.raises(NMTError, match=r"standard input \(-\) is empty; it can be read once only"):
+        prepare_files(tmp_path / "c", "-", "-")
 
 
 def test_files_holdout_seeded(tmp_path: Path) -> None:

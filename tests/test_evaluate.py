@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -176,6 +178,33 @@ def test_evaluate_a_model_on_files(tiny_model_dir, tiny_data, tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith(
         f"no {tiny_data / 'nope.src'}: --split reads the model's corpus, data.dir={tiny_data}; name the prepared "
         "corpus with --data DIR")
+
+
+def test_evaluate_reads_the_source_from_stdin_or_a_pipe(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # `nmt evaluate MODEL --src - --ref REF`, and `--src <(zcat test.src.gz)`: the report's digest is of the bytes
+    # read, as neither can be read again (--src - failed with a traceback; a pipe was recorded as empty).
+    src, ref = tmp_path / "s.txt", tmp_path / "r.txt"
+    src.write_bytes(b"a b c\r\nd e f g\n")
+    ref.write_bytes(b"c b a\ng f e d\n")
+    expected = hashlib.sha256(src.read_bytes() + ref.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    with open(src, "rb") as stdin:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(stdin, encoding="utf-8"))
+        assert main(["evaluate", str(tiny_model_dir), "--src", "-", "--ref", str(ref), "--out", str(out)]) == 0
+    report = json.loads((out / "stdin.json").read_text(encoding="utf-8"))
+    assert report["inputs_sha256"] == expected and report["src"] == "-"
+    assert read_lines(out / "stdin.hyp") == ["c b a", "g f e d"]
+    reader, writer = os.pipe()
+    os.write(writer, src.read_bytes())
+    os.close(writer)
+    try:
+        piped = f"/dev/fd/{reader}"
+        assert main(["evaluate", str(tiny_model_dir), "--src", piped, "--ref", str(ref), "--report",
+                     str(tmp_path / "piped.json")]) == 0
+    finally:
+        os.close(reader)
+    assert json.loads((tmp_path / "piped.json").read_text(encoding="utf-8"))["inputs_sha256"] == expected
+    capsys.readouterr()
 
 
 def test_evaluate_never_writes_over_its_inputs_or_into_a_directory(tiny_model_dir, tmp_path, capsys):
