@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from nmt.errors import NMTError
 from nmt.files import atomic_write, is_special_file
 from nmt.progress import Progress
-from nmt.translator import Translator
+
+if TYPE_CHECKING:  # the translator's package imports export, which reads reports with is_report
+    from nmt.translator import Translator
 
 
 def evaluate(hyps: list[str], refs: list[str] | list[list[str]]) -> dict[str, Any]:
@@ -64,6 +66,11 @@ def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]]
     return hyps, report
 
 
+def is_report(data: Any) -> bool:
+    """Whether parsed JSON is an `nmt evaluate` report: an object with its scores under 'metrics'."""
+    return isinstance(data, dict) and isinstance(data.get("metrics"), dict) and bool(data["metrics"])
+
+
 def check_report_replaceable(path: Path, inputs_sha256: str | None) -> None:
     """NMTError unless a report may go at path: nothing there yet (or an empty file), a device or pipe, or an
     earlier report. A file that is no report is never replaced (--report data/corpus.json). With `inputs_sha256`
@@ -76,7 +83,7 @@ def check_report_replaceable(path: Path, inputs_sha256: str | None) -> None:
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         earlier = None
-    if not (isinstance(earlier, dict) and isinstance(earlier.get("metrics"), dict)):
+    if not is_report(earlier):
         raise NMTError(f"{path} exists and is not an `nmt evaluate` report: name another file for the report, or "
                        "move that one")
     if inputs_sha256 is not None and earlier.get("inputs_sha256") not in (None, inputs_sha256):

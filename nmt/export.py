@@ -27,6 +27,7 @@ from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.config import Config, apply_overrides, from_dict, save_config
 from nmt.corpus import TRAIN_FILES, holds_other_pairs
 from nmt.errors import NMTError
+from nmt.evaluate import is_report
 from nmt.files import make_dir, write_failure
 from nmt.model import Seq2Seq
 from nmt.run_log import METRICS_FILE, current, read_records, this_run
@@ -217,7 +218,7 @@ def _report_of(path: Path, digests: set[str], exported: str) -> dict[str, Any]:
         raise NMTError(f"{path} is a directory, not an `nmt evaluate` report" if path.is_dir() else
                        f"evaluation report not found: {path}")
     data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict) or not data["metrics"]:
+    if not is_report(data):
         raise NMTError(f"{path} is not an `nmt evaluate` report (no 'metrics' scores)")
     digest = data.get("weights_sha256")
     if digest is None and "model" not in data:
