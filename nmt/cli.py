@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
+from nmt.config import STORED_PER_SOURCE
 from nmt.errors import NMTError
 from nmt.files import is_special_file, make_dir, read_lines, write_failure
 
@@ -222,7 +223,8 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortlist-frequent", type=_int_from(0), metavar="N",
                    help="shortlists hold the N most frequent target pieces (default: decode.shortlist_frequent)")
     p.add_argument("--shortlist-per-source", type=_int_from(0), metavar="K",
-                   help="... and K per source piece and word, at most 50 (default: decode.shortlist_per_source)")
+                   help=f"... and K per source piece and word, at most {STORED_PER_SOURCE} "
+                        "(default: decode.shortlist_per_source)")
     p.add_argument("--int8", action="store_true", help="int8 dynamic quantization for faster CPU inference")
     p.add_argument("--threads", type=_int_from(1), help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")

@@ -32,7 +32,7 @@ class TokenizerConfig:
     joint: bool = False  # one vocabulary for source and target
     character_coverage: float = 1.0  # share of the characters the vocabulary covers (0.98-1); rarer ones: <unk>
     sample_alpha: float = 0.0  # subword regularization during training (unigram only); 0 = off
-    input_sentence_size: int = 2_000_000  # sentences SentencePiece samples to train on
+    input_sentence_size: int = 2_000_000  # sentences SentencePiece samples to train on; 0 = all (else over 100)
 
 
 @dataclass
@@ -93,7 +93,8 @@ class DecodeConfig:
     packed_matmuls: bool = True  # CPU fp32: decoding's matmuls through oneDNN on prepacked weights
     shortlist: bool = True  # decode over a lexical shortlist when the model directory has one (nmt export)
     shortlist_frequent: int = 2000  # the shortlist: this many most frequent target pieces ...
-    shortlist_per_source: int = 10  # ... plus this many co-occurring ones per source piece and word (at most 50)
+    shortlist_per_source: int = 10  # ... plus this many co-occurring ones per source piece and word (at most
+    # STORED_PER_SOURCE, as many as the shortlist file keeps)
 
 
 @dataclass
@@ -126,12 +127,16 @@ _NON_NEGATIVE = {
     "train.lr_patience", "train.keep_checkpoints", "train.sampled_softmax", "tokenizer.sample_alpha",
     "decode.length_penalty", "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram",
     "decode.gate_table_mb", "decode.shortlist_frequent", "decode.shortlist_per_source",
+    "tokenizer.input_sentence_size",
 }
 MAX_LENGTH_PENALTY = 10.0  # GNMT's alpha is 0.6-1; far past it, the longest hypothesis always wins
 _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
 # Upper bounds past which a value is a mistake: decoding to a*source+b pieces with a model that has not learnt to
 # stop yet (early in training) would run for hours.
-_AT_MOST = {"decode.length_penalty": MAX_LENGTH_PENALTY, "decode.max_len_a": 10, "decode.max_len_b": 1000}
+STORED_PER_SOURCE = 50  # target candidates a shortlist file keeps per source piece or word (nmt.shortlist)
+_AT_MOST = {"decode.length_penalty": MAX_LENGTH_PENALTY, "decode.max_len_a": 10, "decode.max_len_b": 1000,
+            "decode.shortlist_per_source": STORED_PER_SOURCE}
+SENTENCEPIECE_MIN_SAMPLE = 101  # tokenizer.input_sentence_size: SentencePiece refuses 1 to 100
 MIN_CHARACTER_COVERAGE = 0.98  # tokenizer.character_coverage: SentencePiece refuses less
 SPECIAL_PIECES = 4  # every vocabulary's ids 0-3 (nmt.tokenizer: PAD, UNK, BOS, EOS)
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a float that YAML 1.1 may leave a string
@@ -194,6 +199,9 @@ def _check_ranges(cfg: Config) -> None:
     if not MIN_CHARACTER_COVERAGE <= cfg.tokenizer.character_coverage <= 1.0:
         raise NMTError(f"config key 'tokenizer.character_coverage' must be between {MIN_CHARACTER_COVERAGE} and 1 "
                        f"(SentencePiece's range), got {cfg.tokenizer.character_coverage!r}")
+    if 0 < cfg.tokenizer.input_sentence_size < SENTENCEPIECE_MIN_SAMPLE:
+        raise NMTError(f"config key 'tokenizer.input_sentence_size' must be 0 (every sentence) or at least "
+                       f"{SENTENCEPIECE_MIN_SAMPLE} (SentencePiece's range), got {cfg.tokenizer.input_sentence_size}")
     if cfg.tokenizer.vocab_size <= SPECIAL_PIECES:
         raise NMTError(f"config key 'tokenizer.vocab_size' must be more than the {SPECIAL_PIECES} special pieces "
                        f"(padding, unknown, start and end of sentence), got {cfg.tokenizer.vocab_size}")

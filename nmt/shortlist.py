@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nmt.config import STORED_PER_SOURCE
 from nmt.errors import NMTError
 from nmt.files import read_lines
 from nmt.tokenizer import BOS, EOS, PAD, WORD_START, Tokenizer
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 SHORTLIST_FILE = "shortlist.safetensors"
 SPECIALS = 4  # pad, unk, bos, eos: ids 0-3, always in the list so that their positions equal their ids
-STORED_PER_SOURCE = 50  # candidates kept per source piece or word in the file; decoding uses the first k of them
 
 
 def split_words(ids: list[int], starts_word: list[bool]) -> list[tuple[int, ...]]:

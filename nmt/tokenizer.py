@@ -94,7 +94,7 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, v
                 num_threads=os.cpu_count() or 1,
                 minloglevel=2,
             )
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # ValueError: an option it cannot parse
             raise NMTError(_training_error(str(exc), texts, cfg)) from None
         out, written = prefix.with_suffix(".model"), tmp_prefix.with_suffix(".model")
         try:  # SentencePiece does not check its writes: on a full disk it leaves a model cut short

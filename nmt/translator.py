@@ -23,7 +23,7 @@ import torch
 
 from nmt.batching import collate, token_batches
 from nmt.checkpoint import STEP_DIR, load_checkpoint
-from nmt.config import MAX_LENGTH_PENALTY, Config, from_dict, load_config
+from nmt.config import MAX_LENGTH_PENALTY, STORED_PER_SOURCE, Config, from_dict, load_config
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.export import (
@@ -38,7 +38,7 @@ from nmt.export import (
 )
 from nmt.model import Seq2Seq
 from nmt.search import Hypothesis, output_limit, search_ids
-from nmt.shortlist import SHORTLIST_FILE, STORED_PER_SOURCE, Shortlist
+from nmt.shortlist import SHORTLIST_FILE, Shortlist
 from nmt.text import normalize_text, split_sentences
 from nmt.tokenizer import EOS_PIECE, UNK, WORD_START, Tokenizer, check_trained_with
 
@@ -254,9 +254,6 @@ def read_model(path: Path) -> ModelFiles:
     src_tok, tgt_tok = Tokenizer(home / "src.model"), Tokenizer(home / "tgt.model")
     if not model_dir:
         check_trained_with(state, src_tok, tgt_tok, home, source)
-    if cfg.decode.shortlist_per_source > STORED_PER_SOURCE:
-        raise NMTError(f"config key 'decode.shortlist_per_source' must be at most {STORED_PER_SOURCE}, "
-                       f"got {cfg.decode.shortlist_per_source}")
     if cfg.decode.shortlist and model_dir and (home / SHORTLIST_FILE).is_file():
         shortlist = Shortlist.load(home / SHORTLIST_FILE, len(src_tok), len(tgt_tok))
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))

@@ -57,6 +57,9 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     ("decode.max_len_a=1e9", "decode.max_len_a"),
     ("decode.max_len_b=100000", "decode.max_len_b"),
     ("decode.length_penalty=11", "decode.length_penalty"),
+    ("decode.shortlist_per_source=51", "decode.shortlist_per_source"),
+    ("tokenizer.input_sentence_size=-5", "tokenizer.input_sentence_size"),
+    ("tokenizer.input_sentence_size=100", "tokenizer.input_sentence_size"),
 ])
 def test_bad_value_names_the_key(override: str, key: str) -> None:
     with pytest.raises(NMTError, match=f"'{key}'"):

@@ -330,7 +330,11 @@ def test_the_shortlist_comes_with_the_export_and_can_be_turned_off(tiny_run, tin
 
     save_config(load_config(config, ["decode.shortlist=false"]), config)
     assert Translator.load(narrow).shortlist is None
-    save_config(load_config(config, ["decode.shortlist=true", "decode.shortlist_per_source=51"]), config)
+    save_config(load_config(config, ["decode.shortlist=true"]), config)
+    with pytest.raises(NMTError, match="shortlist_per_source' must be at most 50"):  # at export, as any config key
+        load_config(config, ["decode.shortlist_per_source=51"])
+    edited = config.read_text(encoding="utf-8").replace("shortlist_per_source: 1\n", "shortlist_per_source: 51\n")
+    config.write_text(edited, encoding="utf-8")  # by hand
     with pytest.raises(NMTError, match="shortlist_per_source' must be at most 50"):
         Translator.load(narrow)
     save_config(load_config(config, ["decode.shortlist_per_source=1"]), config)
