@@ -37,8 +37,8 @@ from nmt.files import make_dir, read_lines
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
 from nmt.run_log import METRICS_FILE, append_record
-from nmt.search import search_ids
 from nmt.tokenizer import Tokenizer, check_trained_with, ensure_tokenizers, set_sampling_seed, tokenizers_sha256
+from nmt.translator import Translator
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +372,7 @@ class Trainer:
         self.model = Seq2Seq(cfg.model, len(self.src_tok), len(self.tgt_tok)).to(self.device)
         if cfg.decode.packed_matmuls:  # validation decodes like an exported model; training keeps torch's layers
             self.model.decoder.pack_weights()
+        self.translator = Translator(self.model, cfg, self.src_tok, self.tgt_tok, self.device, self.run_dir)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
                                           weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -569,14 +570,12 @@ class Trainer:
         if self.cfg.train.valid_bleu:
             limit = self.cfg.train.valid_max_sentences or len(self.dev_src)
             src, refs = self.dev_src[:limit], self.dev_tgt[:limit]
-            ids = [s[: self.cfg.data.max_len] for s in self.src_tok.encode_batch(src)]
-            d = self.cfg.decode
-            # min_len 1, as the Translator's: `nmt evaluate` never scores an empty translation either.
-            hyps = search_ids(self.model, ids, d.batch_tokens, self.device, beam_size=1,
-                              max_len_a=d.max_len_a, max_len_b=d.max_len_b, min_len=1)
+            # Translated as `nmt evaluate RUN --split dev --beam 1` would: the same BLEU for the same weights.
+            job = self.translator.prepare(src, beam_size=1)
+            hyps = self.translator.search(job)
             if not all(hyps):  # a sentence without a hypothesis: every score overflowed to inf or nan
                 raise self._diverged(self.pos.step)
-            out = [self.tgt_tok.decode(h[0].tokens) for h in hyps]
+            out = [t.text for t in self.translator.finish(job, hyps)]
             result["dev_bleu"] = sacrebleu.corpus_bleu(out, [refs]).score
         return result
 

@@ -356,6 +356,11 @@ class Translator:
 
     def run(self, job: Job) -> list[Translation]:
         """Translate a prepared call, start to end, on its own."""
+        return self.finish(job, self.search(job))
+
+    def search(self, job: Job) -> list[list[Hypothesis]]:
+        """The hypotheses of a prepared call's segments to decode (job.todo, in order), best first; a segment whose
+        every score overflowed (diverged weights) has none."""
         with self.lock:
             ids = [job.segments[i].ids for i in job.todo]
             hyps = search_ids(self.model, ids, job.budget, self.device, return_attention=job.return_alignment,
@@ -367,7 +372,7 @@ class Translator:
                                    return_attention=True, shortlist=job.shortlist, **job.search)
                 for j, hs in zip(redo, again, strict=True):
                     hyps[j] = hs
-            return self.finish(job, hyps)
+            return hyps
 
     def prepare(self, texts: list[str], beam_size: int | None = None, n_best: int = 1,
                 length_penalty: float | None = None, return_alignment: bool = False,

@@ -21,6 +21,7 @@ import torch
 
 import nmt.onednn
 import nmt.train
+import nmt.translator
 from nmt.checkpoint import load_checkpoint
 from nmt.cli import main
 from nmt.config import Config, from_dict, load_config
@@ -219,10 +220,38 @@ def test_a_dev_loss_that_overflows_stops_the_run(corpus: Path, tmp_path: Path,
 def test_validation_whose_decoding_overflows_stops_the_run(corpus: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # Weights of 1e30 stay finite, yet greedy decoding's scores overflow, and the search keeps no hypothesis.
-    monkeypatch.setattr(nmt.train, "search_ids", lambda model, ids, *a, **kw: [[] for _ in ids])
+    monkeypatch.setattr(nmt.translator, "search_ids", lambda model, ids, *a, **kw: [[] for _ in ids])
     with pytest.raises(NMTError, match="training diverged at step 2: .* no checkpoint of this run yet; start again"):
         train(tiny_config(corpus, tmp_path / "run", "train.max_steps=2", "train.valid_every=2"))
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_validation_bleu_is_what_evaluate_gives_at_beam_1(tiny_run: Path, tiny_data: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # Dev BLEU picks best.pt and stops the run early: it must score the translations `nmt evaluate` would give.
+    # It cut dev sources at data.max_len pieces, where the Translator translates a long line in parts.
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    src, tgt = (data / "dev.src").read_text().splitlines(), (data / "dev.tgt").read_text().splitlines()
+    long_line = " ".join(src[:12])
+    assert len(long_line.split()) > load_config(TINY).data.max_len
+    (data / "dev.src").write_text("\n".join([long_line, *src[12:]]) + "\n")
+    (data / "dev.tgt").write_text("\n".join([" ".join(reversed(long_line.split())), *tgt[12:]]) + "\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("src.model", "tgt.model"):
+        shutil.copy(tiny_run / name, run_dir / name)
+    trainer = Trainer(tiny_config(data, run_dir, "train.valid_bleu=true"))
+    try:
+        trainer.model.load_state_dict(load_checkpoint(tiny_run / "best.pt")["model"])
+        dev_bleu = trainer.validate()["dev_bleu"]
+    finally:
+        trainer.close()
+    report = tmp_path / "dev.json"
+    assert main(["evaluate", str(tiny_run / "best.pt"), "--split", "dev", "--data", str(data), "--beam", "1",
+                 "--report", str(report)]) == 0
+    capsys.readouterr()
+    assert 20 < dev_bleu == json.loads(report.read_text())["metrics"]["bleu"]["score"]
 
 
 def test_cpu_bfloat16_autocast_trains_where_the_cpu_has_bfloat16(corpus: Path, tmp_path: Path,
