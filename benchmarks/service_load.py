@@ -62,7 +62,7 @@ from pathlib import Path
 
 import httpx
 
-from nmt.train import cpu_name
+from nmt.device import cpu_name
 
 BAR_CONCURRENCY = 32
 BAR_P99_S = 1.5

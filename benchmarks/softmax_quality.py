@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from nmt.device import cpu_has_bf16
 from nmt.plot import read_metrics
-from nmt.train import cpu_has_bf16
 
 
 def run_dir(work: Path, sampled: int, precision: str) -> Path:

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from service_load import read_sources
 
+from nmt.device import cpu_name
 from nmt.errors import NMTError
 from nmt.stream import TranslationStream
-from nmt.train import cpu_name
 from nmt.translator import Translator
 
 WARMUP_CALLS = 8

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nmt.train import cpu_has_bf16, cpu_name
+from nmt.device import cpu_has_bf16, cpu_name
 
 ONMT_CONFIG = """\
 save_data: {run}/samples

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nmt.train import cpu_name
+from nmt.device import cpu_name
 
 
 def read(path: Path) -> list[str]:

@@ -166,8 +166,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
     from nmt.config import load_config, save_config
+    from nmt.run_dir import check_run_dir_holds_only_a_run, lock_run_dir
     from nmt.tokenizer import ensure_tokenizers
-    from nmt.train import check_run_dir_holds_only_a_run, lock_run_dir
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.train.run_dir)

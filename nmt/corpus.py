@@ -340,6 +340,20 @@ def _length(text: str, unit: str) -> int:
     return len(text.split()) if unit == "words" else len(text)
 
 
+def load_split(data_dir: Path, split: str) -> tuple[list[str], list[str]]:
+    """The (source, target) lines of a prepared corpus's split; NMTError for missing, empty or uneven files."""
+    files = [data_dir / f"{split}.src", data_dir / f"{split}.tgt"]
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:
+        raise NMTError(f"corpus file not found: {missing} (run `nmt prepare` first)")
+    src, tgt = (read_lines(f, "corpus file") for f in files)
+    if len(src) != len(tgt):
+        raise NMTError(f"{data_dir}/{split}.src has {len(src)} lines but {split}.tgt has {len(tgt)}")
+    if not src:
+        raise NMTError(f"{data_dir}/{split}.src is empty")
+    return src, tgt
+
+
 def train_pairs_sha256(data_dir: Path) -> str | None:
     """SHA-256 of a corpus's train.src and train.tgt (which pairs a run trained on); None without them."""
     paths = [data_dir / name for name in TRAIN_FILES]

@@ -1,6 +1,10 @@
-"""The torch device a setting names, checked before anything is loaded onto it."""
+"""The torch device a setting names, checked before anything is loaded onto it, and what the machine is."""
 
 from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -27,3 +31,40 @@ def check_int8(device: torch.device, setting: str = "int8", cpu: str = "device c
     """NMTError unless int8 quantization (for CPU inference only) can run on the device; `cpu` says how to pick it."""
     if device.type != "cpu":
         raise NMTError(f"{setting} quantizes for CPU inference: use {cpu}")
+
+
+def hardware(device: torch.device) -> dict[str, str]:
+    """The processor (CPU model and core count, or the CUDA device name) and the torch version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{cpu_name()}, {os.cpu_count()} cores"
+    return {"hardware": name, "device": device.type, "torch": torch.__version__}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return set(next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), []))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 instructions (AVX512_BF16 or AMX); without them autocast only emulates it."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_name() -> str:
+    """The CPU model and its widest vector ISA from /proc/cpuinfo (Linux), else what the platform module knows."""
+    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
+    flags = cpu_flags()
+    # The same model name covers CPU generations whose matmul speeds differ severalfold (AVX2 or AVX-512 VNNI).
+    isa = next((label for flag, label in (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                if flag in flags), None)
+    return f"{name} ({isa})" if isa else name

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import gc
 import json
 import logging
 import math
 import os
-import platform
 import random
 import shlex
 import signal
@@ -27,15 +25,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nmt.batching import ParallelData
-from nmt.checkpoint import STEP_DIR, load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
+from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
-from nmt.corpus import CORPUS_JSON, train_pairs_sha256
-from nmt.device import pick_device
+from nmt.corpus import CORPUS_JSON, load_split, train_pairs_sha256
+from nmt.device import cpu_has_bf16, hardware, pick_device
 from nmt.errors import NMTError
 from nmt.export import is_model_dir
-from nmt.files import make_dir, read_lines
+from nmt.files import make_dir
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
+from nmt.run_dir import check_run_dir_holds_only_a_run, lock_run_dir
 from nmt.run_log import METRICS_FILE, append_record
 from nmt.tokenizer import Tokenizer, check_trained_with, ensure_tokenizers, set_sampling_seed, tokenizers_sha256
 from nmt.translator import Translator
@@ -175,56 +174,6 @@ def command_line() -> str:
     return prefix + (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join(argv)
 
 
-def hardware(device: torch.device) -> dict[str, str]:
-    """The processor (CPU model and core count, or the CUDA device name) and the torch version."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{cpu_name()}, {os.cpu_count()} cores"
-    return {"hardware": name, "device": device.type, "torch": torch.__version__}
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    return set(next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), []))
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU has bfloat16 instructions (AVX512_BF16 or AMX); without them autocast only emulates it."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def cpu_name() -> str:
-    """The CPU model and its widest vector ISA from /proc/cpuinfo (Linux), else what the platform module knows."""
-    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
-                platform.processor() or "unknown CPU")
-    flags = cpu_flags()
-    # The same model name covers CPU generations whose matmul speeds differ severalfold (AVX2 or AVX-512 VNNI).
-    isa = next((label for flag, label in (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
-                if flag in flags), None)
-    return f"{name} ({isa})" if isa else name
-
-
-def load_split(data_dir: Path, split: str) -> tuple[list[str], list[str]]:
-    files = [data_dir / f"{split}.src", data_dir / f"{split}.tgt"]
-    missing = next((f for f in files if not f.is_file()), None)
-    if missing is not None:
-        raise NMTError(f"corpus file not found: {missing} (run `nmt prepare` first)")
-    src, tgt = (read_lines(f, "corpus file") for f in files)
-    if len(src) != len(tgt):
-        raise NMTError(f"{data_dir}/{split}.src has {len(src)} lines but {split}.tgt has {len(tgt)}")
-    if not src:
-        raise NMTError(f"{data_dir}/{split}.src is empty")
-    return src, tgt
-
-
 def encode_pairs(src_tok: Tokenizer, tgt_tok: Tokenizer, src: list[str], tgt: list[str],
                  max_len: int) -> tuple[list[list[int]], list[list[int]], int]:
     """Encode a parallel corpus; drops pairs empty on a side or longer than max_len pieces."""
@@ -262,43 +211,6 @@ def label_languages(cfg: Config) -> None:
         log.info("languages %s -> %s from %s/%s (the config said %s -> %s)", *named, cfg.data.dir, CORPUS_JSON,
                  cfg.data.src_lang, cfg.data.tgt_lang)
         cfg.data.src_lang, cfg.data.tgt_lang = named
-
-
-RUN_ENTRIES = {"config.yaml", "src.model", "tgt.model", METRICS_FILE, "last.pt", "best.pt", STEP_DIR, "eval",
-               "curves.png"}  # what nmt tokenizer, train, evaluate and plot write in a run directory
-
-
-def check_run_dir_holds_only_a_run(run_dir: Path) -> None:
-    """Refuse a run directory that holds anything but a run's files (hidden ones aside: the lock, temporary
-    files; and logs, as `nohup nmt train ... > RUN/train.log` makes): training would write over a config.yaml or
-    into a corpus or project of the user's."""
-    if not run_dir.is_dir():
-        return
-    foreign = sorted(p.name for p in run_dir.iterdir()
-                     if p.name not in RUN_ENTRIES and not p.name.startswith(".") and p.suffix != ".log")
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise NMTError(f"train.run_dir {run_dir} holds other files than a run's ({shown}): choose a new or empty "
-                       "directory")
-
-
-def lock_run_dir(run_dir: Path) -> Any:
-    """Hold a lock on the run directory while this process trains in it (the open lock file: keep it); NMTError
-    when another `nmt train` holds it, which would overwrite this run's checkpoints and log."""
-    try:
-        lock = open(run_dir / ".lock", "w")  # held open for the whole run
-    except OSError as exc:
-        raise NMTError(f"cannot write {run_dir / '.lock'} ({exc.strerror or exc})") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise NMTError(f"another `nmt train` or `nmt tokenizer` is working in {run_dir}: wait for it, or choose "
-                       "another train.run_dir") from None
-    except OSError as exc:  # a filesystem without locks: train unguarded rather than not at all
-        log.warning("cannot lock %s (%s): nothing stops another `nmt train` from using it meanwhile", run_dir,
-                    exc.strerror or exc)
-    return lock
 
 
 class Trainer:

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from nmt.corpus import load_split
 from nmt.errors import NMTError
 from nmt.files import atomic_write, make_dir, read_lines, write_failure
-from nmt.train import load_split
 
 
 def test_read_lines_splits_at_newlines_only(tmp_path: Path) -> None:

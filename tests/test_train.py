@@ -19,7 +19,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import nmt.device
 import nmt.onednn
+import nmt.run_dir
 import nmt.train
 import nmt.translator
 from nmt.checkpoint import load_checkpoint
@@ -126,7 +128,7 @@ def test_metrics_lines(tiny_run: Path) -> None:
 def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(corpus: Path, reference_run: Path,
                                                                    tmp_path: Path, extra: tuple[str, ...],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nmt.train, "cpu_flags", lambda: {"avx512_bf16"})  # bfloat16 even where the CPU lacks it
+    monkeypatch.setattr(nmt.device, "cpu_flags", lambda: {"avx512_bf16"})  # bfloat16 even where the CPU lacks it
     settings = [*RESUME_SETTINGS, *extra]
     if extra:  # the sampled softmax draws from the RNG that the checkpoint must restore
         reference_run = tmp_path / "reference"
@@ -257,11 +259,11 @@ def test_validation_bleu_is_what_evaluate_gives_at_beam_1(tiny_run: Path, tiny_d
 def test_cpu_bfloat16_autocast_trains_where_the_cpu_has_bfloat16(corpus: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(nmt.train, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(nmt.device, "cpu_flags", lambda: {"avx2"})
     with caplog.at_level(logging.INFO, logger="nmt.train"):
         plain = Trainer(tiny_config(corpus, tmp_path / "plain", *RESUME_SETTINGS, "train.amp_cpu=true"))
     assert not plain.amp and "no bfloat16 instructions" in caplog.text  # float32 where bfloat16 is emulated
-    monkeypatch.setattr(nmt.train, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(nmt.device, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     trainer = Trainer(tiny_config(corpus, tmp_path / "run", *RESUME_SETTINGS, "train.amp_cpu=true"))
     assert trainer.amp
     seen: list[torch.dtype] = []
@@ -450,7 +452,7 @@ def test_cli_tokenizer_trains_the_models_train_then_uses(corpus: Path, tmp_path:
     assert "already has tokenizers" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
     made = (run_dir / "src.model").read_bytes()
-    held = nmt.train.lock_run_dir(run_dir)  # a run training here, before its first checkpoint
+    held = nmt.run_dir.lock_run_dir(run_dir)  # a run training here, before its first checkpoint
     assert main([*args, "--force", "--set", "tokenizer.vocab_size=60"]) == 2
     assert "another `nmt train` or `nmt tokenizer` is working in" in capsys.readouterr().err
     held.close()
@@ -627,22 +629,22 @@ def test_a_run_directory_must_be_a_directory_of_no_model_and_no_other_training(c
     logged = tmp_path / "logged"  # `nohup nmt train ... > RUN/train.log` makes the log first
     logged.mkdir()
     (logged / "train.log").write_text("", encoding="utf-8")
-    nmt.train.check_run_dir_holds_only_a_run(logged)
+    nmt.run_dir.check_run_dir_holds_only_a_run(logged)
     # Two `nmt train` in one run directory overwrote each other's checkpoints and interleaved the log.
-    held = nmt.train.lock_run_dir(tmp_path)
+    held = nmt.run_dir.lock_run_dir(tmp_path)
     with pytest.raises(NMTError, match="another `nmt train` or `nmt tokenizer` is working in"):
-        nmt.train.lock_run_dir(tmp_path)
+        nmt.run_dir.lock_run_dir(tmp_path)
     held.close()
-    nmt.train.lock_run_dir(tmp_path).close()
+    nmt.run_dir.lock_run_dir(tmp_path).close()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / ".lock").mkdir()  # no lock file can be made: a traceback before
     with pytest.raises(NMTError, match=r"cannot write .*taken/\.lock \(Is a directory\)"):
-        nmt.train.lock_run_dir(tmp_path / "taken")
+        nmt.run_dir.lock_run_dir(tmp_path / "taken")
     # A run that fails after taking the lock lets go of it (a retry in the same process was refused).
     run_dir = tmp_path / "failing"
     with pytest.raises(NMTError, match="no training pairs left") as failure:  # its traceback kept, as a notebook
         train(tiny_config(corpus, run_dir, "data.max_len=1"))
-    nmt.train.lock_run_dir(run_dir).close()
+    nmt.run_dir.lock_run_dir(run_dir).close()
     assert failure.traceback  # still held while the lock was taken again
 
 
