@@ -5,10 +5,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from nmt.batching import collate, token_batches
+from nmt.config import DecodeConfig
 from nmt.decoder import MemorySlots, OutputVocab, SegmentedMemory, State
 from nmt.model import Seq2Seq
 from nmt.tokenizer import BOS, EOS, PAD, UNK
@@ -17,6 +19,7 @@ from nmt.tokenizer import BOS, EOS, PAD, UNK
 # to 24 pieces, up to 48, and longer ones. Bible verses are 33 pieces on average, but a batch of 28 usually holds
 # one of 70 or more, and attention over a single memory would read that much padding for every sentence.
 SOURCE_GROUPS = (24, 48)
+_DEFAULT = DecodeConfig()  # a search's defaults are the config's
 
 
 @dataclass
@@ -87,9 +90,10 @@ class BeamSearch:
     and its scores are log-probabilities normalized over them. Either every `add` of a search has one or none.
     """
 
-    def __init__(self, model: Seq2Seq, beam_size: int = 5, n_best: int = 1, alpha: float = 0.0,
-                 max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0, ban_unk: bool = False,
-                 no_repeat_ngram: int = 0, return_attention: bool = False):
+    def __init__(self, model: Seq2Seq, beam_size: int = _DEFAULT.beam_size, n_best: int = 1,
+                 alpha: float = _DEFAULT.length_penalty, max_len_a: float = _DEFAULT.max_len_a,
+                 max_len_b: int = _DEFAULT.max_len_b, min_len: int = 0, ban_unk: bool = False,
+                 no_repeat_ngram: int = _DEFAULT.no_repeat_ngram, return_attention: bool = False):
         if not 1 <= n_best <= beam_size:
             raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
         model.eval()
@@ -332,9 +336,10 @@ def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, width - t.size(-1)))
 
 
-def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size: int = 5, n_best: int = 1,
-                alpha: float = 0.0, max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0,
-                ban_unk: bool = False, no_repeat_ngram: int = 0, return_attention: bool = False,
+def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size: int = _DEFAULT.beam_size,
+                n_best: int = 1, alpha: float = _DEFAULT.length_penalty, max_len_a: float = _DEFAULT.max_len_a,
+                max_len_b: int = _DEFAULT.max_len_b, min_len: int = 0, ban_unk: bool = False,
+                no_repeat_ngram: int = _DEFAULT.no_repeat_ngram, return_attention: bool = False,
                 shortlist: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[list[Hypothesis]]:
     """Translate a padded batch; returns n_best hypotheses per sentence, best first (see BeamSearch).
 
@@ -349,25 +354,19 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, beam_size
     return results
 
 
-def greedy_search(model: Seq2Seq, src: torch.Tensor, lens: torch.Tensor, **kwargs) -> list[list[Hypothesis]]:
-    """Greedy decoding: beam search with one beam, through the same code."""
-    return beam_search(model, src, lens, beam_size=1, n_best=1, **kwargs)
-
-
 def search_ids(model: Seq2Seq, ids: list[list[int]], batch_tokens: int, device: torch.device,
-               beam_size: int = 5,
                shortlist: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-               **kwargs) -> list[list[Hypothesis]]:
+               **options: Any) -> list[list[Hypothesis]]:
     """Decode many id sequences in length-sorted batches of at most batch_tokens source tokens (padded, ends of
     sentence included; a longer sentence alone), the service's measure too; results come back in input order.
 
-    shortlist, when given, maps each padded source batch to its shortlist (see beam_search)."""
+    shortlist, when given, maps each padded source batch to its shortlist; options are beam_search's."""
     results: list[list[Hypothesis]] = [[] for _ in ids]
     for group in token_batches([len(s) for s in ids], None, batch_tokens, max_sentences=len(ids) or 1):
         batch = collate([ids[i] for i in group], None, group)
         src = batch.src.to(device)
-        hyps = beam_search(model, src, batch.src_lens, beam_size=beam_size,
-                           shortlist=None if shortlist is None else shortlist(src), **kwargs)
+        hyps = beam_search(model, src, batch.src_lens, shortlist=None if shortlist is None else shortlist(src),
+                           **options)
         for i, h in zip(group, hyps, strict=True):
             results[i] = h
     return results

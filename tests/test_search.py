@@ -22,7 +22,7 @@ from nmt.config import ModelConfig, from_dict
 from nmt.decoder import Decoder, Memory, MemorySlots
 from nmt.model import Seq2Seq
 from nmt.quantize import quantize_int8
-from nmt.search import BeamSearch, beam_search, greedy_search, length_penalty, search_ids
+from nmt.search import BeamSearch, beam_search, length_penalty, search_ids
 from nmt.shortlist import Shortlist, shortlist_from_corpus
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
 
@@ -85,7 +85,7 @@ def decode_toy(model: ToyModel, **kwargs) -> list:
 def test_beam_finds_a_better_sequence_than_greedy():
     # Greedy takes A (0.6) and then has only 0.34 for EOS; B (0.4) then EOS (0.9) is the better sentence.
     model = ToyModel({(): {A: 0.6, B: 0.4}, (A,): {EOS: 0.34, B: 0.33, C: 0.33}, (B,): {EOS: 0.9, C: 0.1}})
-    greedy = greedy_search(model, *toy_src())[0][0]
+    greedy = decode_toy(model, beam_size=1)[0]
     beam = decode_toy(model, beam_size=3)[0]
     assert greedy.tokens == [A]
     assert beam.tokens == [B]
@@ -188,7 +188,7 @@ def test_beam_one_is_greedy(tiny):
     for ids in sentences[:20]:
         tokens, total = naive_greedy(model, ids, 1.5, 5)
         for hyp in (one(model, ids, beam_size=1, max_len_b=5)[0],
-                    greedy_search(model, *_batch(ids), max_len_b=5)[0][0]):
+                    beam_search(model, *_batch(ids), beam_size=1, max_len_b=5)[0][0]):
             assert hyp.tokens == tokens
             assert hyp.logprob == pytest.approx(total, abs=1e-4)
     short, _ = naive_greedy(model, sentences[0], 0.0, 2)
