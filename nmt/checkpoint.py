@@ -32,13 +32,13 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by save_checkpoint (weights_only: tensors and plain data, no code)."""
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by save_checkpoint onto the CPU (weights_only: tensors and plain data, no code)."""
     path = Path(path)
     if not path.is_file():
         raise NMTError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError,
             KeyError, AttributeError, TypeError) as exc:  # what torch.load raises on files it cannot read
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

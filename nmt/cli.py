@@ -167,13 +167,13 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_tokenizer(args: argparse.Namespace) -> int:
     from nmt.config import load_config, save_config
     from nmt.run_dir import check_run_dir_holds_only_a_run, lock_run_dir
-    from nmt.tokenizer import ensure_tokenizers
+    from nmt.tokenizer import TOKENIZER_FILES, ensure_tokenizers
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.train.run_dir)
     check_run_dir_holds_only_a_run(run_dir)
     make_dir(run_dir)
-    models = [run_dir / "src.model", run_dir / "tgt.model"]
+    models = [run_dir / name for name in TOKENIZER_FILES]
     with lock_run_dir(run_dir):  # a run training here (not yet at its first checkpoint) reads these tokenizers
         if any(m.exists() for m in models):
             if not args.force:
@@ -560,7 +560,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("outdir", help="model directory to create")
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
     p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint (default best)")
-    p.add_argument("--average", type=int, metavar="N",
+    p.add_argument("--average", type=_int_from(1), metavar="N",
                    help="export the mean weights of the last N kept step checkpoints (train.keep_checkpoints) "
                         "instead of --checkpoint")
     p.add_argument("--report", help="`nmt evaluate` JSON report of the exported weights for the card (default: "
@@ -578,8 +578,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from nmt.export import export_model
 
-    if args.average is not None and args.average < 1:
-        raise NMTError(f"--average must be a number of checkpoints (1 or more), not {args.average}")
     if args.checkpoint and args.average:
         raise NMTError("--average N exports the mean of the kept step checkpoints, not --checkpoint: give one of them")
     out = export_model(args.run, args.outdir, fp16=args.fp16, checkpoint=args.checkpoint or "best", report=args.report,

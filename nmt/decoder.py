@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,6 @@ from nmt.attention import AdditiveAttention
 from nmt.onednn import PackedLinear, packable, padded_rows
 from nmt.tokenizer import PAD
 
-_FIELDS = ("values", "keys", "mask_bias", "summary", "summary_gates", "vocab_bias", "value_gates", "value_readout")
 # Matmuls that Decoder.pack_weights sends to oneDNN, and the layer whose weights each one reads.
 _PACKED_LAYERS = {"hidden_proj": "hidden_proj", "ctx_gates": "ctx_gates", "readout_context": "readout",
                   "readout": "readout", "out": "out"}
@@ -41,7 +40,7 @@ class Memory:
     value_readout: torch.Tensor | None = None
 
     def _map(self, fn) -> Memory:
-        return Memory(*(None if getattr(self, f) is None else fn(f, getattr(self, f)) for f in _FIELDS))
+        return Memory(**{f: None if getattr(self, f) is None else fn(f, getattr(self, f)) for f in _FIELDS})
 
     def select(self, index: torch.Tensor) -> Memory:
         """These sentences' rows."""
@@ -67,6 +66,9 @@ class Memory:
                 return t[:, :width]
             return torch.cat([t, t.new_full((t.size(0), extra, *t.shape[2:]), _PER_POSITION[name])], dim=1)
         return self._map(fit)
+
+
+_FIELDS = tuple(f.name for f in fields(Memory))  # every tensor a Memory may hold
 
 
 class MemorySlots:

@@ -25,20 +25,19 @@ from safetensors.torch import load_file, save_file
 from nmt import __version__
 from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.config import Config, apply_overrides, from_dict, save_config
-from nmt.corpus import TRAIN_FILES, holds_other_pairs
+from nmt.corpus import CORPUS_JSON, TRAIN_FILES, holds_other_pairs
 from nmt.errors import NMTError
 from nmt.evaluate import is_report
 from nmt.files import make_dir, write_failure
 from nmt.model import Seq2Seq
 from nmt.run_log import METRICS_FILE, current, read_records, this_run
 from nmt.shortlist import SHORTLIST_FILE, Shortlist, shortlist_from_corpus
-from nmt.tokenizer import Tokenizer, check_trained_with
+from nmt.tokenizer import TOKENIZER_FILES, Tokenizer, check_trained_with
 
 log = logging.getLogger(__name__)
 
 FORMAT = "rnnsearch-model-1"
 MODEL_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.yaml", "card.json"
-TOKENIZER_FILES = ("src.model", "tgt.model")
 EXPORT_FILES = {MODEL_FILE, CONFIG_FILE, CARD_FILE, SHORTLIST_FILE, *TOKENIZER_FILES}
 TIED = {"decoder.out.weight": "decoder.embed.weight"}  # with model.tie_embeddings: stored once, re-tied on load
 
@@ -283,7 +282,7 @@ def build_card(cfg: Config, state: dict[str, Any], run: Path, checkpoint: str, p
                data_dir: Path | None = None) -> dict[str, Any]:
     """The card of an export; `digests` are the weights' as trained and as stored (equal unless fp16)."""
     data_dir = data_dir or Path(cfg.data.dir)
-    corpus_json = data_dir / "corpus.json"
+    corpus_json = data_dir / CORPUS_JSON
     data = _read_json(corpus_json) if corpus_json.is_file() else {"dir": _portable(str(data_dir))}
     if isinstance(data, dict) and isinstance(data.get("sources"), dict):  # a card travels: file names, no paths
         data["sources"] = {k: {**v, "path": Path(v["path"]).name}

@@ -23,7 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nmt.config import STORED_PER_SOURCE
+from nmt.config import SPECIAL_PIECES, STORED_PER_SOURCE
+from nmt.corpus import TRAIN_FILES
 from nmt.errors import NMTError
 from nmt.files import read_lines
 from nmt.tokenizer import BOS, EOS, PAD, WORD_START, Tokenizer
@@ -31,7 +32,6 @@ from nmt.tokenizer import BOS, EOS, PAD, WORD_START, Tokenizer
 log = logging.getLogger(__name__)
 
 SHORTLIST_FILE = "shortlist.safetensors"
-SPECIALS = 4  # pad, unk, bos, eos: ids 0-3, always in the list so that their positions equal their ids
 
 
 def split_words(ids: list[int], starts_word: list[bool]) -> list[tuple[int, ...]]:
@@ -109,7 +109,8 @@ class Shortlist:
         rows = [self.rows(ids) for ids in sentences]
         width = max((len(r) for r in rows), default=0)
         index = torch.tensor([r + [PAD] * (width - len(r)) for r in rows], dtype=torch.long).view(-1)
-        common = torch.cat([torch.arange(SPECIALS), self.by_frequency[:frequent]])
+        # The special pieces, ids 0-3, are always in the list, so that their positions equal their ids.
+        common = torch.cat([torch.arange(SPECIAL_PIECES), self.by_frequency[:frequent]])
         own = self.per_source[:, :per_source].index_select(0, index).view(src.size(0), -1)
         ids = torch.unique(torch.cat([common, own.reshape(-1)]))  # sorted, so specials keep their ids
         bias = torch.full((src.size(0), ids.numel()), float("-inf"))
@@ -184,7 +185,7 @@ def build_shortlist(src: list[list[int]], tgt: list[list[int]], src_vocab: int, 
 
 def shortlist_from_corpus(data_dir: Path, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Shortlist | None:
     """The shortlist of a prepared corpus's training pairs (train.src, train.tgt), or None when they are gone."""
-    files = [data_dir / "train.src", data_dir / "train.tgt"]
+    files = [data_dir / name for name in TRAIN_FILES]
     if not all(f.is_file() for f in files):
         log.warning("no shortlist: the training data (%s) is not there (nmt export --data DIR points to it); "
                     "the model decodes over its whole vocabulary", " and ".join(map(str, files)))

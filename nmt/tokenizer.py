@@ -13,6 +13,7 @@ from typing import Any
 import sentencepiece as spm
 
 from nmt.config import MIN_CHARACTER_COVERAGE, TokenizerConfig
+from nmt.corpus import TRAIN_FILES
 from nmt.errors import NMTError
 from nmt.files import atomic_write, sha256_of, write_failure
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
 WORD_START = "\u2581"  # SentencePiece's visible space, which begins every word's first piece
+TOKENIZER_FILES = ("src.model", "tgt.model")  # a run's or exported model's source and target SentencePiece models
 SENTENCEPIECE_MAX_BYTES = 4192  # longer lines are left out of tokenizer training (SentencePiece's default)
 
 
@@ -73,7 +75,7 @@ def set_sampling_seed(seed: int) -> None:
     spm.set_random_generator_seed(seed)
 
 
-def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, vocab_size: int) -> Path:
+def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig) -> Path:
     """Train a SentencePiece model on the given text files; writes PREFIX.model atomically."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".sentencepiece-") as tmp:  # hidden: not a run's
@@ -83,7 +85,7 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, v
                 input=",".join(str(t) for t in texts),
                 model_prefix=str(tmp_prefix),
                 model_type=cfg.type,
-                vocab_size=vocab_size,
+                vocab_size=cfg.vocab_size,
                 character_coverage=cfg.character_coverage,
                 input_sentence_size=cfg.input_sentence_size,
                 max_sentence_length=SENTENCEPIECE_MAX_BYTES,
@@ -103,7 +105,7 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig, v
             raise NMTError(f"cannot write {out} ({write_failure(out, exc)})") from None
         os.replace(written, out)
     # hard_vocab_limit=False: a small corpus yields fewer pieces than asked for
-    short = f" of the {vocab_size} asked for: the corpus has no more" if size < vocab_size else ""
+    short = f" of the {cfg.vocab_size} asked for: the corpus has no more" if size < cfg.vocab_size else ""
     log.info("trained SentencePiece %s (%s, vocab %d%s)", out, cfg.type, size, short)
     return out
 
@@ -126,24 +128,24 @@ def _training_error(message: str, texts: list[Path], cfg: TokenizerConfig) -> st
 
 def ensure_tokenizers(data_dir: Path, run_dir: Path, cfg: TokenizerConfig) -> tuple[Tokenizer, Tokenizer]:
     """Load the run's src.model/tgt.model, training them on the corpus's train split if the run has none."""
-    src_path, tgt_path = run_dir / "src.model", run_dir / "tgt.model"
+    src_path, tgt_path = (run_dir / name for name in TOKENIZER_FILES)
     if not (src_path.is_file() and tgt_path.is_file()):
-        src_text, tgt_text = data_dir / "train.src", data_dir / "train.tgt"
+        src_text, tgt_text = (data_dir / name for name in TRAIN_FILES)
         for f in (src_text, tgt_text):
             if not f.is_file():
                 raise NMTError(f"training text not found: {f} (run `nmt prepare` first)")
         if cfg.joint:
-            train_sentencepiece([src_text, tgt_text], run_dir / "src", cfg, cfg.vocab_size)
-            atomic_write(run_dir / "tgt.model", lambda tmp: shutil.copyfile(src_path, tmp))
+            train_sentencepiece([src_text, tgt_text], src_path.with_suffix(""), cfg)
+            atomic_write(tgt_path, lambda tmp: shutil.copyfile(src_path, tmp))
         else:
-            train_sentencepiece([src_text], run_dir / "src", cfg, cfg.vocab_size)
-            train_sentencepiece([tgt_text], run_dir / "tgt", cfg, cfg.vocab_size)
+            train_sentencepiece([src_text], src_path.with_suffix(""), cfg)
+            train_sentencepiece([tgt_text], tgt_path.with_suffix(""), cfg)
     return Tokenizer(src_path), Tokenizer(tgt_path)
 
 
 def tokenizers_sha256(home: Path) -> str:
     """SHA-256 of a run's src.model and tgt.model: which vocabularies its checkpoints were trained with."""
-    return sha256_of(home / "src.model", home / "tgt.model")
+    return sha256_of(*(home / name for name in TOKENIZER_FILES))
 
 
 def check_trained_with(state: dict[str, Any], src: Tokenizer, tgt: Tokenizer, home: Path, source: Path) -> None:

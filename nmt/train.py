@@ -177,9 +177,19 @@ def command_line() -> str:
 def encode_pairs(src_tok: Tokenizer, tgt_tok: Tokenizer, src: list[str], tgt: list[str],
                  max_len: int) -> tuple[list[list[int]], list[list[int]], int]:
     """Encode a parallel corpus; drops pairs empty on a side or longer than max_len pieces."""
-    s_ids, t_ids = src_tok.encode_batch(src), tgt_tok.encode_batch(tgt)
-    keep = [i for i in range(len(s_ids)) if 0 < len(s_ids[i]) <= max_len and 0 < len(t_ids[i]) <= max_len]
-    return [s_ids[i] for i in keep], [t_ids[i] for i in keep], len(s_ids) - len(keep)
+    return keep_pairs(src_tok.encode_batch(src), tgt_tok.encode_batch(tgt), max_len)
+
+
+def keep_pairs(src: list[list[int]], tgt: list[list[int]],
+               max_len: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """The encoded pairs with 1 to max_len pieces on both sides, and how many others were dropped."""
+    keep = [i for i in range(len(src)) if 0 < len(src[i]) <= max_len and 0 < len(tgt[i]) <= max_len]
+    return [src[i] for i in keep], [tgt[i] for i in keep], len(src) - len(keep)
+
+
+def perplexity(nll: float) -> float:
+    """exp(nll), capped where it would overflow (a diverging run's first validations)."""
+    return math.exp(min(nll, 50.0))
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -428,7 +438,7 @@ class Trainer:
         output to a file, as under nohup) also a log line, so that a log shows training going on."""
         loss, nll, tokens = window
         record = {"type": "train", "step": self.pos.step, "epoch": self.pos.epoch_number, "loss": loss / tokens,
-                  "nll": nll / tokens, "ppl": math.exp(min(nll / tokens, 50.0)),
+                  "nll": nll / tokens, "ppl": perplexity(nll / tokens),
                   "lr": self.optimizer.param_groups[0]["lr"], "tok_s": tokens / max(seconds, 1e-9),
                   "time": time.time()}
         self._log(record)
@@ -478,7 +488,7 @@ class Trainer:
             tokens += batch.ntokens
         if not math.isfinite(nll_sum):  # weights of 1e30 are finite yet overflow: save() would keep them
             raise self._diverged(self.pos.step)
-        result = {"dev_loss": nll_sum / tokens, "dev_ppl": math.exp(min(nll_sum / tokens, 50.0))}
+        result = {"dev_loss": nll_sum / tokens, "dev_ppl": perplexity(nll_sum / tokens)}
         if self.cfg.train.valid_bleu:
             limit = self.cfg.train.valid_max_sentences or len(self.dev_src)
             src, refs = self.dev_src[:limit], self.dev_tgt[:limit]
@@ -611,9 +621,7 @@ class Trainer:
         src, tgt = self.train_text
         s = [self.src_tok.encode(x, alpha) for x in src]
         t = [self.tgt_tok.encode(x, alpha) for x in tgt]
-        keep = [i for i in range(len(s)) if 0 < len(s[i]) <= self.cfg.data.max_len
-                and 0 < len(t[i]) <= self.cfg.data.max_len]
-        self.data.src, self.data.tgt = [s[i] for i in keep], [t[i] for i in keep]
+        self.data.src, self.data.tgt, _ = keep_pairs(s, t, self.cfg.data.max_len)
 
 
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from nmt.model import Seq2Seq
 from nmt.search import Hypothesis, output_limit, search_ids
 from nmt.shortlist import SHORTLIST_FILE, Shortlist
 from nmt.text import normalize_text, split_sentences
-from nmt.tokenizer import EOS_PIECE, UNK, WORD_START, Tokenizer, check_trained_with
+from nmt.tokenizer import EOS_PIECE, TOKENIZER_FILES, UNK, WORD_START, Tokenizer, check_trained_with
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def read_model(path: Path) -> ModelFiles:
             raise NMTError(f"{source} is not a training checkpoint (no {missing[0]!r})")
         cfg, weights, step = from_dict(state["config"]), state["model"], state.get("position", {}).get("step")
         data_sha256 = state.get("data_sha256")
-    src_tok, tgt_tok = Tokenizer(home / "src.model"), Tokenizer(home / "tgt.model")
+    src_tok, tgt_tok = (Tokenizer(home / name) for name in TOKENIZER_FILES)
     if not model_dir:
         check_trained_with(state, src_tok, tgt_tok, home, source)
     if cfg.decode.shortlist and model_dir and (home / SHORTLIST_FILE).is_file():
