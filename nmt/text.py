@@ -31,7 +31,10 @@ def normalize_text(text: str) -> str:
 # except at the period of an abbreviation: after a single capital (an initial), short runs of letters joined by
 # periods (U.S., S.A., p.m.; not 1.500, 3.5 or example.com), a doubled capital before another (Spanish plurals:
 # EE. UU., FF. AA.; not the Roman numerals of "siglo XX. Después") or one of these words that precede names.
-_SENTENCE_BREAK = re.compile(r"[.!?…][\"'»›”’)\]}]*(\s+)")
+# A zero-width space counts as whitespace here. Without any, a sentence ends where a lower-case letter and the mark
+# come before a capitalised word ("lloró.Dios": a space lost in copying, which the model would translate as one
+# word), but not inside "ASP.NET", "U.S.A" or "1.5.Fin".
+_SENTENCE_BREAK = re.compile(r"[.!?…][\"'»›”’)\]}]*([\s\u200b]*)")
 _OPENERS = "\"'«‹“‘„([{¿¡—–-"
 _TITLES = frozenset("mr mrs ms dr prof sr sra srta dra st mt jr rev gen col capt lt sgt hon fr sto sta ud uds vd "
                     "vds dña lic ing arq av avda".split())
@@ -51,10 +54,18 @@ def _is_abbreviation(word: str, after: str) -> bool:
             or bare.lower() in _TITLES)
 
 
+def _glued(line: str, mark: int, end: int) -> bool:
+    """Whether a sentence mark at `mark`, with no space up to `end`, ends a sentence (see _SENTENCE_BREAK)."""
+    word = line[end:].lstrip(_OPENERS)
+    return mark > 0 and line[mark - 1].islower() and word[:1].isupper() and word[1:2].islower()
+
+
 def split_sentences(line: str) -> list[str]:
     """A line as its sentences and the whitespace between them, alternately (sentence, space, sentence, ...)."""
     parts, start = [], 0
     for match in _SENTENCE_BREAK.finditer(line):
+        if not match.group(1) and not _glued(line, match.start(), match.end()):
+            continue
         head, after = line[start:match.start(1)], line[match.end():].lstrip(_OPENERS)
         word = head.rsplit(maxsplit=1)[-1].lstrip(_OPENERS) if head.strip() else ""
         if not after[:1].isupper() or head.endswith(".") and _is_abbreviation(word, after):
