@@ -16,6 +16,7 @@ from service.schemas import MAX_TEXTS
 
 _PERIODS = {"s": 1.0, "second": 1.0, "m": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\w+)\s*$")
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#@]+")  # scheme://host[:port], as an Origin header names a site
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -53,17 +54,36 @@ class Settings(BaseSettings):
                                     "trickles bytes between requests, is closed silently")
     max_header_bytes: int = Field(32_768, ge=1024, description="size of a request's line and headers together: "
                                   "431 above, and the connection closed")
-    api_keys: CommaList = Field(default_factory=list, description="comma-separated keys; empty = no auth")
+    api_keys: CommaList = Field(default_factory=list, description="comma-separated keys, sent as X-API-Key: KEY or "
+                                "Authorization: Bearer KEY; empty = no auth")
     rate_limit: str = Field("", description="per API key (or client IP) limit like 60/minute, on translate and "
                             "score; a request without a valid key counts against its client IP's; empty = off")
-    cors_origins: CommaList = Field(default_factory=list, description="comma-separated origins allowed by CORS")
+    cors_origins: CommaList = Field(default_factory=list, description="comma-separated origins allowed by CORS "
+                                    "(scheme://host[:port], or *); empty = none (a preflight gets 405)")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            if value and not parts:  # "," or " ": meant as keys, it would leave the service open
+                raise ValueError(f"holds no entry, only commas or spaces ({value!r}): leave it empty, or give "
+                                 "comma-separated entries")
+            return parts
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        """Origins as browsers send them: scheme://host[:port], in lower case, without a path (or *)."""
+        checked = []
+        for origin in origins:
+            origin = origin.lower().removesuffix("/")
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port], such as "
+                                 "https://app.example.com, or *")
+            checked.append(origin)
+        return checked
 
     @field_validator("rate_limit")
     @classmethod
