@@ -21,6 +21,7 @@ from nmt.errors import NMTError
 from nmt.translator import Translation, Translator
 from service import schemas
 from service.batcher import Closed, QueueFull
+from service.body import StrictJSONRoute
 from service.cors import CORS
 from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers
 from service.guard import KEY_REQUIRED, PASSED, Guard
@@ -138,6 +139,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
                          description="Neural machine translation with RNNsearch (Bahdanau attention). "
                                      "Errors are JSON: `{\"error\": {\"code\", \"message\", \"fields\"}}`.")
     app.state.worker, app.state.settings = worker, settings
+    app.router.route_class = StrictJSONRoute  # for the routes below
     install_error_handlers(app)
     # The last added is the outermost: keys and rate limits are checked before the body limit reads the body, CORS
     # headers go on every answer, and the metrics count them all.
@@ -184,6 +186,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
                     for c, r in zip(req.candidates, results, strict=True)],
             model=worker.model_id, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
 
+    @app.head("/v1/models", include_in_schema=False)
     @app.get("/v1/models", response_model=schemas.ModelsResponse, responses={503: ERROR_RESPONSES[503]},
              tags=["service"])
     async def models() -> dict[str, Any]:
@@ -205,6 +208,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
             return error_response(503, "the model is not loaded", headers={"Retry-After": "5"})
         return {"status": "ready", "model": worker.model_id}
 
+    @app.head("/metrics", include_in_schema=False)
     @app.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus() -> Response:
         """Prometheus metrics: requests by route and status, latency, batch sizes, queue depth, tokens."""

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
+from service.body import DuplicateKey, NulByte
 from service.schemas import MAX_TEXTS, TOO_MANY_TEXTS, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 MAX_REPORTED = 50  # fields listed in a 422: a list of thousands of bad items is not answered item by item
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
           413: "too_large", 415: "unsupported_media_type", 422: "validation_error", 429: "rate_limited",
-          431: "headers_too_large", 500: "internal_error", 503: "unavailable", 504: "timeout"}
+          431: "headers_too_large", 500: "internal_error", 501: "not_implemented", 503: "unavailable",
+          504: "timeout"}
 
 
 class ServiceError(Exception):
@@ -160,7 +162,12 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     if exc.status_code == 400 and (unsupported := _unsupported_body(request)):  # a body FastAPI could not decode
         return unsupported
     cause = exc.__cause__
-    if isinstance(cause, UnicodeDecodeError):  # FastAPI's 400 for a body that is not UTF-8
+    if isinstance(cause, DuplicateKey):
+        message = f"body: {cause}; give each field once"
+        return error_response(422, message, fields=[{"field": cause.key, "message": str(cause)}])
+    if isinstance(cause, NulByte):
+        message = str(cause)
+    elif isinstance(cause, UnicodeDecodeError):  # FastAPI's 400 for a body that is not UTF-8
         message = f"the body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
     elif isinstance(cause, RecursionError):  # Python's json parser stops at a thousand levels or more
         message = "the JSON body is nested too deeply to read (a request of this API nests two levels deep)"
@@ -196,6 +203,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         422: "invalid request: the message and `fields` name the offending fields",
         429: "rate limit exceeded; see Retry-After",
         431: "the request line and headers are over NMT_MAX_HEADER_BYTES (the connection is closed)",
+        501: "a Transfer-Encoding other than chunked",
         503: "queue full or model not loaded yet; see Retry-After",
         504: "the request deadline passed before the translation was done",
     }.items()

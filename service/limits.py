@@ -1,5 +1,5 @@
 """Request body limits, enforced before the body is parsed (also for chunked bodies without Content-Length): its
-size, and the time it may take to arrive."""
+size, the time it may take to arrive, and its transfer coding (chunked, or none)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,14 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
+            return
+        codings = b",".join(value for name, value in scope["headers"] if name == b"transfer-encoding")
+        others = [c for c in codings.decode("latin-1").lower().replace(" ", "").split(",") if c not in ("", "chunked")]
+        if others:  # uvicorn undoes chunked only: a gzip coding would reach the parser as it is (RFC 9112: 501)
+            message = (f"Transfer-Encoding {', '.join(others)} is not supported: send the body uncompressed "
+                       "(chunked or with a Content-Length)")
+            response = error_response(501, message, headers={"connection": "close"})
+            await response(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:

@@ -46,7 +46,8 @@ class _Request(BaseModel):
 
 
 class TranslateRequest(_Request):
-    text: Text | Texts = Field(description="one text or a list of texts; each is translated as one segment",
+    text: Text | Texts = Field(description="one text or a list of texts; each is split into sentences, "
+                                  "translated, and joined back with its whitespace",
                                   examples=["En el principio creó Dios los cielos y la tierra."])
     beam_size: int | None = Field(None, ge=1, le=MAX_BEAM, description="beam width; default: the model's")
     n_best: int = Field(1, ge=1, le=MAX_BEAM, description="translations per text (best first); at most beam_size")

@@ -308,7 +308,7 @@ def test_a_compressed_body_is_415_and_head_answers_where_get_does(client):
     # One that happens to be UTF-8 (a broken or tiny one) is no JSON either: the encoding is still the answer.
     response = client.post("/v1/translate", content=b"xx", headers={**HEADERS, "Content-Encoding": "gzip"})
     assert error_of(response, 415)["message"] == "Content-Encoding gzip is not supported: send the body uncompressed"
-    for path in ("/", "/v1/health", "/v1/ready"):  # uptime monitors probe with HEAD: the same headers as GET's
+    for path in ("/", "/v1/health", "/v1/ready", "/v1/models"):  # monitors probe with HEAD: GET's headers
         head, get = client.head(path), client.get(path)
         assert head.status_code == 200 and head.content == b""
         assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
@@ -394,6 +394,23 @@ def test_odd_text_is_translated_and_changes_nothing_after(client, text):
 def test_invalid_utf8_body_is_a_client_error(client):
     response = client.post("/v1/translate", content=b'{"text": "\xff\xfe a"}', headers=HEADERS)
     assert "not valid UTF-8" in error_of(response, 400)["message"]
+    # JSON is UTF-8 (RFC 8259): json.loads of bytes also read UTF-16 and UTF-32, which the README refuses.
+    for encoding, at in (("utf-16", 3), ("utf-16-le", 1), ("utf-32", 2)):
+        response = client.post("/v1/translate", content='{"text": "a b"}'.encode(encoding), headers=HEADERS)
+        assert error_of(response, 400)["message"] == (
+            f"the body is not UTF-8 JSON: a NUL byte at byte {at}, as in UTF-16 or UTF-32 text")
+    response = client.post("/v1/translate", content='{"text": "a b"}'.encode("utf-8-sig"), headers=HEADERS)
+    assert response.status_code == 200  # a byte order mark, which RFC 8259 lets a parser ignore
+
+
+def test_a_key_given_twice_is_422_naming_it(client):
+    # Python's json keeps the last silently: {"text": A, "text": B} translated B.
+    response = client.post("/v1/translate", content=b'{"text": "a b", "text": "c d"}', headers=HEADERS)
+    assert error_of(response, 422) == {"code": "validation_error",
+                                       "message": "body: the key 'text' is given twice; give each field once",
+                                       "fields": [{"field": "text", "message": "the key 'text' is given twice"}]}
+    response = client.post("/v1/score", content=b'{"source": "a", "candidates": [], "source": "b"}', headers=HEADERS)
+    assert error_of(response, 422)["fields"] == [{"field": "source", "message": "the key 'source' is given twice"}]
 
 
 def test_json_nested_too_deeply_to_read_is_a_client_error_that_says_so(client):
@@ -435,6 +452,20 @@ def test_chunked_body_over_the_limit_is_413(make_client):
         yield b'"}'
 
     error_of(client.post("/v1/translate", content=chunks(), headers=HEADERS), 413)
+
+
+def test_a_transfer_coding_other_than_chunked_is_501(client):
+    # uvicorn undoes chunked only: a gzip-coded body reached the JSON parser as it was, and a plain one so labelled
+    # was taken.
+    for coding, named in (("gzip, chunked", "gzip"), ("Chunked, GZIP", "gzip"), ("deflate,br", "deflate, br")):
+        response = client.post("/v1/translate", content=b'{"text": "a"}',
+                               headers={**HEADERS, "Transfer-Encoding": coding})
+        assert error_of(response, 501) == {
+            "code": "not_implemented", "fields": [],
+            "message": f"Transfer-Encoding {named} is not supported: send the body uncompressed (chunked or with a "
+                       "Content-Length)"}
+    chunked = {**HEADERS, "Transfer-Encoding": "chunked"}
+    assert client.post("/v1/translate", content=b'{"text": "a"}', headers=chunked).status_code == 200
 
 
 # --- 401 ------------------------------------------------------------------------------------------------------
@@ -506,6 +537,20 @@ def test_api_keys_from_the_environment(monkeypatch, tiny_model_dir):
     monkeypatch.setenv("NMT_CORS_ORIGINS", "https://a.example,https://b.example")
     settings = Settings(model_dir=tiny_model_dir)
     assert settings.api_keys == ["k1", "k2"] and settings.cors_origins == ["https://a.example", "https://b.example"]
+    # Browsers send origins in lower case and without a slash: as written, these were never matched.
+    monkeypatch.setenv("NMT_CORS_ORIGINS", "HTTPS://App.Example/, http://localhost:3000, *")
+    assert Settings().cors_origins == ["https://app.example", "http://localhost:3000", "*"]
+    for value in ("app.example", "https://app.example/page"):
+        monkeypatch.setenv("NMT_CORS_ORIGINS", value)
+        with pytest.raises(ValueError, match=f"'{value}' is not an origin: give scheme://host"):
+            Settings()
+    monkeypatch.delenv("NMT_CORS_ORIGINS")
+    for value in (",", " ", " , "):  # keys meant, none given: the service started open to all
+        monkeypatch.setenv("NMT_API_KEYS", value)
+        with pytest.raises(ValueError, match="holds no entry, only commas or spaces"):
+            Settings()
+    monkeypatch.setenv("NMT_API_KEYS", "")
+    assert Settings().api_keys == []
 
 
 def test_cors_origins(make_client):
