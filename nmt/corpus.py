@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nmt.errors import NMTError
-from nmt.files import make_dir, read_lines, sha256_of
+from nmt.files import make_dir, read_lines, replace_dir, sha256_of
 from nmt.text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = 
 
 
 def _sibling(path: Path, tag: str) -> Path:
-    """A fresh hidden name in `path`'s directory, for a temporary or outgoing copy of `path`."""
+    """A fresh hidden name in `path`'s directory, for a temporary copy of `path`."""
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
@@ -94,7 +94,6 @@ def _write_corpus(outdir: Path, splits: dict[str, dict[str, Sequence[str]]], met
         tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask: the corpus gets ordinary permissions
     except OSError as exc:
         raise NMTError(f"cannot write a corpus to {outdir}: {exc.strerror or exc}") from None
-    old: Path | None = None
     try:
         for split, files in splits.items():
             for ext, lines in files.items():
@@ -104,23 +103,12 @@ def _write_corpus(outdir: Path, splits: dict[str, dict[str, Sequence[str]]], met
                         f.write("\n")
         text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
         (tmp / CORPUS_JSON).write_text(text, encoding="utf-8")
-        if outdir.exists():
-            old = _sibling(outdir, "old")
-            outdir.rename(old)
-        try:
-            tmp.rename(outdir)
-        except OSError:
-            if old is not None:
-                old.rename(outdir)
-                old = None
-            raise
+        replace_dir(outdir, tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
             raise NMTError(f"cannot write a corpus to {outdir}: {exc.strerror or exc}") from None
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

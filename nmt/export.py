@@ -28,7 +28,7 @@ from nmt.config import Config, apply_overrides, from_dict, save_config
 from nmt.corpus import CORPUS_JSON, TRAIN_FILES, holds_other_pairs
 from nmt.errors import NMTError
 from nmt.evaluate import is_report
-from nmt.files import make_dir, write_failure
+from nmt.files import make_dir, replace_dir, write_failure
 from nmt.model import Seq2Seq
 from nmt.run_log import METRICS_FILE, current, read_records, this_run
 from nmt.shortlist import SHORTLIST_FILE, Shortlist, shortlist_from_corpus
@@ -374,30 +374,6 @@ def _export_corpus(data: Path | None, cfg: Config, state: dict[str, Any], ckpt: 
     return data_dir
 
 
-def _replace_export(outdir: Path, new: Path) -> None:
-    """Put the directory `new` in the place of the earlier export `outdir`, moving into it what the export did not
-    write (its eval/, the user's notes); whatever fails, nothing of the user's is deleted."""
-    old = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}.old."))
-    try:
-        os.replace(outdir, old)  # onto the empty directory: a name no one else uses
-    except OSError:
-        old.rmdir()
-        raise
-    try:
-        os.replace(new, outdir)
-    except OSError:
-        os.replace(old, outdir)
-        raise
-    try:
-        for entry in old.iterdir():
-            if entry.name not in EXPORT_FILES:
-                os.replace(entry, outdir / entry.name)
-    except OSError as exc:
-        raise NMTError(f"exported to {outdir}, but the earlier export's other files could not be moved back "
-                       f"({exc.strerror or exc}): they are in {old}") from None
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_model_dir(outdir: Path, run: Path, tensors: dict[str, torch.Tensor], cfg: Config, card: dict[str, Any],
                      shortlist: Shortlist | None) -> None:
     """Write the files in a temporary directory beside outdir, then put it in outdir's place."""
@@ -413,9 +389,7 @@ def _write_model_dir(outdir: Path, run: Path, tensors: dict[str, torch.Tensor], 
         for f in tmp.iterdir():
             f.chmod(0o644)
         tmp.chmod(0o755)
-        if outdir.exists():
-            _replace_export(outdir, tmp)
-        else:
-            os.replace(tmp, outdir)
+        # What the export did not write (its eval/, the user's notes) stays: nothing of the user's is deleted.
+        replace_dir(outdir, tmp, keep=lambda name: name not in EXPORT_FILES)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

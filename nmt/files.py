@@ -62,6 +62,34 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
     return lines
 
 
+def replace_dir(outdir: Path, new: Path, keep: Callable[[str], bool] = lambda name: False) -> None:
+    """Put the directory `new` in the place of `outdir` (which may not exist) by renames, moving into it the
+    entries of the old one whose names `keep` picks; the rest of the old directory is deleted. On a failed rename
+    `outdir` is left as it was; OSError then. If kept entries cannot be moved, NMTError says where they are."""
+    if not outdir.exists():
+        os.replace(new, outdir)
+        return
+    old = Path(tempfile.mkdtemp(dir=outdir.parent, prefix=f".{outdir.name}.old."))
+    try:
+        os.replace(outdir, old)  # onto the empty directory: a name no one else uses
+    except OSError:
+        old.rmdir()
+        raise
+    try:
+        os.replace(new, outdir)
+    except OSError:
+        os.replace(old, outdir)
+        raise
+    try:
+        for entry in old.iterdir():
+            if keep(entry.name):
+                os.replace(entry, outdir / entry.name)
+    except OSError as exc:
+        raise NMTError(f"wrote {outdir}, but files of the directory it replaced could not be moved back "
+                       f"({exc.strerror or exc}): they are in {old}") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def make_dir(path: Path) -> None:
     """mkdir -p, with an NMTError for a directory that cannot be made (a path through a file, no permission)."""
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from nmt.corpus import load_split
 from nmt.errors import NMTError
-from nmt.files import atomic_write, make_dir, read_lines, write_failure
+from nmt.files import atomic_write, make_dir, read_lines, replace_dir, write_failure
 
 
 def test_read_lines_splits_at_newlines_only(tmp_path: Path) -> None:
@@ -108,3 +108,25 @@ def test_a_directory_that_a_file_is_in_the_way_of_says_so(tmp_path: Path) -> Non
     assert str(error.value) == f"cannot create the directory {tmp_path / 'out'}: a file of that name is in the way"
     with pytest.raises(NMTError, match="Not a directory"):
         make_dir(tmp_path / "out" / "deeper")
+
+
+def test_replace_dir_keeps_what_it_is_told_and_loses_nothing_on_failure(tmp_path):
+    out, new = tmp_path / "out", tmp_path / "new"
+    new.mkdir()
+    (new / "model").write_text("new")
+    replace_dir(out, new)  # nothing there yet
+    assert (out / "model").read_text() == "new" and not new.exists()
+    (out / "notes").write_text("mine")
+    new.mkdir()
+    (new / "model").write_text("newer")
+    replace_dir(out, new, keep=lambda name: name == "notes")
+    assert sorted(p.name for p in out.iterdir()) == ["model", "notes"] and (out / "model").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden leftovers
+    with pytest.raises(FileNotFoundError):  # the new directory is gone: the old one stays where it was
+        replace_dir(out, new)
+    assert (out / "notes").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (new / "notes").mkdir(parents=True)  # a kept file cannot go back where a directory now is: it is not lost
+    with pytest.raises(NMTError, match=r"files of the directory it replaced could not be moved back .*: they are in"):
+        replace_dir(out, new, keep=lambda name: name == "notes")
+    kept = next(tmp_path.glob(".out.old.*"))
+    assert (kept / "notes").read_text() == "mine" and (out / "notes").is_dir()
