@@ -40,25 +40,19 @@ def output_limit(pieces: int, max_len_a: float, max_len_b: int) -> int:
     return max(1, int(max_len_a * pieces + max_len_b))
 
 
-def _positions(ids: torch.Tensor, tokens: list[int]) -> list[int]:
-    """Where the tokens that are in the sorted ids stand in them."""
-    if not tokens:
-        return []
-    wanted = torch.tensor(tokens, dtype=ids.dtype, device=ids.device)
-    at = torch.searchsorted(ids, wanted).clamp(max=ids.numel() - 1)
-    return at[ids[at] == wanted].tolist()
-
-
-def _banned_by_ngrams(history: list[list[int]], n: int) -> list[list[int]]:
-    """For each row, the tokens that would repeat an n-gram the row already holds."""
-    banned = []
-    for row in history:
-        if len(row) < n:
-            banned.append([])
-            continue
-        prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
-        banned.append([row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix])
-    return banned
+def ngram_bans(tokens: torch.Tensor, ages: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The moves that would repeat an n-gram, as (rows, tokens): for each row of tokens (R, T), whose history is
+    its last ages[r] entries, the token after each earlier occurrence of its last n - 1 tokens."""
+    rows, width = tokens.shape
+    if width < n:
+        return tokens.new_zeros(0), tokens.new_zeros(0)
+    windows = tokens.unfold(1, n, 1)  # (R, T - n + 1, n): every n-gram, by where it starts
+    starts = torch.arange(width - n + 1, device=tokens.device)
+    repeat = starts.unsqueeze(0) >= (width - ages).unsqueeze(1)  # the n-gram lies in the row's history
+    if n > 1:
+        repeat &= (windows[:, :, :-1] == tokens[:, width - n + 1:].unsqueeze(1)).all(-1)
+    row, start = repeat.nonzero(as_tuple=True)
+    return row, windows[row, start, n - 1]
 
 
 def _merge_vocab(ids_a: torch.Tensor, bias_a: torch.Tensor, ids_b: torch.Tensor,
@@ -223,10 +217,13 @@ class BeamSearch:
             logp[:, UNK] = float("-inf")
         ages = self.ages
         if self.no_repeat_ngram > 0:
-            rows = self.tokens.tolist()
-            for row, banned in enumerate(_banned_by_ngrams(
-                    [r[history - ages[row // k]:] for row, r in enumerate(rows)], self.no_repeat_ngram)):
-                logp[row, banned if vocab is None else _positions(vocab.ids, banned)] = float("-inf")
+            row_ages = torch.tensor(ages, device=device).repeat_interleave(k)
+            rows, banned = ngram_bans(self.tokens, row_ages, self.no_repeat_ngram)
+            if vocab is not None:  # the banned ids' columns in the shortlist; ids outside it have none
+                at = torch.searchsorted(vocab.ids, banned).clamp(max=vocab.ids.numel() - 1)
+                listed = vocab.ids[at] == banned
+                rows, banned = rows[listed], at[listed]
+            logp[rows, banned] = float("-inf")
         short = [age < self.min_len and age < limit for age, limit in zip(ages, self.limits, strict=True)]
         if any(short):
             logp[torch.tensor(short, device=device).repeat_interleave(k), EOS] = float("-inf")

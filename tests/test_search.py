@@ -22,7 +22,7 @@ from nmt.config import ModelConfig, from_dict
 from nmt.decoder import Decoder, Memory, MemorySlots
 from nmt.model import Seq2Seq
 from nmt.quantize import quantize_int8
-from nmt.search import BeamSearch, beam_search, length_penalty, search_ids
+from nmt.search import BeamSearch, beam_search, length_penalty, ngram_bans, search_ids
 from nmt.shortlist import Shortlist, shortlist_from_corpus
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
 
@@ -518,3 +518,24 @@ def test_memory_slots_keep_each_sentence_and_pad_the_rest():
             assert torch.all(view.values[row, :n] == ident) and torch.all(view.keys[row, :n] == 2 * ident)
             assert torch.all(view.values[row, n:] == 0) and torch.all(view.mask_bias[row, n:] == float("-inf"))
             assert torch.all(view.mask_bias[row, :n] == 0) and view.summary[row, 0] == ident
+
+
+def naive_bans(history: list[int], n: int) -> set[int]:
+    """The tokens that would repeat an n-gram of history, by looking at every earlier n-gram."""
+    if len(history) < n:
+        return set()
+    prefix = tuple(history[len(history) - n + 1:]) if n > 1 else ()
+    return {history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i:i + n - 1]) == prefix}
+
+
+@given(st.lists(st.lists(st.integers(0, 3), max_size=12), min_size=1, max_size=6), st.integers(1, 4),
+       st.integers(0, 3))
+def test_ngram_bans_are_those_of_each_rows_own_history(histories, n, padding):
+    # Rows are right-aligned: each one's history is its last `age` tokens, whatever stands before them.
+    width = max(len(h) for h in histories) + padding
+    tokens = torch.tensor([[7] * (width - len(h)) + h for h in histories])
+    rows, banned = ngram_bans(tokens, torch.tensor([len(h) for h in histories]), n)
+    got = [set() for _ in histories]
+    for row, token in zip(rows.tolist(), banned.tolist(), strict=True):
+        got[row].add(token)
+    assert got == [naive_bans(h, n) for h in histories]
