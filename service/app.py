@@ -190,9 +190,11 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     @app.get("/v1/models", response_model=schemas.ModelsResponse, responses={503: ERROR_RESPONSES[503]},
              tags=["service"])
     async def models() -> dict[str, Any]:
-        """The served model: languages, size, decoding defaults and its card (data, BLEU)."""
+        """The served model (languages, size, decoding defaults and its card: data, BLEU) and the request limits."""
         _require(worker)
-        return {"models": [worker.info]}
+        return {"models": [worker.info], "limits": schemas.Limits(
+            max_texts=settings.max_texts, max_chars=settings.max_chars, max_body_bytes=settings.max_body_bytes,
+            max_beam_size=schemas.MAX_BEAM, request_timeout_s=settings.request_timeout_s)}
 
     @app.head("/v1/health", include_in_schema=False)  # uptime monitors probe with HEAD
     @app.get("/v1/health", response_model=schemas.Health, tags=["service"])

@@ -115,8 +115,18 @@ class ModelInfo(BaseModel):
     tgt_lang: str | None = None
 
 
+class Limits(BaseModel):
+    """What a request may hold and take (the service's settings), so that clients can check before sending."""
+    max_texts: int = Field(description="texts per request")
+    max_chars: int = Field(description="characters per text")
+    max_body_bytes: int = Field(description="request body size")
+    max_beam_size: int = Field(description="largest beam_size (and n_best)")
+    request_timeout_s: float = Field(description="the deadline of a request, body and answer together")
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    limits: Limits
 
 
 class Health(BaseModel):

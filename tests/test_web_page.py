@@ -60,10 +60,14 @@ def test_type_translate_and_read_the_heat_map(browser, live_url):
     alternatives = browser.find_elements(By.CSS_SELECTOR, "#alternatives li")
     assert alternatives and all(item.text.endswith(")") for item in alternatives)
 
-    columns = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#heatmap thead th")][1:]
+    # Pieces without SentencePiece's word mark (a screen reader read "lower one eighth block"): word starts in bold.
+    heads = browser.find_elements(By.CSS_SELECTOR, "#heatmap thead th")[1:]
+    columns = [th.text for th in heads]
     rows = browser.find_elements(By.CSS_SELECTOR, "#heatmap tbody tr")
-    assert columns == ["▁a", "▁b", "▁c", "▁d", "</s>"]
-    assert [row.find_element(By.TAG_NAME, "th").text for row in rows] == ["▁d", "▁c", "▁b", "▁a", "</s>"]
+    assert columns == ["a", "b", "c", "d", "(end)"]
+    assert [th.get_attribute("class") for th in heads] == ["word"] * 4 + [""]
+    assert [row.find_element(By.TAG_NAME, "th").text for row in rows] == ["d", "c", "b", "a", "(end)"]
+    assert browser.find_element(By.ID, "status").text == "Translated, with 2 alternative(s)."
     weights = [[float(td.get_attribute("data-weight")) for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
     assert all(len(w) == len(columns) and abs(sum(w) - 1) < 0.01 for w in weights)
     # the model learnt to reverse: the t-th output piece attends most to the t-th source piece from the end
@@ -95,15 +99,79 @@ def test_errors_are_shown_readably_in_place_of_the_last_translation(browser, liv
     browser.find_element(By.ID, "translate").click()
     wait = WebDriverWait(browser, 30)
     wait.until(lambda d: d.find_element(By.ID, "translation").text == "b a")
-    beam = browser.find_element(By.ID, "beam")
-    beam.clear()
-    beam.send_keys("40")
+    # The service's refusals in the page's words: 429 with its wait, 401 pointing at the field.
+    browser.execute_script("""
+        window.fetch = async (url) => url !== "/v1/translate" ? new Response("{}") : new Response(JSON.stringify(
+            {error: {code: "rate_limited", message: "rate limit exceeded", fields: []}}),
+            {status: 429, headers: {"Content-Type": "application/json", "Retry-After": "7"}});""")
     browser.find_element(By.ID, "translate").click()
     error = browser.find_element(By.ID, "error")
     wait.until(lambda d: error.is_displayed())
-    assert error.text.startswith("422: beam_size") and "16" in error.text
+    assert error.text == "Too many requests for now: try again in 7 s."
     # The earlier translation, its scores and heat map stayed on screen under the error, as if they answered it.
     assert not browser.find_element(By.ID, "result").is_displayed()
+
+
+def test_the_form_is_checked_before_sending(browser, live_url):
+    # A beam size of 2.5 went to the service, and n-best was rewritten to 2.5 and named in its 422.
+    browser.get(live_url)
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: "src → tgt" in d.find_element(By.ID, "model-info").text)
+    browser.execute_script("window.calls = 0; const real = window.fetch;"
+                           "window.fetch = (url, o) => { window.calls++; return real(url, o); };")
+    browser.find_element(By.ID, "source").send_keys("a b")
+    for value in ("2.5", "0", "17", ""):
+        beam = browser.find_element(By.ID, "beam")
+        beam.clear()
+        beam.send_keys(value)
+        browser.find_element(By.ID, "translate").click()
+        assert browser.find_element(By.ID, "error").text == "Beam size must be a whole number from 1 to 16."
+        assert beam.get_attribute("aria-invalid") == "true"
+        assert browser.find_element(By.ID, "nbest").get_attribute("value") == "3"
+    assert browser.execute_script("return window.calls") == 0
+    beam.clear()
+    beam.send_keys("5")
+    source = browser.find_element(By.ID, "source")
+    source.clear()
+    source.send_keys("a " * 1001)  # over the service's 2,000 characters: said as it is typed, and before sending
+    assert browser.find_element(By.ID, "count").text == "2002 / 2000 characters"
+    browser.find_element(By.ID, "translate").click()
+    assert browser.find_element(By.ID, "error").text.startswith("The text has 2002 characters, more than the 2000")
+    assert browser.execute_script("return window.calls") == 0 and beam.get_attribute("aria-invalid") is None
+
+
+def test_a_blank_text_drops_the_request_under_way_and_a_second_click_sends_nothing(browser, live_url):
+    # A blank text's error stood above the late answer of the text before, shown as if it were this one's; and each
+    # click of a slow request sent it again, each counted against the rate limit.
+    browser.get(live_url)
+    browser.execute_script("""
+        const real = window.fetch; window.calls = 0;
+        window.fetch = (url, options) => url !== "/v1/translate" ? real(url, options) : (window.calls++,
+            new Promise((resolve, reject) => setTimeout(() => real(url, options).then(resolve, reject), 1500)));""")
+    source = browser.find_element(By.ID, "source")
+    source.send_keys("a b c")
+    for _ in range(3):
+        browser.find_element(By.ID, "translate").click()
+    assert browser.execute_script("return window.calls") == 1
+    source.clear()
+    browser.find_element(By.ID, "translate").click()
+    browser.execute_script("return new Promise((done) => setTimeout(done, 2500));")  # past the first's answer
+    assert browser.find_element(By.ID, "error").text == "Type a text to translate."
+    assert not browser.find_element(By.ID, "result").is_displayed()
+    assert browser.find_element(By.ID, "status").text == ""
+
+
+def test_a_long_word_wraps_instead_of_widening_the_page(browser, live_url):
+    browser.get(live_url)
+    browser.execute_script("""
+        window.fetch = async (url) => new Response(JSON.stringify(url !== "/v1/translate" ? {} : {translations: [
+            {text: "x".repeat(400), score: -1, alternatives: [{text: "y".repeat(400), score: -2}],
+             alignment: null}], model: "m", elapsed_ms: 1}), {status: 200,
+            headers: {"Content-Type": "application/json"}});""")
+    browser.find_element(By.ID, "source").send_keys("x")
+    browser.find_element(By.ID, "translate").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "translation").text)
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
 
 
 def test_only_the_latest_request_is_shown(browser, live_url):
@@ -125,7 +193,7 @@ def test_only_the_latest_request_is_shown(browser, live_url):
     wait.until(lambda d: d.find_element(By.ID, "translation").text == "e d")
     browser.execute_script("return new Promise((done) => setTimeout(done, 2500));")  # past the first's answer
     assert browser.find_element(By.ID, "translation").text == "e d"
-    assert browser.find_element(By.ID, "status").text == ""
+    assert browser.find_element(By.ID, "status").text.startswith("Translated")
 
 
 def test_a_heat_map_too_large_to_draw_is_a_note_and_n_best_follows_the_beam(browser, live_url):

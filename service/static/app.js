@@ -4,7 +4,10 @@
 const $ = (id) => document.getElementById(id);
 // A heat map of more cells than this took seconds to draw (a 514 x 534 table froze the page) and could not be read.
 const MAX_HEATMAP_CELLS = 20000;
-let inFlight = null; // the AbortController of the request whose answer the page waits for
+const WORD_START = "\u2581"; // SentencePiece's mark of a piece that begins a word
+// The service's limits (GET /v1/models), until it has said: its defaults.
+let limits = { max_chars: 2000, max_beam_size: 16, request_timeout_s: 30 };
+let inFlight = null; // the request whose answer the page waits for: {controller, body}
 
 function showError(message) {
   $("error").textContent = message;
@@ -18,12 +21,45 @@ function setBusy(busy) {
   $("form").setAttribute("aria-busy", String(busy));
 }
 
+function cancelInFlight() {
+  if (!inFlight) return;
+  inFlight.controller.abort();
+  inFlight = null;
+  setBusy(false);
+}
+
+// The service's own message, with what to do about it in the page's words where the page can help.
 async function errorMessage(response) {
+  let message = response.statusText || "error";
   try {
     const body = await response.json();
-    if (body && body.error && body.error.message) return `${response.status}: ${body.error.message}`;
-  } catch (_) { /* not JSON: fall through */ }
-  return `${response.status} ${response.statusText || "error"}`;
+    if (body && body.error && body.error.message) message = body.error.message;
+  } catch (_) { /* not JSON: the status line says what there is */ }
+  if (response.status === 401) {
+    return $("apikey").value ? "The API key was not accepted: check the “API key” field."
+      : "This service needs an API key: enter it in the “API key” field.";
+  }
+  if (response.status === 429) {
+    const wait = response.headers.get("Retry-After");
+    return `Too many requests for now: try again${wait ? ` in ${wait} s` : " shortly"}.`;
+  }
+  if (response.status === 503) return `The service is busy or starting: try again shortly (${message}).`;
+  if (response.status === 504) return "The translation took too long: try a shorter text.";
+  return `${message} (HTTP ${response.status})`;
+}
+
+// A piece as shown: the word-start mark dropped (a screen reader reads it as "lower one eighth block"), words
+// told apart by a class instead, and the end of sentence named.
+function pieceCell(cell, piece) {
+  if (piece === "</s>") {
+    cell.textContent = "(end)";
+    cell.title = "end of sentence";
+  } else if (piece.startsWith(WORD_START)) {
+    cell.textContent = piece.slice(WORD_START.length) || "␣";
+    cell.classList.add("word");
+  } else {
+    cell.textContent = piece;
+  }
 }
 
 function drawHeatmap(alignment, note) {
@@ -45,7 +81,7 @@ function drawHeatmap(alignment, note) {
   head.appendChild(document.createElement("th"));
   for (const piece of alignment.source) {
     const th = document.createElement("th");
-    th.textContent = piece;
+    pieceCell(th, piece);
     th.scope = "col";
     head.appendChild(th);
   }
@@ -53,7 +89,7 @@ function drawHeatmap(alignment, note) {
   alignment.weights.forEach((row, t) => {
     const tr = body.insertRow();
     const th = document.createElement("th");
-    th.textContent = alignment.target[t];
+    pieceCell(th, alignment.target[t]);
     th.scope = "row";
     tr.appendChild(th);
     row.forEach((weight, s) => {
@@ -62,9 +98,10 @@ function drawHeatmap(alignment, note) {
       td.title = `${alignment.target[t]} ← ${alignment.source[s]}: ${weight.toFixed(3)}`;
       td.dataset.weight = weight.toFixed(4);
       // The weight as a percentage in the cell, not in colour alone: screen readers read it with the cell's row and
-      // column headers, and "show weights as numbers" makes it visible.
+      // column headers, and "show weights as numbers" makes it visible. Black text on lighter cells and white on
+      // darker ones both keep 4.5:1 contrast with this colour only when they change over at 0.78.
       td.textContent = String(Math.round(weight * 100));
-      if (weight > 0.5) td.classList.add("dark");
+      if (weight > 0.78) td.classList.add("dark");
     });
   });
 }
@@ -84,6 +121,9 @@ function showResult(data, note) {
   $("alternatives-box").hidden = best.alternatives.length === 0;
   drawHeatmap(best.alignment, note);
   $("result").hidden = false;
+  // Announced by the status region: a live region that appears already filled is not read out.
+  const alternatives = best.alternatives.length;
+  $("status").textContent = `Translated${alternatives ? `, with ${alternatives} alternative(s)` : ""}.`;
 }
 
 async function refusesAlignment(response) {
@@ -95,59 +135,115 @@ async function refusesAlignment(response) {
   }
 }
 
+// A whole number from 1 to max in a number field, else null.
+function wholeNumber(id, max) {
+  const value = Number($(id).value);
+  return $(id).value.trim() !== "" && Number.isInteger(value) && value >= 1 && value <= max ? value : null;
+}
+
 function fitNBest() {
   // n-best beyond the beam size cannot be had: say so in the field rather than send fewer silently.
-  const beam = Number($("beam").value);
-  if (beam >= 1) {
-    $("nbest").max = String(Math.min(beam, 16));
-    if (Number($("nbest").value) > beam) $("nbest").value = String(beam);
+  const beam = wholeNumber("beam", limits.max_beam_size);
+  if (beam === null) return;
+  $("nbest").max = String(beam);
+  if (Number($("nbest").value) > beam) $("nbest").value = String(beam);
+}
+
+function countCharacters() {
+  const count = [...$("source").value].length; // code points, as the service counts them
+  $("count").textContent = `${count} / ${limits.max_chars} characters`;
+  $("count").classList.toggle("over", count > limits.max_chars);
+  return count;
+}
+
+// What is wrong with the form, in the words of its labels; null when it can be sent.
+function formProblem() {
+  if (!$("source").value.trim()) return ["source", "Type a text to translate."];
+  const count = countCharacters();
+  if (count > limits.max_chars) {
+    return ["source", `The text has ${count} characters, more than the ${limits.max_chars} the service takes: ` +
+      "shorten it or translate it in parts."];
+  }
+  const beam = wholeNumber("beam", limits.max_beam_size);
+  if (beam === null) return ["beam", `Beam size must be a whole number from 1 to ${limits.max_beam_size}.`];
+  if (wholeNumber("nbest", beam) === null) {
+    return ["nbest", `Translations (n-best) must be a whole number from 1 to the beam size (${beam}).`];
+  }
+  return null;
+}
+
+function markInvalid(field) {
+  for (const id of ["source", "beam", "nbest"]) {
+    if (id === field) {
+      $(id).setAttribute("aria-invalid", "true");
+      $(id).setAttribute("aria-describedby", "error");
+    } else {
+      $(id).removeAttribute("aria-invalid");
+      $(id).removeAttribute("aria-describedby");
+    }
   }
 }
 
 async function translate(event) {
   event.preventDefault();
   $("error").hidden = true;
-  if (!$("source").value.trim()) {
-    showError("Type a text to translate.");
+  fitNBest();
+  const problem = formProblem();
+  markInvalid(problem && problem[0]);
+  if (problem) {
+    cancelInFlight(); // its answer, arriving later, would stand under this error as if it were this text's
+    showError(problem[1]);
+    $(problem[0]).focus();
     return;
   }
-  fitNBest();
-  const beam = Number($("beam").value);
   const payload = {
     text: $("source").value,
-    beam_size: beam,
-    n_best: Math.max(1, Number($("nbest").value)),
+    beam_size: Number($("beam").value),
+    n_best: Number($("nbest").value),
     return_alignment: true,
   };
+  const body = JSON.stringify(payload);
+  if (inFlight && inFlight.body === body) return; // the same request again (a second click): its answer is coming
   const headers = { "Content-Type": "application/json" };
   if ($("apikey").value) headers["X-API-Key"] = $("apikey").value;
-  // A new request replaces the one under way (Ctrl+Enter twice, a change of text): only the latest is shown.
-  if (inFlight) inFlight.abort();
-  const request = new AbortController();
+  // A new request replaces the one under way (the text or options changed): only the latest is shown.
+  cancelInFlight();
+  const request = { controller: new AbortController(), body };
   inFlight = request;
-  const post = (body) => fetch("/v1/translate", {
-    method: "POST", headers, body: JSON.stringify(body), signal: request.signal,
+  // The service answers within its deadline (504 past it); one that does not answer at all is given up on.
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    request.controller.abort();
+  }, (limits.request_timeout_s + 15) * 1000);
+  const post = (json) => fetch("/v1/translate", {
+    method: "POST", headers, body: json, signal: request.controller.signal,
   });
   setBusy(true);
   try {
-    let response = await post(payload);
+    let response = await post(body);
     let note = null;
     if (response.status === 413 && await refusesAlignment(response.clone())) {
       // Too long a text for its attention matrix (NMT_MAX_ALIGNMENT_CELLS): translate it without one.
       note = "no heat map: this text is too long for the service to return its attention weights";
-      response = await post({ ...payload, return_alignment: false });
+      response = await post(JSON.stringify({ ...payload, return_alignment: false }));
     }
     const data = response.ok ? await response.json() : await errorMessage(response);
     if (request !== inFlight) return;
+    inFlight = null;
+    setBusy(false);
     if (!response.ok) showError(data);
     else showResult(data, note);
+    if (response.ok && !$("model-info").dataset.loaded) loadModelInfo(); // it failed before: the service is back
   } catch (err) {
-    if (request === inFlight) showError(`Could not reach the translation service: ${err.message}`);
+    if (request !== inFlight) return;
+    inFlight = null;
+    setBusy(false);
+    showError(timedOut
+      ? `The translation service did not answer within ${limits.request_timeout_s + 15} s: try again later.`
+      : "Could not reach the translation service: check that it is running, then try again.");
   } finally {
-    if (request === inFlight) {
-      inFlight = null;
-      setBusy(false);
-    }
+    clearTimeout(timer);
   }
 }
 
@@ -155,10 +251,17 @@ async function loadModelInfo() {
   try {
     const response = await fetch("/v1/models");
     if (!response.ok) throw new Error(await errorMessage(response));
-    const model = (await response.json()).models[0];
+    const answer = await response.json();
+    const model = answer.models[0];
+    limits = { ...limits, ...answer.limits };
     $("model-info").textContent = `${model.id}: ${model.src_lang} → ${model.tgt_lang}`;
+    $("model-info").dataset.loaded = "true";
+    $("beam").max = String(limits.max_beam_size);
     $("beam").value = model.decode ? model.decode.beam_size : 5;
+    fitNBest();
+    $("source").lang = model.src_lang || "";
     $("translation").lang = model.tgt_lang || "";
+    countCharacters();
   } catch (err) {
     $("model-info").textContent = `model information unavailable (${err.message})`;
   }
@@ -166,8 +269,10 @@ async function loadModelInfo() {
 
 $("form").addEventListener("submit", translate);
 $("beam").addEventListener("change", fitNBest);
+$("source").addEventListener("input", countCharacters);
 $("numbers").addEventListener("change", () => $("heatmap").classList.toggle("numbers", $("numbers").checked));
 $("source").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("form").requestSubmit();
 });
+countCharacters();
 loadModelInfo();
