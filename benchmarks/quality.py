@@ -5,9 +5,10 @@
 Rows: the test split at greedy (beam 1), beam 5 and beam 10 (over the model's shortlist, the default), beam 5
 over the whole target vocabulary (`--no-shortlist`), beam 5 with int8 weights, the dev split at beam 5,
 and Apertium's rule-based spa->eng (Debian `apertium-eng-spa`) on the same test set, scored with
-`nmt evaluate --hyp` (skipped with a note when `apertium` is not installed). Also five test verses picked with a
-fixed seed, next to their references. Writes quality.json, quality.md and each row's hypotheses and `nmt evaluate`
-report (quality-NAME.hyp/.json) under --out, and prints the markdown.
+`nmt evaluate --hyp` (skipped with a note when `apertium` is not installed). Also --examples test verses (5)
+picked with a fixed seed, next to their references. Writes quality.json, quality.md and each row's hypotheses and
+`nmt evaluate` report (quality-NAME.hyp/.json) under --out (the committed results by default), and prints the
+markdown.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main() -> None:
         report = nmt_evaluate([args.model, "--split", split, "--data", str(data), "--threads", str(args.threads),
                                *options, "--out", str(out)], stem.with_suffix(".json"))
         shutil.move(out / f"{split}.hyp", hyp)
+        report["hyp"] = str(hyp.resolve())  # where the report's hypotheses are now
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         hyp_files[name] = hyp
         rows.append({**row(f"rnnsearch {name}", report), "split": split})
         print(json.dumps(rows[-1]), flush=True)
@@ -102,7 +105,7 @@ def main() -> None:
     if not ap:
         lines.append("\n(Apertium not installed: `apt-get install apertium-eng-spa` adds its row.)")
     lines += ["", f"BLEU signature: `{rows[0]['bleu_signature']}`; threads: {args.threads}", "",
-              f"Five test verses picked by `random.Random({args.seed}).sample` (beam 5):", ""]
+              f"{args.examples} test verses picked by `random.Random({args.seed}).sample` (beam 5):", ""]
     for e in examples:
         lines += [f"- **{e['ref']}**", f"  - source: {e['source']}", f"  - reference: {e['reference']}",
                   f"  - rnnsearch: {e['translation']}"]

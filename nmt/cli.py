@@ -429,33 +429,29 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: the --report file's directory, "
                                  "else MODEL/eval; RUN/eval/CHECKPOINT for a .pt file)")
     p.add_argument("--report", help="write the JSON report here instead (and NAME.hyp beside it, unless --out)")
+    p.add_argument("--tokenize", metavar="NAME",
+                   help="sacrebleu's BLEU tokenizer: 13a, intl, zh, char, ja-mecab, ko-mecab or none (default: 13a; "
+                        "with a MODEL, its target language's: zh for Chinese, char or MeCab for Japanese and Korean)")
+    p.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU (sacrebleu's -lc)")
+    p.add_argument("--bootstrap", type=_int_from(0), default=0, metavar="N",
+                   help="95%% confidence intervals from N bootstrap resamples (sacrebleu's --confidence; 1000 is "
+                        "usual); with --baseline, the paired test's resamples (default 1000)")
+    p.add_argument("--baseline", metavar="FILE",
+                   help="another system's translations of the same source: a paired bootstrap test against them "
+                        "(sacrebleu's --paired-bs), with their scores and each metric's p-value")
     _add_decode_options(p)
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from nmt.evaluate import (
-        check_report_replaceable,
-        check_writable,
-        evaluate,
-        evaluate_model,
-        format_table,
-        write_lines,
-        write_report,
-    )
+    from nmt.evaluate import check_line_counts, format_table, write_report
 
+    stdin = [flag for flag, value in (("--hyp", args.hyp), ("--src", args.src), ("--baseline", args.baseline),
+                                      *(("--ref", r) for r in args.ref or ())) if value == "-"]
+    if len(stdin) > 1:
+        raise NMTError(f"standard input can be read once: {' and '.join(stdin)} cannot both be -")
     if args.hyp:
-        if args.model or args.src or args.split:
-            raise NMTError("--hyp scores existing translations: give no MODEL, --src or --split")
-        if not args.ref:
-            raise NMTError("--hyp needs --ref")
-        if args.report:
-            _check_not_input(args.report, _inputs(args.hyp, *args.ref))
-            check_report_replaceable(Path(args.report), None)
-        report = evaluate(read_lines(args.hyp, "hypothesis file"), [read_lines(r, "reference file") for r in args.ref])
-        report.update(hyp=args.hyp, ref=args.ref)
-        if args.report:
-            write_report(report, Path(args.report))
+        report = _score_hypotheses(args)
         say(format_table(report))
         return 0
     if not args.model:
@@ -469,13 +465,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     digest = hashlib.sha256()  # of the source and references as read: what the report is of
 
     def read(src_path: Path, ref_paths: list[str]) -> tuple[list[str], list[list[str]]]:
-        return (read_lines(src_path, "source file", digest),
-                [read_lines(r, "reference file", digest) for r in ref_paths])
+        src = read_lines(src_path, "source file", digest)
+        refs = [read_lines(r, "reference file", digest) for r in ref_paths]
+        check_line_counts(len(src), refs)
+        return src, refs
 
-    if args.src:  # read before the model loads, so that a missing file is found at once
+    if args.src:  # read before the model loads, so that a missing file or a short reference is found at once
         src_path, ref_paths = Path(args.src), args.ref
         name = "stdin" if args.src == "-" else src_path.stem
         src, refs = read(src_path, ref_paths)
+    scoring = _scoring(args)
     translator = _load_translator(args)
     if args.split:  # the corpus may be the model's own, known once it has loaded
         from nmt.corpus import holds_other_pairs
@@ -491,6 +490,58 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             log.warning("%s holds other training pairs than %s was trained on (prepared again?): its %s split may "
                         "hold sentences the model trained on, and the scores are not those of its own test set",
                         data, args.model, args.split)
+    out, report_path = _evaluation_outputs(args, name, digest.hexdigest(), [src_path, *ref_paths])
+    report = _evaluate_into(translator, src, refs, scoring, args, out / f"{name}.hyp")
+    report.update(src=_shown(src_path), ref=[_shown(r) for r in ref_paths], inputs_sha256=digest.hexdigest())
+    write_report(report, report_path)
+    say(format_table(report),
+        f"{report['n']} sentences in {report['seconds']:.1f} s; hypotheses: {report['hyp']}  report: {report_path}")
+    return 0
+
+
+def _scoring(args: argparse.Namespace) -> dict[str, Any]:
+    """evaluate()'s options from the command line (tokenize only when given: a model's default is its language's)."""
+    scoring: dict[str, Any] = {"lowercase": args.lowercase, "bootstrap": args.bootstrap}
+    if args.tokenize is not None:
+        scoring["tokenize"] = args.tokenize
+    if args.baseline is not None:
+        scoring["baseline"] = read_lines(args.baseline, "baseline file")
+    return scoring
+
+
+def _score_hypotheses(args: argparse.Namespace) -> dict[str, Any]:
+    """`nmt evaluate --hyp F --ref F`: the report of a file of translations from any system."""
+    from nmt.evaluate import check_report_replaceable, evaluate, looks_unsegmented, write_report
+
+    if args.model or args.src or args.split:
+        raise NMTError("--hyp scores existing translations: give no MODEL, --src or --split")
+    if not args.ref:
+        raise NMTError("--hyp needs --ref")
+    if args.report:
+        _check_not_input(args.report, _inputs(args.hyp, *args.ref, *filter(None, [args.baseline])))
+        check_report_replaceable(Path(args.report), None)
+    digest = hashlib.sha256()
+    hyps = read_lines(args.hyp, "hypothesis file", digest)
+    refs = [read_lines(r, "reference file", digest) for r in args.ref]
+    scoring = _scoring(args)
+    if "tokenize" not in scoring and looks_unsegmented(refs[0]):
+        log.warning("the references look like a language written without spaces, which the default 13a tokenizer "
+                    "counts as about one word a line: choose --tokenize zh (Chinese) or char")
+    report = evaluate(hyps, refs, **scoring)
+    report.update(hyp=_shown(args.hyp), ref=[_shown(r) for r in args.ref], inputs_sha256=digest.hexdigest(),
+                  environment=_environment(None))
+    if args.baseline:
+        report["baseline"] = _shown(args.baseline)
+    if args.report:
+        write_report(report, Path(args.report))
+    return report
+
+
+def _evaluation_outputs(args: argparse.Namespace, name: str, inputs_sha256: str,
+                        inputs: list[str | Path]) -> tuple[Path, Path]:
+    """The directory of NAME.hyp and the report's path, checked and made before the translation, which takes a
+    while: neither overwrites an input, a file that is no report, or hypotheses that are not the report's."""
+    from nmt.evaluate import check_hyp_replaceable, check_report_replaceable, check_writable
     from nmt.translator import locate_model
 
     home, source, exported = locate_model(Path(args.model))
@@ -500,29 +551,64 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     beside = args.report and not is_special_file(Path(args.report))
     out = Path(args.out) if args.out else Path(args.report).parent if beside else folder
     report_path = Path(args.report) if args.report else out / f"{name}.json"
+    hyp_path = out / f"{name}.hyp"
     if args.out and out.exists() and not out.is_dir():
         raise NMTError(f"--out {out}: not a directory")
-    for path in (out / f"{name}.hyp", report_path):
+    for path in (hyp_path, report_path):
         check_writable(path)
-        _check_not_input(path, _inputs(src_path, *ref_paths))
-    if report_path.resolve() == (out / f"{name}.hyp").resolve():
+        _check_not_input(path, _inputs(*inputs, *filter(None, [args.baseline])))
+    if report_path.resolve() == hyp_path.resolve():
         raise NMTError(f"--report {report_path} is where the hypotheses go: name another file")
-    inputs_sha256 = digest.hexdigest()
     check_report_replaceable(report_path, None if args.report else inputs_sha256)
-    try:  # before translating, which takes a while: a read-only model directory (a container's volume) fails here
+    if out.resolve() != folder.resolve():  # the model's own eval folder holds nothing but evaluations
+        check_hyp_replaceable(hyp_path, [report_path, out / f"{name}.json"])
+    try:
         make_dir(out)
-    except NMTError as exc:
+    except NMTError as exc:  # a read-only model directory (a container's volume) fails here, not after translating
         if args.out:
             raise
         raise NMTError(f"{exc}; write the hypotheses and report elsewhere with --out DIR") from None
-    hyps, report = evaluate_model(translator, src, refs, **_decode_options(args))
-    report.update(src=str(src_path), ref=[str(r) for r in ref_paths], inputs_sha256=inputs_sha256)
-    write_lines(hyps, out / f"{name}.hyp")
-    report["hyp"] = str(out / f"{name}.hyp")
-    write_report(report, report_path)
-    say(format_table(report),
-        f"{report['n']} sentences in {report['seconds']:.1f} s; hypotheses: {report['hyp']}  report: {report_path}")
-    return 0
+    return out, report_path
+
+
+def _evaluate_into(translator: Translator, src: list[str], refs: list[list[str]], scoring: dict[str, Any],
+                   args: argparse.Namespace, hyp_path: Path) -> dict[str, Any]:
+    """Translate and score; the hypotheses written to hyp_path; the report, with where they are."""
+    from nmt.evaluate import default_tokenizer, evaluate_model, looks_unsegmented, write_lines
+
+    if "tokenize" not in scoring and default_tokenizer(translator.cfg.data.tgt_lang) == "13a" \
+            and looks_unsegmented(refs[0]):
+        log.warning("the references look like a language written without spaces, but the model's target language "
+                    "(%s) is scored with the 13a tokenizer, which counts about one word a line: choose --tokenize "
+                    "zh (Chinese) or char", translator.cfg.data.tgt_lang)
+    hyps, report = evaluate_model(translator, src, refs, scoring, **_decode_options(args))
+    write_lines(hyps, hyp_path)
+    report.update(hyp=_shown(hyp_path), environment=_environment(translator))
+    if args.baseline:
+        report["baseline"] = _shown(args.baseline)
+    return report
+
+
+def _shown(path: str | Path) -> str:
+    """A path for a report: absolute (a report is read from elsewhere), - for standard input as it is."""
+    return "-" if str(path) == "-" else str(Path(path).resolve())
+
+
+def _environment(translator: Translator | None) -> dict[str, Any]:
+    """What produced a report: versions, and with a model, the machine and threads its speed was measured on."""
+    import datetime
+    from importlib import metadata
+
+    env: dict[str, Any] = {"nmt": __version__, "sacrebleu": metadata.version("sacrebleu"),
+                           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if translator is not None:
+        import torch
+
+        from nmt.device import cpu_name
+
+        env.update(torch=torch.__version__, device=str(translator.device), threads=torch.get_num_threads(),
+                   cpu=f"{cpu_name()}, {os.cpu_count()} cores")
+    return env
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:

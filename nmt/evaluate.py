@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sacrebleu.metrics import BLEU, CHRF, TER
+from sacrebleu.significance import PairedTest
 
 from nmt.errors import NMTError
 from nmt.files import atomic_write, is_special_file
@@ -17,24 +20,89 @@ if TYPE_CHECKING:  # the translator's package imports export, which reads report
     from nmt.translator import Translator
 
 
-def evaluate(hyps: list[str], refs: list[str] | list[list[str]]) -> dict[str, Any]:
-    """Corpus BLEU, chrF and TER of hyps against one reference list (or several, as a list of lists)."""
+# sacrebleu's BLEU tokenizers that need nothing from the network (spm and flores download their models).
+TOKENIZERS = ("13a", "intl", "zh", "char", "ja-mecab", "ko-mecab", "none")
+SPACELESS = {"zh", "char", "ja-mecab", "ko-mecab"}  # for languages written without spaces: TER's asian_support too
+
+
+def default_tokenizer(tgt_lang: str | None) -> str:
+    """sacrebleu's tokenizer for a target language: 13a, but zh for Chinese, and for Japanese and Korean their
+    MeCab ones where installed (sacrebleu[ja], sacrebleu[ko]), else characters; characters for Thai, Lao, Khmer and
+    Burmese, which 13a would leave as one token a sentence."""
+    lang = re.split(r"[-_]", (tgt_lang or "").lower())[0]
+    if lang == "zh":
+        return "zh"
+    if lang in ("ja", "ko"):
+        return f"{lang}-mecab" if importlib.util.find_spec("MeCab") else "char"
+    return "char" if lang in ("th", "lo", "km", "my") else "13a"
+
+
+def check_line_counts(n: int, refs: list[list[str]], what: str = "source lines") -> None:
+    """NMTError unless every reference stream has n lines."""
+    for i, stream in enumerate(refs):
+        if len(stream) != n:
+            raise NMTError(f"{n} {what} but {len(stream)} lines in reference {i + 1}: they must have the same number "
+                           "of lines")
+
+
+def _metrics(tokenize: str, lowercase: bool) -> dict[str, Any]:
+    if tokenize not in TOKENIZERS:
+        raise NMTError(f"tokenize must be one of {', '.join(TOKENIZERS)}, got {tokenize!r}")
+    try:
+        bleu = BLEU(tokenize=tokenize, lowercase=lowercase)
+    except (ImportError, RuntimeError) as exc:  # ja-mecab, ko-mecab without their packages
+        raise NMTError(f"the {tokenize} tokenizer is not available ({exc}): pip install 'sacrebleu[ja]' or "
+                       "'sacrebleu[ko]', or choose --tokenize char") from None
+    return {"bleu": bleu, "chrf": CHRF(), "ter": TER(asian_support=tokenize in SPACELESS)}
+
+
+def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str = "13a", lowercase: bool = False,
+             bootstrap: int = 0, baseline: list[str] | None = None) -> dict[str, Any]:
+    """Corpus BLEU, chrF and TER of hyps against one reference list (or several, as a list of lists).
+
+    tokenize and lowercase are BLEU's (sacrebleu's -tok and -lc). bootstrap > 0 adds each metric's 95% confidence
+    interval from that many resamples (sacrebleu's --confidence); with baseline, another system's hypotheses of the
+    same source, a paired bootstrap test against it instead (--paired-bs): the baseline's scores and p-values."""
     streams = [refs] if not refs or isinstance(refs[0], str) else refs
+    check_line_counts(len(hyps), streams, "hypotheses")
     if not hyps:
         raise NMTError("nothing to score: no hypotheses")
-    for i, stream in enumerate(streams):
-        if len(stream) != len(hyps):
-            raise NMTError(f"{len(hyps)} hypotheses but {len(stream)} lines in reference {i + 1}: "
-                           "they must have the same number of lines")
-    bleu, chrf, ter = BLEU(), CHRF(), TER()
-    b = bleu.corpus_score(hyps, streams)
-    metrics = {
-        "bleu": {"score": b.score, "signature": str(bleu.get_signature()), "bp": b.bp, "ratio": b.ratio,
-                 "hyp_len": b.sys_len, "ref_len": b.ref_len, "precisions": b.precisions},
-        "chrf": {"score": chrf.corpus_score(hyps, streams).score, "signature": str(chrf.get_signature())},
-        "ter": {"score": ter.corpus_score(hyps, streams).score, "signature": str(ter.get_signature())},
+    if baseline is not None and len(baseline) != len(hyps):
+        raise NMTError(f"{len(hyps)} hypotheses but {len(baseline)} lines in the baseline: they must have the same "
+                       "number of lines")
+    scorers = _metrics(tokenize, lowercase)
+    scores = {key: metric.corpus_score(hyps, streams, n_bootstrap=bootstrap if baseline is None else 1)
+              for key, metric in scorers.items()}
+    b = scores["bleu"]
+    metrics: dict[str, Any] = {
+        "bleu": {"score": b.score, "bp": b.bp, "ratio": b.ratio, "hyp_len": b.sys_len, "ref_len": b.ref_len,
+                 "precisions": b.precisions},
+        "chrf": {"score": scores["chrf"].score},
+        "ter": {"score": scores["ter"].score},
     }
-    return {"n": len(hyps), "metrics": metrics}
+    for key, metric in scorers.items():
+        metrics[key]["signature"] = str(metric.get_signature())
+        if bootstrap > 1 and baseline is None:
+            metrics[key].update(mean=scores[key]._mean, ci95=scores[key]._ci)
+    report: dict[str, Any] = {"n": len(hyps), "metrics": metrics}
+    if baseline is not None:
+        report["paired"] = _paired(hyps, baseline, streams, scorers, bootstrap or 1000)
+    return report
+
+
+def _paired(hyps: list[str], baseline: list[str], streams: list[list[str]], scorers: dict[str, Any],
+            samples: int) -> dict[str, Any]:
+    """sacrebleu's paired bootstrap test of hyps against baseline: each metric's scores and the p-value."""
+    names = {"bleu": "BLEU", "chrf": "chrF2", "ter": "TER"}
+    test = PairedTest([("baseline", baseline), ("system", hyps)], {names[k]: m for k, m in scorers.items()},
+                      streams, test_type="bs", n_samples=samples)
+    signatures, results = test()
+    paired: dict[str, Any] = {"samples": samples}
+    for key, name in names.items():
+        base, system = results[name]
+        paired[key] = {"baseline": base.score, "system": system.score, "p_value": system.p_value,
+                       "signature": str(signatures[name])}
+    return paired
 
 
 def translate_lines(translator: Translator, lines: list[str], chunk: int = 500, progress: bool | None = None,
@@ -48,16 +116,15 @@ def translate_lines(translator: Translator, lines: list[str], chunk: int = 500, 
     return out
 
 
-def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]],
+def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]], scoring: dict[str, Any] | None = None,
                    **options: Any) -> tuple[list[str], dict[str, Any]]:
-    """Translate src and score it against refs: the hypotheses and the report (scores, speed, settings)."""
-    for i, stream in enumerate(refs):
-        if len(stream) != len(src):
-            raise NMTError(f"{len(src)} source lines but {len(stream)} lines in reference {i + 1}")
+    """Translate src and score it against refs: the hypotheses and the report (scores, speed, settings). scoring
+    holds evaluate's options (tokenize: by default the model's target language's)."""
+    check_line_counts(len(src), refs)
     start = time.perf_counter()
     hyps = translate_lines(translator, src, **options)
     seconds = time.perf_counter() - start
-    report = evaluate(hyps, refs)
+    report = evaluate(hyps, refs, **{"tokenize": default_tokenizer(translator.cfg.data.tgt_lang), **(scoring or {})})
     decode = {**translator.decode_defaults, **{k: v for k, v in options.items() if v is not None}}
     decode["shortlist"] = translator.shortlist is not None and decode["shortlist"]  # whether one was used
     report.update(model=translator.info["name"], model_path=str(translator.path), step=translator.step,
@@ -93,6 +160,34 @@ def check_report_replaceable(path: Path, inputs_sha256: str | None) -> None:
                        "one elsewhere (--report FILE or --out DIR), or move that one")
 
 
+def check_hyp_replaceable(path: Path, reports: list[Path]) -> None:
+    """NMTError when a hypotheses file would replace a file of the user's: one there, not empty, that none of these
+    reports names as its hypotheses (a notes.hyp of the user's beside --report DIR/notes.json)."""
+    if is_special_file(path) or not path.is_file() or path.stat().st_size == 0:
+        return
+    for report in reports:
+        try:
+            earlier = json.loads(report.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        named = earlier.get("hyp") if is_report(earlier) else None
+        if not isinstance(named, str):
+            continue
+        # Its path as written then (relative to another directory, perhaps), or its name beside the report.
+        if Path(named).resolve() == path.resolve() or (Path(named).name == path.name
+                                                       and report.parent.resolve() == path.parent.resolve()):
+            return
+    raise NMTError(f"{path} exists and is not the hypotheses of an earlier `nmt evaluate` report there: write them "
+                   "elsewhere (--out DIR), or move that file")
+
+
+def looks_unsegmented(lines: list[str]) -> bool:
+    """Whether text looks like a language written without spaces (Chinese, Japanese, Thai): long lines of about one
+    whitespace-separated word."""
+    words, chars = sum(len(line.split()) for line in lines), sum(len(line) for line in lines)
+    return chars > 5 * len(lines) and words < 1.5 * len(lines)
+
+
 def write_report(report: dict[str, Any], path: Path) -> None:
     _write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
@@ -115,10 +210,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """A short plain-text table: metric, score, sacrebleu signature."""
+    """A short plain-text table: metric, score (with its 95% interval, or the baseline's and the paired test's
+    p-value, where measured), sacrebleu signature."""
     names = {"bleu": "BLEU", "chrf": "chrF2", "ter": "TER"}
-    rows = [f"{'metric':<7} {'score':>6}  signature"]
+    paired = report.get("paired")
+    rows = [f"{'metric':<7} {'score':>6}  " + ("baseline  p-value  " if paired else "") + "signature"]
     for key, label in names.items():
         m = report["metrics"][key]
-        rows.append(f"{label:<7} {m['score']:6.2f}  {m['signature']}")
+        score = f"{m['score']:6.2f}" + (f" ± {m['ci95']:.2f}" if "ci95" in m else "")
+        versus = f"{paired[key]['baseline']:8.2f}  {paired[key]['p_value']:7.4f}  " if paired else ""
+        rows.append(f"{label:<7} {score}  {versus}{paired[key]['signature'] if paired else m['signature']}")
     return "\n".join(rows)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import hashlib
 import os
 import shutil
 import sys
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,8 +32,8 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
     write first dropped. Split on \\n only, as sacrebleu reads them: str.splitlines would also split at U+2028, form
     feeds and the like, so that two parallel files would no longer line up.
 
-    digest is updated with the bytes as read: the file's own digest, also of standard input or a pipe, which
-    cannot be read a second time."""
+    A file named *.gz is decompressed as it is read, as sacrebleu reads one. digest is updated with the bytes as
+    read (decompressed): the text's digest, also of standard input or a pipe, which cannot be read a second time."""
     if str(path) == "-":
         name, stream = "standard input", getattr(sys.stdin, "buffer", sys.stdin)
         closing = contextlib.nullcontext()  # standard input stays open for the caller
@@ -45,20 +47,34 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
             raise NMTError(f"{what} {path} is a directory, not a text file") from None
         except OSError as exc:
             raise NMTError(f"cannot read the {what} {path} ({exc.strerror or exc})") from None
-    lines = []
+    if name.endswith(".gz"):
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
     with closing:
-        for lineno, raw in enumerate(stream, 1):
-            if isinstance(raw, str):  # a text stream standing in for standard input
-                raw = raw.encode("utf-8", "surrogateescape")
-            if digest is not None:
-                digest.update(raw)
-            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise NMTError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
-                               f"{exc.start + 1}); convert the file to UTF-8, e.g. with iconv") from None
-            lines.append(line.removeprefix("\ufeff") if lineno == 1 else line)
+        try:
+            return _decoded_lines(stream, name, digest)
+        except (OSError, EOFError, zlib.error) as exc:
+            if not name.endswith(".gz"):
+                raise
+            raise NMTError(f"{name}: not a readable gzip file ({exc})") from None
+
+
+def _decoded_lines(stream: Any, name: str, digest: Digest | None) -> list[str]:
+    lines = []
+    for lineno, raw in enumerate(stream, 1):
+        if isinstance(raw, str):  # a text stream standing in for standard input
+            raw = raw.encode("utf-8", "surrogateescape")
+        if digest is not None:
+            digest.update(raw)
+        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if lineno == 1 and raw.startswith(b"\x1f\x8b"):
+                raise NMTError(f"{name} is gzip-compressed: name it *.gz to have it read as such, or gunzip it") \
+                    from None
+            raise NMTError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                           f"{exc.start + 1}); convert the file to UTF-8, e.g. with iconv") from None
+        lines.append(line.removeprefix("\ufeff") if lineno == 1 else line)
     return lines
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sacrebleu
 import torch
 import torch.distributed as dist
+from sacrebleu.metrics import BLEU
 from torch.nn.parallel import DistributedDataParallel
 
 from nmt.batching import ParallelData
@@ -30,6 +30,7 @@ from nmt.config import Config, load_config, save_config
 from nmt.corpus import CORPUS_JSON, load_split, train_pairs_sha256
 from nmt.device import cpu_has_bf16, hardware, pick_device
 from nmt.errors import NMTError
+from nmt.evaluate import default_tokenizer
 from nmt.export import is_model_dir
 from nmt.files import make_dir
 from nmt.model import Seq2Seq
@@ -295,6 +296,7 @@ class Trainer:
         if cfg.decode.packed_matmuls:  # validation decodes like an exported model; training keeps torch's layers
             self.model.decoder.pack_weights()
         self.translator = Translator(self.model, cfg, self.src_tok, self.tgt_tok, self.device, self.run_dir)
+        self.bleu = BLEU(tokenize=default_tokenizer(cfg.data.tgt_lang))  # as `nmt evaluate` scores the language
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
                                           weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -498,7 +500,7 @@ class Trainer:
             if not all(hyps):  # a sentence without a hypothesis: every score overflowed to inf or nan
                 raise self._diverged(self.pos.step)
             out = [t.text for t in self.translator.finish(job, hyps)]
-            result["dev_bleu"] = sacrebleu.corpus_bleu(out, [refs]).score
+            result["dev_bleu"] = self.bleu.corpus_score(out, [refs]).score
         return result
 
     def run(self) -> dict[str, Any]:

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import sacrebleu
 from conftest import reverse_corpus
-from sacrebleu.metrics import CHRF, TER
+from sacrebleu.metrics import BLEU, CHRF, TER
+from sacrebleu.significance import PairedTest
 
 from nmt import corpus
 from nmt.checkpoint import load_checkpoint, step_checkpoints
 from nmt.cli import main
 from nmt.errors import NMTError
-from nmt.evaluate import evaluate
+from nmt.evaluate import default_tokenizer, evaluate
 from nmt.files import read_lines
 
 WORDS = "the a cat dog sat on mat ran fast slow big small house tree".split()
@@ -112,6 +113,67 @@ def test_cli_argument_errors(args, message, capsys):
 def test_nothing_to_score_is_an_error():
     with pytest.raises(NMTError, match="nothing to score"):
         evaluate([], [])
+    with pytest.raises(NMTError, match="0 hypotheses but 2 lines in reference 1"):  # said "nothing to score"
+        evaluate([], ["a", "b"])
+
+
+ZH_REFS = ["我们今天去北京看朋友。", "他喜欢在公园里散步。", "这本书非常有意思。"] * 4
+ZH_HYPS = ["我们今天去北京看朋友们。", "他喜欢在公园散步。", "这本书很有意思。"] * 4
+
+
+def test_the_bleu_tokenizer_case_and_language(system, tmp_path, capsys, caplog):
+    # Chinese scored with 13a was silently about 0: a line is one "word" to it.
+    hyp, ref = tmp_path / "zh.hyp", tmp_path / "zh.ref"
+    hyp.write_text("\n".join(ZH_HYPS) + "\n", encoding="utf-8")
+    ref.write_text("\n".join(ZH_REFS) + "\n", encoding="utf-8")
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref)]) == 0
+    assert "look like a language written without spaces" in caplog.text and "--tokenize zh" in caplog.text
+    report = tmp_path / "zh.json"
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--tokenize", "zh", "--report", str(report)]) == 0
+    bleu = json.loads(report.read_text(encoding="utf-8"))["metrics"]["bleu"]
+    assert bleu["score"] == pytest.approx(BLEU(tokenize="zh").corpus_score(ZH_HYPS, [ZH_REFS]).score)
+    assert "|tok:zh|" in bleu["signature"] and bleu["score"] > 30
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--tokenize", "moses"]) == 2
+    assert "tokenize must be one of 13a, intl, zh, char" in capsys.readouterr().err
+    assert [default_tokenizer(lang) for lang in ("zh", "zh-Hans", "en", None, "tgt", "th")] == [
+        "zh", "zh", "13a", "13a", "13a", "char"]
+    assert default_tokenizer("ja") in ("ja-mecab", "char")
+    _, _, hyps, refs = system
+    lower = evaluate([h.upper() for h in hyps], refs, lowercase=True)["metrics"]["bleu"]
+    assert lower["score"] == pytest.approx(BLEU(lowercase=True).corpus_score([h.upper() for h in hyps], [refs]).score)
+    assert "|case:lc|" in lower["signature"]
+
+
+def test_confidence_intervals_and_a_paired_test_against_a_baseline(system, tmp_path, capsys):
+    hyp_file, ref_file, hyps, refs = system
+    report = evaluate(hyps, refs, bootstrap=200)["metrics"]
+    expected = BLEU().corpus_score(hyps, [refs], n_bootstrap=200)
+    assert report["bleu"]["ci95"] == pytest.approx(expected._ci)  # sacrebleu's seed: the same resamples
+    assert report["bleu"]["mean"] == pytest.approx(expected._mean)
+    assert all(report[m]["ci95"] > 0 for m in ("bleu", "chrf", "ter"))
+    base_file = tmp_path / "base.txt"
+    base = [" ".join(reversed(r.split())) for r in refs]  # a much worse system
+    base_file.write_text("\n".join(base) + "\n", encoding="utf-8")
+    out = tmp_path / "paired.json"
+    assert main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--baseline", str(base_file),
+                 "--bootstrap", "300", "--report", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    paired = json.loads(out.read_text(encoding="utf-8"))["paired"]
+    assert paired["samples"] == 300 and table[0].split() == ["metric", "score", "baseline", "p-value", "signature"]
+    assert paired["bleu"]["baseline"] == pytest.approx(BLEU().corpus_score(base, [refs]).score)
+    assert paired["bleu"]["system"] == pytest.approx(BLEU().corpus_score(hyps, [refs]).score)
+    assert all(paired[m]["p_value"] < 0.05 for m in ("bleu", "chrf", "ter")) and "bs:300" in paired["bleu"]["signature"]
+    _, theirs = PairedTest([("baseline", base), ("system", hyps)], {"BLEU": BLEU()}, [refs], test_type="bs",
+                           n_samples=300)()
+    assert paired["bleu"]["p_value"] == theirs["BLEU"][1].p_value  # sacrebleu's --paired-bs, its seed
+    assert table[1].split()[:4] == ["BLEU", f"{paired['bleu']['system']:.2f}", f"{paired['bleu']['baseline']:.2f}",
+                                    f"{paired['bleu']['p_value']:.4f}"]
+
+
+def test_standard_input_is_read_once(system, capsys):
+    hyp_file, ref_file, _, _ = system
+    assert main(["evaluate", "--hyp", "-", "--ref", "-"]) == 2  # said "60 hypotheses but 0 lines in reference 1"
+    assert "standard input can be read once: --hyp and --ref cannot both be -" in capsys.readouterr().err
 
 
 def test_evaluate_a_model_on_a_split(tiny_model_dir, tiny_data, tmp_path, capsys):
@@ -205,6 +267,34 @@ def test_evaluate_reads_the_source_from_stdin_or_a_pipe(tiny_model_dir, tmp_path
         os.close(reader)
     assert json.loads((tmp_path / "piped.json").read_text(encoding="utf-8"))["inputs_sha256"] == expected
     capsys.readouterr()
+
+
+def test_evaluate_checks_counts_before_loading_keeps_the_users_files_and_says_what_made_the_report(
+        tiny_model_dir, tmp_path, capsys):
+    src, ref = tmp_path / "s.txt", tmp_path / "r.txt"
+    src.write_text("a b c\nd e f g\n", encoding="utf-8")
+    ref.write_text("c b a\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref), "--out", str(out)]) == 2
+    assert "2 source lines but 1 lines in reference 1" in capsys.readouterr().err
+    assert not out.exists()  # found before the model loaded and the folder was made
+    ref.write_text("c b a\ng f e d\n", encoding="utf-8")
+    mine = tmp_path / "notes" / "s.hyp"  # the user's file where the hypotheses would go, beside --report
+    mine.parent.mkdir()
+    mine.write_text("precious\n", encoding="utf-8")
+    report = mine.parent / "s.json"
+    args = ["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref), "--report", str(report)]
+    assert main(args) == 2
+    assert f"{mine} exists and is not the hypotheses of an earlier `nmt evaluate` report" in capsys.readouterr().err
+    assert mine.read_text(encoding="utf-8") == "precious\n" and not report.exists()
+    mine.unlink()
+    assert main(args) == 0 and main(args) == 0  # its own hypotheses, named by its report, are replaced
+    capsys.readouterr()
+    written = json.loads(report.read_text(encoding="utf-8"))
+    assert written["src"] == str(src.resolve()) and written["ref"] == [str(ref.resolve())]
+    assert written["hyp"] == str(mine.resolve()) and read_lines(mine) == ["c b a", "g f e d"]
+    env = written["environment"]
+    assert set(env) == {"nmt", "sacrebleu", "time", "torch", "device", "threads", "cpu"} and env["device"] == "cpu"
 
 
 def test_evaluate_never_writes_over_its_inputs_or_into_a_directory(tiny_model_dir, tmp_path, capsys):

@@ -130,3 +130,23 @@ def test_replace_dir_keeps_what_it_is_told_and_loses_nothing_on_failure(tmp_path
         replace_dir(out, new, keep=lambda name: name == "notes")
     kept = next(tmp_path.glob(".out.old.*"))
     assert (kept / "notes").read_text() == "mine" and (out / "notes").is_dir()
+
+
+def test_gzip_files_are_read_as_text_and_a_bad_one_is_named(tmp_path):
+    # sacrebleu reads test.ref.gz; nmt said "invalid UTF-8 (byte 0x8b) ... convert the file with iconv".
+    import gzip
+    import hashlib
+
+    text = "uno\r\ndós\n".encode()
+    packed = tmp_path / "ref.txt.gz"
+    packed.write_bytes(gzip.compress(text))
+    digest = hashlib.sha256()
+    assert read_lines(packed, digest=digest) == ["uno", "dós"]
+    assert digest.hexdigest() == hashlib.sha256(text).hexdigest()  # of the text
+    unnamed = tmp_path / "ref.txt"
+    unnamed.write_bytes(gzip.compress(text))
+    with pytest.raises(NMTError, match="ref.txt is gzip-compressed: name it \\*.gz to have it read as such"):
+        read_lines(unnamed)
+    packed.write_bytes(gzip.compress(text)[:-6])
+    with pytest.raises(NMTError, match="ref.txt.gz: not a readable gzip file"):
+        read_lines(packed)
