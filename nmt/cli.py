@@ -475,6 +475,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         name = "stdin" if args.src == "-" else src_path.stem
         src, refs = read(src_path, ref_paths)
     scoring = _scoring(args)
+    if args.src and "baseline" in scoring:
+        check_line_counts(len(src), [scoring["baseline"]], "source lines")
     translator = _load_translator(args)
     if args.split:  # the corpus may be the model's own, known once it has loaded
         from nmt.corpus import holds_other_pairs
@@ -503,6 +505,9 @@ def _scoring(args: argparse.Namespace) -> dict[str, Any]:
     """evaluate()'s options from the command line (tokenize only when given: a model's default is its language's)."""
     scoring: dict[str, Any] = {"lowercase": args.lowercase, "bootstrap": args.bootstrap}
     if args.tokenize is not None:
+        from nmt.evaluate import metrics_for
+
+        metrics_for(args.tokenize, args.lowercase)  # an unknown or missing tokenizer is found before translating
         scoring["tokenize"] = args.tokenize
     if args.baseline is not None:
         scoring["baseline"] = read_lines(args.baseline, "baseline file")

@@ -45,7 +45,8 @@ def check_line_counts(n: int, refs: list[list[str]], what: str = "source lines")
                            "of lines")
 
 
-def _metrics(tokenize: str, lowercase: bool) -> dict[str, Any]:
+def metrics_for(tokenize: str, lowercase: bool) -> dict[str, Any]:
+    """sacrebleu's BLEU, chrF and TER as evaluate() scores; NMTError for a tokenizer that cannot be had."""
     if tokenize not in TOKENIZERS:
         raise NMTError(f"tokenize must be one of {', '.join(TOKENIZERS)}, got {tokenize!r}")
     try:
@@ -70,7 +71,7 @@ def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str =
     if baseline is not None and len(baseline) != len(hyps):
         raise NMTError(f"{len(hyps)} hypotheses but {len(baseline)} lines in the baseline: they must have the same "
                        "number of lines")
-    scorers = _metrics(tokenize, lowercase)
+    scorers = metrics_for(tokenize, lowercase)
     scores = {key: metric.corpus_score(hyps, streams, n_bootstrap=bootstrap if baseline is None else 1)
               for key, metric in scorers.items()}
     b = scores["bleu"]
@@ -166,6 +167,8 @@ def check_hyp_replaceable(path: Path, reports: list[Path]) -> None:
     if is_special_file(path) or not path.is_file() or path.stat().st_size == 0:
         return
     for report in reports:
+        if is_special_file(report) or not report.is_file():  # --report /dev/stdout: nothing to read back
+            continue
         try:
             earlier = json.loads(report.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError):

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
         checked = []
         for origin in origins:
             origin = origin.lower().removesuffix("/")
+            # Browsers leave a scheme's default port out of Origin.
+            origin = re.sub(r"^(https://[^/]+):443$|^(http://[^/]+):80$", lambda m: m[1] or m[2], origin)
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port], such as "
                                  "https://app.example.com, or *")

@@ -293,6 +293,12 @@ def test_evaluate_checks_counts_before_loading_keeps_the_users_files_and_says_wh
     written = json.loads(report.read_text(encoding="utf-8"))
     assert written["src"] == str(src.resolve()) and written["ref"] == [str(ref.resolve())]
     assert written["hyp"] == str(mine.resolve()) and read_lines(mine) == ["c b a", "g f e d"]
+    # A report to a device, twice: the hypotheses stay in --out, and the device is never read back as a report
+    # (reading /dev/stdout on a pipe waited for ever).
+    again = ["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref), "--out", str(mine.parent),
+             "--report", os.devnull]
+    assert main(again) == 0 and main(again) == 0
+    capsys.readouterr()
     env = written["environment"]
     assert set(env) == {"nmt", "sacrebleu", "time", "torch", "device", "threads", "cpu"} and env["device"] == "cpu"
 

@@ -12,6 +12,7 @@ let inFlight = null; // the request whose answer the page waits for: {controller
 function showError(message) {
   $("error").textContent = message;
   $("error").hidden = false;
+  $("status").textContent = "";
   $("result").hidden = true; // the previous text's translation is no answer to this one
 }
 
@@ -203,12 +204,13 @@ async function translate(event) {
     return_alignment: true,
   };
   const body = JSON.stringify(payload);
-  if (inFlight && inFlight.body === body) return; // the same request again (a second click): its answer is coming
+  const sent = body + $("apikey").value; // a changed key is another request
+  if (inFlight && inFlight.body === sent) return; // the same request again (a second click): its answer is coming
   const headers = { "Content-Type": "application/json" };
   if ($("apikey").value) headers["X-API-Key"] = $("apikey").value;
   // A new request replaces the one under way (the text or options changed): only the latest is shown.
   cancelInFlight();
-  const request = { controller: new AbortController(), body };
+  const request = { controller: new AbortController(), body: sent };
   inFlight = request;
   // The service answers within its deadline (504 past it); one that does not answer at all is given up on.
   let timedOut = false;
