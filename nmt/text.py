@@ -56,8 +56,12 @@ def _is_abbreviation(word: str, after: str) -> bool:
 
 def _glued(line: str, mark: int, end: int) -> bool:
     """Whether a sentence mark at `mark`, with no space up to `end`, ends a sentence (see _SENTENCE_BREAK)."""
-    word = line[end:].lstrip(_OPENERS)
-    return mark > 0 and line[mark - 1].islower() and word[:1].isupper() and word[1:2].islower()
+    rest = line[end:].lstrip(_OPENERS)
+    word = re.match(r"[^\W\d_]*", rest)[0]
+    # Not before a name in CamelCase (Console.WriteLine) or one dotted further (google.Com.mx).
+    dotted = rest[len(word):len(word) + 2][:1] == "." and rest[len(word) + 1:len(word) + 2].isalpha()
+    return (mark > 0 and line[mark - 1].islower() and word[:1].isupper() and len(word) > 1 and word[1:].islower()
+            and not dotted)
 
 
 def split_sentences(line: str) -> list[str]:

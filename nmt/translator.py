@@ -159,7 +159,9 @@ def _interleaved(parts: list[str], segment: Callable[[str], list[str | int]]) ->
     the whitespace kept, control spaces as plain ones."""
     plan: list[str | int] = []
     for k, part in enumerate(parts):
-        plan += [part.translate(_CONTROL_SPACE)] if k % 2 else segment(part)
+        # Sentences that were glued ("lloró.Dios", or a zero-width space between) get a space between their
+        # translations: "wept.God" reads as one word.
+        plan += [part.translate(_CONTROL_SPACE) if part.strip("\u200b") else " "] if k % 2 else segment(part)
     return plan
 
 

@@ -32,6 +32,7 @@ from nmt.text import split_sentences
     ("1.5 millones.Fin", ["1.5 millones.", "Fin"]),
     ("Jesús lloró.Dios es amor.¿Quién?\u200bYo", ["Jesús lloró.", "Dios es amor.", "¿Quién?", "Yo"]),
     ("ASP.NET y U.S.A y 1.5.Fin y Sr.García y e.DIOS", ["ASP.NET y U.S.A y 1.5.Fin y Sr.García y e.DIOS"]),
+    ("Llama a Console.WriteLine en www.google.Com.mx", ["Llama a Console.WriteLine en www.google.Com.mx"]),
     ("...", ["..."]),
     ("", [""]),
 ])
@@ -50,3 +51,11 @@ def test_splitting_loses_nothing(line):
         assert space or s.rstrip("\"'»)")[-1:] in ".!?…" and n.lstrip("\"'«(¿¡")[:2] == "Bb", (s, n)
     sentences = parts[::2]  # the whitespace between two sentences is all in the part between them
     assert all(s == s.rstrip() for s in sentences[:-1]) and all(s == s.lstrip() for s in sentences[1:])
+
+
+def test_glued_sentences_are_translated_apart_with_a_space_between():
+    # "lloró.Dios" came out as "wept.God": the empty gap was kept as it was.
+    from nmt.translator import _interleaved
+
+    plan = _interleaved(split_sentences("Jesús lloró.Dios es amor.\u200bY vio.  Fin."), lambda part: [part.upper()])
+    assert plan == ["JESÚS LLORÓ.", " ", "DIOS ES AMOR.", " ", "Y VIO.", "  ", "FIN."]
