@@ -516,7 +516,7 @@ def _scoring(args: argparse.Namespace) -> dict[str, Any]:
 
 def _score_hypotheses(args: argparse.Namespace) -> dict[str, Any]:
     """`nmt evaluate --hyp F --ref F`: the report of a file of translations from any system."""
-    from nmt.evaluate import check_report_replaceable, evaluate, looks_unsegmented, write_report
+    from nmt.evaluate import check_report_replaceable, evaluate, warn_if_unsegmented, write_report
 
     if args.model or args.src or args.split:
         raise NMTError("--hyp scores existing translations: give no MODEL, --src or --split")
@@ -529,9 +529,8 @@ def _score_hypotheses(args: argparse.Namespace) -> dict[str, Any]:
     hyps = read_lines(args.hyp, "hypothesis file", digest)
     refs = [read_lines(r, "reference file", digest) for r in args.ref]
     scoring = _scoring(args)
-    if "tokenize" not in scoring and looks_unsegmented(refs[0]):
-        log.warning("the references look like a language written without spaces, which the default 13a tokenizer "
-                    "counts as about one word a line: choose --tokenize zh (Chinese) or char")
+    if "tokenize" not in scoring:
+        warn_if_unsegmented(refs[0], "13a")
     report = evaluate(hyps, refs, **scoring)
     report.update(hyp=_shown(args.hyp), ref=[_shown(r) for r in args.ref], inputs_sha256=digest.hexdigest(),
                   environment=_environment(None))
@@ -579,13 +578,10 @@ def _evaluation_outputs(args: argparse.Namespace, name: str, inputs_sha256: str,
 def _evaluate_into(translator: Translator, src: list[str], refs: list[list[str]], scoring: dict[str, Any],
                    args: argparse.Namespace, hyp_path: Path) -> dict[str, Any]:
     """Translate and score; the hypotheses written to hyp_path; the report, with where they are."""
-    from nmt.evaluate import default_tokenizer, evaluate_model, looks_unsegmented, write_lines
+    from nmt.evaluate import default_tokenizer, evaluate_model, warn_if_unsegmented, write_lines
 
-    if "tokenize" not in scoring and default_tokenizer(translator.cfg.data.tgt_lang) == "13a" \
-            and looks_unsegmented(refs[0]):
-        log.warning("the references look like a language written without spaces, but the model's target language "
-                    "(%s) is scored with the 13a tokenizer, which counts about one word a line: choose --tokenize "
-                    "zh (Chinese) or char", translator.cfg.data.tgt_lang)
+    if "tokenize" not in scoring:
+        warn_if_unsegmented(refs[0], default_tokenizer(translator.cfg.data.tgt_lang))
     hyps, report = evaluate_model(translator, src, refs, scoring, **_decode_options(args))
     write_lines(hyps, hyp_path)
     report.update(hyp=_shown(hyp_path), environment=_environment(translator))

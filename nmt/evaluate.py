@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from nmt.progress import Progress
 
 if TYPE_CHECKING:  # the translator's package imports export, which reads reports with is_report
     from nmt.translator import Translator
+
+log = logging.getLogger(__name__)
 
 
 # sacrebleu's BLEU tokenizers that need nothing from the network (spm and flores download their models).
@@ -139,6 +142,18 @@ def is_report(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("metrics"), dict) and bool(data["metrics"])
 
 
+def _read_report(path: Path) -> dict[str, Any] | None:
+    """The earlier `nmt evaluate` report at path; None for anything else (no file, a device such as /dev/stdout,
+    which would be read from, unreadable JSON, JSON that is no report)."""
+    if is_special_file(path) or not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return earlier if is_report(earlier) else None
+
+
 def check_report_replaceable(path: Path, inputs_sha256: str | None) -> None:
     """NMTError unless a report may go at path: nothing there yet (or an empty file), a device or pipe, or an
     earlier report. A file that is no report is never replaced (--report data/corpus.json). With `inputs_sha256`
@@ -147,11 +162,8 @@ def check_report_replaceable(path: Path, inputs_sha256: str | None) -> None:
     kept are replaced as they were."""
     if is_special_file(path) or not path.is_file() or path.stat().st_size == 0:
         return
-    try:
-        earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        earlier = None
-    if not is_report(earlier):
+    earlier = _read_report(path)
+    if earlier is None:
         raise NMTError(f"{path} exists and is not an `nmt evaluate` report: name another file for the report, or "
                        "move that one")
     if inputs_sha256 is not None and earlier.get("inputs_sha256") not in (None, inputs_sha256):
@@ -167,13 +179,8 @@ def check_hyp_replaceable(path: Path, reports: list[Path]) -> None:
     if is_special_file(path) or not path.is_file() or path.stat().st_size == 0:
         return
     for report in reports:
-        if is_special_file(report) or not report.is_file():  # --report /dev/stdout: nothing to read back
-            continue
-        try:
-            earlier = json.loads(report.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            continue
-        named = earlier.get("hyp") if is_report(earlier) else None
+        earlier = _read_report(report)
+        named = earlier.get("hyp") if earlier is not None else None
         if not isinstance(named, str):
             continue
         # Its path as written then (relative to another directory, perhaps), or its name beside the report.
@@ -184,11 +191,13 @@ def check_hyp_replaceable(path: Path, reports: list[Path]) -> None:
                    "elsewhere (--out DIR), or move that file")
 
 
-def looks_unsegmented(lines: list[str]) -> bool:
-    """Whether text looks like a language written without spaces (Chinese, Japanese, Thai): long lines of about one
-    whitespace-separated word."""
-    words, chars = sum(len(line.split()) for line in lines), sum(len(line) for line in lines)
-    return chars > 5 * len(lines) and words < 1.5 * len(lines)
+def warn_if_unsegmented(refs: list[str], tokenize: str) -> None:
+    """Log a warning when references look like a language written without spaces (Chinese, Japanese, Thai: long
+    lines of about one whitespace-separated word) but are to be scored with a tokenizer that splits at spaces."""
+    words, chars = sum(len(line.split()) for line in refs), sum(len(line) for line in refs)
+    if tokenize in ("13a", "intl") and chars > 5 * len(refs) and words < 1.5 * len(refs):
+        log.warning("the references look like a language written without spaces, which the %s tokenizer counts "
+                    "as about one word a line: choose --tokenize zh (Chinese) or char", tokenize)
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:

@@ -126,6 +126,9 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     metrics = Metrics()
     worker = ModelWorker(settings, metrics, translator)
     guards = [Depends(_guarded)] if settings.api_keys else []
+    limits = schemas.Limits(max_texts=settings.max_texts, max_chars=settings.max_chars,
+                            max_body_bytes=settings.max_body_bytes, max_beam_size=schemas.MAX_BEAM,
+                            request_timeout_s=settings.request_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -192,9 +195,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     async def models() -> dict[str, Any]:
         """The served model (languages, size, decoding defaults and its card: data, BLEU) and the request limits."""
         _require(worker)
-        return {"models": [worker.info], "limits": schemas.Limits(
-            max_texts=settings.max_texts, max_chars=settings.max_chars, max_body_bytes=settings.max_body_bytes,
-            max_beam_size=schemas.MAX_BEAM, request_timeout_s=settings.request_timeout_s)}
+        return {"models": [worker.info], "limits": limits}
 
     @app.head("/v1/health", include_in_schema=False)  # uptime monitors probe with HEAD
     @app.get("/v1/health", response_model=schemas.Health, tags=["service"])
