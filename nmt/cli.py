@@ -463,20 +463,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.split and args.ref:
         raise NMTError("--split uses the corpus's own references: drop --ref")
     digest = hashlib.sha256()  # of the source and references as read: what the report is of
+    scoring = _scoring(args)
 
     def read(src_path: Path, ref_paths: list[str]) -> tuple[list[str], list[list[str]]]:
         src = read_lines(src_path, "source file", digest)
         refs = [read_lines(r, "reference file", digest) for r in ref_paths]
-        check_line_counts(len(src), refs)
+        check_line_counts(len(src), refs, baseline=scoring.get("baseline"))  # before translating, not after
         return src, refs
 
     if args.src:  # read before the model loads, so that a missing file or a short reference is found at once
         src_path, ref_paths = Path(args.src), args.ref
         name = "stdin" if args.src == "-" else src_path.stem
         src, refs = read(src_path, ref_paths)
-    scoring = _scoring(args)
-    if args.src and "baseline" in scoring:
-        check_line_counts(len(src), [scoring["baseline"]], "source lines")
     translator = _load_translator(args)
     if args.split:  # the corpus may be the model's own, known once it has loaded
         from nmt.corpus import holds_other_pairs

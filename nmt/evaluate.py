@@ -40,12 +40,13 @@ def default_tokenizer(tgt_lang: str | None) -> str:
     return "char" if lang in ("th", "lo", "km", "my") else "13a"
 
 
-def check_line_counts(n: int, refs: list[list[str]], what: str = "source lines") -> None:
-    """NMTError unless every reference stream has n lines."""
-    for i, stream in enumerate(refs):
+def check_line_counts(n: int, refs: list[list[str]], what: str = "source lines",
+                      baseline: list[str] | None = None) -> None:
+    """NMTError unless every reference stream, and the baseline's translations where given, has n lines."""
+    named = [(f"reference {i + 1}", stream) for i, stream in enumerate(refs)]
+    for name, stream in named + ([("the baseline", baseline)] if baseline is not None else []):
         if len(stream) != n:
-            raise NMTError(f"{n} {what} but {len(stream)} lines in reference {i + 1}: they must have the same number "
-                           "of lines")
+            raise NMTError(f"{n} {what} but {len(stream)} lines in {name}: they must have the same number of lines")
 
 
 def metrics_for(tokenize: str, lowercase: bool) -> dict[str, Any]:
@@ -68,12 +69,9 @@ def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str =
     interval from that many resamples (sacrebleu's --confidence); with baseline, another system's hypotheses of the
     same source, a paired bootstrap test against it instead (--paired-bs): the baseline's scores and p-values."""
     streams = [refs] if not refs or isinstance(refs[0], str) else refs
-    check_line_counts(len(hyps), streams, "hypotheses")
+    check_line_counts(len(hyps), streams, "hypotheses", baseline)
     if not hyps:
         raise NMTError("nothing to score: no hypotheses")
-    if baseline is not None and len(baseline) != len(hyps):
-        raise NMTError(f"{len(hyps)} hypotheses but {len(baseline)} lines in the baseline: they must have the same "
-                       "number of lines")
     scorers = metrics_for(tokenize, lowercase)
     scores = {key: metric.corpus_score(hyps, streams, n_bootstrap=bootstrap if baseline is None else 1)
               for key, metric in scorers.items()}

@@ -279,6 +279,13 @@ def test_evaluate_checks_counts_before_loading_keeps_the_users_files_and_says_wh
     assert "2 source lines but 1 lines in reference 1" in capsys.readouterr().err
     assert not out.exists()  # found before the model loaded and the folder was made
     ref.write_text("c b a\ng f e d\n", encoding="utf-8")
+    assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref), "--out", str(out),
+                 "--baseline", str(ref.parent / "missing-line.txt")]) == 2
+    assert "baseline file not found" in capsys.readouterr().err
+    (ref.parent / "one.txt").write_text("x\n", encoding="utf-8")
+    assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref), "--out", str(out),
+                 "--baseline", str(ref.parent / "one.txt")]) == 2  # said "lines in reference 1", after translating
+    assert "2 source lines but 1 lines in the baseline" in capsys.readouterr().err and not out.exists()
     mine = tmp_path / "notes" / "s.hyp"  # the user's file where the hypotheses would go, beside --report
     mine.parent.mkdir()
     mine.write_text("precious\n", encoding="utf-8")
