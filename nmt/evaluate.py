@@ -55,9 +55,9 @@ def metrics_for(tokenize: str, lowercase: bool) -> dict[str, Any]:
         raise NMTError(f"tokenize must be one of {', '.join(TOKENIZERS)}, got {tokenize!r}")
     try:
         bleu = BLEU(tokenize=tokenize, lowercase=lowercase)
-    except (ImportError, RuntimeError) as exc:  # ja-mecab, ko-mecab without their packages
-        raise NMTError(f"the {tokenize} tokenizer is not available ({exc}): pip install 'sacrebleu[ja]' or "
-                       "'sacrebleu[ko]', or choose --tokenize char") from None
+    except (ImportError, RuntimeError):  # ja-mecab, ko-mecab without their packages
+        raise NMTError(f"the {tokenize} tokenizer needs MeCab: pip install 'sacrebleu[ja]' (or 'sacrebleu[ko]'), "
+                       "or choose --tokenize char") from None
     return {"bleu": bleu, "chrf": CHRF(), "ter": TER(asian_support=tokenize in SPACELESS)}
 
 
@@ -73,8 +73,15 @@ def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str =
     if not hyps:
         raise NMTError("nothing to score: no hypotheses")
     scorers = metrics_for(tokenize, lowercase)
-    scores = {key: metric.corpus_score(hyps, streams, n_bootstrap=bootstrap if baseline is None else 1)
-              for key, metric in scorers.items()}
+    resamples = bootstrap if baseline is None else 1
+    scores = {}
+    for key, metric in scorers.items():
+        try:
+            scores[key] = metric.corpus_score(hyps, streams, n_bootstrap=resamples)
+        except TypeError:  # sacrebleu 2.6's chrF mixes float and float32 resamples on a few sentences
+            log.warning("no confidence interval for %s: sacrebleu could not compute one on %d sentences", key,
+                        len(hyps))
+            scores[key] = metric.corpus_score(hyps, streams)
     b = scores["bleu"]
     metrics: dict[str, Any] = {
         "bleu": {"score": b.score, "bp": b.bp, "ratio": b.ratio, "hyp_len": b.sys_len, "ref_len": b.ref_len,
@@ -84,7 +91,7 @@ def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str =
     }
     for key, metric in scorers.items():
         metrics[key]["signature"] = str(metric.get_signature())
-        if bootstrap > 1 and baseline is None:
+        if resamples > 1 and scores[key]._ci >= 0:  # -1: not resampled (see above)
             metrics[key].update(mean=scores[key]._mean, ci95=scores[key]._ci)
     report: dict[str, Any] = {"n": len(hyps), "metrics": metrics}
     if baseline is not None:

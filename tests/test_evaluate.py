@@ -151,6 +151,9 @@ def test_confidence_intervals_and_a_paired_test_against_a_baseline(system, tmp_p
     assert report["bleu"]["ci95"] == pytest.approx(expected._ci)  # sacrebleu's seed: the same resamples
     assert report["bleu"]["mean"] == pytest.approx(expected._mean)
     assert all(report[m]["ci95"] > 0 for m in ("bleu", "chrf", "ter"))
+    # Two sentences: sacrebleu's chrF resampling failed with a TypeError (a traceback); the others still have one.
+    tiny = evaluate(["x", "y"], ["x", "z"], bootstrap=5)["metrics"]
+    assert "ci95" not in tiny["chrf"] and "ci95" in tiny["ter"]
     base_file = tmp_path / "base.txt"
     base = [" ".join(reversed(r.split())) for r in refs]  # a much worse system
     base_file.write_text("\n".join(base) + "\n", encoding="utf-8")
