@@ -41,11 +41,17 @@ USER 1000:1000
 CMD ["nmt", "train", "configs/base.yaml"]
 
 
+# The shipped model, made readable by uid 1000 here: a chmod in the serve stage would add a second copy of the
+# model as a layer of its own; COPY --from keeps these modes and adds one.
+FROM base AS model
+COPY models/es-en-bible/ /models/es-en-bible/
+RUN chmod -R a+rX /models
+
+
 # The service (the last stage, so a plain `docker build .` builds it).
 FROM base AS serve
 # The shipped model as a default; docker-compose mounts ./models over /models.
-COPY models/es-en-bible/ /models/es-en-bible/
-RUN chmod -R a+rX /models
+COPY --from=model /models/ /models/
 # NMT_THREADS: torch threads per worker process; keep workers x threads <= the CPUs the container gets.
 ENV NMT_MODEL_DIR=/models/es-en-bible \
     NMT_THREADS=2

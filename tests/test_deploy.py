@@ -157,8 +157,13 @@ def test_dockerfile_service_stage() -> None:
     assert any(args.startswith("NMT_THREADS=") or " NMT_THREADS=" in args for args in by_keyword["ENV"])
     cmd = json.loads(by_keyword["CMD"][-1])
     assert cmd == ["nmt", "serve", "--host", "0.0.0.0", "--port", "8000"]
-    copies = [args.split() for args in by_keyword["COPY"]]
-    assert ["models/es-en-bible/", "/models/es-en-bible/"] in copies
+    # The model comes from its own stage in one layer, without a chmod layer copying it again here.
+    assert ["--from=model", "/models/", "/models/"] in [args.split() for args in by_keyword["COPY"]]
+    assert not any("chmod" in args for args in by_keyword.get("RUN", []))
+    stages = {args.split()[-1]: i for i, (keyword, args) in enumerate(dockerfile_instructions()) if keyword == "FROM"}
+    model = dockerfile_instructions()[stages["model"]:stages["serve"]]
+    assert ("COPY", "models/es-en-bible/ /models/es-en-bible/") in model
+    assert ("RUN", "chmod -R a+rX /models") in model
     assert (ROOT / "models" / "es-en-bible" / "model.safetensors").is_file()
     # The image's own healthcheck is the compose one.
     healthcheck = by_keyword["HEALTHCHECK"][-1]
@@ -173,7 +178,8 @@ def test_dockerignore_keeps_the_context_small() -> None:
         assert name in patterns, name
     assert "models/*" in patterns and "!models/es-en-bible" in patterns
     # Whatever the Dockerfile copies (README.md too: pyproject.toml names it as the readme) is in the context.
-    sources = [path.rstrip("/") for keyword, args in dockerfile_instructions() if keyword == "COPY"
+    sources = [path.rstrip("/") for keyword, args in dockerfile_instructions()
+               if keyword == "COPY" and not args.startswith("--from=")  # another stage's files, not the context's
                for path in args.split()[:-1]]
     assert "README.md" in sources
     for source in sources:
