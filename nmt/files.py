@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from nmt.errors import NMTError
 
+GZIP_MAGIC = b"\x1f\x8b"
 NEARLY_FULL = 16 << 20  # bytes free under which a library's own words for a failed write mean a full disk
 
 
@@ -32,11 +33,13 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
     write first dropped. Split on \\n only, as sacrebleu reads them: str.splitlines would also split at U+2028, form
     feeds and the like, so that two parallel files would no longer line up.
 
-    A file named *.gz is decompressed as it is read, as sacrebleu reads one. digest is updated with the bytes as
+    A file named *.gz is decompressed as it is read, as sacrebleu reads one; so is gzip data on standard input, which
+    has no name to tell. digest is updated with the bytes as
     read (decompressed): the text's digest, also of standard input or a pipe, which cannot be read a second time."""
     if str(path) == "-":
         name, stream = "standard input", getattr(sys.stdin, "buffer", sys.stdin)
         closing = contextlib.nullcontext()  # standard input stays open for the caller
+        compressed = hasattr(stream, "peek") and stream.peek(2)[:2] == GZIP_MAGIC
     else:
         name = str(path)
         try:
@@ -47,13 +50,14 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
             raise NMTError(f"{what} {path} is a directory, not a text file") from None
         except OSError as exc:
             raise NMTError(f"cannot read the {what} {path} ({exc.strerror or exc})") from None
-    if name.endswith(".gz"):
+        compressed = name.endswith(".gz")
+    if compressed:
         stream = gzip.GzipFile(fileobj=stream, mode="rb")
     with closing:
         try:
             return _decoded_lines(stream, name, digest)
         except (OSError, EOFError, zlib.error) as exc:
-            if not name.endswith(".gz"):
+            if not compressed:
                 raise
             raise NMTError(f"{name}: not a readable gzip file ({exc})") from None
 
@@ -69,7 +73,7 @@ def _decoded_lines(stream: Any, name: str, digest: Digest | None) -> list[str]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            if lineno == 1 and raw.startswith(b"\x1f\x8b"):
+            if lineno == 1 and raw.startswith(GZIP_MAGIC):
                 raise NMTError(f"{name} is gzip-compressed: name it *.gz to have it read as such, or gunzip it") \
                     from None
             raise NMTError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "

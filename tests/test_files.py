@@ -150,3 +150,20 @@ def test_gzip_files_are_read_as_text_and_a_bad_one_is_named(tmp_path):
     packed.write_bytes(gzip.compress(text)[:-6])
     with pytest.raises(NMTError, match="ref.txt.gz: not a readable gzip file"):
         read_lines(packed)
+
+
+def test_gzip_data_on_standard_input_is_decompressed(monkeypatch):
+    # `cat ref.gz | nmt evaluate ... --refs -` was told to name standard input *.gz.
+    import gzip
+    import io
+
+    def stdin(data: bytes) -> None:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(data)), encoding="utf-8"))
+
+    stdin(gzip.compress("uno\ndós\n".encode()))
+    assert read_lines("-") == ["uno", "dós"]
+    stdin(b"\x1fplain\nuno\n")  # one magic byte alone is text
+    assert read_lines("-") == ["\x1fplain", "uno"]
+    stdin(gzip.compress(b"uno\n")[:-6])
+    with pytest.raises(NMTError, match="standard input: not a readable gzip file"):
+        read_lines("-")
