@@ -211,6 +211,14 @@ def _int_from(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _resamples(text: str) -> int:
+    """An argparse type for --bootstrap: 0 (none) or at least 2 resamples (sacrebleu takes 1 as none, silently)."""
+    value = _int_from(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("one resample gives no interval: 0 (none) or at least 2 (1000 is usual)")
+    return value
+
+
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=_int_from(1), help="beam size (default: the model config's decode.beam_size)")
     p.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha; 0 = none (default: config)")
@@ -433,7 +441,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="sacrebleu's BLEU tokenizer: 13a, intl, zh, char, ja-mecab, ko-mecab or none (default: 13a; "
                         "with a MODEL, its target language's: zh for Chinese, char or MeCab for Japanese and Korean)")
     p.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU (sacrebleu's -lc)")
-    p.add_argument("--bootstrap", type=_int_from(0), default=0, metavar="N",
+    p.add_argument("--bootstrap", type=_resamples, default=0, metavar="N",
                    help="95%% confidence intervals from N bootstrap resamples (sacrebleu's --confidence; 1000 is "
                         "usual); with --baseline, the paired test's resamples (default 1000)")
     p.add_argument("--baseline", metavar="FILE",

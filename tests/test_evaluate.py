@@ -173,6 +173,15 @@ def test_confidence_intervals_and_a_paired_test_against_a_baseline(system, tmp_p
                                     f"{paired['bleu']['p_value']:.4f}"]
 
 
+def test_one_bootstrap_resample_is_refused(system, capsys):
+    hyp_file, ref_file, _, _ = system
+    # sacrebleu takes one resample as none: the report had no interval, and nothing said why.
+    with pytest.raises(SystemExit) as refused:
+        main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--bootstrap", "1"])
+    assert refused.value.code == 2
+    assert "one resample gives no interval: 0 (none) or at least 2" in capsys.readouterr().err
+
+
 def test_standard_input_is_read_once(system, capsys):
     hyp_file, ref_file, _, _ = system
     assert main(["evaluate", "--hyp", "-", "--ref", "-"]) == 2  # said "60 hypotheses but 0 lines in reference 1"
