@@ -24,9 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nmt.config import SPECIAL_PIECES, STORED_PER_SOURCE
-from nmt.corpus import TRAIN_FILES
+from nmt.corpus import TRAIN_FILES, load_split
 from nmt.errors import NMTError
-from nmt.files import read_lines
 from nmt.tokenizer import BOS, EOS, PAD, WORD_START, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -190,12 +189,10 @@ def shortlist_from_corpus(data_dir: Path, src_tok: Tokenizer, tgt_tok: Tokenizer
         log.warning("no shortlist: the training data (%s) is not there (nmt export --data DIR points to it); "
                     "the model decodes over its whole vocabulary", " and ".join(map(str, files)))
         return None
-    src, tgt = (read_lines(f, "training data file") for f in files)
-    if len(src) != len(tgt):
-        raise NMTError(f"{files[0]} and {files[1]} have {len(src)} and {len(tgt)} lines: not a prepared corpus")
-    if not src:
+    if not files[0].stat().st_size:
         log.warning("no shortlist: %s is empty; the model decodes over its whole vocabulary", files[0])
         return None
+    src, tgt = load_split(data_dir, "train")
     # A punctuation piece stands alone, so that "creó," and "creó." count as "creó".
     starts_word = [p.startswith(WORD_START) or not any(c.isalnum() for c in p)
                    for p in src_tok.pieces(list(range(len(src_tok))))]
