@@ -112,6 +112,16 @@ def test_errors_are_shown_readably_in_place_of_the_last_translation(browser, liv
     assert not browser.find_element(By.ID, "result").is_displayed()
 
 
+def test_the_api_key_outlives_a_reload_but_not_the_tab(browser, live_url):
+    browser.get(live_url)
+    browser.find_element(By.ID, "apikey").send_keys("k-123")
+    browser.refresh()  # it had to be typed again after every reload
+    assert browser.find_element(By.ID, "apikey").get_attribute("value") == "k-123"
+    browser.execute_script("sessionStorage.clear()")  # what closing the tab does
+    browser.refresh()
+    assert browser.find_element(By.ID, "apikey").get_attribute("value") == ""
+
+
 def test_the_form_is_checked_before_sending(browser, live_url):
     # A beam size of 2.5 went to the service, and n-best was rewritten to 2.5 and named in its 422.
     browser.get(live_url)

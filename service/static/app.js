@@ -269,6 +269,15 @@ async function loadModelInfo() {
   }
 }
 
+// The API key lasts as long as the tab: not typed again after a reload, forgotten when the tab is closed.
+const KEY_STORE = "rnnsearch.apikey";
+try {
+  $("apikey").value = sessionStorage.getItem(KEY_STORE) || "";
+  $("apikey").addEventListener("input", () => sessionStorage.setItem(KEY_STORE, $("apikey").value));
+} catch (err) {
+  // Storage refused (a browser setting): the key is then typed after each reload, as before.
+}
+
 $("form").addEventListener("submit", translate);
 $("beam").addEventListener("change", fitNBest);
 $("source").addEventListener("input", countCharacters);
