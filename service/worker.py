@@ -6,7 +6,8 @@ import asyncio
 import collections
 import functools
 import logging
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -141,10 +142,12 @@ class ModelWorker:
 class _Engine:
     """The Batcher's engine: translations through a TranslationStream, scoring (one forward pass) at once."""
 
-    def __init__(self, translator: Translator, batch_tokens: int):
+    def __init__(self, translator: Translator, batch_tokens: int, clock: Callable[[], float] = time.perf_counter):
         self.translator, self.batch_tokens = translator, batch_tokens
         self.stream = TranslationStream(translator)
         self._scoring: dict[Hashable, _Scoring] = {}
+        self._clock = clock
+        self._owed = 0.0  # seconds of model time owed to the translations: what score batches took while they ran
 
     def add(self, handle: Hashable, key: DecodeOptions | str, work: Job | ScoreJob) -> None:
         if key == _SCORE:
@@ -159,8 +162,24 @@ class _Engine:
 
     def step(self) -> list[tuple[Hashable, Sequence[Any] | BaseException]]:
         """A decoding step of the translations, and batches of score calls up to the token budget (one at least),
-        those with the fewest batches left first: a long score call neither holds up the translations and shorter
-        score calls nor outlives its caller by more than a batch."""
+        those with the fewest batches left first: a long score call neither holds up shorter score calls nor
+        outlives its caller by more than a batch. Score batches and translations share the model's time: after
+        score batches, the translations running (or arriving next) decode for as long as those took before more
+        run, so that a score batch of a second delays a verse by about a second, not by one per decoding step (a
+        verse waited 18 s behind 64 long candidates, and past its deadline behind two such callers)."""
+        done: list[tuple[Hashable, Sequence[Any] | BaseException]] = []
+        if self._scoring and (self._owed <= 0 or not len(self.stream)):
+            start = self._clock()
+            done += self._score_batches()
+            took = self._clock() - start
+            self._owed = self._owed + took if len(self.stream) else took
+        start = self._clock()
+        done += self.stream.step()
+        self._owed = max(0.0, self._owed - (self._clock() - start))
+        return done
+
+    def _score_batches(self) -> list[tuple[Hashable, Sequence[Any] | BaseException]]:
+        """Score batches up to the token budget (one at least); the score calls now done."""
         done: list[tuple[Hashable, Sequence[Any] | BaseException]] = []
         used = 0
         for handle, scoring in sorted(self._scoring.items(), key=lambda item: len(item[1].groups)):
@@ -181,7 +200,7 @@ class _Engine:
             if not scoring.groups:
                 del self._scoring[handle]
                 done.append((handle, scoring.results))
-        return [*done, *self.stream.step()]
+        return done
 
     def run_alone(self, key: DecodeOptions | str, work: Job | ScoreJob) -> Sequence[Any]:
         if key == _SCORE:

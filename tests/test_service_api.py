@@ -739,6 +739,39 @@ def test_score_calls_share_the_token_budget_shortest_first_and_stop_when_their_c
     assert handle == "stayed" and [r.logprob for r in results] == pytest.approx([r.logprob for r in expected])
 
 
+def test_score_calls_and_translations_share_the_model_time(translator, monkeypatch):
+    # A score batch (a second for 64 long candidates) ran before every decoding step (milliseconds): a verse waited
+    # 18 s behind one scoring client, and past its deadline behind two. Now the translations decode for as long as
+    # the score batches took before the next ones run; a clock that score batches move by 1 s, steps by 0.25 s.
+    now = [0.0]
+
+    def spend(seconds: float, run):
+        now[0] += seconds
+        return run()
+
+    engine = service.worker._Engine(translator, batch_tokens=12, clock=lambda: now[0])
+    real_score, real_step = translator.score_group, engine.stream.step
+    batches = []
+    monkeypatch.setattr(translator, "score_group",
+                        lambda job, group: batches.append(now[0]) or spend(1.0, lambda: real_score(job, group)))
+    monkeypatch.setattr(engine.stream, "step", lambda: spend(0.25, real_step))
+    sources, candidates = ["a b c"] * 30, ["c b a"] * 30
+    engine.add("score", service.worker._SCORE, translator.prepare_score(sources, candidates))
+    engine.step()  # a batch, alone
+    engine.add("text", "translate", translator.prepare(["a b c d e f"], beam_size=2))
+    steps = 0
+    while "text" not in [handle for handle, _ in engine.step()]:
+        steps += 1
+    # The translation decoded first, for as long as the batch under way took; then one batch per 4 steps.
+    assert steps >= 6 and len(batches) <= 1 + steps // 4
+    assert batches[1] - batches[0] == 2.0  # 1 s of scoring, then 1 s of decoding
+    done = []
+    while len(engine):
+        done += engine.step()
+    assert [handle for handle, _ in done] == ["score"]  # scoring went on, a batch every step once alone
+    assert [r.logprob for r in done[0][1]] == pytest.approx([r.logprob for r in translator.score(sources, candidates)])
+
+
 def test_a_client_that_leaves_drops_its_work(translator, tiny_model_dir, monkeypatch):
     # The model does not go on for nobody: a disconnect cancels the request's job after the step under way.
     calls = []
