@@ -1,5 +1,5 @@
-"""uvicorn's HTTP protocol (httptools) with a deadline for each request's headers, and JSON for the errors it
-answers itself.
+"""uvicorn's HTTP protocol (httptools) with a deadline for each request's headers and one for a client to read its
+answer on, and JSON for the errors it answers itself.
 
 uvicorn bounds the idle time between two requests of a connection (its keep-alive timeout) but not the time a
 request's headers take: a client that sends them a byte at a time, or opens a connection and sends nothing,
@@ -9,6 +9,11 @@ descriptors: nobody else was served (400 of them under `ulimit -n 256`: connecti
 request whose headers are not complete NMT_HEADER_TIMEOUT_S after the connection opened (after its first byte,
 for the later requests of a connection) gets 408 and the connection is closed; a connection on which no request
 has begun is closed without an answer.
+
+Nor did anything bound how long an answer may wait for its client to read it: one that read nothing kept the
+connection, and the megabytes of its unsent answer, for ever, and held up a graceful shutdown as long (SIGTERM:
+"Waiting for connections to close", still there 30 s later). As nginx's send_timeout, a connection whose unsent
+bytes stay over the transport's high-water mark (64 KiB) for NMT_SEND_TIMEOUT_S is dropped.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ def max_header_bytes() -> int:
     return _setting("max_header_bytes")
 
 
+def send_timeout_s() -> float:
+    return _setting("send_timeout_s")
+
+
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """HttpToolsProtocol closing a connection whose request headers take longer than the deadline, counted from
     the connection's opening for its first request and from a request's first byte for later ones. Bytes that
@@ -71,6 +80,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._header_bytes = 0  # received in reads that fall within a request's line and headers
         self._parsed_bytes = 0  # of its request line and headers, as the parser hands them over
         self._too_large = False  # refused with 431: the parser's further callbacks are ignored
+        self._send_timer: asyncio.TimerHandle | None = None  # running while the client reads too little
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -78,7 +88,30 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_send_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The unsent bytes passed the high-water mark: the client has that long to read enough of them."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(send_timeout_s(), self._drop_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_send_timer()
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _drop_stalled(self) -> None:
+        self._send_timer = None
+        log.warning("connection from %s dropped: it read too little of its answer for %g s (%d bytes unsent)",
+                    f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client", send_timeout_s(),
+                    self.transport.get_write_buffer_size())
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._too_large:

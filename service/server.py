@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 
@@ -24,10 +25,14 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     worker process loads its own copy.
 
     Settings travel to the workers through the environment. On SIGTERM uvicorn stops accepting connections and
-    finishes the requests in flight before the model is unloaded.
+    finishes the requests in flight before the model is unloaded: each is answered within NMT_REQUEST_TIMEOUT_S,
+    and a connection whose client stops reading is dropped after NMT_SEND_TIMEOUT_S, so what is still there
+    after both (a client reading a trickle) is cut off rather than holding the exit for ever.
     """
+    settings = Settings()
     uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                http="service.http:HeaderDeadlineProtocol", timeout_graceful_shutdown=None)
+                http="service.http:HeaderDeadlineProtocol",
+                timeout_graceful_shutdown=math.ceil(settings.request_timeout_s + settings.send_timeout_s))
 
 
 def check(model: str | None = None, port: int = 8000, workers: int = 1, host: str = "127.0.0.1") -> None:

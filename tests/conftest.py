@@ -70,14 +70,15 @@ def tiny_model_dir(tiny_run: Path) -> Path:
 
 
 @contextmanager
-def serve_in_thread(app: Any) -> Iterator[str]:
-    """Run an ASGI app under uvicorn in a thread of this process on a free loopback port; yields its URL."""
+def serve_in_thread(app: Any, **config: Any) -> Iterator[str]:
+    """Run an ASGI app under uvicorn (config: more of uvicorn.Config's arguments) in a thread of this process on a
+    free loopback port; yields its URL."""
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

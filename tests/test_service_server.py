@@ -18,9 +18,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from conftest import serve_in_thread
 from fastapi.testclient import TestClient
 
 import nmt.device
@@ -291,6 +293,34 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
                 assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head, answer
                 assert b"\r\ndate: " in head.lower(), answer  # uvicorn's default headers, as on its own answers
                 assert json.loads(body)["error"]["code"] == "bad_request", answer
+
+
+def test_a_client_that_stops_reading_its_answer_is_dropped(monkeypatch):
+    # One that read nothing kept its connection, and the megabytes of its answer, for ever, and held up a graceful
+    # shutdown as long ("Waiting for connections to close").
+    import service.http
+
+    monkeypatch.setattr(service.http, "send_timeout_s", lambda: 0.5)
+    body = b"x" * (64 << 20)  # more than the kernel's socket buffers hold
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    with serve_in_thread(app, http=service.http.HeaderDeadlineProtocol, lifespan="off") as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.socket() as conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            conn.connect(("127.0.0.1", port))
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(2.0)  # reading nothing
+            conn.settimeout(5)
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := conn.recv(1 << 20):
+                    received += len(chunk)
+            assert received < len(body) // 2  # dropped, not sent on once the client read again
 
 
 def test_the_startup_check_starts_no_threads_beside_the_model_threads():
