@@ -22,6 +22,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -57,6 +58,31 @@ def send_timeout_s() -> float:
     return _setting("send_timeout_s")
 
 
+class _Timer:
+    """One delayed call on an event loop, started again or stopped as a connection's state changes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._handle: asyncio.TimerHandle | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._handle is not None
+
+    def start(self, delay: float, callback: Callable[[], None]) -> None:
+        self.stop()
+        self._handle = self.loop.call_later(delay, self._fire, callback)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self, callback: Callable[[], None]) -> None:
+        self._handle = None
+        callback()
+
+
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """HttpToolsProtocol closing a connection whose request headers take longer than the deadline, counted from
     the connection's opening for its first request and from a request's first byte for later ones. Bytes that
@@ -73,43 +99,37 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_timer = _Timer(self.loop)
         self._begun = False  # a request's first byte has arrived and its headers have not all
         self._in_body = False  # a request's headers are complete and its body is not
         self._completed = 0  # requests whose body has all arrived, on this connection
         self._header_bytes = 0  # received in reads that fall within a request's line and headers
         self._parsed_bytes = 0  # of its request line and headers, as the parser hands them over
         self._too_large = False  # refused with 431: the parser's further callbacks are ignored
-        self._send_timer: asyncio.TimerHandle | None = None  # running while the client reads too little
+        self._send_timer = _Timer(self.loop)  # running while the client reads too little
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        self._stop_send_timer()
+        self._header_timer.stop()
+        self._send_timer.stop()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         """The unsent bytes passed the high-water mark: the client has that long to read enough of them."""
         super().pause_writing()
-        if self._send_timer is None:
-            self._send_timer = self.loop.call_later(send_timeout_s(), self._drop_stalled)
+        if not self._send_timer.running:
+            self._send_timer.start(send_timeout_s(), self._drop_stalled)
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._stop_send_timer()
-
-    def _stop_send_timer(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        self._send_timer.stop()
 
     def _drop_stalled(self) -> None:
-        self._send_timer = None
         log.warning("connection from %s dropped: it read too little of its answer for %g s (%d bytes unsent)",
-                    f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client", send_timeout_s(),
+                    self._client_name(), send_timeout_s(),
                     self.transport.get_write_buffer_size())
         self.transport.abort()
 
@@ -129,13 +149,13 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
                 self._refuse_large_headers()
                 return
         between_requests = self.cycle is None or self.cycle.response_complete
-        if self._header_timer is None and between_requests:
+        if not self._header_timer.running and between_requests:
             self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._begun, self._parsed_bytes = True, 0
-        if self._header_timer is None:  # a deadline running since the connection opened keeps running
+        if not self._header_timer.running:  # a deadline running since the connection opened keeps running
             self._arm()
 
     def on_url(self, url: bytes) -> None:
@@ -177,16 +197,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     def _arm(self) -> None:
-        self._disarm()
-        self._header_timer = self.loop.call_later(header_timeout_s(), self._expire)
+        self._header_timer.start(header_timeout_s(), self._expire)
 
     def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._header_timer.stop()
 
     def _expire(self) -> None:
-        self._header_timer = None
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
@@ -222,6 +238,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self.transport.write(b"HTTP/1.1 %d %s\r\n" % (status, reason) + head + b"\r\n" + response.body)
         self.transport.close()
 
+    def _client_name(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client"
+
     def _log_timeout(self) -> None:
         cls = HeaderDeadlineProtocol
         cls._unlogged += 1
@@ -229,5 +248,5 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if now - cls._last_log >= LOG_EVERY_S:
             log.warning("%d connection(s) closed with 408: request headers not complete within %g s (the last from "
                         "%s)", cls._unlogged, header_timeout_s(),
-                        f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client")
+                        self._client_name())
             cls._last_log, cls._unlogged = now, 0
