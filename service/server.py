@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import os
 import socket
+from typing import Any
 
 import torch
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.supervisors import Multiprocess
 
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
@@ -18,6 +21,8 @@ from nmt.translator import locate_model, read_model
 from service.settings import Settings, env_file_variables, unknown_names
 
 log = logging.getLogger(__name__)
+
+APP = "service.app:create_app"  # the app factory uvicorn imports in each worker
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
@@ -30,9 +35,27 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     after both (a client reading a trickle) is cut off rather than holding the exit for ever.
     """
     settings = Settings()
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                http="service.http:HeaderDeadlineProtocol",
-                timeout_graceful_shutdown=math.ceil(settings.request_timeout_s + settings.send_timeout_s))
+    options: dict[str, Any] = {
+        "factory": True, "host": host, "port": port, "http": "service.http:HeaderDeadlineProtocol",
+        "timeout_graceful_shutdown": math.ceil(settings.request_timeout_s + settings.send_timeout_s)}
+    if workers == 1:
+        uvicorn.run(APP, **options)
+        return
+    config = uvicorn.Config(APP, workers=workers, **options)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: the workers stop on their own
+        _Supervisor(config, sockets=[config.bind_socket()]).run()
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of worker processes, which also lets go of the listening socket when it stops them:
+    they close their copies as they stop, but the supervisor's kept it listening, so that connections made while
+    the workers finished their requests were taken, left waiting until the end, then reset (instead of refused at
+    once, as with one worker, for a load balancer to go elsewhere)."""
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
 
 
 def check(model: str | None = None, port: int = 8000, workers: int = 1, host: str = "127.0.0.1") -> None:

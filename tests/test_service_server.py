@@ -196,7 +196,7 @@ def test_a_misspelt_setting_is_named_and_the_log_says_what_guards_the_service(ti
     assert "CORS" not in caplog.text
 
 
-def test_each_worker_process_logs_what_it_serves(tiny_model_dir):
+def test_each_worker_process_logs_what_it_serves_and_sigterm_refuses_new_connections(tiny_model_dir):
     # uvicorn's spawned workers had no logging set up: neither "loaded" nor "serving" reached the log.
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NMT_THREADS": "1"}
@@ -211,6 +211,21 @@ def test_each_worker_process_logs_what_it_serves(tiny_model_dir):
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.1)
         assert sum("INFO nmt.translator: loaded" in line for line in lines) == 2
+        # SIGTERM while a request is in flight (its body still coming): it is answered, and new connections are
+        # refused meanwhile. uvicorn's supervisor kept the socket listening: they were taken, left waiting until
+        # the workers had stopped, then reset.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 15\r\n\r\n{\"text\"")
+            time.sleep(0.5)
+            proc.terminate()
+            time.sleep(2.0)  # the supervisor looks at its signals every 0.5 s
+            assert proc.poll() is None  # still finishing the request
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            slow.sendall(b': "a b"}')
+            assert slow.recv(4096).startswith(b"HTTP/1.1 200 ")
+        assert proc.wait(30) == 0
     finally:
         proc.terminate()
         proc.wait(30)
