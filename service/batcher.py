@@ -169,6 +169,8 @@ class Batcher:
                     log.exception("the failed requests could not leave the batch")
             for job, outcome in outcomes:
                 self._running.pop(job, None)
+                if self._count_tokens is not None and not isinstance(outcome, BaseException):
+                    self._count_tokens(job.tokens)  # done: not a job cancelled or failed on the way
                 if job.future.done():
                     continue
                 if isinstance(outcome, BaseException):
@@ -197,8 +199,6 @@ class Batcher:
             job = self._pending.popleft()
             self._running[job] = None
             joining.append(job)
-            if self._count_tokens is not None:
-                self._count_tokens(job.tokens)
         if joining:
             self._last_join = time.monotonic()
             self._schedule_join()

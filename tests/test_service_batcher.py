@@ -250,12 +250,14 @@ def test_a_failing_job_does_not_fail_the_jobs_it_ran_with(executor):
 
 
 def test_abandoned_jobs_are_dropped_or_cancelled(executor):
+    counted: list[int] = []
+
     async def main():
         engine = Recorder()
         engine.gate.clear()
-        batcher = make(engine, executor, max_requests=1)
+        batcher = make(engine, executor, max_requests=1, count_tokens=counted.append)
         batcher.start()
-        running = asyncio.ensure_future(batcher.submit("k", [10**9], 1))  # never done within the time slice
+        running = asyncio.ensure_future(batcher.submit("k", [10**9], 7))  # never done within the time slice
         await wait_for(engine.entered.is_set)
         with pytest.raises(asyncio.TimeoutError):  # waiting in the queue (not the builtin before Python 3.11)
             await asyncio.wait_for(batcher.submit("k", ["queued", 1], 1), 0.05)
@@ -271,6 +273,7 @@ def test_abandoned_jobs_are_dropped_or_cancelled(executor):
     assert engine.cancelled == [[10**9]]
     assert ["queued", 1] not in engine.added
     assert [[2]] in engine.steps
+    assert counted == [1]  # the tokens translated: not those of the cancelled job (counted as it joined)
 
 
 def test_close_finishes_queued_and_running_jobs_then_refuses_new_ones(executor):
