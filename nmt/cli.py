@@ -93,8 +93,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     b.add_argument("outdir", metavar="OUTDIR", help="output directory")
     b.add_argument("--sword-path", default="/usr/share/sword", help="SWORD library (default %(default)s)")
     b.add_argument("--overwrite", action="store_true",
-                   help="replace OUTDIR even if it holds something other than a previous corpus "
-                        "(never one that holds the input files or the current directory)")
+                   help="replace a previous corpus in OUTDIR even if other files are beside it (they are kept; a "
+                        "directory that holds no previous corpus is never replaced)")
     b.set_defaults(func=_run_bible)
 
     f = recipes.add_parser("files", help="your own parallel text: two plain-text files or one TSV file",
@@ -124,8 +124,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="unit of --max-len and --max-ratio (default %(default)s; chars for languages "
                         "written without spaces)")
     f.add_argument("--overwrite", action="store_true",
-                   help="replace OUTDIR even if it holds something other than a previous corpus "
-                        "(never one that holds the input files or the current directory)")
+                   help="replace a previous corpus in OUTDIR even if other files are beside it (they are kept; a "
+                        "directory that holds no previous corpus is never replaced)")
     f.set_defaults(func=_run_files)
 
 

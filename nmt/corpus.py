@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 CORPUS_JSON = "corpus.json"
+# Every file a corpus may hold: the only ones `nmt prepare` ever replaces in its OUTDIR.
+CORPUS_FILES = frozenset({CORPUS_JSON, *(f"{split}.{ext}" for split in SPLITS for ext in ("src", "tgt", "ref"))})
 TRAIN_FILES = ("train.src", "train.tgt")  # the pairs a run trains on
 
 # ----------------------------------------------------------------------------------------------------------
@@ -45,8 +47,9 @@ TRAIN_FILES = ("train.src", "train.tgt")  # the pairs a run trains on
 
 
 def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = ()) -> None:
-    """Refuse to replace a directory that holds the inputs or the current directory, and, unless `overwrite`,
-    one that holds anything besides a previous corpus (its split files and corpus.json)."""
+    """Refuse a directory that holds the inputs or the current directory, or that is not empty and holds no
+    previous corpus (whatever `overwrite` says: a mistyped OUTDIR, such as a home directory, was replaced whole);
+    and, unless `overwrite`, one that holds other files beside a previous corpus (they are kept with it)."""
     if not outdir.exists():
         return
     if not outdir.is_dir():
@@ -59,19 +62,17 @@ def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = 
         raise NMTError(f"{outdir} holds the current directory, which the corpus would replace: "
                        "write it to another directory")
     entries = list(outdir.iterdir())
-    others = sorted(e.name for e in entries
-                    if e.name != CORPUS_JSON and not (e.is_file() and e.name.split(".", 1)[0] in SPLITS))
+    others = sorted(e.name for e in entries if e.name not in CORPUS_FILES)
     previous = (outdir / CORPUS_JSON).is_file()
-    if overwrite or not others and (previous or not entries):
-        if entries:
-            log.info("replacing what %s holds%s", outdir, " (a previous corpus)" if previous else "")
-        return
     shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-    if previous:
-        raise NMTError(f"{outdir} holds a previous corpus and other files ({shown}); "
-                       "choose another directory, or pass --overwrite to replace them all")
-    raise NMTError(f"{outdir} exists, is not empty and holds no previous corpus ({CORPUS_JSON}); "
-                   "choose another directory or pass --overwrite to replace it")
+    if entries and not previous:
+        raise NMTError(f"{outdir} exists, is not empty and holds no previous corpus ({CORPUS_JSON}): write the "
+                       "corpus to a new or empty directory")
+    if others and not overwrite:
+        raise NMTError(f"{outdir} holds a previous corpus and other files ({shown}); choose another directory, "
+                       "or pass --overwrite to replace the corpus and keep them")
+    if entries:
+        log.info("replacing the previous corpus in %s%s", outdir, f" (keeping {shown})" if others else "")
 
 
 def _sibling(path: Path, tag: str) -> Path:
@@ -83,8 +84,9 @@ def _write_corpus(outdir: Path, splits: dict[str, dict[str, Sequence[str]]], met
                   overwrite: bool, inputs: Sequence[Path | str]) -> None:
     """Write `{split}.{ext}` for each split and file extension, and corpus.json, atomically.
 
-    Everything goes into a temporary directory beside `outdir`, which then replaces `outdir` by renames;
-    on any error the temporary directory is removed and `outdir` is left as it was.
+    Everything goes into a temporary directory beside `outdir`, which then replaces `outdir` by renames, with the
+    entries of `outdir` that are no corpus files moved into it; on any error the temporary directory is removed and
+    `outdir` is left as it was.
     """
     _check_outdir(outdir, overwrite, inputs)
     outdir = outdir.resolve()  # "." or "..": a name to rename
@@ -103,7 +105,7 @@ def _write_corpus(outdir: Path, splits: dict[str, dict[str, Sequence[str]]], met
                         f.write("\n")
         text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
         (tmp / CORPUS_JSON).write_text(text, encoding="utf-8")
-        replace_dir(outdir, tmp)
+        replace_dir(outdir, tmp, keep=lambda name: name not in CORPUS_FILES)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):

@@ -370,15 +370,25 @@ def test_files_existing_outdir(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(NMTError, match="not empty and holds no previous corpus.*--overwrite"):
-        prepare_files(out, s, t)
-    assert (out / "notes.txt").read_text() == "mine"
+    (out / "train.py").write_text("mine")  # a split's name, but no corpus file
+    for overwrite in (False, True):  # --overwrite replaced it whole (a home directory, when OUTDIR was ~)
+        with pytest.raises(NMTError, match="not empty and holds no previous corpus .*: write the corpus to a new or "
+                                           "empty directory"):
+            prepare_files(out, s, t, overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train.py"]
+    out = tmp_path / "out2"
+    prepare_files(out, s, t)
+    (out / "notes.txt").write_text("mine")
+    (out / "train.py").write_text("mine")
     prepare_files(out, s, t, overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / "corpus.json").is_file()
+    assert (out / "notes.txt").read_text() == (out / "train.py").read_text() == "mine"  # kept
+    assert (out / "corpus.json").is_file()
+    (out / "notes.txt").unlink()
+    (out / "train.py").unlink()
     # A previous corpus is replaced without --overwrite, and said so; an empty directory is fine too.
     caplog.set_level(logging.INFO, logger="nmt.corpus")
     r = prepare_files(out, s, t, seed=99)
-    assert f"replacing what {out} holds (a previous corpus)" in caplog.text
+    assert f"replacing the previous corpus in {out}" in caplog.text
     assert r["settings"]["seed"] == 99
     assert json.loads((out / "corpus.json").read_text())["settings"]["seed"] == 99
     (tmp_path / "empty").mkdir()
@@ -386,7 +396,7 @@ def test_files_existing_outdir(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     (tmp_path / "file").write_text("x")
     with pytest.raises(NMTError, match="not a directory"):
         prepare_files(tmp_path / "file", s, t)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "out", "s", "t"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "out", "out2", "s", "t"]
 
 
 def test_files_never_replace_their_inputs_or_a_users_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -401,7 +411,8 @@ def test_files_never_replace_their_inputs_or_a_users_files(tmp_path: Path, monke
     assert sorted(p.name for p in out.iterdir()) == ["corpus.de", "corpus.en"]
     prepare_files(tmp_path / "c", s, t)
     (tmp_path / "c" / "README.txt").write_text("mine")
-    with pytest.raises(NMTError, match=r"holds a previous corpus and other files \(README.txt\).*--overwrite"):
+    with pytest.raises(NMTError, match=r"holds a previous corpus and other files \(README.txt\).*--overwrite to "
+                                       "replace the corpus and keep them"):
         prepare_files(tmp_path / "c", s, t, seed=2)
     assert (tmp_path / "c" / "README.txt").read_text() == "mine"
     monkeypatch.chdir(tmp_path / "c")
