@@ -694,7 +694,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     check(args.model, args.port, args.workers, args.host)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{args.port}/"
-    say(f"nmt serve: starting; once the model is loaded, open {url} (API documentation: {url}docs)")
+    if args.port:
+        say(f"nmt serve: starting; once the model is loaded, open {url} (API documentation: {url}docs)")
+    else:  # the system picks the port as uvicorn binds
+        say("nmt serve: starting on a free port; once the model is loaded, open the address uvicorn gives below")
     serve(args.host, args.port, args.workers)
     return 0
 

@@ -39,18 +39,33 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
         "factory": True, "host": host, "port": port, "http": "service.http:HeaderDeadlineProtocol",
         "timeout_graceful_shutdown": math.ceil(settings.request_timeout_s + settings.send_timeout_s)}
     if workers == 1:
-        uvicorn.run(APP, **options)
+        # Not uvicorn.run, which swallows the KeyboardInterrupt that Server.run raises again after a Ctrl-C's
+        # graceful stop: the command exited 0, as if the service had ended on its own (SIGTERM still ends it by
+        # that signal, which Server.run raises again too).
+        server = uvicorn.Server(uvicorn.Config(APP, **options))
+        server.run()
+        if not server.started:
+            raise NMTError("the service did not start: its error is in the log above")
         return
     config = uvicorn.Config(APP, workers=workers, **options)
-    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: the workers stop on their own
-        _Supervisor(config, sockets=[config.bind_socket()]).run()
+    supervisor = _Supervisor(config, sockets=[config.bind_socket()])
+    with contextlib.suppress(KeyboardInterrupt):  # one in the parent before its handlers: the workers stop alike
+        supervisor.run()
+    if supervisor.interrupted:
+        raise KeyboardInterrupt
 
 
 class _Supervisor(Multiprocess):
     """uvicorn's supervisor of worker processes, which also lets go of the listening socket when it stops them:
     they close their copies as they stop, but the supervisor's kept it listening, so that connections made while
     the workers finished their requests were taken, left waiting until the end, then reset (instead of refused at
-    once, as with one worker, for a load balancer to go elsewhere)."""
+    once, as with one worker, for a load balancer to go elsewhere); and which says whether Ctrl-C stopped it."""
+
+    interrupted = False  # stopped by Ctrl-C (SIGINT): the command then exits 130, not 0
+
+    def handle_int(self) -> None:
+        self.interrupted = True
+        super().handle_int()
 
     def terminate_all(self) -> None:
         for sock in self.sockets:

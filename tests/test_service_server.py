@@ -310,6 +310,36 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
                 assert json.loads(body)["error"]["code"] == "bad_request", answer
 
 
+@pytest.mark.parametrize("port", ["free", "0"])
+def test_ctrl_c_stops_the_service_with_status_130(tiny_model_dir, port):
+    # uvicorn.run swallowed the KeyboardInterrupt it raises again after a graceful stop: the command exited 0.
+    number = free_port() if port == "free" else 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NMT_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nmt", "serve", str(tiny_model_dir), "--port", str(number)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("Uvicorn running on" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        reader.join(10)
+        log = "".join(lines)
+        assert "nmt serve: interrupted" in log and "Traceback" not in log
+        # --port 0: the port is the system's choice, which only uvicorn's line can tell (it said :0).
+        assert ":0/" not in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
 def test_a_client_that_stops_reading_its_answer_is_dropped(monkeypatch):
     # One that read nothing kept its connection, and the megabytes of its answer, for ever, and held up a graceful
     # shutdown as long ("Waiting for connections to close").
