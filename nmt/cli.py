@@ -113,8 +113,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                        help=f"{split} pairs to hold out (default {corpus.DEFAULT_HOLDOUT} or "
                             f"{corpus.HOLDOUT_FRACTION * 100:.0f}%% of the pairs, whichever is fewer)")
     f.add_argument("--seed", type=int, default=1234, help="hold-out random seed (default %(default)s)")
-    f.add_argument("--src-lang", default="src", help="source language code for corpus.json")
-    f.add_argument("--tgt-lang", default="tgt", help="target language code for corpus.json")
+    f.add_argument("--src-lang", default=corpus.UNNAMED_LANGUAGES[0],
+                   help="source language code for corpus.json, which labels the models trained on it (default: none "
+                        "named, and the training config's data.src_lang labels them)")
+    f.add_argument("--tgt-lang", default=corpus.UNNAMED_LANGUAGES[1],
+                   help="target language code, likewise (it also chooses the BLEU tokenizer)")
     f.add_argument("--max-len", type=int, default=corpus.DEFAULT_MAX_LEN, metavar="N",
                    help="drop training pairs with a side longer than N units (default %(default)s)")
     f.add_argument("--max-ratio", type=float, default=corpus.DEFAULT_MAX_RATIO, metavar="R",

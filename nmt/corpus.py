@@ -36,6 +36,7 @@ from nmt.text import normalize_text
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
+UNNAMED_LANGUAGES = ("src", "tgt")  # corpus.json's languages when `nmt prepare files` was given none
 CORPUS_JSON = "corpus.json"
 # Every file a corpus may hold: the only ones `nmt prepare` ever replaces in its OUTDIR.
 CORPUS_FILES = frozenset({CORPUS_JSON, *(f"{split}.{ext}" for split in SPLITS for ext in ("src", "tgt", "ref"))})
@@ -388,8 +389,8 @@ def prepare_files(
     dev_size: int | None = None,
     test_size: int | None = None,
     seed: int = 1234,
-    src_lang: str = "src",
-    tgt_lang: str = "tgt",
+    src_lang: str = UNNAMED_LANGUAGES[0],
+    tgt_lang: str = UNNAMED_LANGUAGES[1],
     max_len: int = DEFAULT_MAX_LEN,
     max_ratio: float = DEFAULT_MAX_RATIO,
     length_unit: str = "words",
@@ -513,6 +514,8 @@ def prepare_files(
     }
     files = {s: {"src": [p[0] for p in v], "tgt": [p[1] for p in v]} for s, v in splits.items()}
     _write_corpus(outdir, files, meta, overwrite, list(input_files.values()))
-    log.info("corpus in %s: train %d, dev %d, test %d; dropped %s", outdir, counts["train"], counts["dev"],
-             counts["test"], ", ".join(f"{k} {v}" for k, v in dropped.items()))
+    if (src_lang, tgt_lang) == UNNAMED_LANGUAGES:
+        log.warning("no languages given (--src-lang, --tgt-lang): a model trained on this corpus is labelled with "
+                    "its config's data.src_lang and data.tgt_lang (es and en in configs/base.yaml), which also "
+                    "choose its BLEU tokenizer")
     return {**meta, "outdir": str(outdir)}

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nmt.batching import ParallelData
 from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
-from nmt.corpus import CORPUS_JSON, load_split, train_pairs_sha256
+from nmt.corpus import CORPUS_JSON, UNNAMED_LANGUAGES, load_split, train_pairs_sha256
 from nmt.device import cpu_has_bf16, hardware, pick_device
 from nmt.errors import NMTError
 from nmt.evaluate import default_tokenizer
@@ -216,8 +216,13 @@ def label_languages(cfg: Config) -> None:
     except (OSError, ValueError):
         return
     named = (corpus.get("src_lang"), corpus.get("tgt_lang")) if isinstance(corpus, dict) else (None, None)
-    if not all(isinstance(lang, str) and lang for lang in named) or named == ("src", "tgt"):
-        return  # prepare's placeholders when no language was given
+    if named == UNNAMED_LANGUAGES:
+        log.warning("%s/%s names no languages: the model is labelled %s -> %s, the config's data.src_lang and "
+                    "data.tgt_lang (they also choose the dev BLEU tokenizer); set those if that is wrong",
+                    cfg.data.dir, CORPUS_JSON, cfg.data.src_lang, cfg.data.tgt_lang)
+        return
+    if not all(isinstance(lang, str) and lang for lang in named):
+        return
     if named != (cfg.data.src_lang, cfg.data.tgt_lang):
         log.info("languages %s -> %s from %s/%s (the config said %s -> %s)", *named, cfg.data.dir, CORPUS_JSON,
                  cfg.data.src_lang, cfg.data.tgt_lang)

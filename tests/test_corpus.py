@@ -364,6 +364,16 @@ def test_files_holdout_too_large(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_files_without_languages_says_what_labels_the_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src, tgt = numbered(30)
+    s, t = write(tmp_path / "s", src), write(tmp_path / "t", tgt)
+    prepare_files(tmp_path / "named", s, t, src_lang="de", tgt_lang="en")
+    assert "no languages given" not in caplog.text
+    prepare_files(tmp_path / "unnamed", s, t)
+    assert "no languages given (--src-lang, --tgt-lang): a model trained on this corpus is labelled with its " \
+        "config's data.src_lang and data.tgt_lang" in caplog.text
+
+
 def test_files_existing_outdir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src, tgt = numbered(30)
     s, t = write(tmp_path / "s", src), write(tmp_path / "t", tgt)

@@ -587,7 +587,7 @@ def test_plot_without_metrics_is_a_clear_error(tmp_path: Path, capsys: pytest.Ca
     assert "no train or valid records" in capsys.readouterr().err
 
 
-def test_the_corpus_names_the_languages(tmp_path: Path) -> None:
+def test_the_corpus_names_the_languages(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # `nmt prepare files ... --src-lang de --tgt-lang en` then training with a config that says es -> en gave a
     # model card, translate log and /v1/models labelled es -> en.
     data = tmp_path / "data"
@@ -596,8 +596,9 @@ def test_the_corpus_names_the_languages(tmp_path: Path) -> None:
     nmt.train.label_languages(cfg)  # no corpus.json: the config's
     assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("es", "en")
     (data / "corpus.json").write_text(json.dumps({"src_lang": "src", "tgt_lang": "tgt"}), encoding="utf-8")
-    nmt.train.label_languages(cfg)  # prepare's placeholders: the config's
-    assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("es", "en")
+    nmt.train.label_languages(cfg)  # prepare's placeholders: the config's, and said (a de -> en corpus was silently
+    assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("es", "en")  # labelled es -> en, the config's example)
+    assert "corpus.json names no languages: the model is labelled es -> en" in caplog.text
     (data / "corpus.json").write_text(json.dumps({"src_lang": "de", "tgt_lang": "en"}), encoding="utf-8")
     nmt.train.label_languages(cfg)
     assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("de", "en")
