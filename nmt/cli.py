@@ -709,10 +709,20 @@ COMMANDS = [_add_prepare, _add_train, _add_translate, _add_evaluate, _add_score,
 
 
 class _Parser(argparse.ArgumentParser):
-    """Argument errors in one line, as the commands' own errors are, pointing to --help instead of the usage."""
+    """Argument errors in one line, as the commands' own errors are, pointing to --help instead of the usage; an
+    argument no command takes is the command's error (argparse made it the top parser's: "nmt: error: ...")."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}  # the subcommands' parsers, by name
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -723,6 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in COMMANDS:
         add(sub)
+    parser.commands = sub.choices
     return parser
 
 

@@ -67,6 +67,11 @@ def test_no_repeat_ngram_from_the_call_the_config_or_the_cli(translator, tiny_mo
     assert refused.value.code == 2
     assert capsys.readouterr().err == ("nmt translate: error: argument --no-repeat-ngram: must be an integer >= 0, "
                                        "got -1 (see nmt translate --help)\n")
+    with pytest.raises(SystemExit) as refused:  # an input file as a second argument: it said "nmt: error: ..."
+        main(["translate", str(tiny_model_dir), str(src)])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (f"nmt translate: error: unrecognized arguments: {src} "
+                                       "(see nmt translate --help)\n")
 
 
 @pytest.mark.parametrize("int8", [False, True])
