@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import types
@@ -15,6 +16,8 @@ import yaml
 
 from nmt.errors import NMTError
 from nmt.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -301,11 +304,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise NMTError(f"config file not found: {path}")
         try:
-            raw = _load_yaml(path.read_text(encoding="utf-8")) or {}
+            raw = _load_yaml(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise NMTError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}{where}") from None
+        if raw is None:  # said, or an empty file showed only as a missing data/bible corpus
+            log.warning("config file %s is empty: every setting is the default (data.dir %s)", path, DataConfig().dir)
+            raw = {}
         if not isinstance(raw, dict):
             raise NMTError(f"config file {path} must hold a mapping of sections")
     return from_dict(apply_overrides(raw, overrides))

@@ -181,3 +181,11 @@ def test_any_override_gives_a_config_or_a_clear_error(key: str, value: object) -
         load_config(TINY, [f"{key}={value}"])
     except NMTError as exc:
         assert str(exc)
+
+
+def test_an_empty_config_file_is_said_to_set_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # It trained on every default, which showed only as "corpus file not found: data/bible/train.src".
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    assert load_config(empty) == from_dict({})
+    assert f"config file {empty} is empty: every setting is the default (data.dir data/bible)" in caplog.text
