@@ -63,6 +63,10 @@ def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = 
         raise NMTError(f"{outdir} holds the current directory, which the corpus would replace: "
                        "write it to another directory")
     entries = list(outdir.iterdir())
+    clash = next((e for e in entries if e.name in CORPUS_FILES and e.is_dir()), None)
+    if clash is not None:  # its name is a corpus file's, which the corpus replaces: it went, with what it held
+        raise NMTError(f"{clash} is a directory, not a corpus file: move it away, or write the corpus to "
+                       "another directory")
     others = sorted(e.name for e in entries if e.name not in CORPUS_FILES)
     previous = (outdir / CORPUS_JSON).is_file()
     shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
@@ -514,8 +518,10 @@ def prepare_files(
     }
     files = {s: {"src": [p[0] for p in v], "tgt": [p[1] for p in v]} for s, v in splits.items()}
     _write_corpus(outdir, files, meta, overwrite, list(input_files.values()))
-    if (src_lang, tgt_lang) == UNNAMED_LANGUAGES:
-        log.warning("no languages given (--src-lang, --tgt-lang): a model trained on this corpus is labelled with "
-                    "its config's data.src_lang and data.tgt_lang (es and en in configs/base.yaml), which also "
-                    "choose its BLEU tokenizer")
+    unnamed = [flag for flag, lang, none in zip(("--src-lang", "--tgt-lang"), (src_lang, tgt_lang), UNNAMED_LANGUAGES,
+                                                strict=True) if lang == none]
+    if unnamed:
+        log.warning("no language given (%s): a model trained on this corpus is labelled with its config's "
+                    "data.src_lang and data.tgt_lang there (es and en in configs/base.yaml), which also choose its "
+                    "BLEU tokenizer", ", ".join(unnamed))
     return {**meta, "outdir": str(outdir)}

@@ -216,14 +216,17 @@ def label_languages(cfg: Config) -> None:
     except (OSError, ValueError):
         return
     named = (corpus.get("src_lang"), corpus.get("tgt_lang")) if isinstance(corpus, dict) else (None, None)
-    if named == UNNAMED_LANGUAGES:
-        log.warning("%s/%s names no languages: the model is labelled %s -> %s, the config's data.src_lang and "
-                    "data.tgt_lang (they also choose the dev BLEU tokenizer); set those if that is wrong",
-                    cfg.data.dir, CORPUS_JSON, cfg.data.src_lang, cfg.data.tgt_lang)
-        return
     if not all(isinstance(lang, str) and lang for lang in named):
         return
-    if named != (cfg.data.src_lang, cfg.data.tgt_lang):
+    configured = (cfg.data.src_lang, cfg.data.tgt_lang)
+    filled = tuple(own if lang == none else lang
+                   for lang, none, own in zip(named, UNNAMED_LANGUAGES, configured, strict=True))
+    if filled != named:  # prepare's placeholders for a language not given
+        log.warning("%s/%s does not name both languages: the model is labelled %s -> %s, the config's data.src_lang "
+                    "or data.tgt_lang standing in (they also choose the dev BLEU tokenizer); set those if that is "
+                    "wrong", cfg.data.dir, CORPUS_JSON, *filled)
+    named = filled
+    if named != configured:
         log.info("languages %s -> %s from %s/%s (the config said %s -> %s)", *named, cfg.data.dir, CORPUS_JSON,
                  cfg.data.src_lang, cfg.data.tgt_lang)
         cfg.data.src_lang, cfg.data.tgt_lang = named

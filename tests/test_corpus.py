@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -370,8 +371,10 @@ def test_files_without_languages_says_what_labels_the_model(tmp_path: Path, capl
     prepare_files(tmp_path / "named", s, t, src_lang="de", tgt_lang="en")
     assert "no languages given" not in caplog.text
     prepare_files(tmp_path / "unnamed", s, t)
-    assert "no languages given (--src-lang, --tgt-lang): a model trained on this corpus is labelled with its " \
-        "config's data.src_lang and data.tgt_lang" in caplog.text
+    assert "no language given (--src-lang, --tgt-lang): a model trained on this corpus is labelled with its " \
+        "config's data.src_lang and data.tgt_lang there" in caplog.text
+    prepare_files(tmp_path / "half", s, t, src_lang="de")
+    assert "no language given (--tgt-lang)" in caplog.text
 
 
 def test_files_existing_outdir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -386,6 +389,14 @@ def test_files_existing_outdir(tmp_path: Path, caplog: pytest.LogCaptureFixture)
                                            "empty directory"):
             prepare_files(out, s, t, overwrite=overwrite)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train.py"]
+    previous = tmp_path / "previous"
+    prepare_files(previous, s, t)
+    (previous / "test.ref").mkdir()  # a directory named as a corpus file: it was deleted, with what it held
+    (previous / "test.ref" / "mine").write_text("mine")
+    with pytest.raises(NMTError, match="test.ref is a directory, not a corpus file"):
+        prepare_files(previous, s, t, overwrite=True)
+    assert (previous / "test.ref" / "mine").read_text() == "mine"
+    shutil.rmtree(previous)
     out = tmp_path / "out2"
     prepare_files(out, s, t)
     (out / "notes.txt").write_text("mine")
@@ -480,6 +491,11 @@ def test_cli_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "train 91  dev 5  test 5" in printed
     assert "read 103 pairs; dropped 2 (empty 1, duplicate 1)" in printed
     assert json.loads((out / "corpus.json").read_text())["counts"] == {"train": 91, "dev": 5, "test": 5}
+    with pytest.raises(SystemExit) as refused:  # it was "nmt: error: ...", then "nmt prepare: error: ..."
+        main(["prepare", "files", str(out), "--src", str(s), "--tgt", str(t), "--bogus"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == ("nmt prepare files: error: unrecognized arguments: --bogus "
+                                       "(see nmt prepare files --help)\n")
 
 
 def test_cli_files_tsv_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -598,7 +598,11 @@ def test_the_corpus_names_the_languages(tmp_path: Path, caplog: pytest.LogCaptur
     (data / "corpus.json").write_text(json.dumps({"src_lang": "src", "tgt_lang": "tgt"}), encoding="utf-8")
     nmt.train.label_languages(cfg)  # prepare's placeholders: the config's, and said (a de -> en corpus was silently
     assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("es", "en")  # labelled es -> en, the config's example)
-    assert "corpus.json names no languages: the model is labelled es -> en" in caplog.text
+    assert "corpus.json does not name both languages: the model is labelled es -> en" in caplog.text
+    (data / "corpus.json").write_text(json.dumps({"src_lang": "de", "tgt_lang": "tgt"}), encoding="utf-8")
+    nmt.train.label_languages(cfg)  # one forgotten: labelled de -> tgt, and BLEU tokenized as for "tgt"
+    assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("de", "en")
+    assert "the model is labelled de -> en" in caplog.text
     (data / "corpus.json").write_text(json.dumps({"src_lang": "de", "tgt_lang": "en"}), encoding="utf-8")
     nmt.train.label_languages(cfg)
     assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("de", "en")
