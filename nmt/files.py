@@ -7,6 +7,7 @@ import contextlib
 import errno
 import gzip
 import hashlib
+import io
 import os
 import shutil
 import sys
@@ -39,7 +40,12 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
     if str(path) == "-":
         name, stream = "standard input", getattr(sys.stdin, "buffer", sys.stdin)
         closing = contextlib.nullcontext()  # standard input stays open for the caller
-        compressed = hasattr(stream, "peek") and stream.peek(2)[:2] == GZIP_MAGIC
+        compressed = False
+        if isinstance(stream, io.BufferedIOBase):  # not a text stream standing in for it
+            # read(2) waits for both bytes (a pipe's first read may bring one: peek missed the gzip mark)
+            head = stream.read(2)
+            compressed = head == GZIP_MAGIC
+            stream = io.BufferedReader(_Prefixed(head, stream))
     else:
         name = str(path)
         try:
@@ -60,6 +66,22 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
             if not compressed:
                 raise
             raise NMTError(f"{name}: not a readable gzip file ({exc})") from None
+
+
+class _Prefixed(io.RawIOBase):
+    """A binary stream with the bytes read from its start put back in front of it."""
+
+    def __init__(self, head: bytes, rest: io.BufferedIOBase):
+        self._head, self._rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._head[:len(buffer)] if self._head else self._rest.read1(len(buffer))
+        self._head = self._head[len(data):]
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def _decoded_lines(stream: Any, name: str, digest: Digest | None) -> list[str]:

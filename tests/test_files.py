@@ -167,3 +167,18 @@ def test_gzip_data_on_standard_input_is_decompressed(monkeypatch):
     stdin(gzip.compress(b"uno\n")[:-6])
     with pytest.raises(NMTError, match="standard input: not a readable gzip file"):
         read_lines("-")
+
+    class Trickle(io.RawIOBase):  # a pipe whose first read brings one byte: peek(2) saw no gzip mark
+        def __init__(self, data: bytes):
+            self.chunks = [data[:1], data[1:]]
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            chunk = self.chunks.pop(0) if self.chunks else b""
+            buffer[:len(chunk)] = chunk
+            return len(chunk)
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BufferedReader(Trickle(gzip.compress(b"uno\n")))))
+    assert read_lines("-") == ["uno"]
