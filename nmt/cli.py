@@ -710,9 +710,7 @@ COMMANDS = [_add_prepare, _add_train, _add_translate, _add_evaluate, _add_score,
 
 class _Parser(argparse.ArgumentParser):
     """Argument errors in one line, as the commands' own errors are, pointing to --help instead of the usage; an
-    argument no command takes is the command's error (argparse made it the top parser's: "nmt: error: ...")."""
-
-    commands: dict[str, argparse.ArgumentParser] = {}  # the subcommands' parsers, by name
+    argument no command takes is the (sub)command's error (argparse made it the top parser's: "nmt: error: ...")."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -720,9 +718,18 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
         parsed, extra = self.parse_known_args(args, namespace)
         if extra:
-            self.commands.get(getattr(parsed, "command", None), self).error(
-                f"unrecognized arguments: {' '.join(extra)}")
+            self._chosen(parsed).error(f"unrecognized arguments: {' '.join(extra)}")
         return parsed
+
+    def _chosen(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the command (nmt translate) or subcommand (nmt prepare files) that parsed was given."""
+        parser: argparse.ArgumentParser = self
+        while True:
+            group = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+            name = None if group is None else getattr(parsed, group.dest, None)
+            if name is None:
+                return parser
+            parser = group.choices[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -733,7 +740,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in COMMANDS:
         add(sub)
-    parser.commands = sub.choices
     return parser
 
 
