@@ -13,7 +13,8 @@ has begun is closed without an answer.
 Nor did anything bound how long an answer may wait for its client to read it: one that read nothing kept the
 connection, and the megabytes of its unsent answer, for ever, and held up a graceful shutdown as long (SIGTERM:
 "Waiting for connections to close", still there 30 s later). As nginx's send_timeout, a connection whose unsent
-bytes stay over the transport's high-water mark (64 KiB) for NMT_SEND_TIMEOUT_S is dropped.
+bytes passed the transport's high-water mark (64 KiB) and did not fall under its low-water mark (16 KiB)
+within NMT_SEND_TIMEOUT_S is dropped.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from nmt.device import check_int8, pick_device
@@ -53,6 +54,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
         supervisor.run()
     if supervisor.interrupted:
         raise KeyboardInterrupt
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):  # uvicorn then stops, status 0
+        raise NMTError("a worker process did not start: its error is in the log above")
 
 
 class _Supervisor(Multiprocess):

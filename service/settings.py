@@ -52,9 +52,9 @@ class Settings(BaseSettings):
                                     "connection's opening (from its first byte for a connection's later requests): "
                                     "408, and the connection closed; one on which no request begins, or that only "
                                     "trickles bytes between requests, is closed silently")
-    send_timeout_s: float = Field(30.0, gt=0, description="time an answer may wait for its client to read on (its "
-                                  "unsent part over 64 KiB): past it the connection is dropped, as nginx's "
-                                  "send_timeout")
+    send_timeout_s: float = Field(30.0, gt=0, description="once over 64 KiB of an answer waits to be sent, the "
+                                  "time its client has to read it down under 16 KiB (uvicorn's flow control) before "
+                                  "the connection is dropped, as with nginx's send_timeout")
     max_header_bytes: int = Field(32_768, ge=1024, description="size of a request's line and headers together: "
                                   "431 above, and the connection closed")
     api_keys: CommaList = Field(default_factory=list, description="comma-separated keys, sent as X-API-Key: KEY or "

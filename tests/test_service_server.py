@@ -310,6 +310,16 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
                 assert json.loads(body)["error"]["code"] == "bad_request", answer
 
 
+def test_a_worker_that_fails_to_start_is_an_error(tiny_model_dir):
+    # uvicorn's supervisor stops when a worker fails to start, and nmt serve --workers 2 then exited 0.
+    code = ("import service.server as s; s.APP = 'service.missing:create_app'; "
+            f"s.serve('127.0.0.1', {free_port()}, 2)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NMT_THREADS": "1", "NMT_MODEL_DIR": str(tiny_model_dir)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "NMTError: a worker process did not start: its error is in the log above" in done.stderr
+
+
 @pytest.mark.parametrize("port", ["free", "0"])
 def test_ctrl_c_stops_the_service_with_status_130(tiny_model_dir, port):
     # uvicorn.run swallowed the KeyboardInterrupt it raises again after a graceful stop: the command exited 0.
