@@ -108,6 +108,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._parsed_bytes = 0  # of its request line and headers, as the parser hands them over
         self._too_large = False  # refused with 431: the parser's further callbacks are ignored
         self._send_timer = _Timer(self.loop)  # running while the client reads too little
+        # An error for bytes after pipelined requests (no request, or headers too large): sent after their answers.
+        self._deferred: tuple[int, bytes, str] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -219,21 +221,33 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def _refuse_large_headers(self) -> None:
         self._too_large = True
         self._disarm()
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.close()  # pipelined behind an answer still being sent: no room for a 431
-            return
         self._answer(431, b"Request Header Fields Too Large",
                      f"the request line and headers exceed {max_header_bytes()} bytes")
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are no valid HTTP request (a negative or repeated Content-Length, a
-        malformed request line), in the service's JSON error shape instead of plain text."""
+        malformed request line), in the service's JSON error shape instead of plain text; after the answers to the
+        requests before them on the connection."""
         if self._too_large:  # answered already
             return
         self._answer(400, b"Bad Request", f"{msg.rstrip('.')}: malformed request line, headers or framing")
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._deferred is not None and not self.transport.is_closing() and not self._answers_due():
+            deferred, self._deferred = self._deferred, None
+            self._answer(*deferred)
+
+    def _answers_due(self) -> bool:
+        """Whether a request of this connection is still to be answered (under way, or pipelined behind it)."""
+        return bool(self.pipeline) or self.cycle is not None and not self.cycle.response_complete
+
     def _answer(self, status: int, reason: bytes, message: str) -> None:
-        """Write a JSON error outside any request cycle and close the connection."""
+        """Write a JSON error outside any request cycle and close the connection; after the answers to the requests
+        before it on the connection (uvicorn closed it at once: a pipelined request's answer was lost)."""
+        if self._answers_due():
+            self._deferred = status, reason, message
+            return
         response = error_response(status, message, headers={"connection": "close"})
         head = b"".join(b"%s: %s\r\n" % pair for pair in [*self.server_state.default_headers, *response.raw_headers])
         self.transport.write(b"HTTP/1.1 %d %s\r\n" % (status, reason) + head + b"\r\n" + response.body)

@@ -308,6 +308,20 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
                 assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head, answer
                 assert b"\r\ndate: " in head.lower(), answer  # uvicorn's default headers, as on its own answers
                 assert json.loads(body)["error"]["code"] == "bad_request", answer
+        # The same after pipelined requests: their answers first (uvicorn closed the connection at once, and they
+        # were lost), then the 400.
+        body = b'{"text": "a b"}'
+        pipelined = (b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body)) * 2
+        for garbage, status in ((b"GARBAGE \x01\r\n\r\n", b"400"),
+                                (b"GET /v1/health HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"400"),
+                                (b"GET /v1/health HTTP/1.1\r\nX-B: " + b"a" * 5000 + b"\r\n\r\n", b"431")):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(pipelined + garbage)
+                answer = b"".join(iter(lambda: conn.recv(65536), b""))
+            assert [m.group() for m in re.finditer(rb"HTTP/1\.1 \d+", answer)] == \
+                [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 " + status], answer
+            assert answer.endswith(b'"fields":[]}}'), answer
 
 
 def test_a_worker_that_fails_to_start_is_an_error(tiny_model_dir):
