@@ -387,12 +387,14 @@ class Translator:
         max_len, when given, caps every output at that many pieces instead of the config's a * source + b;
         min_len bans the end of sentence before that many pieces (1: a text never translates to nothing, as in
         fairseq). Empty and whitespace-only texts give "", as do those of only control or invisible characters.
+        beam_size defaults to the config's, widened to n_best when that asks for more.
         shortlist=False decodes over the whole target vocabulary even when the model has a shortlist; the two
         sizes change its lists (see nmt/shortlist.py).
         """
         d = self.cfg.decode
-        beam = _check_int("beam_size", d.beam_size if beam_size is None else beam_size, 1)
-        if not 1 <= _check_int("n_best", n_best, 1) <= beam:
+        n_best = _check_int("n_best", n_best, 1)
+        beam = _check_int("beam_size", max(d.beam_size, n_best) if beam_size is None else beam_size, 1)
+        if not 1 <= n_best <= beam:
             raise NMTError(f"n_best must be between 1 and the beam size ({beam}), got {n_best}")
         alpha = d.length_penalty if length_penalty is None else length_penalty
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= MAX_LENGTH_PENALTY:

@@ -34,6 +34,7 @@ from service.worker import DecodeOptions, ModelWorker, TooLarge
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format that Prometheus scrapes
 TRANSLATE, SCORE = "/v1/translate", "/v1/score"  # the model endpoints: API keys and rate limits apply to them
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from NMT_API_KEYS")
 _bearer = HTTPBearer(auto_error=False, description="an API key from NMT_API_KEYS, as a bearer token")
@@ -157,17 +158,15 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.post(TRANSLATE, response_model=schemas.TranslateResponse, responses=ERROR_RESPONSES,
-              dependencies=guards, tags=["translation"])
+              dependencies=guards, tags=["translation"], operation_id="translate")
     async def translate(req: schemas.TranslateRequest, request: Request) -> schemas.TranslateResponse:
         """Translate one text or a list of texts; concurrent requests with equal options share model batches."""
         start = time.perf_counter()
         _require(worker)
         texts = _check_sizes(settings, "text", req.text)
         default_beam, default_alpha = worker.defaults()
-        beam = req.beam_size or default_beam
-        if req.n_best > beam:
-            message = f"n_best ({req.n_best}) must not exceed the beam size ({beam})"
-            raise ServiceError(422, f"n_best: {message}", fields=[{"field": "n_best", "message": message}])
+        # An n_best over the model's beam widens it: a schema-valid n_best was refused for a default not in the schema.
+        beam = req.beam_size or max(default_beam, req.n_best)
         options = DecodeOptions(beam, req.n_best, default_alpha if req.length_penalty is None else req.length_penalty,
                                 req.return_alignment)
         results = await _run(settings, worker.translate(texts, options), request)
@@ -176,7 +175,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
             model=worker.model_id, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
 
     @app.post(SCORE, response_model=schemas.ScoreResponse, responses=ERROR_RESPONSES,
-              dependencies=guards, tags=["translation"])
+              dependencies=guards, tags=["translation"], operation_id="score")
     async def score(req: schemas.ScoreRequest, request: Request) -> schemas.ScoreResponse:
         """Log-probabilities of candidate translations of one source, e.g. to rerank them."""
         start = time.perf_counter()
@@ -191,20 +190,21 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
 
     @app.head("/v1/models", include_in_schema=False)
     @app.get("/v1/models", response_model=schemas.ModelsResponse, responses={503: ERROR_RESPONSES[503]},
-             tags=["service"])
+             tags=["service"], operation_id="models")
     async def models() -> dict[str, Any]:
         """The served model (languages, size, decoding defaults and its card: data, BLEU) and the request limits."""
         _require(worker)
         return {"models": [worker.info], "limits": limits}
 
     @app.head("/v1/health", include_in_schema=False)  # uptime monitors probe with HEAD
-    @app.get("/v1/health", response_model=schemas.Health, tags=["service"])
+    @app.get("/v1/health", response_model=schemas.Health, tags=["service"], operation_id="health")
     async def health() -> dict[str, Any]:
         """The process is up and its event loop answers."""
         return {"status": "ok"}
 
     @app.head("/v1/ready", include_in_schema=False)
-    @app.get("/v1/ready", response_model=schemas.Ready, responses={503: ERROR_RESPONSES[503]}, tags=["service"])
+    @app.get("/v1/ready", response_model=schemas.Ready, responses={503: ERROR_RESPONSES[503]}, tags=["service"],
+             operation_id="ready")
     async def ready() -> Any:
         """The model is loaded and requests are taken."""
         if not worker.ready:
@@ -212,10 +212,12 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
         return {"status": "ready", "model": worker.model_id}
 
     @app.head("/metrics", include_in_schema=False)
-    @app.get("/metrics", tags=["service"], response_class=Response)
+    @app.get("/metrics", tags=["service"], response_class=Response, operation_id="metrics",
+             responses={200: {"description": "Prometheus text format (version 0.0.4)",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus() -> Response:
         """Prometheus metrics: requests by route and status, latency, batch sizes, queue depth, tokens."""
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(metrics.render(), media_type=PROMETHEUS_TYPE)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:

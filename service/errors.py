@@ -193,8 +193,10 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description} for status, description in {
+    status: {"model": ErrorResponse, "description": description,
+             **({"headers": _RETRY_AFTER} if status in (429, 503) else {})} for status, description in {
         400: "the body could not be decoded (not UTF-8, nested too deeply, a number too long to read)",
         401: "missing or invalid API key (when keys are configured)",
         408: "the body did not arrive within the request deadline",

@@ -49,7 +49,8 @@ class TranslateRequest(_Request):
     text: Text | Texts = Field(description="one text or a list of texts; each is split into sentences, "
                                   "translated, and joined back with its whitespace",
                                   examples=["En el principio creó Dios los cielos y la tierra."])
-    beam_size: int | None = Field(None, ge=1, le=MAX_BEAM, description="beam width; default: the model's")
+    beam_size: int | None = Field(None, ge=1, le=MAX_BEAM, description="beam width; default: the model's, or n_best "
+                                  "when that is larger")
     n_best: int = Field(1, ge=1, le=MAX_BEAM, description="translations per text (best first); at most beam_size")
     length_penalty: float | None = Field(None, ge=0.0, le=MAX_LENGTH_PENALTY, allow_inf_nan=False,
                                          description="GNMT length penalty alpha; default: the model's")
