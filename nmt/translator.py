@@ -386,7 +386,8 @@ class Translator:
 
         max_len, when given, caps every output at that many pieces instead of the config's a * source + b;
         min_len bans the end of sentence before that many pieces (1: a text never translates to nothing, as in
-        fairseq). Empty and whitespace-only texts give "", as do those of only control or invisible characters.
+        fairseq). Whitespace-only texts come back as they are (a form feed or other control space as a space), and
+        those of only control or invisible characters as "".
         beam_size defaults to the config's, widened to n_best when that asks for more.
         shortlist=False decodes over the whole target vocabulary even when the model has a shortlist; the two
         sizes change its lists (see nmt/shortlist.py).
@@ -446,8 +447,6 @@ class Translator:
 
     def _plan(self, text: str, segments: list[_Segment]) -> list[str | int]:
         """The text as literal whitespace (str) and segments to translate (their index in segments)."""
-        if not text.strip():
-            return []
         plan: list[str | int] = []
         for k, part in enumerate(_LINE_BREAK.split(text)):
             if k % 2:
@@ -507,9 +506,9 @@ class Translator:
     def _assemble(self, plan: list[str | int], segments: list[_Segment], outputs: list[list[_Output]],
                   n_best: int, return_alignment: bool) -> Translation:
         used = [p for p in plan if isinstance(p, int) and segments[p].ids]
-        if not used:  # nothing to translate: blank, or only characters the tokenizer drops
+        if not used:  # nothing to translate: its whitespace as sent (none for only characters the tokenizer drops)
             empty = [] if return_alignment else None
-            return Translation("", None, [], empty, empty, empty)
+            return Translation("".join(p for p in plan if isinstance(p, str)), None, [], empty, empty, empty)
         alternatives: dict[str, float] = {}
         for ranks in _by_total_score([[out.score for out in outputs[i]] for i in used]):
             chosen = dict(zip(used, ranks, strict=True))

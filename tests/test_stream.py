@@ -97,7 +97,7 @@ def test_empty_calls_bad_options_and_cancelled_calls(translator):
     stream.cancel("gone")
     results = run(stream, [])
     assert sorted(results) == ["empty", "kept"]
-    assert [t.text for t in results["empty"]] == ["", ""]
+    assert [t.text for t in results["empty"]] == ["", "  "]
     assert len(stream) == 0 and stream.segments == 0
 
 
