@@ -111,9 +111,21 @@ class ScoreResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
-    id: str
-    src_lang: str | None = None
-    tgt_lang: str | None = None
+    id: str = Field(description="the model's name, as in every answer's `model`")
+    name: str | None = Field(None, description="the same as id")
+    src_lang: str | None = Field(None, description="source language code")
+    tgt_lang: str | None = Field(None, description="target language code")
+    parameters: int | None = Field(None, description="trainable parameters")
+    int8: bool | None = Field(None, description="linear layers dynamically quantized to int8 (NMT_INT8)")
+    device: str | None = Field(None, description="torch device the model runs on")
+    max_len: int | None = Field(None, description="pieces a source or candidate of /v1/score may hold (413 above); "
+                                "longer texts to translate are split")
+    decode: dict[str, Any] | None = Field(None, description="decoding defaults (the model config's decode section: "
+                                          "beam_size, length_penalty, ...)")
+    shortlist: bool | None = Field(None, description="decoding over the model's lexical shortlist")
+    weights_sha256: str | None = Field(None, description="SHA-256 of the weights file")
+    step: int | None = Field(None, description="training updates of the weights")
+    card: dict[str, Any] | None = Field(None, description="the model card (card.json): data, training, test BLEU")
 
 
 class Limits(BaseModel):

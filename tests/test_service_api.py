@@ -148,7 +148,15 @@ def test_models_health_ready_docs_and_page(client):
     assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # works offline
     for asset in re.findall(r'(?:src|href)="(/[^"]+)"', docs.text):
         assert client.get(asset).status_code == 200, asset
-    assert "/v1/translate" in client.get("/openapi.json").json()["paths"]
+    spec = client.get("/openapi.json").json()
+    assert "/v1/translate" in spec["paths"]
+    # What a generated client needs: method names, the Retry-After to honour, every field /v1/models returns.
+    operations = {op["operationId"] for path in spec["paths"].values() for op in path.values()}
+    assert operations == {"translate", "score", "models", "health", "ready", "metrics"}
+    for status in ("429", "503"):
+        assert "Retry-After" in spec["paths"]["/v1/translate"]["post"]["responses"][status]["headers"]
+    declared = spec["components"]["schemas"]["ModelInfo"]["properties"]
+    assert set(client.get("/v1/models").json()["models"][0]) <= set(declared)
     page = client.get("/")
     assert page.status_code == 200 and 'id="source"' in page.text
     for name in ("app.js", "style.css"):
