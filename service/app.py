@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.responses import FileResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -34,6 +35,7 @@ from service.worker import DecodeOptions, ModelWorker, TooLarge
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+DOCS, REDOC = "/docs", "/redoc"  # the API documentation pages
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format that Prometheus scrapes
 TRANSLATE, SCORE = "/v1/translate", "/v1/score"  # the model endpoints: API keys and rate limits apply to them
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from NMT_API_KEYS")
@@ -140,6 +142,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
 
     # /docs and /redoc from files in the package (fastapi-offline), not from a CDN: air-gapped hosts get them too.
     app = FastAPIOffline(title="rnnsearch", version=__version__, lifespan=lifespan, static_url="/docs-static",
+                         docs_url=DOCS, redoc_url=REDOC,
                          description="Neural machine translation with RNNsearch (Bahdanau attention). "
                                      "Errors are JSON: `{\"error\": {\"code\", \"message\", \"fields\"}}`.")
     app.state.worker, app.state.settings = worker, settings
@@ -223,5 +226,8 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    # fastapi-offline's documentation pages answer GET alone: monitors probing them with HEAD got 405.
+    for route in [r for r in app.routes if isinstance(r, APIRoute) and r.path in (DOCS, REDOC)]:
+        app.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

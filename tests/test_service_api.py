@@ -327,7 +327,7 @@ def test_a_compressed_body_is_415_and_head_answers_where_get_does(client):
     # One that happens to be UTF-8 (a broken or tiny one) is no JSON either: the encoding is still the answer.
     response = client.post("/v1/translate", content=b"xx", headers={**HEADERS, "Content-Encoding": "gzip"})
     assert error_of(response, 415)["message"] == "Content-Encoding gzip is not supported: send the body uncompressed"
-    for path in ("/", "/v1/health", "/v1/ready", "/v1/models"):  # monitors probe with HEAD: GET's headers
+    for path in ("/", "/v1/health", "/v1/ready", "/v1/models", "/docs", "/redoc"):  # monitors probe with HEAD
         head, get = client.head(path), client.get(path)
         assert head.status_code == 200 and head.content == b""
         assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
