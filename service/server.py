@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import math
@@ -49,9 +48,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
             raise NMTError("the service did not start: its error is in the log above")
         return
     config = uvicorn.Config(APP, workers=workers, **options)
-    supervisor = _Supervisor(config, sockets=[config.bind_socket()])
-    with contextlib.suppress(KeyboardInterrupt):  # one in the parent before its handlers: the workers stop alike
-        supervisor.run()
+    supervisor = _Supervisor(config, sockets=[config.bind_socket()])  # its signal handlers are set from here on
+    supervisor.run()
     if supervisor.interrupted:
         raise KeyboardInterrupt
     if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):  # uvicorn then stops, status 0
