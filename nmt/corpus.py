@@ -71,8 +71,10 @@ def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = 
     previous = (outdir / CORPUS_JSON).is_file()
     shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
     if entries and not previous:
-        raise NMTError(f"{outdir} exists, is not empty and holds no previous corpus ({CORPUS_JSON}): write the "
-                       "corpus to a new or empty directory")
+        only_hidden = all(e.name.startswith(".") for e in entries)  # such as .gitkeep: not empty either
+        hidden = f" (its hidden files count: {', '.join(others[:3])})" if only_hidden else ""
+        raise NMTError(f"{outdir} exists, is not empty{hidden} and holds no previous corpus ({CORPUS_JSON}): write "
+                       "the corpus to a new or empty directory")
     if others and not overwrite:
         raise NMTError(f"{outdir} holds a previous corpus and other files ({shown}); choose another directory, "
                        "or pass --overwrite to replace the corpus and keep them")

@@ -389,6 +389,11 @@ def test_files_existing_outdir(tmp_path: Path, caplog: pytest.LogCaptureFixture)
                                            "empty directory"):
             prepare_files(out, s, t, overwrite=overwrite)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train.py"]
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / ".gitkeep").write_text("")
+    with pytest.raises(NMTError, match=r"is not empty \(its hidden files count: \.gitkeep\)"):
+        prepare_files(kept, s, t)
     previous = tmp_path / "previous"
     prepare_files(previous, s, t)
     (previous / "test.ref").mkdir()  # a directory named as a corpus file: it was deleted, with what it held
@@ -417,7 +422,7 @@ def test_files_existing_outdir(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     (tmp_path / "file").write_text("x")
     with pytest.raises(NMTError, match="not a directory"):
         prepare_files(tmp_path / "file", s, t)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "out", "out2", "s", "t"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "kept", "out", "out2", "s", "t"]
 
 
 def test_files_never_replace_their_inputs_or_a_users_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
