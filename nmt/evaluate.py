@@ -92,7 +92,8 @@ def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str =
     for key, metric in scorers.items():
         metrics[key]["signature"] = str(metric.get_signature())
         if resamples > 1 and scores[key]._ci >= 0:  # -1: not resampled (see above)
-            metrics[key].update(mean=scores[key]._mean, ci95=scores[key]._ci)
+            # float(): sacrebleu gives chrF's and TER's as numpy float32, which JSON cannot hold
+            metrics[key].update(mean=float(scores[key]._mean), ci95=float(scores[key]._ci))
     report: dict[str, Any] = {"n": len(hyps), "metrics": metrics}
     if baseline is not None:
         report["paired"] = _paired(hyps, baseline, streams, scorers, bootstrap or 1000)

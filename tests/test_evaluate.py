@@ -154,6 +154,12 @@ def test_confidence_intervals_and_a_paired_test_against_a_baseline(system, tmp_p
     # Two sentences: sacrebleu's chrF resampling failed with a TypeError (a traceback); the others still have one.
     tiny = evaluate(["x", "y"], ["x", "z"], bootstrap=5)["metrics"]
     assert "ci95" not in tiny["chrf"] and "ci95" in tiny["ter"]
+    # With a report: chrF's and TER's intervals came as numpy float32, and writing it failed with a traceback.
+    assert main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--bootstrap", "200",
+                 "--report", str(tmp_path / "ci.json")]) == 0
+    written = json.loads((tmp_path / "ci.json").read_text(encoding="utf-8"))["metrics"]
+    assert {m: written[m]["ci95"] for m in written} == pytest.approx({m: report[m]["ci95"] for m in report})
+    capsys.readouterr()
     base_file = tmp_path / "base.txt"
     base = [" ".join(reversed(r.split())) for r in refs]  # a much worse system
     base_file.write_text("\n".join(base) + "\n", encoding="utf-8")
