@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 # sacrebleu's BLEU tokenizers that need nothing from the network (spm and flores download their models).
 TOKENIZERS = ("13a", "intl", "zh", "char", "ja-mecab", "ko-mecab", "none")
-SPACELESS = {"zh", "char", "ja-mecab", "ko-mecab"}  # for languages written without spaces: TER's asian_support too
 
 
 def default_tokenizer(tgt_lang: str | None) -> str:
@@ -58,7 +57,9 @@ def metrics_for(tokenize: str, lowercase: bool) -> dict[str, Any]:
     except (ImportError, RuntimeError):  # ja-mecab, ko-mecab without their packages
         raise NMTError(f"the {tokenize} tokenizer needs MeCab: pip install 'sacrebleu[ja]' (or 'sacrebleu[ko]'), "
                        "or choose --tokenize char") from None
-    return {"bleu": bleu, "chrf": CHRF(), "ter": TER(asian_support=tokenize in SPACELESS)}
+    # TER as sacrebleu's command line scores it whatever -tok says: its asian_support only acts with normalization
+    # or punctuation removal, both off, so setting it changed nothing but the signature (asian:yes).
+    return {"bleu": bleu, "chrf": CHRF(), "ter": TER()}
 
 
 def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str = "13a", lowercase: bool = False,

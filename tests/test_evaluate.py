@@ -130,7 +130,11 @@ def test_the_bleu_tokenizer_case_and_language(system, tmp_path, capsys, caplog):
     assert "look like a language written without spaces" in caplog.text and "--tokenize zh" in caplog.text
     report = tmp_path / "zh.json"
     assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--tokenize", "zh", "--report", str(report)]) == 0
-    bleu = json.loads(report.read_text(encoding="utf-8"))["metrics"]["bleu"]
+    written = json.loads(report.read_text(encoding="utf-8"))["metrics"]
+    bleu = written["bleu"]
+    ter = TER()
+    ter.corpus_score(ZH_HYPS, [ZH_REFS])
+    assert written["ter"]["signature"] == str(ter.get_signature())  # as `sacrebleu -tok zh` signs it
     assert bleu["score"] == pytest.approx(BLEU(tokenize="zh").corpus_score(ZH_HYPS, [ZH_REFS]).score)
     assert "|tok:zh|" in bleu["signature"] and bleu["score"] > 30
     assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--tokenize", "moses"]) == 2
