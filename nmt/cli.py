@@ -444,6 +444,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="sacrebleu's BLEU tokenizer: 13a, intl, zh, char, ja-mecab, ko-mecab or none (default: 13a; "
                         "with a MODEL, its target language's: zh for Chinese, char or MeCab for Japanese and Korean)")
     p.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU (sacrebleu's -lc)")
+    p.add_argument("--metrics", nargs="+", choices=("bleu", "chrf", "ter"), metavar="NAME",
+                   help="score only these of bleu, chrf and ter (sacrebleu's -m; default: all three; TER takes "
+                        "minutes on lines of thousands of words)")
     p.add_argument("--bootstrap", type=_resamples, default=0, metavar="N",
                    help="95%% confidence intervals from N bootstrap resamples (sacrebleu's --confidence; 1000 is "
                         "usual); with --baseline, the paired test's resamples (default 1000)")
@@ -513,6 +516,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _scoring(args: argparse.Namespace) -> dict[str, Any]:
     """evaluate()'s options from the command line (tokenize only when given: a model's default is its language's)."""
     scoring: dict[str, Any] = {"lowercase": args.lowercase, "bootstrap": args.bootstrap}
+    if args.metrics:
+        scoring["metrics"] = tuple(args.metrics)
     if args.tokenize is not None:
         from nmt.evaluate import metrics_for
 

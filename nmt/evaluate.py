@@ -48,8 +48,16 @@ def check_line_counts(n: int, refs: list[list[str]], what: str = "source lines",
             raise NMTError(f"{n} {what} but {len(stream)} lines in {name}: they must have the same number of lines")
 
 
-def metrics_for(tokenize: str, lowercase: bool) -> dict[str, Any]:
-    """sacrebleu's BLEU, chrF and TER as evaluate() scores; NMTError for a tokenizer that cannot be had."""
+METRICS = ("bleu", "chrf", "ter")  # what evaluate() can score, in the report's order
+_NAMES = {"bleu": "BLEU", "chrf": "chrF2", "ter": "TER"}  # as sacrebleu names them
+
+
+def metrics_for(tokenize: str, lowercase: bool, metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:
+    """sacrebleu's scorers of these metrics (BLEU, chrF, TER), as evaluate() scores; NMTError for an unknown metric
+    or a tokenizer that cannot be had."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise NMTError(f"metrics must be one or more of {', '.join(METRICS)}, got {' '.join(unknown) or 'none'}")
     if tokenize not in TOKENIZERS:
         raise NMTError(f"tokenize must be one of {', '.join(TOKENIZERS)}, got {tokenize!r}")
     try:
@@ -59,12 +67,15 @@ def metrics_for(tokenize: str, lowercase: bool) -> dict[str, Any]:
                        "or choose --tokenize char") from None
     # TER as sacrebleu's command line scores it whatever -tok says: its asian_support only acts with normalization
     # or punctuation removal, both off, so setting it changed nothing but the signature (asian:yes).
-    return {"bleu": bleu, "chrf": CHRF(), "ter": TER()}
+    scorers = {"bleu": bleu, "chrf": CHRF(), "ter": TER()}
+    return {m: scorers[m] for m in METRICS if m in metrics}
 
 
 def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str = "13a", lowercase: bool = False,
-             bootstrap: int = 0, baseline: list[str] | None = None) -> dict[str, Any]:
-    """Corpus BLEU, chrF and TER of hyps against one reference list (or several, as a list of lists).
+             bootstrap: int = 0, baseline: list[str] | None = None,
+             metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:
+    """Corpus BLEU, chrF and TER (or those of metrics) of hyps against one reference list (or several, as a list of
+    lists). TER takes time quadratic in a line's length: minutes for lines of thousands of words.
 
     tokenize and lowercase are BLEU's (sacrebleu's -tok and -lc). bootstrap > 0 adds each metric's 95% confidence
     interval from that many resamples (sacrebleu's --confidence); with baseline, another system's hypotheses of the
@@ -73,7 +84,7 @@ def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str =
     check_line_counts(len(hyps), streams, "hypotheses", baseline)
     if not hyps:
         raise NMTError("nothing to score: no hypotheses")
-    scorers = metrics_for(tokenize, lowercase)
+    scorers = metrics_for(tokenize, lowercase, metrics)
     resamples = bootstrap if baseline is None else 1
     scores = {}
     for key, metric in scorers.items():
@@ -83,19 +94,16 @@ def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str =
             log.warning("no confidence interval for %s: sacrebleu could not compute one on %d sentences", key,
                         len(hyps))
             scores[key] = metric.corpus_score(hyps, streams)
-    b = scores["bleu"]
-    metrics: dict[str, Any] = {
-        "bleu": {"score": b.score, "bp": b.bp, "ratio": b.ratio, "hyp_len": b.sys_len, "ref_len": b.ref_len,
-                 "precisions": b.precisions},
-        "chrf": {"score": scores["chrf"].score},
-        "ter": {"score": scores["ter"].score},
-    }
+    results: dict[str, Any] = {key: {"score": score.score} for key, score in scores.items()}
+    if "bleu" in scores:
+        b = scores["bleu"]
+        results["bleu"].update(bp=b.bp, ratio=b.ratio, hyp_len=b.sys_len, ref_len=b.ref_len, precisions=b.precisions)
     for key, metric in scorers.items():
-        metrics[key]["signature"] = str(metric.get_signature())
+        results[key]["signature"] = str(metric.get_signature())
         if resamples > 1 and scores[key]._ci >= 0:  # -1: not resampled (see above)
             # float(): sacrebleu gives chrF's and TER's as numpy float32, which JSON cannot hold
-            metrics[key].update(mean=float(scores[key]._mean), ci95=float(scores[key]._ci))
-    report: dict[str, Any] = {"n": len(hyps), "metrics": metrics}
+            results[key].update(mean=float(scores[key]._mean), ci95=float(scores[key]._ci))
+    report: dict[str, Any] = {"n": len(hyps), "metrics": results}
     if baseline is not None:
         report["paired"] = _paired(hyps, baseline, streams, scorers, bootstrap or 1000)
     return report
@@ -104,12 +112,12 @@ def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str =
 def _paired(hyps: list[str], baseline: list[str], streams: list[list[str]], scorers: dict[str, Any],
             samples: int) -> dict[str, Any]:
     """sacrebleu's paired bootstrap test of hyps against baseline: each metric's scores and the p-value."""
-    names = {"bleu": "BLEU", "chrf": "chrF2", "ter": "TER"}
-    test = PairedTest([("baseline", baseline), ("system", hyps)], {names[k]: m for k, m in scorers.items()},
+    test = PairedTest([("baseline", baseline), ("system", hyps)], {_NAMES[k]: m for k, m in scorers.items()},
                       streams, test_type="bs", n_samples=samples)
     signatures, results = test()
     paired: dict[str, Any] = {"samples": samples}
-    for key, name in names.items():
+    for key in scorers:
+        name = _NAMES[key]
         base, system = results[name]
         paired[key] = {"baseline": base.score, "system": system.score, "p_value": system.p_value,
                        "signature": str(signatures[name])}
@@ -231,11 +239,10 @@ def _write_text(path: Path, text: str) -> None:
 def format_table(report: dict[str, Any]) -> str:
     """A short plain-text table: metric, score (with its 95% interval, or the baseline's and the paired test's
     p-value, where measured), sacrebleu signature."""
-    names = {"bleu": "BLEU", "chrf": "chrF2", "ter": "TER"}
     paired = report.get("paired")
     rows = [f"{'metric':<7} {'score':>6}  " + ("baseline  p-value  " if paired else "") + "signature"]
-    for key, label in names.items():
-        m = report["metrics"][key]
+    for key, m in report["metrics"].items():
+        label = _NAMES[key]
         score = f"{m['score']:6.2f}" + (f" ± {m['ci95']:.2f}" if "ci95" in m else "")
         versus = f"{paired[key]['baseline']:8.2f}  {paired[key]['p_value']:7.4f}  " if paired else ""
         rows.append(f"{label:<7} {score}  {versus}{paired[key]['signature'] if paired else m['signature']}")

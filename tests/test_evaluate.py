@@ -415,3 +415,20 @@ def test_a_split_of_a_corpus_prepared_again_is_scored_with_a_warning(tiny_run, t
     caplog.clear()
     assert main(["evaluate", str(tiny_run), *base, "--data", str(again), "--report", str(tmp_path / "r.json")]) == 0
     assert "other training pairs" not in caplog.text
+
+
+def test_metrics_chooses_what_is_scored(system, tmp_path, capsys):
+    # TER always ran: minutes on lines of thousands of words, with no way to leave it out (sacrebleu's -m).
+    hyp_file, ref_file, hyps, refs = system
+    report = tmp_path / "chrf.json"
+    assert main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--metrics", "chrf", "bleu",
+                 "--baseline", str(ref_file), "--bootstrap", "50", "--report", str(report)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    written = json.loads(report.read_text(encoding="utf-8"))
+    assert list(written["metrics"]) == ["bleu", "chrf"] and set(written["paired"]) == {"samples", "bleu", "chrf"}
+    assert written["metrics"]["chrf"]["score"] == pytest.approx(CHRF().corpus_score(hyps, [refs]).score)
+    assert [row.split()[0] for row in table[1:]] == ["BLEU", "chrF2"]
+    with pytest.raises(SystemExit) as refused:
+        main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--metrics", "meteor"])
+    assert refused.value.code == 2
+    assert "invalid choice: 'meteor'" in capsys.readouterr().err
