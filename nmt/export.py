@@ -169,7 +169,8 @@ def _sessions(records: list[dict[str, Any]]) -> dict[str, Any]:
         elif sessions:
             sessions[-1]["end"] = r["time"]
     seconds = sum(s["end"] - s["start"] for s in sessions)
-    unique = {k: sorted({str(s[k]) for s in sessions if s.get(k) is not None})
+    # In the order they first ran, so that the commands read as the recipe they were.
+    unique = {k: list(dict.fromkeys(str(s[k]) for s in sessions if s.get(k) is not None))
               for k in ("command", "hardware", "precision")}
     return {"commands": unique["command"], "hardware": unique["hardware"], "precisions": unique["precision"],
             "sessions": len(sessions),

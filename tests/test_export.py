@@ -18,7 +18,7 @@ from nmt.cli import main
 from nmt.config import load_config
 from nmt.corpus import prepare_files
 from nmt.errors import NMTError
-from nmt.export import export_model, read_safetensors
+from nmt.export import _sessions, export_model, read_safetensors
 from nmt.model import Seq2Seq
 from nmt.tokenizer import Tokenizer, train_sentencepiece
 from nmt.train import train
@@ -407,3 +407,13 @@ def test_loading_never_unpickles_code(tmp_path):
     with pytest.raises(NMTError, match="not a readable rnnsearch checkpoint"):
         export_model(run, tmp_path / "out")
     assert not marker.exists()
+
+
+def test_the_cards_training_commands_are_in_the_order_they_ran():
+    # They were sorted: a run resumed with --set train.lr=0.001, then 0.0005, read as the reverse recipe.
+    records = [{"type": "session", "event": "start", "time": t, "command": c, "hardware": "cpu"}
+               for t, c in ((1, "nmt train c.yaml"), (2, "nmt train c.yaml --resume --set train.lr=0.001"),
+                            (3, "nmt train c.yaml --resume --set train.lr=0.0005"),
+                            (4, "nmt train c.yaml --resume --set train.lr=0.001"))]
+    assert _sessions(records)["commands"] == ["nmt train c.yaml", "nmt train c.yaml --resume --set train.lr=0.001",
+                                              "nmt train c.yaml --resume --set train.lr=0.0005"]
