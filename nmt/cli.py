@@ -170,7 +170,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_tokenizer(args: argparse.Namespace) -> int:
     from nmt.config import load_config, save_config
     from nmt.run_dir import check_run_dir_holds_only_a_run, lock_run_dir
-    from nmt.tokenizer import TOKENIZER_FILES, ensure_tokenizers
+    from nmt.tokenizer import TOKENIZER_FILES, TOKENIZER_RECORD, ensure_tokenizers
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.train.run_dir)
@@ -184,7 +184,7 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
             if (run_dir / "last.pt").exists():
                 raise NMTError(f"{run_dir} holds a trained model that depends on its tokenizers; "
                                "choose another train.run_dir")
-            for m in models:
+            for m in [*models, run_dir / TOKENIZER_RECORD]:
                 m.unlink(missing_ok=True)
         src, tgt = ensure_tokenizers(Path(cfg.data.dir), run_dir, cfg.tokenizer)
         save_config(cfg, run_dir / "config.yaml")  # so `nmt train` can tell whether its tokenizer settings match

@@ -10,11 +10,11 @@ from typing import Any
 from nmt.checkpoint import STEP_DIR
 from nmt.errors import NMTError
 from nmt.run_log import METRICS_FILE
-from nmt.tokenizer import TOKENIZER_FILES
+from nmt.tokenizer import TOKENIZER_FILES, TOKENIZER_RECORD
 
 log = logging.getLogger(__name__)
 
-RUN_ENTRIES = {"config.yaml", *TOKENIZER_FILES, METRICS_FILE, "last.pt", "best.pt", STEP_DIR, "eval",
+RUN_ENTRIES = {"config.yaml", *TOKENIZER_FILES, TOKENIZER_RECORD, METRICS_FILE, "last.pt", "best.pt", STEP_DIR, "eval",
                "curves.png"}  # what nmt tokenizer, train, evaluate and plot write in a run directory
 
 

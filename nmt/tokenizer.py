@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -13,7 +14,7 @@ from typing import Any
 import sentencepiece as spm
 
 from nmt.config import MIN_CHARACTER_COVERAGE, TokenizerConfig
-from nmt.corpus import TRAIN_FILES
+from nmt.corpus import TRAIN_FILES, train_pairs_sha256
 from nmt.errors import NMTError
 from nmt.files import atomic_write, sha256_of, write_failure
 
@@ -23,6 +24,7 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
 WORD_START = "\u2581"  # SentencePiece's visible space, which begins every word's first piece
 TOKENIZER_FILES = ("src.model", "tgt.model")  # a run's or exported model's source and target SentencePiece models
+TOKENIZER_RECORD = "tokenizers.json"  # in a run directory: the digest of the training pairs its tokenizers learned
 SENTENCEPIECE_MAX_BYTES = 4192  # longer lines are left out of tokenizer training (SentencePiece's default)
 
 
@@ -129,18 +131,39 @@ def _training_error(message: str, texts: list[Path], cfg: TokenizerConfig) -> st
 def ensure_tokenizers(data_dir: Path, run_dir: Path, cfg: TokenizerConfig) -> tuple[Tokenizer, Tokenizer]:
     """Load the run's src.model/tgt.model, training them on the corpus's train split if the run has none."""
     src_path, tgt_path = (run_dir / name for name in TOKENIZER_FILES)
-    if not (src_path.is_file() and tgt_path.is_file()):
-        src_text, tgt_text = (data_dir / name for name in TRAIN_FILES)
-        for f in (src_text, tgt_text):
-            if not f.is_file():
-                raise NMTError(f"training text not found: {f} (run `nmt prepare` first)")
-        if cfg.joint:
-            train_sentencepiece([src_text, tgt_text], src_path.with_suffix(""), cfg)
-            atomic_write(tgt_path, lambda tmp: shutil.copyfile(src_path, tmp))
-        else:
-            train_sentencepiece([src_text], src_path.with_suffix(""), cfg)
-            train_sentencepiece([tgt_text], tgt_path.with_suffix(""), cfg)
+    record = run_dir / TOKENIZER_RECORD
+    if src_path.is_file() and tgt_path.is_file():
+        _check_trained_on(record, data_dir)
+        return Tokenizer(src_path), Tokenizer(tgt_path)
+    src_text, tgt_text = (data_dir / name for name in TRAIN_FILES)
+    for f in (src_text, tgt_text):
+        if not f.is_file():
+            raise NMTError(f"training text not found: {f} (run `nmt prepare` first)")
+    if cfg.joint:
+        train_sentencepiece([src_text, tgt_text], src_path.with_suffix(""), cfg)
+        atomic_write(tgt_path, lambda tmp: shutil.copyfile(src_path, tmp))
+    else:
+        train_sentencepiece([src_text], src_path.with_suffix(""), cfg)
+        train_sentencepiece([tgt_text], tgt_path.with_suffix(""), cfg)
+    text = json.dumps({"data_dir": str(data_dir), "train_pairs_sha256": train_pairs_sha256(data_dir)}) + "\n"
+    atomic_write(record, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return Tokenizer(src_path), Tokenizer(tgt_path)
+
+
+def _check_trained_on(record: Path, data_dir: Path) -> None:
+    """NMTError when the run's tokenizers were trained on other training pairs than data_dir's: a first attempt
+    on another corpus (or before the corpus was prepared again) left them, and pieces they never saw would all be
+    <unk>, with a dev perplexity that looks excellent. Tokenizers without a record (put there by hand) pass."""
+    try:
+        trained = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(trained, dict) or trained.get("train_pairs_sha256") in (None, train_pairs_sha256(data_dir)):
+        return
+    raise NMTError(f"the tokenizers in {record.parent} were trained on other training pairs than those in "
+                   f"{data_dir} (on {trained.get('data_dir')}, or before it was prepared again): "
+                   "`nmt tokenizer CONFIG --force` trains them again on this corpus (before the first checkpoint), "
+                   "or choose another train.run_dir")
 
 
 def tokenizers_sha256(home: Path) -> str:

@@ -426,6 +426,28 @@ def test_stale_tokenizers_are_not_reused_silently(corpus: Path, reference_run: P
         train(tiny_config(corpus, run_dir, "tokenizer.vocab_size=60"))
 
 
+def test_tokenizers_of_another_corpus_are_not_reused_silently(corpus: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A first attempt on one corpus stopped before its first checkpoint; data.dir fixed, training went on with the
+    other corpus's tokenizers (every unseen piece <unk>, an excellent-looking dev perplexity)."""
+    other = tmp_path / "other"
+    shutil.copytree(corpus, other)
+    with open(other / "train.src", "a", encoding="utf-8") as f:
+        f.write("una línea más\n")
+    with open(other / "train.tgt", "a", encoding="utf-8") as f:
+        f.write("one more line\n")
+    run_dir = tmp_path / "run"
+    args = ["tokenizer", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}"]
+    assert main(args) == 0
+    with pytest.raises(NMTError, match=f"trained on other training pairs than those in {other}"):
+        train(tiny_config(other, run_dir, "train.max_steps=1"))
+    assert main(["tokenizer", str(TINY), "--set", f"data.dir={other}", "--set", f"train.run_dir={run_dir}",
+                 "--force"]) == 0
+    capsys.readouterr()
+    train(tiny_config(other, run_dir, "train.max_steps=1"))
+    assert (run_dir / "last.pt").is_file()
+
+
 def test_cli_train_error_exits_2(corpus: Path, reference_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={reference_run}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
