@@ -73,8 +73,13 @@ class Tokenizer:
 
 
 def set_sampling_seed(seed: int) -> None:
-    """Seed SentencePiece's sampler so subword sampling is repeatable (and resumable)."""
+    """Seed SentencePiece's sampler: its draws then repeat within this process, but not in another one
+    (sentencepiece 0.2.3: the same seed in two processes gives other segmentations)."""
     spm.set_random_generator_seed(seed)
+
+
+def spm_version() -> str:
+    return getattr(spm, "__version__", "unknown")
 
 
 def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig) -> Path:

@@ -37,7 +37,14 @@ from nmt.model import Seq2Seq
 from nmt.progress import Progress
 from nmt.run_dir import check_run_dir_holds_only_a_run, lock_run_dir
 from nmt.run_log import METRICS_FILE, append_record
-from nmt.tokenizer import Tokenizer, check_trained_with, ensure_tokenizers, set_sampling_seed, tokenizers_sha256
+from nmt.tokenizer import (
+    Tokenizer,
+    check_trained_with,
+    ensure_tokenizers,
+    set_sampling_seed,
+    spm_version,
+    tokenizers_sha256,
+)
 from nmt.translator import Translator
 
 log = logging.getLogger(__name__)
@@ -522,6 +529,11 @@ class Trainer:
             log.info("the run is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps to go on)",
                      self.pos.step, tc.max_steps)
             reason = "max steps"
+        if self.cfg.tokenizer.sample_alpha > 0 and self.ranks.main:
+            log.warning("tokenizer.sample_alpha=%g: SentencePiece draws the sampled segmentations with a generator "
+                        "that does not repeat from one process to the next whatever its seed (sentencepiece %s), so "
+                        "this run is not repeatable bit for bit, nor a resume exact", self.cfg.tokenizer.sample_alpha,
+                        spm_version())
         window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
         bar = Progress(total, "step", enabled=None if self.ranks.main else False, start=self.pos.step)
         with StopSignal(self._kept) as stop, bar as progress:

@@ -697,3 +697,11 @@ def test_the_command_ignores_ctrl_c_once_it_has_finished(monkeypatch: pytest.Mon
     with pytest.raises(SystemExit) as exited:
         nmt.cli.run()
     assert exited.value.code == 130 and handlers == [(signal.SIGINT, signal.SIG_IGN)]
+
+
+def test_subword_sampling_says_the_run_is_not_repeatable(corpus: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # The README promised an exact resume; SentencePiece's sampler does not repeat across processes.
+    with caplog.at_level(logging.WARNING):
+        train(tiny_config(corpus, tmp_path / "run", "tokenizer.sample_alpha=0.1", "train.max_steps=1"))
+    assert "is not repeatable bit for bit, nor a resume exact" in caplog.text
