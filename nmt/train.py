@@ -387,11 +387,14 @@ class Trainer:
             raise NMTError(f"{self.last_path} does not fit the configured model: {exc}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        saved = state.get("config", {}).get("train", {})
+        saved_config = state.get("config", {})
+        saved = saved_config.get("train", {})
         self._apply_schedule_changes(saved)
-        now = self.cfg.to_dict()["train"]
-        changed = [f"train.{key}: {old!r} -> {now[key]!r}" for key, old in saved.items()
-                   if key in now and now[key] != old]
+        now_config = self.cfg.to_dict()
+        # Every section's: data.max_len, say, changes which pairs train (and how an export splits long input).
+        changed = [f"{section}.{key}: {old!r} -> {now[key]!r}" for section, now in now_config.items()
+                   if isinstance(now, dict) and isinstance(saved_config.get(section), dict)
+                   for key, old in saved_config[section].items() if key in now and now[key] != old]
         if changed:
             # A resumed run continues exactly only with the same settings; say which ones this session changes.
             log.info("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))

@@ -705,3 +705,14 @@ def test_subword_sampling_says_the_run_is_not_repeatable(corpus: Path, tmp_path:
     with caplog.at_level(logging.WARNING):
         train(tiny_config(corpus, tmp_path / "run", "tokenizer.sample_alpha=0.1", "train.max_steps=1"))
     assert "is not repeatable bit for bit, nor a resume exact" in caplog.text
+
+
+def test_resume_names_every_setting_it_changes(corpus: Path, reference_run: Path, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    # Only train.* were named: a changed data.max_len (which pairs train) went unsaid.
+    run_dir = shutil.copytree(reference_run, tmp_path / "run")
+    with caplog.at_level(logging.INFO):
+        train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS + 1}", "data.max_len=30"),
+              resume=True)
+    line = next(r.getMessage() for r in caplog.records if "settings that differ" in r.getMessage())
+    assert "data.max_len: " in line and f"train.max_steps: {TOTAL_STEPS} -> {TOTAL_STEPS + 1}" in line
