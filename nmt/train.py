@@ -408,8 +408,27 @@ class Trainer:
             self.pos.batch = self.pos.batch * world // self.ranks.world
             log.warning("the run was trained on %d processes and resumes on %d: it continues from about the same "
                         "place in the epoch, but not bit for bit", world, self.ranks.world)
+        self._refit_position(saved)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last_path, self.pos.step,
                  self.pos.epoch_number, self.pos.batch)
+
+    def _refit_position(self, saved: dict[str, Any]) -> None:
+        """With other batching settings than the checkpoint's, the epoch's batches are not those its position
+        counts (a smaller train.batch_tokens: batch 25 of a 32-batch epoch lay past the end of an 8-batch one, and
+        the rest of the epoch was skipped): go on from the same fraction of the epoch instead, with a warning."""
+        tc = self.cfg.train
+        keys = ("batch_tokens", "max_sentences", "bucket_width", "seed")
+        if all(saved.get(k, getattr(tc, k)) == getattr(tc, k) for k in keys) or not self.pos.batch:
+            return
+        old = ParallelData(self.data.src, self.data.tgt, *(saved.get(k, getattr(tc, k)) for k in keys[:3]))
+        before = len(old.epoch_batches(saved.get("seed", tc.seed), self.pos.epoch, self.ranks.rank, self.ranks.world))
+        now = len(self.data.epoch_batches(tc.seed, self.pos.epoch, self.ranks.rank, self.ranks.world))
+        batch = min(now, self.pos.batch * now // max(before, 1))
+        self.pos.batch = batch - batch % tc.accum_steps
+        log.warning("the run resumes with other batching settings (%s): it goes on %d%% into epoch %d as before, "
+                    "but not bit for bit", ", ".join(f"train.{k}" for k in keys
+                                                  if saved.get(k, getattr(tc, k)) != getattr(tc, k)),
+                    round(100 * self.pos.batch / max(now, 1)), self.pos.epoch_number)
 
     def _apply_schedule_changes(self, saved: dict[str, Any]) -> None:
         """On --resume, train.lr and the decay settings of the config win over those saved in the checkpoint."""

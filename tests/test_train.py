@@ -716,3 +716,18 @@ def test_resume_names_every_setting_it_changes(corpus: Path, reference_run: Path
               resume=True)
     line = next(r.getMessage() for r in caplog.records if "settings that differ" in r.getMessage())
     assert "data.max_len: " in line and f"train.max_steps: {TOTAL_STEPS} -> {TOTAL_STEPS + 1}" in line
+
+
+def test_resume_with_other_batching_goes_on_from_the_same_place_in_the_epoch(
+        corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The position is a batch index: with larger batches it lay past the end of the new epoch's batches, whose
+    # rest was skipped without a word.
+    run_dir = tmp_path / "run"
+    train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.batch_tokens=100", "train.max_steps=12"))
+    position = torch.load(run_dir / "last.pt", weights_only=False)["position"]
+    assert position["batch"] == 12 and position["epoch"] == 0
+    with caplog.at_level(logging.INFO):
+        train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.batch_tokens=400", "train.max_steps=13"),
+              resume=True)
+    assert "resumes with other batching settings (train.batch_tokens)" in caplog.text
+    assert torch.load(run_dir / "last.pt", weights_only=False)["position"]["epoch"] == 0  # not the next epoch
