@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import signal
@@ -34,6 +35,11 @@ def say(*lines: str) -> None:
         raise
     except OSError as exc:
         raise NMTError(f"cannot write to standard output ({write_failure(Path(os.devnull), exc)})") from None
+
+
+def say_to_stderr(*lines: str) -> None:
+    """Print result lines on standard error, where standard output holds the result itself."""
+    print(*lines, sep="\n", file=sys.stderr, flush=True)
 
 
 _DROP_LABELS = {"empty": "empty", "too_long": "too long", "ratio": "length ratio", "duplicate": "duplicate",
@@ -324,6 +330,15 @@ def _open(path: str | None, mode: str, default: Any) -> Any:
         raise NMTError(f"cannot open {path}: {exc.strerror}") from None
 
 
+def _is_stdout(path: str) -> bool:
+    """Whether path names this process's standard output (/dev/stdout, or the file it is redirected to)."""
+    try:
+        named, out = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (named.st_dev, named.st_ino) == (out.st_dev, out.st_ino)
+
+
 def _check_not_input(output: str | os.PathLike | int, inputs: list[str | os.PathLike | int]) -> None:
     """Refuse to write over a file the command reads, named or an open descriptor such as stdin (the output would
     destroy its own input, or, appended to it, be read again without end); the output too may be a descriptor
@@ -439,7 +454,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="prepared corpus directory for --split (default: the model config's data.dir)")
     p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: the --report file's directory, "
                                  "else MODEL/eval; RUN/eval/CHECKPOINT for a .pt file)")
-    p.add_argument("--report", help="write the JSON report here instead (and NAME.hyp beside it, unless --out)")
+    p.add_argument("--report", help="write the JSON report here instead (and NAME.hyp beside it, unless --out); "
+                                    "- writes it to standard output, instead of the table")
     p.add_argument("--tokenize", metavar="NAME",
                    help="sacrebleu's BLEU tokenizer: 13a, intl, zh, char, ja-mecab, ko-mecab or none (default: 13a; "
                         "with a MODEL, its target language's: zh for Chinese, char or MeCab for Japanese and Korean)")
@@ -464,12 +480,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                       *(("--ref", r) for r in args.ref or ())) if value == "-"]
     if len(stdin) > 1:
         raise NMTError(f"standard input can be read once: {' and '.join(stdin)} cannot both be -")
+    if args.report == "-":
+        args.report = "/dev/stdout"
+    # A report on standard output is the output: the table after it made it no JSON a program could read.
+    show = say_to_stderr if args.report and _is_stdout(args.report) else say
     if args.hyp:
         report = _score_hypotheses(args)
-        say(format_table(report))
+        show(format_table(report))
         return 0
     if not args.model:
-        raise NMTError("give a MODEL to translate with, or --hyp FILE to score existing translations")
+        swallowed = " (--ref takes every file after it: name the MODEL first)" if len(args.ref or ()) > 1 else ""
+        raise NMTError(f"give a MODEL to translate with, or --hyp FILE to score existing translations{swallowed}")
     if bool(args.split) == bool(args.src):
         raise NMTError("give either --split NAME or --src FILE (with --ref)")
     if args.src and not args.ref:
@@ -508,8 +529,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     report = _evaluate_into(translator, src, refs, scoring, args, out / f"{name}.hyp")
     report.update(src=_shown(src_path), ref=[_shown(r) for r in ref_paths], inputs_sha256=digest.hexdigest())
     write_report(report, report_path)
-    say(format_table(report),
-        f"{report['n']} sentences in {report['seconds']:.1f} s; hypotheses: {report['hyp']}  report: {report_path}")
+    show(format_table(report),
+         f"{report['n']} sentences in {report['seconds']:.1f} s; hypotheses: {report['hyp']}  report: {report_path}")
     return 0
 
 
@@ -534,6 +555,9 @@ def _score_hypotheses(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.model or args.src or args.split:
         raise NMTError("--hyp scores existing translations: give no MODEL, --src or --split")
+    if args.out or args.data:
+        raise NMTError("--hyp scores existing translations: --out and --data are for translating with a MODEL "
+                       "(--report FILE writes the report)")
     if not args.ref:
         raise NMTError("--hyp needs --ref")
     if args.report:

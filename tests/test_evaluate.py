@@ -220,7 +220,7 @@ def test_each_checkpoint_file_has_its_own_default_report(tiny_run, tmp_path):
     src.write_text("a b c\n", encoding="utf-8")
     for model in (run, run / "last.pt", step_checkpoints(run)[0]):
         assert main(["evaluate", str(model), "--src", str(src), "--ref", str(src)]) == 0
-    reports = sorted(str(p.relative_to(run)) for p in run.rglob("*.json"))
+    reports = sorted(str(p.relative_to(run)) for p in (run / "eval").rglob("*.json"))
     kept = step_checkpoints(run)[0].stem
     assert reports == sorted(["eval/s.json", "eval/last/s.json", f"eval/{kept}/s.json"])  # last.pt replaced best.pt's
     steps = {p: json.loads((run / p).read_text(encoding="utf-8"))["step"] for p in reports}
@@ -432,3 +432,19 @@ def test_metrics_chooses_what_is_scored(system, tmp_path, capsys):
         main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--metrics", "meteor"])
     assert refused.value.code == 2
     assert "invalid choice: 'meteor'" in capsys.readouterr().err
+
+
+def test_a_report_on_standard_output_is_json_alone(system, tmp_path, capsys):
+    # The table followed the JSON on stdout (--report /dev/stdout), and --report - wrote a file named "-".
+    hyp_file, ref_file, _, _ = system
+    for target in ("-", "/dev/stdout"):
+        done = subprocess.run([sys.executable, "-m", "nmt", "evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file),
+                               "--metrics", "bleu", "--report", target], capture_output=True, text=True,
+                              cwd=tmp_path, check=True)
+        assert list(json.loads(done.stdout)["metrics"]) == ["bleu"] and "signature" in done.stderr
+    assert not (tmp_path / "-").exists()
+    # Options that only translating uses were ignored without a word; a MODEL after --ref was taken as a reference.
+    assert main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--out", str(tmp_path / "o")]) == 2
+    assert "--out and --data are for translating with a MODEL" in capsys.readouterr().err
+    assert main(["evaluate", "--src", str(hyp_file), "--ref", str(ref_file), str(tmp_path)]) == 2
+    assert "--ref takes every file after it: name the MODEL first" in capsys.readouterr().err
