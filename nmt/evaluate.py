@@ -93,7 +93,9 @@ def evaluate(hyps: list[str], refs: list[str] | list[list[str]], tokenize: str =
         except TypeError:  # sacrebleu 2.6's chrF mixes float and float32 resamples on a few sentences
             log.warning("no confidence interval for %s: sacrebleu could not compute one on %d sentences", key,
                         len(hyps))
-            scores[key] = metric.corpus_score(hyps, streams)
+            # A fresh scorer: the failed one keeps bs:N in its signature, for resamples that never came.
+            scorers[key] = metrics_for(tokenize, lowercase, (key,))[key]
+            scores[key] = scorers[key].corpus_score(hyps, streams)
     results: dict[str, Any] = {key: {"score": score.score} for key, score in scores.items()}
     if "bleu" in scores:
         b = scores["bleu"]

@@ -158,6 +158,7 @@ def test_confidence_intervals_and_a_paired_test_against_a_baseline(system, tmp_p
     # Two sentences: sacrebleu's chrF resampling failed with a TypeError (a traceback); the others still have one.
     tiny = evaluate(["x", "y"], ["x", "z"], bootstrap=5)["metrics"]
     assert "ci95" not in tiny["chrf"] and "ci95" in tiny["ter"]
+    assert "bs:" not in tiny["chrf"]["signature"] and "bs:5" in tiny["ter"]["signature"]  # as it was scored
     # With a report: chrF's and TER's intervals came as numpy float32, and writing it failed with a traceback.
     assert main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--bootstrap", "200",
                  "--report", str(tmp_path / "ci.json")]) == 0
