@@ -481,7 +481,9 @@ def prepare_files(
         given = {s for split in held for s, _ in held[split]}  # a drawn set must not repeat a given one
         candidates = [i for i, (s, _) in enumerate(pairs) if s not in given]
         if len(candidates) < MIN_PAIRS:
-            raise NMTError(f"only {len(candidates)} usable sentence pairs after cleaning; at least {MIN_PAIRS} "
+            repeated = len(pairs) - len(candidates)
+            why = f" ({repeated} of the {len(pairs)} repeat a source of the given dev/test files)" if repeated else ""
+            raise NMTError(f"only {len(candidates)} usable sentence pairs after cleaning{why}; at least {MIN_PAIRS} "
                            "are needed to hold out dev and test sets (or give dev and test files)")
         sizes = {split: _holdout_size(holdouts[split][0], len(candidates), split) for split in to_draw}
         wanted = sum(sizes[s] for s in to_draw)
@@ -498,7 +500,9 @@ def prepare_files(
     train = [p for p in pairs if p[0] not in eval_sources]
     dropped["overlap_dev_test"] = len(pairs) - len(train)
     if not train:
-        raise NMTError("no training pairs left after cleaning (see the drop counts with -v)")
+        why = (f": all {len(pairs)} repeat a source of the dev or test set (training pairs must not)" if pairs
+               else "")
+        raise NMTError(f"no training pairs left after cleaning{why}")
 
     splits = {"train": train, "dev": held["dev"], "test": held["test"]}
     counts = {s: len(splits[s]) for s in SPLITS}

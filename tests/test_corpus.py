@@ -535,3 +535,15 @@ def test_cli_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
         main([*argv, "--help"])
     assert exc.value.code == 0
     assert "usage: nmt prepare" in capsys.readouterr().out
+
+
+def test_training_pairs_that_all_repeat_the_dev_set_are_named_as_such(tmp_path: Path) -> None:
+    # "no training pairs left after cleaning (see the drop counts with -v)": -v showed none, the overlap went unsaid.
+    src = write(tmp_path / "s.txt", [f"frase {i}" for i in range(20)])
+    tgt = write(tmp_path / "t.txt", [f"sentence {i}" for i in range(20)])
+    other_src, other_tgt = write(tmp_path / "os.txt", ["otra"]), write(tmp_path / "ot.txt", ["other"])
+    with pytest.raises(NMTError, match="all 20 repeat a source of the dev or test set"):
+        prepare_files(tmp_path / "a", src, tgt, dev_src=src, dev_tgt=tgt, test_src=other_src, test_tgt=other_tgt)
+    with pytest.raises(NMTError, match=r"only 0 usable sentence pairs after cleaning \(20 of the 20 repeat a source"):
+        prepare_files(tmp_path / "b", src, tgt, dev_src=src, dev_tgt=tgt)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
