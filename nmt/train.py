@@ -551,6 +551,9 @@ class Trainer:
             log.info("the run is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps to go on)",
                      self.pos.step, tc.max_steps)
             reason = "max steps"
+        elif self.pos.epoch >= tc.epochs:  # likewise for a run that trained all its epochs
+            log.info("the run has trained its %d epochs (train.epochs): nothing to train (raise train.epochs to go "
+                     "on)", tc.epochs)
         if self.cfg.tokenizer.sample_alpha > 0 and self.ranks.main:
             log.warning("tokenizer.sample_alpha=%g: SentencePiece draws the sampled segmentations with a generator "
                         "that does not repeat from one process to the next whatever its seed (sentencepiece %s), so "

@@ -731,3 +731,14 @@ def test_resume_with_other_batching_goes_on_from_the_same_place_in_the_epoch(
               resume=True)
     assert "resumes with other batching settings (train.batch_tokens)" in caplog.text
     assert torch.load(run_dir / "last.pt", weights_only=False)["position"]["epoch"] == 0  # not the next epoch
+
+
+def test_resuming_a_run_that_trained_all_its_epochs_says_so(corpus: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    # It printed nothing of the kind (the max_steps case said "nothing to train").
+    run_dir = tmp_path / "run"
+    settings = ["train.epochs=1", "train.max_steps=0", "train.valid_every=0"]
+    train(tiny_config(corpus, run_dir, *settings))
+    with caplog.at_level(logging.INFO):
+        train(tiny_config(corpus, run_dir, *settings), resume=True)
+    assert "has trained its 1 epochs (train.epochs): nothing to train (raise train.epochs to go on)" in caplog.text
