@@ -133,12 +133,16 @@ def _training_error(message: str, texts: list[Path], cfg: TokenizerConfig) -> st
     return f"SentencePiece training failed on {', '.join(map(str, texts))}: {message}"
 
 
-def ensure_tokenizers(data_dir: Path, run_dir: Path, cfg: TokenizerConfig) -> tuple[Tokenizer, Tokenizer]:
-    """Load the run's src.model/tgt.model, training them on the corpus's train split if the run has none."""
+def ensure_tokenizers(data_dir: Path, run_dir: Path, cfg: TokenizerConfig,
+                      data_sha256: str | None = None) -> tuple[Tokenizer, Tokenizer]:
+    """Load the run's src.model/tgt.model, training them on the corpus's train split if the run has none.
+
+    data_sha256: the train split's digest (corpus.train_pairs_sha256) where the caller has it already; hashing a
+    large corpus again takes seconds."""
     src_path, tgt_path = (run_dir / name for name in TOKENIZER_FILES)
     record = run_dir / TOKENIZER_RECORD
     if src_path.is_file() and tgt_path.is_file():
-        _check_trained_on(record, data_dir)
+        _check_trained_on(record, data_dir, data_sha256)
         return Tokenizer(src_path), Tokenizer(tgt_path)
     src_text, tgt_text = (data_dir / name for name in TRAIN_FILES)
     for f in (src_text, tgt_text):
@@ -150,12 +154,13 @@ def ensure_tokenizers(data_dir: Path, run_dir: Path, cfg: TokenizerConfig) -> tu
     else:
         train_sentencepiece([src_text], src_path.with_suffix(""), cfg)
         train_sentencepiece([tgt_text], tgt_path.with_suffix(""), cfg)
-    text = json.dumps({"data_dir": str(data_dir), "train_pairs_sha256": train_pairs_sha256(data_dir)}) + "\n"
+    digest = data_sha256 or train_pairs_sha256(data_dir)
+    text = json.dumps({"data_dir": str(data_dir), "train_pairs_sha256": digest}) + "\n"
     atomic_write(record, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return Tokenizer(src_path), Tokenizer(tgt_path)
 
 
-def _check_trained_on(record: Path, data_dir: Path) -> None:
+def _check_trained_on(record: Path, data_dir: Path, data_sha256: str | None) -> None:
     """NMTError when the run's tokenizers were trained on other training pairs than data_dir's: a first attempt
     on another corpus (or before the corpus was prepared again) left them, and pieces they never saw would all be
     <unk>, with a dev perplexity that looks excellent. Tokenizers without a record (put there by hand) pass."""
@@ -163,7 +168,9 @@ def _check_trained_on(record: Path, data_dir: Path) -> None:
         trained = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    if not isinstance(trained, dict) or trained.get("train_pairs_sha256") in (None, train_pairs_sha256(data_dir)):
+    if not isinstance(trained, dict) or trained.get("train_pairs_sha256") is None:
+        return
+    if trained["train_pairs_sha256"] == (data_sha256 or train_pairs_sha256(data_dir)):
         return
     raise NMTError(f"the tokenizers in {record.parent} were trained on other training pairs than those in "
                    f"{data_dir} (on {trained.get('data_dir')}, or before it was prepared again): "

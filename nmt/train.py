@@ -291,12 +291,12 @@ class Trainer:
             make_dir(self.run_dir)
             self._lock = lock_run_dir(self.run_dir)
             save_config(cfg, self.run_dir / "config.yaml")  # for `nmt train RUN/config.yaml --resume`
-            ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer)
+            ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer, self.data_sha256)
         self.ranks.barrier()
         if not (self.run_dir / "src.model").is_file():
             raise NMTError(f"rank {self.ranks.rank} cannot see {self.run_dir}/src.model written by rank 0: "
                            "for training on several machines, train.run_dir must be on a filesystem they share")
-        self.src_tok, self.tgt_tok = ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer)
+        self.src_tok, self.tgt_tok = ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer, self.data_sha256)
         self.tokenizers_sha256 = tokenizers_sha256(self.run_dir)
         self.train_text = (train_src, train_tgt)
         src_ids, tgt_ids, dropped = encode_pairs(self.src_tok, self.tgt_tok, train_src, train_tgt, cfg.data.max_len)
@@ -414,21 +414,22 @@ class Trainer:
 
     def _refit_position(self, saved: dict[str, Any]) -> None:
         """With other batching settings than the checkpoint's, the epoch's batches are not those its position
-        counts (a smaller train.batch_tokens: batch 25 of a 32-batch epoch lay past the end of an 8-batch one, and
+        counts (a larger train.batch_tokens: batch 25 of a 32-batch epoch lay past the end of an 8-batch one, and
         the rest of the epoch was skipped): go on from the same fraction of the epoch instead, with a warning."""
         tc = self.cfg.train
-        keys = ("batch_tokens", "max_sentences", "bucket_width", "seed")
-        if all(saved.get(k, getattr(tc, k)) == getattr(tc, k) for k in keys) or not self.pos.batch:
+        old = {k: saved.get(k, getattr(tc, k)) for k in ("batch_tokens", "max_sentences", "bucket_width", "seed")}
+        changed = [f"train.{k}" for k, value in old.items() if value != getattr(tc, k)]
+        if not changed or not self.pos.batch:
             return
-        old = ParallelData(self.data.src, self.data.tgt, *(saved.get(k, getattr(tc, k)) for k in keys[:3]))
-        before = len(old.epoch_batches(saved.get("seed", tc.seed), self.pos.epoch, self.ranks.rank, self.ranks.world))
+        then = ParallelData(self.data.src, self.data.tgt, old["batch_tokens"], old["max_sentences"],
+                            old["bucket_width"])
+        before = len(then.epoch_batches(old["seed"], self.pos.epoch, self.ranks.rank, self.ranks.world))
         now = len(self.data.epoch_batches(tc.seed, self.pos.epoch, self.ranks.rank, self.ranks.world))
         batch = min(now, self.pos.batch * now // max(before, 1))
         self.pos.batch = batch - batch % tc.accum_steps
         log.warning("the run resumes with other batching settings (%s): it goes on %d%% into epoch %d as before, "
-                    "but not bit for bit", ", ".join(f"train.{k}" for k in keys
-                                                  if saved.get(k, getattr(tc, k)) != getattr(tc, k)),
-                    round(100 * self.pos.batch / max(now, 1)), self.pos.epoch_number)
+                    "but not bit for bit", ", ".join(changed), round(100 * self.pos.batch / max(now, 1)),
+                    self.pos.epoch_number)
 
     def _apply_schedule_changes(self, saved: dict[str, Any]) -> None:
         """On --resume, train.lr and the decay settings of the config win over those saved in the checkpoint."""
