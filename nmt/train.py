@@ -399,6 +399,8 @@ class Trainer:
             # A resumed run continues exactly only with the same settings; say which ones this session changes.
             log.info("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
         self.pos = Position(**state["position"])
+        if saved.get("lr", self.cfg.train.lr) != self.cfg.train.lr:
+            self.pos.bad_validations = 0  # a restarted learning rate starts early stopping's count again too
         # One RNG state per rank; checkpoints from before distributed training hold a single one.
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         set_rng_state(rngs[self.ranks.rank % len(rngs)], self.device)
@@ -555,6 +557,13 @@ class Trainer:
         elif self.pos.epoch >= tc.epochs:  # likewise for a run that trained all its epochs
             log.info("the run has trained its %d epochs (train.epochs): nothing to train (raise train.epochs to go "
                      "on)", tc.epochs)
+        elif tc.early_stop_patience and self.pos.bad_validations >= tc.early_stop_patience:
+            # Otherwise a resumed run that had stopped early trained one more validation interval, to stop again.
+            log.info("the run stopped early at step %d, after %d validations in a row without improvement "
+                     "(train.early_stop_patience=%d): nothing to train (raise train.early_stop_patience, or restart "
+                     "the learning rate with --set train.lr=..., to go on)", self.pos.step, self.pos.bad_validations,
+                     tc.early_stop_patience)
+            reason = "early stopping"
         if self.cfg.tokenizer.sample_alpha > 0 and self.ranks.main:
             log.warning("tokenizer.sample_alpha=%g: SentencePiece draws the sampled segmentations with a generator "
                         "that does not repeat from one process to the next whatever its seed (sentencepiece %s), so "

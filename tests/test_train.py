@@ -742,3 +742,20 @@ def test_resuming_a_run_that_trained_all_its_epochs_says_so(corpus: Path, tmp_pa
     with caplog.at_level(logging.INFO):
         train(tiny_config(corpus, run_dir, *settings), resume=True)
     assert "has trained its 1 epochs (train.epochs): nothing to train (raise train.epochs to go on)" in caplog.text
+
+
+def test_resuming_a_run_that_stopped_early_trains_nothing_unless_the_learning_rate_restarts(
+        corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # It trained one more validation interval, only to stop early again. A learning rate this small leaves the
+    # weights as they are, so the second validation cannot improve on the first.
+    run_dir = tmp_path / "run"
+    settings = ["train.lr=1e-12", "train.valid_every=2", "train.valid_bleu=false", "train.early_stop_patience=1",
+                "train.max_steps=0", "train.epochs=100"]
+    assert train(tiny_config(corpus, run_dir, *settings))["reason"] == "early stopping"
+    stopped = torch.load(run_dir / "last.pt", weights_only=False)["position"]["step"]
+    assert stopped == 4
+    with caplog.at_level(logging.INFO):
+        result = train(tiny_config(corpus, run_dir, *settings), resume=True)
+    assert result == {"step": stopped, "best_bleu": -1.0, "reason": "early stopping", "signal": 0, "main": True}
+    assert "stopped early at step 4, after 1 validations in a row without improvement" in caplog.text
+    assert train(tiny_config(corpus, run_dir, *settings[1:], "train.lr=1e-11"), resume=True)["step"] == stopped + 2
