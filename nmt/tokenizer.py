@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,24 +91,24 @@ def spm_version() -> str:
 def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig) -> Path:
     """Train a SentencePiece model on the given text files; writes PREFIX.model atomically."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".sentencepiece-") as tmp:  # hidden: not a run's
-        tmp_prefix = Path(tmp) / prefix.name
+    with _sigterm_unwinds(), tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".sentencepiece-") as tmp:
+        tmp_prefix = Path(tmp) / prefix.name  # the directory is hidden: not part of a run
         try:
-            spm.SentencePieceTrainer.Train(
-                input=",".join(str(t) for t in texts),
-                model_prefix=str(tmp_prefix),
-                model_type=cfg.type,
-                vocab_size=cfg.vocab_size,
-                character_coverage=cfg.character_coverage,
-                input_sentence_size=cfg.input_sentence_size,
-                max_sentence_length=SENTENCEPIECE_MAX_BYTES,
-                shuffle_input_sentence=True,
-                pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
-                pad_piece=PAD_PIECE, unk_piece=UNK_PIECE, bos_piece=BOS_PIECE, eos_piece=EOS_PIECE,
-                hard_vocab_limit=False,
-                num_threads=os.cpu_count() or 1,
-                minloglevel=2,
-            )
+            _train_in_child({
+                "input": ",".join(str(t) for t in texts),
+                "model_prefix": str(tmp_prefix),
+                "model_type": cfg.type,
+                "vocab_size": cfg.vocab_size,
+                "character_coverage": cfg.character_coverage,
+                "input_sentence_size": cfg.input_sentence_size,
+                "max_sentence_length": SENTENCEPIECE_MAX_BYTES,
+                "shuffle_input_sentence": True,
+                "pad_id": PAD, "unk_id": UNK, "bos_id": BOS, "eos_id": EOS,
+                "pad_piece": PAD_PIECE, "unk_piece": UNK_PIECE, "bos_piece": BOS_PIECE, "eos_piece": EOS_PIECE,
+                "hard_vocab_limit": False,
+                "num_threads": os.cpu_count() or 1,
+                "minloglevel": 2,
+            })
         except (RuntimeError, ValueError) as exc:  # ValueError: an option it cannot parse
             raise NMTError(_training_error(str(exc), texts, cfg)) from None
         out, written = prefix.with_suffix(".model"), tmp_prefix.with_suffix(".model")
@@ -115,6 +121,71 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig) -
     short = f" of the {cfg.vocab_size} asked for: the corpus has no more" if size < cfg.vocab_size else ""
     log.info("trained SentencePiece %s (%s, vocab %d%s)", out, cfg.type, size, short)
     return out
+
+
+# SentencePiece's trainer runs in a child process: its C++ loop does not return to Python until it has finished
+# (half a minute for a million lines), so in this process Ctrl-C waited for it. The child ends at Ctrl-C (the
+# terminal signals the whole process group) and with this process however it ends (PR_SET_PDEATHSIG).
+_TRAINER = """
+import ctypes, json, os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+except (AttributeError, OSError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+import sentencepiece as spm
+try:
+    spm.SentencePieceTrainer.Train(**json.loads(sys.stdin.read()))
+except (RuntimeError, ValueError) as exc:
+    sys.stdout.write(str(exc))
+    sys.exit(1)
+"""
+
+
+def _train_in_child(options: dict[str, Any]) -> None:
+    """SentencePieceTrainer.Train(**options) in a child process; RuntimeError with its message when it fails."""
+    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, str(os.getpid())], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(json.dumps(options))
+    finally:  # interrupted: the trainer must not go on writing into a directory that is being removed
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode < 0:
+        raise RuntimeError(f"the trainer process was ended by signal {-proc.returncode}"
+                           + (" (out of memory?)" if proc.returncode == -signal.SIGKILL else ""))
+    if proc.returncode:
+        raise RuntimeError(out.strip() or err.strip() or f"the trainer process exited with status {proc.returncode}")
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised so that the code it stops unwinds."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Within: SIGTERM (where nothing else handles it) unwinds like Ctrl-C, so temporary files go, then ends the
+    process by that signal as before."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _training_error(message: str, texts: list[Path], cfg: TokenizerConfig) -> str:

@@ -517,16 +517,61 @@ def test_a_corpus_of_lines_too_long_for_the_tokenizer_is_one_line(tmp_path: Path
 def test_a_tokenizer_cut_short_by_a_full_disk_is_not_kept(corpus: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(model_prefix: str, **options: object) -> None:  # SentencePiece ignores its failed writes
-        Path(model_prefix + ".model").write_bytes(b"")
+    def full(options: dict[str, str]) -> None:  # SentencePiece ignores its failed writes
+        Path(options["model_prefix"] + ".model").write_bytes(b"")
 
-    monkeypatch.setattr("nmt.tokenizer.spm.SentencePieceTrainer.Train", full)
+    monkeypatch.setattr("nmt.tokenizer._train_in_child", full)
     monkeypatch.setattr("nmt.files.shutil.disk_usage", lambda path: SimpleNamespace(free=0))
     run_dir = tmp_path / "run"
     assert main(["tokenizer", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}"]) == 2
     assert capsys.readouterr().err.strip() == (f"nmt tokenizer: error: cannot write {run_dir / 'src.model'} (no "
                                                "space left on the device)")
     # A later `nmt train` trains them again instead of failing to load them (the lock file is no tokenizer).
+    assert [p.name for p in run_dir.iterdir()] == [".lock"]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_tokenizer_training_at_once_and_leaves_nothing(tmp_path: Path, signum: int) -> None:
+    # SentencePiece's trainer ran in this process, in C++ for as long as it took: Ctrl-C waited for it (half a
+    # minute on a million lines) and SIGTERM left its temporary directory in the run. It now runs in a child.
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(20000)]
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "train.src").write_text("".join(" ".join(rng.choices(words, k=12)) + "\n" for _ in range(400_000)))
+    shutil.copyfile(data / "train.src", data / "train.tgt")
+    command = [sys.executable, "-m", "nmt", "tokenizer", str(TINY), "--set", f"data.dir={data}", "--set",
+               f"train.run_dir={run_dir}", "--set", "tokenizer.type=unigram", "--set", "tokenizer.vocab_size=8000"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (trainers := _children(proc.pid)):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no trainer process within 60 s"
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        sent = time.monotonic()
+        status = proc.wait(timeout=60)
+        stopped_in = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status == (130 if signum == signal.SIGINT else -signal.SIGTERM), proc.stderr.read()
+    assert stopped_in < 3, f"stopped {stopped_in:.1f} s after the signal"
+    assert not any(Path(f"/proc/{pid}").exists() for pid in trainers)
     assert [p.name for p in run_dir.iterdir()] == [".lock"]
 
 
