@@ -14,7 +14,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ class Position:
     best_loss: float = math.inf
     bad_validations: int = 0  # validations in a row without improvement (early stopping)
     last_valid_step: int = -1
+    validation_due: bool = False  # a stop abandoned this step's validation: the resumed run does it first
 
     @property
     def epoch_number(self) -> int:
@@ -121,6 +122,10 @@ class Ranks:
             dist.destroy_process_group()
 
 
+class ValidationStopped(BaseException):
+    """SIGINT/SIGTERM during a validation that may be abandoned (see StopSignal.abandoning)."""
+
+
 class StopSignal:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each update, so it can save and exit; a second
     SIGINT stops at once, without saving (`kept` says what is kept then)."""
@@ -130,6 +135,7 @@ class StopSignal:
         self.signum = 0  # the first signal received
         self.kept = kept
         self.previous: dict[int, Any] = {}
+        self.abandon = False  # raise ValidationStopped at the first signal instead of setting the flag
 
     def __enter__(self) -> StopSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -144,8 +150,25 @@ class StopSignal:
             log.warning("stopping without saving: %s", self.kept())
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
+        if self.abandon:
+            self.abandon = False
+            log.warning("received signal %d: leaving the validation under way (a resumed run does it first), saving "
+                        "a checkpoint and stopping (Ctrl-C again stops at once, without saving)", signum)
+            raise ValidationStopped
         log.warning("received signal %d: saving a checkpoint after this update and stopping (Ctrl-C again stops "
                     "at once, without saving)", signum)
+
+    @contextlib.contextmanager
+    def abandoning(self) -> Iterator[None]:
+        """Within: a signal raises ValidationStopped, so that a long validation (minutes on a large dev set) does not
+        hold the stop up; one received before raises it at once."""
+        if self.requested:
+            raise ValidationStopped
+        self.abandon = True
+        try:
+            yield
+        finally:
+            self.abandon = False
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
@@ -569,54 +592,66 @@ class Trainer:
                         "that does not repeat from one process to the next whatever its seed (sentencepiece %s), so "
                         "this run is not repeatable bit for bit, nor a resume exact", self.cfg.tokenizer.sample_alpha,
                         spm_version())
-        window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
         bar = Progress(total, "step", enabled=None if self.ranks.main else False, start=self.pos.step)
         with StopSignal(self._kept) as stop, bar as progress:
             # Logged once SIGINT/SIGTERM are caught: from this line on, a stop saves a checkpoint.
             self._log({"type": "session", "event": "start", "step": self.pos.step, **hardware(self.device),
                        "threads": torch.get_num_threads(), "ranks": self.ranks.world, "command": command_line(),
                        "precision": "bf16" if self.amp else "fp32", "time": time.time()})
-            while reason == "finished" and self.pos.epoch < tc.epochs:
-                if self.cfg.tokenizer.sample_alpha > 0:
-                    self._resample(self.pos.epoch)
-                batches = self.data.epoch_batches(tc.seed, self.pos.epoch, self.ranks.rank, self.ranks.world)
-                usable = len(batches) - len(batches) % tc.accum_steps
-                while self.pos.batch < usable:
-                    group = batches[self.pos.batch: self.pos.batch + tc.accum_steps]
-                    loss, nll, ntok = self.update(group)
-                    self.pos.batch += tc.accum_steps
-                    self.pos.step += 1
-                    window = [window[0] + loss, window[1] + nll, window[2] + ntok]
-                    now = time.monotonic()
-                    progress.update(self.pos.step, epoch=self.pos.epoch + 1, loss=loss / max(ntok, 1),
-                                    tok_s=round(window[2] * self.ranks.world / max(now - window_start, 1e-9)))
-                    if self.pos.step % tc.log_every == 0:
-                        self._log_train(self.ranks.sums(window), now - window_start, echo=not progress.enabled)
-                        window, window_start = [0.0, 0.0, 0.0], now
-                    if tc.valid_every and self.pos.step % tc.valid_every == 0 and self._validate_and_save():
-                        reason = "early stopping"
-                    elif tc.max_steps and self.pos.step >= tc.max_steps:
-                        reason = "max steps"
-                    if self.ranks.any(stop.requested):
-                        reason = "interrupted"
-                    if reason != "finished":
-                        break
-                else:
-                    self.pos.epoch += 1
-                    self.pos.batch = 0
-                    # A run stopped by max_steps at the end of an epoch validated then; resuming must not again.
-                    if not tc.valid_every and self.pos.last_valid_step != self.pos.step and self._validate_and_save():
-                        reason = "early stopping"
+            try:
+                if self.pos.validation_due and self._validate_and_save(stop):  # the one a stop left undone
+                    reason = "early stopping"
+                if reason == "finished":
+                    reason = self._train_epochs(stop, progress)
+                if reason != "interrupted" and self.pos.last_valid_step != self.pos.step:
+                    self._validate_and_save(stop)
+            except ValidationStopped:
+                reason = "interrupted"
             if reason == "interrupted":
                 self.save()
-            elif self.pos.last_valid_step != self.pos.step:
-                self._validate_and_save()
             # Still under StopSignal: a second Ctrl-C from here on says what last.pt keeps, as before the save.
             self._log({"type": "session", "event": "end", "step": self.pos.step, "reason": reason,
                        "time": time.time()})
             self.ranks.barrier()
         return {"step": self.pos.step, "best_bleu": self.pos.best_bleu, "reason": reason, "signal": stop.signum,
                 "main": self.ranks.main}
+
+    def _train_epochs(self, stop: StopSignal, progress: Progress) -> str:
+        """Update, validating on schedule, until the run must stop; why it stopped ("finished": its epochs)."""
+        tc = self.cfg.train
+        window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
+        while self.pos.epoch < tc.epochs:
+            if self.cfg.tokenizer.sample_alpha > 0:
+                self._resample(self.pos.epoch)
+            batches = self.data.epoch_batches(tc.seed, self.pos.epoch, self.ranks.rank, self.ranks.world)
+            usable = len(batches) - len(batches) % tc.accum_steps
+            while self.pos.batch < usable:
+                group = batches[self.pos.batch: self.pos.batch + tc.accum_steps]
+                loss, nll, ntok = self.update(group)
+                self.pos.batch += tc.accum_steps
+                self.pos.step += 1
+                window = [window[0] + loss, window[1] + nll, window[2] + ntok]
+                now = time.monotonic()
+                progress.update(self.pos.step, epoch=self.pos.epoch + 1, loss=loss / max(ntok, 1),
+                                tok_s=round(window[2] * self.ranks.world / max(now - window_start, 1e-9)))
+                if self.pos.step % tc.log_every == 0:
+                    self._log_train(self.ranks.sums(window), now - window_start, echo=not progress.enabled)
+                    window, window_start = [0.0, 0.0, 0.0], now
+                reason = "finished"
+                if tc.valid_every and self.pos.step % tc.valid_every == 0 and self._validate_and_save(stop):
+                    reason = "early stopping"
+                elif tc.max_steps and self.pos.step >= tc.max_steps:
+                    reason = "max steps"
+                if self.ranks.any(stop.requested):
+                    reason = "interrupted"
+                if reason != "finished":
+                    return reason
+            self.pos.epoch += 1
+            self.pos.batch = 0
+            # A run stopped by max_steps at the end of an epoch validated then; resuming must not again.
+            if not tc.valid_every and self.pos.last_valid_step != self.pos.step and self._validate_and_save(stop):
+                return "early stopping"
+        return "finished"
 
     def _diverged(self, step: int) -> NMTError:
         """The error that stops a run whose loss, weights or decoding scores overflowed (not saving them)."""
@@ -634,12 +669,22 @@ class Trainer:
             return f"{self.last_path} keeps the weights of step {self._saved_step}, the last update"
         return f"{self.last_path} keeps the weights of step {self._saved_step}; later updates are lost"
 
-    def _validate_and_save(self) -> bool:
-        """Validate, adjust the learning rate, save last (and best); True when early stopping says stop."""
+    def _validate_and_save(self, stop: StopSignal) -> bool:
+        """Validate, adjust the learning rate, save last (and best); True when early stopping says stop. Alone
+        (the other ranks of a job wait for rank 0's results), a signal abandons the validation: ValidationStopped,
+        with nothing changed but pos.validation_due."""
         tc = self.cfg.train
         improved = False
         if self.ranks.main:
-            metrics = self.validate()
+            if self.ranks.world > 1:
+                metrics = self.validate()
+            else:
+                try:
+                    with stop.abandoning():
+                        metrics = self.validate()
+                except ValidationStopped:
+                    self.pos.validation_due = True
+                    raise
             self.scheduler.step(metrics["dev_loss"])
             key = metrics.get("dev_bleu", -metrics["dev_loss"])
             best = self.pos.best_bleu if "dev_bleu" in metrics else -self.pos.best_loss
@@ -654,7 +699,7 @@ class Trainer:
             self._log({"type": "valid", "step": self.pos.step, "epoch": self.pos.epoch_number, **metrics,
                        "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()})
             log.info("step %d: %s", self.pos.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        self.pos.last_valid_step = self.pos.step
+        self.pos.last_valid_step, self.pos.validation_due = self.pos.step, False
         self._broadcast_position()
         self.save(best=improved, keep=True)
         return bool(tc.early_stop_patience) and self.pos.bad_validations >= tc.early_stop_patience

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -142,6 +143,36 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(corpus: Path,
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if '"valid"' in line]
     assert steps == list(range(4, TOTAL_STEPS + 1, 4))  # resuming did not validate step 8 again
+
+
+@pytest.mark.parametrize("during", ["validate", "update"])
+def test_a_signal_during_or_before_validation_leaves_it_for_the_resumed_run(
+        during: str, corpus: Path, reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Ctrl-C waited for the validation under way, or due after the update, to end (minutes on a large dev set).
+    method = getattr(Trainer, during)
+    signal_at = 8 if during == "validate" else 7  # the update of step 8 runs at pos.step 7
+
+    def interrupted(self: Trainer, *args: Any) -> Any:
+        if self.pos.step == signal_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return method(self, *args)
+
+    monkeypatch.setattr(Trainer, during, interrupted)
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        first = train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS}"))
+    assert (first["step"], first["reason"], first["signal"]) == (8, "interrupted", signal.SIGINT)
+    message = "leaving the validation under way" if during == "validate" else "saving a checkpoint after this update"
+    assert message in caplog.text
+    assert torch.load(run_dir / "last.pt", weights_only=False)["position"]["validation_due"]
+    monkeypatch.setattr(Trainer, during, method)
+    second = train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={TOTAL_STEPS}"), resume=True)
+    assert second["step"] == TOTAL_STEPS
+    assert_same_weights(weights(run_dir), weights(reference_run))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"valid"' in line]
+    assert steps == list(range(4, TOTAL_STEPS + 1, 4))  # step 8's validation once, on resuming
 
 
 def test_validation_with_packed_matmuls_measures_what_torch_layers_do(corpus: Path, reference_run: Path,
