@@ -184,12 +184,14 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
     make_dir(run_dir)
     models = [run_dir / name for name in TOKENIZER_FILES]
     with lock_run_dir(run_dir):  # a run training here (not yet at its first checkpoint) reads these tokenizers
-        if any(m.exists() for m in models):
-            if not args.force:
-                raise NMTError(f"{run_dir} already has tokenizers (src.model, tgt.model); --force replaces them")
+        present = [m for m in models if m.exists()]
+        if present:
             if (run_dir / "last.pt").exists():
                 raise NMTError(f"{run_dir} holds a trained model that depends on its tokenizers; "
                                "choose another train.run_dir")
+            if len(present) == len(models) and not args.force:
+                raise NMTError(f"{run_dir} already has tokenizers (src.model, tgt.model); --force replaces them")
+            # One alone is what an interrupted `nmt tokenizer` left: both are trained again, as `nmt train` would.
             for m in [*models, run_dir / TOKENIZER_RECORD]:
                 m.unlink(missing_ok=True)
         src, tgt = ensure_tokenizers(Path(cfg.data.dir), run_dir, cfg.tokenizer)

@@ -93,9 +93,14 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig) -
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with _sigterm_unwinds(), tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".sentencepiece-") as tmp:
         tmp_prefix = Path(tmp) / prefix.name  # the directory is hidden: not part of a run
+        # SentencePiece splits its input at commas: the texts are read through links named without any.
+        inputs = [Path(tmp) / f"input-{i}" for i in range(len(texts))]
+        for link, text in zip(inputs, texts, strict=True):
+            link.symlink_to(text.resolve())
+        out = prefix.with_suffix(".model")
         try:
             _train_in_child({
-                "input": ",".join(str(t) for t in texts),
+                "input": ",".join(link.name for link in inputs),
                 "model_prefix": str(tmp_prefix),
                 "model_type": cfg.type,
                 "vocab_size": cfg.vocab_size,
@@ -108,10 +113,10 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig) -
                 "hard_vocab_limit": False,
                 "num_threads": os.cpu_count() or 1,
                 "minloglevel": 2,
-            })
+            }, cwd=Path(tmp))
         except (RuntimeError, ValueError) as exc:  # ValueError: an option it cannot parse
-            raise NMTError(_training_error(str(exc), texts, cfg)) from None
-        out, written = prefix.with_suffix(".model"), tmp_prefix.with_suffix(".model")
+            raise NMTError(_training_error(str(exc), texts, cfg, out)) from None
+        written = tmp_prefix.with_suffix(".model")
         try:  # SentencePiece does not check its writes: on a full disk it leaves a model cut short
             size = spm.SentencePieceProcessor(model_file=str(written)).get_piece_size()
         except (OSError, RuntimeError) as exc:
@@ -125,10 +130,16 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig) -
 
 # SentencePiece's trainer runs in a child process: its C++ loop does not return to Python until it has finished
 # (half a minute for a million lines), so in this process Ctrl-C waited for it. The child ends at Ctrl-C (the
-# terminal signals the whole process group) and with this process however it ends (PR_SET_PDEATHSIG).
+# terminal signals the whole process group), unless this process ignores it, and with this process however it ends
+# (PR_SET_PDEATHSIG). `python -c` puts the working directory first on sys.path: a sentencepiece.py or json.py there
+# would be imported instead; the child takes it off before it imports anything but the built-in sys.
 _TRAINER = """
-import ctypes, json, os, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_DFL)
+import sys
+if not getattr(sys.flags, "safe_path", False):
+    del sys.path[0]
+import ctypes, json, os, signal
+if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 try:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 except (AttributeError, OSError):
@@ -144,10 +155,11 @@ except (RuntimeError, ValueError) as exc:
 """
 
 
-def _train_in_child(options: dict[str, Any]) -> None:
-    """SentencePieceTrainer.Train(**options) in a child process; RuntimeError with its message when it fails."""
+def _train_in_child(options: dict[str, Any], cwd: Path) -> None:
+    """SentencePieceTrainer.Train(**options) in a child process working in cwd; RuntimeError with its message when
+    it fails."""
     proc = subprocess.Popen([sys.executable, "-c", _TRAINER, str(os.getpid())], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     try:
         out, err = proc.communicate(json.dumps(options))
     finally:  # interrupted: the trainer must not go on writing into a directory that is being removed
@@ -183,14 +195,21 @@ def _sigterm_unwinds() -> Iterator[None]:
     except _Terminated:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
-        raise
+        # Still here: the process is a container's PID 1, which the kernel does not end by a signal it does not
+        # handle. It ends with the status a shell gives a process ended by SIGTERM.
+        raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _training_error(message: str, texts: list[Path], cfg: TokenizerConfig) -> str:
+def _training_error(message: str, texts: list[Path], cfg: TokenizerConfig, out: Path) -> str:
     """SentencePiece's failure in the config's terms (it names its own flags and source lines)."""
-    message = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", message.strip())  # "INTERNAL: file.cc(638) [check] "
+    message = message.strip()
+    check = re.match(r"\w+: \S+\(\d+\) \[(.*?)\](?: |$)", message)  # "INTERNAL: file.cc(638) [check] why"
+    if check:
+        if "Write" in check[1]:  # a failed write of its .vocab: a full disk, as a rule
+            return f"cannot write {out} ({write_failure(out, RuntimeError(message))})"
+        message = message[check.end():] or check[1]
     too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
     if too_small:
         lower = (f", or lower tokenizer.character_coverage (now {cfg.character_coverage}, at least "

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -504,6 +505,8 @@ def test_cli_tokenizer_trains_the_models_train_then_uses(corpus: Path, tmp_path:
     assert main(args) == 2
     assert "already has tokenizers" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
+    (run_dir / "tgt.model").unlink()  # what Ctrl-C while the target's trains leaves: it was refused as a pair
+    assert main(args) == 0 and (run_dir / "tgt.model").is_file()
     made = (run_dir / "src.model").read_bytes()
     held = nmt.run_dir.lock_run_dir(run_dir)  # a run training here, before its first checkpoint
     assert main([*args, "--force", "--set", "tokenizer.vocab_size=60"]) == 2
@@ -545,13 +548,22 @@ def test_a_corpus_of_lines_too_long_for_the_tokenizer_is_one_line(tmp_path: Path
                                                 f"{data / 'train.src'}: every line is empty or longer than 4192 bytes")
 
 
-def test_a_tokenizer_cut_short_by_a_full_disk_is_not_kept(corpus: Path, tmp_path: Path,
+def _model_cut_short(options: dict[str, str], cwd: Path) -> None:
+    """SentencePiece ignores a failed write of its model."""
+    Path(options["model_prefix"] + ".model").write_bytes(b"")
+
+
+def _vocab_not_written(options: dict[str, str], cwd: Path) -> None:
+    """It checks those of its .vocab (said as an internal check before)."""
+    raise RuntimeError('INTERNAL: src/trainer_interface.cc(783) [output->WriteLine(absl::StrCat(piece.piece(), "\\t", '
+                       'piece.score()))] ')
+
+
+@pytest.mark.parametrize("trainer", [_model_cut_short, _vocab_not_written])
+def test_a_tokenizer_cut_short_by_a_full_disk_is_not_kept(corpus: Path, tmp_path: Path, trainer: Callable[..., None],
                                                          capsys: pytest.CaptureFixture[str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(options: dict[str, str]) -> None:  # SentencePiece ignores its failed writes
-        Path(options["model_prefix"] + ".model").write_bytes(b"")
-
-    monkeypatch.setattr("nmt.tokenizer._train_in_child", full)
+    monkeypatch.setattr("nmt.tokenizer._train_in_child", trainer)
     monkeypatch.setattr("nmt.files.shutil.disk_usage", lambda path: SimpleNamespace(free=0))
     run_dir = tmp_path / "run"
     assert main(["tokenizer", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}"]) == 2
@@ -574,25 +586,46 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _tokenizer_command(tmp_path: Path, lines: int) -> list[str]:
+    """`nmt tokenizer` on a corpus of random words that takes SentencePiece a while (seconds for 400,000 lines)."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(20000)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.src").write_text("".join(" ".join(rng.choices(words, k=12)) + "\n" for _ in range(lines)))
+    shutil.copyfile(data / "train.src", data / "train.tgt")
+    return [sys.executable, "-m", "nmt", "tokenizer", str(TINY), "--set", f"data.dir={data}", "--set",
+            f"train.run_dir={tmp_path / 'run'}", "--set", "tokenizer.type=unigram", "--set",
+            "tokenizer.vocab_size=8000"]
+
+
+def _loaded_sentencepiece(pid: int) -> bool:
+    """Whether a process has imported sentencepiece (a trainer has set its signal handling up by then)."""
+    try:
+        return "sentencepiece" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def _trainers_of(proc: subprocess.Popen[str]) -> list[int]:
+    """The tokenizer trainer processes of an `nmt tokenizer` once they have started."""
+    deadline = time.monotonic() + 60
+    while not (trainers := [pid for pid in _children(proc.pid) if _loaded_sentencepiece(pid)]):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+        assert time.monotonic() < deadline, "no trainer process within 60 s"
+        time.sleep(0.02)
+    return trainers
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_tokenizer_training_at_once_and_leaves_nothing(tmp_path: Path, signum: int) -> None:
     # SentencePiece's trainer ran in this process, in C++ for as long as it took: Ctrl-C waited for it (half a
     # minute on a million lines) and SIGTERM left its temporary directory in the run. It now runs in a child.
-    rng = random.Random(0)
-    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(20000)]
-    data, run_dir = tmp_path / "data", tmp_path / "run"
-    data.mkdir()
-    (data / "train.src").write_text("".join(" ".join(rng.choices(words, k=12)) + "\n" for _ in range(400_000)))
-    shutil.copyfile(data / "train.src", data / "train.tgt")
-    command = [sys.executable, "-m", "nmt", "tokenizer", str(TINY), "--set", f"data.dir={data}", "--set",
-               f"train.run_dir={run_dir}", "--set", "tokenizer.type=unigram", "--set", "tokenizer.vocab_size=8000"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_tokenizer_command(tmp_path, 400_000), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (trainers := _children(proc.pid)):
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "no trainer process within 60 s"
-            time.sleep(0.02)
+        trainers = _trainers_of(proc)
         proc.send_signal(signum)
         sent = time.monotonic()
         status = proc.wait(timeout=60)
@@ -604,6 +637,53 @@ def test_a_signal_stops_tokenizer_training_at_once_and_leaves_nothing(tmp_path: 
     assert stopped_in < 3, f"stopped {stopped_in:.1f} s after the signal"
     assert not any(Path(f"/proc/{pid}").exists() for pid in trainers)
     assert [p.name for p in run_dir.iterdir()] == [".lock"]
+
+
+def test_a_tokenizer_training_that_ignores_ctrl_c_goes_on(tmp_path: Path) -> None:
+    # Started in the background by a script, which ignores SIGINT there: the trainer set it back to its default,
+    # and a Ctrl-C for the terminal's foreground job ended it, "SentencePiece training failed".
+    proc = subprocess.Popen(_tokenizer_command(tmp_path, 50_000), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        _trainers_of(proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"src.model", "tgt.model"}
+
+
+def test_sigterm_stops_tokenizer_training_as_a_containers_pid_1(corpus: Path, tmp_path: Path) -> None:
+    # A container's PID 1 (nmt in the Dockerfile's exec form) is not ended by a signal it does not handle: SIGTERM
+    # during tokenizer training was a traceback and status 1. os.kill stands in for the kernel that ignores it.
+    script = ("import os, signal, sys\n"
+              "import nmt.tokenizer\n"
+              "from nmt.cli import main\n"
+              "nmt.tokenizer._train_in_child = lambda options, cwd: signal.raise_signal(signal.SIGTERM)\n"
+              "os.kill = lambda pid, signum: None\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", script, "tokenizer", str(TINY), "--set",
+                           f"data.dir={corpus}", "--set", f"train.run_dir={run_dir}"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    assert [p.name for p in run_dir.iterdir()] == [".lock"]
+
+
+def test_tokenizer_training_does_not_depend_on_the_working_directory_or_commas(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The trainer imported a sentencepiece.py or json.py of the working directory, and SentencePiece read a data
+    # directory with a comma in its name as two files.
+    work = tmp_path / "work"
+    work.mkdir()
+    for module in ("sentencepiece", "json"):
+        (work / f"{module}.py").write_text("raise SystemExit('imported from the working directory')\n")
+    monkeypatch.chdir(work)
+    data = shutil.copytree(corpus, tmp_path / "data,1")
+    run_dir = tmp_path / "run,1"
+    assert main(["tokenizer", str(TINY), "--set", f"data.dir={data}", "--set", f"train.run_dir={run_dir}"]) == 0
 
 
 def test_plot_writes_a_png(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
