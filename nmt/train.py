@@ -122,8 +122,8 @@ class Ranks:
             dist.destroy_process_group()
 
 
-class ValidationStopped(BaseException):
-    """SIGINT/SIGTERM during a validation that may be abandoned (see StopSignal.abandoning)."""
+class Abandoned(BaseException):
+    """SIGINT/SIGTERM during work that a resumed run does again (see StopSignal.abandoning)."""
 
 
 class StopSignal:
@@ -135,7 +135,7 @@ class StopSignal:
         self.signum = 0  # the first signal received
         self.kept = kept
         self.previous: dict[int, Any] = {}
-        self.abandon = False  # raise ValidationStopped at the first signal instead of setting the flag
+        self.abandon: str | None = None  # what is under way, to raise Abandoned at the first signal instead
 
     def __enter__(self) -> StopSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -151,24 +151,24 @@ class StopSignal:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
         if self.abandon:
-            self.abandon = False
-            log.warning("received signal %d: leaving the validation under way (a resumed run does it first), saving "
-                        "a checkpoint and stopping (Ctrl-C again stops at once, without saving)", signum)
-            raise ValidationStopped
+            log.warning("received signal %d: leaving the %s under way (a resumed run does it first), saving a "
+                        "checkpoint and stopping (Ctrl-C again stops at once, without saving)", signum, self.abandon)
+            self.abandon = None
+            raise Abandoned
         log.warning("received signal %d: saving a checkpoint after this update and stopping (Ctrl-C again stops "
                     "at once, without saving)", signum)
 
     @contextlib.contextmanager
-    def abandoning(self) -> Iterator[None]:
-        """Within: a signal raises ValidationStopped, so that a long validation (minutes on a large dev set) does not
-        hold the stop up; one received before raises it at once."""
+    def abandoning(self, what: str) -> Iterator[None]:
+        """Within: a signal raises Abandoned, so that long work a resumed run does again (a validation on a large dev
+        set, an epoch's resegmentation) does not hold the stop up; one received before raises it at once."""
         if self.requested:
-            raise ValidationStopped
-        self.abandon = True
+            raise Abandoned
+        self.abandon = what
         try:
             yield
         finally:
-            self.abandon = False
+            self.abandon = None
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
@@ -605,7 +605,7 @@ class Trainer:
                     reason = self._train_epochs(stop, progress)
                 if reason != "interrupted" and self.pos.last_valid_step != self.pos.step:
                     self._validate_and_save(stop)
-            except ValidationStopped:
+            except Abandoned:
                 reason = "interrupted"
             if reason == "interrupted":
                 self.save()
@@ -622,7 +622,8 @@ class Trainer:
         window, window_start = [0.0, 0.0, 0.0], time.monotonic()  # loss, nll, tokens since the last log line
         while self.pos.epoch < tc.epochs:
             if self.cfg.tokenizer.sample_alpha > 0:
-                self._resample(self.pos.epoch)
+                with self._abandonable(stop, "resegmentation of the training text"):  # seconds on a large corpus
+                    self._resample(self.pos.epoch)
             batches = self.data.epoch_batches(tc.seed, self.pos.epoch, self.ranks.rank, self.ranks.world)
             usable = len(batches) - len(batches) % tc.accum_steps
             while self.pos.batch < usable:
@@ -669,22 +670,23 @@ class Trainer:
             return f"{self.last_path} keeps the weights of step {self._saved_step}, the last update"
         return f"{self.last_path} keeps the weights of step {self._saved_step}; later updates are lost"
 
+    def _abandonable(self, stop: StopSignal, what: str) -> contextlib.AbstractContextManager[None]:
+        """stop.abandoning(what) in a process alone; the ranks of a job stop together, after an update."""
+        return stop.abandoning(what) if self.ranks.world == 1 else contextlib.nullcontext()
+
     def _validate_and_save(self, stop: StopSignal) -> bool:
         """Validate, adjust the learning rate, save last (and best); True when early stopping says stop. Alone
-        (the other ranks of a job wait for rank 0's results), a signal abandons the validation: ValidationStopped,
+        (the other ranks of a job wait for rank 0's results), a signal abandons the validation: Abandoned,
         with nothing changed but pos.validation_due."""
         tc = self.cfg.train
         improved = False
         if self.ranks.main:
-            if self.ranks.world > 1:
-                metrics = self.validate()
-            else:
-                try:
-                    with stop.abandoning():
-                        metrics = self.validate()
-                except ValidationStopped:
-                    self.pos.validation_due = True
-                    raise
+            try:
+                with self._abandonable(stop, "validation"):
+                    metrics = self.validate()
+            except Abandoned:
+                self.pos.validation_due = True
+                raise
             self.scheduler.step(metrics["dev_loss"])
             key = metrics.get("dev_bleu", -metrics["dev_loss"])
             best = self.pos.best_bleu if "dev_bleu" in metrics else -self.pos.best_loss

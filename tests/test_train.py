@@ -863,6 +863,31 @@ def test_subword_sampling_says_the_run_is_not_repeatable(corpus: Path, tmp_path:
     assert "is not repeatable bit for bit, nor a resume exact" in caplog.text
 
 
+def test_a_signal_during_an_epochs_resegmentation_stops_before_its_first_update(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # With tokenizer.sample_alpha, each epoch begins by segmenting the whole training text again (12 s for 200,000
+    # pairs); a stop waited for it, and for an update after it.
+    resample = Trainer._resample
+
+    def interrupted_in_epoch_2(self: Trainer, epoch: int) -> None:
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        resample(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_resample", interrupted_in_epoch_2)
+    run_dir = tmp_path / "run"
+    settings = ["tokenizer.sample_alpha=0.1", "train.valid_every=0", "train.epochs=3"]
+    with caplog.at_level(logging.WARNING):
+        first = train(tiny_config(corpus, run_dir, *settings))
+    assert (first["reason"], first["signal"]) == ("interrupted", signal.SIGINT)
+    assert "leaving the resegmentation of the training text under way" in caplog.text
+    position = torch.load(run_dir / "last.pt", weights_only=False)["position"]
+    assert (position["epoch"], position["batch"], position["step"]) == (1, 0, first["step"])
+    monkeypatch.setattr(Trainer, "_resample", resample)
+    second = train(tiny_config(corpus, run_dir, *settings), resume=True)
+    assert second["reason"] == "finished" and second["step"] > first["step"] + 1  # epochs of sampled lengths
+
+
 def test_resume_names_every_setting_it_changes(corpus: Path, reference_run: Path, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     # Only train.* were named: a changed data.max_len (which pairs train) went unsaid.
