@@ -786,6 +786,10 @@ def main(argv: list[str] | None = None) -> int:
     except NMTError as exc:
         print(f"nmt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:  # a model or run directory of another user (a container's volume, umask 077)
+        print(f"nmt {args.command}: error: {exc.filename or exc}: permission denied (this process runs as uid "
+              f"{os.getuid()})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"nmt {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -111,6 +111,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of an rnnsearch model.safetensors; a corrupted or foreign file raises NMTError."""
     if not path.is_file():
         raise NMTError(f"model weights not found: {path}")
+    path.open("rb").close()  # PermissionError as such: safetensors says "No such file or directory"
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -74,6 +74,7 @@ class Shortlist:
     @classmethod
     def load(cls, path: Path, src_vocab: int, tgt_vocab: int) -> Shortlist:
         """Read a shortlist file; a corrupted one or one for other vocabularies raises NMTError."""
+        path.open("rb").close()  # PermissionError as such: safetensors says "No such file or directory"
         try:
             t = load_file(str(path))
             freq, per_source = t["by_frequency"].long(), t["per_source"].long()

@@ -41,6 +41,7 @@ class Tokenizer:
         self.path = Path(path)
         if not self.path.is_file():
             raise NMTError(f"SentencePiece model not found: {self.path}")
+        self.path.open("rb").close()  # PermissionError as such: SentencePiece's would call it no model
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(self.path))

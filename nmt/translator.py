@@ -27,6 +27,7 @@ from nmt.config import MAX_LENGTH_PENALTY, STORED_PER_SOURCE, Config, from_dict,
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.export import (
+    CARD_FILE,
     CONFIG_FILE,
     MODEL_FILE,
     is_model_dir,
@@ -260,9 +261,24 @@ def read_model(path: Path) -> ModelFiles:
         shortlist = Shortlist.load(home / SHORTLIST_FILE, len(src_tok), len(tgt_tok))
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
     load_weights(model, weights, source)
+    if model_dir:
+        _check_card_digest(weights, card, source)
     model = model.float().eval()
     return ModelFiles(home if model_dir else path, source, cfg, model, src_tok, tgt_tok, card, shortlist, step,
                       data_sha256 if isinstance(data_sha256, str) else None)
+
+
+def _check_card_digest(weights: dict[str, torch.Tensor], card: dict[str, Any], source: Path) -> None:
+    """NMTError unless the weights are those the card describes: a file corrupted in place still loads, and it
+    translated nothing but errors."""
+    expected = card.get("weights_sha256")
+    if not isinstance(expected, str):  # a card from before it named them, or none
+        return
+    actual = weights_digest(weights, False)  # as exported: tied copies are stored once
+    if actual != expected:
+        raise NMTError(f"{source} does not hold the weights its {CARD_FILE} describes (SHA-256 {actual[:12]}..., "
+                       f"the card says {expected[:12]}...): the file is corrupted or was replaced; export the model "
+                       "again")
 
 
 class Translator:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -359,6 +360,8 @@ def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
     ("wrong_shape", "does not fit its config"),
     ("no_config", "config file not found"),
     ("bad_card", "card.json is not valid JSON"),
+    # It loaded, said it was ready, and every translation was a 500.
+    ("flipped", "does not hold the weights its card.json describes"),
 ])
 def test_damaged_model_directories_are_clear_errors(model_copy, damage, message, capsys):
     weights = model_copy / "model.safetensors"
@@ -376,6 +379,10 @@ def test_damaged_model_directories_are_clear_errors(model_copy, damage, message,
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         tensors["decoder.out.bias"] = torch.zeros(3)
         save_file(tensors, str(weights), metadata=meta)
+    elif damage == "flipped":
+        data = bytearray(weights.read_bytes())
+        data[-2000:-1000] = b"\xff" * 1000
+        weights.write_bytes(bytes(data))
     elif damage == "no_config":
         (model_copy / "config.yaml").unlink()
     else:
@@ -385,6 +392,17 @@ def test_damaged_model_directories_are_clear_errors(model_copy, damage, message,
     assert main(["evaluate", str(model_copy), "--split", "test"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_file_this_user_cannot_read_is_named_in_one_line(model_copy, monkeypatch, capsys):
+    # A model volume of another user (umask 077, a container's uid 1000) was a traceback.
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path / "card.json"))
+
+    monkeypatch.setattr("nmt.translator.read_card", unreadable)
+    assert main(["evaluate", str(model_copy), "--split", "test"]) == 2
+    assert capsys.readouterr().err.strip() == (f"nmt evaluate: error: {model_copy / 'card.json'}: permission denied "
+                                               f"(this process runs as uid {os.getuid()})")
 
 
 class Payload:
