@@ -7,10 +7,12 @@ import logging
 import math
 import os
 import socket
+import sys
 from typing import Any
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
@@ -18,11 +20,22 @@ from uvicorn.supervisors import Multiprocess
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.translator import locate_model, read_model
+from service.app import create_app
 from service.settings import Settings, env_file_variables, unknown_names
 
 log = logging.getLogger(__name__)
 
-APP = "service.app:create_app"  # the app factory uvicorn imports in each worker
+APP = "service.server:build_app"  # the app factory uvicorn imports in each worker
+
+
+def build_app() -> FastAPI:
+    """create_app for uvicorn: an app that cannot be built fails the same way in every worker it would start, but
+    uvicorn's supervisor started them again for ever (`--workers N`, never listening); it is a startup failure."""
+    try:
+        return create_app()
+    except Exception:
+        log.exception("the service could not be set up")
+        sys.exit(STARTUP_FAILURE)
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
@@ -85,10 +98,12 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1, host: st
         raise NMTError("invalid setting: " + "; ".join(
             f"NMT_{'_'.join(map(str, err['loc'])).upper()}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors())) from None
-    for name in unknown_names(os.environ):
-        log.warning("%s is not a setting of nmt serve: ignored", name)
-    for name in unknown_names(env_file_variables()):
-        log.warning("%s in .env is not a setting of nmt serve: ignored", name)
+    for where, variables in (("", os.environ), (" in .env", env_file_variables())):
+        for name, meant in unknown_names(variables):
+            if meant:  # a misspelling, as a rule: NMT_API_KEY started the service open to all
+                raise NMTError(f"{name}{where} is not a setting of nmt serve: did you mean {meant}? (rename or unset "
+                               "it)")
+            log.warning("%s%s is not a setting of nmt serve: ignored", name, where)
     locate_model(settings.model_dir)
     device = pick_device(settings.device, "NMT_DEVICE")
     if settings.int8:

@@ -19,6 +19,9 @@ _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\w+)\s*$")
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#@]+")  # scheme://host[:port], as an Origin header names a site
 
 CommaList = Annotated[list[str], NoDecode]
+MAX_THREADS = 1024  # libgomp fails to start tens of thousands (or the process crashes)
+MAX_TIMEOUT_S = 86_400.0  # a day: "inf" passed as a timeout and crashed the startup
+MAX_RATE = 1_000_000  # requests per period
 
 
 # NMT_* names that are not settings of the service: docker-compose's choices and training's collective timeout.
@@ -30,13 +33,15 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(Path("models/es-en-bible"), description="exported model directory (or run directory)")
     device: str = Field("cpu", description="torch device: cpu or cuda")
-    threads: int = Field(0, ge=0, description="torch CPU threads for the model worker; 0 = torch default")
+    threads: int = Field(0, ge=0, le=MAX_THREADS, description="torch CPU threads for the model worker; 0 = torch "
+                         "default")
     int8: bool = Field(False, description="dynamically quantize linear layers to int8 (CPU); a translation may then "
                        "vary slightly with the requests batched with it")
     max_batch_tokens: int = Field(4000, ge=1, description="source tokens decoding at once (and target tokens scored "
                                   "per step), shared by the running requests")
     max_batch_requests: int = Field(32, ge=1, description="requests in the running batch; 1 turns batching off")
-    max_wait_ms: float = Field(300.0, ge=0, description="while a batch of n requests decodes, others join it at most "
+    max_wait_ms: float = Field(300.0, ge=0, le=MAX_TIMEOUT_S * 1000,
+                               description="while a batch of n requests decodes, others join it at most "
                                "every max_wait_ms * n / max_batch_requests (those arriving meanwhile join together, "
                                "one encoder pass); 0 = at the next step")
     max_queue: int = Field(256, ge=1, description="requests waiting for the model before new ones get 503")
@@ -46,13 +51,16 @@ class Settings(BaseSettings):
     max_alignment_cells: int = Field(1_000_000, ge=1, description="with return_alignment: attention weights a "
                                      "request may return, bounded before decoding as each text's source pieces x "
                                      "its longest possible translation (413 above)")
-    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline, one for the body to arrive (408) "
+    request_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S,
+                                     description="per-request deadline, one for the body to arrive (408) "
                                      "and the answer (504) together")
-    header_timeout_s: float = Field(10.0, gt=0, description="time a request's headers may take to arrive, from the "
+    header_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S,
+                                    description="time a request's headers may take to arrive, from the "
                                     "connection's opening (from its first byte for a connection's later requests): "
                                     "408, and the connection closed; one on which no request begins, or that only "
                                     "trickles bytes between requests, is closed silently")
-    send_timeout_s: float = Field(30.0, gt=0, description="once over 64 KiB of an answer waits to be sent, the "
+    send_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S,
+                                  description="once over 64 KiB of an answer waits to be sent, the "
                                   "time its client has to read it down under 16 KiB (uvicorn's flow control) before "
                                   "the connection is dropped, as with nginx's send_timeout")
     max_header_bytes: int = Field(32_768, ge=1024, description="size of a request's line and headers together: "
@@ -105,19 +113,22 @@ class Settings(BaseSettings):
 def parse_rate(text: str) -> tuple[int, float]:
     """Parse `N/period` (period: second, minute, hour or s, m, h) into (N, seconds)."""
     match = _RATE.match(text)
-    if not match or match.group(2).lower() not in _PERIODS or int(match.group(1)) < 1:
-        raise ValueError(f"rate limit must look like 60/minute (periods: second, minute, hour), got {text!r}")
+    if not match or match.group(2).lower() not in _PERIODS or not 1 <= int(match.group(1)) <= MAX_RATE:
+        raise ValueError(f"rate limit must look like 60/minute (periods: second, minute, hour; 1 to {MAX_RATE} "
+                         f"requests), got {text!r}")
     return int(match.group(1)), _PERIODS[match.group(2).lower()]
 
 
-def unknown_names(environ: Mapping[str, str]) -> list[str]:
-    """NMT_* variables the service does not know, each with the setting it may have meant: a misspelt
+def unknown_names(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """NMT_* variables the service does not know, each with the setting it may have meant (else None): a misspelt
     NMT_API_KEY would otherwise leave the service open without a word."""
-    known = {f"NMT_{name.upper()}" for name in Settings.model_fields}
+    known = sorted(name.upper() for name in Settings.model_fields)
+    # pydantic-settings matches names in any case: NMT_model_dir is NMT_MODEL_DIR.
+    names = {n.upper() for n in environ if n.upper().startswith("NMT_")}
     found = []
-    for name in sorted(n for n in environ if n.startswith("NMT_") and n not in known | OTHER_NAMES):
-        close = difflib.get_close_matches(name, sorted(known), n=1)
-        found.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    for name in sorted(names - {f"NMT_{k}" for k in known} - OTHER_NAMES):
+        close = difflib.get_close_matches(name.removeprefix("NMT_"), known, n=1)  # the shared prefix is no likeness
+        found.append((name, f"NMT_{close[0]}" if close else None))
     return found
 
 

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from conftest import require_system_package
 
+from service.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_URL = "http://127.0.0.1:8000/v1/ready"
 
@@ -94,7 +96,12 @@ def test_compose_translate_service(compose_config: dict) -> None:
     assert int(translate["environment"]["NMT_THREADS"]) >= 1
     assert READY_URL in healthcheck_code(translate["healthcheck"]["test"])
     assert translate["restart"] == "unless-stopped"
-    assert "stop_grace_period" in translate
+    # 45 s: Docker killed the service before it cut off what was left of a graceful stop (30 + 30 s by default).
+    grace = sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit]
+                for n, unit in re.findall(r"(\d+)([hms])", translate["stop_grace_period"]))
+    fields = Settings.model_fields
+    assert grace > fields["request_timeout_s"].default + fields["send_timeout_s"].default
+    assert {"NMT_REQUEST_TIMEOUT_S", "NMT_SEND_TIMEOUT_S"} <= set(translate["environment"])
     assert "profiles" not in translate
 
 

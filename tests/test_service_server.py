@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 
 import nmt.device
 from nmt.cli import main as nmt_main
+from nmt.errors import NMTError
 from service.app import create_app
 from service.server import check
 from service.settings import Settings
@@ -148,6 +149,13 @@ def test_sigterm_finishes_in_flight_requests(server):
     (["no-tgt"], {}, "SentencePiece model not found: no-tgt/tgt.model"),  # a traceback (exit 3), or exit 0
     (["garbled"], {}, "garbled/model.safetensors is not a readable safetensors file"),  # with --workers 2
     ([], {"NMT_DEVICE": "banana"}, "NMT_DEVICE must be cpu, cuda, cuda:N or auto, got 'banana'"),
+    # These passed the check, then crashed: a traceback after the model had loaded, or libgomp's crash.
+    ([], {"NMT_REQUEST_TIMEOUT_S": "inf"}, "NMT_REQUEST_TIMEOUT_S: Input should be less than or equal to 86400"),
+    ([], {"NMT_THREADS": "100000"}, "NMT_THREADS: Input should be less than or equal to 1024"),
+    ([], {"NMT_RATE_LIMIT": "9" * 400 + "/second"}, "(periods: second, minute, hour; 1 to 1000000 requests)"),
+    # A warning before: the service started open to all.
+    ([], {"NMT_API_KEY": "secret"}, "NMT_API_KEY is not a setting of nmt serve: did you mean NMT_API_KEYS? (rename "
+                                    "or unset it)"),
     ([], {"NMT_MAX_QUEUE": "abc", "NMT_RATE_LIMIT": "10/fortnight"},
      "invalid setting: NMT_MAX_QUEUE: Input should be a valid integer, unable to parse string as an integer; "
      "NMT_RATE_LIMIT: rate limit must look like 60/minute"),
@@ -174,12 +182,13 @@ def test_a_misspelt_setting_is_named_and_the_log_says_what_guards_the_service(ti
                                                                              tmp_path):
     # NMT_API_KEY (for NMT_API_KEYS) left the service open without a word.
     monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))  # check() exports MODEL as NMT_MODEL_DIR: restored after
-    monkeypatch.setenv("NMT_API_KEY", "secret")
+    monkeypatch.setenv("NMT_COLOUR", "blue")  # like no setting: ignored, with a word
     monkeypatch.setenv("NMT_WORKERS", "2")  # docker-compose's, not a setting: no warning
+    monkeypatch.setenv("NMT_max_chars", "7")  # pydantic-settings reads it: it was said to be ignored
     caplog.set_level(logging.INFO)
     check(str(tiny_model_dir), port=0)
-    assert "NMT_API_KEY (did you mean NMT_API_KEYS?) is not a setting of nmt serve: ignored" in caplog.text
-    assert "NMT_WORKERS" not in caplog.text
+    assert "NMT_COLOUR is not a setting of nmt serve: ignored" in caplog.text
+    assert "NMT_WORKERS" not in caplog.text and "NMT_MAX_CHARS" not in caplog.text and Settings().max_chars == 7
     for env, said in [({}, "no API keys (open to all), no rate limit, no CORS origins"),
                       ({"NMT_API_KEYS": "a,b", "NMT_RATE_LIMIT": "60/minute"}, "2 API key(s), rate limit 60/minute")]:
         caplog.clear()
@@ -191,8 +200,9 @@ def test_a_misspelt_setting_is_named_and_the_log_says_what_guards_the_service(ti
     caplog.clear()  # the same misspelling in the .env file (which Settings reads too) was not named
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("nmt_rate_limt=5/minute\nNMT_CORS_ORIGINS=https://a.example\n")
-    check(str(tiny_model_dir), port=0)
-    assert "NMT_RATE_LIMT (did you mean NMT_RATE_LIMIT?) in .env is not a setting of nmt serve: ignored" in caplog.text
+    with pytest.raises(NMTError, match=re.escape("NMT_RATE_LIMT in .env is not a setting of nmt serve: did you mean "
+                                                 "NMT_RATE_LIMIT? (rename or unset it)")):
+        check(str(tiny_model_dir), port=0)
     assert "CORS" not in caplog.text
 
 
@@ -324,14 +334,23 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
             assert answer.endswith(b'"fields":[]}}'), answer
 
 
-def test_a_worker_that_fails_to_start_is_an_error(tiny_model_dir):
-    # uvicorn's supervisor stops when a worker fails to start, and nmt serve --workers 2 then exited 0.
-    code = ("import service.server as s; s.APP = 'service.missing:create_app'; "
-            f"s.serve('127.0.0.1', {free_port()}, 2)")
+@pytest.mark.parametrize("failure", ["import", "factory"])
+def test_a_worker_that_fails_to_start_is_an_error(tiny_model_dir, tmp_path, failure):
+    # uvicorn's supervisor stops when a worker fails to start, and nmt serve --workers 2 then exited 0; a worker
+    # whose app could not be built (a rate limit too large for a float) was started again, for ever.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NMT_THREADS": "1", "NMT_MODEL_DIR": str(tiny_model_dir)}
+    app = "s.APP = 'service.missing:create_app'; " if failure == "import" else ""
+    if failure == "factory":  # imported by every Python process, the spawned workers included
+        (tmp_path / "sitecustomize.py").write_text(
+            "import service.app\n\n\ndef broken(*args, **kwargs):\n    raise OverflowError('too large')\n\n\n"
+            "service.app.create_app = broken\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    code = f"import service.server as s; {app}s.serve('127.0.0.1', {free_port()}, 2)"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "NMTError: a worker process did not start: its error is in the log above" in done.stderr
+    if failure == "factory":
+        assert "the service could not be set up" in done.stderr and "OverflowError: too large" in done.stderr
 
 
 @pytest.mark.parametrize("port", ["free", "0"])
