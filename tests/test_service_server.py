@@ -138,6 +138,9 @@ def test_sigterm_finishes_in_flight_requests(server):
     assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
     log = proc.stdout.read()
     assert "Finished server process" in log and "Traceback" not in log
+    # uvicorn's access lines had no time, unlike the service's own.
+    assert re.search(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO uvicorn\.access: 127\.0\.0\.1:\d+ - '
+                     r'"POST /v1/translate HTTP/1\.1" 200 OK$', log, re.M), log[-2000:]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/v1/health", timeout=2)
 
