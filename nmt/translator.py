@@ -234,13 +234,14 @@ class ModelFiles:
     shortlist: Shortlist | None
     step: int | None
     data_sha256: str | None  # the training pairs' digest (corpus.train_pairs_sha256), where the files record it
+    weights_sha256: str | None  # the weights' digest (export.weights_digest), where the card's was checked
 
 
 def read_model(path: Path) -> ModelFiles:
     """Read a run directory (best.pt, else last.pt), a .pt checkpoint in one, or an exported model directory;
     NMTError naming what is missing or broken."""
     home, source, model_dir = locate_model(path)
-    card, shortlist = None, None
+    card, shortlist, digest = None, None, None
     if model_dir:
         cfg = load_config(home / CONFIG_FILE)
         weights, card = read_safetensors(source), read_card(home)
@@ -262,23 +263,24 @@ def read_model(path: Path) -> ModelFiles:
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
     load_weights(model, weights, source)
     if model_dir:
-        _check_card_digest(weights, card, source)
+        digest = _checked_card_digest(weights, card, source)
     model = model.float().eval()
     return ModelFiles(home if model_dir else path, source, cfg, model, src_tok, tgt_tok, card, shortlist, step,
-                      data_sha256 if isinstance(data_sha256, str) else None)
+                      data_sha256 if isinstance(data_sha256, str) else None, digest)
 
 
-def _check_card_digest(weights: dict[str, torch.Tensor], card: dict[str, Any], source: Path) -> None:
-    """NMTError unless the weights are those the card describes: a file corrupted in place still loads, and it
-    translated nothing but errors."""
+def _checked_card_digest(weights: dict[str, torch.Tensor], card: dict[str, Any], source: Path) -> str | None:
+    """The weights' digest, NMTError unless it is the one the card records (a file corrupted in place still loaded,
+    and translated nothing but errors); None where the card records none."""
     expected = card.get("weights_sha256")
     if not isinstance(expected, str):  # a card from before it named them, or none
-        return
+        return None
     actual = weights_digest(weights, False)  # as exported: tied copies are stored once
     if actual != expected:
         raise NMTError(f"{source} does not hold the weights its {CARD_FILE} describes (SHA-256 {actual[:12]}..., "
                        f"the card says {expected[:12]}...): the file is corrupted or was replaced; export the model "
                        "again")
+    return actual
 
 
 class Translator:
@@ -314,8 +316,9 @@ class Translator:
         files = read_model(path)
         model, cfg, shortlist = files.model, files.cfg, files.shortlist
         params, quantized = model.num_parameters(), False
-        # The float weights' digest is taken when first asked for, but quantized ones are not the float weights.
-        digest = weights_digest(model.state_dict(), cfg.model.tie_embeddings) if int8 else None
+        # The float weights' digest: checked against the card as read, else taken when first asked for (quantized
+        # weights are not the float weights).
+        digest = weights_digest(model.state_dict(), cfg.model.tie_embeddings) if int8 else files.weights_sha256
         if int8:
             from nmt.quantize import quantize_int8
 
