@@ -20,7 +20,7 @@ _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#@]+")  # scheme://host[:port],
 
 CommaList = Annotated[list[str], NoDecode]
 MAX_THREADS = 1024  # libgomp fails to start tens of thousands (or the process crashes)
-MAX_TIMEOUT_S = 86_400.0  # a day: "inf" passed as a timeout and crashed the startup
+MAX_TIMEOUT_S = 86_400.0  # a day: a larger timeout (or "inf") passed validation and crashed the startup
 MAX_RATE = 1_000_000  # requests per period
 
 
@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(4000, ge=1, description="source tokens decoding at once (and target tokens scored "
                                   "per step), shared by the running requests")
     max_batch_requests: int = Field(32, ge=1, description="requests in the running batch; 1 turns batching off")
-    max_wait_ms: float = Field(300.0, ge=0, le=MAX_TIMEOUT_S * 1000,
+    max_wait_ms: float = Field(300.0, ge=0, le=MAX_TIMEOUT_S * 1000, allow_inf_nan=False,
                                description="while a batch of n requests decodes, others join it at most "
                                "every max_wait_ms * n / max_batch_requests (those arriving meanwhile join together, "
                                "one encoder pass); 0 = at the next step")
@@ -51,15 +51,15 @@ class Settings(BaseSettings):
     max_alignment_cells: int = Field(1_000_000, ge=1, description="with return_alignment: attention weights a "
                                      "request may return, bounded before decoding as each text's source pieces x "
                                      "its longest possible translation (413 above)")
-    request_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S,
+    request_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
                                      description="per-request deadline, one for the body to arrive (408) "
                                      "and the answer (504) together")
-    header_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S,
+    header_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
                                     description="time a request's headers may take to arrive, from the "
                                     "connection's opening (from its first byte for a connection's later requests): "
                                     "408, and the connection closed; one on which no request begins, or that only "
                                     "trickles bytes between requests, is closed silently")
-    send_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S,
+    send_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
                                   description="once over 64 KiB of an answer waits to be sent, the "
                                   "time its client has to read it down under 16 KiB (uvicorn's flow control) before "
                                   "the connection is dropped, as with nginx's send_timeout")

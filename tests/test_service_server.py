@@ -153,7 +153,9 @@ def test_sigterm_finishes_in_flight_requests(server):
     (["garbled"], {}, "garbled/model.safetensors is not a readable safetensors file"),  # with --workers 2
     ([], {"NMT_DEVICE": "banana"}, "NMT_DEVICE must be cpu, cuda, cuda:N or auto, got 'banana'"),
     # These passed the check, then crashed: a traceback after the model had loaded, or libgomp's crash.
-    ([], {"NMT_REQUEST_TIMEOUT_S": "inf"}, "NMT_REQUEST_TIMEOUT_S: Input should be less than or equal to 86400"),
+    ([], {"NMT_REQUEST_TIMEOUT_S": "inf"}, "NMT_REQUEST_TIMEOUT_S: Input should be a finite number"),
+    ([], {"NMT_SEND_TIMEOUT_S": "1e9"}, "NMT_SEND_TIMEOUT_S: Input should be less than or equal to 86400"),
+    ([], {"NMT_MAX_WAIT_MS": "nan"}, "NMT_MAX_WAIT_MS: Input should be a finite number"),  # was "less than or equal"
     ([], {"NMT_THREADS": "100000"}, "NMT_THREADS: Input should be less than or equal to 1024"),
     ([], {"NMT_RATE_LIMIT": "9" * 400 + "/second"}, "(periods: second, minute, hour; 1 to 1000000 requests)"),
     # A warning before: the service started open to all.
