@@ -102,7 +102,7 @@ def train_sentencepiece(texts: list[Path], prefix: Path, cfg: TokenizerConfig) -
         try:
             _train_in_child({
                 "input": ",".join(link.name for link in inputs),
-                "model_prefix": str(tmp_prefix),
+                "model_prefix": tmp_prefix.name,  # the child runs in tmp, which may be a relative path
                 "model_type": cfg.type,
                 "vocab_size": cfg.vocab_size,
                 "character_coverage": cfg.character_coverage,

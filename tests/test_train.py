@@ -684,6 +684,10 @@ def test_tokenizer_training_does_not_depend_on_the_working_directory_or_commas(
     data = shutil.copytree(corpus, tmp_path / "data,1")
     run_dir = tmp_path / "run,1"
     assert main(["tokenizer", str(TINY), "--set", f"data.dir={data}", "--set", f"train.run_dir={run_dir}"]) == 0
+    # A relative run directory (configs/base.yaml's runs/base) failed: the trainer, run in the temporary directory,
+    # wrote its model under that relative path again, inside it.
+    assert main(["tokenizer", str(TINY), "--set", "data.dir=../data,1", "--set", "train.run_dir=runs/rel"]) == 0
+    assert (work / "runs/rel/src.model").is_file() and (work / "runs/rel/tgt.model").is_file()
 
 
 def test_plot_writes_a_png(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
