@@ -115,12 +115,15 @@ class TranslationStream:
         with self.translator.lock:
             done += self._join()
             for key, search in list(self._searches.items()):
+                if self._searches.get(key) is not search:  # gone with a failed search's calls (see cancel)
+                    continue
+                calls = list(dict.fromkeys(c for c, _ in search.keys))  # before the step: it may retire some
                 try:
                     finished = search.step()
                 except Exception as exc:  # a bug must fail this search's calls, not every call of the stream
                     log.exception("a decoding step failed")
                     del self._searches[key]
-                    for call in dict.fromkeys(c for c, _ in search.keys):
+                    for call in calls:
                         if call in self._handles:
                             done.append(self._fail(self._handles[call], exc))
                     continue

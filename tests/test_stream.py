@@ -37,12 +37,14 @@ def run(stream: TranslationStream, work: list[tuple[list[str], dict]], seed: int
     rng = random.Random(seed)
     results: dict = {}
     pending = list(range(len(work)))
-    while pending or len(stream):
+    for _ in range(10_000):  # a call the stream never answers must fail the test, not hang it
+        if not (pending or len(stream)):
+            return results
         for _ in range(min(len(pending), rng.choice([0, 0, 1, 2]))):
             i = pending.pop(0)
             stream.add(i, work[i][0], **work[i][1])
         results.update(stream.step())
-    return results
+    raise AssertionError(f"the stream still holds {len(stream)} calls after 10,000 steps")
 
 
 def same(a: list, b: list) -> None:
@@ -148,6 +150,44 @@ def test_a_failing_search_fails_only_its_calls(translator, monkeypatch):
     monkeypatch.setattr(nmt.search.BeamSearch, "step", step)
     stream = TranslationStream(translator)
     stream.add("fails", ["a b"], beam_size=2)
+    stream.add("works", ["a b"], beam_size=3)
+    results = run(stream, [])
+    assert isinstance(results["fails"], RuntimeError)
+    same(results["works"], translator.translate(["a b"], beam_size=3))
+    assert len(stream) == 0
+
+
+def test_a_step_that_fails_after_retiring_sentences_still_fails_their_calls(translator, monkeypatch):
+    # The step had retired the call's last sentence when it failed: the call was neither answered nor failed, and
+    # stayed in the stream for ever.
+    real_step = nmt.search.BeamSearch.step
+
+    def step(self):
+        if real_step(self):
+            raise RuntimeError("boom after retiring")
+        return []
+
+    monkeypatch.setattr(nmt.search.BeamSearch, "step", step)
+    stream = TranslationStream(translator)
+    stream.add("fails", ["a b"], beam_size=2)
+    assert isinstance(run(stream, [])["fails"], RuntimeError)
+    assert len(stream) == 0
+
+
+def test_a_failing_search_whose_call_has_rows_in_another_search_fails_that_call_only(translator, monkeypatch):
+    # Failing the call removed its other search (its re-decode with attention), which the step then reached:
+    # a KeyError out of step() lost every call's result.
+    monkeypatch.setattr(Job, "needs_attention", lambda self, hyps: not self.return_alignment and self.replace_unk)
+    real_step = nmt.search.BeamSearch.step
+
+    def step(self):
+        if self.k == 5 and not self.with_attention and any(s.with_attention for s in stream._searches.values()):
+            raise RuntimeError("boom")
+        return real_step(self)
+
+    monkeypatch.setattr(nmt.search.BeamSearch, "step", step)
+    stream = TranslationStream(translator)
+    stream.add("fails", ["a", "a b c d e f g h i j k l m n o p a b c d e f g h i j k l m n o p"])
     stream.add("works", ["a b"], beam_size=3)
     results = run(stream, [])
     assert isinstance(results["fails"], RuntimeError)
