@@ -446,6 +446,10 @@ class Translator:
         """The translations of a prepared job from the hypotheses of its segments to decode (job.todo, in order)."""
         outputs: list[list[_Output]] = [[_Output("", 0.0, [], None)] for _ in job.segments]
         for i, hs in zip(job.todo, hyps, strict=True):
+            if not hs:  # every piece the search could choose was banned, ending included
+                source = detokenize(job.segments[i].pieces)
+                raise NMTError(f"no translation of {source!r} meets the decoding options (ban_unk, min_len, "
+                               "no_repeat_ngram, the shortlist): loosen them")
             distinct: dict[str, _Output] = {}
             for h in hs:
                 out = self._output(job.segments[i], h, job.replace_unk)
@@ -462,6 +466,9 @@ class Translator:
             raise NMTError(f"shortlist_per_source must be at most {STORED_PER_SOURCE}, got {per_source}")
         if not use or self.shortlist is None:
             return None
+        if frequent == per_source == 0:
+            raise NMTError("shortlist_frequent and shortlist_per_source are both 0: the shortlist would hold no target "
+                           "piece; give one of them above 0, or decode without the shortlist")
         return frequent, per_source
 
     def _plan(self, text: str, segments: list[_Segment]) -> list[str | int]:

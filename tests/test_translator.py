@@ -349,6 +349,26 @@ def test_the_shortlist_comes_with_the_export_and_can_be_turned_off(tiny_run, tin
     assert "not a readable shortlist file" in err and "Traceback" not in err
 
 
+def test_a_shortlist_or_options_that_leave_nothing_to_choose_are_clear_errors(tiny_model_dir, tmp_path, capsys):
+    # Both were an IndexError: the search ended with no hypothesis at all.
+    listed = Translator.load(tiny_model_dir, threads=1)
+    with pytest.raises(NMTError, match="shortlist_frequent and shortlist_per_source are both 0"):
+        listed.translate(["a b"], shortlist_frequent=0, shortlist_per_source=0, ban_unk=True)
+    assert listed.translate(["a b"], shortlist=False, shortlist_frequent=0, shortlist_per_source=0)[0].text
+    src = tmp_path / "in.txt"
+    src.write_text("a b\n", encoding="utf-8")
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "--shortlist-frequent", "0",
+                 "--shortlist-per-source", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "both 0" in err and "Traceback" not in err
+    # One candidate piece, which may not repeat, no <unk> and no end before five pieces: no translation is left.
+    impossible = {"shortlist_frequent": 0, "shortlist_per_source": 1, "ban_unk": True, "no_repeat_ngram": 1,
+                  "min_len": 5}
+    with pytest.raises(NMTError, match="no translation of 'k' meets the decoding options"):
+        listed.translate(["k"], **impossible)
+    assert listed.translate(["a b"], **{**impossible, "min_len": 1})[0].text == "b a"
+
+
 def test_no_training_data_means_no_shortlist(tiny_run, tmp_path, caplog):
     tokenizers = Tokenizer(tiny_run / "src.model"), Tokenizer(tiny_run / "tgt.model")
     assert shortlist_from_corpus(tmp_path / "gone", *tokenizers) is None
