@@ -622,8 +622,9 @@ def test_a_signal_stops_tokenizer_training_at_once_and_leaves_nothing(tmp_path: 
     # SentencePiece's trainer ran in this process, in C++ for as long as it took: Ctrl-C waited for it (half a
     # minute on a million lines) and SIGTERM left its temporary directory in the run. It now runs in a child.
     run_dir = tmp_path / "run"
+    # SIGINT as in a terminal: the suite may run as a script's background job, which ignores it and passes that on.
     proc = subprocess.Popen(_tokenizer_command(tmp_path, 400_000), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         trainers = _trainers_of(proc)
         proc.send_signal(signum)
