@@ -208,6 +208,9 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.tokenizer.vocab_size <= SPECIAL_PIECES:
         raise NMTError(f"config key 'tokenizer.vocab_size' must be more than the {SPECIAL_PIECES} special pieces "
                        f"(padding, unknown, start and end of sentence), got {cfg.tokenizer.vocab_size}")
+    if cfg.decode.shortlist and cfg.decode.shortlist_frequent == cfg.decode.shortlist_per_source == 0:
+        raise NMTError("config keys 'decode.shortlist_frequent' and 'decode.shortlist_per_source' are both 0: the "
+                       "shortlist would hold no target piece (decode.shortlist=false: the whole vocabulary)")
     if cfg.model.tie_embeddings and cfg.model.out_dim != cfg.model.emb_dim:
         raise NMTError("config key 'model.tie_embeddings' needs model.out_dim == model.emb_dim")
     betas = [_float(b) for b in cfg.train.adam_betas]

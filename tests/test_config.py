@@ -66,6 +66,13 @@ def test_bad_value_names_the_key(override: str, key: str) -> None:
         load_config(TINY, [override, "model.out_dim=48"])
 
 
+def test_a_shortlist_of_no_target_piece_is_refused() -> None:
+    empty = ["decode.shortlist_frequent=0", "decode.shortlist_per_source=0"]
+    with pytest.raises(NMTError, match="'decode.shortlist_frequent' and 'decode.shortlist_per_source' are both 0"):
+        load_config(TINY, empty)
+    assert not load_config(TINY, [*empty, "decode.shortlist=false"]).decode.shortlist
+
+
 @pytest.mark.parametrize(("override", "key", "type_name"), [
     ("model.emb_dim=big", "model.emb_dim", "int"),
     ("model.emb_dim=3.5", "model.emb_dim", "int"),
