@@ -550,7 +550,7 @@ def test_a_corpus_of_lines_too_long_for_the_tokenizer_is_one_line(tmp_path: Path
 
 def _model_cut_short(options: dict[str, str], cwd: Path) -> None:
     """SentencePiece ignores a failed write of its model."""
-    Path(options["model_prefix"] + ".model").write_bytes(b"")
+    (cwd / (options["model_prefix"] + ".model")).write_bytes(b"")  # the prefix is relative to the working directory
 
 
 def _vocab_not_written(options: dict[str, str], cwd: Path) -> None:
