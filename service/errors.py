@@ -58,9 +58,9 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return name or "body"
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: dict[str, Any], doc: Any = None) -> str:
     if err.get("type") == "json_invalid":
-        return f"not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
+        return f"not valid JSON: {_json_error_at(err, doc)}"
     whole_body = len(err.get("loc", ())) <= 1  # its media type is JSON: _unsupported_body answered the others
     if err.get("type") == "model_attributes_type" and whole_body:
         return f"must be a JSON object, not {_json_kind(err.get('input'))}"
@@ -87,6 +87,18 @@ def _union_branch(loc: tuple[Any, ...]) -> tuple[str, int] | None:
     return None
 
 
+def _json_error_at(err: dict[str, Any], doc: Any) -> str:
+    """The parser's complaint with where it is, as json's own message puts it: "Expecting value at line 1 column 9"
+    (FastAPI keeps the message without its position, which is in the error's loc, and the text in the exception)."""
+    what = str(err.get("ctx", {}).get("error", "parse error")).removesuffix(" at")
+    loc = tuple(err.get("loc", ()))
+    if len(loc) < 2 or not isinstance(loc[1], int) or not isinstance(doc, str):
+        return what
+    pos = loc[1]
+    line, column = doc.count("\n", 0, pos) + 1, pos - doc.rfind("\n", 0, pos)
+    return f"{what} at line {line} column {column}"
+
+
 def validation_fields(exc: RequestValidationError) -> list[dict[str, str]]:
     """One entry per offending field. Where a value failed every member of a union (text: str | list[str]), the
     errors from inside a member (text[1]) are the useful ones; with none, the members' messages are merged."""
@@ -102,8 +114,8 @@ def validation_fields(exc: RequestValidationError) -> list[dict[str, str]]:
         if branch and branch[1] < depth[branch[0]]:
             continue
         messages = fields.setdefault("body" if err.get("type") == "json_invalid" else _field_name(loc), [])
-        if _message(err) not in messages:
-            messages.append(_message(err))
+        if (message := _message(err, exc.body)) not in messages:
+            messages.append(message)
     return [{"field": field, "message": messages[0] if len(messages) == 1 else
              "Input should be " + " or ".join(m.removeprefix("Input should be ") for m in messages)}
             for field, messages in fields.items()]

@@ -290,7 +290,12 @@ def test_schema_errors_name_the_field(client, body, field):
 
 
 @pytest.mark.parametrize("content, content_type, message", [
-    (b"{not json", "application/json", "not valid JSON"),
+    (b"{not json", "application/json", "body: not valid JSON: Expecting property name enclosed in double quotes at "
+                                        "line 1 column 2"),
+    # A raw tab or line break in a string, the commonest mistake: the parser's message ended in "at".
+    (b'{"text": "one\ntwo"}', "application/json", "not valid JSON: Invalid control character at line 1 column 14"),
+    (b'{\n  "text": "a",\n}', "application/json", "not valid JSON: Expecting property name enclosed in double quotes "
+                                              "at line 3 column 1"),
     (b'{"text": NaN, "beam_size": Infinity}', "application/json", "text"),
     (b"[1, 2]", "application/json", "body: must be a JSON object, not an array"),
     (b'"a b"', "application/json", "body: must be a JSON object, not a string"),
