@@ -189,6 +189,7 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     elif exc.status_code == 405:  # Starlette names the methods of the first route of the path only (GET, not HEAD)
         methods = {method for route in request.app.router.routes if isinstance(route, Route)
                    and route.matches(request.scope)[0] != Match.NONE for method in route.methods or ()}
+        methods = methods or {"GET", "HEAD"}  # no route: one of the mounted static directories
         headers = {**(headers or {}), "Allow": ", ".join(sorted(methods))}
     return error_response(exc.status_code, message, headers=headers)
 
