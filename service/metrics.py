@@ -29,8 +29,9 @@ class Metrics:
                                      buckets=_BATCH_BUCKETS, registry=self.registry)
         self.batch_seconds = Histogram("nmt_batch_duration_seconds", "model time per decoding step",
                                        buckets=_STEP_BUCKETS, registry=self.registry)
-        self.source_tokens = Counter("nmt_source_tokens", "source tokens of the requests translated or scored (not "
-                                     "of those cancelled)", registry=self.registry)
+        self.source_tokens = Counter("nmt_source_tokens", "source tokens encoded for the requests translated or "
+                                     "scored (a score request's source once per candidate; not of those cancelled)",
+                                     registry=self.registry)
         self.queue_depth = Gauge("nmt_queue_depth", "requests waiting for the model", registry=self.registry)
         self.model_loaded = Gauge("nmt_model_loaded", "1 once the model is loaded", registry=self.registry)
 
