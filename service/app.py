@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     guards = [Depends(_guarded)] if settings.api_keys else []
     limits = schemas.Limits(max_texts=settings.max_texts, max_chars=settings.max_chars,
                             max_body_bytes=settings.max_body_bytes, max_beam_size=schemas.MAX_BEAM,
+                            max_alignment_cells=settings.max_alignment_cells,
                             request_timeout_s=settings.request_timeout_s)
 
     @asynccontextmanager

@@ -213,7 +213,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "the body could not be decoded (not UTF-8, nested too deeply, a number too long to read)",
         401: "missing or invalid API key (when keys are configured)",
         408: "the body did not arrive within the request deadline",
-        413: "body, text count or text length over the limits",
+        413: "body, text count, text length, a score pair's pieces or an alignment's size over the limits",
         415: "the body is compressed or not JSON",
         422: "invalid request: the message and `fields` name the offending fields",
         429: "rate limit exceeded; see Retry-After",

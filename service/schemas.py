@@ -85,7 +85,10 @@ class Alignment(BaseModel):
 
 class Translation(BaseModel):
     text: str
-    score: float | None = Field(None, description="length-normalized log-probability (null without return_scores)")
+    score: float | None = Field(None, description="length-normalized log-probability, normalized over the model's "
+                                "lexical shortlist when it has one (models[].shortlist), so above what /v1/score "
+                                "gives over the whole vocabulary; null without return_scores and for a text with "
+                                "nothing to translate")
     alternatives: list[Alternative] = Field(default_factory=list, description="the other n-best translations")
     alignment: Alignment | None = None
 
@@ -99,7 +102,8 @@ class TranslateResponse(BaseModel):
 class Score(BaseModel):
     text: str
     pieces: list[str] = Field(description="target pieces of the candidate, end of sentence last")
-    logprob: float = Field(description="total log-probability of the candidate, end of sentence included")
+    logprob: float = Field(description="total log-probability of the candidate, end of sentence included, over the "
+                                       "whole target vocabulary")
     token_logprobs: list[float] = Field(description="log-probability of each target piece")
 
 
@@ -134,6 +138,9 @@ class Limits(BaseModel):
     max_chars: int = Field(description="characters per text")
     max_body_bytes: int = Field(description="request body size")
     max_beam_size: int = Field(description="largest beam_size (and n_best)")
+    max_alignment_cells: int = Field(description="with return_alignment: attention weights a request may return, "
+                                     "counted before decoding as each text's source pieces x its longest possible "
+                                     "translation")
     request_timeout_s: float = Field(description="the deadline of a request, body and answer together")
 
 

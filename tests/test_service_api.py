@@ -140,7 +140,7 @@ def test_models_health_ready_docs_and_page(client):
     assert model["src_lang"] == "src" and model["tgt_lang"] == "tgt" and model["parameters"] > 0
     # What a request may hold, so that a client (the web page's character count) can check before sending.
     assert models["limits"] == {"max_texts": 64, "max_chars": 2000, "max_body_bytes": 1_000_000, "max_beam_size": 16,
-                                "request_timeout_s": 30.0}
+                                "max_alignment_cells": 1_000_000, "request_timeout_s": 30.0}
     assert model["card"]["metrics"]["best_dev_bleu"] > 50 and "path" not in model
     assert client.get("/v1/health").json() == {"status": "ok"}
     assert client.get("/v1/ready").json()["status"] == "ready"
