@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nmt.cli import int_from
+
 ROWS = [  # (name, split, nmt evaluate options)
     ("greedy", "test", ["--beam", "1"]),
     ("beam 5", "test", ["--beam", "5"]),
@@ -68,11 +70,14 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--data", default="data/bible")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int_from(1), default=1)
     p.add_argument("--seed", type=int, default=1, help="seed that picks the example verses")
-    p.add_argument("--examples", type=int, default=5)
+    p.add_argument("--examples", type=int_from(0), default=5, help="test verses shown (at most the test set's)")
     args = p.parse_args()
     data, out = Path(args.data), Path(args.out)
+    missing = [name for name in ("dev.src", "dev.tgt", "test.src", "test.tgt") if not (data / name).is_file()]
+    if missing:
+        p.error(f"{data} lacks {', '.join(missing)}: prepare a corpus first (`make bible`, or `nmt prepare`)")
     out.mkdir(parents=True, exist_ok=True)
     rows, hyp_files = [], {}
     for name, split, options in ROWS:
@@ -92,9 +97,12 @@ def main() -> None:
         rows.append({**row("Apertium spa-eng (rule-based)", report), "split": "test"})
     src = (data / "test.src").read_text(encoding="utf-8").splitlines()
     ref = (data / "test.tgt").read_text(encoding="utf-8").splitlines()
-    where = (data / "test.ref").read_text(encoding="utf-8").splitlines()
+    # Where each verse is (Ruth 1:1), from `nmt prepare bible`; a corpus of `nmt prepare files` has no such file.
+    refs = data / "test.ref"
+    where = (refs.read_text(encoding="utf-8").splitlines() if refs.is_file()
+             else [f"test line {i + 1}" for i in range(len(src))])
     hyp = hyp_files["beam 5"].read_text(encoding="utf-8").splitlines()
-    picks = sorted(random.Random(args.seed).sample(range(len(src)), args.examples))
+    picks = sorted(random.Random(args.seed).sample(range(len(src)), min(args.examples, len(src))))
     examples = [{"ref": where[i], "source": src[i], "reference": ref[i], "translation": hyp[i]} for i in picks]
 
     lines = ["| system | split | BLEU | chrF | TER | sentences/s |", "|---|---|---|---|---|---|"]
@@ -105,7 +113,7 @@ def main() -> None:
     if not ap:
         lines.append("\n(Apertium not installed: `apt-get install apertium-eng-spa` adds its row.)")
     lines += ["", f"BLEU signature: `{rows[0]['bleu_signature']}`; threads: {args.threads}", "",
-              f"{args.examples} test verses picked by `random.Random({args.seed}).sample` (beam 5):", ""]
+              f"{len(picks)} test verses picked by `random.Random({args.seed}).sample` (beam 5):", ""]
     for e in examples:
         lines += [f"- **{e['ref']}**", f"  - source: {e['source']}", f"  - reference: {e['reference']}",
                   f"  - rnnsearch: {e['translation']}"]

@@ -1,7 +1,7 @@
 """Translation speed and quality: sentences/s, target tokens/s, peak RSS and BLEU per decoding setup.
 
-    python benchmarks/translate_speed.py models/base [--data data/bible] [--out benchmarks/results]
-    python benchmarks/translate_speed.py models/base --forced-length 30 --beams 5 --batching 32 \
+    python benchmarks/translate_speed.py models/es-en-bible [--data data/bible] [--out benchmarks/results]
+    python benchmarks/translate_speed.py models/es-en-bible --forced-length 30 --beams 5 --batching 32 \
         --precisions fp32 --threads 1 --shortlists on off --onmt-venv ~/onmt-venv \
         [--onmt-model M.pt | --onmt-train-steps 20]
 
@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from nmt.cli import int_from
 from nmt.device import cpu_name
 
 
@@ -181,17 +182,25 @@ def comparisons(rows: list[dict]) -> str:
     return "".join(f"\n{n}\n" for n in notes)
 
 
+def _batching(text: str) -> str:
+    """An argparse type: sentence, tokens, or a positive number of sentences per call."""
+    if text in ("sentence", "tokens") or text.isdigit() and int(text) > 0:
+        return text
+    raise argparse.ArgumentTypeError(f"must be sentence, tokens or a number of sentences > 0, got {text!r}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="exported model directory (or run directory)")
     p.add_argument("--data", default="data/bible", help="prepared corpus (default data/bible)")
     p.add_argument("--src", help="source file (default DATA/test.src)")
     p.add_argument("--ref", help="references (default DATA/test.tgt)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N sentences (0 = all)")
-    p.add_argument("--beams", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--batching", nargs="+", default=["sentence", "tokens"], help="sentence, tokens or a number")
+    p.add_argument("--limit", type=int_from(0), default=0, help="only the first N sentences (0 = all)")
+    p.add_argument("--beams", type=int_from(1), nargs="+", default=[1, 5])
+    p.add_argument("--batching", type=_batching, nargs="+", default=["sentence", "tokens"],
+                   help="sentence, tokens or a number")
     p.add_argument("--precisions", nargs="+", choices=("fp32", "int8"), default=["fp32", "int8"])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--threads", type=int_from(1), nargs="+", default=[1, 2])
     p.add_argument("--shortlists", nargs="+", choices=("on", "off"), default=["on", "off"],
                    help="decode over the model's shortlist, the whole vocabulary, or both (default both)")
     p.add_argument("--forced-length", type=int, default=0, help="min_len = max_len = N (0 = off)")
@@ -206,6 +215,13 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     args.src = args.src or str(Path(args.data) / "test.src")
+    if not Path(args.src).is_file():
+        p.error(f"source sentences not found: {args.src} (prepare the Bible corpus first: `make bible`; or give "
+                "--src FILE)")
+    if args.ref and not Path(args.ref).is_file():
+        p.error(f"references not found: {args.ref}")
+    if args.onmt_venv and not (Path(args.onmt_venv) / "bin" / "onmt_translate").is_file():
+        p.error(f"--onmt-venv {args.onmt_venv} has no bin/onmt_translate (OpenNMT-py 3.5.1 installed there)")
     args.ref = args.ref or (str(Path(args.data) / "test.tgt") if (Path(args.data) / "test.tgt").is_file() else None)
     rows = []
     if args.onmt_venv:

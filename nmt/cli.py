@@ -208,7 +208,7 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_from(low: int) -> Callable[[str], int]:
+def int_from(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= low, so that a bad value is refused before the model loads."""
     def parse(text: str) -> int:
         try:
@@ -224,28 +224,28 @@ def _int_from(low: int) -> Callable[[str], int]:
 
 def _resamples(text: str) -> int:
     """An argparse type for --bootstrap: 0 (none) or at least 2 resamples (sacrebleu takes 1 as none, silently)."""
-    value = _int_from(0)(text)
+    value = int_from(0)(text)
     if value == 1:
         raise argparse.ArgumentTypeError("one resample gives no interval: 0 (none) or at least 2 (1000 is usual)")
     return value
 
 
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam", type=_int_from(1), help="beam size (default: the model config's decode.beam_size)")
+    p.add_argument("--beam", type=int_from(1), help="beam size (default: the model config's decode.beam_size)")
     p.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha; 0 = none (default: config)")
-    p.add_argument("--no-repeat-ngram", type=_int_from(0), metavar="N",
+    p.add_argument("--no-repeat-ngram", type=int_from(0), metavar="N",
                    help="never repeat an n-gram of N pieces in an output; 0 = off (default: config)")
-    p.add_argument("--batch-tokens", type=_int_from(1),
+    p.add_argument("--batch-tokens", type=int_from(1),
                    help="source tokens per batch (default: config's decode.batch_tokens)")
     p.add_argument("--no-shortlist", dest="shortlist", action="store_false",
                    help="decode over the whole target vocabulary, not the model's lexical shortlist")
-    p.add_argument("--shortlist-frequent", type=_int_from(0), metavar="N",
+    p.add_argument("--shortlist-frequent", type=int_from(0), metavar="N",
                    help="shortlists hold the N most frequent target pieces (default: decode.shortlist_frequent)")
-    p.add_argument("--shortlist-per-source", type=_int_from(0), metavar="K",
+    p.add_argument("--shortlist-per-source", type=int_from(0), metavar="K",
                    help=f"... and K per source piece and word, at most {STORED_PER_SOURCE} "
                         "(default: decode.shortlist_per_source)")
     p.add_argument("--int8", action="store_true", help="int8 dynamic quantization for faster CPU inference")
-    p.add_argument("--threads", type=_int_from(1), help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int_from(1), help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 
 
@@ -274,7 +274,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="exported model directory, run directory or .pt checkpoint")
     p.add_argument("-i", "--input", help="input file (default, or -: stdin)")
     p.add_argument("-o", "--output", help="output file (default, or -: stdout)")
-    p.add_argument("--n-best", type=_int_from(1), default=1, help="distinct translations per line (default 1)")
+    p.add_argument("--n-best", type=int_from(1), default=1, help="distinct translations per line (default 1)")
     _add_decode_options(p)
     p.set_defaults(func=_run_translate)
 
@@ -661,8 +661,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--src", required=True, help="source file")
     p.add_argument("--hyp", required=True, help="translations to score, line-parallel to --src")
     p.add_argument("--tokens", action="store_true", help="also print each target piece's log-probability")
-    p.add_argument("--batch-tokens", type=_int_from(1), help="tokens per batch (default: config's decode.batch_tokens)")
-    p.add_argument("--threads", type=_int_from(1), help="torch threads (default: torch's choice)")
+    p.add_argument("--batch-tokens", type=int_from(1), help="tokens per batch (default: config's decode.batch_tokens)")
+    p.add_argument("--threads", type=int_from(1), help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(func=_run_score, int8=False)
 
@@ -687,7 +687,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("outdir", help="model directory to create")
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
     p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint (default best)")
-    p.add_argument("--average", type=_int_from(1), metavar="N",
+    p.add_argument("--average", type=int_from(1), metavar="N",
                    help="export the mean weights of the last N kept step checkpoints (train.keep_checkpoints) "
                         "instead of --checkpoint")
     p.add_argument("--report", help="`nmt evaluate` JSON report of the exported weights for the card (default: "
