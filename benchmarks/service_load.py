@@ -62,6 +62,7 @@ from pathlib import Path
 
 import httpx
 
+from nmt.cli import int_from
 from nmt.device import cpu_name
 
 BAR_CONCURRENCY = 32
@@ -490,14 +491,15 @@ def main() -> None:
     p.add_argument("model", nargs="?", default="models/es-en-bible",
                    help="exported model (or run) directory (default models/es-en-bible)")
     p.add_argument("--src", default="data/bible/test.src", help="sentences, one a line (default data/bible/test.src)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128], help="concurrent clients per row")
+    p.add_argument("--concurrency", type=int_from(1), nargs="+", default=[1, 8, 32, 128],
+                   help="concurrent clients per row")
     p.add_argument("--requests", type=int, default=0,
                    help="requests per row, over all clients (default 0: max(256, 4 x the row's concurrency))")
     p.add_argument("--duration", type=float, default=0.0, help="seconds per row instead of --requests (0 = off)")
     p.add_argument("--modes", nargs="+", choices=("on", "off"), default=["on", "off"],
                    help="batching on, off (NMT_MAX_BATCH_REQUESTS=1) or both, a fresh server each; repeat them "
                         "(on off on off) to pair runs close in time: the bars take the median over the pairs")
-    p.add_argument("--beam", type=int, default=5, help="beam size of every request (default 5)")
+    p.add_argument("--beam", type=int_from(1), default=5, help="beam size of every request (default 5)")
     p.add_argument("--warmup", type=int, default=8, help="requests before the timing, one at a time (default 8)")
     p.add_argument("--seed", type=int, default=0, help="shuffles the sentences (default 0)")
     p.add_argument("--server-cpus", default="", help="pin the server with taskset -c, e.g. 0,1 (default: no pinning)")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from nmt.cli import int_from
 from nmt.device import cpu_has_bf16
 from nmt.plot import read_metrics
 
@@ -86,7 +87,7 @@ def main() -> None:
     p.add_argument("--sampled", type=int, nargs="+", default=[0, 1024], metavar="K")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
                    help="fp32, and/or bf16: train.amp_cpu (bfloat16 autocast)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int_from(1), default=600)  # 0 would be train.max_steps=0: no limit
     p.add_argument("--valid-every", type=int, default=200)
     p.add_argument("--work", default="runs/softmax_quality", help="run directories (kept, reused when finished)")
     p.add_argument("--out", default="benchmarks/results")

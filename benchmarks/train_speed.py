@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from nmt.cli import int_from
 from nmt.device import cpu_has_bf16, cpu_name
 
 ONMT_CONFIG = """\
@@ -211,8 +212,8 @@ def main() -> None:
     p.add_argument("--config", default="configs/base.yaml")
     p.add_argument("--data", default="data/bible")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, default=20, help="timed updates")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int_from(1), default=20, help="timed updates")
+    p.add_argument("--warmup", type=int_from(0), default=3)
     p.add_argument("--sampled-softmax", type=int, nargs="+", default=[0, 1024], metavar="K",
                    help="train.sampled_softmax settings to measure (0 = the exact softmax; default 0 1024)")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
