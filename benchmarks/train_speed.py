@@ -108,6 +108,9 @@ def worker(args: argparse.Namespace) -> dict:
                                     f"train.amp_cpu={str(args.precisions[0] == 'bf16').lower()}"])
     trainer = Trainer(cfg)
     batches = trainer.data.epoch_batches(cfg.train.seed, 0)
+    if len(batches) < args.warmup + 1 + args.steps:  # the warm-up, one probe for the FLOP count, the timed ones
+        raise SystemExit(f"{args.data} gives {len(batches)} batches an epoch: too few for --warmup {args.warmup}, one "
+                         f"update to count FLOPs and --steps {args.steps}; lower them or use a larger corpus")
     for b in batches[: args.warmup]:
         trainer.update([b])
     with FlopCounterMode(display=False) as counter:
