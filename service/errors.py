@@ -58,7 +58,8 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return name or "body"
 
 
-def _message(err: dict[str, Any], doc: Any = None) -> str:
+def _message(err: dict[str, Any], doc: Any) -> str:
+    """One validation error for people; doc: the body as text, where a JSON syntax error is placed."""
     if err.get("type") == "json_invalid":
         return f"not valid JSON: {_json_error_at(err, doc)}"
     whole_body = len(err.get("loc", ())) <= 1  # its media type is JSON: _unsupported_body answered the others
