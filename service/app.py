@@ -20,11 +20,11 @@ from fastapi_offline import FastAPIOffline
 from nmt import LOG_FORMAT, __version__
 from nmt.errors import NMTError
 from nmt.translator import Translation, Translator
-from service import schemas
+from service import request_id, schemas
 from service.batcher import Closed, QueueFull
 from service.body import StrictJSONRoute
 from service.cors import CORS
-from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers
+from service.errors import ERROR_RESPONSES, INTERNAL_ERROR, ServiceError, error_response, install_error_handlers
 from service.guard import KEY_REQUIRED, PASSED, Guard
 from service.limits import DEADLINE, BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
@@ -104,7 +104,7 @@ async def _run(settings: Settings, work: Any, request: Request) -> Any:
         raise ServiceError(422, str(exc)) from None
     except Exception:  # answered here: past the app's handlers, uvicorn would also drop the keep-alive connection
         log.exception("translation failed")
-        raise ServiceError(500, "internal error; it has been logged", code="internal_error") from None
+        raise ServiceError(500, INTERNAL_ERROR.format(request_id.current.get()), code="internal_error") from None
 
 
 def _require(worker: ModelWorker) -> None:
@@ -150,16 +150,18 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     app.router.route_class = StrictJSONRoute  # for the routes below
     install_error_handlers(app)
     # The last added is the outermost: keys and rate limits are checked before the body limit reads the body, CORS
-    # headers go on every answer, and the metrics count them all.
+    # headers go on every answer, the metrics count them all, and every answer carries its request's id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s)
     rate = settings.rate()
     app.add_middleware(Guard, paths=frozenset((TRANSLATE, SCORE)), keys=settings.api_keys,
                        rate_limit=settings.rate_limit, limiter=RateLimiter(*rate) if rate else None)
     if settings.cors_origins:
         app.add_middleware(CORS, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Content-Type", "X-API-Key", "Authorization"],
-                           expose_headers=["Retry-After"])  # so that pages can wait as 429 and 503 ask
+                           allow_headers=["Content-Type", "X-API-Key", "Authorization", request_id.HEADER],
+                           # so that pages can wait as 429 and 503 ask, and quote a request's id
+                           expose_headers=["Retry-After", request_id.HEADER])
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(request_id.RequestIdMiddleware)
 
     @app.post(TRANSLATE, response_model=schemas.TranslateResponse, responses=ERROR_RESPONSES,
               dependencies=guards, tags=["translation"], operation_id="translate")

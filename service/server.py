@@ -23,6 +23,7 @@ from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.translator import locate_model, read_model
 from service.app import create_app
+from service.request_id import RequestIdFilter
 from service.settings import Settings, env_file_variables, unknown_names
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,18 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 
 
 def _log_config() -> dict[str, Any]:
-    """uvicorn's logging with the time and logger of the service's own lines: its access lines had no time, and could
-    not be told apart in `docker logs` (without -t)."""
+    """uvicorn's logging with the time and logger of the service's own lines (its access lines had no time, and could
+    not be told apart in `docker logs` without -t), each line written for a request ending with its id."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["formatters"]["default"].update(fmt=LOG_FORMAT, use_colors=False)
-    access = LOG_FORMAT.replace("%(message)s", '%(client_addr)s - "%(request_line)s" %(status_code)s')
+    config["formatters"]["default"].update(fmt=LOG_FORMAT + "%(request)s", use_colors=False)
+    access = LOG_FORMAT.replace("%(message)s", '%(client_addr)s - "%(request_line)s" %(status_code)s%(request)s')
     config["formatters"]["access"].update(fmt=access, use_colors=False)
+    config["filters"] = {"request_id": {"()": RequestIdFilter}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["request_id"]
+    # The service's own lines (and nmt's) through the same handler, so that they name their request too; at the
+    # level the command set (nmt --verbose).
+    config["root"] = {"handlers": ["default"], "level": logging.getLevelName(logging.getLogger().level)}
     return config
 
 

@@ -258,6 +258,26 @@ def test_a_missing_model_fails_startup(tmp_path):
             pass
 
 
+def test_every_answer_carries_a_request_id_the_clients_own_when_usable(make_client):
+    client = make_client(api_keys=["k"], max_body_bytes=200)
+    key = {"X-API-Key": "k"}
+    first, second = post(client, {"text": "a"}, headers=key), post(client, {"text": "a"}, headers=key)
+    assert re.fullmatch("[0-9a-f]{32}", first.headers["x-request-id"])
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+    for given in ("4bf92f3577b34da6a3ce929d0e0e4736", "lb-2026/12/05:17+a=b@c.d_e"):
+        assert post(client, {"text": "a"}, headers={**key, "X-Request-ID": given}).headers["x-request-id"] == given
+    # An id that could garble a log line or a header, or is oversized, is replaced by the service's own.
+    for given in ("two words", 'a"b', "x" * 129, "", "caf\u00e9".encode()):
+        got = post(client, {"text": "a"}, headers={**key, "X-Request-ID": given}).headers["x-request-id"]
+        assert re.fullmatch("[0-9a-f]{32}", got), given
+    # Errors too, those answered before routing included: no key, a body over the limit, a path nobody serves.
+    mine = {"X-Request-ID": "mine"}
+    assert post(client, {"text": "a"}, headers=mine).headers["x-request-id"] == "mine"
+    assert post(client, {"text": "a " * 200}, headers={**key, **mine}).headers["x-request-id"] == "mine"
+    assert client.get("/nowhere", headers=mine).headers["x-request-id"] == "mine"
+    assert client.get("/v1/health", headers=mine).headers["x-request-id"] == "mine"
+
+
 # --- 422 ------------------------------------------------------------------------------------------------------
 
 
@@ -611,6 +631,10 @@ def test_cors_headers_on_every_answer_and_retry_after_readable(make_client):
     limited = post(client, {"text": "a"}, headers=origin)
     assert limited.status_code == 429 and limited.headers["access-control-allow-origin"] == "https://app.example"
     assert "retry-after" in limited.headers["access-control-expose-headers"].lower()
+    assert "x-request-id" in limited.headers["access-control-expose-headers"].lower()
+    preflight = client.options("/v1/translate", headers={**origin, "Access-Control-Request-Method": "POST",
+                                                         "Access-Control-Request-Headers": "X-Request-ID"})
+    assert preflight.status_code == 200  # a page may send its own ids
 
 
 # --- 429 ------------------------------------------------------------------------------------------------------
@@ -686,7 +710,10 @@ def test_unexpected_errors_are_a_json_500_and_the_service_goes_on(make_client, t
         raise RuntimeError("boom")
 
     monkeypatch.setattr(translator, "prepare", broken)  # on the event loop
-    assert error_of(post(client, {"text": "a"}), 500)["code"] == "internal_error"
+    answer = post(client, {"text": "a"}, headers={"X-Request-ID": "support-ticket-7"})
+    error = error_of(answer, 500)
+    # Its operator finds the traceback in the log by the id the message gives.
+    assert error["code"] == "internal_error" and error["message"].endswith("under request support-ticket-7")
     monkeypatch.undo()
     monkeypatch.setattr(TranslationStream, "add_job", broken)  # in the model's worker thread
     assert error_of(post(client, {"text": "a"}), 500)["code"] == "internal_error"

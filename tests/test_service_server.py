@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -29,7 +30,8 @@ import nmt.device
 from nmt.cli import main as nmt_main
 from nmt.errors import NMTError
 from service.app import create_app
-from service.server import check
+from service.request_id import current
+from service.server import _log_config, check
 from service.settings import Settings
 
 TEXTS = ["a b c d", "p o n m l k j", "c", "e f g h i j k l"]
@@ -122,7 +124,8 @@ def test_sigterm_finishes_in_flight_requests(server):
 
     async def drain() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            requests = [asyncio.ensure_future(client.post("/v1/translate", json=heavy)) for _ in range(6)]
+            requests = [asyncio.ensure_future(client.post("/v1/translate", json=heavy,
+                                                          headers={"X-Request-ID": f"drain-{i}"})) for i in range(6)]
             for _ in range(1000):
                 if metric(url, "nmt_http_requests_in_flight") >= 7:  # six, and the /metrics request itself
                     break
@@ -138,11 +141,34 @@ def test_sigterm_finishes_in_flight_requests(server):
     assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
     log = proc.stdout.read()
     assert "Finished server process" in log and "Traceback" not in log
-    # uvicorn's access lines had no time, unlike the service's own.
-    assert re.search(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO uvicorn\.access: 127\.0\.0\.1:\d+ - '
-                     r'"POST /v1/translate HTTP/1\.1" 200 OK$', log, re.M), log[-2000:]
+    # uvicorn's access lines had no time, unlike the service's own; they end with the request's id.
+    for i in range(6):
+        assert re.search(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO uvicorn\.access: 127\.0\.0\.1:\d+ - '
+                         rf'"POST /v1/translate HTTP/1\.1" 200 OK \[request drain-{i}\]$', log, re.M), log[-2000:]
+    assert re.search(r'"GET /metrics HTTP/1\.1" 200 OK \[request [0-9a-f]{32}\]$', log, re.M), log[-2000:]
+    assert re.search(r"INFO uvicorn\.error: Finished server process \[\d+\]$", log, re.M)  # no request: no id
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/v1/health", timeout=2)
+
+
+def test_the_services_own_log_lines_end_with_the_request_they_were_written_for():
+    config = _log_config()
+    assert config["root"]["handlers"] == ["default"] and "request_id" in config["handlers"]["default"]["filters"]
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter(config["formatters"]["default"]["fmt"]))
+    handler.addFilter(config["filters"]["request_id"]["()"]())
+
+    def line() -> str:
+        handler.handle(logging.LogRecord("service.app", logging.ERROR, __file__, 1, "translation failed", None, None))
+        return out.getvalue().splitlines()[-1]
+
+    assert line().endswith(" ERROR service.app: translation failed")  # no request: no id
+    token = current.set("4bf92f35")
+    try:
+        assert line().endswith(" ERROR service.app: translation failed [request 4bf92f35]")
+    finally:
+        current.reset(token)
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [
