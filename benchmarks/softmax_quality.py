@@ -1,17 +1,18 @@
 """What a sampled softmax and bfloat16 cost in quality: the same training with each, side by side.
 
-    python benchmarks/softmax_quality.py [--config configs/base.yaml] [--data data/bible] \
-        [--sampled 0 1024] [--precisions fp32 bf16] [--steps 600] [--valid-every 200] [--work DIR] \
+    python benchmarks/softmax_quality.py [--config configs/base.yaml] [--data data/bible] \\
+        [--sampled 0 1024] [--precisions fp32 bf16] [--steps 600] [--valid-every 200] [--work DIR] \\
         [--out benchmarks/results]
 
 Each pair of a --sampled K (0 = the exact softmax over the whole vocabulary, else train.sampled_softmax=K) and a
 --precisions entry (fp32; bf16 = train.amp_cpu) is one `nmt train CONFIG` run from scratch with the same seed,
 the same batches and the shipped model's SentencePiece models (--tokenizers), for --steps updates with a
-validation every --valid-every. The runs go in parallel, one
-thread each, each pinned to its own core (run i on core i mod the core count): quality does not depend on speed,
-so runs may share a machine (train_speed.py measures speed). Validation is the same for every run: dev loss and
-perplexity over the whole vocabulary, and greedy dev BLEU. A run directory under --work that already holds
---steps updates of the same K and precision is read, not trained again. Writes softmax_quality.json and .md under --out.
+validation every --valid-every. The runs go in parallel, one thread each, each pinned to its own core (run i on
+core i mod the core count): quality does not depend on speed, so runs may share a machine (train_speed.py
+measures speed). Validation is the same for every run: dev loss and perplexity over the whole vocabulary, and
+greedy dev BLEU. A run directory under --work that already holds --steps updates of the same K and precision is
+read, not trained again. Writes softmax_quality.json and .md under --out. Stopping the script (Ctrl-C, SIGTERM,
+a failed run) stops its trainings.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,11 +86,11 @@ def main() -> None:
     p.add_argument("--config", default="configs/base.yaml")
     p.add_argument("--data", default="data/bible")
     p.add_argument("--tokenizers", default="models/es-en-bible", help="directory with src.model and tgt.model")
-    p.add_argument("--sampled", type=int, nargs="+", default=[0, 1024], metavar="K")
+    p.add_argument("--sampled", type=int_from(0), nargs="+", default=[0, 1024], metavar="K")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
                    help="fp32, and/or bf16: train.amp_cpu (bfloat16 autocast)")
     p.add_argument("--steps", type=int_from(1), default=600)  # 0 would be train.max_steps=0: no limit
-    p.add_argument("--valid-every", type=int, default=200)
+    p.add_argument("--valid-every", type=int_from(1), default=200)
     p.add_argument("--work", default="runs/softmax_quality", help="run directories (kept, reused when finished)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
@@ -102,11 +104,21 @@ def main() -> None:
         precisions = [p for p in precisions if p != "bf16"]
     runs = [(k, precision) for precision in precisions for k in args.sampled]
     todo = [run for run in runs if not finished(run_dir(work, *run), args.steps, *run)]
-    procs = [start(args, k, precision, i % len(os.sched_getaffinity(0))) for i, (k, precision) in enumerate(todo)]
-    for (k, precision), proc in zip(todo, procs, strict=True):
-        if proc.wait() != 0:
-            raise SystemExit(f"training {label(k, precision)} failed: see "
-                             f"{run_dir(work, k, precision) / 'train.log'}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so that the runs below stop too
+    procs: list[subprocess.Popen] = []
+    try:
+        for i, (k, precision) in enumerate(todo):
+            procs.append(start(args, k, precision, i % len(os.sched_getaffinity(0))))
+        for (k, precision), proc in zip(todo, procs, strict=True):
+            if proc.wait() != 0:
+                raise SystemExit(f"training {label(k, precision)} failed: see "
+                                 f"{run_dir(work, k, precision) / 'train.log'}")
+    finally:  # a failed run, Ctrl-C or SIGTERM: the other trainings stop with this script, not go on for nobody
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            proc.wait()
     rows = []
     for k, precision in runs:
         for r in validations(run_dir(work, k, precision)):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from service_load import read_sources
 
+from nmt.cli import int_from
 from nmt.device import cpu_name
 from nmt.errors import NMTError
 from nmt.stream import TranslationStream
@@ -81,19 +82,20 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", default="models/es-en-bible")
-    p.add_argument("--src", type=Path, default=Path("data/bible/test.src"))
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--join-every", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=400)
-    p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="models/es-en-bible", help="exported model (default: %(default)s)")
+    p.add_argument("--src", type=Path, default=Path("data/bible/test.src"),
+                   help="source sentences, one a line (default: %(default)s)")
+    p.add_argument("--concurrency", type=int_from(1), nargs="+", default=[1, 32],
+                   help="calls kept in the stream, one row each (default: 1 32)")
+    p.add_argument("--join-every", type=int_from(1), nargs="+", default=[1, 8, 32],
+                   help="steps between joins, one row each per concurrency over 1 (default: 1 8 32)")
+    p.add_argument("--requests", type=int_from(1), default=400, help="timed calls a row (default: %(default)s)")
+    p.add_argument("--beam", type=int_from(1), default=5, help="beam size (default: %(default)s)")
+    p.add_argument("--threads", type=int_from(1), default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="shuffles the sentences (default: %(default)s)")
     p.add_argument("--out", type=Path, help="write stream_batching.json and .md here")
     args = p.parse_args()
-    if min(args.concurrency + args.join_every + [args.requests, args.beam, args.threads]) < 1:
-        p.error("--concurrency, --join-every, --requests, --beam and --threads must be at least 1")
     sources = read_sources(args.src, args.seed)
     try:
         translator = Translator.load(args.model, threads=args.threads)

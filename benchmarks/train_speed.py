@@ -1,6 +1,6 @@
 """Training speed: target tokens/s of `nmt train` on the Bible corpus, 1 and 2 threads, optionally beside OpenNMT-py.
 
-    python benchmarks/train_speed.py --config configs/base.yaml --data data/bible \
+    python benchmarks/train_speed.py --config configs/base.yaml --data data/bible \\
         [--onmt-venv ~/onmt-venv] [--out benchmarks/results]
 
 Each measurement runs in its own process pinned with taskset (thread count t uses cores 0..t-1). Ours: the
