@@ -150,7 +150,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     app.router.route_class = StrictJSONRoute  # for the routes below
     install_error_handlers(app)
     # The last added is the outermost: keys and rate limits are checked before the body limit reads the body, CORS
-    # headers go on every answer, the metrics count them all, and every answer carries its request's id.
+    # headers go on every answer, and the metrics count them all.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s)
     rate = settings.rate()
     app.add_middleware(Guard, paths=frozenset((TRANSLATE, SCORE)), keys=settings.api_keys,
@@ -161,7 +161,6 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
                            # so that pages can wait as 429 and 503 ask, and quote a request's id
                            expose_headers=["Retry-After", request_id.HEADER])
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(request_id.RequestIdMiddleware)
 
     @app.post(TRANSLATE, response_model=schemas.TranslateResponse, responses=ERROR_RESPONSES,
               dependencies=guards, tags=["translation"], operation_id="translate")
@@ -233,4 +232,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     for route in [r for r in app.routes if isinstance(r, APIRoute) and r.path in (DOCS, REDOC)]:
         app.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # The request id around Starlette's whole stack, built now: its ServerErrorMiddleware, which answers an
+    # unexpected error's 500, runs outside every middleware added to the app (no more can be added after this).
+    app.middleware_stack = request_id.RequestIdMiddleware(app.build_middleware_stack())
     return app

@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service import request_id
 from service.errors import error_response
 from service.settings import Settings
 
@@ -248,7 +249,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if self._answers_due():
             self._deferred = status, reason, message
             return
-        response = error_response(status, message, headers={"connection": "close"})
+        # No request reached the app, to take an id from: the answer gets a new one (its log line has none).
+        response = error_response(status, message, headers={"connection": "close",
+                                                            request_id.HEADER: request_id.id_for(None)})
         head = b"".join(b"%s: %s\r\n" % pair for pair in [*self.server_state.default_headers, *response.raw_headers])
         self.transport.write(b"HTTP/1.1 %d %s\r\n" % (status, reason) + head + b"\r\n" + response.body)
         self.transport.close()

@@ -12,19 +12,22 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADER = "X-Request-ID"
-# A client's id is taken as it is when it could not garble a log line or a header: visible ASCII without spaces or
-# quotes, at most 128 characters (a UUID, a trace id, a load balancer's id); any other is replaced by a new one.
-_USABLE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+# A client's id is taken as it is when it could not garble a log line or a header: at most 128 visible ASCII
+# characters other than quotes and backslashes (a UUID, a trace id, a load balancer's such as AWS's
+# Root=1-67891233-abcdef012345678912345678); any other is replaced by a new one.
+_USABLE = re.compile(r"[!#-&(-\[\]-~]{1,128}")
 current: ContextVar[str | None] = ContextVar("request_id", default=None)  # the id of the request being handled
 
 
-def request_id(given: str | None) -> str:
+def id_for(given: str | None) -> str:
     """The id for a request that sent this X-Request-ID (None: none): the same, if usable, else a new UUID (hex)."""
     return given if given is not None and _USABLE.fullmatch(given) else uuid.uuid4().hex
 
 
 class RequestIdMiddleware:
-    """Gives each HTTP request its id (request_id), for the code handling it (`current`) and in its answer."""
+    """Gives each HTTP request its id (id_for), for the code handling it (`current`) and in its answer. It must
+    wrap Starlette's ServerErrorMiddleware, whose 500 handler runs outside every middleware added to an app (see
+    service.app.create_app)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -33,10 +36,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = request_id(Headers(scope=scope).get(HEADER))
+        rid = id_for(Headers(scope=scope).get(HEADER))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                message.setdefault("headers", [])  # optional in ASGI
                 MutableHeaders(scope=message)[HEADER] = rid
             await send(message)
 
@@ -48,10 +52,10 @@ class RequestIdMiddleware:
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds `request`, " [request ID]" while a request is handled and "" otherwise, to every record it passes, for a
-    log format ending in %(request)s."""
+    """Adds `request_id`, " [request ID]" while a request is handled and "" otherwise, to every record it passes,
+    for a log format ending in %(request_id)s."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         rid = current.get()
-        record.request = f" [request {rid}]" if rid else ""
+        record.request_id = f" [request {rid}]" if rid else ""
         return True

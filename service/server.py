@@ -77,8 +77,8 @@ def _log_config() -> dict[str, Any]:
     """uvicorn's logging with the time and logger of the service's own lines (its access lines had no time, and could
     not be told apart in `docker logs` without -t), each line written for a request ending with its id."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["formatters"]["default"].update(fmt=LOG_FORMAT + "%(request)s", use_colors=False)
-    access = LOG_FORMAT.replace("%(message)s", '%(client_addr)s - "%(request_line)s" %(status_code)s%(request)s')
+    config["formatters"]["default"].update(fmt=LOG_FORMAT + "%(request_id)s", use_colors=False)
+    access = LOG_FORMAT.replace("%(message)s", '%(client_addr)s - "%(request_line)s" %(status_code)s%(request_id)s')
     config["formatters"]["access"].update(fmt=access, use_colors=False)
     config["filters"] = {"request_id": {"()": RequestIdFilter}}
     for handler in config["handlers"].values():

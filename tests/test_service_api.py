@@ -264,10 +264,11 @@ def test_every_answer_carries_a_request_id_the_clients_own_when_usable(make_clie
     first, second = post(client, {"text": "a"}, headers=key), post(client, {"text": "a"}, headers=key)
     assert re.fullmatch("[0-9a-f]{32}", first.headers["x-request-id"])
     assert first.headers["x-request-id"] != second.headers["x-request-id"]
-    for given in ("4bf92f3577b34da6a3ce929d0e0e4736", "lb-2026/12/05:17+a=b@c.d_e"):
+    for given in ("4bf92f3577b34da6a3ce929d0e0e4736", "lb-2026/12/05:17+a=b@c.d_e", "Root=1-6789abcd-0123;Self=2",
+                  "{x},[y]~!#%&*"):
         assert post(client, {"text": "a"}, headers={**key, "X-Request-ID": given}).headers["x-request-id"] == given
     # An id that could garble a log line or a header, or is oversized, is replaced by the service's own.
-    for given in ("two words", 'a"b', "x" * 129, "", "caf\u00e9".encode()):
+    for given in ("two words", 'a"b', "it's", "a\\b", "x" * 129, "", "caf\u00e9".encode()):
         got = post(client, {"text": "a"}, headers={**key, "X-Request-ID": given}).headers["x-request-id"]
         assert re.fullmatch("[0-9a-f]{32}", got), given
     # Errors too, those answered before routing included: no key, a body over the limit, a path nobody serves.
@@ -714,6 +715,11 @@ def test_unexpected_errors_are_a_json_500_and_the_service_goes_on(make_client, t
     error = error_of(answer, 500)
     # Its operator finds the traceback in the log by the id the message gives.
     assert error["code"] == "internal_error" and error["message"].endswith("under request support-ticket-7")
+    monkeypatch.undo()
+    monkeypatch.setattr(client.app.state.worker, "defaults", broken)  # outside the model call: Starlette's own 500
+    answer = post(client, {"text": "a"}, headers={"X-Request-ID": "support-ticket-8"})
+    assert error_of(answer, 500)["message"].endswith("under request support-ticket-8")
+    assert answer.headers["x-request-id"] == "support-ticket-8"
     monkeypatch.undo()
     monkeypatch.setattr(TranslationStream, "add_job", broken)  # in the model's worker thread
     assert error_of(post(client, {"text": "a"}), 500)["code"] == "internal_error"

@@ -290,6 +290,7 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
                 answer = b"".join(iter(lambda: big.recv(4096), b""))
                 assert answer.startswith(b"HTTP/1.1 431 ") and b"exceed 2048 bytes" in answer, answer
                 assert b"\"code\":\"headers_too_large\"" in answer
+                assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", answer), answer  # answered before the app
         with socket.create_connection(("127.0.0.1", port), timeout=10) as fits:
             fits.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-B: " + b"a" * 1500 + b"\r\n\r\n")
             assert fits.recv(4096).startswith(b"HTTP/1.1 200 ")
