@@ -149,18 +149,11 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     app.state.worker, app.state.settings = worker, settings
     app.router.route_class = StrictJSONRoute  # for the routes below
     install_error_handlers(app)
-    # The last added is the outermost: keys and rate limits are checked before the body limit reads the body, CORS
-    # headers go on every answer, and the metrics count them all.
+    # The last added is the outermost: keys and rate limits are checked before the body limit reads the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s)
     rate = settings.rate()
     app.add_middleware(Guard, paths=frozenset((TRANSLATE, SCORE)), keys=settings.api_keys,
                        rate_limit=settings.rate_limit, limiter=RateLimiter(*rate) if rate else None)
-    if settings.cors_origins:
-        app.add_middleware(CORS, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Content-Type", "X-API-Key", "Authorization", request_id.HEADER],
-                           # so that pages can wait as 429 and 503 ask, and quote a request's id
-                           expose_headers=["Retry-After", request_id.HEADER])
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.post(TRANSLATE, response_model=schemas.TranslateResponse, responses=ERROR_RESPONSES,
               dependencies=guards, tags=["translation"], operation_id="translate")
@@ -232,7 +225,14 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     for route in [r for r in app.routes if isinstance(r, APIRoute) and r.path in (DOCS, REDOC)]:
         app.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    # The request id around Starlette's whole stack, built now: its ServerErrorMiddleware, which answers an
-    # unexpected error's 500, runs outside every middleware added to the app (no more can be added after this).
-    app.middleware_stack = request_id.RequestIdMiddleware(app.build_middleware_stack())
+    # Around Starlette's whole stack, built now (no middleware can be added after this), as its ServerErrorMiddleware,
+    # which answers an unexpected error's 500, runs outside every middleware added to the app: CORS headers, so that
+    # pages can read every answer, the metrics, counting them all, and the request id, on every answer.
+    stack = app.build_middleware_stack()
+    if settings.cors_origins:
+        stack = CORS(stack, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                     allow_headers=["Content-Type", "X-API-Key", "Authorization", request_id.HEADER],
+                     # so that pages can wait as 429 and 503 ask, and quote a request's id
+                     expose_headers=["Retry-After", request_id.HEADER])
+    app.middleware_stack = request_id.RequestIdMiddleware(MetricsMiddleware(stack, metrics=metrics))
     return app

@@ -705,7 +705,7 @@ def test_translator_errors_are_422_not_500(client, translator, monkeypatch):
 
 
 def test_unexpected_errors_are_a_json_500_and_the_service_goes_on(make_client, translator, monkeypatch):
-    client = make_client(raise_server_exceptions=False)
+    client = make_client(raise_server_exceptions=False, cors_origins=["https://app.example"])
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
@@ -717,9 +717,12 @@ def test_unexpected_errors_are_a_json_500_and_the_service_goes_on(make_client, t
     assert error["code"] == "internal_error" and error["message"].endswith("under request support-ticket-7")
     monkeypatch.undo()
     monkeypatch.setattr(client.app.state.worker, "defaults", broken)  # outside the model call: Starlette's own 500
-    answer = post(client, {"text": "a"}, headers={"X-Request-ID": "support-ticket-8"})
+    answer = post(client, {"text": "a"}, headers={"X-Request-ID": "support-ticket-8", "Origin": "https://app.example"})
     assert error_of(answer, 500)["message"].endswith("under request support-ticket-8")
+    # The id, and the CORS headers that let a page read the message, as on every other answer; and it is counted.
     assert answer.headers["x-request-id"] == "support-ticket-8"
+    assert answer.headers["access-control-allow-origin"] == "https://app.example"
+    assert metric(client, 'nmt_http_requests_total{method="POST",route="/v1/translate",status="500"}') == 2
     monkeypatch.undo()
     monkeypatch.setattr(TranslationStream, "add_job", broken)  # in the model's worker thread
     assert error_of(post(client, {"text": "a"}), 500)["code"] == "internal_error"
