@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from nmt import LOG_FORMAT, __version__
 from nmt.config import STORED_PER_SOURCE
 from nmt.errors import NMTError
-from nmt.files import is_special_file, make_dir, read_lines, write_failure
+from nmt.files import is_special_file, make_dir, probe_writable, read_lines, write_failure
 
 if TYPE_CHECKING:
     from nmt.translator import Translator
@@ -606,9 +606,11 @@ def _evaluation_outputs(args: argparse.Namespace, name: str, inputs_sha256: str,
     check_report_replaceable(report_path, None if args.report else inputs_sha256)
     if out.resolve() != folder.resolve():  # the model's own eval folder holds nothing but evaluations
         check_hyp_replaceable(hyp_path, [report_path, out / f"{name}.json"])
-    try:
+    try:  # a read-only directory (a container's volume) fails here, not after translating
         make_dir(out)
-    except NMTError as exc:  # a read-only model directory (a container's volume) fails here, not after translating
+        for path in (hyp_path, report_path):
+            probe_writable(path)
+    except NMTError as exc:
         if args.out:
             raise
         raise NMTError(f"{exc}; write the hypotheses and report elsewhere with --out DIR") from None

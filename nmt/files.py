@@ -178,6 +178,20 @@ def is_special_file(path: Path) -> bool:
         return False
 
 
+def probe_writable(path: Path) -> None:
+    """NMTError when atomic_write could not write path: its directory cannot be made or written in. For a command
+    that works a long while before it writes (so that the work is not lost to a read-only directory)."""
+    if is_special_file(path):
+        return
+    make_dir(path.resolve().parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as exc:
+        raise NMTError(f"cannot write {path} ({write_failure(path, exc)})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Call write(tmp_path), then rename it over path, so readers never see a half-written file. A failure is an
     NMTError naming path, judged while the unfinished file still holds its space; path is left as it was.

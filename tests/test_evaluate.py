@@ -265,6 +265,26 @@ def test_evaluate_a_model_on_files(tiny_model_dir, tiny_data, tmp_path, capsys):
         "corpus with --data DIR")
 
 
+def test_evaluate_finds_an_unwritable_output_directory_before_it_translates(tiny_model_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    # It translated the whole test set, then could not write: hours of beam search lost to a read-only directory.
+    src = tmp_path / "s.txt"
+    src.write_text("a b c\n", encoding="utf-8")
+    out = tmp_path / "out"
+
+    def read_only(*args, dir=None, **kwargs):  # as root, permissions cannot make a directory read-only
+        raise PermissionError(13, "Permission denied")
+
+    def never(*args, **kwargs):
+        raise AssertionError("translated before finding that its outputs cannot be written")
+
+    monkeypatch.setattr("nmt.files.tempfile.mkstemp", read_only)
+    monkeypatch.setattr("nmt.evaluate.evaluate_model", never)
+    for where in (["--out", str(out)], ["--report", str(out / "r.json")]):
+        assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(src), *where]) == 2
+        assert "s.hyp (Permission denied)" in capsys.readouterr().err
+
+
 def test_evaluate_reads_the_source_from_stdin_or_a_pipe(tiny_model_dir, tmp_path, monkeypatch, capsys):
     # `nmt evaluate MODEL --src - --ref REF`, and `--src <(zcat test.src.gz)`: the report's digest is of the bytes
     # read, as neither can be read again (--src - failed with a traceback; a pipe was recorded as empty).
