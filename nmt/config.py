@@ -163,6 +163,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+        if value is not None:
+            raise NMTError(f"config key '{key}' must be of type str, got {value!r}: quote the value (YAML reads an "
+                           "unquoted no, yes, on or off as a boolean, digits as a number, and `a: b` as a mapping)")
     elif hint is list or origin is list:
         if isinstance(value, list):
             return value
@@ -333,8 +336,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise NMTError(f"config section '{section}' must be a mapping")
+        if value is not None and not isinstance(value, str) and _declared(section, key) is str:
+            # A text key takes the text as typed: YAML read `data.tgt_lang=no` (Norwegian) as false, 123 as a
+            # number and `a: b` as a mapping.
+            value = item.partition("=")[2].strip()
         raw[section][key] = value
     return raw
+
+
+def _declared(section: str, key: str) -> Any:
+    """The declared type of a config key (None for an unknown one: from_dict names it)."""
+    obj = getattr(Config(), section, None)
+    if obj is None or not dataclasses.is_dataclass(obj):
+        return None
+    return typing.get_type_hints(type(obj)).get(key)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

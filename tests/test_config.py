@@ -79,12 +79,23 @@ def test_a_shortlist_of_no_target_piece_is_refused() -> None:
     ("model.emb_dim=true", "model.emb_dim", "int"),
     ("train.amp=1", "train.amp", "bool"),
     ("train.lr=fast", "train.lr", "float"),
-    ("model.cell=1", "model.cell", "str"),
     ("train.adam_betas=0.9", "train.adam_betas", "list"),
 ])
 def test_wrong_type_names_the_key_and_type(override: str, key: str, type_name: str) -> None:
     with pytest.raises(NMTError, match=f"'{key}' must be of type {type_name}"):
         load_config(TINY, [override])
+
+
+def test_a_text_key_takes_the_text_as_typed_after_set(tmp_path: Path) -> None:
+    # YAML read Norwegian's code as false, a directory named 123 as a number and one with ": " as a mapping.
+    cfg = load_config(TINY, ["data.tgt_lang=no", "data.src_lang=off", "data.dir=123", "train.run_dir=runs/my data: v1"])
+    assert (cfg.data.tgt_lang, cfg.data.src_lang, cfg.data.dir, cfg.train.run_dir) == ("no", "off", "123",
+                                                                                     "runs/my data: v1")
+    assert load_config(TINY, ['data.tgt_lang="nb"']).data.tgt_lang == "nb"  # quoted, as before
+    (tmp_path / "c.yaml").write_text("data:\n  tgt_lang: no\n", encoding="utf-8")  # a file is read as YAML
+    with pytest.raises(NMTError, match="'data.tgt_lang' must be of type str, got False: quote the value"):
+        load_config(tmp_path / "c.yaml")
+    assert load_config(None, ["data.tgt_lang=no"]).data.tgt_lang == "no"
 
 
 def test_unknown_keys_and_sections() -> None:
