@@ -133,6 +133,8 @@ _NON_NEGATIVE = {
     "tokenizer.input_sentence_size",
 }
 MAX_LENGTH_PENALTY = 10.0  # GNMT's alpha is 0.6-1; far past it, the longest hypothesis always wins
+# [0, 1): a dropout or label smoothing of 1 leaves nothing to learn from, and torch's ReduceLROnPlateau refuses a
+# factor of 1 (a learning rate that never falls: train.min_lr = train.lr).
 _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
 # Upper bounds past which a value is a mistake: decoding to a*source+b pieces with a model that has not learnt to
 # stop yet (early in training) would run for hours.
@@ -198,8 +200,9 @@ def _check_ranges(cfg: Config) -> None:
                 raise NMTError(f"config key '{key}' must be > 0, got {value!r}")
             if key in _NON_NEGATIVE and value < 0:
                 raise NMTError(f"config key '{key}' must be >= 0, got {value!r}")
-            if key in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
-                raise NMTError(f"config key '{key}' must be between 0 and 1, got {value!r}")
+            if key in _UNIT_INTERVAL and not 0.0 <= value < 1.0:
+                keep = " (to keep the learning rate, set train.min_lr to train.lr)" if key == "train.lr_decay" else ""
+                raise NMTError(f"config key '{key}' must be at least 0 and below 1, got {value!r}{keep}")
             if key in _AT_MOST and value > _AT_MOST[key]:
                 raise NMTError(f"config key '{key}' must be at most {_AT_MOST[key]}, got {value!r}")
     if not MIN_CHARACTER_COVERAGE <= cfg.tokenizer.character_coverage <= 1.0:

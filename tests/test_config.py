@@ -44,6 +44,9 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     ("train.device=tpu", "train.device"),
     ("model.dropout=1.5", "model.dropout"),
     ("train.label_smoothing=-0.1", "train.label_smoothing"),
+    ("train.label_smoothing=1", "train.label_smoothing"),  # uniform targets: trained on, nothing learnt
+    ("model.dropout=1.0", "model.dropout"),
+    ("train.lr_decay=1", "train.lr_decay"),  # torch's scheduler raised at the start of training
     ("train.lr=-0.001", "train.lr"),
     ("train.lr=0", "train.lr"),
     ("tokenizer.character_coverage=0.97", "tokenizer.character_coverage"),
