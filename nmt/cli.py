@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import hashlib
 import io
 import logging
@@ -11,6 +12,7 @@ import os
 import signal
 import stat
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from nmt import LOG_FORMAT, __version__
 from nmt.config import STORED_PER_SOURCE
 from nmt.errors import NMTError
-from nmt.files import is_special_file, make_dir, probe_writable, read_lines, write_failure
+from nmt.files import GZIP_MAGIC, is_special_file, make_dir, probe_writable, read_lines, write_failure
 
 if TYPE_CHECKING:
     from nmt.translator import Translator
@@ -288,14 +290,25 @@ def _line_batches(stream: Any, size: int, wait: float = 0.05) -> Iterator[list[s
     end = object()
 
     def read() -> None:
-        for number, line in enumerate(stream, start=1):
-            if isinstance(line, bytes):
-                try:
-                    line = line.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    lines.put(NMTError(f"input line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"))
-                    return
-            lines.put(line.removesuffix("\n").removesuffix("\r"))
+        try:
+            for number, line in enumerate(stream, start=1):
+                if isinstance(line, bytes):
+                    try:
+                        line = line.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        gzipped = number == 1 and line.startswith(GZIP_MAGIC)
+                        lines.put(NMTError(f"input line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                                           + ("; it is gzip-compressed: name the file *.gz, or gunzip it first"
+                                              if gzipped else "")))
+                        return
+                lines.put(line.removesuffix("\n").removesuffix("\r"))
+        # Said, not a reader thread that dies and leaves the translation waiting for ever.
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            lines.put(NMTError(f"the input is not a readable gzip file ({exc})"))
+            return
+        except OSError as exc:
+            lines.put(NMTError(f"cannot read the input ({exc.strerror or exc})"))
+            return
         lines.put(end)
 
     threading.Thread(target=read, daemon=True).start()
@@ -327,7 +340,10 @@ def _open(path: str | None, mode: str, default: Any) -> Any:
     if mode == "w":
         make_dir(Path(path).parent)  # as every other command's outputs
     try:
-        return open(path, "rb") if mode == "r" else open(path, "w", encoding="utf-8", newline="\n")
+        if mode == "w":
+            return open(path, "w", encoding="utf-8", newline="\n")
+        # A *.gz file is decompressed as it is read, as `nmt evaluate`, `score` and `prepare` read one.
+        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
     except OSError as exc:
         raise NMTError(f"cannot open {path}: {exc.strerror}") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -549,6 +550,23 @@ def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, t
         f"input line 2 is not valid UTF-8 (invalid start byte at byte 0); {out} holds the translation of line "
         "1")
     assert out.read_text(encoding="utf-8") == "b a\n"
+
+
+def test_cli_translate_reads_gzip_files(tiny_model_dir, capsys, tmp_path):
+    # As evaluate, score and prepare do; it said "input line 1 is not valid UTF-8", and nothing of why.
+    packed = tmp_path / "s.txt.gz"
+    packed.write_bytes(gzip.compress(b"a b\nc d e\n"))
+    assert main(["translate", str(tiny_model_dir), "-i", str(packed)]) == 0
+    assert capsys.readouterr().out == "b a\ne d c\n"
+    unnamed = tmp_path / "s.txt"
+    unnamed.write_bytes(packed.read_bytes())
+    assert main(["translate", str(tiny_model_dir), "-i", str(unnamed)]) == 2
+    assert capsys.readouterr().err.strip().endswith("it is gzip-compressed: name the file *.gz, or gunzip it first")
+    # A damaged one is said, not a reader thread that died and left the command waiting for ever.
+    for damaged in (packed.read_bytes()[:-12], b"a b\n"):
+        packed.write_bytes(damaged)
+        assert main(["translate", str(tiny_model_dir), "-i", str(packed)]) == 2
+        assert "the input is not a readable gzip file" in capsys.readouterr().err
 
 
 def test_cli_translate_streams_in_a_pipe(tiny_model_dir):
