@@ -32,6 +32,28 @@ def check_run_dir_holds_only_a_run(run_dir: Path) -> None:
                        "directory")
 
 
+def _in_use(run_dir: Path) -> str:
+    return (f"another `nmt train` or `nmt tokenizer` is working in {run_dir}: wait for it, or choose another "
+            "train.run_dir")
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """NMTError when another process holds the run directory's lock: said first, as what the directory holds (a
+    last.pt or not yet) is that process's business. Call it from one process of a run only: each check takes the
+    lock for a moment."""
+    try:
+        probe = open(run_dir / ".lock", "rb")
+    except OSError:  # no lock file: nobody has worked here; an unreadable one: lock_run_dir says so
+        return
+    with probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NMTError(_in_use(run_dir)) from None
+        except OSError:  # a filesystem without locks (lock_run_dir warns)
+            return
+
+
 def lock_run_dir(run_dir: Path) -> Any:
     """Hold a lock on the run directory while this process trains in it (the open lock file: keep it); NMTError
     when another `nmt train` holds it, which would overwrite this run's checkpoints and log."""
@@ -43,8 +65,7 @@ def lock_run_dir(run_dir: Path) -> Any:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise NMTError(f"another `nmt train` or `nmt tokenizer` is working in {run_dir}: wait for it, or choose "
-                       "another train.run_dir") from None
+        raise NMTError(_in_use(run_dir)) from None
     except OSError as exc:  # a filesystem without locks: train unguarded rather than not at all
         log.warning("cannot lock %s (%s): nothing stops another `nmt train` from using it meanwhile", run_dir,
                     exc.strerror or exc)

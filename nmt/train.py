@@ -35,7 +35,7 @@ from nmt.export import is_model_dir
 from nmt.files import make_dir
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
-from nmt.run_dir import check_run_dir_holds_only_a_run, lock_run_dir
+from nmt.run_dir import check_not_in_use, check_run_dir_holds_only_a_run, lock_run_dir
 from nmt.run_log import METRICS_FILE, append_record
 from nmt.tokenizer import (
     Tokenizer,
@@ -359,6 +359,8 @@ class Trainer:
             raise NMTError(f"train.run_dir {self.run_dir} is a file, not a directory")
         if is_model_dir(self.run_dir):
             raise NMTError(f"train.run_dir {self.run_dir} is an exported model directory: choose another one")
+        if self.ranks.main:
+            check_not_in_use(self.run_dir)
         if not resume:
             if self.last_path.is_file():
                 raise NMTError(f"{self.run_dir} already holds a run; use --resume to continue it or choose another "

@@ -363,6 +363,23 @@ def test_a_run_directory_holding_a_run_needs_resume(corpus: Path, reference_run:
         train(tiny_config(corpus, reference_run, *RESUME_SETTINGS))
 
 
+def test_a_run_in_progress_is_named_before_what_its_directory_holds(corpus: Path, reference_run: Path,
+                                                                    tmp_path: Path) -> None:
+    # A second `nmt train` was told to --resume (a last.pt there), or that there was no checkpoint (before the
+    # first), while the first was still training there.
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    for run_dir, resume in ((reference_run, False), (starting, True)):
+        held = nmt.run_dir.lock_run_dir(run_dir)
+        try:
+            with pytest.raises(NMTError, match="another `nmt train` or `nmt tokenizer` is working in"):
+                train(tiny_config(corpus, run_dir, *RESUME_SETTINGS), resume=resume)
+        finally:
+            held.close()
+    with pytest.raises(NMTError, match="already holds a run; use --resume"):  # once it has stopped
+        train(tiny_config(corpus, reference_run, *RESUME_SETTINGS))
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(corpus: Path, tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str],
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
