@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 UNNAMED_LANGUAGES = ("src", "tgt")  # corpus.json's languages when `nmt prepare files` was given none
+# A language code as BCP 47 writes them (en, pt-BR, zh-Hans, sr-Latn-RS; es_ES as locales do): "english" or "zh cn"
+# would label models and, for the target, choose the BLEU tokenizer (zh's for zh, zh-TW, zh_CN).
+LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
 CORPUS_JSON = "corpus.json"
 # Every file a corpus may hold: the only ones `nmt prepare` ever replaces in its OUTDIR.
 CORPUS_FILES = frozenset({CORPUS_JSON, *(f"{split}.{ext}" for split in SPLITS for ext in ("src", "tgt", "ref"))})
@@ -418,6 +421,9 @@ def prepare_files(
     pairs dropped, so a standard test set stays what it is.
     """
     outdir = Path(outdir)
+    for flag, lang in (("--src-lang", src_lang), ("--tgt-lang", tgt_lang)):
+        if not LANGUAGE_CODE.fullmatch(lang):
+            raise NMTError(f"{flag} {lang!r} is not a language code: give one such as en, de, pt-BR or zh-Hans")
     if length_unit not in LENGTH_UNITS:
         raise NMTError(f"length unit must be one of {', '.join(LENGTH_UNITS)} (got {length_unit!r})")
     if max_len < 1:
@@ -444,6 +450,13 @@ def prepare_files(
         paths = {"src": _opt_path(s), "tgt": _opt_path(t), "tsv": _opt_path(ts)}
         explicit[split] = _read_pairs(paths["src"], paths["tgt"], paths["tsv"], f"{split} data", digests)
         input_files.update({f"{split}_{k}": v for k, v in paths.items() if v})
+    # Mix-ups that a corpus of the right shape hides: said, as a copy task is made so on purpose.
+    if raw and all(s == t for s, t in raw):
+        log.warning("the training data's source and target are the same in every pair (one file given twice?): a "
+                    "model trained on it learns to copy")
+    if explicit["dev"] is not None and explicit["dev"] == explicit["test"]:
+        log.warning("the dev and test data are the same pairs: training chooses best.pt on them, so its test score "
+                    "is no held-out measure")
 
     dropped = dict.fromkeys(DROP_REASONS, 0)
     pairs: list[tuple[str, str]] = []

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import unicodedata
 from pathlib import Path
@@ -375,6 +376,32 @@ def test_files_without_languages_says_what_labels_the_model(tmp_path: Path, capl
         "config's data.src_lang and data.tgt_lang there" in caplog.text
     prepare_files(tmp_path / "half", s, t, src_lang="de")
     assert "no language given (--tgt-lang)" in caplog.text
+
+
+def test_files_refuses_what_is_no_language_code(tmp_path: Path) -> None:
+    # "zh cn" got the 13a BLEU tokenizer instead of zh's, "" labelled a model with nothing, both silently.
+    src, tgt = numbered(30)
+    s, t = write(tmp_path / "s", src), write(tmp_path / "t", tgt)
+    for src_lang, tgt_lang, bad in (("", "en", "--src-lang ''"), ("es", "zh cn", "--tgt-lang 'zh cn'"),
+                                    ("english", "en", "--src-lang 'english'"), ("../x", "en", "--src-lang '../x'")):
+        with pytest.raises(NMTError, match=re.escape(f"{bad} is not a language code")):
+            prepare_files(tmp_path / "out", s, t, src_lang=src_lang, tgt_lang=tgt_lang)
+    assert not (tmp_path / "out").exists()
+    for i, (src_lang, tgt_lang) in enumerate((("pt-BR", "zh-Hans"), ("es_ES", "sr-Latn-RS"), ("nb", "fil"))):
+        assert prepare_files(tmp_path / f"ok{i}", s, t, src_lang=src_lang, tgt_lang=tgt_lang)["tgt_lang"] == tgt_lang
+
+
+def test_files_warns_of_mix_ups_a_corpus_of_the_right_shape_hides(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    src, tgt = numbered(60)
+    s, t = write(tmp_path / "s", src), write(tmp_path / "t", tgt)
+    ds, dt = write(tmp_path / "ds", src[:5]), write(tmp_path / "dt", tgt[:5])
+    prepare_files(tmp_path / "fine", s, t, dev_src=ds, dev_tgt=dt, test_src=ds, test_tgt=write(tmp_path / "x", src[:5]))
+    assert "same" not in caplog.text
+    prepare_files(tmp_path / "copy", s, s)
+    assert "source and target are the same in every pair (one file given twice?)" in caplog.text
+    prepare_files(tmp_path / "twice", s, t, dev_src=ds, dev_tgt=dt, test_src=ds, test_tgt=dt)
+    assert "the dev and test data are the same pairs" in caplog.text
 
 
 def test_files_existing_outdir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
