@@ -348,6 +348,11 @@ def _open(path: str | None, mode: str, default: Any) -> Any:
         raise NMTError(f"cannot open {path}: {exc.strerror}") from None
 
 
+def _held(lines: int) -> str:
+    """What an output file holds after this many lines were translated."""
+    return {0: "nothing", 1: "the translation of line 1"}.get(lines, f"the translations of lines 1-{lines}")
+
+
 def _is_stdout(path: str) -> bool:
     """Whether path names this process's standard output (/dev/stdout, or the file it is redirected to)."""
     try:
@@ -426,6 +431,7 @@ def _run_translate(args: argparse.Namespace) -> int:
         if args.output:
             out.close()  # here, so that a failing last write is reported
     except KeyboardInterrupt:
+        said = f"nmt translate: interrupted{f'; {args.output} holds {_held(done)}' if args.output else ''}"
         if args.input is None and _stdin_fd() >= 0:
             # The reader thread is blocked reading stdin, holding its buffer's lock, on which the interpreter's
             # shutdown would abort ("could not acquire lock"): finish here, without that shutdown.
@@ -435,14 +441,14 @@ def _run_translate(args: argparse.Namespace) -> int:
                     out.close()
                 else:
                     out.flush()
-            print("nmt translate: interrupted", file=sys.stderr, flush=True)
+            print(said, file=sys.stderr, flush=True)
             os._exit(130)
-        raise
+        print(said, file=sys.stderr)
+        return 130
     except NMTError as exc:  # bad input further on: say what the output file holds, as it was overwritten
         if not args.output:
             raise
-        held = {0: "nothing", 1: "the translation of line 1"}.get(done, f"the translations of lines 1-{done}")
-        raise NMTError(f"{exc}; {args.output} holds {held}") from None
+        raise NMTError(f"{exc}; {args.output} holds {_held(done)}") from None
     except BrokenPipeError:
         raise
     except OSError as exc:  # a full disk: the reader thread raises no OSError here
@@ -473,7 +479,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: the --report file's directory, "
                                  "else MODEL/eval; RUN/eval/CHECKPOINT for a .pt file)")
     p.add_argument("--report", help="write the JSON report here instead (and NAME.hyp beside it, unless --out); "
-                                    "- writes it to standard output, instead of the table")
+                                    "- writes it to standard output (the table then goes to standard error)")
     p.add_argument("--tokenize", metavar="NAME",
                    help="sacrebleu's BLEU tokenizer: 13a, intl, zh, char, ja-mecab, ko-mecab or none (default: 13a; "
                         "with a MODEL, its target language's: zh for Chinese, char or MeCab for Japanese and Korean)")

@@ -552,6 +552,26 @@ def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, t
     assert out.read_text(encoding="utf-8") == "b a\n"
 
 
+def test_cli_translate_says_what_the_output_holds_when_interrupted(tiny_model_dir, monkeypatch, capsys, tmp_path):
+    # It said "interrupted" alone, of a file it had overwritten with some of the translations.
+    src, out = tmp_path / "s.txt", tmp_path / "out.txt"
+    src.write_text("a b\n" * 200, encoding="utf-8")
+    real, calls = nmt.translator.Translator.translate, []
+
+    def interrupted(self, texts, **options):
+        calls.append(len(texts))
+        if len(calls) == 3:  # the options check, the first batch, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(self, texts, **options)
+
+    monkeypatch.setattr(nmt.translator.Translator, "translate", interrupted)
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", str(out)]) == 130
+    done = calls[1]  # a batch: the lines read before input stalled for a moment, at most 64
+    held = "the translation of line 1" if done == 1 else f"the translations of lines 1-{done}"
+    assert capsys.readouterr().err.strip().endswith(f"nmt translate: interrupted; {out} holds {held}")
+    assert out.read_text(encoding="utf-8") == "b a\n" * done
+
+
 def test_cli_translate_reads_gzip_files(tiny_model_dir, capsys, tmp_path):
     # As evaluate, score and prepare do; it said "input line 1 is not valid UTF-8", and nothing of why.
     packed = tmp_path / "s.txt.gz"
