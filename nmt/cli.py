@@ -532,7 +532,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     if args.src:  # read before the model loads, so that a missing file or a short reference is found at once
         src_path, ref_paths = Path(args.src), args.ref
-        name = "stdin" if args.src == "-" else src_path.stem
+        # Named for the source file; a pipe's name (`--src <(zcat test.es.gz)`: /dev/fd/63) says nothing.
+        name = "stdin" if args.src == "-" else "pipe" if is_special_file(src_path) else src_path.stem
         src, refs = read(src_path, ref_paths)
     translator = _load_translator(args)
     if args.split:  # the corpus may be the model's own, known once it has loaded

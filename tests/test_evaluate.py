@@ -309,6 +309,7 @@ def test_evaluate_reads_the_source_from_stdin_or_a_pipe(tiny_model_dir, tmp_path
     finally:
         os.close(reader)
     assert json.loads((tmp_path / "piped.json").read_text(encoding="utf-8"))["inputs_sha256"] == expected
+    assert read_lines(tmp_path / "pipe.hyp") == ["c b a", "g f e d"]  # not 63.hyp, after /dev/fd/63
     capsys.readouterr()
 
 
