@@ -101,6 +101,9 @@ def _decoded_lines(stream: Any, name: str, digest: Digest | None) -> list[str]:
             raise NMTError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
                            f"{exc.start + 1}); convert the file to UTF-8, e.g. with iconv") from None
         lines.append(line.removeprefix("\ufeff") if lineno == 1 else line)
+    if len(lines) == 1 and "\r" in lines[0]:  # one line of many: it would be one sentence, or a line-count mismatch
+        raise NMTError(f"{name} ends its lines with a bare carriage return (old Mac OS text): convert it to \\n line "
+                       "ends, e.g. with tr '\\r' '\\n'")
     return lines
 
 

@@ -28,6 +28,12 @@ def test_read_lines_splits_at_newlines_only(tmp_path: Path) -> None:
         read_lines(f)
     with pytest.raises(NMTError, match="hypothesis file not found: .*nope"):
         read_lines(tmp_path / "nope", "hypothesis file")
+    # Old Mac OS line ends read as one line: a corpus of one pair, or "has 1 lines" with no word of why.
+    f.write_bytes(b"uno\rdos\rtres\r")
+    with pytest.raises(NMTError, match="x.txt ends its lines with a bare carriage return"):
+        read_lines(f)
+    f.write_bytes(b"uno\r")
+    assert read_lines(f) == ["uno"]
     with pytest.raises(NMTError, match="is a directory"):
         read_lines(tmp_path)
 
