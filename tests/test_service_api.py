@@ -15,7 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import serve_in_thread
+from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
+from starlette.middleware.gzip import GZipMiddleware
 
 import service.guard
 import service.worker
@@ -277,6 +279,28 @@ def test_every_answer_carries_a_request_id_the_clients_own_when_usable(make_clie
     assert post(client, {"text": "a " * 200}, headers={**key, **mine}).headers["x-request-id"] == "mine"
     assert client.get("/nowhere", headers=mine).headers["x-request-id"] == "mine"
     assert client.get("/v1/health", headers=mine).headers["x-request-id"] == "mine"
+
+
+def test_an_app_takes_middleware_and_handlers_added_after_create_app(translator, tiny_model_dir):
+    # The service's own outer middleware (request id, metrics, CORS) was built into the app at once: FastAPI's
+    # add_middleware then raised, and an exception handler added later was ignored (a 500 instead).
+    class Teapot(Exception):
+        pass
+
+    app = create_app(Settings(model_dir=tiny_model_dir), translator)
+    app.add_middleware(GZipMiddleware, minimum_size=10)
+
+    @app.get("/brew")
+    async def brew() -> None:
+        raise Teapot
+
+    app.add_exception_handler(Teapot, lambda request, exc: JSONResponse({"brewed": False}, status_code=418))
+    with TestClient(app) as client:
+        answer = client.get("/brew", headers={"X-Request-ID": "pot-1", "Accept-Encoding": "gzip"})
+        assert (answer.status_code, answer.json(), answer.headers["x-request-id"]) == (418, {"brewed": False}, "pot-1")
+        big = post(client, {"text": "a b " * 50}, headers={"Accept-Encoding": "gzip"})
+        assert big.headers["content-encoding"] == "gzip" and re.fullmatch("[0-9a-f]{32}", big.headers["x-request-id"])
+        assert metric(client, 'nmt_http_requests_total{method="GET",route="/brew",status="418"}') == 1
 
 
 # --- 422 ------------------------------------------------------------------------------------------------------
