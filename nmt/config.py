@@ -165,9 +165,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
-        if value is not None:
-            raise NMTError(f"config key '{key}' must be of type str, got {value!r}: quote the value (YAML reads an "
-                           "unquoted no, yes, on or off as a boolean, digits as a number, and `a: b` as a mapping)")
+        if value is None:
+            raise NMTError(f"config key '{key}' has no value: give it one")
+        raise NMTError(f"config key '{key}' must be of type str, got {value!r}: quote the value (YAML reads an "
+                       "unquoted no, yes, on or off as a boolean, digits as a number, and `a: b` as a mapping)")
     elif hint is list or origin is list:
         if isinstance(value, list):
             return value
@@ -283,13 +284,21 @@ def _load_yaml(text: str) -> Any:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Parse `section.key=value` (value as YAML) from the command line."""
+    """Parse `section.key=value` from the command line: the value as YAML, but a text setting's as typed (YAML read
+    `data.tgt_lang=no`, Norwegian, as false, `data.dir=123` as a number, and cut `runs/exp #2` at its comment),
+    without the quotes of a value quoted whole."""
     if "=" not in item:
         raise NMTError(f"override '{item}' must look like section.key=value")
     key, _, text = item.partition("=")
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
         raise NMTError(f"override key '{key}' must look like section.key (e.g. train.lr)")
+    text_setting = _declared(*path) is str
+    if text_setting and not text.strip():
+        raise NMTError(f"override '{item}' needs a value")
+    quoted = len(text.strip()) >= 2 and text.strip()[0] == text.strip()[-1] and text.strip()[0] in "\"'"
+    if text_setting and not quoted:
+        return path, text.strip()
     try:
         value = _load_yaml(text)
     except yaml.YAMLError as exc:
@@ -339,10 +348,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise NMTError(f"config section '{section}' must be a mapping")
-        if value is not None and not isinstance(value, str) and _declared(section, key) is str:
-            # A text key takes the text as typed: YAML read `data.tgt_lang=no` (Norwegian) as false, 123 as a
-            # number and `a: b` as a mapping.
-            value = item.partition("=")[2].strip()
         raw[section][key] = value
     return raw
 

@@ -94,11 +94,19 @@ def test_a_text_key_takes_the_text_as_typed_after_set(tmp_path: Path) -> None:
     cfg = load_config(TINY, ["data.tgt_lang=no", "data.src_lang=off", "data.dir=123", "train.run_dir=runs/my data: v1"])
     assert (cfg.data.tgt_lang, cfg.data.src_lang, cfg.data.dir, cfg.train.run_dir) == ("no", "off", "123",
                                                                                      "runs/my data: v1")
-    assert load_config(TINY, ['data.tgt_lang="nb"']).data.tgt_lang == "nb"  # quoted, as before
+    assert load_config(TINY, ['data.tgt_lang="nb"']).data.tgt_lang == "nb"  # quoted whole: unquoted, as before
+    # Nor is a text cut at what YAML takes for a comment, or refused for what it takes for syntax.
+    cfg = load_config(TINY, ["train.run_dir=runs/exp #2", "data.dir=@corpora/a: b: c", "data.src_lang='es'"])
+    assert (cfg.train.run_dir, cfg.data.dir, cfg.data.src_lang) == ("runs/exp #2", "@corpora/a: b: c", "es")
+    with pytest.raises(NMTError, match="override 'data.dir=' needs a value"):
+        load_config(TINY, ["data.dir="])
     (tmp_path / "c.yaml").write_text("data:\n  tgt_lang: no\n", encoding="utf-8")  # a file is read as YAML
     with pytest.raises(NMTError, match="'data.tgt_lang' must be of type str, got False: quote the value"):
         load_config(tmp_path / "c.yaml")
     assert load_config(None, ["data.tgt_lang=no"]).data.tgt_lang == "no"
+    (tmp_path / "c.yaml").write_text("data:\n  dir:\n", encoding="utf-8")
+    with pytest.raises(NMTError, match="config key 'data.dir' has no value: give it one"):
+        load_config(tmp_path / "c.yaml")
 
 
 def test_unknown_keys_and_sections() -> None:
@@ -139,7 +147,8 @@ def test_adam_betas_are_read_as_numbers() -> None:
     ("cell=gru", "must look like section.key"),
     ("model.cell.kind=gru", "must look like section.key"),
     ("=gru", "must look like section.key"),
-    ("model.cell=[gru", "not valid YAML"),
+    ("train.lr=[0.1", "not valid YAML"),
+    ("model.cell=[gru", "model.cell"),  # a text setting takes the text: no cell is called that
 ])
 def test_bad_overrides(override: str, message: str) -> None:
     with pytest.raises(NMTError, match=message) as error:
