@@ -86,11 +86,13 @@ class _Prefixed(io.RawIOBase):
 
 def _decoded_lines(stream: Any, name: str, digest: Digest | None) -> list[str]:
     lines = []
+    newline = False  # the file holds a \n
     for lineno, raw in enumerate(stream, 1):
         if isinstance(raw, str):  # a text stream standing in for standard input
             raw = raw.encode("utf-8", "surrogateescape")
         if digest is not None:
             digest.update(raw)
+        newline = newline or raw.endswith(b"\n")
         raw = raw.removesuffix(b"\n").removesuffix(b"\r")
         try:
             line = raw.decode("utf-8")
@@ -101,7 +103,7 @@ def _decoded_lines(stream: Any, name: str, digest: Digest | None) -> list[str]:
             raise NMTError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
                            f"{exc.start + 1}); convert the file to UTF-8, e.g. with iconv") from None
         lines.append(line.removeprefix("\ufeff") if lineno == 1 else line)
-    if len(lines) == 1 and "\r" in lines[0]:  # one line of many: it would be one sentence, or a line-count mismatch
+    if not newline and "\r" in "".join(lines):  # lines that would be read as one: a sentence, or a count mismatch
         raise NMTError(f"{name} ends its lines with a bare carriage return (old Mac OS text): convert it to \\n line "
                        "ends, e.g. with tr '\\r' '\\n'")
     return lines
