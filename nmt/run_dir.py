@@ -37,21 +37,11 @@ def _in_use(run_dir: Path) -> str:
             "train.run_dir")
 
 
-def check_not_in_use(run_dir: Path) -> None:
-    """NMTError when another process holds the run directory's lock: said first, as what the directory holds (a
-    last.pt or not yet) is that process's business. Call it from one process of a run only: each check takes the
-    lock for a moment."""
-    try:
-        probe = open(run_dir / ".lock", "rb")
-    except OSError:  # no lock file: nobody has worked here; an unreadable one: lock_run_dir says so
-        return
-    with probe:
-        try:
-            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise NMTError(_in_use(run_dir)) from None
-        except OSError:  # a filesystem without locks (lock_run_dir warns)
-            return
+def lock_if_used(run_dir: Path) -> Any:
+    """lock_run_dir for a directory some process has worked in (it holds the lock file), else None: taken before
+    anything else is said of the directory, as what it holds (a last.pt or not yet) is the business of a process
+    still working there; a directory never used is written in only once it has passed its checks."""
+    return lock_run_dir(run_dir) if (run_dir / ".lock").is_file() else None
 
 
 def lock_run_dir(run_dir: Path) -> Any:

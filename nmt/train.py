@@ -35,7 +35,7 @@ from nmt.export import is_model_dir
 from nmt.files import make_dir
 from nmt.model import Seq2Seq
 from nmt.progress import Progress
-from nmt.run_dir import check_not_in_use, check_run_dir_holds_only_a_run, lock_run_dir
+from nmt.run_dir import check_run_dir_holds_only_a_run, lock_if_used, lock_run_dir
 from nmt.run_log import METRICS_FILE, append_record
 from nmt.tokenizer import (
     Tokenizer,
@@ -312,7 +312,7 @@ class Trainer:
         self.dev_src, self.dev_tgt = load_split(data_dir, "dev")
         if self.ranks.main:
             make_dir(self.run_dir)
-            self._lock = lock_run_dir(self.run_dir)
+            self._lock = self._lock or lock_run_dir(self.run_dir)
             save_config(cfg, self.run_dir / "config.yaml")  # for `nmt train RUN/config.yaml --resume`
             ensure_tokenizers(data_dir, self.run_dir, cfg.tokenizer, self.data_sha256)
         self.ranks.barrier()
@@ -360,7 +360,7 @@ class Trainer:
         if is_model_dir(self.run_dir):
             raise NMTError(f"train.run_dir {self.run_dir} is an exported model directory: choose another one")
         if self.ranks.main:
-            check_not_in_use(self.run_dir)
+            self._lock = lock_if_used(self.run_dir)
         if not resume:
             if self.last_path.is_file():
                 raise NMTError(f"{self.run_dir} already holds a run; use --resume to continue it or choose another "
