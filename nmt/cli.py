@@ -281,8 +281,9 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_translate)
 
 
-def _line_batches(stream: Any, size: int, wait: float = 0.05) -> Iterator[list[str]]:
-    """Lines in batches of up to size, a batch cut short whenever input stalls for `wait` seconds (pipes)."""
+def _line_batches(stream: Any, size: int, name: str | None, wait: float = 0.05) -> Iterator[list[str]]:
+    """Lines in batches of up to size, a batch cut short whenever input stalls for `wait` seconds (pipes); name: the
+    input file's (None: standard input)."""
     import queue
     import threading
 
@@ -296,18 +297,21 @@ def _line_batches(stream: Any, size: int, wait: float = 0.05) -> Iterator[list[s
                     try:
                         line = line.decode("utf-8")
                     except UnicodeDecodeError as exc:
-                        gzipped = number == 1 and line.startswith(GZIP_MAGIC)
+                        hint = ""
+                        if number == 1 and line.startswith(GZIP_MAGIC):
+                            hint = ("; it is gzip-compressed: name the file *.gz, or gunzip it first" if name else
+                                    "; it is gzip-compressed: decompress it first (zcat FILE.gz | nmt translate ...), "
+                                    "or name the file with -i")
                         lines.put(NMTError(f"input line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-                                           + ("; it is gzip-compressed: name the file *.gz, or gunzip it first"
-                                              if gzipped else "")))
+                                           f"{hint}"))
                         return
                 lines.put(line.removesuffix("\n").removesuffix("\r"))
         # Said, not a reader thread that dies and leaves the translation waiting for ever.
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            lines.put(NMTError(f"the input is not a readable gzip file ({exc})"))
+            lines.put(NMTError(f"{name}: not a readable gzip file ({exc})"))
             return
         except OSError as exc:
-            lines.put(NMTError(f"cannot read the input ({exc.strerror or exc})"))
+            lines.put(NMTError(f"cannot read {name or 'standard input'} ({exc.strerror or exc})"))
             return
         lines.put(end)
 
@@ -339,11 +343,14 @@ def _open(path: str | None, mode: str, default: Any) -> Any:
         return getattr(default, "buffer", default) if mode == "r" else default
     if mode == "w":
         make_dir(Path(path).parent)  # as every other command's outputs
+    # A *.gz file is read decompressed, as `nmt evaluate`, `score` and `prepare` read one, and written compressed.
+    compressed = path.endswith(".gz")
     try:
         if mode == "w":
+            if compressed:
+                return gzip.open(path, "wt", encoding="utf-8", newline="\n")
             return open(path, "w", encoding="utf-8", newline="\n")
-        # A *.gz file is decompressed as it is read, as `nmt evaluate`, `score` and `prepare` read one.
-        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+        return gzip.open(path, "rb") if compressed else open(path, "rb")
     except OSError as exc:
         raise NMTError(f"cannot open {path}: {exc.strerror}") from None
 
@@ -418,7 +425,7 @@ def _run_translate(args: argparse.Namespace) -> int:
     progress = Progress(None, "lines")
     done = 0
     try:
-        for batch in _line_batches(source, 64):
+        for batch in _line_batches(source, 64, args.input):
             for i, result in enumerate(translator.translate(batch, **options), start=done):
                 if args.n_best > 1:
                     alternatives = [(a.text, a.score) for a in result.alternatives] or [("", 0.0)]
@@ -532,8 +539,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     if args.src:  # read before the model loads, so that a missing file or a short reference is found at once
         src_path, ref_paths = Path(args.src), args.ref
-        # Named for the source file; a pipe's name (`--src <(zcat test.es.gz)`: /dev/fd/63) says nothing.
-        name = "stdin" if args.src == "-" else "pipe" if is_special_file(src_path) else src_path.stem
+        # Named for the source file; a descriptor's name (`--src <(zcat test.es.gz)`: /dev/fd/63) says nothing.
+        descriptor = src_path.stem.isdigit() and str(src_path).startswith(("/dev/fd/", "/proc/"))
+        name = "stdin" if args.src == "-" else "pipe" if descriptor else src_path.stem
         src, refs = read(src_path, ref_paths)
     translator = _load_translator(args)
     if args.split:  # the corpus may be the model's own, known once it has loaded

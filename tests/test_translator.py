@@ -572,12 +572,18 @@ def test_cli_translate_says_what_the_output_holds_when_interrupted(tiny_model_di
     assert out.read_text(encoding="utf-8") == "b a\n" * done
 
 
-def test_cli_translate_reads_gzip_files(tiny_model_dir, capsys, tmp_path):
+def test_cli_translate_reads_gzip_files(tiny_model_dir, monkeypatch, capsys, tmp_path):
     # As evaluate, score and prepare do; it said "input line 1 is not valid UTF-8", and nothing of why.
     packed = tmp_path / "s.txt.gz"
     packed.write_bytes(gzip.compress(b"a b\nc d e\n"))
     assert main(["translate", str(tiny_model_dir), "-i", str(packed)]) == 0
     assert capsys.readouterr().out == "b a\ne d c\n"
+    out = tmp_path / "out.txt.gz"  # and written compressed: plain text in a *.gz was no gzip file to read back
+    assert main(["translate", str(tiny_model_dir), "-i", str(packed), "-o", str(out)]) == 0
+    assert gzip.decompress(out.read_bytes()) == b"b a\ne d c\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(packed.read_bytes())))
+    assert main(["translate", str(tiny_model_dir)]) == 2
+    assert "it is gzip-compressed: decompress it first (zcat FILE.gz | nmt translate ...)" in capsys.readouterr().err
     unnamed = tmp_path / "s.txt"
     unnamed.write_bytes(packed.read_bytes())
     assert main(["translate", str(tiny_model_dir), "-i", str(unnamed)]) == 2
@@ -586,7 +592,7 @@ def test_cli_translate_reads_gzip_files(tiny_model_dir, capsys, tmp_path):
     for damaged in (packed.read_bytes()[:-12], b"a b\n"):
         packed.write_bytes(damaged)
         assert main(["translate", str(tiny_model_dir), "-i", str(packed)]) == 2
-        assert "the input is not a readable gzip file" in capsys.readouterr().err
+        assert f"{packed}: not a readable gzip file" in capsys.readouterr().err
 
 
 def test_cli_translate_streams_in_a_pipe(tiny_model_dir):
