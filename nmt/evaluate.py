@@ -32,11 +32,18 @@ def default_tokenizer(tgt_lang: str | None) -> str:
     MeCab ones where installed (sacrebleu[ja], sacrebleu[ko]), else characters; characters for Thai, Lao, Khmer and
     Burmese, which 13a would leave as one token a sentence."""
     lang = re.split(r"[-_]", (tgt_lang or "").lower())[0]
+    lang = _ISO_639_3.get(lang, lang)
     if lang == "zh":
         return "zh"
     if lang in ("ja", "ko"):
         return f"{lang}-mecab" if importlib.util.find_spec("MeCab") else "char"
     return "char" if lang in ("th", "lo", "km", "my") else "13a"
+
+
+# The three-letter codes (ISO 639-3, as FLORES and NLLB write them: zho_Hans, jpn_Jpan) of the languages above; Chinese
+# as its macrolanguage and as Mandarin and Cantonese.
+_ISO_639_3 = {"zho": "zh", "cmn": "zh", "yue": "zh", "jpn": "ja", "kor": "ko", "tha": "th", "lao": "lo", "khm": "km",
+              "mya": "my"}
 
 
 def check_line_counts(n: int, refs: list[list[str]], what: str = "source lines",

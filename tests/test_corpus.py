@@ -383,11 +383,13 @@ def test_files_refuses_what_is_no_language_code(tmp_path: Path) -> None:
     src, tgt = numbered(30)
     s, t = write(tmp_path / "s", src), write(tmp_path / "t", tgt)
     for src_lang, tgt_lang, bad in (("", "en", "--src-lang ''"), ("es", "zh cn", "--tgt-lang 'zh cn'"),
-                                    ("english", "en", "--src-lang 'english'"), ("../x", "en", "--src-lang '../x'")):
+                                    ("english", "en", "--src-lang 'english'"), ("../x", "en", "--src-lang '../x'"),
+                                    ("x", "en", "--src-lang 'x'")):
         with pytest.raises(NMTError, match=re.escape(f"{bad} is not a language code")):
             prepare_files(tmp_path / "out", s, t, src_lang=src_lang, tgt_lang=tgt_lang)
     assert not (tmp_path / "out").exists()
-    for i, (src_lang, tgt_lang) in enumerate((("pt-BR", "zh-Hans"), ("es_ES", "sr-Latn-RS"), ("nb", "fil"))):
+    for i, (src_lang, tgt_lang) in enumerate((("pt-BR", "zh-Hans"), ("es_ES", "sr-Latn-RS"), ("nb", "fil"),
+                                               ("es-419", "zh-Hant-TW"), ("x-klingon", "de-DE-u-co-phonebk"))):
         assert prepare_files(tmp_path / f"ok{i}", s, t, src_lang=src_lang, tgt_lang=tgt_lang)["tgt_lang"] == tgt_lang
 
 

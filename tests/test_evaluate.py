@@ -141,6 +141,10 @@ def test_the_bleu_tokenizer_case_and_language(system, tmp_path, capsys, caplog):
     assert "tokenize must be one of 13a, intl, zh, char" in capsys.readouterr().err
     assert [default_tokenizer(lang) for lang in ("zh", "zh-Hans", "en", None, "tgt", "th")] == [
         "zh", "zh", "13a", "13a", "13a", "char"]
+    # FLORES and NLLB's codes, which `nmt prepare files --tgt-lang` takes: Chinese was scored as one word a line.
+    assert [default_tokenizer(lang) for lang in ("zho_Hans", "cmn", "yue-Hant", "tha_Thai", "eng_Latn")] == [
+        "zh", "zh", "zh", "char", "13a"]
+    assert default_tokenizer("jpn_Jpan") == default_tokenizer("ja")
     assert default_tokenizer("ja") in ("ja-mecab", "char")
     _, _, hyps, refs = system
     lower = evaluate([h.upper() for h in hyps], refs, lowercase=True)["metrics"]["bleu"]
