@@ -189,20 +189,7 @@ def _float(value: Any) -> float | None:
     return None
 
 
-# A language code as BCP 47 writes them (en, pt-BR, zh-Hans-TW, es-419, x-klingon; es_ES as locales, zho_Hans as
-# FLORES do): "english" or "zh cn" would label models and, for the target, choose the BLEU tokenizer.
-_LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*|[xXiI]([-_][A-Za-z0-9]{1,8})+")
-
-
-def check_language_code(name: str, code: str) -> None:
-    """NMTError unless code looks like a language code (name: the option or key that gave it)."""
-    if not _LANGUAGE_CODE.fullmatch(code):
-        raise NMTError(f"{name} {code!r} is not a language code: give one such as en, de, pt-BR or zh-Hans")
-
-
 def _check_ranges(cfg: Config) -> None:
-    for key in ("src_lang", "tgt_lang"):
-        check_language_code(f"config key 'data.{key}'", getattr(cfg.data, key))
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
         for f in dataclasses.fields(obj):

@@ -29,7 +29,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from nmt.config import check_language_code
 from nmt.errors import NMTError
 from nmt.files import make_dir, read_lines, replace_dir, sha256_of
 from nmt.text import normalize_text
@@ -38,6 +37,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 UNNAMED_LANGUAGES = ("src", "tgt")  # corpus.json's languages when `nmt prepare files` was given none
+# A language code as BCP 47 writes them (en, pt-BR, zh-Hans-TW, es-419, x-klingon; es_ES as locales, zho_Hans as
+# FLORES do): "english" or "zh cn" would label models and, for the target, choose the BLEU tokenizer.
+LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*|[xXiI]([-_][A-Za-z0-9]{1,8})+")
 CORPUS_JSON = "corpus.json"
 # Every file a corpus may hold: the only ones `nmt prepare` ever replaces in its OUTDIR.
 CORPUS_FILES = frozenset({CORPUS_JSON, *(f"{split}.{ext}" for split in SPLITS for ext in ("src", "tgt", "ref"))})
@@ -420,7 +422,8 @@ def prepare_files(
     """
     outdir = Path(outdir)
     for flag, lang in (("--src-lang", src_lang), ("--tgt-lang", tgt_lang)):
-        check_language_code(flag, lang)
+        if not LANGUAGE_CODE.fullmatch(lang):
+            raise NMTError(f"{flag} {lang!r} is not a language code: give one such as en, de, pt-BR or zh-Hans")
     if length_unit not in LENGTH_UNITS:
         raise NMTError(f"length unit must be one of {', '.join(LENGTH_UNITS)} (got {length_unit!r})")
     if max_len < 1:

@@ -60,8 +60,6 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     ("decode.max_len_a=1e9", "decode.max_len_a"),
     ("decode.max_len_b=100000", "decode.max_len_b"),
     ("decode.length_penalty=11", "decode.length_penalty"),
-    ("data.tgt_lang=zh cn", "data.tgt_lang"),  # scored with 13a, not as Chinese
-    ("data.src_lang=english", "data.src_lang"),
     ("decode.shortlist_per_source=51", "decode.shortlist_per_source"),
     ("tokenizer.input_sentence_size=-5", "tokenizer.input_sentence_size"),
     ("tokenizer.input_sentence_size=100", "tokenizer.input_sentence_size"),
