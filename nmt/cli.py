@@ -263,6 +263,12 @@ def _load_translator(args: argparse.Namespace) -> Translator:
     translator = Translator.load(args.model, device=args.device, threads=args.threads, int8=args.int8)
     if not getattr(args, "shortlist", True) and translator.shortlist is not None:
         log.info("--no-shortlist: decoding over the whole target vocabulary")
+    sizes = [f"--shortlist-{name}" for name in ("frequent", "per-source")
+             if getattr(args, f"shortlist_{name.replace('-', '_')}", None) is not None]
+    if sizes and (translator.shortlist is None or not args.shortlist):
+        why = ("--no-shortlist turns the shortlist off" if translator.shortlist is not None
+               else f"{args.model} decodes without one (a run directory, or decode.shortlist off)")
+        log.warning("%s ignored: %s", " and ".join(sizes), why)
     return translator
 
 

@@ -350,6 +350,20 @@ def test_the_shortlist_comes_with_the_export_and_can_be_turned_off(tiny_run, tin
     assert "not a readable shortlist file" in err and "Traceback" not in err
 
 
+def test_shortlist_sizes_that_cannot_apply_are_said_to_be_ignored(tiny_run, tiny_model_dir, tmp_path, caplog, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("a b\n", encoding="utf-8")
+    for model, flags, why in ((tiny_model_dir, ["--no-shortlist"], "--no-shortlist turns the shortlist off"),
+                              (tiny_run, [], f"{tiny_run} decodes without one")):
+        caplog.clear()
+        assert main(["translate", str(model), "-i", str(src), "--shortlist-frequent", "5", *flags]) == 0
+        assert f"--shortlist-frequent ignored: {why}" in caplog.text
+    caplog.clear()
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "--shortlist-frequent", "5"]) == 0
+    assert "ignored" not in caplog.text
+    capsys.readouterr()
+
+
 def test_a_shortlist_or_options_that_leave_nothing_to_choose_are_clear_errors(tiny_model_dir, tmp_path, capsys):
     # Both were an IndexError: the search ended with no hypothesis at all.
     listed = Translator.load(tiny_model_dir, threads=1)
