@@ -429,22 +429,24 @@ def _run_translate(args: argparse.Namespace) -> int:
     translator.translate([], **options)  # checks the options before any input is read
     out = _open(args.output, "w", sys.stdout)
     progress = Progress(None, "lines")
-    done = 0
+    done = written = 0  # input lines whose translations are flushed, and handed to the file (flushed as it closes)
     try:
         for batch in _line_batches(source, 64, args.input):
             for i, result in enumerate(translator.translate(batch, **options), start=done):
                 if args.n_best > 1:
                     alternatives = [(a.text, a.score) for a in result.alternatives] or [("", 0.0)]
-                    out.writelines(f"{i} ||| {text} ||| {score:.4f}\n" for text, score in alternatives)
+                    text = "".join(f"{i} ||| {text} ||| {score:.4f}\n" for text, score in alternatives)
                 else:
-                    out.write(result.text.replace("\n", " ") + "\n")
+                    text = result.text.replace("\n", " ") + "\n"
+                out.write(text)  # one call a line, and counted: what the file holds at a Ctrl-C is said exactly
+                written = i + 1
             out.flush()
-            done += len(batch)
+            done = written
             progress.update(done)
         if args.output:
             out.close()  # here, so that a failing last write is reported
     except KeyboardInterrupt:
-        said = f"nmt translate: interrupted{f'; {args.output} holds {_held(done)}' if args.output else ''}"
+        said = f"nmt translate: interrupted{f'; {args.output} holds {_held(written)}' if args.output else ''}"
         if args.input is None and _stdin_fd() >= 0:
             # The reader thread is blocked reading stdin, holding its buffer's lock, on which the interpreter's
             # shutdown would abort ("could not acquire lock"): finish here, without that shutdown.
