@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.routing import Match
@@ -48,13 +50,24 @@ def route_of(scope: Scope) -> str:
     """The route template (or mount) a request goes to, before routing (which rewrites the scope): so also for one
     answered before routing, as a 413 for its body size; not the raw path, to bound label cardinality."""
     partial = None  # a route whose path matches but not its method (405)
-    for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+    for route in _routes(getattr(getattr(scope.get("app"), "router", None), "routes", ())):
         match = route.matches(scope)[0]
         if match == Match.FULL:
-            return route.path
+            return getattr(route, "path", None) or "unmatched"
         if match == Match.PARTIAL and partial is None:
-            partial = route.path
+            partial = getattr(route, "path", None)
     return partial or "unmatched"
+
+
+def _routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """The routes, those of a router added with include_router as its own: FastAPI keeps such a router as one
+    entry with no path of its own, and every request to it failed here, outside every error handler."""
+    for route in routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if contexts is not None:
+            yield from contexts()
+        else:
+            yield route
 
 
 class MetricsMiddleware:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import serve_in_thread
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from starlette.middleware.gzip import GZipMiddleware
@@ -295,12 +296,21 @@ def test_an_app_takes_middleware_and_handlers_added_after_create_app(translator,
         raise Teapot
 
     app.add_exception_handler(Teapot, lambda request, exc: JSONResponse({"brewed": False}, status_code=418))
+    extra = APIRouter()
+
+    @extra.get("/cups/{n}")
+    async def cups(n: int) -> dict:
+        return {"cups": n}
+
+    app.include_router(extra, prefix="/extra")  # every request to such a route was an empty 500
     with TestClient(app) as client:
         answer = client.get("/brew", headers={"X-Request-ID": "pot-1", "Accept-Encoding": "gzip"})
         assert (answer.status_code, answer.json(), answer.headers["x-request-id"]) == (418, {"brewed": False}, "pot-1")
         big = post(client, {"text": "a b " * 50}, headers={"Accept-Encoding": "gzip"})
         assert big.headers["content-encoding"] == "gzip" and re.fullmatch("[0-9a-f]{32}", big.headers["x-request-id"])
         assert metric(client, 'nmt_http_requests_total{method="GET",route="/brew",status="418"}') == 1
+        assert client.get("/extra/cups/3").json() == {"cups": 3}
+        assert metric(client, 'nmt_http_requests_total{method="GET",route="/extra/cups/{n}",status="200"}') == 1
 
 
 # --- 422 ------------------------------------------------------------------------------------------------------
