@@ -286,19 +286,20 @@ def _load_yaml(text: str) -> Any:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Parse `section.key=value` from the command line: the value as YAML, but a text setting's as typed (YAML read
     `data.tgt_lang=no`, Norwegian, as false, `data.dir=123` as a number, and cut `runs/exp #2` at its comment),
-    without the quotes of a value quoted whole."""
+    without the quotes of a value quoted whole, and not empty."""
     if "=" not in item:
         raise NMTError(f"override '{item}' must look like section.key=value")
     key, _, text = item.partition("=")
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
         raise NMTError(f"override key '{key}' must look like section.key (e.g. train.lr)")
-    text_setting = _declared(*path) is str
-    if text_setting and not text.strip():
-        raise NMTError(f"override '{item}' needs a value")
-    quoted = len(text.strip()) >= 2 and text.strip()[0] == text.strip()[-1] and text.strip()[0] in "\"'"
-    if text_setting and not quoted:
-        return path, text.strip()
+    if _declared(*path) is str:
+        value = text.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]  # as typed inside: no YAML escapes (C:\temp\new kept its backslashes)
+        if not value:
+            raise NMTError(f"override '{item}' needs a value")
+        return path, value
     try:
         value = _load_yaml(text)
     except yaml.YAMLError as exc:

@@ -98,8 +98,11 @@ def test_a_text_key_takes_the_text_as_typed_after_set(tmp_path: Path) -> None:
     # Nor is a text cut at what YAML takes for a comment, or refused for what it takes for syntax.
     cfg = load_config(TINY, ["train.run_dir=runs/exp #2", "data.dir=@corpora/a: b: c", "data.src_lang='es'"])
     assert (cfg.train.run_dir, cfg.data.dir, cfg.data.src_lang) == ("runs/exp #2", "@corpora/a: b: c", "es")
-    with pytest.raises(NMTError, match="override 'data.dir=' needs a value"):
-        load_config(TINY, ["data.dir="])
+    quoted = load_config(TINY, ['data.dir="C:\\temp\\new"', 'train.run_dir="a"b"'])
+    assert (quoted.data.dir, quoted.train.run_dir) == ("C:\\temp\\new", 'a"b')  # no YAML escapes: \t was a tab
+    for empty in ("data.dir=", "data.dir= ", "train.run_dir=''", 'train.run_dir=""'):  # '' trained into the cwd
+        with pytest.raises(NMTError, match=f"override '{re.escape(empty)}' needs a value"):
+            load_config(TINY, [empty])
     (tmp_path / "c.yaml").write_text("data:\n  tgt_lang: no\n", encoding="utf-8")  # a file is read as YAML
     with pytest.raises(NMTError, match="'data.tgt_lang' must be of type str, got False: quote the value"):
         load_config(tmp_path / "c.yaml")
