@@ -267,7 +267,7 @@ def _load_translator(args: argparse.Namespace) -> Translator:
              if getattr(args, f"shortlist_{name.replace('-', '_')}", None) is not None]
     if sizes and (translator.shortlist is None or not args.shortlist):
         why = ("--no-shortlist turns the shortlist off" if translator.shortlist is not None
-               else f"{args.model} decodes without one (a run directory, or decode.shortlist off)")
+               else f"{args.model} decodes without one (a run directory or checkpoint, or decode.shortlist off)")
         log.warning("%s ignored: %s", " and ".join(sizes), why)
     return translator
 
