@@ -263,9 +263,10 @@ def _load_translator(args: argparse.Namespace) -> Translator:
     translator = Translator.load(args.model, device=args.device, threads=args.threads, int8=args.int8)
     if not getattr(args, "shortlist", True) and translator.shortlist is not None:
         log.info("--no-shortlist: decoding over the whole target vocabulary")
-    sizes = [f"--shortlist-{name}" for name in ("frequent", "per-source")
-             if getattr(args, f"shortlist_{name.replace('-', '_')}", None) is not None]
-    if sizes and (translator.shortlist is None or not args.shortlist):
+    sizes = [flag for flag, value in (("--shortlist-frequent", getattr(args, "shortlist_frequent", None)),
+                                      ("--shortlist-per-source", getattr(args, "shortlist_per_source", None)))
+             if value is not None]
+    if sizes and (translator.shortlist is None or not getattr(args, "shortlist", True)):
         why = ("--no-shortlist turns the shortlist off" if translator.shortlist is not None
                else f"{args.model} decodes without one (a run directory or checkpoint, or decode.shortlist off)")
         log.warning("%s ignored: %s", " and ".join(sizes), why)

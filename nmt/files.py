@@ -188,9 +188,10 @@ def probe_writable(path: Path) -> None:
     that works a long while before it writes (so that the work is not lost to a read-only directory)."""
     if is_special_file(path):
         return
-    make_dir(path.resolve().parent)
+    directory = path.resolve().parent
+    make_dir(directory)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".probe")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".probe")
     except OSError as exc:
         raise NMTError(f"cannot write {path} ({write_failure(path, exc)})") from None
     os.close(fd)

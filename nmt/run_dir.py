@@ -32,11 +32,6 @@ def check_run_dir_holds_only_a_run(run_dir: Path) -> None:
                        "directory")
 
 
-def _in_use(run_dir: Path) -> str:
-    return (f"another `nmt train` or `nmt tokenizer` is working in {run_dir}: wait for it, or choose another "
-            "train.run_dir")
-
-
 def lock_if_used(run_dir: Path) -> Any:
     """lock_run_dir for a directory some process has worked in (it holds the lock file), else None: taken before
     anything else is said of the directory, as what it holds (a last.pt or not yet) is the business of a process
@@ -55,7 +50,8 @@ def lock_run_dir(run_dir: Path) -> Any:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise NMTError(_in_use(run_dir)) from None
+        raise NMTError(f"another `nmt train` or `nmt tokenizer` is working in {run_dir}: wait for it, or choose "
+                       "another train.run_dir") from None
     except OSError as exc:  # a filesystem without locks: train unguarded rather than not at all
         log.warning("cannot lock %s (%s): nothing stops another `nmt train` from using it meanwhile", run_dir,
                     exc.strerror or exc)

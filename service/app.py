@@ -25,7 +25,7 @@ from service import request_id, schemas
 from service.batcher import Closed, QueueFull
 from service.body import StrictJSONRoute
 from service.cors import CORS
-from service.errors import ERROR_RESPONSES, INTERNAL_ERROR, ServiceError, error_response, install_error_handlers
+from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers, internal_error
 from service.guard import KEY_REQUIRED, PASSED, Guard
 from service.limits import DEADLINE, BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
@@ -105,7 +105,7 @@ async def _run(settings: Settings, work: Any, request: Request) -> Any:
         raise ServiceError(422, str(exc)) from None
     except Exception:  # answered here: past the app's handlers, uvicorn would also drop the keep-alive connection
         log.exception("translation failed")
-        raise ServiceError(500, INTERNAL_ERROR.format(request_id.current.get()), code="internal_error") from None
+        raise ServiceError(500, internal_error(), code="internal_error") from None
 
 
 def _require(worker: ModelWorker) -> None:

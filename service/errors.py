@@ -19,12 +19,16 @@ from service.schemas import MAX_TEXTS, TOO_MANY_TEXTS, ErrorResponse
 
 log = logging.getLogger(__name__)
 
-INTERNAL_ERROR = "internal error; it is in the service's log under request {}"  # the request id, for its operator
 MAX_REPORTED = 50  # fields listed in a 422: a list of thousands of bad items is not answered item by item
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
           413: "too_large", 415: "unsupported_media_type", 422: "validation_error", 429: "rate_limited",
           431: "headers_too_large", 500: "internal_error", 501: "not_implemented", 503: "unavailable",
           504: "timeout"}
+
+
+def internal_error() -> str:
+    """A 500's message: the id of the request being handled, under which its traceback is logged, for its operator."""
+    return f"internal error; it is in the service's log under request {request_id.current.get()}"
 
 
 class ServiceError(Exception):
@@ -199,7 +203,7 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, INTERNAL_ERROR.format(request_id.current.get()))
+    return error_response(500, internal_error())
 
 
 def install_error_handlers(app: FastAPI) -> None:
