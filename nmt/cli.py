@@ -12,7 +12,6 @@ import os
 import signal
 import stat
 import sys
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -20,7 +19,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from nmt import LOG_FORMAT, __version__
 from nmt.config import STORED_PER_SOURCE
 from nmt.errors import NMTError
-from nmt.files import GZIP_MAGIC, is_special_file, make_dir, probe_writable, read_lines, write_failure
+from nmt.files import (
+    GZIP_MAGIC,
+    READ_ERRORS,
+    is_special_file,
+    make_dir,
+    probe_writable,
+    read_failure,
+    read_lines,
+    write_failure,
+)
 
 if TYPE_CHECKING:
     from nmt.translator import Translator
@@ -313,12 +321,8 @@ def _line_batches(stream: Any, size: int, name: str | None, wait: float = 0.05) 
                                            f"{hint}"))
                         return
                 lines.put(line.removesuffix("\n").removesuffix("\r"))
-        # Said, not a reader thread that dies and leaves the translation waiting for ever.
-        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            lines.put(NMTError(f"{name}: not a readable gzip file ({exc})"))
-            return
-        except OSError as exc:
-            lines.put(NMTError(f"cannot read {name or 'standard input'} ({exc.strerror or exc})"))
+        except READ_ERRORS as exc:  # said, not a reader thread that dies and leaves the translation waiting for ever
+            lines.put(read_failure(name or "standard input", bool(name and name.endswith(".gz")), exc))
             return
         lines.put(end)
 

@@ -29,6 +29,16 @@ class Digest(Protocol):
     def update(self, data: bytes, /) -> None: ...
 
 
+READ_ERRORS = (OSError, EOFError, zlib.error)  # what reading a file raises, a damaged gzip one included
+
+
+def read_failure(name: str, compressed: bool, exc: BaseException) -> NMTError:
+    """The error for one of READ_ERRORS while reading a file (compressed: as gzip)."""
+    if compressed:
+        return NMTError(f"{name}: not a readable gzip file ({exc})")
+    return NMTError(f"cannot read {name} ({getattr(exc, 'strerror', None) or exc})")
+
+
 def read_lines(path: str | Path, what: str = "file", digest: Digest | None = None) -> list[str]:
     """The lines of a UTF-8 text file (- for standard input), a trailing \\r and the byte order mark some editors
     write first dropped. Split on \\n only, as sacrebleu reads them: str.splitlines would also split at U+2028, form
@@ -62,10 +72,10 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
     with closing:
         try:
             return _decoded_lines(stream, name, digest)
-        except (OSError, EOFError, zlib.error) as exc:
+        except READ_ERRORS as exc:
             if not compressed:
                 raise
-            raise NMTError(f"{name}: not a readable gzip file ({exc})") from None
+            raise read_failure(name, compressed, exc) from None
 
 
 class _Prefixed(io.RawIOBase):
