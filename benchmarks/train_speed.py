@@ -11,8 +11,9 @@ the row's precision, measured in the same process) and, for fp32, of the nominal
 pipes: 32 FLOP/cycle/core) the loop reaches.
 Rows for each --precisions (fp32; bf16: train.amp_cpu) and --sampled-softmax K (0: the exact softmax over the
 whole vocabulary; K > 0: train.sampled_softmax).
-OpenNMT-py 3.5.1 (installed in a scratch venv outside the repo, see ../shared/PEERS.md) trains the reference
-architecture on the same SentencePiece pieces; its target tokens/s are averaged over its reports after the first.
+OpenNMT-py 3.5.1 (installed in a venv outside the repo, as README.md's "OpenNMT-py beside ours" says) trains
+the reference architecture on the same SentencePiece pieces; its target tokens/s are averaged over its reports
+after the first.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Translation speed and quality: sentences/s, target tokens/s, peak RSS and BLEU per decoding setup.
 
     python benchmarks/translate_speed.py models/es-en-bible [--data data/bible] [--out benchmarks/results]
-    python benchmarks/translate_speed.py models/es-en-bible --forced-length 30 --beams 5 --batching 32 \
-        --precisions fp32 --threads 1 --shortlists on off --onmt-venv ~/onmt-venv \
+    python benchmarks/translate_speed.py models/es-en-bible --forced-length 30 --beams 5 --batching 32 \\
+        --precisions fp32 --threads 1 --shortlists on off --onmt-venv ~/onmt-venv \\
         [--onmt-model M.pt | --onmt-train-steps 20]
 
 Rows: every combination of --beams (1 5), --batching (`sentence`: one sentence per call; `tokens`: the whole
@@ -16,10 +16,10 @@ are the output's SentencePiece pieces (EOS not counted). BLEU is sacrebleu's def
 
 --forced-length N sets min_len = max_len = N (onmt_translate -min_length N -max_length N), so every output
 has N pieces and speed compares across models of different quality. With --onmt-venv, OpenNMT-py 3.5.1's
-onmt_translate (see ../shared/PEERS.md) decodes the same pieces on one pinned core with one thread, beam 5
-and -batch_size 32, timed by its own -report_time (model loading excluded, as in ours). --onmt-model gives
-its checkpoint; --onmt-train-steps N trains a same-size one for N steps on the corpus first (quality does
-not matter with forced lengths).
+onmt_translate (installed as README.md's "OpenNMT-py beside ours" says) decodes the same pieces on one pinned
+core with one thread, beam 5 and -batch_size 32, timed by its own -report_time (model loading excluded, as in
+ours). --onmt-model gives its checkpoint; --onmt-train-steps N trains a same-size one for N steps on the corpus
+first (quality does not matter with forced lengths).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Choose a model's decoding settings on the dev split: beam-5 BLEU over length penalties x n-gram blocking x
 shortlist sizes.
 
-    python benchmarks/tune_decoding.py runs/base [--alphas 0 0.5 1 1.5] [--ngrams 0 3 4] \
+    python benchmarks/tune_decoding.py runs/base [--alphas 0 0.5 1 1.5] [--ngrams 0 3 4] \\
         [--shortlists config off 1000/10 500/10] [--out DIR]
 
 Every number comes from `nmt evaluate MODEL --split dev`; the test split is never looked at, so the settings
