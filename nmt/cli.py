@@ -22,6 +22,7 @@ from nmt.errors import NMTError
 from nmt.files import (
     GZIP_MAGIC,
     READ_ERRORS,
+    gzip_named,
     is_special_file,
     make_dir,
     probe_writable,
@@ -322,7 +323,7 @@ def _line_batches(stream: Any, size: int, name: str | None, wait: float = 0.05) 
                         return
                 lines.put(line.removesuffix("\n").removesuffix("\r"))
         except READ_ERRORS as exc:  # said, not a reader thread that dies and leaves the translation waiting for ever
-            lines.put(read_failure(name or "standard input", bool(name and name.endswith(".gz")), exc))
+            lines.put(read_failure(name or "standard input", bool(name and gzip_named(name)), exc))
             return
         lines.put(end)
 
@@ -355,7 +356,7 @@ def _open(path: str | None, mode: str, default: Any) -> Any:
     if mode == "w":
         make_dir(Path(path).parent)  # as every other command's outputs
     # A *.gz file is read decompressed, as `nmt evaluate`, `score` and `prepare` read one, and written compressed.
-    compressed = path.endswith(".gz")
+    compressed = gzip_named(path)
     try:
         if mode == "w":
             if compressed:

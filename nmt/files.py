@@ -32,6 +32,11 @@ class Digest(Protocol):
 READ_ERRORS = (OSError, EOFError, zlib.error)  # what reading a file raises, a damaged gzip one included
 
 
+def gzip_named(path: str | Path) -> bool:
+    """Whether a file's name says gzip (*.gz, in either case): such a file is read decompressed."""
+    return str(path).lower().endswith(".gz")
+
+
 def read_failure(name: str, compressed: bool, exc: BaseException) -> NMTError:
     """The error for one of READ_ERRORS while reading a file (compressed: as gzip)."""
     if compressed:
@@ -44,9 +49,9 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
     write first dropped. Split on \\n only, as sacrebleu reads them: str.splitlines would also split at U+2028, form
     feeds and the like, so that two parallel files would no longer line up.
 
-    A file named *.gz is decompressed as it is read, as sacrebleu reads one; so is gzip data on standard input, which
-    has no name to tell. digest is updated with the bytes as
-    read (decompressed): the text's digest, also of standard input or a pipe, which cannot be read a second time."""
+    A file named *.gz (or *.GZ) is decompressed as it is read, as sacrebleu reads one; so is gzip data on standard
+    input, which has no name to tell. digest is updated with the bytes as read (decompressed): the text's digest,
+    also of standard input or a pipe, which cannot be read a second time."""
     if str(path) == "-":
         name, stream = "standard input", getattr(sys.stdin, "buffer", sys.stdin)
         closing = contextlib.nullcontext()  # standard input stays open for the caller
@@ -66,7 +71,7 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
             raise NMTError(f"{what} {path} is a directory, not a text file") from None
         except OSError as exc:
             raise NMTError(f"cannot read the {what} {path} ({exc.strerror or exc})") from None
-        compressed = name.endswith(".gz")
+        compressed = gzip_named(name)
     if compressed:
         stream = gzip.GzipFile(fileobj=stream, mode="rb")
     with closing:

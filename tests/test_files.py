@@ -154,6 +154,9 @@ def test_gzip_files_are_read_as_text_and_a_bad_one_is_named(tmp_path):
     unnamed.write_bytes(gzip.compress(text))
     with pytest.raises(NMTError, match="ref.txt is gzip-compressed: name it \\*.gz to have it read as such"):
         read_lines(unnamed)
+    shouting = tmp_path / "REF.TXT.GZ"  # gunzip takes the name in either case
+    shouting.write_bytes(gzip.compress(text))
+    assert read_lines(shouting) == ["uno", "dós"]
     packed.write_bytes(gzip.compress(text)[:-6])
     with pytest.raises(NMTError, match="ref.txt.gz: not a readable gzip file"):
         read_lines(packed)

@@ -595,6 +595,9 @@ def test_cli_translate_reads_gzip_files(tiny_model_dir, monkeypatch, capsys, tmp
     out = tmp_path / "out.txt.gz"  # and written compressed: plain text in a *.gz was no gzip file to read back
     assert main(["translate", str(tiny_model_dir), "-i", str(packed), "-o", str(out)]) == 0
     assert gzip.decompress(out.read_bytes()) == b"b a\ne d c\n"
+    upper = tmp_path / "OUT.GZ"  # the name's case does not matter
+    assert main(["translate", str(tiny_model_dir), "-i", str(packed), "-o", str(upper)]) == 0
+    assert gzip.decompress(upper.read_bytes()) == b"b a\ne d c\n"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(packed.read_bytes())))
     assert main(["translate", str(tiny_model_dir)]) == 2
     assert "it is gzip-compressed: decompress it first (zcat FILE.gz | nmt translate ...)" in capsys.readouterr().err
