@@ -68,24 +68,39 @@ def volume_mounts(volumes: list) -> dict[str, tuple[str, bool]]:
     return mounts
 
 
-@pytest.fixture(scope="module")
-def compose_config() -> dict:
-    """`docker-compose config`: the compose file as Debian's docker-compose (1.29) parses and resolves it."""
+def resolved_compose(**settings: str) -> dict:
+    """`docker-compose config`: the compose file as Debian's docker-compose (1.29) parses and resolves it, with
+    these variables set (and no other NMT_* ones)."""
     exe = shutil.which("docker-compose")
     require_system_package(exe, "docker-compose is not installed (`make system-deps` installs Debian's package)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NMT_", "COMPOSE_", "DOCKER_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NMT_", "COMPOSE_", "DOCKER_"))} | settings
     proc = subprocess.run([exe, "-f", "docker-compose.yml", "config"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stdout}\n{proc.stderr}"
     return yaml.safe_load(proc.stdout)
 
 
+@pytest.fixture(scope="module")
+def compose_config() -> dict:
+    return resolved_compose()
+
+
+def published_ports(service: dict) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) of each port a resolved service publishes; "" for every address."""
+    ports = []
+    for port in service["ports"]:
+        if isinstance(port, dict):
+            ports.append((port.get("host_ip", ""), str(port["published"]), str(port["target"])))
+        else:
+            *address, published, target = str(port).split("/")[0].split(":")  # "127.0.0.1:8000:8000/tcp"
+            ports.append((":".join(address), published, target))
+    return ports
+
+
 def test_compose_translate_service(compose_config: dict) -> None:
     translate = compose_config["services"]["translate"]
     assert translate["build"]["target"] == "serve"
-    ports = [(str(p["published"]), str(p["target"])) if isinstance(p, dict) else tuple(str(p).split(":")[-2:])
-             for p in translate["ports"]]
-    assert ("8000", "8000") in ports
+    assert published_ports(translate) == [("", "8000", "8000")]
     command = translate["command"]
     assert command[:2] == ["nmt", "serve"] and command[command.index("--host") + 1] == "0.0.0.0"
     assert command[command.index("--port") + 1] == "8000"
@@ -235,3 +250,9 @@ def test_healthcheck_one_liner() -> None:
             server.shutdown()
             server.server_close()
     assert run(port) != 0  # nothing listens any more
+
+
+def test_compose_port_can_be_kept_to_this_machine() -> None:
+    # The service was published on every interface of the host, with no way to narrow it but editing the file.
+    translate = resolved_compose(NMT_PUBLISH="127.0.0.1:8000")["services"]["translate"]
+    assert published_ports(translate) == [("127.0.0.1", "8000", "8000")]
