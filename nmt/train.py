@@ -677,17 +677,19 @@ class Trainer:
         return stop.abandoning(what) if self.ranks.world == 1 else contextlib.nullcontext()
 
     def _validate_and_save(self, stop: StopSignal) -> bool:
-        """Validate, adjust the learning rate, save last (and best); True when early stopping says stop. Alone
-        (the other ranks of a job wait for rank 0's results), a signal abandons the validation: Abandoned,
-        with nothing changed but pos.validation_due."""
+        """Validate, adjust the learning rate, save last (and best); True when early stopping says stop. A signal
+        to rank 0 (which validates while the other ranks of a job wait for its results) abandons the validation:
+        Abandoned on every rank, with nothing changed but pos.validation_due."""
         tc = self.cfg.train
         improved = False
         if self.ranks.main:
             try:
-                with self._abandonable(stop, "validation"):
+                # Every rank can stop here: the others learn of it from the position rank 0 sends them.
+                with stop.abandoning("validation"):
                     metrics = self.validate()
             except Abandoned:
                 self.pos.validation_due = True
+                self._broadcast_position()
                 raise
             self.scheduler.step(metrics["dev_loss"])
             key = metrics.get("dev_bleu", -metrics["dev_loss"])
@@ -703,8 +705,10 @@ class Trainer:
             self._log({"type": "valid", "step": self.pos.step, "epoch": self.pos.epoch_number, **metrics,
                        "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()})
             log.info("step %d: %s", self.pos.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        self.pos.last_valid_step, self.pos.validation_due = self.pos.step, False
+            self.pos.last_valid_step, self.pos.validation_due = self.pos.step, False
         self._broadcast_position()
+        if self.pos.validation_due:  # rank 0 left it
+            raise Abandoned
         self.save(best=improved, keep=True)
         return bool(tc.early_stop_patience) and self.pos.bad_validations >= tc.early_stop_patience
 

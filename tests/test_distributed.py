@@ -55,10 +55,19 @@ def rank_main(rank: int, world: int, port: int, cfg: dict, job: str, out: str) -
     """One rank, started by torch.multiprocessing.spawn, as torchrun would: through the environment."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NMT_DIST_TIMEOUT="120")
-    trainer = Trainer(from_dict(cfg))
+    if job == "interrupt" and rank == 0:  # Ctrl-C reaches rank 0 in its validation of step 8
+        validate = Trainer.validate
+
+        def interrupted(self: Trainer) -> dict[str, float]:
+            if self.pos.step == 8:
+                os.kill(os.getpid(), signal.SIGINT)
+            return validate(self)
+        Trainer.validate = interrupted
+    trainer = Trainer(from_dict(cfg), resume=job == "resume")
     try:
-        if job == "run":
-            trainer.run()
+        if job != "step":
+            result = trainer.run()
+            (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
         else:
             half = len(FULL) // world
             trainer.update([FULL[rank * half: (rank + 1) * half]])
@@ -171,6 +180,27 @@ def rank_of(pid: int) -> int | None:
     except OSError:
         return None
     return next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+
+
+def test_a_signal_to_rank_0_in_validation_leaves_it_for_the_resumed_run(
+        data: Path, two_rank_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    # The other ranks waited for rank 0's whole validation (minutes on a large dev set) before the job could stop.
+    run_dir, out = tmp_path / "run", tmp_path / "ranks"
+    cfg = config(data, run_dir, f"train.max_steps={TOTAL_STEPS}")
+    spawn("interrupt", cfg, out)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["step"], r["reason"]) for r in results] == [(8, "interrupted")] * 2
+    position = load_checkpoint(run_dir / "last.pt")["position"]
+    assert position["step"] == 8 and position["validation_due"]
+    assert validated_steps(run_dir) == [4]
+    ranks = spawn("resume", cfg, out)
+    assert_equal(ranks[0]["weights"], two_rank_run[1][0]["weights"])
+    assert validated_steps(run_dir) == list(range(4, TOTAL_STEPS + 1, 4))  # step 8's once, on resuming
+
+
+def validated_steps(run_dir: Path) -> list[int]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if r["type"] == "valid"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the ranks")
