@@ -32,6 +32,7 @@ WORD_START = "\u2581"  # SentencePiece's visible space, which begins every word'
 TOKENIZER_FILES = ("src.model", "tgt.model")  # a run's or exported model's source and target SentencePiece models
 TOKENIZER_RECORD = "tokenizers.json"  # in a run directory: the digest of the training pairs its tokenizers learned
 SENTENCEPIECE_MAX_BYTES = 4192  # longer lines are left out of tokenizer training (SentencePiece's default)
+_SPACES = re.compile(" {2,}")
 
 
 class Tokenizer:
@@ -76,7 +77,9 @@ class Tokenizer:
         return self.sp.Encode(text), self.sp.EncodeAsPieces(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.Decode([i for i in ids if i > EOS or i == UNK])
+        # SentencePiece writes an <unk> as " ⁇ ", spaces included: a text began with a space, and a word beside
+        # it was two spaces away.
+        return _SPACES.sub(" ", self.sp.Decode([i for i in ids if i > EOS or i == UNK])).strip(" ")
 
 
 def set_sampling_seed(seed: int) -> None:
