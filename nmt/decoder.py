@@ -31,7 +31,6 @@ class Memory:
     mask_bias: torch.Tensor  # (B, S) 0 at real positions, -inf at padding
     summary: torch.Tensor  # (B, C) fixed context [fwd_last; bwd_first], used when attention is off
     summary_gates: torch.Tensor | None  # (B, G*H) its gate contribution, hoisted out of the step loop
-    vocab_bias: torch.Tensor | None = None  # (B, V') with a shortlist: 0 on the sentence's own pieces, -inf elsewhere
     # (B, S, G*H) W_c h_j at inference: the context's gate term W_c c_i is their attention-weighted sum, a
     # (k x S) by (S x G*H) product per sentence instead of a (k x C) by (C x G*H) one per step.
     value_gates: torch.Tensor | None = None
@@ -153,7 +152,8 @@ class SegmentedMemory:
     as the batch's longest source would hold."""
 
     parts: list[Memory]
-    vocab_bias: torch.Tensor | None = None  # (B, V') over all parts' sentences, as Memory.vocab_bias
+    # (B, V') over all parts' sentences, with a shortlist: 0 on the sentence's own pieces, -inf elsewhere
+    vocab_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -423,7 +423,7 @@ class Decoder(nn.Module):
         """Inference step from previous tokens (N,) -> log-probabilities (N, V), attention (N, S), state.
 
         With a vocab, the log-probabilities are over its ids (N, V'), each row normalized over the pieces
-        its mem.vocab_bias leaves open."""
+        a SegmentedMemory's vocab_bias leaves open."""
         emb = self.embed(prev)
         table = None if self.training else self.gate_table
         gates = self.emb_gates(emb) if table is None else table.index_select(0, prev)
@@ -434,7 +434,7 @@ class Decoder(nn.Module):
             logits = self.vocab_logits(readout)
         else:
             logits = vocab.logits(readout)
-            if mem.vocab_bias is not None:
-                bias = mem.vocab_bias
+            bias = mem.vocab_bias if isinstance(mem, SegmentedMemory) else None
+            if bias is not None:
                 logits = (logits.view(bias.size(0), -1, logits.size(1)) + bias.unsqueeze(1)).view(logits.shape)
         return torch.log_softmax(logits.float(), dim=-1), alpha, state

@@ -46,14 +46,14 @@ class Seq2Seq(nn.Module):
             # per call, so hoisting would change their rounding.
             hoist = not self.training and isinstance(self.decoder.ctx_gates, nn.Linear)
             if not hoist:
-                return Memory(values, attention.keys(values), mask_bias, summary, None, None)
+                return Memory(values, attention.keys(values), mask_bias, summary, None)
             # The annotations are zero at padding, and so are these bias-free projections of them: computed at the
             # real positions only, since a batch of sources of different lengths is a third padding or more.
             real = ~mask
             flat = values[real]
             projected = (attention.keys(flat), *self.decoder.hoist(flat))
             keys, value_gates, value_readout = (_spread(t, real) for t in projected)
-            return Memory(values, keys, mask_bias, summary, None, None, value_gates, value_readout)
+            return Memory(values, keys, mask_bias, summary, None, value_gates, value_readout)
         return Memory(values, None, mask_bias, summary, self.decoder.ctx_gates(summary))
 
     def init_state(self, mem: Memory) -> State:
