@@ -4,12 +4,12 @@ As Marian's lexical shortlist and the candidate lists of Jean et al. (2015), a s
 the most frequent target pieces plus, for each of its source pieces and each of its words of several pieces,
 the target pieces that co-occur with it most in the training pairs (ranked by Dice's coefficient over sentence
 pairs). Words matter because a piece such as "re" (of "creó") says little about the translation, while the
-word says "created". The output layer and the softmax then run over about a thousand pieces instead of the
-whole vocabulary.
+word says "created". The output layer and the softmax then run over about two thousand pieces (the shipped
+model's 2,000 most frequent and 10 per source piece or word) instead of the whole vocabulary.
 
 A batch computes logits for the union of its sentences' shortlists once, and each sentence's softmax is masked
-to its own shortlist, so in float32 a translation does not depend on the other sentences in its batch (its
-score only in the last float digits, about 1e-5: matrix products of different widths round differently).
+to its own shortlist, so in float32 a translation depends on the other sentences in its batch only through
+rounding (its score in the last float digits: matrix products of other shapes round differently).
 """
 
 from __future__ import annotations
