@@ -145,11 +145,14 @@ def _read_json(path: Path) -> Any:
 
 def _training_metrics(records: list[dict[str, Any]], state: dict[str, Any]) -> dict[str, Any]:
     """Best dev BLEU, steps and the dev metrics at the exported step, from the checkpoint and metrics.jsonl's
-    records."""
+    records; for an average, the steps averaged instead of dev metrics, which no validation measured."""
     pos = state.get("position", {})
     metrics: dict[str, Any] = {"steps": pos.get("step"), "epochs": pos.get("epoch"),
                                "best_dev_bleu": pos.get("best_bleu") if pos.get("best_bleu", -1) >= 0 else None,
                                "dev_bleu_decoding": "greedy"}
+    if "averaged_steps" in state:
+        metrics["averaged_steps"] = state["averaged_steps"]
+        return metrics
     valid = [r for r in records if r.get("type") == "valid" and r.get("step") == pos.get("step")]
     if valid:
         metrics["dev"] = {k: v for k, v in valid[-1].items() if k.startswith("dev_")}
@@ -246,12 +249,14 @@ def _portable(path: str) -> str:
 
 def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
     """The last checkpoint's state with its weights replaced by the mean of all paths' weights (Polyak averaging,
-    as OpenNMT-py's average_models and fairseq's average_checkpoints do)."""
+    as OpenNMT-py's average_models and fairseq's average_checkpoints do), and "averaged_steps" added: the steps
+    of the checkpoints averaged."""
     states = [load_checkpoint(p) for p in paths]
     ref = states[-1]
     for path, state in zip(paths, states, strict=True):
-        if set(state.get("model", {})) != set(ref.get("model", {})) or state.get("vocab") != ref.get("vocab"):
-            raise NMTError(f"cannot average {path} with {paths[-1]}: they hold different models")
+        problem = _unlike(state, ref)
+        if problem:
+            raise NMTError(f"cannot average {path} with {paths[-1]}: {problem}")
     averaged = {}
     for name, tensor in ref["model"].items():
         if tensor.is_floating_point():
@@ -259,7 +264,20 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
             averaged[name] = (total / len(states)).to(tensor.dtype)
         else:
             averaged[name] = tensor
-    return {**ref, "model": averaged}
+    return {**ref, "model": averaged, "averaged_steps": [s.get("position", {}).get("step") for s in states]}
+
+
+def _unlike(state: dict[str, Any], ref: dict[str, Any]) -> str | None:
+    """Why two checkpoints cannot be averaged (None: they can), as the states of one run can."""
+    weights, ref_weights = state.get("model", {}), ref.get("model", {})
+    if (set(weights) != set(ref_weights) or state.get("vocab") != ref.get("vocab")
+            or any(weights[k].shape != t.shape for k, t in ref_weights.items())):
+        return "they hold different models"
+    if state.get("tokenizers_sha256") != ref.get("tokenizers_sha256"):
+        return "they were trained with other tokenizers (of different runs)"
+    if state.get("data_sha256") != ref.get("data_sha256"):
+        return "they were trained on other pairs (of different runs)"
+    return None
 
 
 def _export_state(run: Path, checkpoint: str, average: int) -> tuple[dict[str, Any], str]:

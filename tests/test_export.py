@@ -306,6 +306,8 @@ def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, caps
     card = json.loads((tmp_path / "avg" / "card.json").read_text("utf-8"))
     assert card["checkpoint"] == f"average of {kept[-2].name}, {kept[-1].name}"
     assert card["metrics"]["steps"] == steps[-1]
+    # Update steps[-1]'s dev scores were given as the average's, which nothing measured.
+    assert card["metrics"]["averaged_steps"] == steps[-2:] and "dev" not in card["metrics"]
     Translator.load(tmp_path / "avg").translate(LINES)
 
     assert main(["export", str(tiny_run), str(tmp_path / "four"), "--average", "4"]) == 2
@@ -323,11 +325,20 @@ def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, caps
 
     foreign = tmp_path / "foreign"
     shutil.copytree(tiny_run, foreign)
-    state = load_checkpoint(step_checkpoints(foreign)[0])
-    state["model"].pop("decoder.readout.bias")
-    save_checkpoint(step_checkpoints(foreign)[0], {k: v for k, v in state.items() if k != "format"})
-    assert main(["export", str(foreign), str(tmp_path / "f"), "--average", "3"]) == 2
-    assert "they hold different models" in capsys.readouterr().err
+    original = load_checkpoint(step_checkpoints(foreign)[0])
+
+    def changed(key: str, value: object, message: str) -> None:
+        save_checkpoint(step_checkpoints(foreign)[0], {**original, key: value})
+        assert main(["export", str(foreign), str(tmp_path / "f"), "--average", "3"]) == 2
+        assert message in capsys.readouterr().err
+
+    weights = dict(original["model"])
+    changed("model", {k: v for k, v in weights.items() if k != "decoder.readout.bias"}, "they hold different models")
+    # A tensor of another size was a RuntimeError out of the sum.
+    weights["decoder.readout.bias"] = torch.zeros(weights["decoder.readout.bias"].numel() + 1)
+    changed("model", weights, "they hold different models")
+    changed("tokenizers_sha256", "0" * 64, "they were trained with other tokenizers (of different runs)")
+    changed("data_sha256", "0" * 64, "they were trained on other pairs (of different runs)")
 
 
 def test_export_sets_decoding_defaults_and_nothing_else(tiny_run, tmp_path, capsys):
