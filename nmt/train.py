@@ -365,6 +365,13 @@ class Trainer:
             if self.last_path.is_file():
                 raise NMTError(f"{self.run_dir} already holds a run; use --resume to continue it or choose another "
                                "train.run_dir")
+            # A new run beside them would mix its kept checkpoints with these (pruning, `nmt export --average`).
+            earlier = [p for p in (self.best_path, *step_checkpoints(self.run_dir)) if p.is_file()]
+            if earlier:
+                raise NMTError(f"{self.run_dir} holds checkpoints of an earlier run but no last.pt "
+                               f"({', '.join(str(p.relative_to(self.run_dir)) for p in earlier[:3])}"
+                               f"{' ...' if len(earlier) > 3 else ''}): delete them to start a new run there, or "
+                               "choose another train.run_dir")
             check_run_dir_holds_only_a_run(self.run_dir)
             saved = self.run_dir / "config.yaml"
             if (self.run_dir / "src.model").is_file() and saved.is_file():

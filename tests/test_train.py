@@ -26,7 +26,7 @@ import nmt.onednn
 import nmt.run_dir
 import nmt.train
 import nmt.translator
-from nmt.checkpoint import load_checkpoint
+from nmt.checkpoint import load_checkpoint, step_checkpoint_path
 from nmt.cli import main
 from nmt.config import Config, from_dict, load_config
 from nmt.errors import NMTError
@@ -358,9 +358,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_as_stopped(corpus: Path, reference
     assert_same_weights(weights(run_dir), weights(reference_run))
 
 
-def test_a_run_directory_holding_a_run_needs_resume(corpus: Path, reference_run: Path) -> None:
+def test_a_run_directory_holding_a_run_needs_resume(corpus: Path, reference_run: Path, tmp_path: Path) -> None:
     with pytest.raises(NMTError, match="already holds a run; use --resume"):
         train(tiny_config(corpus, reference_run, *RESUME_SETTINGS))
+    # With last.pt deleted, a new run began there beside the old best.pt and kept checkpoints, which pruning and
+    # `nmt export --average` then mixed with its own.
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    (run_dir / "last.pt").unlink()
+    for step in (4, 8, 12):
+        kept = step_checkpoint_path(run_dir, step)
+        kept.parent.mkdir(exist_ok=True)
+        shutil.copy(run_dir / "best.pt", kept)
+    with pytest.raises(NMTError, match=r"holds checkpoints of an earlier run but no last.pt \(best.pt, "
+                                       r"checkpoints/step-00000004.pt, checkpoints/step-00000008.pt \.\.\.\): "
+                                       "delete them"):
+        train(tiny_config(corpus, run_dir, *RESUME_SETTINGS))
 
 
 def test_a_run_in_progress_is_named_before_what_its_directory_holds(corpus: Path, reference_run: Path,
