@@ -72,6 +72,10 @@ def test_type_translate_and_read_the_heat_map(browser, live_url):
     assert all(len(w) == len(columns) and abs(sum(w) - 1) < 0.01 for w in weights)
     # the model learnt to reverse: the t-th output piece attends most to the t-th source piece from the end
     assert [w.index(max(w)) for w in weights[:4]] == [3, 2, 1, 0]
+    # A cell's description names its pieces as the headers do (it said "▁d ← ▁a").
+    assert rows[0].find_element(By.TAG_NAME, "td").get_attribute("title").startswith("d ← a: 0.")
+    # The character count stays the text box's description (a translation took it away for screen readers).
+    assert browser.find_element(By.ID, "source").get_attribute("aria-describedby") == "count"
     # Not colour alone: each cell holds its weight in percent for screen readers, shown on demand.
     cells = browser.find_elements(By.CSS_SELECTOR, "#heatmap tbody td")
     percents = [int(td.get_attribute("textContent")) for td in cells]
@@ -148,6 +152,55 @@ def test_the_form_is_checked_before_sending(browser, live_url):
     browser.find_element(By.ID, "translate").click()
     assert browser.find_element(By.ID, "error").text.startswith("The text has 2002 characters, more than the 2000")
     assert browser.execute_script("return window.calls") == 0 and beam.get_attribute("aria-invalid") is None
+
+
+def test_what_cannot_be_sent_is_said_in_the_words_of_its_field(browser, live_url):
+    browser.get(live_url)
+    WebDriverWait(browser, 30).until(lambda d: "src → tgt" in d.find_element(By.ID, "model-info").text)
+    browser.execute_script("window.calls = 0; const real = window.fetch;"
+                           "window.fetch = (url, o) => { window.calls++; return real(url, o); };")
+    source, key = browser.find_element(By.ID, "source"), browser.find_element(By.ID, "apikey")
+    # Only invisible characters: an empty "translation" with "score n/a" came back.
+    browser.execute_script("arguments[0].value = '\\u200b\\u0001 \\u200b'", source)
+    browser.find_element(By.ID, "translate").click()
+    assert browser.find_element(By.ID, "error").text == "Type a text to translate."
+    assert source.get_attribute("aria-describedby") == "count error"
+    # A key with a non-breaking hyphen, as pasted text has: fetch refused it, said as "Could not reach the service".
+    source.send_keys("a b")
+    key.send_keys("clé\u2011secrète")
+    browser.find_element(By.ID, "translate").click()
+    assert browser.find_element(By.ID, "error").text.startswith(
+        "The API key holds a character a browser cannot send (U+2011)")
+    assert key.get_attribute("aria-invalid") == "true" and source.get_attribute("aria-invalid") is None
+    assert source.get_attribute("aria-describedby") == "count"
+    assert browser.execute_script("return window.calls") == 0
+    key.clear()
+    key.send_keys("clé")  # Latin-1 goes
+    browser.find_element(By.ID, "translate").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "translation").text == "b a")
+    assert key.get_attribute("aria-invalid") is None
+    browser.execute_script("sessionStorage.clear()")
+
+
+def test_the_beam_size_chosen_stays_when_the_model_information_comes_late(browser, live_url):
+    # /v1/models failed at load, and the first translation after it loaded the information again and put the
+    # model's beam size back in the field: the next Translate used beam 5 with n-best cut to it.
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/models"]})
+    try:
+        browser.get(live_url)
+        info = browser.find_element(By.ID, "model-info")
+        WebDriverWait(browser, 30).until(lambda d: "unavailable" in info.text)
+    finally:
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+    for field, value in (("beam", "7"), ("nbest", "6")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "source").send_keys("a b c")
+    browser.find_element(By.ID, "translate").click()
+    WebDriverWait(browser, 30).until(lambda d: "src → tgt" in info.text)
+    assert browser.find_element(By.ID, "beam").get_attribute("value") == "7"
+    assert browser.find_element(By.ID, "nbest").get_attribute("value") == "6"
 
 
 def test_a_blank_text_drops_the_request_under_way_and_a_second_click_sends_nothing(browser, live_url):

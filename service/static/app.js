@@ -8,6 +8,7 @@ const WORD_START = "\u2581"; // SentencePiece's mark of a piece that begins a wo
 // The service's limits (GET /v1/models), until it has said: its defaults.
 let limits = { max_chars: 2000, max_beam_size: 16, request_timeout_s: 30 };
 let inFlight = null; // the request whose answer the page waits for: {controller, body}
+let beamChosen = false; // whether the user has typed a beam size
 
 function showError(message) {
   $("error").textContent = message;
@@ -49,18 +50,18 @@ async function errorMessage(response) {
   return `${message} (HTTP ${response.status})`;
 }
 
-// A piece as shown: the word-start mark dropped (a screen reader reads it as "lower one eighth block"), words
-// told apart by a class instead, and the end of sentence named.
+// A piece as shown: the word-start mark dropped (a screen reader reads it as "lower one eighth block") and the end
+// of sentence named.
+function pieceText(piece) {
+  if (piece === "</s>") return "(end)";
+  return piece.startsWith(WORD_START) ? piece.slice(WORD_START.length) || "␣" : piece;
+}
+
+// A header cell for a piece: its text, and words told apart by a class instead of the mark.
 function pieceCell(cell, piece) {
-  if (piece === "</s>") {
-    cell.textContent = "(end)";
-    cell.title = "end of sentence";
-  } else if (piece.startsWith(WORD_START)) {
-    cell.textContent = piece.slice(WORD_START.length) || "␣";
-    cell.classList.add("word");
-  } else {
-    cell.textContent = piece;
-  }
+  cell.textContent = pieceText(piece);
+  if (piece === "</s>") cell.title = "end of sentence";
+  else if (piece.startsWith(WORD_START)) cell.classList.add("word");
 }
 
 function drawHeatmap(alignment, note) {
@@ -96,7 +97,7 @@ function drawHeatmap(alignment, note) {
     row.forEach((weight, s) => {
       const td = tr.insertCell();
       td.style.backgroundColor = `rgba(25, 80, 160, ${weight.toFixed(3)})`;
-      td.title = `${alignment.target[t]} ← ${alignment.source[s]}: ${weight.toFixed(3)}`;
+      td.title = `${pieceText(alignment.target[t])} ← ${pieceText(alignment.source[s])}: ${weight.toFixed(3)}`;
       td.dataset.weight = weight.toFixed(4);
       // The weight as a percentage in the cell, not in colour alone: screen readers read it with the cell's row and
       // column headers, and "show weights as numbers" makes it visible. Black text on lighter cells and white on
@@ -159,7 +160,8 @@ function countCharacters() {
 
 // What is wrong with the form, in the words of its labels; null when it can be sent.
 function formProblem() {
-  if (!$("source").value.trim()) return ["source", "Type a text to translate."];
+  // Nothing to read: blank, or only control and invisible characters (zero-width spaces), which come back empty.
+  if (/^[\s\p{Cc}\p{Cf}]*$/u.test($("source").value)) return ["source", "Type a text to translate."];
   const count = countCharacters();
   if (count > limits.max_chars) {
     return ["source", `The text has ${count} characters, more than the ${limits.max_chars} the service takes: ` +
@@ -170,18 +172,27 @@ function formProblem() {
   if (wholeNumber("nbest", beam) === null) {
     return ["nbest", `Translations (n-best) must be a whole number from 1 to the beam size (${beam}).`];
   }
+  // A browser sends header values of Latin-1 characters only: fetch refused the rest before sending anything.
+  const unsendable = [...$("apikey").value].find((c) => c.codePointAt(0) > 0xff || /\p{Cc}/u.test(c));
+  if (unsendable) {
+    const code = unsendable.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    return ["apikey", `The API key holds a character a browser cannot send (U+${code}), as a pasted key may: ` +
+      "type it again in the “API key” field."];
+  }
   return null;
 }
 
+// What each field's description is when it is valid (the error message is added while it is not).
+const DESCRIBED_BY = { source: "count", beam: "", nbest: "", apikey: "" };
+
 function markInvalid(field) {
-  for (const id of ["source", "beam", "nbest"]) {
-    if (id === field) {
-      $(id).setAttribute("aria-invalid", "true");
-      $(id).setAttribute("aria-describedby", "error");
-    } else {
-      $(id).removeAttribute("aria-invalid");
-      $(id).removeAttribute("aria-describedby");
-    }
+  for (const [id, description] of Object.entries(DESCRIBED_BY)) {
+    const invalid = id === field;
+    const describedBy = [description, invalid ? "error" : ""].filter(Boolean).join(" ");
+    if (invalid) $(id).setAttribute("aria-invalid", "true");
+    else $(id).removeAttribute("aria-invalid");
+    if (describedBy) $(id).setAttribute("aria-describedby", describedBy);
+    else $(id).removeAttribute("aria-describedby");
   }
 }
 
@@ -259,7 +270,8 @@ async function loadModelInfo() {
     $("model-info").textContent = `${model.id}: ${model.src_lang} → ${model.tgt_lang}`;
     $("model-info").dataset.loaded = "true";
     $("beam").max = String(limits.max_beam_size);
-    $("beam").value = model.decode ? model.decode.beam_size : 5;
+    // The model's default, unless the user chose a beam size already (before this answer, or before it failed).
+    if (!beamChosen) $("beam").value = model.decode ? model.decode.beam_size : 5;
     fitNBest();
     $("source").lang = model.src_lang || "";
     $("translation").lang = model.tgt_lang || "";
@@ -280,6 +292,7 @@ try {
 
 $("form").addEventListener("submit", translate);
 $("beam").addEventListener("change", fitNBest);
+$("beam").addEventListener("input", () => { beamChosen = true; });
 $("source").addEventListener("input", countCharacters);
 $("numbers").addEventListener("change", () => $("heatmap").classList.toggle("numbers", $("numbers").checked));
 $("source").addEventListener("keydown", (event) => {
