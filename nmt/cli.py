@@ -499,7 +499,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="prepared corpus directory for --split (default: the model config's data.dir)")
     p.add_argument("--out", help="directory for NAME.hyp and NAME.json (default: the --report file's directory, "
                                  "else MODEL/eval; RUN/eval/CHECKPOINT for a .pt file)")
-    p.add_argument("--report", help="write the JSON report here instead (and NAME.hyp beside it, unless --out); "
+    p.add_argument("--report", help="write the JSON report here instead, and its hypotheses beside it (REPORT.hyp "
+                                    "for REPORT.json; with --out, NAME.hyp there); "
                                     "- writes it to standard output (the table then goes to standard error)")
     p.add_argument("--tokenize", metavar="NAME",
                    help="sacrebleu's BLEU tokenizer: 13a, intl, zh, char, ja-mecab, ko-mecab or none (default: 13a; "
@@ -572,8 +573,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             log.warning("%s holds other training pairs than %s was trained on (prepared again?): its %s split may "
                         "hold sentences the model trained on, and the scores are not those of its own test set",
                         data, args.model, args.split)
-    out, report_path = _evaluation_outputs(args, name, digest.hexdigest(), [src_path, *ref_paths])
-    report = _evaluate_into(translator, src, refs, scoring, args, out / f"{name}.hyp")
+    hyp_path, report_path = _evaluation_outputs(args, name, digest.hexdigest(), [src_path, *ref_paths])
+    report = _evaluate_into(translator, src, refs, scoring, args, hyp_path)
     report.update(src=_shown(src_path), ref=[_shown(r) for r in ref_paths], inputs_sha256=digest.hexdigest())
     write_report(report, report_path)
     show(format_table(report),
@@ -628,8 +629,8 @@ def _score_hypotheses(args: argparse.Namespace) -> dict[str, Any]:
 
 def _evaluation_outputs(args: argparse.Namespace, name: str, inputs_sha256: str,
                         inputs: list[str | Path]) -> tuple[Path, Path]:
-    """The directory of NAME.hyp and the report's path, checked and made before the translation, which takes a
-    while: neither overwrites an input, a file that is no report, or hypotheses that are not the report's."""
+    """The paths of the hypotheses and the report, checked (and their directory made) before the translation, which
+    takes a while: neither overwrites an input, a file that is no report, or hypotheses that are not the report's."""
     from nmt.evaluate import check_hyp_replaceable, check_report_replaceable, check_writable
     from nmt.translator import locate_model
 
@@ -640,7 +641,8 @@ def _evaluation_outputs(args: argparse.Namespace, name: str, inputs_sha256: str,
     beside = args.report and not is_special_file(Path(args.report))
     out = Path(args.out) if args.out else Path(args.report).parent if beside else folder
     report_path = Path(args.report) if args.report else out / f"{name}.json"
-    hyp_path = out / f"{name}.hyp"
+    # Named after a report of the user's: two reports in one folder (greedy.json, beam5.json) have a file each.
+    hyp_path = report_path.with_suffix(".hyp") if beside and not args.out else out / f"{name}.hyp"
     if args.out and out.exists() and not out.is_dir():
         raise NMTError(f"--out {out}: not a directory")
     for path in (hyp_path, report_path):
@@ -659,7 +661,7 @@ def _evaluation_outputs(args: argparse.Namespace, name: str, inputs_sha256: str,
         if args.out:
             raise
         raise NMTError(f"{exc}; write the hypotheses and report elsewhere with --out DIR") from None
-    return out, report_path
+    return hyp_path, report_path
 
 
 def _evaluate_into(translator: Translator, src: list[str], refs: list[list[str]], scoring: dict[str, Any],

@@ -257,7 +257,12 @@ def test_evaluate_a_model_on_files(tiny_model_dir, tiny_data, tmp_path, capsys):
     elsewhere = tmp_path / "reports" / "mine.json"
     base = ["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(ref)]
     assert main([*base, "--report", str(elsewhere)]) == 0
-    assert read_lines(elsewhere.parent / "s.hyp") == ["c b a", "g f e d"] and not (tiny_model_dir / "eval").exists()
+    assert read_lines(elsewhere.with_suffix(".hyp")) == ["c b a", "g f e d"] and not (tiny_model_dir / "eval").exists()
+    # Named after the report: a second report in that folder got "s.hyp exists and is not the hypotheses of an
+    # earlier report", and in a model's eval/ folder the next evaluation replaced the first one's hypotheses.
+    assert main([*base, "--report", str(elsewhere.parent / "other.json"), "--beam", "1"]) == 0
+    assert read_lines(elsewhere.parent / "other.hyp") == ["c b a", "g f e d"]
+    assert json.loads(elsewhere.read_text(encoding="utf-8"))["hyp"] == str(elsewhere.with_suffix(".hyp").resolve())
     blocked = tmp_path / "blocked-model"
     shutil.copytree(tiny_model_dir, blocked)
     # A report to a device goes there; the hypotheses, which have no place beside it, to MODEL/eval.
@@ -294,9 +299,9 @@ def test_evaluate_finds_an_unwritable_output_directory_before_it_translates(tiny
 
     monkeypatch.setattr("nmt.files.tempfile.mkstemp", read_only)
     monkeypatch.setattr("nmt.evaluate.evaluate_model", never)
-    for where in (["--out", str(out)], ["--report", str(out / "r.json")]):
+    for where, hyp in ((["--out", str(out)], "s.hyp"), (["--report", str(out / "r.json")], "r.hyp")):
         assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(src), *where]) == 2
-        assert "s.hyp (Permission denied)" in capsys.readouterr().err
+        assert f"{hyp} (Permission denied)" in capsys.readouterr().err
 
 
 def test_a_default_scorer_that_cannot_be_had_is_found_before_translating(tiny_model_dir, tmp_path, monkeypatch,
@@ -333,12 +338,12 @@ def test_evaluate_reads_the_source_from_stdin_or_a_pipe(tiny_model_dir, tmp_path
     os.close(writer)
     try:
         piped = f"/dev/fd/{reader}"
-        assert main(["evaluate", str(tiny_model_dir), "--src", piped, "--ref", str(ref), "--report",
-                     str(tmp_path / "piped.json")]) == 0
+        assert main(["evaluate", str(tiny_model_dir), "--src", piped, "--ref", str(ref), "--out",
+                     str(tmp_path / "piped")]) == 0
     finally:
         os.close(reader)
-    assert json.loads((tmp_path / "piped.json").read_text(encoding="utf-8"))["inputs_sha256"] == expected
-    assert read_lines(tmp_path / "pipe.hyp") == ["c b a", "g f e d"]  # not 63.hyp, after /dev/fd/63
+    assert json.loads((tmp_path / "piped" / "pipe.json").read_text(encoding="utf-8"))["inputs_sha256"] == expected
+    assert read_lines(tmp_path / "piped" / "pipe.hyp") == ["c b a", "g f e d"]  # not 63.hyp, after /dev/fd/63
     capsys.readouterr()
 
 
