@@ -519,13 +519,18 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_evaluate)
 
 
+def _check_stdin_read_once(*options: tuple[str, str | None]) -> None:
+    """NMTError when more than one of these (flag, value) options names standard input (-)."""
+    stdin = [flag for flag, value in options if value == "-"]
+    if len(stdin) > 1:
+        raise NMTError(f"standard input can be read once: {' and '.join(stdin)} cannot both be -")
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from nmt.evaluate import check_line_counts, format_table, write_report
 
-    stdin = [flag for flag, value in (("--hyp", args.hyp), ("--src", args.src), ("--baseline", args.baseline),
-                                      *(("--ref", r) for r in args.ref or ())) if value == "-"]
-    if len(stdin) > 1:
-        raise NMTError(f"standard input can be read once: {' and '.join(stdin)} cannot both be -")
+    _check_stdin_read_once(("--hyp", args.hyp), ("--src", args.src), ("--baseline", args.baseline),
+                           *(("--ref", r) for r in args.ref or ()))
     if args.report == "-":
         args.report = "/dev/stdout"
     # A report on standard output is the output: the table after it made it no JSON a program could read.
@@ -717,6 +722,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
+    _check_stdin_read_once(("--src", args.src), ("--hyp", args.hyp))  # said "- has 4 lines but - has 0"
     src, hyp = read_lines(args.src, "source file"), read_lines(args.hyp, "hypothesis file")
     if len(src) != len(hyp):
         raise NMTError(f"{args.src} has {len(src)} lines but {args.hyp} has {len(hyp)}")

@@ -640,6 +640,8 @@ def test_cli_score(tiny_model_dir, tmp_path, capsys):
     hyp.write_text("c b a\n", encoding="utf-8")
     assert main(["score", str(tiny_model_dir), "--src", str(src), "--hyp", str(hyp)]) == 2
     assert "has 2 lines but" in capsys.readouterr().err
+    assert main(["score", str(tiny_model_dir), "--src", "-", "--hyp", "-"]) == 2  # said "- has 4 lines but - has 0"
+    assert "standard input can be read once: --src and --hyp cannot both be -" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
