@@ -240,6 +240,11 @@ class Decoder(nn.Module):
         self._pack_matmuls = isinstance(self.hidden_proj, nn.Linear) and packable(self.hidden_proj.weight)
         return self._pack_matmuls
 
+    @property
+    def packs_matmuls(self) -> bool:
+        """Whether pack_weights took: decoding's fixed matmuls go through oneDNN."""
+        return self._pack_matmuls
+
     def _may_pack(self, layer: nn.Module) -> bool:
         """Whether this layer's matmuls may go through oneDNN now (see pack_weights)."""
         return (self._pack_matmuls and not self.training and not torch.is_grad_enabled()

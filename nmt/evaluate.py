@@ -163,7 +163,10 @@ def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]]
     report = evaluate(hyps, refs, **scoring)
     decode = {**translator.decode_defaults, **{k: v for k, v in options.items() if v is not None}}
     decode["shortlist"] = translator.shortlist is not None and decode["shortlist"]  # whether one was used
-    report.update(model=translator.info["name"], model_path=str(translator.path), step=translator.step,
+    card_metrics = (translator.card or {}).get("metrics")
+    averaged = card_metrics.get("averaged_steps") if isinstance(card_metrics, dict) else None
+    report.update(model=translator.info["name"], model_path=str(translator.path.resolve()), step=translator.step,
+                  **({"averaged_steps": averaged} if averaged else {}),
                   weights_sha256=translator.weights_sha256, decode=decode,
                   int8=translator.int8, seconds=round(seconds, 3), sentences_per_s=round(len(src) / seconds, 2))
     return hyps, report

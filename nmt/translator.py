@@ -355,8 +355,10 @@ class Translator:
 
     @property
     def decode_defaults(self) -> dict[str, Any]:
-        """The config's decode section, its shortlist saying whether one is in use (a run directory has none)."""
-        return {**self.cfg.to_dict()["decode"], "shortlist": self.shortlist is not None}
+        """The config's decode section, its shortlist and packed_matmuls saying whether they are in use (a run
+        directory has no shortlist; int8 weights are not packed)."""
+        return {**self.cfg.to_dict()["decode"], "shortlist": self.shortlist is not None,
+                "packed_matmuls": self.model.decoder.packs_matmuls}
 
     @property
     def info(self) -> dict[str, Any]:

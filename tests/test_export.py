@@ -309,6 +309,12 @@ def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, caps
     # Update steps[-1]'s dev scores were given as the average's, which nothing measured.
     assert card["metrics"]["averaged_steps"] == steps[-2:] and "dev" not in card["metrics"]
     Translator.load(tmp_path / "avg").translate(LINES)
+    source = tmp_path / "s.txt"
+    source.write_text("a b c\n", encoding="utf-8")
+    assert main(["evaluate", str(tmp_path / "avg"), "--src", str(source), "--ref", str(source)]) == 0
+    report = json.loads((tmp_path / "avg" / "eval" / "s.json").read_text("utf-8"))
+    assert report["averaged_steps"] == steps[-2:] and report["model_path"] == str((tmp_path / "avg").resolve())
+    capsys.readouterr()
 
     assert main(["export", str(tiny_run), str(tmp_path / "four"), "--average", "4"]) == 2
     assert "holds 3 kept step checkpoints; train with train.keep_checkpoints >= 4" in capsys.readouterr().err
