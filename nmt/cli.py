@@ -555,6 +555,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         src = read_lines(src_path, "source file", digest)
         refs = [read_lines(r, "reference file", digest) for r in ref_paths]
         check_line_counts(len(src), refs, baseline=scoring.get("baseline"))  # before translating, not after
+        for path, ref in zip(ref_paths, refs, strict=True):
+            if ref == src:  # a slip of the command line, else a corpus whose two sides are one file
+                log.warning("the reference %s holds the source lines themselves: the scores measure how much of "
+                            "the source the translation keeps", path)
         return src, refs
 
     if args.src:  # read before the model loads, so that a missing file or a short reference is found at once

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -317,6 +318,19 @@ def test_a_default_scorer_that_cannot_be_had_is_found_before_translating(tiny_mo
     monkeypatch.setattr("nmt.evaluate.translate_lines", lambda *args, **kwargs: pytest.fail("translated first"))
     assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", str(src), "--out", str(tmp_path)]) == 2
     assert "no MeCab here" in capsys.readouterr().err
+
+
+def test_a_reference_that_is_the_source_is_warned_about(tiny_model_dir, tmp_path, caplog):
+    # `--ref` given the source file by mistake scored BLEU 1.1 without a word, while `nmt prepare` warns of it.
+    src, ref = tmp_path / "s.txt", tmp_path / "r.txt"
+    src.write_text("a b c\n", encoding="utf-8")
+    ref.write_text("c b a\n", encoding="utf-8")
+    for refs, warned in (([str(ref)], False), ([str(ref), str(src)], True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["evaluate", str(tiny_model_dir), "--src", str(src), "--ref", *refs, "--out",
+                         str(tmp_path / str(len(refs))), "--metrics", "bleu"]) == 0
+        assert (f"the reference {src} holds the source lines themselves" in caplog.text) == warned
 
 
 def test_evaluate_reads_the_source_from_stdin_or_a_pipe(tiny_model_dir, tmp_path, monkeypatch, capsys):
