@@ -15,6 +15,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     MPLCONFIGDIR=/tmp/matplotlib
 
+# tini as PID 1: the kernel drops a signal PID 1 has no handler for, so `docker stop` during start-up (loading
+# the model, preparing a corpus) waited out the grace period for SIGKILL, and a drained service exited 0, not 143.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
+ENTRYPOINT ["/usr/bin/tini", "--"]
+
 # The CPU build of torch first, in its own layer: a bare `torch` requirement would pull several GB of CUDA
 # libraries, and the project's `torch>=2.2` is then already satisfied.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
@@ -59,6 +66,6 @@ USER 1000:1000
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v1/ready', timeout=4).status != 200)"]
-# Exec form: `nmt` is PID 1 and gets SIGTERM itself; uvicorn then stops accepting connections and finishes the
-# requests in flight. No model argument: `nmt serve` takes the model from NMT_MODEL_DIR.
+# Exec form: tini passes SIGTERM to `nmt`; uvicorn then stops accepting connections and finishes the requests in
+# flight. No model argument: `nmt serve` takes the model from NMT_MODEL_DIR.
 CMD ["nmt", "serve", "--host", "0.0.0.0", "--port", "8000"]

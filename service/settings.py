@@ -25,7 +25,7 @@ MAX_RATE = 1_000_000  # requests per period
 
 
 # NMT_* names that are not settings of the service: docker-compose's choices and training's collective timeout.
-OTHER_NAMES = {"NMT_MODEL", "NMT_WORKERS", "NMT_DIST_TIMEOUT"}
+OTHER_NAMES = {"NMT_MODEL", "NMT_WORKERS", "NMT_PUBLISH", "NMT_STOP_GRACE_PERIOD", "NMT_DIST_TIMEOUT"}
 
 
 class Settings(BaseSettings):

@@ -112,12 +112,27 @@ def test_compose_translate_service(compose_config: dict) -> None:
     assert READY_URL in healthcheck_code(translate["healthcheck"]["test"])
     assert translate["restart"] == "unless-stopped"
     # 45 s: Docker killed the service before it cut off what was left of a graceful stop (30 + 30 s by default).
-    grace = sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit]
-                for n, unit in re.findall(r"(\d+)([hms])", translate["stop_grace_period"]))
     fields = Settings.model_fields
-    assert grace > fields["request_timeout_s"].default + fields["send_timeout_s"].default
+    assert seconds(translate["stop_grace_period"]) > fields["request_timeout_s"].default + fields[
+        "send_timeout_s"].default
     assert {"NMT_REQUEST_TIMEOUT_S", "NMT_SEND_TIMEOUT_S"} <= set(translate["environment"])
     assert "profiles" not in translate
+    # Rotated: Docker's default json-file log grows for ever, a line a request.
+    assert translate["logging"] == {"driver": "json-file", "options": {"max-size": "10m", "max-file": "5"}}
+
+
+def seconds(duration: str) -> int:
+    """A compose duration such as 1m15s, in seconds."""
+    return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in re.findall(r"(\d+)([hms])", duration))
+
+
+def test_compose_passes_the_proxy_and_stop_settings_through() -> None:
+    # Behind a reverse proxy on the host every client shared the proxy's rate limit (uvicorn trusts X-Forwarded-For
+    # from 127.0.0.1 only, and the proxy comes from the network's gateway); a longer request timeout was cut off by
+    # the fixed 75 s before Docker's SIGKILL.
+    translate = resolved_compose(FORWARDED_ALLOW_IPS="172.18.0.1", NMT_STOP_GRACE_PERIOD="3m")["services"]["translate"]
+    assert translate["environment"]["FORWARDED_ALLOW_IPS"] == "172.18.0.1"
+    assert seconds(translate["stop_grace_period"]) == 180
 
 
 def test_compose_train_service(compose_config: dict) -> None:
@@ -164,6 +179,13 @@ def test_the_makefile_installs_cpu_torch_before_the_project(tmp_path: Path) -> N
     assert torch and project and max(torch) < project[0], commands
     assert "--no-index --no-deps torch==2.13.0" in commands[torch[0]]
     assert "--no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in commands[torch[1]]
+
+
+def test_dockerfile_runs_under_tini() -> None:
+    # nmt was PID 1, which ignores a SIGTERM it has no handler for: `docker stop` during start-up waited for SIGKILL.
+    base = dockerfile_instructions()[:[k for k, _ in dockerfile_instructions()].index("FROM", 1)]
+    assert ("ENTRYPOINT", '["/usr/bin/tini", "--"]') in base
+    assert any("apt-get install -y --no-install-recommends tini" in args for keyword, args in base if keyword == "RUN")
 
 
 def test_dockerfile_service_stage() -> None:

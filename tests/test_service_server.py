@@ -214,12 +214,14 @@ def test_a_misspelt_setting_is_named_and_the_log_says_what_guards_the_service(ti
     # NMT_API_KEY (for NMT_API_KEYS) left the service open without a word.
     monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))  # check() exports MODEL as NMT_MODEL_DIR: restored after
     monkeypatch.setenv("NMT_COLOUR", "blue")  # like no setting: ignored, with a word
-    monkeypatch.setenv("NMT_WORKERS", "2")  # docker-compose's, not a setting: no warning
+    for name in ("NMT_WORKERS", "NMT_PUBLISH", "NMT_STOP_GRACE_PERIOD"):  # docker-compose's, not settings: no warning
+        monkeypatch.setenv(name, "2")
     monkeypatch.setenv("NMT_max_chars", "7")  # pydantic-settings reads it: it was said to be ignored
     caplog.set_level(logging.INFO)
     check(str(tiny_model_dir), port=0)
     assert "NMT_COLOUR is not a setting of nmt serve: ignored" in caplog.text
     assert "NMT_WORKERS" not in caplog.text and "NMT_MAX_CHARS" not in caplog.text and Settings().max_chars == 7
+    assert "NMT_PUBLISH" not in caplog.text and "NMT_STOP_GRACE_PERIOD" not in caplog.text
     for env, said in [({}, "no API keys (open to all), no rate limit, no CORS origins"),
                       ({"NMT_API_KEYS": "a,b", "NMT_RATE_LIMIT": "60/minute"}, "2 API key(s), rate limit 60/minute")]:
         caplog.clear()
