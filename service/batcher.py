@@ -169,13 +169,13 @@ class Batcher:
                     log.exception("the failed requests could not leave the batch")
             for job, outcome in outcomes:
                 self._running.pop(job, None)
-                if self._count_tokens is not None and not isinstance(outcome, BaseException):
-                    self._count_tokens(job.tokens)  # done: not a job cancelled or failed on the way
-                if job.future.done():
+                if job.future.done():  # its caller left
                     continue
                 if isinstance(outcome, BaseException):
                     job.future.set_exception(outcome)
                 else:
+                    if self._count_tokens is not None:
+                        self._count_tokens(job.tokens)  # translated for someone: not failed, nor for nobody
                     job.future.set_result(list(outcome))
 
     async def _idle_work(self) -> None:

@@ -276,6 +276,27 @@ def test_abandoned_jobs_are_dropped_or_cancelled(executor):
     assert counted == [1]  # the tokens translated: not those of the cancelled job (counted as it joined)
 
 
+def test_tokens_of_a_job_whose_caller_left_during_its_last_step_are_not_counted(executor):
+    # nmt_source_tokens counts the tokens translated for someone: it counted these too.
+    counted: list[int] = []
+
+    async def main():
+        engine = Recorder()
+        engine.gate.clear()
+        batcher = make(engine, executor, count_tokens=counted.append)
+        batcher.start()
+        leaving = asyncio.ensure_future(batcher.submit("k", [1], 7))  # done in the step that is held
+        await wait_for(engine.entered.is_set)
+        leaving.cancel()
+        await asyncio.sleep(0)
+        engine.gate.set()
+        assert await batcher.submit("k", [1], 3) == ["k:1"]
+        await batcher.close()
+
+    asyncio.run(main())
+    assert counted == [3]
+
+
 def test_close_finishes_queued_and_running_jobs_then_refuses_new_ones(executor):
     async def main():
         engine = Recorder()
