@@ -70,6 +70,10 @@ def _routes(routes: Iterable[Any]) -> Iterator[Any]:
             yield route
 
 
+# Methods counted by name; any other (PROPFIND, PURGE, ...: a label series each) as "other".
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
 class MetricsMiddleware:
     """Counts every response by route template and status; a request whose client left before any response (a
     body never finished) counts as 499, as nginx logs it, not as a server error."""
@@ -101,5 +105,6 @@ class MetricsMiddleware:
             raise
         finally:
             metrics.in_flight.dec()
-            metrics.requests.labels(route, scope["method"], str(status or 499)).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            metrics.requests.labels(route, method, str(status or 499)).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)

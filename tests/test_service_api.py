@@ -185,6 +185,9 @@ def test_metrics_count_requests_batches_and_tokens(client):
     assert metric(client, 'nmt_http_requests_total{method="GET",route="/static",status="200"}') == 1
     client.get("/v1/translate")
     assert metric(client, 'nmt_http_requests_total{method="GET",route="/v1/translate",status="405"}') == 1
+    for method in ("PROPFIND", "PURGE"):  # a label series each, from what a client sends
+        client.request(method, "/v1/translate")
+    assert metric(client, 'nmt_http_requests_total{method="other",route="/v1/translate",status="405"}') == 2
 
 
 def test_a_client_that_leaves_before_any_answer_is_no_server_error():
