@@ -65,8 +65,8 @@ class Settings(BaseSettings):
                                   "the connection is dropped, as with nginx's send_timeout")
     max_header_bytes: int = Field(32_768, ge=1024, description="size of a request's line and headers together: "
                                   "431 above, and the connection closed")
-    api_keys: CommaList = Field(default_factory=list, description="comma-separated keys, sent as X-API-Key: KEY or "
-                                "Authorization: Bearer KEY; empty = no auth")
+    api_keys: CommaList = Field(default_factory=list, description="comma-separated keys of visible ASCII characters, "
+                                "sent as X-API-Key: KEY or Authorization: Bearer KEY; empty = no auth")
     rate_limit: str = Field("", description="per API key (or client IP) limit like 60/minute, on translate and "
                             "score; a request without a valid key counts against its client IP's; empty = off")
     cors_origins: CommaList = Field(default_factory=list, description="comma-separated origins allowed by CORS "
@@ -82,6 +82,18 @@ class Settings(BaseSettings):
                                  "comma-separated entries")
             return parts
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[str]) -> list[str]:
+        """Keys of visible ASCII characters: a header carries other characters as bytes that clients encode
+        differently (a browser as Latin-1, curl as UTF-8), so such a key matched for some clients and not others."""
+        for number, key in enumerate(keys, 1):
+            other = next((c for c in key if not "!" <= c <= "~"), None)
+            if other is not None:  # the key itself stays out of the message: it is a secret
+                raise ValueError(f"key {number} holds U+{ord(other):04X}, which is not a visible ASCII character: "
+                                 "use letters, digits and punctuation")
+        return keys
 
     @field_validator("cors_origins")
     @classmethod

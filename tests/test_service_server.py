@@ -184,6 +184,8 @@ def test_the_services_own_log_lines_end_with_the_request_they_were_written_for()
     ([], {"NMT_MAX_WAIT_MS": "nan"}, "NMT_MAX_WAIT_MS: Input should be a finite number"),  # was "less than or equal"
     ([], {"NMT_THREADS": "100000"}, "NMT_THREADS: Input should be less than or equal to 1024"),
     ([], {"NMT_RATE_LIMIT": "9" * 400 + "/second"}, "(periods: second, minute, hour; 1 to 1000000 requests)"),
+    # It matched a browser's Latin-1 bytes and not curl's UTF-8 ones.
+    ([], {"NMT_API_KEYS": "k1,clé"}, "key 2 holds U+00E9, which is not a visible ASCII character"),
     # A warning before: the service started open to all.
     ([], {"NMT_API_KEY": "secret"}, "NMT_API_KEY is not a setting of nmt serve: did you mean NMT_API_KEYS? (rename "
                                     "or unset it)"),
