@@ -108,13 +108,17 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
-    async def submit(self, key: Hashable, work: Any, tokens: int) -> list[Any]:
-        """Queue work for the engine (`tokens` source tokens, for count_tokens) and wait for its results, in order;
-        cancelling the wait drops the job."""
+    def check_room(self) -> None:
+        """Closed or QueueFull when a job submitted now would be refused: before the work of preparing one."""
         if self._closed:
             raise Closed("the service is shutting down")
         if self.depth >= self.max_queue:
             raise QueueFull(f"{self.depth} requests are waiting")
+
+    async def submit(self, key: Hashable, work: Any, tokens: int) -> list[Any]:
+        """Queue work for the engine (`tokens` source tokens, for count_tokens) and wait for its results, in order;
+        cancelling the wait drops the job."""
+        self.check_room()
         job = _Job(key, work, tokens, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self._idle.clear()
