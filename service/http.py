@@ -111,6 +111,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._send_timer = _Timer(self.loop)  # running while the client reads too little
         # An error for bytes after pipelined requests (no request, or headers too large): sent after their answers.
         self._deferred: tuple[int, bytes, str] | None = None
+        self._cycles: list[Any] = []  # this connection's requests not yet answered, the one under way first
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -119,6 +120,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._header_timer.stop()
         self._send_timer.stop()
+        # uvicorn tells the newest request alone: one under way with another pipelined behind it went on for nobody
+        # (its model work to the end, counted as 200, then a traceback for the closed connection).
+        for cycle in self._cycles:
+            if cycle is not self.cycle and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -189,6 +196,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._begun, self._header_bytes, self._parsed_bytes, self._in_body = False, 0, 0, True
         self._disarm()
         super().on_headers_complete()
+        self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete] + [self.cycle]
 
     def on_body(self, body: bytes) -> None:
         if not self._too_large:

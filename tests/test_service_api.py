@@ -27,6 +27,7 @@ from nmt.stream import TranslationStream
 from nmt.tokenizer import Tokenizer
 from nmt.translator import Translator
 from service.app import create_app
+from service.http import HeaderDeadlineProtocol
 from service.metrics import Metrics, MetricsMiddleware
 from service.schemas import MAX_TEXTS
 from service.settings import Settings
@@ -871,8 +872,10 @@ def test_score_calls_and_translations_share_the_model_time(translator, monkeypat
     assert [r.logprob for r in done[0][1]] == pytest.approx([r.logprob for r in translator.score(sources, candidates)])
 
 
-def test_a_client_that_leaves_drops_its_work(translator, tiny_model_dir, monkeypatch):
-    # The model does not go on for nobody: a disconnect cancels the request's job after the step under way.
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_client_that_leaves_drops_its_work(translator, tiny_model_dir, monkeypatch, pipelined):
+    # The model does not go on for nobody: a disconnect cancels the request's job after the step under way. With a
+    # request pipelined behind it, uvicorn told only that one, and the first went on to the end, counted as 200.
     calls = []
     real = translator.score_group
 
@@ -884,11 +887,12 @@ def test_a_client_that_leaves_drops_its_work(translator, tiny_model_dir, monkeyp
     monkeypatch.setattr(translator, "score_group", slow)
     app = create_app(Settings(model_dir=tiny_model_dir, max_batch_tokens=8), translator)
     body = json.dumps({"source": "a b c", "candidates": ["c b a"] * 40}).encode()
-    with serve_in_thread(app) as url:
+    with serve_in_thread(app, http=HeaderDeadlineProtocol) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             conn.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                         + (b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n" if pipelined else b""))
             time.sleep(0.5)
         time.sleep(1.0)
         ran = len(calls)
