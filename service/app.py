@@ -147,7 +147,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
                          docs_url=DOCS, redoc_url=REDOC,
                          description="Neural machine translation with RNNsearch (Bahdanau attention). "
                                      "Errors are JSON: `{\"error\": {\"code\", \"message\", \"fields\"}}`.")
-    app.state.worker, app.state.settings = worker, settings
+    app.state.worker, app.state.settings, app.state.metrics = worker, settings, metrics
     app.router.route_class = StrictJSONRoute  # for the routes below
     install_error_handlers(app)
     # The last added is the outermost: keys and rate limits are checked before the body limit reads the body.

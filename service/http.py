@@ -224,7 +224,6 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if not self._begun:
             self.transport.close()
             return
-        self._log_timeout()
         self._answer(408, b"Request Timeout", f"the request headers did not all arrive within {header_timeout_s():g} s")
 
     def _refuse_large_headers(self) -> None:
@@ -257,6 +256,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if self._answers_due():
             self._deferred = status, reason, message
             return
+        self._count(status, message)
         # No request reached the app, to take an id from: the answer gets a new one (its log line has none).
         response = error_response(status, message, headers={"connection": "close",
                                                             request_id.HEADER: request_id.id_for(None)})
@@ -267,12 +267,18 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def _client_name(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client"
 
-    def _log_timeout(self) -> None:
+    def _count(self, status: int, message: str) -> None:
+        """An answer made here, before any route: in the app's metrics (route "unparsed") and in a log line at most
+        every LOG_EVERY_S, with a count (slowloris or oversized headers were seen in neither)."""
+        app = self.app
+        while app is not None and getattr(getattr(app, "state", None), "metrics", None) is None:
+            app = getattr(app, "app", None)  # past uvicorn's own middleware (proxy headers, message logger)
+        if app is not None:
+            app.state.metrics.requests.labels("unparsed", "other", str(status)).inc()
         cls = HeaderDeadlineProtocol
         cls._unlogged += 1
         now = time.monotonic()
         if now - cls._last_log >= LOG_EVERY_S:
-            log.warning("%d connection(s) closed with 408: request headers not complete within %g s (the last from "
-                        "%s)", cls._unlogged, header_timeout_s(),
-                        self._client_name())
+            log.warning("%d request(s) refused before reaching the app, their connections closed (the last: %d from "
+                        "%s: %s)", cls._unlogged, status, self._client_name(), message)
             cls._last_log, cls._unlogged = now, 0

@@ -368,6 +368,10 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
             assert [m.group() for m in re.finditer(rb"HTTP/1\.1 \d+", answer)] == \
                 [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 " + status], answer
             assert answer.endswith(b'"fields":[]}}'), answer
+        # Counted: slowloris or oversized headers were not seen in /metrics.
+        metrics = httpx.get(f"{url}/metrics").text
+        for status in (400, 408, 431):
+            assert f'nmt_http_requests_total{{method="other",route="unparsed",status="{status}"}}' in metrics
 
 
 @pytest.mark.parametrize("failure", ["import", "factory"])
