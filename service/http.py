@@ -128,6 +128,15 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
                 cycle.message_event.set()
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        """A graceful shutdown: uvicorn closes a connection with no request under way, which dropped one whose
+        headers were still arriving without a word; that one is answered 503 instead."""
+        if self._begun and not self._too_large and not self._answers_due():
+            self._disarm()
+            self._answer(503, b"Service Unavailable", "the service is shutting down; retry shortly")
+            return
+        super().shutdown()
+
     def pause_writing(self) -> None:
         """The unsent bytes passed the high-water mark: the client has that long to read enough of them."""
         super().pause_writing()

@@ -259,9 +259,11 @@ def test_each_worker_process_logs_what_it_serves_and_sigterm_refuses_new_connect
         # SIGTERM while a request is in flight (its body still coming): it is answered, and new connections are
         # refused meanwhile. uvicorn's supervisor kept the socket listening: they were taken, left waiting until
         # the workers had stopped, then reset.
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow, \
+                socket.create_connection(("127.0.0.1", port), timeout=30) as heading:
             slow.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 15\r\n\r\n{\"text\"")
+            heading.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\n")  # its headers not all there yet
             time.sleep(0.5)
             proc.terminate()
             time.sleep(2.0)  # the supervisor looks at its signals every 0.5 s
@@ -270,6 +272,8 @@ def test_each_worker_process_logs_what_it_serves_and_sigterm_refuses_new_connect
                 socket.create_connection(("127.0.0.1", port), timeout=5).close()
             slow.sendall(b': "a b"}')
             assert slow.recv(4096).startswith(b"HTTP/1.1 200 ")
+            # It was closed without an answer.
+            assert heading.recv(4096).startswith(b"HTTP/1.1 503 ")
         assert proc.wait(30) == 0
     finally:
         proc.terminate()
