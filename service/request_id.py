@@ -37,16 +37,24 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         rid = id_for(Headers(scope=scope).get(HEADER))
+        answered = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal answered
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])  # optional in ASGI
                 MutableHeaders(scope=message)[HEADER] = rid
             await send(message)
+            answered = answered or message["type"] == "http.response.body" and not message.get("more_body")
 
         token = current.set(rid)
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # ServerErrorMiddleware raises again once its 500 (logged with the id) has gone out: uvicorn then logged
+            # a second traceback, without the id, and closed the client's keep-alive connection.
+            if not answered:
+                raise
         finally:
             current.reset(token)
 

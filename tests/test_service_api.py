@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import re
 import socket
 import threading
@@ -770,6 +771,22 @@ def test_unexpected_errors_are_a_json_500_and_the_service_goes_on(make_client, t
     assert error_of(post(client, {"text": "a"}), 500)["code"] == "internal_error"
     monkeypatch.undo()
     assert post(client, {"text": "a b"}).json()["translations"][0]["text"] == "b a"
+
+
+def test_an_unexpected_500_is_logged_once_and_keeps_the_connection(translator, tiny_model_dir, monkeypatch, caplog):
+    # uvicorn logged a second traceback (without the request id) and closed the keep-alive connection.
+    app = create_app(Settings(model_dir=tiny_model_dir), translator)
+    monkeypatch.setattr(app.state.worker, "defaults", lambda: 1 / 0)
+    request = (b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 13\r\n\r\n{\"text\": \"a\"}")
+    with serve_in_thread(app, http=HeaderDeadlineProtocol) as url, caplog.at_level(logging.ERROR):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(request)
+            assert conn.recv(65536).startswith(b"HTTP/1.1 500 ")
+            conn.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert caplog.text.count("ZeroDivisionError") == 1 and "Exception in ASGI application" not in caplog.text
 
 
 def test_a_body_that_does_not_arrive_in_time_is_408(translator, tiny_model_dir):
