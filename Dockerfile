@@ -27,10 +27,11 @@ ENTRYPOINT ["/usr/bin/tini", "--"]
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY nmt/ nmt/
 COPY service/ service/
-RUN pip install . && rm -rf build ./*.egg-info
+# The dependencies' versions the tests passed with, not whatever PyPI has newest on the day of the build.
+RUN pip install -c constraints.txt . && rm -rf build ./*.egg-info
 COPY configs/ configs/
 # COPY keeps the checkout's file modes: readable by uid 1000 even from a checkout made under umask 077.
 RUN chmod -R a+rX /app

@@ -159,11 +159,37 @@ def test_dockerfile_pins_cpu_torch_before_the_project() -> None:
     assert instructions[0] == ("FROM", "python:3.11-slim-bookworm AS base")
     runs = [(i, args) for i, (keyword, args) in enumerate(instructions) if keyword == "RUN"]
     torch = [i for i, args in runs if "pip install torch==2.13.0 " in args + " "]
-    project = [i for i, args in runs if "pip install . " in args + " "]
+    project = [i for i, args in runs if "pip install -c constraints.txt . " in args + " "]
     assert len(torch) == 1 and len(project) == 1, runs
     assert torch[0] < project[0], "torch must be installed before the project (else pip pulls the CUDA build)"
     assert "--index-url https://download.pytorch.org/whl/cpu" in instructions[torch[0]][1]
 
+
+
+def test_the_image_installs_the_pinned_versions_and_they_meet_pyproject() -> None:
+    # The image took whatever PyPI had newest on the day: a uvicorn whose internals service/server.py uses, untested.
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    runs = [args for keyword, args in dockerfile_instructions() if keyword == "RUN" and "pip install " in args]
+    assert [args for args in runs if "pip install -c constraints.txt . " in args + " "], runs
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and " " not in line, f"not a pin: {line!r}"
+            pins[canonical(name)] = version
+    runtime = [Requirement(r) for r in requires("rnnsearch") or () if "extra ==" not in r]
+    assert len(runtime) > 10
+    for requirement in runtime:
+        if canonical(requirement.name) != "torch":  # pinned on its own: the CPU build
+            version = pins.get(canonical(requirement.name))
+            assert version and requirement.specifier.contains(version, prereleases=True), (requirement, version)
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @pytest.mark.skipif(not shutil.which("make"), reason="needs make")
