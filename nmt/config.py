@@ -34,7 +34,7 @@ class TokenizerConfig:
     vocab_size: int = 8000  # per language (or shared when joint)
     joint: bool = False  # one vocabulary for source and target
     character_coverage: float = 1.0  # share of the characters the vocabulary covers (0.98-1); rarer ones: <unk>
-    sample_alpha: float = 0.0  # subword regularization during training (unigram only); 0 = off
+    sample_alpha: float = 0.0  # subword regularization during training (unigram: smoothing; bpe: dropout rate); 0 = off
     input_sentence_size: int = 2_000_000  # sentences SentencePiece samples to train on; 0 = all (else over 100)
 
 
@@ -77,7 +77,8 @@ class TrainConfig:
     valid_every: int = 1000  # updates between validations; 0 = once per epoch
     valid_bleu: bool = True  # greedy-decode dev for BLEU at each validation
     valid_max_sentences: int = 0  # cap on dev sentences decoded for BLEU; 0 = all
-    early_stop_patience: int = 8  # stop at this many validations in a row without dev-BLEU improvement; 0 = off
+    # stop at this many validations in a row without dev-BLEU improvement (dev loss without valid_bleu); 0 = off
+    early_stop_patience: int = 8
     log_every: int = 50  # updates between metric lines
     accum_steps: int = 1  # batches whose gradients are summed before one update
     keep_checkpoints: int = 0  # weights saved at the last N validations, for `nmt export --average`; 0 = none

@@ -328,7 +328,12 @@ class Trainer:
                            f"data.max_len={cfg.data.max_len} pieces")
         log.info("train pairs: %d (%d dropped: empty or over %d pieces)", len(src_ids), dropped, cfg.data.max_len)
         self.data = ParallelData(src_ids, tgt_ids, tc.batch_tokens, tc.max_sentences, tc.bucket_width)
-        dev_s, dev_t, _ = encode_pairs(self.src_tok, self.tgt_tok, self.dev_src, self.dev_tgt, 10**9)
+        dev_s, dev_t, dev_empty = encode_pairs(self.src_tok, self.tgt_tok, self.dev_src, self.dev_tgt, 10**9)
+        if not dev_s:  # dev loss would divide by no tokens, at the first validation
+            raise NMTError(f"the dev split in {data_dir} has no pair with text on both sides: dev loss needs some")
+        if dev_empty:
+            log.warning("%d of %d dev pairs are empty on one side: dev loss leaves them out, dev BLEU scores them",
+                        dev_empty, len(self.dev_src))
         self.dev_data = ParallelData(dev_s, dev_t, tc.batch_tokens, tc.max_sentences, tc.bucket_width)
         self.model = Seq2Seq(cfg.model, len(self.src_tok), len(self.tgt_tok)).to(self.device)
         if cfg.decode.packed_matmuls:  # validation decodes like an exported model; training keeps torch's layers
@@ -337,8 +342,10 @@ class Trainer:
         self.bleu = BLEU(tokenize=default_tokenizer(cfg.data.tgt_lang))  # as `nmt evaluate` scores the language
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
                                           weight_decay=tc.weight_decay)
+        # threshold 0: any lower dev loss is an improvement, as for early stopping and best.pt (torch's default
+        # counted one of less than 1e-4 as none, and decayed the rate at a validation that improved).
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=tc.lr_decay, patience=tc.lr_patience, min_lr=tc.min_lr)
+            self.optimizer, mode="min", factor=tc.lr_decay, patience=tc.lr_patience, min_lr=tc.min_lr, threshold=0.0)
         self.pos = Position()
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -442,21 +449,26 @@ class Trainer:
             self.pos.batch = self.pos.batch * world // self.ranks.world
             log.warning("the run was trained on %d processes and resumes on %d: it continues from about the same "
                         "place in the epoch, but not bit for bit", world, self.ranks.world)
-        self._refit_position(saved)
+        self._refit_position(saved_config)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last_path, self.pos.step,
                  self.pos.epoch_number, self.pos.batch)
 
-    def _refit_position(self, saved: dict[str, Any]) -> None:
-        """With other batching settings than the checkpoint's, the epoch's batches are not those its position
-        counts (a larger train.batch_tokens: batch 25 of a 32-batch epoch lay past the end of an 8-batch one, and
-        the rest of the epoch was skipped): go on from the same fraction of the epoch instead, with a warning."""
-        tc = self.cfg.train
+    def _refit_position(self, saved_config: dict[str, Any]) -> None:
+        """With other batching settings (or another data.max_len) than the checkpoint's, the epoch's batches are not
+        those its position counts (a larger train.batch_tokens: batch 25 of a 32-batch epoch lay past the end of an
+        8-batch one, and the rest of the epoch was skipped): go on from the same fraction of the epoch instead, with
+        a warning."""
+        tc, saved = self.cfg.train, saved_config.get("train", {})
         old = {k: saved.get(k, getattr(tc, k)) for k in ("batch_tokens", "max_sentences", "bucket_width", "seed")}
+        old_max_len = saved_config.get("data", {}).get("max_len", self.cfg.data.max_len)
         changed = [f"train.{k}" for k, value in old.items() if value != getattr(tc, k)]
+        changed += ["data.max_len"] if old_max_len != self.cfg.data.max_len else []
         if not changed or not self.pos.batch:
             return
-        then = ParallelData(self.data.src, self.data.tgt, old["batch_tokens"], old["max_sentences"],
-                            old["bucket_width"])
+        src, tgt = self.data.src, self.data.tgt
+        if old_max_len != self.cfg.data.max_len:  # the pairs the position counted
+            src, tgt, _ = encode_pairs(self.src_tok, self.tgt_tok, *self.train_text, old_max_len)
+        then = ParallelData(src, tgt, old["batch_tokens"], old["max_sentences"], old["bucket_width"])
         before = len(then.epoch_batches(old["seed"], self.pos.epoch, self.ranks.rank, self.ranks.world))
         now = len(self.data.epoch_batches(tc.seed, self.pos.epoch, self.ranks.rank, self.ranks.world))
         batch = min(now, self.pos.batch * now // max(before, 1))
@@ -466,8 +478,13 @@ class Trainer:
                     self.pos.epoch_number)
 
     def _apply_schedule_changes(self, saved: dict[str, Any]) -> None:
-        """On --resume, train.lr and the decay settings of the config win over those saved in the checkpoint."""
+        """On --resume, train.lr, the optimizer's and the decay settings of the config win over those saved in the
+        checkpoint (whose optimizer state brought back its betas and weight decay, while the new ones were logged
+        and saved as if they applied)."""
         tc = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["betas"], group["weight_decay"] = tuple(tc.adam_betas), tc.weight_decay
+        self.scheduler.threshold = 0.0  # as set up: checkpoints from before kept torch's 1e-4
         if saved.get("lr", tc.lr) != tc.lr:
             was = self.optimizer.param_groups[0]["lr"]
             for group in self.optimizer.param_groups:
@@ -577,9 +594,9 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         tc = self.cfg.train
-        per_epoch = len(self.data.epoch_batches(tc.seed, 0, self.ranks.rank, self.ranks.world)) // tc.accum_steps
+        per_epoch = -(-len(self.data.epoch_batches(tc.seed, 0, self.ranks.rank, self.ranks.world)) // tc.accum_steps)
         if per_epoch == 0:
-            raise NMTError("the training data gives fewer batches than train.accum_steps x ranks")
+            raise NMTError("the training data gives fewer batches than there are ranks")
         total = tc.max_steps or per_epoch * tc.epochs
         reason = "finished"
         if tc.max_steps and self.pos.step >= tc.max_steps:  # a resumed run that had reached it: not one more update
@@ -634,11 +651,11 @@ class Trainer:
                 with self._abandonable(stop, "resegmentation of the training text"):  # seconds on a large corpus
                     self._resample(self.pos.epoch)
             batches = self.data.epoch_batches(tc.seed, self.pos.epoch, self.ranks.rank, self.ranks.world)
-            usable = len(batches) - len(batches) % tc.accum_steps
-            while self.pos.batch < usable:
+            while self.pos.batch < len(batches):
+                # The epoch's last update may sum fewer batches (its loss is per token): they were left out.
                 group = batches[self.pos.batch: self.pos.batch + tc.accum_steps]
                 loss, nll, ntok = self.update(group)
-                self.pos.batch += tc.accum_steps
+                self.pos.batch += len(group)
                 self.pos.step += 1
                 window = [window[0] + loss, window[1] + nll, window[2] + ntok]
                 now = time.monotonic()
@@ -648,9 +665,12 @@ class Trainer:
                     self._log_train(self.ranks.sums(window), now - window_start, echo=not progress.enabled)
                     window, window_start = [0.0, 0.0, 0.0], now
                 reason = "finished"
-                if tc.valid_every and self.pos.step % tc.valid_every == 0 and self._validate_and_save(stop):
-                    reason = "early stopping"
-                elif tc.max_steps and self.pos.step >= tc.max_steps:
+                if tc.valid_every and self.pos.step % tc.valid_every == 0:
+                    started = time.monotonic()
+                    if self._validate_and_save(stop):
+                        reason = "early stopping"
+                    window_start += time.monotonic() - started  # tokens/s of training: without the validation's
+                if reason == "finished" and tc.max_steps and self.pos.step >= tc.max_steps:
                     reason = "max steps"
                 if self.ranks.any(stop.requested):
                     reason = "interrupted"

@@ -949,6 +949,85 @@ def test_resume_with_other_batching_goes_on_from_the_same_place_in_the_epoch(
     assert torch.load(run_dir / "last.pt", weights_only=False)["position"]["epoch"] == 0  # not the next epoch
 
 
+def test_resume_with_another_max_len_goes_on_from_the_same_place_in_the_epoch(
+        corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # data.max_len changes which pairs train, so the epoch's batches too: the rest of the epoch was skipped.
+    run_dir = tmp_path / "run"
+    train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.batch_tokens=100", "train.max_steps=12"))
+    with caplog.at_level(logging.INFO):
+        train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.batch_tokens=100", "train.max_steps=13",
+                          "data.max_len=6"), resume=True)
+    assert "resumes with other batching settings (data.max_len)" in caplog.text
+    assert torch.load(run_dir / "last.pt", weights_only=False)["position"]["epoch"] == 0  # not the next epoch
+
+
+def test_resumed_optimizer_and_plateau_settings_are_the_configs(reference_run: Path, corpus: Path,
+                                                                tmp_path: Path) -> None:
+    # Adam's betas and weight decay came back from the checkpoint while the new ones were logged and saved as used;
+    # and a dev loss lower by less than 1e-4 was no improvement to the learning-rate schedule (it decayed) while
+    # early stopping and best.pt counted it as one.
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    resumed = Trainer(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.weight_decay=0.1",
+                                  "train.adam_betas=[0.5, 0.6]"), resume=True)
+    try:
+        group = resumed.optimizer.param_groups[0]
+        assert (group["weight_decay"], group["betas"]) == (0.1, (0.5, 0.6))
+        assert resumed.scheduler.threshold == 0.0
+    finally:
+        resumed.close()
+
+
+def test_a_dev_split_without_pairs_to_measure_is_refused_and_empty_ones_are_said(
+        corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # All dev targets blank: the first validation divided by zero tokens (a traceback, the updates before it lost).
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    dev = (data / "dev.tgt").read_text(encoding="utf-8").splitlines()
+    (data / "dev.tgt").write_text(" \n" * len(dev), encoding="utf-8")
+    with pytest.raises(NMTError, match="the dev split in .* has no pair with text on both sides"):
+        Trainer(tiny_config(data, tmp_path / "run", *RESUME_SETTINGS))
+    (data / "dev.tgt").write_text("".join(line + "\n" for line in [" ", *dev[1:]]), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        Trainer(tiny_config(data, tmp_path / "run2", *RESUME_SETTINGS)).close()
+    assert f"1 of {len(dev)} dev pairs are empty on one side: dev loss leaves them out" in caplog.text
+
+
+def test_gradient_accumulation_trains_on_every_batch_of_the_epoch(corpus: Path, tmp_path: Path) -> None:
+    # The epoch's last len(batches) % accum_steps batches were left out, a different few each epoch.
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.accum_steps=4", "train.epochs=1", "train.max_steps=0",
+                      "train.valid_every=0")
+    trainer = Trainer(cfg)
+    try:
+        batches = len(trainer.data.epoch_batches(cfg.train.seed, 0))
+        seen = []
+        real = trainer.update
+        trainer.update = lambda group: seen.append(len(group)) or real(group)
+        trainer.run()
+    finally:
+        trainer.close()
+    assert batches % 4 and sum(seen) == batches and len(seen) == -(-batches // 4)
+
+
+def test_training_speed_leaves_the_validations_time_out(corpus: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first tokens/s after each validation counted the validation's time: a third of the speed, or less.
+    validate = Trainer.validate
+
+    def slow(self: Trainer) -> dict[str, float]:
+        time.sleep(1.0)  # hundreds of tiny updates' worth
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", slow)
+    run_dir = tmp_path / "run"
+    train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.max_steps=8"))  # validates at steps 4 and 8
+    speed = {r["step"]: r["tok_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "train"}
+    others = sorted(v for step, v in speed.items() if step != 5)
+    assert speed[5] > 0.2 * others[len(others) // 2], speed
+
+
 def test_resuming_a_run_that_trained_all_its_epochs_says_so(corpus: Path, tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     # It printed nothing of the kind (the max_steps case said "nothing to train").
