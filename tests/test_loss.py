@@ -30,6 +30,16 @@ def test_drawing_every_other_piece_gives_the_exact_loss(smoothing: float) -> Non
     assert torch.allclose(loss, exact) and torch.allclose(nll, exact_nll)
 
 
+def test_label_smoothing_mixes_the_nll_with_the_mean_over_the_vocabulary() -> None:
+    # (1 - e) NLL + e * mean over the whole vocabulary of -log p, per row (a uniform prior over the pieces).
+    out, readout, targets = layer_and_batch()
+    logprobs = torch.log_softmax(out(readout), -1)
+    nll = -logprobs.gather(1, targets[:, None]).sum()
+    expected = 0.9 * nll + 0.1 * (-logprobs).mean(dim=1).sum()
+    loss, _ = output_loss(readout, out, targets, 0.1)
+    assert torch.allclose(loss, expected)
+
+
 def test_the_sampled_normalizer_is_unbiased() -> None:
     # One row: exp(NLL) = Z / exp(z_target), so the mean of exp(sampled NLL) over draws must match the exact one.
     # Without the log(others / K) correction it would be about 4x too small here.

@@ -15,6 +15,16 @@ def test_a_client_gets_its_burst_then_waits_for_refills():
     assert limiter.acquire("a") == 0.0 and limiter.acquire("a") == 30.0
 
 
+def test_an_idle_client_gets_its_burst_and_no_more_and_waits_only_for_what_is_missing():
+    now = [0.0]
+    limiter = RateLimiter(2, 60.0, clock=lambda: now[0])
+    assert limiter.acquire("a") == 0.0
+    now[0] = 3600.0  # an hour idle refills to two tokens, not 120
+    assert [limiter.acquire("a") for _ in range(3)] == [0.0, 0.0, 30.0]
+    now[0] += 15.0  # half a token back: the wait is the other half
+    assert limiter.acquire("a") == 15.0
+
+
 def test_memory_and_eviction_work_stay_bounded_when_every_client_is_refilling(monkeypatch):
     # Over max_clients clients still refilling (as many addresses as one IPv6 network holds) made every request
     # rebuild the whole table, and the table grew without bound.

@@ -100,6 +100,9 @@ def test_length_penalty_prefers_longer_outputs_as_alpha_grows():
     best = decode_toy(model, beam_size=4, alpha=1.0)[0]
     assert best.tokens == [B, C]
     assert best.score == pytest.approx(math.log(0.495) / length_penalty(3, 1.0), abs=1e-4)
+    # GNMT's ((5 + |Y|) / 6) ** alpha, by hand: the checks above hold for other shapes of penalty too.
+    assert (length_penalty(3, 1.0), length_penalty(7, 0.5), length_penalty(9, 0.0)) == pytest.approx(
+        (8 / 6, 2 ** 0.5, 1.0))
 
 
 def test_n_best_is_sorted_and_distinct():

@@ -566,6 +566,10 @@ def test_api_keys(make_client):
     error_of(post(client, {"text": 5}), 401)  # authentication comes before validation
     assert post(client, {"text": "a"}, headers={"X-API-Key": "k2"}).status_code == 200
     assert post(client, {"text": "a"}, headers={"Authorization": "Bearer k1"}).status_code == 200
+    # The whole key, and the Bearer scheme only.
+    for headers in ({"X-API-Key": "k1x"}, {"X-API-Key": "k"}, {"Authorization": "Basic k1"},
+                    {"Authorization": "Token k1"}):
+        error_of(post(client, {"text": "a"}, headers=headers), 401)
     assert client.get("/v1/health").status_code == 200 and client.get("/v1/models").status_code == 200
 
 
