@@ -208,6 +208,21 @@ def test_unknown_output_is_replaced_by_the_most_attended_source_piece(translator
     assert translator.translate(["a b ü"])[0].text == "b ü a"
     assert asked == [False, True]  # decoded again with attention only because an <unk> came out
     assert translator.translate(["a b cü"])[0].text == "b c a"  # pieces ▁a ▁b ▁c ü: piece 2 is ▁c
+    # An <unk> looking mostly at the source's end of sentence copies the most attended real piece (no IndexError).
+    ends = []
+
+    def at_the_end(model, ids, batch_tokens, device, return_attention=False, **kwargs):
+        hyps = fake_search(model, ids, batch_tokens, device, return_attention, **kwargs)
+        for sentence, (hyp,) in zip(ids, hyps, strict=True):
+            if hyp.attention is not None:
+                hyp.attention[1] = 0.0
+                hyp.attention[1, len(sentence)], hyp.attention[1, 1] = 0.9, 0.1
+                ends.append(len(sentence))
+        return hyps
+
+    monkeypatch.setattr(nmt.translator, "search_ids", at_the_end)
+    assert translator.translate(["a b ü"])[0].text == "b b a" and ends
+    monkeypatch.setattr(nmt.translator, "search_ids", fake_search)
     # SentencePiece writes <unk> as " ⁇ ", spaces around: one space each side of a word, none at the ends.
     assert translator.translate(["a b ü"], replace_unk=False)[0].text == "b \u2047 a"
     assert translator.tgt_tok.decode([UNK, tok("▁a"), UNK, UNK]) == "\u2047 a \u2047 \u2047"
