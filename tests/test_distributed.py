@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -180,6 +182,21 @@ def rank_of(pid: int) -> int | None:
     except OSError:
         return None
     return next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+
+
+def test_a_two_rank_run_resumed_in_one_process_goes_on_from_the_same_place(
+        data: Path, two_rank_run: tuple[Path, list[dict]], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_rank_run[0], run_dir)
+    saved = load_checkpoint(run_dir / "last.pt")["position"]
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(config(data, run_dir, f"train.max_steps={TOTAL_STEPS + 1}"), resume=True)
+    try:
+        # Batch i of each rank's shard is batch 2i of the whole epoch: one process goes on from there.
+        assert trainer.pos.batch == saved["batch"] * 2 and saved["batch"] > 0
+    finally:
+        trainer.close()
+    assert "trained on 2 processes and resumes on 1" in caplog.text
 
 
 def test_a_signal_to_rank_0_in_validation_leaves_it_for_the_resumed_run(
