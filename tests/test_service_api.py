@@ -246,6 +246,8 @@ def test_concurrent_requests_share_decoding_steps_without_changing_answers(clien
             if metric(client, "nmt_queue_depth") == len(texts):
                 break
             time.sleep(0.01)
+        else:
+            raise AssertionError("the requests did not all queue within 10 s")
         gate.open.set()
         assert blocker.result().status_code == 200
         got = [f.result().json()["translations"][0]["text"] for f in futures]
@@ -714,6 +716,8 @@ def test_full_queue_is_503_with_retry_after(make_client, translator, monkeypatch
             if metric(client, "nmt_queue_depth") == 1:
                 break
             time.sleep(0.01)
+        else:
+            raise AssertionError("the request did not queue within 10 s")
         prepared = []  # a refused request is not tokenized first: up to 0.1 s of CPU each, under overload
         with monkeypatch.context() as patch:
             patch.setattr(translator, "prepare", lambda *args, **kwargs: prepared.append(args))
@@ -826,7 +830,7 @@ def test_one_deadline_covers_the_body_and_the_answer(translator, tiny_model_dir,
                 took = time.perf_counter() - start
         finally:
             gate.open.set()
-    assert answer.startswith("HTTP/1.1 504") and 0.9 < took < 1.5  # 1 s from the start, not 0.6 + 1
+    assert answer.startswith("HTTP/1.1 504") and 0.9 < took < 1.55  # 1 s from the start, not 0.6 + 1
 
 
 def test_score_calls_share_the_token_budget_shortest_first_and_stop_when_their_caller_leaves(translator,

@@ -157,8 +157,8 @@ def test_jobs_arriving_while_a_batch_runs_join_it_together_at_most_every_max_wai
     if max_wait_s:
         assert len({step for step, _ in joins}) == 1  # one round for the three
         # A batch holding 1 job of at most 4 waits a quarter of max_wait_s for others to join it (counted from the
-        # join's admission on the event loop, which the engine records a little later: 10 ms of slack).
-        assert max_wait_s / 4 - 0.01 <= joins[0][1] - started_at < max_wait_s / 2
+        # join's admission on the event loop, which the engine records a little later: 50 ms of slack).
+        assert max_wait_s / 4 - 0.05 <= joins[0][1] - started_at < max_wait_s / 2
     else:
         assert len({step for step, _ in joins}) == 3  # each at the step after it came
 
@@ -184,8 +184,8 @@ def test_the_join_interval_shrinks_with_the_batch(executor):
     (first, started_at), *_, (_, joined_at) = engine.joined
     assert first == 0 and len(engine.joined) == 5
     # One job of at most 4 left running: others may join 0.3 s after the last join, not the full batch's 1.2 s
-    # (10 ms of slack, as above).
-    assert 0.29 <= joined_at - started_at < 0.6
+    # (50 ms of slack, as above).
+    assert 0.25 <= joined_at - started_at < 0.6
 
 
 def test_the_request_budget_caps_the_running_batch_and_tokens_do_not(executor):

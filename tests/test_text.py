@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmt.text import split_sentences
@@ -42,6 +42,7 @@ def test_sentences_end_before_a_capital(line, sentences):
     assert "".join(parts) == line
 
 
+@settings(deadline=None)  # no timing: a loaded CI machine took past hypothesis's 200 ms
 @given(st.text(alphabet=st.sampled_from(list("aBb .!?¿¡«»\"()\n\t…\u200b")), max_size=60))
 def test_splitting_loses_nothing(line):
     parts = split_sentences(line)
