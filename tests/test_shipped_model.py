@@ -57,7 +57,6 @@ def test_the_card_reports_how_the_model_was_made(translator: Translator) -> None
     assert card["data"]["counts"] == {"train": 29533, "dev": 673, "test": 878}
 
 
-@pytest.mark.slow
 def test_test_bleu_is_at_least_25(translator: Translator, tmp_path: Path) -> None:
     data = ROOT / "data" / "bible"
     if not (data / "test.src").exists():
