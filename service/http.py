@@ -60,6 +60,14 @@ def send_timeout_s() -> float:
     return _setting("send_timeout_s")
 
 
+class RefusalLogFilter(logging.Filter):
+    """Drops uvicorn's own line for each malformed request ("Invalid HTTP request received."): a client could
+    write the log full with them; HeaderDeadlineProtocol counts them and logs one line a minute at most."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Invalid HTTP request received."
+
+
 class _Timer:
     """One delayed call on an event loop, started again or stopped as a connection's state changes."""
 

@@ -23,6 +23,7 @@ from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.translator import locate_model, read_model
 from service.app import create_app
+from service.http import RefusalLogFilter
 from service.request_id import RequestIdFilter
 from service.settings import Settings, env_file_variables, unknown_names
 
@@ -80,9 +81,10 @@ def _log_config() -> dict[str, Any]:
     config["formatters"]["default"].update(fmt=LOG_FORMAT + "%(request_id)s", use_colors=False)
     access = LOG_FORMAT.replace("%(message)s", '%(client_addr)s - "%(request_line)s" %(status_code)s%(request_id)s')
     config["formatters"]["access"].update(fmt=access, use_colors=False)
-    config["filters"] = {"request_id": {"()": RequestIdFilter}}
+    config["filters"] = {"request_id": {"()": RequestIdFilter}, "refusals": {"()": RefusalLogFilter}}
     for handler in config["handlers"].values():
         handler["filters"] = ["request_id"]
+    config["loggers"]["uvicorn.error"]["filters"] = ["refusals"]
     # The service's own lines (and nmt's) through the same handler, so that they name their request too; at the
     # level the command set (nmt --verbose).
     config["root"] = {"handlers": ["default"], "level": logging.getLevelName(logging.getLogger().level)}

@@ -290,7 +290,7 @@ def test_each_worker_process_logs_what_it_serves_and_sigterm_refuses_new_connect
 def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
     # uvicorn held such a connection open for as long as the client liked: enough of them (slowloris) used up the
     # process's file descriptors, and nobody else was served.
-    with serving(tiny_model_dir, header_timeout_s="0.5", max_header_bytes="2048") as (url, _):
+    with serving(tiny_model_dir, header_timeout_s="0.5", max_header_bytes="2048") as (url, proc):
         port = int(url.rsplit(":", 1)[1])
         # Nor was their size bounded: ten connections sending 80 MB of one header each doubled the process's memory.
         for parts in ([b"X-B: " + b"a" * 5000 + b"\r\n\r\n"], [b"X-B: " + b"a" * 600] * 4):
@@ -381,6 +381,11 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
         metrics = httpx.get(f"{url}/metrics").text
         for status in (400, 408, 431):
             assert f'nmt_http_requests_total{{method="other",route="unparsed",status="{status}"}}' in metrics
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0]
+    # One line for them all (a minute apart at most), not uvicorn's own line for each malformed request.
+    assert "Invalid HTTP request received" not in log
+    assert log.count("refused before reaching the app") == 1
 
 
 @pytest.mark.parametrize("failure", ["import", "factory"])
