@@ -711,33 +711,37 @@ class Trainer:
         improved = False
         if self.ranks.main:
             try:
-                # Every rank can stop here: the others learn of it from the position rank 0 sends them.
                 with stop.abandoning("validation"):
                     metrics = self.validate()
             except Abandoned:
-                self.pos.validation_due = True
-                self._broadcast_position()
-                raise
-            self.scheduler.step(metrics["dev_loss"])
-            key = metrics.get("dev_bleu", -metrics["dev_loss"])
-            best = self.pos.best_bleu if "dev_bleu" in metrics else -self.pos.best_loss
-            improved = key > best
-            if improved:
-                self.pos.bad_validations = 0
+                self.pos.validation_due = True  # the other ranks learn of it from the position sent below
             else:
-                self.pos.bad_validations += 1
-            self.pos.best_loss = min(self.pos.best_loss, metrics["dev_loss"])
-            if "dev_bleu" in metrics:
-                self.pos.best_bleu = max(self.pos.best_bleu, metrics["dev_bleu"])
-            self._log({"type": "valid", "step": self.pos.step, "epoch": self.pos.epoch_number, **metrics,
-                       "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()})
-            log.info("step %d: %s", self.pos.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            self.pos.last_valid_step, self.pos.validation_due = self.pos.step, False
+                improved = self._record_validation(metrics)
         self._broadcast_position()
         if self.pos.validation_due:  # rank 0 left it
             raise Abandoned
         self.save(best=improved, keep=True)
         return bool(tc.early_stop_patience) and self.pos.bad_validations >= tc.early_stop_patience
+
+    def _record_validation(self, metrics: dict[str, float]) -> bool:
+        """Rank 0: the learning-rate schedule, early stopping's count and the best scores take a validation's
+        metrics, which are logged; whether it improved on the best."""
+        self.scheduler.step(metrics["dev_loss"])
+        key = metrics.get("dev_bleu", -metrics["dev_loss"])
+        best = self.pos.best_bleu if "dev_bleu" in metrics else -self.pos.best_loss
+        improved = key > best
+        if improved:
+            self.pos.bad_validations = 0
+        else:
+            self.pos.bad_validations += 1
+        self.pos.best_loss = min(self.pos.best_loss, metrics["dev_loss"])
+        if "dev_bleu" in metrics:
+            self.pos.best_bleu = max(self.pos.best_bleu, metrics["dev_bleu"])
+        self._log({"type": "valid", "step": self.pos.step, "epoch": self.pos.epoch_number, **metrics,
+                   "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()})
+        log.info("step %d: %s", self.pos.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self.pos.last_valid_step, self.pos.validation_due = self.pos.step, False
+        return improved
 
     def _broadcast_position(self) -> None:
         """Rank 0 validates; the others take its learning rate and early-stopping state."""
