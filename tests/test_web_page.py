@@ -157,8 +157,9 @@ def test_the_form_is_checked_before_sending(browser, live_url):
 def test_what_cannot_be_sent_is_said_in_the_words_of_its_field(browser, live_url):
     browser.get(live_url)
     WebDriverWait(browser, 30).until(lambda d: "src → tgt" in d.find_element(By.ID, "model-info").text)
-    browser.execute_script("window.calls = 0; const real = window.fetch;"
-                           "window.fetch = (url, o) => { window.calls++; return real(url, o); };")
+    browser.execute_script("window.calls = 0; const real = window.fetch; window.fetch = (url, o) => {"
+                           "window.calls++; window.sentKey = ((o || {}).headers || {})['X-API-Key'];"
+                           "return real(url, o); };")
     source, key = browser.find_element(By.ID, "source"), browser.find_element(By.ID, "apikey")
     # Only invisible characters: an empty "translation" with "score n/a" came back.
     browser.execute_script("arguments[0].value = '\\u200b\\u0001 \\u200b'", source)
@@ -167,18 +168,23 @@ def test_what_cannot_be_sent_is_said_in_the_words_of_its_field(browser, live_url
     assert source.get_attribute("aria-describedby") == "count error"
     # A key with a non-breaking hyphen, as pasted text has: fetch refused it, said as "Could not reach the service".
     source.send_keys("a b")
-    key.send_keys("clé\u2011secrète")
+    key.send_keys("key\u2011secret")
     browser.find_element(By.ID, "translate").click()
-    assert browser.find_element(By.ID, "error").text.startswith(
-        "The API key holds a character a browser cannot send (U+2011)")
+    assert browser.find_element(By.ID, "error").text.startswith("The API key holds U+2011, which no key of this")
     assert key.get_attribute("aria-invalid") == "true" and source.get_attribute("aria-invalid") is None
     assert source.get_attribute("aria-describedby") == "count"
+    # Latin-1, which a browser sends but no key of the service's holds (NMT_API_KEYS: visible ASCII).
+    key.clear()
+    key.send_keys("clé")
+    browser.find_element(By.ID, "translate").click()
+    assert browser.find_element(By.ID, "error").text.startswith("The API key holds U+00E9")
     assert browser.execute_script("return window.calls") == 0
     key.clear()
-    key.send_keys("clé")  # Latin-1 goes
+    key.send_keys("  s3cret-key  ")  # the spaces a paste brings at the ends are not sent
     browser.find_element(By.ID, "translate").click()
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "translation").text == "b a")
     assert key.get_attribute("aria-invalid") is None
+    assert browser.execute_script("return window.sentKey") == "s3cret-key"
     browser.execute_script("sessionStorage.clear()")
 
 

@@ -38,7 +38,7 @@ async function errorMessage(response) {
     if (body && body.error && body.error.message) message = body.error.message;
   } catch (_) { /* not JSON: the status line says what there is */ }
   if (response.status === 401) {
-    return $("apikey").value ? "The API key was not accepted: check the “API key” field."
+    return apiKey() ? "The API key was not accepted: check the “API key” field."
       : "This service needs an API key: enter it in the “API key” field.";
   }
   if (response.status === 429) {
@@ -158,6 +158,9 @@ function countCharacters() {
   return count;
 }
 
+// The key as typed, without the spaces a paste may bring at its ends (no key has spaces).
+const apiKey = () => $("apikey").value.trim();
+
 // What is wrong with the form, in the words of its labels; null when it can be sent.
 function formProblem() {
   // Nothing to read: blank, or only control and invisible characters (zero-width spaces), which come back empty.
@@ -172,12 +175,13 @@ function formProblem() {
   if (wholeNumber("nbest", beam) === null) {
     return ["nbest", `Translations (n-best) must be a whole number from 1 to the beam size (${beam}).`];
   }
-  // A browser sends header values of Latin-1 characters only: fetch refused the rest before sending anything.
-  const unsendable = [...$("apikey").value].find((c) => c.codePointAt(0) > 0xff || /\p{Cc}/u.test(c));
-  if (unsendable) {
-    const code = unsendable.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
-    return ["apikey", `The API key holds a character a browser cannot send (U+${code}), as a pasted key may: ` +
-      "type it again in the “API key” field."];
+  // The service's keys are visible ASCII (NMT_API_KEYS): a key with anything else cannot match, and fetch
+  // refuses to send what is not Latin-1 at all.
+  const foreign = [...apiKey()].find((c) => c < "!" || c > "~");
+  if (foreign) {
+    const code = foreign.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    return ["apikey", `The API key holds U+${code}, which no key of this service has (keys are ASCII letters, ` +
+      "digits and punctuation), as a pasted key may: type it again in the “API key” field."];
   }
   return null;
 }
@@ -215,10 +219,10 @@ async function translate(event) {
     return_alignment: true,
   };
   const body = JSON.stringify(payload);
-  const sent = body + $("apikey").value; // a changed key is another request
+  const sent = body + apiKey(); // a changed key is another request
   if (inFlight && inFlight.body === sent) return; // the same request again (a second click): its answer is coming
   const headers = { "Content-Type": "application/json" };
-  if ($("apikey").value) headers["X-API-Key"] = $("apikey").value;
+  if (apiKey()) headers["X-API-Key"] = apiKey();
   // A new request replaces the one under way (the text or options changed): only the latest is shown.
   cancelInFlight();
   const request = { controller: new AbortController(), body: sent };
