@@ -388,9 +388,14 @@ def _export_corpus(data: Path | None, cfg: Config, state: dict[str, Any], ckpt: 
         missing = [name for name in TRAIN_FILES if not (data_dir / name).is_file()]
         if missing:
             raise NMTError(f"--data {data_dir}: no {' or '.join(missing)} (a corpus made by `nmt prepare`)")
-    if holds_other_pairs(data_dir, state.get("data_sha256")):
-        log.warning("%s holds other training pairs than %s was trained on (prepared again?): the card's data and "
-                    "the shortlist describe them all the same; name the run's corpus with --data", data_dir, ckpt)
+    if not holds_other_pairs(data_dir, state.get("data_sha256")):
+        return data_dir
+    if data is None:  # the run's data.dir, prepared again since: the card would say these pairs trained the model
+        raise NMTError(f"{data_dir} (the run's data.dir) holds other training pairs than {ckpt} was trained on "
+                       "(prepared again?): name the corpus it trained on with --data DIR, or the corpus to take the "
+                       "shortlist from")
+    log.warning("%s holds other training pairs than %s was trained on (prepared again?): the card's data and "
+                "the shortlist describe them all the same", data_dir, ckpt)
     return data_dir
 
 

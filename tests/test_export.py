@@ -180,6 +180,22 @@ def test_force_replaces_only_an_earlier_export(tiny_run, tmp_path, capsys):
     assert main(["export", str(tiny_run), str(tmp_path / "empty"), "--force"]) == 0
 
 
+def test_a_run_whose_corpus_was_prepared_again_is_not_exported_as_if_it_trained_on_it(tiny_run, tiny_data, tmp_path,
+                                                                                     capsys):
+    data, run = shutil.copytree(tiny_data, tmp_path / "data"), shutil.copytree(tiny_run, tmp_path / "run")
+    state = load_checkpoint(run / "best.pt")
+    state["config"]["data"]["dir"] = str(data)
+    save_checkpoint(run / "best.pt", state)
+    lines = (data / "train.tgt").read_text(encoding="utf-8").splitlines()
+    (data / "train.tgt").write_text("\n".join(["x y", *lines[1:]]) + "\n", encoding="utf-8")
+    assert main(["export", str(run), str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{data} (the run's data.dir) holds other training pairs than best.pt was trained on (prepared again?): "
+        "name the corpus it trained on with --data DIR, or the corpus to take the shortlist from")
+    assert not (tmp_path / "m").exists()
+    assert main(["export", str(run), str(tmp_path / "m"), "--data", str(tiny_data)]) == 0
+
+
 def test_the_card_names_the_corpus_files_without_their_paths(tiny_run, tiny_data, tmp_path, caplog):
     prepared = tmp_path / "prepared"
     prepare_files(prepared, tiny_data / "train.src", tiny_data / "train.tgt")  # holds out dev and test from them
