@@ -409,6 +409,7 @@ class Trainer:
         if last is not None and last != str(data_dir) and not (data_dir / "train.src").is_file():
             raise NMTError(f"cannot resume {self.run_dir}: no {data_dir}/train.src; the run last trained on data.dir "
                            f"{last!r}: {hint}")
+        self._check_resumed_languages(state.get("config", {}).get("data", {}))
         digest = train_pairs_sha256(data_dir)
         if digest is None or state.get("data_sha256", digest) == digest:
             return digest  # None: load_split says which file is missing
@@ -417,6 +418,23 @@ class Trainer:
                            "with (prepared again?): put back the corpus it began with, or train a new run")
         raise NMTError(f"cannot resume {self.run_dir}: {data_dir}/train.* are not the pairs it began with, last "
                        f"read from data.dir {last!r}: {hint}")
+
+    def _check_resumed_languages(self, saved: dict[str, Any]) -> None:
+        """A resumed run may be labelled with other languages (a corpus prepared again with the right ones), but
+        not scored otherwise: the target language chooses the dev BLEU tokenizer, and best.pt is picked by those
+        scores."""
+        data = self.cfg.data
+        before, now = (saved.get("src_lang"), saved.get("tgt_lang")), (data.src_lang, data.tgt_lang)
+        if None in before or before == now:
+            return
+        where = f"{data.dir}/{CORPUS_JSON} where it names them, else the config"
+        scoring = default_tokenizer(before[1]), default_tokenizer(now[1])
+        if scoring[0] != scoring[1]:
+            raise NMTError(f"cannot resume {self.run_dir}: it trained {before[0]} -> {before[1]}, now {now[0]} -> "
+                           f"{now[1]} ({where}), and dev BLEU would be tokenized otherwise ({scoring[1]} instead of "
+                           f"{scoring[0]}): prepare the corpus with the run's languages, or train a new run")
+        log.warning("%s trained %s -> %s and is labelled %s -> %s from now on (%s)", self.run_dir, *before, *now,
+                    where)
 
     def _restore(self, state: dict[str, Any]) -> None:
         check_trained_with(state, self.src_tok, self.tgt_tok, self.run_dir, self.last_path)

@@ -466,6 +466,26 @@ def test_resume_reads_the_pairs_the_run_began_with(corpus: Path, tmp_path: Path)
         resume(other)
 
 
+def test_a_resumed_run_keeps_how_it_scores_dev_bleu_but_may_be_relabelled(corpus: Path, tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, "train.max_steps=2", "data.src_lang=de",
+                      "data.tgt_lang=en"))
+    before = (run_dir / "last.pt").read_bytes()
+
+    def resume(src: str, tgt: str, steps: int) -> dict:
+        return train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={steps}",
+                                 f"data.src_lang={src}", f"data.tgt_lang={tgt}"), resume=True)
+
+    with pytest.raises(NMTError, match=re.escape("it trained de -> en, now de -> zh (") + ".*" + re.escape(
+            "dev BLEU would be tokenized otherwise (zh instead of 13a)")):
+        resume("de", "zh", 3)
+    assert (run_dir / "last.pt").read_bytes() == before
+    caplog.clear()
+    assert resume("nl", "en-GB", 3)["step"] == 3  # labels corrected: scored as before
+    assert f"{run_dir} trained de -> en and is labelled nl -> en-GB from now on" in caplog.text
+
+
 @pytest.mark.parametrize(("override", "key"), [("model.cell=gru", "model.cell"),
                                                ("model.dec_hidden=32", "model.dec_hidden"),
                                                ("tokenizer.vocab_size=50", "tokenizer.vocab_size")])
