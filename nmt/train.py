@@ -468,8 +468,8 @@ class Trainer:
             log.warning("the run was trained on %d processes and resumes on %d: it continues from about the same "
                         "place in the epoch, but not bit for bit", world, self.ranks.world)
         self._refit_position(saved_config)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last_path, self.pos.step,
-                 self.pos.epoch_number, self.pos.batch)
+        log.info("resumed from %s at step %d: next is epoch %d, batch %d", self.last_path, self.pos.step,
+                 self.pos.epoch + 1, self.pos.batch + 1)
 
     def _refit_position(self, saved_config: dict[str, Any]) -> None:
         """With other batching settings (or another data.max_len) than the checkpoint's, the epoch's batches are not

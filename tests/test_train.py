@@ -466,6 +466,21 @@ def test_resume_reads_the_pairs_the_run_began_with(corpus: Path, tmp_path: Path)
         resume(other)
 
 
+def test_a_resume_says_which_epoch_and_batch_come_next(corpus: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nmt.train")
+    run_dir = tmp_path / "run"
+    settings = [s for s in RESUME_SETTINGS if not s.startswith("train.epochs=")]
+    done = train(tiny_config(corpus, run_dir, *settings, "train.epochs=1"))
+    caplog.clear()
+    train(tiny_config(corpus, run_dir, *settings, "train.epochs=2", f"train.max_steps={done['step'] + 2}"),
+          resume=True)
+    assert f"resumed from {run_dir}/last.pt at step {done['step']}: next is epoch 2, batch 1" in caplog.text
+    caplog.clear()
+    train(tiny_config(corpus, run_dir, *settings, "train.epochs=2"), resume=True)
+    assert f"at step {done['step'] + 2}: next is epoch 2, batch 3" in caplog.text
+
+
 def test_a_resumed_run_keeps_how_it_scores_dev_bleu_but_may_be_relabelled(corpus: Path, tmp_path: Path,
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     run_dir = tmp_path / "run"
