@@ -115,6 +115,9 @@ def _decoded_lines(stream: Any, name: str, digest: Digest | None) -> list[str]:
             if lineno == 1 and raw.startswith(GZIP_MAGIC):
                 raise NMTError(f"{name} is gzip-compressed: name it *.gz to have it read as such, or gunzip it") \
                     from None
+            if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # the byte order mark of UTF-16
+                raise NMTError(f"{name} is UTF-16 (it begins with UTF-16's byte order mark): convert it to UTF-8, "
+                               "e.g. with iconv -f UTF-16 -t UTF-8") from None
             raise NMTError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
                            f"{exc.start + 1}); convert the file to UTF-8, e.g. with iconv") from None
         lines.append(line.removeprefix("\ufeff") if lineno == 1 else line)

@@ -192,3 +192,13 @@ def test_gzip_data_on_standard_input_is_decompressed(monkeypatch):
 
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BufferedReader(Trickle(gzip.compress(b"uno\n")))))
     assert read_lines("-") == ["uno"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_a_utf16_file_is_named_as_such(tmp_path, encoding):
+    # It was "invalid UTF-8 (byte 0xff at column 1)".
+    path = tmp_path / "src.txt"
+    bom = "\ufeff" if encoding.endswith("be") else ""  # Python's utf-16 writes one itself
+    path.write_bytes((bom + "uno\ndós\n").encode(encoding))
+    with pytest.raises(NMTError, match=f"{path} is UTF-16 \\(it begins with UTF-16's byte order mark\\): convert it"):
+        read_lines(path)
