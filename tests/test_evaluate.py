@@ -92,7 +92,7 @@ def test_cli_hyp_mode_errors(system, tmp_path, capsys, setup, message):
     elif setup == "missing_ref":
         ref_file = tmp_path / "nope.txt"
     else:
-        hyp_file.write_bytes(b"\xff\xfe bad\n")
+        hyp_file.write_bytes(b"ok \xfa bad\n")
     assert main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
