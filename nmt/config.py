@@ -128,7 +128,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "train.threads", "train.max_steps", "train.weight_decay", "train.clip_norm",
     "train.min_lr", "train.valid_every", "train.valid_max_sentences", "train.early_stop_patience",
-    "train.lr_patience", "train.keep_checkpoints", "train.sampled_softmax", "tokenizer.sample_alpha",
+    "train.lr_patience", "train.keep_checkpoints", "train.sampled_softmax", "tokenizer.sample_alpha", "train.seed",
     "decode.length_penalty", "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram",
     "decode.gate_table_mb", "decode.shortlist_frequent", "decode.shortlist_per_source",
     "tokenizer.input_sentence_size",
@@ -141,7 +141,8 @@ _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
 # stop yet (early in training) would run for hours.
 STORED_PER_SOURCE = 50  # target candidates a shortlist file keeps per source piece or word (nmt.shortlist)
 _AT_MOST = {"decode.length_penalty": MAX_LENGTH_PENALTY, "decode.max_len_a": 10, "decode.max_len_b": 1000,
-            "decode.shortlist_per_source": STORED_PER_SOURCE}
+            "decode.shortlist_per_source": STORED_PER_SOURCE,
+            "train.seed": 2**32 - 1}  # SentencePiece's sampling seed is an unsigned 32-bit number
 SENTENCEPIECE_MIN_SAMPLE = 101  # tokenizer.input_sentence_size: SentencePiece refuses 1 to 100
 MIN_CHARACTER_COVERAGE = 0.98  # tokenizer.character_coverage: SentencePiece refuses less
 SPECIAL_PIECES = 4  # every vocabulary's ids 0-3 (nmt.tokenizer: PAD, UNK, BOS, EOS)

@@ -335,7 +335,12 @@ class Trainer:
             log.warning("%d of %d dev pairs are empty on one side: dev loss leaves them out, dev BLEU scores them",
                         dev_empty, len(self.dev_src))
         self.dev_data = ParallelData(dev_s, dev_t, tc.batch_tokens, tc.max_sentences, tc.bucket_width)
-        self.model = Seq2Seq(cfg.model, len(self.src_tok), len(self.tgt_tok)).to(self.device)
+        try:
+            self.model = Seq2Seq(cfg.model, len(self.src_tok), len(self.tgt_tok)).to(self.device)
+        except (RuntimeError, MemoryError) as exc:  # sizes that no memory holds: torch refuses to allocate
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NMTError(f"cannot build the model that the config's model section describes on {self.device} "
+                           f"({reason}): choose smaller sizes") from None
         if cfg.decode.packed_matmuls:  # validation decodes like an exported model; training keeps torch's layers
             self.model.decoder.pack_weights()
         self.translator = Translator(self.model, cfg, self.src_tok, self.tgt_tok, self.device, self.run_dir)

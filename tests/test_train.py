@@ -550,6 +550,23 @@ def test_cli_train_error_exits_2(corpus: Path, reference_run: Path, capsys: pyte
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_a_model_too_large_for_memory_is_one_line(corpus: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # A traceback from torch.empty before ("you tried to allocate 8000000000000 bytes").
+    assert main(["train", str(TINY), "--set", f"data.dir={corpus}", "--set", f"train.run_dir={tmp_path / 'run'}",
+                 "--set", "model.emb_dim=1000000000000", "--set", "model.out_dim=1000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot build the model that the config's model section describes on cpu (" in err
+    assert err.rstrip().endswith("): choose smaller sizes") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("seed", ["-5", str(2**32)])
+def test_a_seed_that_sentencepiece_cannot_take_is_refused_by_the_config(seed: str) -> None:
+    with pytest.raises(NMTError, match="config key 'train.seed' must be"):
+        load_config(TINY, [f"train.seed={seed}"])
+    assert load_config(TINY, [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+
+
 @pytest.mark.parametrize("command", ["train", "tokenizer"])
 def test_cli_run_dir_that_cannot_be_made_is_one_line(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       command: str) -> None:
