@@ -23,8 +23,10 @@ from nmt.files import (
     GZIP_MAGIC,
     READ_ERRORS,
     gzip_named,
+    gzip_unnamed,
     is_special_file,
     make_dir,
+    not_utf8,
     probe_writable,
     read_failure,
     read_lines,
@@ -313,13 +315,12 @@ def _line_batches(stream: Any, size: int, name: str | None, wait: float = 0.05) 
                     try:
                         line = line.decode("utf-8")
                     except UnicodeDecodeError as exc:
-                        hint = ""
                         if number == 1 and line.startswith(GZIP_MAGIC):
-                            hint = ("; it is gzip-compressed: name the file *.gz, or gunzip it first" if name else
-                                    "; it is gzip-compressed: decompress it first (zcat FILE.gz | nmt translate ...), "
-                                    "or name the file with -i")
-                        lines.put(NMTError(f"input line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-                                           f"{hint}"))
+                            lines.put(gzip_unnamed(name) if name else NMTError(
+                                "standard input is gzip-compressed: decompress it first (zcat FILE.gz | nmt "
+                                "translate ...), or name the file with -i"))
+                        else:
+                            lines.put(not_utf8(name or "standard input", number, line, exc))
                         return
                 lines.put(line.removesuffix("\n").removesuffix("\r"))
         except READ_ERRORS as exc:  # said, not a reader thread that dies and leaves the translation waiting for ever
@@ -433,12 +434,15 @@ def _run_translate(args: argparse.Namespace) -> int:
     translator = _load_translator(args)
     options = {**_decode_options(args), "n_best": args.n_best}
     translator.translate([], **options)  # checks the options before any input is read
-    out = _open(args.output, "w", sys.stdout)
+    out = None  # opened at the first translations: input refused at its first lines leaves a file as it was
     progress = Progress(None, "lines")
     done = written = 0  # input lines whose translations are flushed, and handed to the file (flushed as it closes)
     try:
         for batch in _line_batches(source, 64, args.input):
-            for i, result in enumerate(translator.translate(batch, **options), start=done):
+            results = translator.translate(batch, **options)
+            if out is None:
+                out = _open(args.output, "w", sys.stdout)
+            for i, result in enumerate(results, start=done):
                 if args.n_best > 1:
                     alternatives = [(a.text, a.score) for a in result.alternatives] or [("", 0.0)]
                     text = "".join(f"{i} ||| {text} ||| {score:.4f}\n" for text, score in alternatives)
@@ -449,25 +453,26 @@ def _run_translate(args: argparse.Namespace) -> int:
             out.flush()
             done = written
             progress.update(done)
+        if out is None:  # no input line: an empty output
+            out = _open(args.output, "w", sys.stdout)
         if args.output:
             out.close()  # here, so that a failing last write is reported
     except KeyboardInterrupt:
-        said = f"nmt translate: interrupted{f'; {args.output} holds {_held(written)}' if args.output else ''}"
+        held = f"holds {_held(written)}" if out is not None else "was not written"
+        said = f"nmt translate: interrupted{f'; {args.output} {held}' if args.output else ''}"
         if args.input is None and _stdin_fd() >= 0:
             # The reader thread is blocked reading stdin, holding its buffer's lock, on which the interpreter's
             # shutdown would abort ("could not acquire lock"): finish here, without that shutdown.
             progress.close()
             with contextlib.suppress(OSError):
-                if args.output:
-                    out.close()
-                else:
-                    out.flush()
+                if out is not None:
+                    out.close() if args.output else out.flush()
             print(said, file=sys.stderr, flush=True)
             os._exit(130)
         print(said, file=sys.stderr)
         return 130
     except NMTError as exc:  # bad input further on: say what the output file holds, as it was overwritten
-        if not args.output:
+        if not args.output or out is None:
             raise
         raise NMTError(f"{exc}; {args.output} holds {_held(done)}") from None
     except BrokenPipeError:
@@ -477,7 +482,7 @@ def _run_translate(args: argparse.Namespace) -> int:
                        f"({exc.strerror or exc})") from None
     finally:
         progress.close()
-        if args.output:
+        if args.output and out is not None:
             with contextlib.suppress(OSError):
                 out.close()
     return 0

@@ -99,6 +99,20 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+def gzip_unnamed(name: str) -> NMTError:
+    """The error for a gzip-compressed file whose name does not end in .gz."""
+    return NMTError(f"{name} is gzip-compressed: name it *.gz to have it read as such, or gunzip it")
+
+
+def not_utf8(name: str, lineno: int, raw: bytes, exc: UnicodeDecodeError) -> NMTError:
+    """The error for a line of input that is not UTF-8, naming UTF-16 where the input begins as UTF-16 does."""
+    if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # the byte order mark of UTF-16
+        return NMTError(f"{name} is UTF-16 (it begins with UTF-16's byte order mark): convert it to UTF-8, e.g. "
+                        "with iconv -f UTF-16 -t UTF-8")
+    return NMTError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                    "convert it to UTF-8, e.g. with iconv")
+
+
 def _decoded_lines(stream: Any, name: str, digest: Digest | None) -> list[str]:
     lines = []
     newline = False  # the file holds a \n
@@ -113,13 +127,8 @@ def _decoded_lines(stream: Any, name: str, digest: Digest | None) -> list[str]:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             if lineno == 1 and raw.startswith(GZIP_MAGIC):
-                raise NMTError(f"{name} is gzip-compressed: name it *.gz to have it read as such, or gunzip it") \
-                    from None
-            if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # the byte order mark of UTF-16
-                raise NMTError(f"{name} is UTF-16 (it begins with UTF-16's byte order mark): convert it to UTF-8, "
-                               "e.g. with iconv -f UTF-16 -t UTF-8") from None
-            raise NMTError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
-                           f"{exc.start + 1}); convert the file to UTF-8, e.g. with iconv") from None
+                raise gzip_unnamed(name) from None
+            raise not_utf8(name, lineno, raw, exc) from None
         lines.append(line.removeprefix("\ufeff") if lineno == 1 else line)
     if not newline and "\r" in "".join(lines):  # lines that would be read as one: a sentence, or a count mismatch
         raise NMTError(f"{name} ends its lines with a bare carriage return (old Mac OS text): convert it to \\n line "

@@ -578,13 +578,26 @@ def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, t
     bad.write_bytes(b"a b\n\xff\xfe\n")
     assert main(["translate", str(tiny_model_dir), "-i", str(bad)]) == 2
     captured = capsys.readouterr()
-    assert "input line 2 is not valid UTF-8" in captured.err and captured.out == "b a\n"
+    assert f"{bad}:2: invalid UTF-8 (byte 0xff at column 1); convert it to UTF-8" in captured.err
+    assert captured.out == "b a\n"
     out = tmp_path / "new" / "dir" / "out.txt"  # directories made, as every command's outputs
     assert main(["translate", str(tiny_model_dir), "-i", str(bad), "-o", str(out)]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"input line 2 is not valid UTF-8 (invalid start byte at byte 0); {out} holds the translation of line "
-        "1")
+        f"{bad}:2: invalid UTF-8 (byte 0xff at column 1); convert it to UTF-8, e.g. with iconv; {out} holds the "
+        "translation of line 1")
     assert out.read_text(encoding="utf-8") == "b a\n"
+    # Refused at its first line, the input leaves an existing output file as it was: it was emptied before.
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("año\n".encode("latin-1"))
+    out.write_text("PRECIOUS\n", encoding="utf-8")
+    assert main(["translate", str(tiny_model_dir), "-i", str(latin1), "-o", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{latin1}:1: invalid UTF-8 (byte 0xf1 at column 2); convert it "
+                                                    "to UTF-8, e.g. with iconv")
+    assert out.read_text(encoding="utf-8") == "PRECIOUS\n"
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert main(["translate", str(tiny_model_dir), "-i", str(empty), "-o", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == ""  # no lines in, none out
 
 
 def test_cli_translate_says_what_the_output_holds_when_interrupted(tiny_model_dir, monkeypatch, capsys, tmp_path):
@@ -621,11 +634,13 @@ def test_cli_translate_reads_gzip_files(tiny_model_dir, monkeypatch, capsys, tmp
     assert gzip.decompress(upper.read_bytes()) == b"b a\ne d c\n"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(packed.read_bytes())))
     assert main(["translate", str(tiny_model_dir)]) == 2
-    assert "it is gzip-compressed: decompress it first (zcat FILE.gz | nmt translate ...)" in capsys.readouterr().err
+    assert "standard input is gzip-compressed: decompress it first (zcat FILE.gz | nmt translate ...)" in (
+        capsys.readouterr().err)
     unnamed = tmp_path / "s.txt"
     unnamed.write_bytes(packed.read_bytes())
     assert main(["translate", str(tiny_model_dir), "-i", str(unnamed)]) == 2
-    assert capsys.readouterr().err.strip().endswith("it is gzip-compressed: name the file *.gz, or gunzip it first")
+    assert capsys.readouterr().err.strip().endswith("is gzip-compressed: name it *.gz to have it read as such, or "
+                                                    "gunzip it")
     # A damaged one is said, not a reader thread that died and left the command waiting for ever.
     for damaged in (packed.read_bytes()[:-12], b"a b\n"):
         packed.write_bytes(damaged)
