@@ -257,7 +257,9 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortlist-per-source", type=int_from(0), metavar="K",
                    help=f"... and K per source piece and word, at most {STORED_PER_SOURCE} "
                         "(default: decode.shortlist_per_source)")
-    p.add_argument("--int8", action="store_true", help="int8 dynamic quantization for faster CPU inference")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 dynamic quantization for faster CPU inference (a translation then depends a little on "
+                        "the batch it is decoded in)")
     p.add_argument("--threads", type=int_from(1), help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 
@@ -288,12 +290,14 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "translate", help="translate text, one sentence (or paragraph) a line",
         description="Translate lines from FILE or stdin to FILE or stdout, streaming: each batch of lines is "
-                    "written as soon as it is translated. With --n-best N, each input line i (from 0) gives N "
-                    "lines `i ||| translation ||| score` (Moses n-best style; score = length-normalized "
-                    "log-probability, summed over the line's sentences), best first.")
+                    "written as soon as it is translated. With --n-best N, each input line i (counted from 0) gives "
+                    "up to N lines `i ||| translation ||| score`, best first: a Moses n-best list without its "
+                    "feature field; the translation without the spaces around it; score = log-probability over the "
+                    "model's shortlist, length-normalized, summed over the line's sentences. An empty line gives "
+                    "one empty translation of score 0.")
     p.add_argument("model", help="exported model directory, run directory or .pt checkpoint")
-    p.add_argument("-i", "--input", help="input file (default, or -: stdin)")
-    p.add_argument("-o", "--output", help="output file (default, or -: stdout)")
+    p.add_argument("-i", "--input", help="input file; without it, or with -, standard input")
+    p.add_argument("-o", "--output", help="output file; without it, or with -, standard output")
     p.add_argument("--n-best", type=int_from(1), default=1, help="distinct translations per line (default 1)")
     _add_decode_options(p)
     p.set_defaults(func=_run_translate)
@@ -445,7 +449,7 @@ def _run_translate(args: argparse.Namespace) -> int:
             for i, result in enumerate(results, start=done):
                 if args.n_best > 1:
                     alternatives = [(a.text, a.score) for a in result.alternatives] or [("", 0.0)]
-                    text = "".join(f"{i} ||| {text} ||| {score:.4f}\n" for text, score in alternatives)
+                    text = "".join(f"{i} ||| {text.strip()} ||| {score:.4f}\n" for text, score in alternatives)
                 else:
                     text = result.text.replace("\n", " ") + "\n"
                 out.write(text)  # one call a line, and counted: what the file holds at a Ctrl-C is said exactly
@@ -719,7 +723,10 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score", help="log-probability of given translations under the model (forced decoding)",
         description="For each line pair, prints `total<TAB>mean` log-probability of the translation (its </s> "
-                    "included); with --tokens a third column of `piece:logprob` items.")
+                    "included), each line as one sequence, over the whole target vocabulary (translate's scores "
+                    "are over the model's shortlist, length-normalized and summed over sentences, so the two "
+                    "differ); with --tokens a third column of `piece:logprob` items. - as --src or --hyp reads "
+                    "standard input.")
     p.add_argument("model", help="exported model directory, run directory or .pt checkpoint")
     p.add_argument("--src", required=True, help="source file")
     p.add_argument("--hyp", required=True, help="translations to score, line-parallel to --src")
