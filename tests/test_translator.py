@@ -685,6 +685,27 @@ def test_cli_score(tiny_model_dir, tmp_path, capsys):
     assert "standard input can be read once: --src and --hyp cannot both be -" in capsys.readouterr().err
 
 
+def test_cli_score_prints_as_it_goes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # It scored every pair before printing any: a Ctrl-C lost them all.
+    from nmt.cli import SCORE_PART
+
+    src, hyp = tmp_path / "s.txt", tmp_path / "h.txt"
+    src.write_text("a b c\n" * (SCORE_PART + 10), encoding="utf-8")
+    hyp.write_text("c b a\n" * (SCORE_PART + 10), encoding="utf-8")
+    real, calls = nmt.translator.Translator.score, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(len(args[0]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(nmt.translator.Translator, "score", interrupted)
+    assert main(["score", str(tiny_model_dir), "--src", str(src), "--hyp", str(hyp)]) == 130
+    lines = capsys.readouterr().out.splitlines()
+    assert calls == [SCORE_PART, 10] and len(lines) == SCORE_PART and len(set(lines)) == 1
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_results_that_cannot_be_written_are_a_one_line_error(tiny_model_dir, tiny_run, tiny_data, tmp_path):
     # Standard output on a full disk: score, evaluate, prepare and plot ended in a traceback with status 1.
