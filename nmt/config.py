@@ -262,6 +262,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """YAML 1.1's int, refusing the forms that read as other numbers than they show: 010 is 8 (octal) there and
+    1:30 is 90 (base 60)."""
+    text = node.value.replace("_", "")
+    if re.fullmatch(r"[-+]?0[0-9]+", text) or ":" in text:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.value!r} is no plain number (YAML 1.1 reads 010 as octal 8, 1:30 as 90): write it "
+                        "without leading zeros or colons, or quote it", node.start_mark)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _decimal_int)
+
+
 def _check_unique_keys(node: yaml.Node, checked: set[int]) -> None:
     if id(node) in checked:  # an alias of a node already checked
         return
