@@ -22,6 +22,7 @@ from nmt.errors import NMTError
 from nmt.files import (
     GZIP_MAGIC,
     READ_ERRORS,
+    bare_carriage_returns,
     gzip_named,
     gzip_unnamed,
     is_special_file,
@@ -328,7 +329,11 @@ def _line_batches(stream: Any, size: int, name: str | None, wait: float = 0.05) 
                         else:
                             lines.put(not_utf8(name or "standard input", number, line, exc))
                         return
-                lines.put(line.removesuffix("\n").removesuffix("\r"))
+                text = line.removesuffix("\n").removesuffix("\r")
+                if number == 1 and not line.endswith("\n") and "\r" in text:  # the whole input, of \r line ends
+                    lines.put(bare_carriage_returns(name or "standard input"))
+                    return
+                lines.put(text)
         except READ_ERRORS as exc:  # said, not a reader thread that dies and leaves the translation waiting for ever
             lines.put(read_failure(name or "standard input", bool(name and gzip_named(name)), exc))
             return

@@ -104,6 +104,12 @@ def gzip_unnamed(name: str) -> NMTError:
     return NMTError(f"{name} is gzip-compressed: name it *.gz to have it read as such, or gunzip it")
 
 
+def bare_carriage_returns(name: str) -> NMTError:
+    """The error for text whose lines end in a bare carriage return, which would be read as one line."""
+    return NMTError(f"{name} ends its lines with a bare carriage return (old Mac OS text): convert it to \\n line "
+                    "ends, e.g. with tr '\\r' '\\n'")
+
+
 def not_utf8(name: str, lineno: int, raw: bytes, exc: UnicodeDecodeError) -> NMTError:
     """The error for a line of input that is not UTF-8, naming UTF-16 where the input begins as UTF-16 does."""
     if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # the byte order mark of UTF-16
@@ -131,8 +137,7 @@ def _decoded_lines(stream: Any, name: str, digest: Digest | None) -> list[str]:
             raise not_utf8(name, lineno, raw, exc) from None
         lines.append(line.removeprefix("\ufeff") if lineno == 1 else line)
     if not newline and "\r" in "".join(lines):  # lines that would be read as one: a sentence, or a count mismatch
-        raise NMTError(f"{name} ends its lines with a bare carriage return (old Mac OS text): convert it to \\n line "
-                       "ends, e.g. with tr '\\r' '\\n'")
+        raise bare_carriage_returns(name)
     return lines
 
 

@@ -626,6 +626,20 @@ def test_cli_translate_says_what_the_output_holds_when_interrupted(tiny_model_di
     assert out.read_text(encoding="utf-8") == "b a\n" * done
 
 
+def test_cli_translate_refuses_old_mac_line_ends(tiny_model_dir, capsys, tmp_path):
+    # Read as one line with carriage returns inside, translated as one text.
+    mac, crlf = tmp_path / "mac.txt", tmp_path / "crlf.txt"
+    mac.write_bytes(b"a b\rc d e\r")
+    assert main(["translate", str(tiny_model_dir), "-i", str(mac)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().endswith(f"{mac} ends its lines with a bare carriage return (old Mac OS text): "
+                                         "convert it to \\n line ends, e.g. with tr '\\r' '\\n'")
+    assert captured.out == ""
+    crlf.write_bytes(b"a b\r\nc d e\r")  # Windows line ends, the last line without its \n
+    assert main(["translate", str(tiny_model_dir), "-i", str(crlf)]) == 0
+    assert capsys.readouterr().out == "b a\ne d c\n"
+
+
 def test_cli_translate_reads_gzip_files(tiny_model_dir, monkeypatch, capsys, tmp_path):
     # As evaluate, score and prepare do; it said "input line 1 is not valid UTF-8", and nothing of why.
     packed = tmp_path / "s.txt.gz"
