@@ -476,8 +476,10 @@ def _run_translate(args: argparse.Namespace) -> int:
             # shutdown would abort ("could not acquire lock"): finish here, without that shutdown.
             progress.close()
             with contextlib.suppress(OSError):
-                if out is not None:
-                    out.close() if args.output else out.flush()
+                if out is not None and args.output:
+                    out.close()
+                elif out is not None:
+                    out.flush()
             print(said, file=sys.stderr, flush=True)
             os._exit(130)
         print(said, file=sys.stderr)
