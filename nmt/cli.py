@@ -278,7 +278,7 @@ def _load_translator(args: argparse.Namespace) -> Translator:
 
     translator = Translator.load(args.model, device=args.device, threads=args.threads, int8=args.int8)
     if not getattr(args, "shortlist", True) and translator.shortlist is not None:
-        log.info("--no-shortlist: decoding over the whole target vocabulary")
+        log.info("--no-shortlist: the model's shortlist is not used; decoding over the whole target vocabulary")
     sizes = [flag for flag, value in (("--shortlist-frequent", getattr(args, "shortlist_frequent", None)),
                                       ("--shortlist-per-source", getattr(args, "shortlist_per_source", None)))
              if value is not None]
