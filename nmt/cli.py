@@ -445,7 +445,9 @@ def _run_translate(args: argparse.Namespace) -> int:
     translator = _load_translator(args)
     options = {**_decode_options(args), "n_best": args.n_best}
     translator.translate([], **options)  # checks the options before any input is read
-    out = None  # opened at the first translations: input refused at its first lines leaves a file as it was
+    if args.output:
+        probe_writable(Path(args.output))  # an unusable -o is said before anything is translated
+    out = None  # opened at the first translations: input refused at its first line leaves a file as it was
     progress = Progress(None, "lines")
     done = written = 0  # input lines whose translations are flushed, and handed to the file (flushed as it closes)
     try:
