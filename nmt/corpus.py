@@ -362,7 +362,8 @@ def train_pairs_sha256(data_dir: Path) -> str | None:
 
 def holds_other_pairs(data_dir: Path, trained_on: str | None) -> bool:
     """Whether a corpus's training pairs are known not to be those of digest `trained_on`: False when either is
-    unknown (no digest recorded, no train files, files that cannot be read), as this only ever decides a warning."""
+    unknown (no digest recorded, no train files, files that cannot be read): only pairs known to differ are refused
+    or warned about."""
     if not trained_on:
         return False
     try:

@@ -379,8 +379,8 @@ def export_model(run: str | Path, outdir: str | Path, fp16: bool = False, checkp
 
 
 def _export_corpus(data: Path | None, cfg: Config, state: dict[str, Any], ckpt: str) -> Path:
-    """The corpus the shortlist and the card come from: `data` (which must be one), else the run's data.dir; a
-    warning when it does not hold the pairs the run trained on."""
+    """The corpus the shortlist and the card come from: `data` (which must be one), else the run's data.dir. A
+    data.dir that holds other pairs than the run trained on is refused; a `data` that does is warned about."""
     data_dir = data if data is not None else Path(cfg.data.dir)
     if data is not None:  # named by the user, so it must hold what it is for (the run's own may be gone)
         if not data_dir.is_dir():
