@@ -262,18 +262,32 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
-def _decimal_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    """YAML 1.1's int, refusing the forms that read as other numbers than they show: 010 is 8 (octal) there and
-    1:30 is 90 (base 60)."""
+class _AmbiguousNumber(yaml.constructor.ConstructorError):
+    """A number YAML 1.1 reads as another than it shows: valid YAML, but not what the writer meant."""
+
+
+def _refuse_ambiguous(node: yaml.ScalarNode) -> None:
     text = node.value.replace("_", "")
     if re.fullmatch(r"[-+]?0[0-9]+", text) or ":" in text:
-        raise yaml.constructor.ConstructorError(
-            None, None, f"{node.value!r} is no plain number (YAML 1.1 reads 010 as octal 8, 1:30 as 90): write it "
-                        "without leading zeros or colons, or quote it", node.start_mark)
+        raise _AmbiguousNumber(
+            None, None, f"{node.value!r} is ambiguous: YAML 1.1 reads 010 as 8 (octal) and 1:30 as 90 (base 60); "
+                        "write the number without leading zeros or colons", node.start_mark)
+
+
+def _plain_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """YAML 1.1's int, refusing the forms that read as other numbers than they show."""
+    _refuse_ambiguous(node)
     return yaml.SafeLoader.construct_yaml_int(loader, node)
 
 
-_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _decimal_int)
+def _plain_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    """YAML 1.1's float, refusing base 60 (1:30.5 is 90.5)."""
+    _refuse_ambiguous(node)
+    return yaml.SafeLoader.construct_yaml_float(loader, node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _plain_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _plain_float)
 
 
 def _check_unique_keys(node: yaml.Node, checked: set[int]) -> None:
@@ -318,6 +332,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         return path, value
     try:
         value = _load_yaml(text)
+    except _AmbiguousNumber as exc:
+        raise NMTError(f"override '{item}': {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise NMTError(f"override '{item}': value is not valid YAML: {_yaml_problem(exc)}") from None
     return path, value
@@ -340,6 +356,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise NMTError(f"config file not found: {path}")
         try:
             raw = _load_yaml(path.read_text(encoding="utf-8"))
+        except _AmbiguousNumber as exc:
+            at = exc.problem_mark
+            raise NMTError(f"config file {path}, line {at.line + 1}, column {at.column + 1}: {exc.problem}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

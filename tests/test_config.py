@@ -197,16 +197,19 @@ def test_a_key_given_twice_is_an_error(tmp_path: Path, text: str, message: str) 
         load_config(merged)
 
 
-@pytest.mark.parametrize("text", ["010", "-007", "1:30", "0_10"])
-def test_numbers_yaml_11_reads_as_others_are_refused(tmp_path: Path, text: str) -> None:
-    # `epochs: 010` trained 8 epochs (YAML 1.1's octal), `1:30` was 90 (base 60).
+@pytest.mark.parametrize(("key", "text"), [("epochs", "010"), ("epochs", "-007"), ("epochs", "1:30"),
+                                           ("epochs", "0_10"), ("lr", "1:30.5"), ("lr", "-0:30.0")])
+def test_numbers_yaml_11_reads_as_others_are_refused(tmp_path: Path, key: str, text: str) -> None:
+    # `epochs: 010` trained 8 epochs (YAML 1.1's octal), `1:30` was 90 and `lr: 1:30.5` 90.5 (base 60).
     path = tmp_path / "c.yaml"
-    path.write_text(f"train:\n  epochs: {text}\n")
-    with pytest.raises(NMTError, match=re.escape(f"{text!r} is no plain number (YAML 1.1 reads 010 as octal 8")):
+    path.write_text(f"train:\n  {key}: {text}\n")
+    message = f"{text!r} is ambiguous: YAML 1.1 reads 010 as 8 (octal) and 1:30 as 90 (base 60); write the number"
+    with pytest.raises(NMTError, match=re.escape(f"config file {path}, line 2, column {len(key) + 5}: {message}")):
         load_config(path)
-    with pytest.raises(NMTError, match=re.escape(f"override 'train.epochs={text}': value is not valid YAML")):
-        load_config(None, [f"train.epochs={text}"])
+    with pytest.raises(NMTError, match=re.escape(f"override 'train.{key}={text}': {message}")):
+        load_config(None, [f"train.{key}={text}"])
     assert load_config(None, ["train.epochs=10", "train.max_steps=0", "train.batch_tokens=4_096"]).train.epochs == 10
+    assert load_config(None, ["train.lr=0.5", "train.label_smoothing=0.10"]).train.lr == 0.5
 
 
 def test_cli_reports_a_bad_value_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
