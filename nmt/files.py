@@ -110,11 +110,18 @@ def bare_carriage_returns(name: str) -> NMTError:
                     "ends, e.g. with tr '\\r' '\\n'")
 
 
+# UTF-32's marks first: UTF-32-LE's begins as UTF-16-LE's does.
+_BYTE_ORDER_MARKS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                     (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
 def not_utf8(name: str, lineno: int, raw: bytes, exc: UnicodeDecodeError) -> NMTError:
-    """The error for a line of input that is not UTF-8, naming UTF-16 where the input begins as UTF-16 does."""
-    if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # the byte order mark of UTF-16
-        return NMTError(f"{name} is UTF-16 (it begins with UTF-16's byte order mark): convert it to UTF-8, e.g. "
-                        "with iconv -f UTF-16 -t UTF-8")
+    """The error for a line of input that is not UTF-8, naming UTF-16 or UTF-32 where the input begins with its byte
+    order mark."""
+    for mark, encoding in _BYTE_ORDER_MARKS if lineno == 1 else ():
+        if raw.startswith(mark):
+            return NMTError(f"{name} is {encoding} (it begins with {encoding}'s byte order mark): convert it to "
+                            f"UTF-8, e.g. with iconv -f {encoding} -t UTF-8")
     return NMTError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
                     "convert it to UTF-8, e.g. with iconv")
 

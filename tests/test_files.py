@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -194,11 +195,13 @@ def test_gzip_data_on_standard_input_is_decompressed(monkeypatch):
     assert read_lines("-") == ["uno"]
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
-def test_a_utf16_file_is_named_as_such(tmp_path, encoding):
-    # It was "invalid UTF-8 (byte 0xff at column 1)".
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_a_utf16_or_utf32_file_is_named_as_such(tmp_path, encoding):
+    # It was "invalid UTF-8 (byte 0xff at column 1)"; then UTF-32 was named UTF-16 (its mark begins as UTF-16's).
     path = tmp_path / "src.txt"
-    bom = "\ufeff" if encoding.endswith("be") else ""  # Python's utf-16 writes one itself
+    bom = "\ufeff" if encoding.endswith("be") else ""  # Python's utf-16 and utf-32 write one themselves
     path.write_bytes((bom + "uno\ndós\n").encode(encoding))
-    with pytest.raises(NMTError, match=f"{path} is UTF-16 \\(it begins with UTF-16's byte order mark\\): convert it"):
+    name = encoding[:6].upper()
+    with pytest.raises(NMTError, match=re.escape(f"{path} is {name} (it begins with {name}'s byte order mark): "
+                                                 f"convert it to UTF-8, e.g. with iconv -f {name} -t UTF-8")):
         read_lines(path)
