@@ -238,16 +238,18 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def label_languages(cfg: Config) -> None:
+def label_languages(cfg: Config) -> str:
     """Take data.src_lang and data.tgt_lang from the corpus's corpus.json (written by `nmt prepare`) where it names
-    them: the model card and the service report these labels, and the config's defaults say es -> en."""
+    them: the model card and the service report these labels, and the config's defaults say es -> en. Says where
+    the labels came from."""
+    from_config = "from the config's data.src_lang and data.tgt_lang"
     try:
         corpus = json.loads((Path(cfg.data.dir) / CORPUS_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return
+        return from_config
     named = (corpus.get("src_lang"), corpus.get("tgt_lang")) if isinstance(corpus, dict) else (None, None)
     if not all(isinstance(lang, str) and lang for lang in named):
-        return
+        return from_config
     configured = (cfg.data.src_lang, cfg.data.tgt_lang)
     filled = tuple(own if lang == none else lang
                    for lang, none, own in zip(named, UNNAMED_LANGUAGES, configured, strict=True))
@@ -255,11 +257,13 @@ def label_languages(cfg: Config) -> None:
         log.warning("%s/%s does not name both languages: the model is labelled %s -> %s, the config's data.src_lang "
                     "or data.tgt_lang standing in (they also choose the dev BLEU tokenizer); set those if that is "
                     "wrong", cfg.data.dir, CORPUS_JSON, *filled)
-    named = filled
-    if named != configured:
-        log.info("languages %s -> %s from %s/%s (the config said %s -> %s)", *named, cfg.data.dir, CORPUS_JSON,
+    if filled != configured:
+        log.info("languages %s -> %s from %s/%s (the config said %s -> %s)", *filled, cfg.data.dir, CORPUS_JSON,
                  cfg.data.src_lang, cfg.data.tgt_lang)
-        cfg.data.src_lang, cfg.data.tgt_lang = named
+        cfg.data.src_lang, cfg.data.tgt_lang = filled
+    if filled != named:
+        return f"from {cfg.data.dir}/{CORPUS_JSON} and the config, which names what the corpus does not"
+    return f"as {cfg.data.dir}/{CORPUS_JSON} names them"
 
 
 class Trainer:
@@ -289,7 +293,7 @@ class Trainer:
             self._lock = None
 
     def _setup(self, cfg: Config, resume: bool) -> None:
-        label_languages(cfg)
+        self._languages_from = label_languages(cfg)
         self.cfg = cfg
         tc = cfg.train
         if tc.threads > 0:
@@ -414,9 +418,10 @@ class Trainer:
         if last is not None and last != str(data_dir) and not (data_dir / "train.src").is_file():
             raise NMTError(f"cannot resume {self.run_dir}: no {data_dir}/train.src; the run last trained on data.dir "
                            f"{last!r}: {hint}")
-        self._check_resumed_languages(state.get("config", {}).get("data", {}))
         digest = train_pairs_sha256(data_dir)
         if digest is None or state.get("data_sha256", digest) == digest:
+            # Other pairs are the first thing to say: new labels, if any, most likely came with them.
+            self._check_resumed_languages(state.get("config", {}).get("data", {}))
             return digest  # None: load_split says which file is missing
         if last is not None and Path(last).resolve() == data_dir.resolve():
             raise NMTError(f"cannot resume {self.run_dir}: the training pairs in {data_dir} are not those it began "
@@ -432,7 +437,7 @@ class Trainer:
         before, now = (saved.get("src_lang"), saved.get("tgt_lang")), (data.src_lang, data.tgt_lang)
         if None in before or before == now:
             return
-        where = f"{data.dir}/{CORPUS_JSON} where it names them, else the config"
+        where = self._languages_from
         scoring = default_tokenizer(before[1]), default_tokenizer(now[1])
         if scoring[0] != scoring[1]:
             raise NMTError(f"cannot resume {self.run_dir}: it trained {before[0]} -> {before[1]}, now {now[0]} -> "

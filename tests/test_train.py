@@ -492,13 +492,27 @@ def test_a_resumed_run_keeps_how_it_scores_dev_bleu_but_may_be_relabelled(corpus
         return train(tiny_config(corpus, run_dir, *RESUME_SETTINGS, f"train.max_steps={steps}",
                                  f"data.src_lang={src}", f"data.tgt_lang={tgt}"), resume=True)
 
-    with pytest.raises(NMTError, match=re.escape("it trained de -> en, now de -> zh (") + ".*" + re.escape(
-            "dev BLEU would be tokenized otherwise (zh instead of 13a)")):
+    with pytest.raises(NMTError, match=re.escape(
+            "it trained de -> en, now de -> zh (from the config's data.src_lang and data.tgt_lang), and dev BLEU "
+            "would be tokenized otherwise (zh instead of 13a)")):
         resume("de", "zh", 3)
     assert (run_dir / "last.pt").read_bytes() == before
     caplog.clear()
     assert resume("nl", "en-GB", 3)["step"] == 3  # labels corrected: scored as before
     assert f"{run_dir} trained de -> en and is labelled nl -> en-GB from now on" in caplog.text
+
+
+def test_a_resume_on_other_pairs_says_so_before_their_languages(tmp_path: Path) -> None:
+    # A corpus prepared again for another pair of languages was refused for its languages, as if only they changed.
+    data, run_dir = small_corpus(tmp_path / "data"), tmp_path / "run"
+    train(tiny_config(data, run_dir, *RESUME_SETTINGS, "train.max_steps=2"))
+    small_corpus(data, seed=1)
+    (data / "corpus.json").write_text('{"src_lang": "de", "tgt_lang": "zh"}', encoding="utf-8")
+    with pytest.raises(NMTError, match=re.escape(f"the training pairs in {data} are not those it began with")):
+        train(tiny_config(data, run_dir, *RESUME_SETTINGS, "train.max_steps=3"), resume=True)
+    small_corpus(data)
+    with pytest.raises(NMTError, match=re.escape(f"now de -> zh (as {data}/corpus.json names them)")):
+        train(tiny_config(data, run_dir, *RESUME_SETTINGS, "train.max_steps=3"), resume=True)
 
 
 @pytest.mark.parametrize(("override", "key"), [("model.cell=gru", "model.cell"),
