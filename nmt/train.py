@@ -266,6 +266,14 @@ def label_languages(cfg: Config) -> str:
     return f"as {cfg.data.dir}/{CORPUS_JSON} names them"
 
 
+def _no_memory_holds(exc: BaseException) -> bool:
+    """Whether torch refused an allocation: too large for the device's memory, or for a size's arithmetic."""
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return any(sign in text for sign in ("can't allocate memory", "out of memory", "size calculation overflowed"))
+
+
 class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
@@ -341,7 +349,9 @@ class Trainer:
         self.dev_data = ParallelData(dev_s, dev_t, tc.batch_tokens, tc.max_sentences, tc.bucket_width)
         try:
             self.model = Seq2Seq(cfg.model, len(self.src_tok), len(self.tgt_tok)).to(self.device)
-        except (RuntimeError, MemoryError) as exc:  # sizes that no memory holds: torch refuses to allocate
+        except (RuntimeError, MemoryError) as exc:
+            if not _no_memory_holds(exc):
+                raise
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise NMTError(f"cannot build the model that the config's model section describes on {self.device} "
                            f"({reason}): choose smaller sizes") from None

@@ -574,6 +574,17 @@ def test_a_model_too_large_for_memory_is_one_line(corpus: Path, tmp_path: Path,
     assert err.rstrip().endswith("): choose smaller sizes") and "Traceback" not in err
 
 
+def test_only_allocation_failures_are_called_sizes_too_large(corpus: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every RuntimeError building the model was "choose smaller sizes", hiding a bug's own message.
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(nmt.train.Seq2Seq, "__init__", broken)
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        train(tiny_config(corpus, tmp_path / "run"))
+
+
 @pytest.mark.parametrize("seed", ["-5", str(2**32)])
 def test_a_seed_that_sentencepiece_cannot_take_is_refused_by_the_config(seed: str) -> None:
     with pytest.raises(NMTError, match="config key 'train.seed' must be"):
