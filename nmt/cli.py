@@ -56,7 +56,6 @@ def say_to_stderr(*lines: str) -> None:
     print(*lines, sep="\n", file=sys.stderr, flush=True)
 
 
-SCORE_PART = 256  # line pairs `nmt score` scores before printing them: enough for full batches
 
 _DROP_LABELS = {"empty": "empty", "too_long": "too long", "ratio": "length ratio", "duplicate": "duplicate",
                 "overlap_dev_test": "source also in dev/test"}
@@ -754,10 +753,10 @@ def _run_score(args: argparse.Namespace) -> int:
     if len(src) != len(hyp):
         raise NMTError(f"{args.src} has {len(src)} lines but {args.hyp} has {len(hyp)}")
     translator = _load_translator(args)
+    job = translator.prepare_score(src, hyp)
     # Scored and printed a part at a time, as translate streams: a Ctrl-C keeps what was printed.
-    for start in range(0, len(src), SCORE_PART):
-        part = slice(start, start + SCORE_PART)
-        for result in translator.score(src[part], hyp[part], batch_tokens=args.batch_tokens):
+    for part in translator.score_parts(job, args.batch_tokens):
+        for result in part:
             line = f"{result.logprob:.4f}\t{result.mean:.4f}"
             if args.tokens:
                 line += "\t" + " ".join(f"{p}:{lp:.4f}" for p, lp in zip(result.pieces, result.token_logprobs,

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from nmt.batching import collate, token_batches
+from nmt.batching import collate, padded_tokens, token_batches
 from nmt.checkpoint import STEP_DIR, load_checkpoint
 from nmt.config import MAX_LENGTH_PENALTY, STORED_PER_SOURCE, Config, from_dict, load_config
 from nmt.device import check_int8, pick_device
@@ -45,6 +45,7 @@ from nmt.tokenizer import EOS_PIECE, TOKENIZER_FILES, UNK, WORD_START, Tokenizer
 
 log = logging.getLogger(__name__)
 
+SCORE_PART_BATCHES = 8  # full batches' worth of pairs score_parts scores before handing their results back
 _LINE_BREAK = re.compile(r"(\s*\n\s*)")
 _CLAUSE_END = re.compile(r"(?<=[.!?;:])(\s+)")
 # Whitespace kept as it is around the translated lines, except the control characters among it (vertical tab,
@@ -86,6 +87,10 @@ class ScoreJob:
     sources: list[list[int]]  # source ids per pair
     targets: list[list[int]]  # candidate ids per pair
     target_pieces: list[list[str]]
+
+    def part(self, start: int, stop: int) -> ScoreJob:
+        """The pairs start to stop (not included) as a job of their own."""
+        return ScoreJob(self.sources[start:stop], self.targets[start:stop], self.target_pieces[start:stop])
 
 
 @dataclass
@@ -583,11 +588,24 @@ class Translator:
                 results[i] = result
         return results
 
+    def score_parts(self, job: ScoreJob, batch_tokens: int | None = None) -> Iterator[list[ScoreResult]]:
+        """A prepared call's results in order, a part at a time (for printing as they come): each part pairs enough
+        for SCORE_PART_BATCHES batches of the budget, so that the batches inside it stay full and sorted by length."""
+        budget = self._score_budget(batch_tokens)
+        start = tokens = 0
+        for i, target in enumerate(job.targets):
+            tokens += padded_tokens(len(target), 1)  # as the budget counts them
+            if tokens >= SCORE_PART_BATCHES * budget or i == len(job.sources) - 1:
+                yield self.run_score(job.part(start, i + 1), budget)
+                start, tokens = i + 1, 0
+
+    def _score_budget(self, batch_tokens: int | None) -> int:
+        return _check_int("batch_tokens", self.cfg.decode.batch_tokens if batch_tokens is None else batch_tokens, 1)
+
     def score_groups(self, job: ScoreJob, batch_tokens: int | None = None) -> list[list[int]]:
         """A prepared call's pairs in token-budget batches (their indices), for score_group one at a time."""
-        budget = _check_int("batch_tokens", self.cfg.decode.batch_tokens if batch_tokens is None else batch_tokens, 1)
-        return token_batches([len(s) for s in job.sources], [len(t) for t in job.targets], budget,
-                             max(len(job.sources), 1))
+        return token_batches([len(s) for s in job.sources], [len(t) for t in job.targets],
+                             self._score_budget(batch_tokens), max(len(job.sources), 1))
 
     @torch.no_grad()
     def score_group(self, job: ScoreJob, group: list[int]) -> list[ScoreResult]:

@@ -701,23 +701,37 @@ def test_cli_score(tiny_model_dir, tmp_path, capsys):
 
 def test_cli_score_prints_as_it_goes(tiny_model_dir, tmp_path, capsys, monkeypatch):
     # It scored every pair before printing any: a Ctrl-C lost them all.
-    from nmt.cli import SCORE_PART
-
     src, hyp = tmp_path / "s.txt", tmp_path / "h.txt"
-    src.write_text("a b c\n" * (SCORE_PART + 10), encoding="utf-8")
-    hyp.write_text("c b a\n" * (SCORE_PART + 10), encoding="utf-8")
-    real, calls = nmt.translator.Translator.score, []
+    src.write_text("a b c\n" * 300, encoding="utf-8")
+    hyp.write_text("c b a\n" * 300, encoding="utf-8")
+    real, parts = nmt.translator.Translator.run_score, []
 
-    def interrupted(self, *args, **kwargs):
-        calls.append(len(args[0]))
-        if len(calls) == 2:
+    def interrupted(self, job, batch_tokens=None):
+        parts.append(len(job.sources))
+        if len(parts) == 2:
             raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
+        return real(self, job, batch_tokens)
 
-    monkeypatch.setattr(nmt.translator.Translator, "score", interrupted)
-    assert main(["score", str(tiny_model_dir), "--src", str(src), "--hyp", str(hyp)]) == 130
+    monkeypatch.setattr(nmt.translator.Translator, "run_score", interrupted)
+    assert main(["score", str(tiny_model_dir), "--src", str(src), "--hyp", str(hyp), "--batch-tokens", "16"]) == 130
     lines = capsys.readouterr().out.splitlines()
-    assert calls == [SCORE_PART, 10] and len(lines) == SCORE_PART and len(set(lines)) == 1
+    assert 1 < parts[0] < 300 and len(lines) == parts[0] and len(set(lines)) == 1
+
+
+def test_cli_score_batches_fill_the_budget(tiny_model_dir, tmp_path, monkeypatch):
+    # Parts of 256 pairs capped every batch at 256 pairs, whatever --batch-tokens said.
+    src, hyp = tmp_path / "s.txt", tmp_path / "h.txt"
+    src.write_text("a b c\n" * 600, encoding="utf-8")
+    hyp.write_text("c b a\n" * 600, encoding="utf-8")
+    real, batches = nmt.translator.Translator.score_group, []
+
+    def counted(self, job, group):
+        batches.append(len(group))
+        return real(self, job, group)
+
+    monkeypatch.setattr(nmt.translator.Translator, "score_group", counted)
+    assert main(["score", str(tiny_model_dir), "--src", str(src), "--hyp", str(hyp), "--batch-tokens", "100000"]) == 0
+    assert batches == [600]
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
