@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
 
     # /docs and /redoc from files in the package (fastapi-offline), not from a CDN: air-gapped hosts get them too.
     app = FastAPIOffline(title="rnnsearch", version=__version__, lifespan=lifespan, static_url="/docs-static",
-                         docs_url=DOCS, redoc_url=REDOC,
+                         docs_url=DOCS, redoc_url=REDOC, redirect_slashes=False,
                          description="Neural machine translation with RNNsearch (Bahdanau attention). "
                                      "Errors are JSON: `{\"error\": {\"code\", \"message\", \"fields\"}}`.")
     app.state.worker, app.state.settings, app.state.metrics = worker, settings, metrics

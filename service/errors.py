@@ -193,12 +193,23 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     elif isinstance(cause, ValueError) and "integer string conversion" in str(cause):
         message = (f"a number in the JSON body has more digits than can be read (at most "
                    f"{sys.get_int_max_str_digits()})")
+    elif exc.status_code == 404 and message == "Not Found":  # the router's, or the static files'
+        message = _not_found(request)
     elif exc.status_code == 405:  # Starlette names the methods of the first route of the path only (GET, not HEAD)
         methods = {method for route in request.app.router.routes if isinstance(route, Route)
                    and route.matches(request.scope)[0] != Match.NONE for method in route.methods or ()}
         methods = methods or {"GET", "HEAD"}  # no route: one of the mounted static directories
         headers = {**(headers or {}), "Allow": ", ".join(sorted(methods))}
     return error_response(exc.status_code, message, headers=headers)
+
+
+def _not_found(request: Request) -> str:
+    """A 404's message: the path, and the route it misses by a trailing slash (the app does not redirect)."""
+    path = request.url.path
+    if path != "/" and any(isinstance(route, Route) and route.path == path.rstrip("/")
+                           for route in request.app.router.routes):
+        return f"no such path: {path}; the path is {path.rstrip('/')}, without the trailing slash"
+    return f"no such path: {path} (the API's paths are listed at /docs)"
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

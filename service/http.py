@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -254,6 +256,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         malformed request line), in the service's JSON error shape instead of plain text; after the answers to the
         requests before them on the connection."""
         if self._too_large:  # answered already
+            return
+        # uvicorn calls this from its handler of the parser's error, which tells an unknown method (RFC 9110: 501).
+        if isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError):
+            self._answer(501, b"Not Implemented", "the request's method is unknown to this service (its "
+                                                  "endpoints take GET, HEAD and POST)")
             return
         self._answer(400, b"Bad Request", f"{msg.rstrip('.')}: malformed request line, headers or framing")
 

@@ -605,10 +605,11 @@ def test_no_path_variant_reaches_a_model_endpoint_without_a_key(make_client, mon
     # The router's pattern ends in `$`, which also matches before a final newline: /v1/translate%0A ran the
     # endpoint, while the key check compared the path as a string and let it through (review of the change).
     client = make_client(api_keys=["k1"], rate_limit="100/minute")
-    for path in ("/v1/translate%0A", "/v1/translate%0a?x=1", "/v1/score%0A", "/v1/translate%0A/"):
+    for path, status in (("/v1/translate%0A", 401), ("/v1/translate%0a?x=1", 401), ("/v1/score%0A", 401),
+                         ("/v1/translate%0A/", 404)):  # no redirect to drop the slash
         response = client.post(path, content=b'{"text": "a", "source": "a", "candidates": ["a"]}', headers=HEADERS,
                                follow_redirects=True)
-        assert response.status_code == 401, (path, response.status_code)
+        assert response.status_code == status, (path, response.status_code)
     # And the endpoints refuse what did not pass the check, whatever routed it there.
     monkeypatch.setattr(service.guard, "route_path", lambda scope: "/elsewhere")
     error_of(post(client, {"text": "a"}), 401)
@@ -743,7 +744,15 @@ def test_deadline_is_504_and_later_requests_are_fine(make_client, translator, mo
 
 
 def test_unknown_paths_and_methods_get_json_errors(client):
-    assert error_of(client.get("/v1/nothing"), 404)["code"] == "not_found"
+    assert error_of(client.get("/v1/nothing"), 404) == {
+        "code": "not_found", "message": "no such path: /v1/nothing (the API's paths are listed at /docs)", "fields": []}
+    # A trailing slash was a 307 to the path without it, a redirect that curl does not follow (and that named the
+    # host as the request did, not as a proxy in front of the service does).
+    for method, path in (("POST", "/v1/translate/"), ("GET", "/v1/health/"), ("GET", "/v1/health//")):
+        response = client.request(method, path, json={"text": "a"}, follow_redirects=False)
+        assert error_of(response, 404)["message"] == (f"no such path: {path}; the path is {path.rstrip('/')}, "
+                                                      "without the trailing slash")
+    assert error_of(client.get("/static/nothing.js"), 404)["code"] == "not_found"
     assert error_of(client.get("/v1/translate"), 405)["code"] == "method_not_allowed"
 
 

@@ -363,12 +363,17 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
                 assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head, answer
                 assert b"\r\ndate: " in head.lower(), answer  # uvicorn's default headers, as on its own answers
                 assert json.loads(body)["error"]["code"] == "bad_request", answer
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as unknown:  # 400 as if malformed, before
+            unknown.sendall(b"FROB /v1/translate HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b"".join(iter(lambda: unknown.recv(4096), b""))
+            assert answer.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), answer
+            assert b'"code":"not_implemented","message":"the request\'s method is unknown to this service' in answer
         # The same after pipelined requests: their answers first (uvicorn closed the connection at once, and they
         # were lost), then the 400.
         body = b'{"text": "a b"}'
         pipelined = (b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body)) * 2
-        for garbage, status in ((b"GARBAGE \x01\r\n\r\n", b"400"),
+        for garbage, status in ((b"GET /\x01 HTTP/1.1\r\n\r\n", b"400"), (b"GARBAGE \x01\r\n\r\n", b"501"),
                                 (b"GET /v1/health HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"400"),
                                 (b"GET /v1/health HTTP/1.1\r\nX-B: " + b"a" * 5000 + b"\r\n\r\n", b"431")):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
@@ -379,7 +384,7 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
             assert answer.endswith(b'"fields":[]}}'), answer
         # Counted: slowloris or oversized headers were not seen in /metrics.
         metrics = httpx.get(f"{url}/metrics").text
-        for status in (400, 408, 431):
+        for status in (400, 408, 431, 501):
             assert f'nmt_http_requests_total{{method="other",route="unparsed",status="{status}"}}' in metrics
         proc.terminate()
         log = proc.communicate(timeout=30)[0]
