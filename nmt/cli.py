@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
-from nmt.config import STORED_PER_SOURCE
+from nmt.config import MAX_THREADS, STORED_PER_SOURCE
 from nmt.errors import NMTError
 from nmt.files import (
     GZIP_MAGIC,
@@ -223,15 +223,17 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def int_from(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= low, so that a bad value is refused before the model loads."""
+def int_from(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= low (and <= high), so that a bad value is refused before the model loads."""
+    wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if value < low or high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
         return value
 
     return parse
@@ -262,7 +264,7 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="int8 dynamic quantization for faster CPU inference (a translation then depends a little on "
                         "the batch it is decoded in)")
-    p.add_argument("--threads", type=int_from(1), help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int_from(1, MAX_THREADS), help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 
 
@@ -742,7 +744,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hyp", required=True, help="translations to score, line-parallel to --src")
     p.add_argument("--tokens", action="store_true", help="also print each target piece's log-probability")
     p.add_argument("--batch-tokens", type=int_from(1), help="tokens per batch (default: config's decode.batch_tokens)")
-    p.add_argument("--threads", type=int_from(1), help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int_from(1, MAX_THREADS), help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(func=_run_score, int8=False)
 

@@ -140,9 +140,11 @@ _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
 # Upper bounds past which a value is a mistake: decoding to a*source+b pieces with a model that has not learnt to
 # stop yet (early in training) would run for hours.
 STORED_PER_SOURCE = 50  # target candidates a shortlist file keeps per source piece or word (nmt.shortlist)
+MAX_THREADS = 1024  # torch threads: libgomp crashes the process (SIGSEGV) when asked for tens of thousands
 _AT_MOST = {"decode.length_penalty": MAX_LENGTH_PENALTY, "decode.max_len_a": 10, "decode.max_len_b": 1000,
             "decode.shortlist_per_source": STORED_PER_SOURCE,
-            "train.seed": 2**32 - 1}  # SentencePiece's sampling seed is an unsigned 32-bit number
+            "train.seed": 2**32 - 1,  # SentencePiece's sampling seed is an unsigned 32-bit number
+            "train.threads": MAX_THREADS}
 SENTENCEPIECE_MIN_SAMPLE = 101  # tokenizer.input_sentence_size: SentencePiece refuses 1 to 100
 MIN_CHARACTER_COVERAGE = 0.98  # tokenizer.character_coverage: SentencePiece refuses less
 SPECIAL_PIECES = 4  # every vocabulary's ids 0-3 (nmt.tokenizer: PAD, UNK, BOS, EOS)

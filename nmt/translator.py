@@ -23,7 +23,7 @@ import torch
 
 from nmt.batching import collate, padded_tokens, token_batches
 from nmt.checkpoint import STEP_DIR, load_checkpoint
-from nmt.config import MAX_LENGTH_PENALTY, STORED_PER_SOURCE, Config, from_dict, load_config
+from nmt.config import MAX_LENGTH_PENALTY, MAX_THREADS, STORED_PER_SOURCE, Config, from_dict, load_config
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.export import (
@@ -200,9 +200,10 @@ def _source_piece(pieces: list[str], j: int) -> str:
     return pieces[j]
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise NMTError(f"{name} must be an integer >= {low}, got {value!r}")
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or high is not None and value > high:
+        wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        raise NMTError(f"{name} must be {wanted}, got {value!r}")
     return value
 
 
@@ -314,7 +315,7 @@ class Translator:
         """Load a run directory (best.pt, else last.pt), a .pt checkpoint in one, or an exported model directory."""
         path = Path(path)
         if threads is not None:
-            torch.set_num_threads(_check_int("threads", threads, 1))
+            torch.set_num_threads(_check_int("threads", threads, 1, MAX_THREADS))
         dev = pick_device(device)
         if int8:
             check_int8(dev)

@@ -12,6 +12,7 @@ from dotenv import dotenv_values
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from nmt.config import MAX_THREADS
 from service.schemas import MAX_TEXTS
 
 _PERIODS = {"s": 1.0, "second": 1.0, "m": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
@@ -19,7 +20,6 @@ _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\w+)\s*$")
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#@]+")  # scheme://host[:port], as an Origin header names a site
 
 CommaList = Annotated[list[str], NoDecode]
-MAX_THREADS = 1024  # libgomp fails to start tens of thousands (or the process crashes)
 MAX_TIMEOUT_S = 86_400.0  # a day: a larger timeout (or "inf") passed validation and crashed the startup
 MAX_RATE = 1_000_000  # requests per period
 

@@ -699,6 +699,20 @@ def test_cli_score(tiny_model_dir, tmp_path, capsys):
     assert "standard input can be read once: --src and --hyp cannot both be -" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["translate", "score"])
+def test_thread_counts_that_crash_the_process_are_refused(tiny_model_dir, capsys, command):
+    # `--threads 100000` was a segmentation fault (libgomp), exit 139.
+    with pytest.raises(SystemExit) as refused:
+        main([command, str(tiny_model_dir), *(["--src", "s", "--hyp", "h"] if command == "score" else []),
+              "--threads", "100000"])
+    assert refused.value.code == 2
+    assert "argument --threads: must be an integer from 1 to 1024, got 100000" in capsys.readouterr().err
+    with pytest.raises(NMTError, match="threads must be an integer from 1 to 1024, got 1025"):
+        Translator.load(tiny_model_dir, threads=1025)
+    with pytest.raises(NMTError, match="config key 'train.threads' must be at most 1024, got 100000"):
+        load_config(None, ["train.threads=100000"])
+
+
 def test_cli_score_prints_as_it_goes(tiny_model_dir, tmp_path, capsys, monkeypatch):
     # It scored every pair before printing any: a Ctrl-C lost them all.
     src, hyp = tmp_path / "s.txt", tmp_path / "h.txt"
