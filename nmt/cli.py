@@ -293,16 +293,18 @@ def _load_translator(args: argparse.Namespace) -> Translator:
 def _add_translate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "translate", help="translate text, one sentence (or paragraph) a line",
-        description="Translate lines from FILE or stdin to FILE or stdout, streaming: each batch of lines is "
-                    "written as soon as it is translated. With --n-best N, each input line i (counted from 0) gives "
-                    "up to N lines `i ||| translation ||| score`, best first: a Moses n-best list without its "
-                    "feature field; the translation without the spaces around it; score = log-probability over the "
-                    "model's shortlist, length-normalized, summed over the line's sentences. An empty line gives "
-                    "one empty translation of score 0.")
+        description="Translate lines from FILE or stdin to FILE or stdout, streaming: each batch of lines is written "
+                    "as soon as it is translated. With --n-best N, each input line i (counted from 0) gives up to N "
+                    "lines `i ||| translation ||| score`, best first (--n-best 1: the best, with its score): a Moses "
+                    "n-best list without its feature field; the translation without the spaces around it; score = "
+                    "log-probability over the model's shortlist, length-normalized, summed over the line's "
+                    "sentences. An empty line gives one empty translation of score 0.")
     p.add_argument("model", help="exported model directory, run directory or .pt checkpoint")
     p.add_argument("-i", "--input", help="input file; without it, or with -, standard input")
     p.add_argument("-o", "--output", help="output file; without it, or with -, standard output")
-    p.add_argument("--n-best", type=int_from(1), default=1, help="distinct translations per line (default 1)")
+    p.add_argument("--n-best", type=int_from(1), metavar="N",
+                   help="print up to N distinct translations per line with their scores, in the format above "
+                        "(default: the best translation alone, without its score)")
     _add_decode_options(p)
     p.set_defaults(func=_run_translate)
 
@@ -440,11 +442,11 @@ def _run_translate(args: argparse.Namespace) -> int:
 
     args.input, args.output = (None if path == "-" else path for path in (args.input, args.output))
     _check_not_input(args.output or _stdout_fd(), [args.input or _stdin_fd()])
-    if args.beam is not None and args.n_best > args.beam:  # found before the model loads; else by translate()
+    if args.beam is not None and (args.n_best or 1) > args.beam:  # found before the model loads; else by translate()
         raise NMTError(f"--n-best {args.n_best} is more than --beam {args.beam}")
     source = _open(args.input, "r", sys.stdin)  # a missing input is found before the model loads
     translator = _load_translator(args)
-    options = {**_decode_options(args), "n_best": args.n_best}
+    options = {**_decode_options(args), "n_best": args.n_best or 1}
     translator.translate([], **options)  # checks the options before any input is read
     if args.output:
         probe_writable(Path(args.output))  # an unusable -o is said before anything is translated
@@ -457,7 +459,7 @@ def _run_translate(args: argparse.Namespace) -> int:
             if out is None:
                 out = _open(args.output, "w", sys.stdout)
             for i, result in enumerate(results, start=done):
-                if args.n_best > 1:
+                if args.n_best is not None:
                     alternatives = [(a.text, a.score) for a in result.alternatives] or [("", 0.0)]
                     text = "".join(f"{i} ||| {text.strip()} ||| {score:.4f}\n" for text, score in alternatives)
                 else:

@@ -543,6 +543,9 @@ def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys, monkey
     assert lines[0].startswith("0 ||| c b a ||| -")
     assert lines[2] == "1 |||  ||| 0.0000"
     assert [line.split(" ||| ")[0] for line in lines] == ["0", "0", "1", "2", "2"]
+    # --n-best 1 printed the plain translations: no way to get the best one's score.
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "--beam", "3", "--n-best", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [lines[0], lines[2], lines[3]]
     spaced = tmp_path / "spaced.txt"  # the 1-best keeps a line's layout; an n-best field has no spaces around it
     spaced.write_text("  a b \n", encoding="utf-8")
     assert main(["translate", str(tiny_model_dir), "-i", str(spaced), "--beam", "2"]) == 0
