@@ -44,8 +44,15 @@ class ServiceError(Exception):
 
 def error_response(status: int, message: str, code: str | None = None, fields: Sequence[dict[str, str]] = (),
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"code": code or _CODES.get(status, "error"), "message": message, "fields": list(fields)}}
+    listed = [{key: _encodable(value) for key, value in field.items()} for field in fields]
+    body = {"error": {"code": code or _CODES.get(status, "error"), "message": _encodable(message), "fields": listed}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _encodable(text: str) -> str:
+    """Text as UTF-8 can carry it: a lone surrogate a request sent (a JSON key "\\ud800") escaped, where it made the
+    answer itself fail (500)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _is_branch(part: Any) -> bool:
@@ -68,7 +75,7 @@ def _message(err: dict[str, Any], doc: Any) -> str:
     """One validation error for people; doc: the body as text, where a JSON syntax error is placed."""
     if err.get("type") == "json_invalid":
         return f"not valid JSON: {_json_error_at(err, doc)}"
-    whole_body = len(err.get("loc", ())) <= 1  # its media type is JSON: _unsupported_body answered the others
+    whole_body = len(err.get("loc", ())) <= 1  # sent as JSON: the route refused the others (415)
     if err.get("type") == "model_attributes_type" and whole_body:
         return f"must be a JSON object, not {_json_kind(err.get('input'))}"
     if err.get("type") == "missing" and whole_body:
@@ -132,21 +139,6 @@ async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse
     return error_response(exc.status, exc.message, exc.code, exc.fields, exc.headers)
 
 
-def _unsupported_body(request: Request) -> JSONResponse | None:
-    """415 for a body the API cannot read at all: compressed, or not sent as JSON."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        return error_response(415, f"Content-Encoding {encoding} is not supported: send the body uncompressed")
-    media, *params = (part.strip().lower() for part in request.headers.get("content-type", "").split(";"))
-    if media != "application/json" and not media.endswith("+json"):
-        return error_response(415, "the body must be JSON sent with Content-Type: application/json"
-                                   + (f", not {media}" if media else ""))
-    charset = next((p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")), "utf-8")
-    if charset.replace("-", "") != "utf8":
-        return error_response(415, f"the body must be UTF-8 JSON (RFC 8259), not charset={charset}")
-    return None
-
-
 def _too_many(request: Request, errors: list[dict[str, Any]]) -> JSONResponse | None:
     """413 for a list over schemas.MAX_TEXTS (refused before its items were validated), with the limit that
     applies: the service's max_texts."""
@@ -163,10 +155,6 @@ def _too_many(request: Request, errors: list[dict[str, Any]]) -> JSONResponse | 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    # no field of it could be read
-    whole_body = all(len(tuple(err.get("loc", ()))) <= 1 or err.get("type") == "json_invalid" for err in errors)
-    if whole_body and (unsupported := _unsupported_body(request)):
-        return unsupported
     if too_many := _too_many(request, errors):
         return too_many
     fields = validation_fields(exc)
@@ -178,8 +166,6 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message, headers = str(exc.detail), getattr(exc, "headers", None)
-    if exc.status_code == 400 and (unsupported := _unsupported_body(request)):  # a body FastAPI could not decode
-        return unsupported
     cause = exc.__cause__
     if isinstance(cause, DuplicateKey):
         message = f"body: {cause}; give each field once"

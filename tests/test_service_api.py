@@ -372,10 +372,15 @@ def test_unparseable_bodies_get_a_clear_4xx(client, content, content_type, messa
     assert (response.status_code == 415) == content_type.startswith(("text/", "application/x-"))
 
 
-def test_415_only_for_a_body_that_cannot_be_read(client):
-    # A stray Content-Encoding header on a readable body: its field errors are the answer, not 415.
-    response = client.post("/v1/translate", content=b'{"text": 5}', headers={**HEADERS, "Content-Encoding": "utf-8"})
-    assert error_of(response, 422)["fields"][0]["field"] == "text"
+def test_415_for_a_body_sent_as_what_the_api_cannot_read_whatever_it_holds(client):
+    # Refused only when the body failed to parse: JSON sent as gzip or as Latin-1 was translated, and Latin-1 text
+    # whose bytes happen to be valid UTF-8 ("Ã©") was read as other text ("é").
+    for headers, message in (({"Content-Encoding": "gzip"}, "Content-Encoding gzip is not supported"),
+                             ({"Content-Encoding": "utf-8"}, "Content-Encoding utf-8 is not supported"),
+                             ({"Content-Type": "application/json; charset=latin-1"}, "not charset=latin-1")):
+        for content in (b'{"text": "a b"}', '{"text": "Ã©"}'.encode(), b'{"text": 5}'):
+            response = client.post("/v1/translate", content=content, headers={**HEADERS, **headers})
+            assert message in error_of(response, 415)["message"]
     response = client.post("/v1/translate", content=b'{"text": "a b"}', headers={"Content-Type": ""})
     assert "must be JSON sent with Content-Type: application/json" in error_of(response, 415)["message"]
     for media in ("application/json; charset=utf-8", "application/vnd.api+json", "application/json;charset=UTF8"):
@@ -499,6 +504,11 @@ def test_a_key_given_twice_is_422_naming_it(client):
                                        "fields": [{"field": "text", "message": "the key 'text' is given twice"}]}
     response = client.post("/v1/score", content=b'{"source": "a", "candidates": [], "source": "b"}', headers=HEADERS)
     assert error_of(response, 422)["fields"] == [{"field": "source", "message": "the key 'source' is given twice"}]
+    # A key with a lone surrogate (a JSON escape) made the answer itself fail: 500, and a traceback in the log.
+    for path, body in (("/v1/translate", b'{"text": "a", "\\ud800": 1, "\\ud800": 2}'),
+                       ("/v1/score", b'{"source": "a", "candidates": [], "x": {"\\udc80": 1, "\\udc80": 2}}')):
+        error = error_of(client.post(path, content=body, headers=HEADERS), 422)
+        assert error["fields"][0]["field"] in ("\\ud800", "\\udc80") and "is given twice" in error["message"]
 
 
 def test_json_nested_too_deeply_to_read_is_a_client_error_that_says_so(client):
