@@ -20,6 +20,7 @@ within NMT_SEND_TIMEOUT_S is dropped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import sys
@@ -33,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import request_id
 from service.errors import error_response
+from service.metrics import ANSWERED_OUTSIDE
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         # An error for bytes after pipelined requests (no request, or headers too large): sent after their answers.
         self._deferred: tuple[int, bytes, str] | None = None
         self._cycles: list[Any] = []  # this connection's requests not yet answered, the one under way first
+        self._counted_by_app = False  # the next answer made here is a request's the app counts
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -257,6 +260,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         requests before them on the connection."""
         if self._too_large:  # answered already
             return
+        if self._in_body and self.cycle is not None and not self.cycle.response_started:
+            self._abandon(self.cycle)  # its body broke off: it waited for the rest until its deadline, then 408
         # uvicorn calls this from its handler of the parser's error, which tells an unknown method (RFC 9110: 501).
         if isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError):
             self._answer(501, b"Not Implemented", "the request's method is unknown to this service (its "
@@ -270,9 +275,20 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             deferred, self._deferred = self._deferred, None
             self._answer(*deferred)
 
+    def _abandon(self, cycle: Any) -> None:
+        """Tell the app a request will get no more of its body (as if its client had left): the 400 answers it,
+        counted in the metrics by its route when the app had begun it."""
+        cycle.disconnected = True
+        cycle.message_event.set()
+        waiting = len(self.pipeline)
+        self.pipeline = collections.deque(item for item in self.pipeline if item[0] is not cycle)
+        if len(self.pipeline) == waiting:
+            cycle.scope[ANSWERED_OUTSIDE] = 400
+            self._counted_by_app = True
+
     def _answers_due(self) -> bool:
         """Whether a request of this connection is still to be answered (under way, or pipelined behind it)."""
-        return bool(self.pipeline) or self.cycle is not None and not self.cycle.response_complete
+        return bool(self.pipeline) or any(not c.response_complete and not c.disconnected for c in self._cycles)
 
     def _answer(self, status: int, reason: bytes, message: str) -> None:
         """Write a JSON error outside any request cycle and close the connection; after the answers to the requests
@@ -297,8 +313,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         app = self.app
         while app is not None and getattr(getattr(app, "state", None), "metrics", None) is None:
             app = getattr(app, "app", None)  # past uvicorn's own middleware (proxy headers, message logger)
-        if app is not None:
+        if app is not None and not self._counted_by_app:
             app.state.metrics.requests.labels("unparsed", "other", str(status)).inc()
+        self._counted_by_app = False
         cls = HeaderDeadlineProtocol
         cls._unlogged += 1
         now = time.monotonic()

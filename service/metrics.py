@@ -14,6 +14,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
+ANSWERED_OUTSIDE = "nmt.answered_outside"  # scope key: a status the HTTP protocol answered the request with
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -83,6 +85,8 @@ class MetricsMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Count the request by route, method and status: the status the app sent, else the one the HTTP protocol
+        answered it with (ANSWERED_OUTSIDE), else 499 (its client left)."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -106,5 +110,6 @@ class MetricsMiddleware:
         finally:
             metrics.in_flight.dec()
             method = scope["method"] if scope["method"] in _METHODS else "other"
-            metrics.requests.labels(route, method, str(status or 499)).inc()
+            status = scope.get(ANSWERED_OUTSIDE) or status or 499
+            metrics.requests.labels(route, method, str(status)).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)

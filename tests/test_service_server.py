@@ -363,6 +363,18 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
                 assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head, answer
                 assert b"\r\ndate: " in head.lower(), answer  # uvicorn's default headers, as on its own answers
                 assert json.loads(body)["error"]["code"] == "bad_request", answer
+        # A chunked body that breaks off (a bad chunk size, junk after a chunk): it waited for the rest of its body
+        # until the request deadline (30 s), then 408.
+        for chunks in (b'zz\r\n{"text": "a"}\r\n0\r\n\r\n', b'd\r\n{"text": "a"}XX0\r\n\r\n'):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as broken:
+                broken.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n" + chunks)
+                answer = b"".join(iter(lambda: broken.recv(4096), b""))
+                assert answer.startswith(b"HTTP/1.1 400 ") and b'"code":"bad_request"' in answer, answer
+        time.sleep(0.5)  # the app counts its request when it has seen the client gone: as a 400, not a 499
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'nmt_http_requests_total{method="POST",route="/v1/translate",status="400"} 2.0' in metrics, metrics
+        assert 'status="499"' not in metrics
         with socket.create_connection(("127.0.0.1", port), timeout=10) as unknown:  # 400 as if malformed, before
             unknown.sendall(b"FROB /v1/translate HTTP/1.1\r\nHost: x\r\n\r\n")
             answer = b"".join(iter(lambda: unknown.recv(4096), b""))
