@@ -150,6 +150,10 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             return
         super().shutdown()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """An Upgrade header is ignored, as RFC 9110 lets a server do: the request is served as HTTP. uvicorn logged
+        two warnings for each such request, one of them advice to install a WebSocket library."""
+
     def pause_writing(self) -> None:
         """The unsent bytes passed the high-water mark: the client has that long to read enough of them."""
         super().pause_writing()

@@ -54,6 +54,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     settings = Settings()
     options: dict[str, Any] = {
         "factory": True, "host": host, "port": port, "http": "service.http:HeaderDeadlineProtocol",
+        "ws": "none",  # no WebSocket endpoint: an Upgrade request is served as HTTP (uvicorn's own 403 was plain text)
         "timeout_graceful_shutdown": math.ceil(settings.request_timeout_s + settings.send_timeout_s),
         "log_config": _log_config()}
     if workers == 1:

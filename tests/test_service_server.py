@@ -375,6 +375,11 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
         metrics = httpx.get(f"{url}/metrics").text
         assert 'nmt_http_requests_total{method="POST",route="/v1/translate",status="400"} 2.0' in metrics, metrics
         assert 'status="499"' not in metrics
+        # A WebSocket upgrade got uvicorn's own 403: plain text, no request id, not in /metrics.
+        upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+        response = httpx.get(f"{url}/v1/health", headers=upgrade)
+        assert response.json() == {"status": "ok"} and "x-request-id" in response.headers
         with socket.create_connection(("127.0.0.1", port), timeout=10) as unknown:  # 400 as if malformed, before
             unknown.sendall(b"FROB /v1/translate HTTP/1.1\r\nHost: x\r\n\r\n")
             answer = b"".join(iter(lambda: unknown.recv(4096), b""))
@@ -401,7 +406,7 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
         proc.terminate()
         log = proc.communicate(timeout=30)[0]
     # One line for them all (a minute apart at most), not uvicorn's own line for each malformed request.
-    assert "Invalid HTTP request received" not in log
+    assert "Invalid HTTP request received" not in log and "Unsupported upgrade" not in log
     assert log.count("refused before reaching the app") == 1
 
 
