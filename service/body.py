@@ -11,19 +11,21 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 
-class DuplicateKey(ValueError):
-    """A JSON object names a key twice: which value was meant is unknown (Python keeps the last silently)."""
+class BadKey(ValueError):
+    """A JSON object's key that the service cannot take, whatever the schema says; advice: what to do instead."""
 
-    def __init__(self, key: str):
-        super().__init__(f"the key {key!r} is given twice")
-        self.key = key
+    def __init__(self, key: str, problem: str, advice: str):
+        super().__init__(f"the key {key!r} {problem}")
+        self.key, self.advice = key, advice
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
-        if key in obj:
-            raise DuplicateKey(key)
+        if key in obj:  # which value was meant is unknown (Python keeps the last silently)
+            raise BadKey(key, "is given twice", "give each field once")
+        if any("\ud800" <= char <= "\udfff" for char in key):  # pydantic said only "unable to parse raw data"
+            raise BadKey(key, "holds a lone surrogate, which is no Unicode text", "send the field names of the API")
         obj[key] = value
     return obj
 

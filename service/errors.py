@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from service import request_id
-from service.body import DuplicateKey, NulByte
+from service.body import BadKey, NulByte
 from service.schemas import MAX_TEXTS, TOO_MANY_TEXTS, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,8 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message, headers = str(exc.detail), getattr(exc, "headers", None)
     cause = exc.__cause__
-    if isinstance(cause, DuplicateKey):
-        message = f"body: {cause}; give each field once"
+    if isinstance(cause, BadKey):
+        message = f"body: {cause}; {cause.advice}"
         return error_response(422, message, fields=[{"field": cause.key, "message": str(cause)}])
     if isinstance(cause, NulByte):
         message = str(cause)

@@ -508,7 +508,11 @@ def test_a_key_given_twice_is_422_naming_it(client):
     for path, body in (("/v1/translate", b'{"text": "a", "\\ud800": 1, "\\ud800": 2}'),
                        ("/v1/score", b'{"source": "a", "candidates": [], "x": {"\\udc80": 1, "\\udc80": 2}}')):
         error = error_of(client.post(path, content=body, headers=HEADERS), 422)
-        assert error["fields"][0]["field"] in ("\\ud800", "\\udc80") and "is given twice" in error["message"]
+        assert error["fields"][0]["field"] in ("\\ud800", "\\udc80") and "holds a lone surrogate" in error["message"]
+    # Given once, it was "body: Input should be a valid string, unable to parse raw data as a unicode string".
+    response = client.post("/v1/translate", content=b'{"text": "a", "x\\ud800": 1}', headers=HEADERS)
+    assert error_of(response, 422)["message"] == ("body: the key 'x\\ud800' holds a lone surrogate, which is no "
+                                                  "Unicode text; send the field names of the API")
 
 
 def test_json_nested_too_deeply_to_read_is_a_client_error_that_says_so(client):
