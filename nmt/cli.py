@@ -412,7 +412,17 @@ def _check_not_input(output: str | os.PathLike | int, inputs: list[str | os.Path
             read = os.fstat(source) if isinstance(source, int) else os.stat(source)
             if (read.st_dev, read.st_ino) == (written.st_dev, written.st_ino):
                 name = "standard input" if isinstance(source, int) else source
-                raise NMTError(f"{shown} is also an input ({name}): write the output to another file")
+                also = "" if str(name) == str(shown) else f" ({name})"
+                raise NMTError(f"{shown} is also an input{also}: write the output to another file")
+
+
+def _model_files(model: str) -> list[Path]:
+    """The files a model path reads from (its weights, and everything beside them: config, tokenizers, card,
+    shortlist), for _check_not_input: `-o MODEL/model.safetensors` replaced the weights with translations."""
+    from nmt.translator import locate_model
+
+    home, source, _ = locate_model(Path(model))
+    return [source, *(path for path in home.iterdir() if path.is_file())]
 
 
 def _inputs(*paths: str | os.PathLike) -> list[str | os.PathLike | int]:
@@ -441,7 +451,7 @@ def _run_translate(args: argparse.Namespace) -> int:
     from nmt.progress import Progress
 
     args.input, args.output = (None if path == "-" else path for path in (args.input, args.output))
-    _check_not_input(args.output or _stdout_fd(), [args.input or _stdin_fd()])
+    _check_not_input(args.output or _stdout_fd(), [args.input or _stdin_fd(), *_model_files(args.model)])
     if args.beam is not None and (args.n_best or 1) > args.beam:  # found before the model loads; else by translate()
         raise NMTError(f"--n-best {args.n_best} is more than --beam {args.beam}")
     source = _open(args.input, "r", sys.stdin)  # a missing input is found before the model loads
@@ -677,9 +687,10 @@ def _evaluation_outputs(args: argparse.Namespace, name: str, inputs_sha256: str,
     hyp_path = report_path.with_suffix(".hyp") if beside and not args.out else out / f"{name}.hyp"
     if args.out and out.exists() and not out.is_dir():
         raise NMTError(f"--out {out}: not a directory")
+    read = [*_inputs(*inputs, *filter(None, [args.baseline])), *_model_files(args.model)]
     for path in (hyp_path, report_path):
         check_writable(path)
-        _check_not_input(path, _inputs(*inputs, *filter(None, [args.baseline])))
+        _check_not_input(path, read)
     if report_path.resolve() == hyp_path.resolve():
         raise NMTError(f"--report {report_path} is where the hypotheses go: name another file")
     check_report_replaceable(report_path, None if args.report else inputs_sha256)

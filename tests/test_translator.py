@@ -579,6 +579,20 @@ def test_cli_translate_files_and_n_best(tiny_model_dir, tmp_path, capsys, monkey
     assert src.read_text(encoding="utf-8") == "a b c\n\nm n o p\n"
 
 
+def test_translations_never_replace_the_model_files(tiny_model_dir, tmp_path, capsys):
+    # `-o MODEL/model.safetensors` replaced the weights with the translations, exit 0: the model was gone.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = {path.name: path.read_bytes() for path in model.iterdir()}
+    src = tmp_path / "in.txt"
+    src.write_text("a b c\n", encoding="utf-8")
+    for name in before:
+        assert main(["translate", str(model), "-i", str(src), "-o", str(model / name)]) == 2
+        assert f"{model / name} is also an input: write the output to another file" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in model.iterdir()} == before
+    assert main(["translate", str(model), "-i", str(src), "-o", str(model / "new.txt")]) == 0  # a file of its own
+
+
 def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, "stdin", io.StringIO("a b\nc d e\n"))
     assert main(["translate", str(tiny_model_dir)]) == 0
