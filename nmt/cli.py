@@ -31,6 +31,7 @@ from nmt.files import (
     probe_writable,
     read_failure,
     read_lines,
+    stand_in_for_closed_streams,
     write_failure,
 )
 
@@ -874,6 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stand_in_for_closed_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

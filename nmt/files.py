@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,41 @@ class Digest(Protocol):
 
 
 READ_ERRORS = (OSError, EOFError, zlib.error)  # what reading a file raises, a damaged gzip one included
+
+
+class ClosedStream(io.RawIOBase):
+    """Standard input or output of a process started without it (`<&-`, `>&-`), where Python has None: print()
+    then dropped every result silently (exit 0), and reading it was a TypeError. Using it is an OSError instead,
+    which the commands report as any unreadable input or unwritable output."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def _closed(self, *args: Any) -> Any:
+        raise OSError(errno.EBADF, f"{self.name} is closed")
+
+    read = readline = readlines = readinto = write = writelines = fileno = _closed
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._closed()
+
+    @property
+    def buffer(self) -> ClosedStream:
+        return self
+
+    def flush(self) -> None:
+        """Nothing to flush (Python flushes standard output at exit)."""
+
+
+def stand_in_for_closed_streams() -> None:
+    """Give a process started without standard input or output a ClosedStream for each, and one without standard
+    error /dev/null there (its messages cannot be shown, but the command still runs and says how by its status)."""
+    for name, shown in (("stdin", "standard input"), ("stdout", "standard output")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, ClosedStream(shown))
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process's lifetime)
 
 
 def gzip_named(path: str | Path) -> bool:
@@ -78,8 +113,6 @@ def read_lines(path: str | Path, what: str = "file", digest: Digest | None = Non
         try:
             return _decoded_lines(stream, name, digest)
         except READ_ERRORS as exc:
-            if not compressed:
-                raise
             raise read_failure(name, compressed, exc) from None
 
 

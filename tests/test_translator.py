@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -591,6 +592,26 @@ def test_translations_never_replace_the_model_files(tiny_model_dir, tmp_path, ca
         assert f"{model / name} is also an input: write the output to another file" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in model.iterdir()} == before
     assert main(["translate", str(model), "-i", str(src), "-o", str(model / "new.txt")]) == 0  # a file of its own
+
+
+def test_closed_standard_streams_are_errors_not_silence(tiny_model_dir, tmp_path):
+    # Started without standard input or output (`<&-`, `>&-`): translate hung after a TypeError traceback, score
+    # exited 0 with its scores dropped, and without standard error translate failed (exit 1) having written nothing.
+    src = tmp_path / "in.txt"
+    src.write_text("a b c\n", encoding="utf-8")
+    nmt = f"{shlex.quote(sys.executable)} -m nmt"
+    model, text = shlex.quote(str(tiny_model_dir)), shlex.quote(str(src))
+    for command, closed, message in (
+            (f"translate {model}", "<&-", "cannot read standard input (standard input is closed)"),
+            (f"score {model} --src - --hyp {text}", "<&-", "cannot read standard input (standard input is closed)"),
+            (f"score {model} --src {text} --hyp {text}", ">&-", "cannot write to standard output (standard output "
+                                                                "is closed)"),
+            (f"translate {model} -i {text}", ">&-", "cannot write the translations to standard output after 0 lines "
+                                                    "(standard output is closed)")):
+        done = subprocess.run(["bash", "-c", f"{nmt} {command} {closed}"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.rstrip().endswith(message), (command, done.stderr)
+    done = subprocess.run(["bash", "-c", f"{nmt} translate {model} -i {text} -o {text}.out 2>&-"], timeout=120)
+    assert done.returncode == 0 and Path(f"{src}.out").read_text(encoding="utf-8") == "c b a\n"
 
 
 def test_cli_translate_stdin_and_bad_utf8(tiny_model_dir, monkeypatch, capsys, tmp_path):
