@@ -18,7 +18,9 @@ def pick_device(name: str, setting: str = "device") -> torch.device:
         device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                               "cpu" if name == "auto" else name)
     except (RuntimeError, TypeError):
-        raise NMTError(f"{setting} must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # mps, meta and the like: no path of ours runs there
+        raise NMTError(f"{setting} must be cpu, cuda, cuda:N or auto, got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise NMTError(f"{setting} is {name}, but no CUDA device is available")

@@ -178,6 +178,9 @@ def test_the_services_own_log_lines_end_with_the_request_they_were_written_for()
     (["no-tgt"], {}, "SentencePiece model not found: no-tgt/tgt.model"),  # a traceback (exit 3), or exit 0
     (["garbled"], {}, "garbled/model.safetensors is not a readable safetensors file"),  # with --workers 2
     ([], {"NMT_DEVICE": "banana"}, "NMT_DEVICE must be cpu, cuda, cuda:N or auto, got 'banana'"),
+    # torch devices no path of ours runs on: meta served 500s, mps crashed the startup.
+    ([], {"NMT_DEVICE": "meta"}, "NMT_DEVICE must be cpu, cuda, cuda:N or auto, got 'meta'"),
+    ([], {"NMT_DEVICE": "mps"}, "NMT_DEVICE must be cpu, cuda, cuda:N or auto, got 'mps'"),
     # These passed the check, then crashed: a traceback after the model had loaded, or libgomp's crash.
     ([], {"NMT_REQUEST_TIMEOUT_S": "inf"}, "NMT_REQUEST_TIMEOUT_S: Input should be a finite number"),
     ([], {"NMT_SEND_TIMEOUT_S": "1e9"}, "NMT_SEND_TIMEOUT_S: Input should be less than or equal to 86400"),
