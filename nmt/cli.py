@@ -894,6 +894,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nmt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # sizes given that no memory holds (--beam 100000000)
+        from nmt.device import out_of_memory
+
+        if (reason := out_of_memory(exc)) is None:
+            raise
+        print(f"nmt {args.command}: error: out of memory ({reason}): use smaller settings", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         return 0
 

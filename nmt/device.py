@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -27,6 +28,17 @@ def pick_device(name: str, setting: str = "device") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise NMTError(f"{setting} is {name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """When an error is an allocation refused (too large for the device's memory, or for a size's arithmetic),
+    what it says in one line; else None."""
+    text = str(exc).strip()
+    signs = ("can't allocate memory", "out of memory", "size calculation overflowed")
+    if not isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) and not any(s in text for s in signs):
+        return None
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return re.sub(r"^\[enforce fail at [^]]*\] err == 0\. ", "", line)  # c10's prefix: where in its source
 
 
 def check_int8(device: torch.device, setting: str = "int8", cpu: str = "device cpu") -> None:

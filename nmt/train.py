@@ -28,7 +28,7 @@ from nmt.batching import ParallelData
 from nmt.checkpoint import load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from nmt.config import Config, load_config, save_config
 from nmt.corpus import CORPUS_JSON, UNNAMED_LANGUAGES, load_split, train_pairs_sha256
-from nmt.device import cpu_has_bf16, hardware, pick_device
+from nmt.device import cpu_has_bf16, hardware, out_of_memory, pick_device
 from nmt.errors import NMTError
 from nmt.evaluate import default_tokenizer
 from nmt.export import is_model_dir
@@ -266,14 +266,6 @@ def label_languages(cfg: Config) -> str:
     return f"as {cfg.data.dir}/{CORPUS_JSON} names them"
 
 
-def _no_memory_holds(exc: BaseException) -> bool:
-    """Whether torch refused an allocation: too large for the device's memory, or for a size's arithmetic."""
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    text = str(exc)
-    return any(sign in text for sign in ("can't allocate memory", "out of memory", "size calculation overflowed"))
-
-
 class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
@@ -350,9 +342,8 @@ class Trainer:
         try:
             self.model = Seq2Seq(cfg.model, len(self.src_tok), len(self.tgt_tok)).to(self.device)
         except (RuntimeError, MemoryError) as exc:
-            if not _no_memory_holds(exc):
+            if (reason := out_of_memory(exc)) is None:
                 raise
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise NMTError(f"cannot build the model that the config's model section describes on {self.device} "
                            f"({reason}): choose smaller sizes") from None
         if cfg.decode.packed_matmuls:  # validation decodes like an exported model; training keeps torch's layers

@@ -174,6 +174,9 @@ def test_confidence_intervals_and_a_paired_test_against_a_baseline(system, tmp_p
     tiny = evaluate(["x", "y"], ["x", "z"], bootstrap=5)["metrics"]
     assert "ci95" not in tiny["chrf"] and "ci95" in tiny["ter"]
     assert "bs:" not in tiny["chrf"]["signature"] and "bs:5" in tiny["ter"]["signature"]  # as it was scored
+    # A count no memory holds was numpy's _ArrayMemoryError traceback (14.6 TiB), exit 1.
+    assert main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--bootstrap", str(10**12)]) == 2
+    assert capsys.readouterr().err.startswith("nmt evaluate: error: out of memory (Unable to allocate ")
     # With a report: chrF's and TER's intervals came as numpy float32, and writing it failed with a traceback.
     assert main(["evaluate", "--hyp", str(hyp_file), "--ref", str(ref_file), "--bootstrap", "200",
                  "--report", str(tmp_path / "ci.json")]) == 0
