@@ -181,12 +181,23 @@ def _run_train(args: argparse.Namespace) -> int:
     from nmt.train import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.resume and not any(item.strip().startswith("train.run_dir=") for item in args.overrides):
+        _check_config_is_its_runs(Path(args.config), Path(cfg.train.run_dir))
     result = train(cfg, resume=args.resume)
     best = f"{result['best_bleu']:.2f}" if result["best_bleu"] >= 0 else "n/a"
     if result["main"]:  # under torchrun, once for the job
         say(f"run: {cfg.train.run_dir}  steps: {result['step']}  best dev BLEU: {best}  stopped: {result['reason']}")
     # Stopped by a signal (its checkpoint saved): not a finished run to a script's `&&`, as the shell would say.
     return 128 + result["signal"] if result["reason"] == "interrupted" and result["signal"] else 0
+
+
+def _check_config_is_its_runs(config: Path, run_dir: Path) -> None:
+    """A run's own config, in a run copied or moved elsewhere, still names the directory the run began in: `nmt
+    train RUN2/config.yaml --resume` trained and wrote RUN."""
+    home = config.parent
+    if (home / "last.pt").is_file() and home.resolve() != run_dir.resolve():
+        raise NMTError(f"{config} lies in the run {home}, but names train.run_dir {run_dir} (where the run began, "
+                       f"or relative to another directory): resume {home} with --set train.run_dir={home}")
 
 
 def _run_tokenizer(args: argparse.Namespace) -> int:

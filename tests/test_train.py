@@ -502,6 +502,21 @@ def test_a_resumed_run_keeps_how_it_scores_dev_bleu_but_may_be_relabelled(corpus
     assert f"{run_dir} trained de -> en and is labelled nl -> en-GB from now on" in caplog.text
 
 
+def test_a_copied_run_resumes_itself_not_the_run_its_config_names(corpus: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # `nmt train RUN2/config.yaml --resume` trained and wrote RUN, exit 0: the copy's config names RUN.
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    train(tiny_config(corpus, run, *RESUME_SETTINGS, "train.max_steps=2"))
+    shutil.copytree(run, copy)
+    before = (run / "last.pt").read_bytes()
+    args = ["train", str(copy / "config.yaml"), "--resume", "--set", "train.max_steps=3"]
+    assert main(args) == 2
+    assert (f"{copy}/config.yaml lies in the run {copy}, but names train.run_dir {run} (where the run began, or "
+            f"relative to another directory): resume {copy} with --set train.run_dir={copy}") in capsys.readouterr().err
+    assert main([*args, "--set", f"train.run_dir={copy}"]) == 0
+    assert (run / "last.pt").read_bytes() == before and load_checkpoint(copy / "last.pt")["position"]["step"] == 3
+
+
 def test_a_resume_on_other_pairs_says_so_before_their_languages(tmp_path: Path) -> None:
     # A corpus prepared again for another pair of languages was refused for its languages, as if only they changed.
     data, run_dir = small_corpus(tmp_path / "data"), tmp_path / "run"
