@@ -20,6 +20,7 @@ import hashlib
 import html
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -429,8 +430,8 @@ def prepare_files(
         raise NMTError(f"length unit must be one of {', '.join(LENGTH_UNITS)} (got {length_unit!r})")
     if max_len < 1:
         raise NMTError(f"--max-len must be at least 1 (got {max_len})")
-    if max_ratio < 0:
-        raise NMTError(f"--max-ratio must be 0 (off) or positive (got {max_ratio})")
+    if not (max_ratio == 0 or 1 <= max_ratio < math.inf):  # nan was "off"; below 1, every pair over 5 units dropped
+        raise NMTError(f"--max-ratio must be 0 (off) or a finite ratio of at least 1 (got {max_ratio})")
     given = [src, tgt, tsv, dev_src, dev_tgt, dev_tsv, test_src, test_tgt, test_tsv]
     _check_outdir(outdir, overwrite, [p for p in given if p])
 

@@ -278,6 +278,11 @@ def test_files_ratio_and_length_options(tmp_path: Path) -> None:
     assert r["dropped"]["too_long"] == 1 and r["settings"]["length_unit"] == "chars"
     with pytest.raises(NMTError, match="length unit"):
         prepare_files(tmp_path / "o3", s, t, length_unit="bytes")
+    # nan was taken as "off"; a ratio below 1 dropped every pair longer than 5 units.
+    for ratio in (float("nan"), 0.5, -1.0, float("inf")):
+        with pytest.raises(NMTError, match=re.escape(f"--max-ratio must be 0 (off) or a finite ratio of at least 1 "
+                                                     f"(got {ratio})")):
+            prepare_files(tmp_path / "o4", s, t, max_ratio=ratio)
 
 
 def test_files_explicit_dev_test_and_overlap(tmp_path: Path) -> None:
