@@ -289,14 +289,16 @@ def _decode_options(args: argparse.Namespace) -> dict:
 def _load_translator(args: argparse.Namespace) -> Translator:
     from nmt.translator import Translator  # imported here: torch stays out of `nmt --help`
 
-    translator = Translator.load(args.model, device=args.device, threads=args.threads, int8=args.int8)
-    if not getattr(args, "shortlist", True) and translator.shortlist is not None:
-        log.info("--no-shortlist: the model's shortlist is not used; decoding over the whole target vocabulary")
+    wanted = getattr(args, "shortlist", True)
+    translator = Translator.load(args.model, device=args.device, threads=args.threads, int8=args.int8,
+                                 shortlist=wanted)
+    if not wanted:
+        log.info("--no-shortlist: the model's shortlist is not read; decoding over the whole target vocabulary")
     sizes = [flag for flag, value in (("--shortlist-frequent", getattr(args, "shortlist_frequent", None)),
                                       ("--shortlist-per-source", getattr(args, "shortlist_per_source", None)))
              if value is not None]
-    if sizes and (translator.shortlist is None or not getattr(args, "shortlist", True)):
-        why = ("--no-shortlist turns the shortlist off" if translator.shortlist is not None
+    if sizes and (translator.shortlist is None or not wanted):
+        why = ("--no-shortlist turns the shortlist off" if not wanted
                else f"{args.model} decodes without one (a run directory or checkpoint, or decode.shortlist off)")
         log.warning("%s ignored: %s", " and ".join(sizes), why)
     return translator

@@ -243,9 +243,9 @@ class ModelFiles:
     weights_sha256: str | None  # the weights' digest (export.weights_digest), where the card's was checked
 
 
-def read_model(path: Path) -> ModelFiles:
-    """Read a run directory (best.pt, else last.pt), a .pt checkpoint in one, or an exported model directory;
-    NMTError naming what is missing or broken."""
+def read_model(path: Path, shortlist_wanted: bool = True) -> ModelFiles:
+    """Read a run directory (best.pt, else last.pt), a .pt checkpoint in one, or an exported model directory (its
+    shortlist unless not wanted: then it may be missing or broken); NMTError naming what is missing or broken."""
     home, source, model_dir = locate_model(path)
     card, shortlist, digest = None, None, None
     if model_dir:
@@ -264,7 +264,7 @@ def read_model(path: Path) -> ModelFiles:
     src_tok, tgt_tok = (Tokenizer(home / name) for name in TOKENIZER_FILES)
     if not model_dir:
         check_trained_with(state, src_tok, tgt_tok, home, source)
-    if cfg.decode.shortlist and model_dir and (home / SHORTLIST_FILE).is_file():
+    if shortlist_wanted and cfg.decode.shortlist and model_dir and (home / SHORTLIST_FILE).is_file():
         shortlist = Shortlist.load(home / SHORTLIST_FILE, len(src_tok), len(tgt_tok))
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
     load_weights(model, weights, source)
@@ -311,15 +311,16 @@ class Translator:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", threads: int | None = None,
-             int8: bool = False) -> Translator:
-        """Load a run directory (best.pt, else last.pt), a .pt checkpoint in one, or an exported model directory."""
+             int8: bool = False, shortlist: bool = True) -> Translator:
+        """Load a run directory (best.pt, else last.pt), a .pt checkpoint in one, or an exported model directory
+        (without its shortlist when shortlist is false: every call decodes over the whole vocabulary)."""
         path = Path(path)
         if threads is not None:
             torch.set_num_threads(_check_int("threads", threads, 1, MAX_THREADS))
         dev = pick_device(device)
         if int8:
             check_int8(dev)
-        files = read_model(path)
+        files = read_model(path, shortlist)
         model, cfg, shortlist = files.model, files.cfg, files.shortlist
         params, quantized = model.num_parameters(), False
         # The float weights' digest: checked against the card as read, else taken when first asked for (quantized

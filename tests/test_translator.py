@@ -366,6 +366,9 @@ def test_the_shortlist_comes_with_the_export_and_can_be_turned_off(tiny_run, tin
     assert main(["translate", str(narrow), "-i", str(src)]) == 2
     err = capsys.readouterr().err
     assert "not a readable shortlist file" in err and "Traceback" not in err
+    # Told not to use it, translate refused for it all the same.
+    assert main(["translate", str(narrow), "-i", str(src), "--no-shortlist"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == outputs(shortlist=False)[0][0]
 
 
 def test_shortlist_sizes_that_cannot_apply_are_said_to_be_ignored(tiny_run, tiny_model_dir, tmp_path, caplog, capsys):
