@@ -51,12 +51,13 @@ TRAIN_FILES = ("train.src", "train.tgt")  # the pairs a run trains on
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = ()) -> None:
+def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = ()) -> str | None:
     """Refuse a directory that holds the inputs or the current directory, or that is not empty and holds no
     previous corpus (whatever `overwrite` says: a mistyped OUTDIR, such as a home directory, was replaced whole);
-    and, unless `overwrite`, one that holds other files beside a previous corpus (they are kept with it)."""
+    and, unless `overwrite`, one that holds other files beside a previous corpus (they are kept with it). What the
+    corpus replaces there, if anything, in words."""
     if not outdir.exists():
-        return
+        return None
     if not outdir.is_dir():
         raise NMTError(f"{outdir} exists and is not a directory")
     home = outdir.resolve()
@@ -82,8 +83,9 @@ def _check_outdir(outdir: Path, overwrite: bool, inputs: Sequence[Path | str] = 
     if others and not overwrite:
         raise NMTError(f"{outdir} holds a previous corpus and other files ({shown}); choose another directory, "
                        "or pass --overwrite to replace the corpus and keep them")
-    if entries:
-        log.info("replacing the previous corpus in %s%s", outdir, f" (keeping {shown})" if others else "")
+    if not entries:
+        return None
+    return f"the previous corpus in {outdir}" + (f" (keeping {shown})" if others else "")
 
 
 def _sibling(path: Path, tag: str) -> Path:
@@ -99,7 +101,8 @@ def _write_corpus(outdir: Path, splits: dict[str, dict[str, Sequence[str]]], met
     entries of `outdir` that are no corpus files moved into it; on any error the temporary directory is removed and
     `outdir` is left as it was.
     """
-    _check_outdir(outdir, overwrite, inputs)
+    if (replaced := _check_outdir(outdir, overwrite, inputs)) is not None:
+        log.info("replacing %s", replaced)
     outdir = outdir.resolve()  # "." or "..": a name to rename
     tmp = _sibling(outdir, "tmp")
     try:
