@@ -430,15 +430,6 @@ def _check_not_input(output: str | os.PathLike | int, inputs: list[str | os.Path
                 raise NMTError(f"{shown} is also an input{also}: write the output to another file")
 
 
-def _model_files(model: str) -> list[Path]:
-    """The files a model path reads from (its weights, and everything beside them: config, tokenizers, card,
-    shortlist), for _check_not_input: `-o MODEL/model.safetensors` replaced the weights with translations."""
-    from nmt.translator import locate_model
-
-    home, source, _ = locate_model(Path(model))
-    return [source, *(path for path in home.iterdir() if path.is_file())]
-
-
 def _inputs(*paths: str | os.PathLike) -> list[str | os.PathLike | int]:
     """Input files as _check_not_input takes them: - is standard input's descriptor."""
     return [_stdin_fd() if str(path) == "-" else path for path in paths]
@@ -465,7 +456,9 @@ def _run_translate(args: argparse.Namespace) -> int:
     from nmt.progress import Progress
 
     args.input, args.output = (None if path == "-" else path for path in (args.input, args.output))
-    _check_not_input(args.output or _stdout_fd(), [args.input or _stdin_fd(), *_model_files(args.model)])
+    from nmt.translator import model_files
+
+    _check_not_input(args.output or _stdout_fd(), [args.input or _stdin_fd(), *model_files(Path(args.model))])
     if args.beam is not None and (args.n_best or 1) > args.beam:  # found before the model loads; else by translate()
         raise NMTError(f"--n-best {args.n_best} is more than --beam {args.beam}")
     source = _open(args.input, "r", sys.stdin)  # a missing input is found before the model loads
@@ -688,7 +681,7 @@ def _evaluation_outputs(args: argparse.Namespace, name: str, inputs_sha256: str,
     """The paths of the hypotheses and the report, checked (and their directory made) before the translation, which
     takes a while: neither overwrites an input, a file that is no report, or hypotheses that are not the report's."""
     from nmt.evaluate import check_hyp_replaceable, check_report_replaceable, check_writable
-    from nmt.translator import locate_model
+    from nmt.translator import locate_model, model_files
 
     home, source, exported = locate_model(Path(args.model))
     # A checkpoint file gets a folder of its own: scoring last.pt must not replace the run's (best.pt's) report.
@@ -701,7 +694,7 @@ def _evaluation_outputs(args: argparse.Namespace, name: str, inputs_sha256: str,
     hyp_path = report_path.with_suffix(".hyp") if beside and not args.out else out / f"{name}.hyp"
     if args.out and out.exists() and not out.is_dir():
         raise NMTError(f"--out {out}: not a directory")
-    read = [*_inputs(*inputs, *filter(None, [args.baseline])), *_model_files(args.model)]
+    read = [*_inputs(*inputs, *filter(None, [args.baseline])), *model_files(Path(args.model))]
     for path in (hyp_path, report_path):
         check_writable(path)
         _check_not_input(path, read)

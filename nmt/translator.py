@@ -225,6 +225,14 @@ def locate_model(path: Path) -> tuple[Path, Path, bool]:
     return home, source, False
 
 
+def model_files(path: Path) -> list[Path]:
+    """The files read_model reads for a model path (those present): the weights, tokenizers, and in an exported
+    model directory its config, card and shortlist."""
+    home, source, model_dir = locate_model(path)
+    names = [*TOKENIZER_FILES, *((CONFIG_FILE, CARD_FILE, SHORTLIST_FILE) if model_dir else ())]
+    return [source, *(home / name for name in names if (home / name).is_file())]
+
+
 @dataclass
 class ModelFiles:
     """What a model path holds, read and checked: its config, tokenizers, card and shortlist, and its weights in a
