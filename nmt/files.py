@@ -59,7 +59,17 @@ class ClosedStream(io.RawIOBase):
 
 def stand_in_for_closed_streams() -> None:
     """Give a process started without standard input or output a ClosedStream for each, and one without standard
-    error /dev/null there (its messages cannot be shown, but the command still runs and says how by its status)."""
+    error /dev/null there (its messages cannot be shown, but the command still runs and says how by its status).
+    Each missing descriptor 0-2 gets /dev/null too: else the next file opened took its number, and what native code
+    writes to standard error (libgomp, SentencePiece) went into that file, an output among them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
     for name, shown in (("stdin", "standard input"), ("stdout", "standard output")):
         if getattr(sys, name) is None:
             setattr(sys, name, ClosedStream(shown))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -205,3 +208,14 @@ def test_a_utf16_or_utf32_file_is_named_as_such(tmp_path, encoding):
     with pytest.raises(NMTError, match=re.escape(f"{path} is {name} (it begins with {name}'s byte order mark): "
                                                  f"convert it to UTF-8, e.g. with iconv -f {name} -t UTF-8")):
         read_lines(path)
+
+
+def test_missing_standard_descriptors_are_never_taken_by_files(tmp_path):
+    # Started with `>&- 2>&-`, the next file opened took descriptor 1 or 2, and what native code writes to standard
+    # error (libgomp, SentencePiece) went into it: into a translation output, say.
+    out = tmp_path / "out.txt"
+    script = ("import os, sys; from nmt.files import stand_in_for_closed_streams; stand_in_for_closed_streams(); "
+              f"f = open({str(out)!r}, 'w'); f.write('mine'); f.flush(); os.write(2, b'native'); os.write(1, b'x')")
+    done = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -c {shlex.quote(script)} >&- 2>&-"],
+                          timeout=60)
+    assert done.returncode == 0 and out.read_text(encoding="utf-8") == "mine"
