@@ -151,7 +151,8 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     app.router.route_class = StrictJSONRoute  # for the routes below
     install_error_handlers(app)
     # The last added is the outermost: keys and rate limits are checked before the body limit reads the body.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s,
+                       json_paths=frozenset((TRANSLATE, SCORE)))
     rate = settings.rate()
     app.add_middleware(Guard, paths=frozenset((TRANSLATE, SCORE)), keys=settings.api_keys,
                        rate_limit=settings.rate_limit, limiter=RateLimiter(*rate) if rate else None)

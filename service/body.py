@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException
+from starlette.datastructures import Headers
 
 
 class BadKey(ValueError):
@@ -47,13 +47,13 @@ class StrictJSONRequest(Request):
         return self._json
 
 
-def unsupported_body(request: Request) -> str | None:
+def unsupported_body(headers: Headers) -> str | None:
     """Why a request's body cannot be read as this API's JSON, whatever it holds: compressed, not sent as JSON, or
     in another charset than UTF-8 (read as UTF-8, Latin-1 text that happens to be valid UTF-8 changed silently)."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         return f"Content-Encoding {encoding} is not supported: send the body uncompressed"
-    media, *params = (part.strip().lower() for part in request.headers.get("content-type", "").split(";"))
+    media, *params = (part.strip().lower() for part in headers.get("content-type", "").split(";"))
     if media != "application/json" and not media.endswith("+json"):
         return "the body must be JSON sent with Content-Type: application/json" + (f", not {media}" if media else "")
     charset = next((p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")), "utf-8")
@@ -63,14 +63,11 @@ def unsupported_body(request: Request) -> str | None:
 
 
 class StrictJSONRoute(APIRoute):
-    """An API route whose endpoint reads its body as StrictJSONRequest, after refusing (415) one it cannot read."""
+    """An API route whose endpoint reads its body as StrictJSONRequest."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        takes_body = self.body_field is not None
 
         async def strict(request: Request) -> Response:
-            if takes_body and (problem := unsupported_body(request)) is not None:
-                raise HTTPException(415, problem)
             return await handler(StrictJSONRequest(request.scope, request.receive))
         return strict

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import math
+from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.routing import compile_path
@@ -31,6 +32,13 @@ def route_path(scope: Scope) -> str:
     return path[len(root):] if root and path.startswith(root + "/") else path
 
 
+def path_matcher(paths: frozenset[str]) -> Callable[[str], bool]:
+    """Whether a path (as route_path gives it) is one of these routes', matched as the router matches them: a path
+    compared as a string let /v1/translate%0A through, which the router's `$` still takes for /v1/translate."""
+    patterns = [compile_path(path)[0] for path in paths]
+    return lambda path: any(pattern.match(path) for pattern in patterns)
+
+
 class Guard:
     """Answers a POST to a guarded path with 401 when API keys are set and it sends none of them, and with 429 (and
     Retry-After) when its client is over the rate limit, before anything reads its body: a client without a key
@@ -40,15 +48,13 @@ class Guard:
     def __init__(self, app: ASGIApp, paths: frozenset[str], keys: list[str], rate_limit: str,
                  limiter: RateLimiter | None):
         self.app = app
-        # The routes' own patterns, matched as the router matches them: a path compared as a string let
-        # /v1/translate%0A through, which the router's `$` still takes for /v1/translate.
-        self.patterns = [compile_path(path)[0] for path in paths]
+        self.guarded = path_matcher(paths)
         self.keys = [key.encode() for key in keys]
         self.rate_limit, self.limiter = rate_limit, limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if path is None or not any(pattern.match(path) for pattern in self.patterns):
+        if path is None or not self.guarded(path):
             await self.app(scope, receive, send)
             return
         key = given_key(Headers(scope=scope))

@@ -381,6 +381,24 @@ def test_415_for_a_body_sent_as_what_the_api_cannot_read_whatever_it_holds(clien
         for content in (b'{"text": "a b"}', '{"text": "Ã©"}'.encode(), b'{"text": 5}'):
             response = client.post("/v1/translate", content=content, headers={**HEADERS, **headers})
             assert message in error_of(response, 415)["message"]
+
+
+def test_415_comes_before_the_body_is_read(make_client):
+    # Checked once the body was read: a compressed body over the limit got 413, and a body sent as text/plain that
+    # never ended waited for the request deadline.
+    client = make_client(max_body_bytes=100)
+    response = client.post("/v1/score", content=b"x" * 1000, headers={**HEADERS, "Content-Encoding": "gzip"})
+    assert error_of(response, 415)["message"].startswith("Content-Encoding gzip is not supported")
+    assert response.headers["connection"] == "close"  # the body is left unread
+
+    def never_ends():
+        yield b'{"text": '
+        raise AssertionError("the body was read")
+
+    response = client.post("/v1/translate", content=never_ends(), headers={"Content-Type": "text/plain"})
+    assert error_of(response, 415)["message"] == "the body must be JSON sent with Content-Type: application/json, " \
+                                                 "not text/plain"
+    assert error_of(client.post("/v1/health", content=b"x", headers={"Content-Type": "text/plain"}), 405)
     response = client.post("/v1/translate", content=b'{"text": "a b"}', headers={"Content-Type": ""})
     assert "must be JSON sent with Content-Type: application/json" in error_of(response, 415)["message"]
     for media in ("application/json; charset=utf-8", "application/vnd.api+json", "application/json;charset=UTF8"):
