@@ -151,8 +151,22 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().shutdown()
 
     def _unsupported_upgrade_warning(self) -> None:
-        """An Upgrade header is ignored, as RFC 9110 lets a server do: the request is served as HTTP. uvicorn logged
-        two warnings for each such request, one of them advice to install a WebSocket library."""
+        """A request that asks to switch protocols (Upgrade: h2c, as `curl --http2` sends; websocket), which the
+        service does not do (uvicorn logged two warnings for each, one of them advice to install a WebSocket
+        library). The parser stops at its headers, so nothing after them is read as HTTP: one without a body is
+        answered, and its connection closed after; one with a body reached the app without it (422 "empty"), and
+        gets 400 instead."""
+        cycle = self.cycle
+        if cycle is None or cycle.disconnected or cycle.response_complete:  # said already, or answered
+            return
+        cycle.keep_alive = False
+        headers = dict(self.headers)
+        if b"transfer-encoding" in headers or headers.get(b"content-length", b"0").strip() not in (b"", b"0"):
+            self._abandon(cycle)
+            protocol = headers.get(b"upgrade", b"").decode("latin-1")
+            self._answer(400, b"Bad Request", f"the request asks to switch protocols (Upgrade: {protocol}), which "
+                         "this service does not do, and its body is then not read: send it without Upgrade (curl: "
+                         "without --http2)")
 
     def pause_writing(self) -> None:
         """The unsent bytes passed the high-water mark: the client has that long to read enough of them."""

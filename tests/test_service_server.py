@@ -383,6 +383,14 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
         response = httpx.get(f"{url}/v1/health", headers=upgrade)
         assert response.json() == {"status": "ok"} and "x-request-id" in response.headers
+        assert response.headers["connection"] == "close"  # what follows it is not read as HTTP
+        # `curl --http2 -d ...` on http:// asks for h2c: its body never reached the app, which answered 422 "empty".
+        h2c = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as upgrading:
+            upgrading.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + h2c +
+                              b'Content-Length: 13\r\n\r\n{"text": "a"}')
+            answer = b"".join(iter(lambda: upgrading.recv(4096), b""))
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"asks to switch protocols (Upgrade: h2c)" in answer, answer
         with socket.create_connection(("127.0.0.1", port), timeout=10) as unknown:  # 400 as if malformed, before
             unknown.sendall(b"FROB /v1/translate HTTP/1.1\r\nHost: x\r\n\r\n")
             answer = b"".join(iter(lambda: unknown.recv(4096), b""))
