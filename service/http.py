@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import http
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +41,9 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# A request line as RFC 9112 has it: a token, a target, the version (anywhere: a pipelined request begins right
+# after the body before it).
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) [^ \r\n]+ HTTP/1\.[01]\r?\n")
 LOG_EVERY_S = 60.0  # a flood of slow clients is one warning line, with a count, at most this often
 
 
@@ -125,6 +130,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._deferred: tuple[int, bytes, str] | None = None
         self._cycles: list[Any] = []  # this connection's requests not yet answered, the one under way first
         self._counted_by_app = False  # the next answer made here is a request's the app counts
+        self._received = b""  # the last bytes read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -188,6 +194,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if self._too_large:
             return
         in_body, completed = self._in_body, self._completed
+        self._received = data  # what send_400_response may look at, for the request line the parser refused
         super().data_received(data)
         if self.transport.is_closing():
             return
@@ -280,10 +287,13 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             return
         if self._in_body and self.cycle is not None and not self.cycle.response_started:
             self._abandon(self.cycle)  # its body broke off: it waited for the rest until its deadline, then 408
-        # uvicorn calls this from its handler of the parser's error, which tells an unknown method (RFC 9110: 501).
-        if isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError):
+        # uvicorn calls this from its handler of the parser's error, which tells an unknown method; that is a 501
+        # (RFC 9110) in a well-formed request line, and bytes that are no HTTP (TLS, say) otherwise.
+        if isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError) and any(
+                method.decode("ascii") not in http.HTTPMethod.__members__
+                for method in _REQUEST_LINE.findall(self._received)):
             self._answer(501, b"Not Implemented", "the request's method is unknown to this service (its "
-                                                  "endpoints take GET, HEAD and POST)")
+                                                  "endpoints take GET, HEAD and POST, and OPTIONS for CORS)")
             return
         self._answer(400, b"Bad Request", f"{msg.rstrip('.')}: malformed request line, headers or framing")
 

@@ -401,7 +401,9 @@ def test_a_connection_whose_request_headers_never_end_is_closed(tiny_model_dir):
         body = b'{"text": "a b"}'
         pipelined = (b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body)) * 2
-        for garbage, status in ((b"GET /\x01 HTTP/1.1\r\n\r\n", b"400"), (b"GARBAGE \x01\r\n\r\n", b"501"),
+        for garbage, status in ((b"GET /\x01 HTTP/1.1\r\n\r\n", b"400"), (b"GARBAGE \x01\r\n\r\n", b"400"),
+                                (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"400"),  # a TLS ClientHello
+                                (b"FROB /v1/health HTTP/1.1\r\nHost: x\r\n\r\n", b"501"),
                                 (b"GET /v1/health HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"400"),
                                 (b"GET /v1/health HTTP/1.1\r\nX-B: " + b"a" * 5000 + b"\r\n\r\n", b"431")):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
