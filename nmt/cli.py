@@ -57,7 +57,6 @@ def say_to_stderr(*lines: str) -> None:
     print(*lines, sep="\n", file=sys.stderr, flush=True)
 
 
-
 _DROP_LABELS = {"empty": "empty", "too_long": "too long", "ratio": "length ratio", "duplicate": "duplicate",
                 "overlap_dev_test": "source also in dev/test"}
 
@@ -276,8 +275,13 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="int8 dynamic quantization for faster CPU inference (a translation then depends a little on "
                         "the batch it is decoded in)")
-    p.add_argument("--threads", type=int_from(1, MAX_THREADS), help="torch threads (default: torch's choice)")
+    _add_threads(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int_from(1, MAX_THREADS),
+                   help=f"torch threads, at most {MAX_THREADS} (default: torch's choice)")
 
 
 def _decode_options(args: argparse.Namespace) -> dict:
@@ -764,7 +768,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hyp", required=True, help="translations to score, line-parallel to --src")
     p.add_argument("--tokens", action="store_true", help="also print each target piece's log-probability")
     p.add_argument("--batch-tokens", type=int_from(1), help="tokens per batch (default: config's decode.batch_tokens)")
-    p.add_argument("--threads", type=int_from(1, MAX_THREADS), help="torch threads (default: torch's choice)")
+    _add_threads(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(func=_run_score, int8=False)
 

@@ -56,7 +56,7 @@ class ModelConfig:
 class TrainConfig:
     run_dir: str = "runs/base"  # checkpoints, tokenizers, metrics.jsonl
     seed: int = 1234
-    threads: int = 0  # torch intra-op threads; 0 = torch default
+    threads: int = 0  # torch intra-op threads; 0 = torch default; at most MAX_THREADS (1024)
     device: str = "auto"  # auto, cpu, cuda
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     amp_cpu: bool = True  # bfloat16 autocast on CPUs with AVX512_BF16 or AMX (float32 on others)
