@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from nmt import LOG_FORMAT, __version__
-from nmt.config import MAX_THREADS, STORED_PER_SOURCE
+from nmt.config import MAX_THREADS, STORED_PER_SOURCE, integers
 from nmt.errors import NMTError
 from nmt.files import (
     GZIP_MAGIC,
@@ -236,7 +236,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 def int_from(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer >= low (and <= high), so that a bad value is refused before the model loads."""
-    wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    wanted = integers(low, high)
 
     def parse(text: str) -> int:
         try:
@@ -297,7 +297,7 @@ def _load_translator(args: argparse.Namespace) -> Translator:
     translator = Translator.load(args.model, device=args.device, threads=args.threads, int8=args.int8,
                                  shortlist=wanted)
     if not wanted:
-        log.info("--no-shortlist: the model's shortlist is not read; decoding over the whole target vocabulary")
+        log.info("--no-shortlist: decoding over the whole target vocabulary")
     sizes = [flag for flag, value in (("--shortlist-frequent", getattr(args, "shortlist_frequent", None)),
                                       ("--shortlist-per-source", getattr(args, "shortlist_per_source", None)))
              if value is not None]

@@ -140,6 +140,11 @@ _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
 # Upper bounds past which a value is a mistake: decoding to a*source+b pieces with a model that has not learnt to
 # stop yet (early in training) would run for hours.
 STORED_PER_SOURCE = 50  # target candidates a shortlist file keeps per source piece or word (nmt.shortlist)
+def integers(low: int, high: int | None = None) -> str:
+    """How an error names the integers a setting takes."""
+    return f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+
 MAX_THREADS = 1024  # torch threads: libgomp crashes the process (SIGSEGV) when asked for tens of thousands
 _AT_MOST = {"decode.length_penalty": MAX_LENGTH_PENALTY, "decode.max_len_a": 10, "decode.max_len_b": 1000,
             "decode.shortlist_per_source": STORED_PER_SOURCE,

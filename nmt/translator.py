@@ -23,7 +23,7 @@ import torch
 
 from nmt.batching import collate, padded_tokens, token_batches
 from nmt.checkpoint import STEP_DIR, load_checkpoint
-from nmt.config import MAX_LENGTH_PENALTY, MAX_THREADS, STORED_PER_SOURCE, Config, from_dict, load_config
+from nmt.config import MAX_LENGTH_PENALTY, MAX_THREADS, STORED_PER_SOURCE, Config, from_dict, integers, load_config
 from nmt.device import check_int8, pick_device
 from nmt.errors import NMTError
 from nmt.export import (
@@ -202,8 +202,7 @@ def _source_piece(pieces: list[str], j: int) -> str:
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low or high is not None and value > high:
-        wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-        raise NMTError(f"{name} must be {wanted}, got {value!r}")
+        raise NMTError(f"{name} must be {integers(low, high)}, got {value!r}")
     return value
 
 
