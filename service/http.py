@@ -41,9 +41,9 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# A request line as RFC 9112 has it: a token, a target, the version (anywhere: a pipelined request begins right
-# after the body before it).
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) [^ \r\n]+ HTTP/1\.[01]\r?\n")
+# A request line as RFC 9112 has it, a method, a target and the version, with bounded parts: matched where a read
+# begins, it costs at most their length (unbounded and searched for, a 130 KB packet held the event loop 90 s).
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}) [^ \r\n]{1,8192} HTTP/1\.[01]\r?\n")
 LOG_EVERY_S = 60.0  # a flood of slow clients is one warning line, with a count, at most this often
 
 
@@ -285,13 +285,19 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         requests before them on the connection."""
         if self._too_large:  # answered already
             return
-        if self._in_body and self.cycle is not None and not self.cycle.response_started:
-            self._abandon(self.cycle)  # its body broke off: it waited for the rest until its deadline, then 408
+        if self._in_body and self.cycle is not None:  # the newest request's body broke off
+            if self.cycle.response_started:  # answered without its body (a 401; a GET): no second answer
+                self.cycle.keep_alive = False
+                if self.cycle.response_complete:
+                    self.transport.close()
+                return
+            self._abandon(self.cycle)  # it waited for the rest until its deadline, then 408
         # uvicorn calls this from its handler of the parser's error, which tells an unknown method; that is a 501
-        # (RFC 9110) in a well-formed request line, and bytes that are no HTTP (TLS, say) otherwise.
-        if isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError) and any(
-                method.decode("ascii") not in http.HTTPMethod.__members__
-                for method in _REQUEST_LINE.findall(self._received)):
+        # (RFC 9110) in a well-formed request line (one a read begins with), and bytes that are no HTTP (TLS, say)
+        # otherwise.
+        line = _REQUEST_LINE.match(self._received)
+        if (isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError) and line is not None
+                and line[1].decode("ascii") not in http.HTTPMethod.__members__):
             self._answer(501, b"Not Implemented", "the request's method is unknown to this service (its "
                                                   "endpoints take GET, HEAD and POST, and OPTIONS for CORS)")
             return
