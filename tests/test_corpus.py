@@ -148,6 +148,24 @@ def test_bible_missing_modules(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_bible_damaged_modules_are_errors(tmp_path: Path) -> None:
+    require_system_package(HAVE_MODULES and HAVE_PYSWORD, "needs the SWORD modules and pysword")
+    # A module whose data directory is gone was pysword's traceback; a truncated data file gave a quarter of the
+    # corpus empty and dropped, exit 0.
+    sword = tmp_path / "sword"
+    shutil.copytree(SWORD, sword)
+    kjv = sword / "modules" / "texts" / "ztext" / "engKJV2006eb"
+    with (kjv / "nt.bzz").open("r+b") as data:
+        data.truncate(1000)
+    with pytest.raises(NMTError, match=r"verses of SWORD module engKJV2006eb in .* are empty: its data files look "
+                                       r"damaged; reinstall them \(apt-get install --reinstall -y sword-text-kjv\)"):
+        prepare_bible(tmp_path / "out", sword_path=str(sword))
+    shutil.rmtree(kjv)
+    with pytest.raises(NMTError, match="the data files of SWORD module engKJV2006eb are missing or unreadable"):
+        prepare_bible(tmp_path / "out", sword_path=str(sword))
+    assert not (tmp_path / "out").exists()
+
+
 def test_bible_missing_pysword(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "pysword.modules", None)
     with pytest.raises(NMTError, match="pip install pysword"):

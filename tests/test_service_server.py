@@ -178,6 +178,8 @@ def test_the_services_own_log_lines_end_with_the_request_they_were_written_for()
     (["no-tgt"], {}, "SentencePiece model not found: no-tgt/tgt.model"),  # a traceback (exit 3), or exit 0
     (["garbled"], {}, "garbled/model.safetensors is not a readable safetensors file"),  # with --workers 2
     ([], {"NMT_DEVICE": "banana"}, "NMT_DEVICE must be cpu, cuda, cuda:N or auto, got 'banana'"),
+    # Each worker loads its own model: 100000 of them brought the machine to a standstill.
+    (["--workers", "100000"], {}, "--workers 100000 is more than the "),
     # torch devices no path of ours runs on: meta served 500s, mps crashed the startup.
     ([], {"NMT_DEVICE": "meta"}, "NMT_DEVICE must be cpu, cuda, cuda:N or auto, got 'meta'"),
     ([], {"NMT_DEVICE": "mps"}, "NMT_DEVICE must be cpu, cuda, cuda:N or auto, got 'mps'"),
