@@ -173,8 +173,12 @@ def evaluate_model(translator: Translator, src: list[str], refs: list[list[str]]
 
 
 def is_report(data: Any) -> bool:
-    """Whether parsed JSON is an `nmt evaluate` report: an object with its scores under 'metrics'."""
-    return isinstance(data, dict) and isinstance(data.get("metrics"), dict) and bool(data["metrics"])
+    """Whether parsed JSON is an `nmt evaluate` report: an object with its scores under 'metrics', each a score and
+    its sacrebleu signature (a model card's 'metrics', training's, passed for one)."""
+    metrics = data.get("metrics") if isinstance(data, dict) else None
+    return isinstance(metrics, dict) and bool(metrics) and all(
+        isinstance(m, dict) and isinstance(m.get("score"), (int, float)) and isinstance(m.get("signature"), str)
+        for m in metrics.values())
 
 
 def _read_report(path: Path) -> dict[str, Any] | None:

@@ -223,7 +223,7 @@ def _report_of(path: Path, digests: set[str], exported: str) -> dict[str, Any]:
                        f"evaluation report not found: {path}")
     data = _read_json(path)
     if not is_report(data):
-        raise NMTError(f"{path} is not an `nmt evaluate` report (no 'metrics' scores)")
+        raise NMTError(f"{path} is not an `nmt evaluate` report (no 'metrics' of scores with their signatures)")
     digest = data.get("weights_sha256")
     if digest is None and "model" not in data:
         raise NMTError(f"{path} scores translations from a file (`nmt evaluate --hyp`), not this model's")

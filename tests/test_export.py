@@ -242,8 +242,9 @@ def test_a_hand_edited_card_does_not_stop_the_model_loading(tiny_model_dir, tmp_
 
 def test_export_card_refuses_a_report_that_names_no_weights(tiny_run, tmp_path, caplog):
     report = tmp_path / "test.json"
+    scores = {"bleu": {"score": 42.0, "signature": "nrefs:1"}}  # a report's, as nmt evaluate writes them
     for digest in (["ab"], "A" * 64, 7):  # edited by hand
-        report.write_text(json.dumps({"metrics": {"bleu": {"score": 42.0}}, "model": "m", "weights_sha256": digest}))
+        report.write_text(json.dumps({"metrics": scores, "model": "m", "weights_sha256": digest}))
         with pytest.raises(NMTError, match=r"its weights_sha256 is not a SHA-256 digest \(.*; edited\?\)"):
             export_model(tiny_run, tmp_path / "m0", report=report)
     report.write_text(json.dumps({"metrics": "oops", "model": "m", "weights_sha256": "a" * 64}), encoding="utf-8")
@@ -254,13 +255,18 @@ def test_export_card_refuses_a_report_that_names_no_weights(tiny_run, tmp_path, 
     (run / "eval" / "test.json").write_text('{"n": 3, "metr', encoding="utf-8")  # cut short: not in the way
     assert card(export_model(run, tmp_path / "m0"))["evaluation"] is None
     assert "is not a readable JSON file" in caplog.text and "the card carries no test scores" in caplog.text
-    report.write_text(json.dumps({"n": 3, "metrics": {"bleu": {"score": 42.0}}, "model": "m"}), encoding="utf-8")
+    report.write_text(json.dumps({"n": 3, "metrics": scores, "model": "m"}), encoding="utf-8")
     with pytest.raises(NMTError, match="does not say which weights it scored"):
         export_model(tiny_run, tmp_path / "m1", report=report)
-    report.write_text(json.dumps({"n": 3, "metrics": {"bleu": {"score": 42.0}}, "hyp": "h"}), encoding="utf-8")
+    report.write_text(json.dumps({"n": 3, "metrics": scores, "hyp": "h"}), encoding="utf-8")
     with pytest.raises(NMTError, match="translations from a file"):
         export_model(tiny_run, tmp_path / "m2", report=report)
     report.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(NMTError, match="not an `nmt evaluate` report"):
+        export_model(tiny_run, tmp_path / "m3", report=report)
+    # Another export's card.json: its training metrics (steps, dev BLEU) went into the card as test scores.
+    report.write_text(json.dumps({"metrics": {"steps": 2, "best_dev_bleu": 1.0, "dev": {"bleu": 1.0}},
+                                  "weights_sha256": "a" * 64}), encoding="utf-8")
     with pytest.raises(NMTError, match="not an `nmt evaluate` report"):
         export_model(tiny_run, tmp_path / "m3", report=report)
     with pytest.raises(NMTError, match="evaluation report not found"):
