@@ -215,6 +215,9 @@ def _check_ranges(cfg: Config) -> None:
                 raise NMTError(f"config key '{key}' must be at least 0 and below 1, got {value!r}{keep}")
             if key in _AT_MOST and value > _AT_MOST[key]:
                 raise NMTError(f"config key '{key}' must be at most {_AT_MOST[key]}, got {value!r}")
+    if cfg.tokenizer.type == "bpe" and cfg.tokenizer.sample_alpha >= 1.0:  # every merge dropped: characters only
+        raise NMTError(f"config key 'tokenizer.sample_alpha' is BPE's dropout rate: it must be below 1, got "
+                       f"{cfg.tokenizer.sample_alpha!r}")
     if not MIN_CHARACTER_COVERAGE <= cfg.tokenizer.character_coverage <= 1.0:
         raise NMTError(f"config key 'tokenizer.character_coverage' must be between {MIN_CHARACTER_COVERAGE} and 1 "
                        f"(SentencePiece's range), got {cfg.tokenizer.character_coverage!r}")

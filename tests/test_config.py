@@ -237,3 +237,11 @@ def test_an_empty_config_file_is_said_to_set_nothing(tmp_path: Path, caplog: pyt
     empty.write_text("# nothing yet\n")
     assert load_config(empty) == from_dict({})
     assert f"config file {empty} is empty: every setting is the default (data.dir data/bible)" in caplog.text
+
+
+def test_bpe_dropout_below_one() -> None:
+    # tokenizer.sample_alpha=2 with BPE trained on single characters (every merge dropped), without a word.
+    with pytest.raises(NMTError, match="'tokenizer.sample_alpha' is BPE's dropout rate: it must be below 1, got 1.0"):
+        load_config(None, ["tokenizer.type=bpe", "tokenizer.sample_alpha=1"])
+    assert load_config(None, ["tokenizer.type=bpe", "tokenizer.sample_alpha=0.1"]).tokenizer.sample_alpha == 0.1
+    assert load_config(None, ["tokenizer.sample_alpha=2"]).tokenizer.sample_alpha == 2.0  # unigram's smoothing
