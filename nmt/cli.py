@@ -170,8 +170,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plot", help="write a PNG of a run's training curves")
     p.add_argument("run", help="run directory (holds metrics.jsonl)")
-    p.add_argument("-o", "--output", help="image file (.png, .svg, .pdf, ...) or a directory for curves.png "
-                   "(default RUN/curves.png)")
+    p.add_argument("-o", "--output", help="image file (.png, .svg, .pdf, ...), a directory for curves.png, or - "
+                   "for a PNG on standard output (default RUN/curves.png)")
     p.set_defaults(func=_run_plot)
 
 
@@ -230,7 +230,8 @@ def _run_plot(args: argparse.Namespace) -> int:
     from nmt.plot import plot_run
 
     out = plot_run(args.run, args.output)
-    say(str(out))
+    if not is_special_file(out):  # /dev/stdout, -: the image is the output
+        say(str(out))
     return 0
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from nmt.errors import NMTError
-from nmt.files import atomic_write
+from nmt.files import atomic_write, is_special_file
 from nmt.run_log import METRICS_FILE, current, read_records
 
 
@@ -61,13 +61,14 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     for ax in (loss, ppl, bleu, lr):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{run_dir.resolve().name}: {max((r['step'] for r in train + valid), default=0)} updates")
-    out = Path(output) if output else run_dir
+    out = Path("/dev/stdout" if output == "-" else output) if output else run_dir
     if out.is_dir() or str(output).endswith(("/", os.sep)):
         out = out / "curves.png"
-    elif not out.suffix:
+    elif not out.suffix and not is_special_file(out):  # /dev/stdout is written as it is named: a PNG
         out = out.with_name(out.name + ".png")  # as savefig would name it, so the path printed is the file's
+    kind = out.suffix[1:].lower() or "png"
     formats = fig.canvas.get_supported_filetypes()
-    if out.suffix[1:].lower() not in formats:
+    if kind not in formats:
         raise NMTError(f"cannot write {out}: the image formats are {', '.join(sorted(formats))}")
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format=out.suffix[1:].lower()))
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format=kind))
     return out

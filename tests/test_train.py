@@ -828,6 +828,13 @@ def test_plot_writes_a_png(tiny_run: Path, tmp_path: Path, capsys: pytest.Captur
     assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
     assert main(["plot", str(tiny_run), "-o", str(tmp_path / "new") + "/"]) == 0  # one to make
     assert (tmp_path / "new" / "curves.png").is_file()
+    # -o - (and /dev/stdout) wrote ./-.png (and /dev/stdout.png, a regular file in /dev).
+    for output in ("-", "/dev/stdout"):
+        with (tmp_path / "piped.png").open("wb") as piped:
+            done = subprocess.run([sys.executable, "-m", "nmt", "plot", str(tiny_run), "-o", output], stdout=piped,
+                                  stderr=subprocess.PIPE, timeout=120)
+        assert done.returncode == 0 and (tmp_path / "piped.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not Path("-.png").exists()
 
 
 def test_plot_default_path_and_torn_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
