@@ -17,7 +17,7 @@ system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $$missing; fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	# Debian's python3 leaves out venv's ensurepip (package python3-venv).
 	python3 -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv; }
 	python3 -m venv $(VENV)
@@ -29,7 +29,9 @@ $(VENV)/.installed: pyproject.toml
 		echo "no usable torch $(TORCH_VERSION) wheel among pip's find-links (above): trying $(TORCH_CPU_INDEX)"; \
 		$(PY) -m pip install --no-deps torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); }
 	$(PY) -m pip install torch==$(TORCH_VERSION)
-	$(PY) -m pip install -e '.[test]'
+	# The runtime dependencies at the versions the Docker image installs (constraints.txt), so that the tests
+	# check what it ships; the test tools themselves as PyPI has them.
+	$(PY) -m pip install -c constraints.txt -e '.[test]'
 	touch $@
 
 setup: system-deps $(VENV)/.installed
