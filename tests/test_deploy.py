@@ -201,8 +201,9 @@ def test_the_makefile_installs_cpu_torch_before_the_project(tmp_path: Path) -> N
                             capture_output=True, text=True).stdout
     commands = [line for line in recipe.splitlines() if not line.startswith("#")]
     torch = [i for i, line in enumerate(commands) if "pip install" in line and "torch==2.13.0" in line]
-    project = [i for i, line in enumerate(commands) if "pip install -e" in line]
+    project = [i for i, line in enumerate(commands) if "pip install" in line and "-e '.[test]'" in line]
     assert torch and project and max(torch) < project[0], commands
+    assert "-c constraints.txt" in commands[project[0]]  # the runtime versions the Docker image installs
     assert "--no-index --no-deps torch==2.13.0" in commands[torch[0]]
     assert "--no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in commands[torch[1]]
 
