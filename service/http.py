@@ -291,7 +291,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
                 if self.cycle.response_complete:
                     self.transport.close()
                 return
-            self._abandon(self.cycle)  # it waited for the rest until its deadline, then 408
+            self._abandon(self.cycle)  # else it waits for the rest of a body that cannot come, until its deadline
         # uvicorn calls this from its handler of the parser's error, which tells an unknown method; that is a 501
         # (RFC 9110) in a well-formed request line (one a read begins with), and bytes that are no HTTP (TLS, say)
         # otherwise.
