@@ -176,11 +176,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from nmt.config import load_config
+    from nmt.config import load_config, parse_override
     from nmt.train import train
 
     cfg = load_config(args.config, args.overrides)
-    if args.resume and not any(item.strip().startswith("train.run_dir=") for item in args.overrides):
+    if args.resume and ["train", "run_dir"] not in (parse_override(item)[0] for item in args.overrides):
         _check_config_is_its_runs(Path(args.config), Path(cfg.train.run_dir))
     result = train(cfg, resume=args.resume)
     best = f"{result['best_bleu']:.2f}" if result["best_bleu"] >= 0 else "n/a"
