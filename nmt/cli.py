@@ -143,7 +143,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="drop training pairs with a side longer than N units (default %(default)s)")
     f.add_argument("--max-ratio", type=float, default=corpus.DEFAULT_MAX_RATIO, metavar="R",
                    help="drop training pairs whose longer side is over R times the shorter "
-                        "(default %(default)s; 0 = off)")
+                        "(R at least 1; default %(default)s; 0 = off)")
     f.add_argument("--length-unit", choices=corpus.LENGTH_UNITS, default="words",
                    help="unit of --max-len and --max-ratio (default %(default)s; chars for languages "
                         "written without spaces)")

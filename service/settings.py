@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NMT_", env_file=".env", extra="ignore", protected_namespaces=())
 
     model_dir: Path = Field(Path("models/es-en-bible"), description="exported model directory (or run directory)")
-    device: str = Field("cpu", description="torch device: cpu or cuda")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N or auto")
     threads: int = Field(0, ge=0, le=MAX_THREADS, description="torch CPU threads for the model worker; 0 = torch "
                          "default")
     int8: bool = Field(False, description="dynamically quantize linear layers to int8 (CPU); a translation may then "
