@@ -24,7 +24,8 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for key, value in pairs:
         if key in obj:  # which value was meant is unknown (Python keeps the last silently)
             raise BadKey(key, "is given twice", "give each field once")
-        if any("\ud800" <= char <= "\udfff" for char in key):  # pydantic said only "unable to parse raw data"
+        # pydantic said only "unable to parse raw data"; an ASCII key, as every field name is, is looked at no further
+        if not key.isascii() and any("\ud800" <= char <= "\udfff" for char in key):
             raise BadKey(key, "holds a lone surrogate, which is no Unicode text", "send the field names of the API")
         obj[key] = value
     return obj

@@ -295,9 +295,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         # uvicorn calls this from its handler of the parser's error, which tells an unknown method; that is a 501
         # (RFC 9110) in a well-formed request line (one a read begins with), and bytes that are no HTTP (TLS, say)
         # otherwise.
-        line = _REQUEST_LINE.match(self._received)
-        if (isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError) and line is not None
-                and line[1].decode("ascii") not in http.HTTPMethod.__members__):
+        unknown_method = isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError)
+        line = _REQUEST_LINE.match(self._received) if unknown_method else None
+        if line is not None and line[1].decode("ascii") not in http.HTTPMethod.__members__:
             self._answer(501, b"Not Implemented", "the request's method is unknown to this service (its "
                                                   "endpoints take GET, HEAD and POST, and OPTIONS for CORS)")
             return
