@@ -84,8 +84,9 @@ class Tokenizer:
 
 def set_sampling_seed(seed: int) -> None:
     """Seed SentencePiece's sampler: its draws then repeat within this process, but not in another one
-    (sentencepiece 0.2.3: the same seed in two processes gives other segmentations)."""
-    spm.set_random_generator_seed(seed)
+    (sentencepiece 0.2.3: the same seed in two processes gives other segmentations). Any int: SentencePiece takes
+    an unsigned 32-bit seed, so it is taken modulo 2**32."""
+    spm.set_random_generator_seed(seed % 2**32)
 
 
 def spm_version() -> str:

@@ -786,7 +786,7 @@ class Trainer:
 
     def _resample(self, epoch: int) -> None:
         """Subword regularization: a fresh seeded segmentation of the training text for each epoch."""
-        set_sampling_seed((self.cfg.train.seed + epoch) % 2**32)  # SentencePiece takes an unsigned 32-bit seed
+        set_sampling_seed(self.cfg.train.seed + epoch)
         alpha = self.cfg.tokenizer.sample_alpha
         src, tgt = self.train_text
         s = [self.src_tok.encode(x, alpha) for x in src]
