@@ -28,6 +28,7 @@ from nmt.files import (
     is_special_file,
     make_dir,
     not_utf8,
+    probe_openable,
     probe_writable,
     read_failure,
     read_lines,
@@ -471,7 +472,7 @@ def _run_translate(args: argparse.Namespace) -> int:
     options = {**_decode_options(args), "n_best": args.n_best or 1}
     translator.translate([], **options)  # checks the options before any input is read
     if args.output:
-        probe_writable(Path(args.output))  # an unusable -o is said before anything is translated
+        probe_openable(Path(args.output))  # an unusable -o is said before anything is translated
     out = None  # opened at the first translations: input refused at its first line leaves a file as it was
     progress = Progress(None, "lines")
     done = written = 0  # input lines whose translations are flushed, and handed to the file (flushed as it closes)

@@ -280,6 +280,23 @@ def probe_writable(path: Path) -> None:
     os.unlink(tmp)
 
 
+def probe_openable(path: Path) -> None:
+    """NMTError when path could not be opened and written in place (as `translate -o` writes it, not through
+    atomic_write): a directory, or a file or directory that cannot be written; an existing file keeps its text."""
+    if is_special_file(path):
+        return
+    if path.is_dir():
+        raise NMTError(f"cannot write {path}: it is a directory")
+    if not path.exists():
+        probe_writable(path)
+        return
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise NMTError(f"cannot write {path} ({write_failure(path, exc)})") from None
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Call write(tmp_path), then rename it over path, so readers never see a half-written file. A failure is an
     NMTError naming path, judged while the unfinished file still holds its space; path is left as it was.

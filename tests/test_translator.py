@@ -598,6 +598,26 @@ def test_translations_never_replace_the_model_files(tiny_model_dir, tmp_path, ca
         assert main(["translate", str(model), "-i", str(src), "-o", str(model / "new.txt")]) == 0
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_translating(tiny_model_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    # -o naming a directory passed the check made for atomic writes and failed after the first batch.
+    src = tmp_path / "in.txt"
+    src.write_text("a b c\n", encoding="utf-8")
+    real, batches = nmt.translator.Translator.translate, []
+
+    def counted(self, texts, **options):
+        batches.append(len(texts))
+        return real(self, texts, **options)
+
+    monkeypatch.setattr(nmt.translator.Translator, "translate", counted)
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", str(tmp_path)]) == 2
+    assert f"cannot write {tmp_path}: it is a directory" in capsys.readouterr().err and not any(batches)
+    kept = tmp_path / "kept.txt"
+    kept.write_text("mine\n", encoding="utf-8")
+    assert main(["translate", str(tiny_model_dir), "-i", str(src), "-o", str(kept)]) == 0
+    assert kept.read_text(encoding="utf-8") == "c b a\n"
+
+
 def test_closed_standard_streams_are_errors_not_silence(tiny_model_dir, tmp_path):
     # Started without standard input or output (`<&-`, `>&-`): translate hung after a TypeError traceback, score
     # exited 0 with its scores dropped, and without standard error translate failed (exit 1) having written nothing.
