@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.attention import AdditiveAttention
+from nmt.int8 import Int8Linear, int8_available
 from nmt.onednn import PackedLinear, packable, padded_rows
 from nmt.tokenizer import PAD
 
@@ -161,15 +162,12 @@ class OutputVocab:
     """The part of the target vocabulary a decoding batch computes logits for (a shortlist)."""
 
     ids: torch.Tensor  # (V',) sorted target ids
-    weight: torch.Tensor | None  # (V', out_dim) their rows of the output layer (fp32)
-    bias: torch.Tensor | None  # (V',)
-    packed: object = None  # int8: those rows and biases prepacked for torch.ops.quantized.linear_dynamic
-    onednn: PackedLinear | None = None  # fp32 on the CPU: those rows and biases prepacked for oneDNN
+    weight: torch.Tensor  # (V', out_dim) their rows of the output layer (fp32)
+    bias: torch.Tensor  # (V',)
+    onednn: PackedLinear | Int8Linear | None = None  # on the CPU: those rows and biases prepacked for oneDNN
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         """(N, out_dim) readout -> (N, V') logits."""
-        if self.packed is not None:  # as the quantized output Linear itself computes them (torch >= 1.6)
-            return torch.ops.quantized.linear_dynamic(readout, self.packed, reduce_range=True)
         if self.onednn is not None and not torch.is_grad_enabled():
             return self.onednn(readout)[:, :self.ids.numel()]  # it computes a few rows more: see output_vocab
         return torch.addmm(self.bias, readout, self.weight.t())
@@ -226,32 +224,38 @@ class Decoder(nn.Module):
             self.out.weight = self.embed.weight
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("gate_table", None, persistent=False)
-        self._int8_out: tuple[torch.Tensor, torch.Tensor] | None = None  # unpacked int8 output weights, bias
         self._pack_matmuls = False  # see pack_weights
-        # name -> ((weight storage, weight version, bias version) when packed, the PackedLinear)
-        self._packed: dict[str, tuple[tuple[int, int, int | None], PackedLinear]] = {}
+        self._linear: type[PackedLinear] | type[Int8Linear] = PackedLinear  # what packs them
+        # name -> ((weight storage, weight version, bias version) when packed, the packed layer)
+        self._packed: dict[str, tuple[tuple[int, int, int | None], PackedLinear | Int8Linear]] = {}
 
-    def pack_weights(self) -> bool:
-        """For CPU inference: run the fp32 matmuls of decoding's fixed weights (hidden_proj, the readout, the
-        context hoists, the whole-vocabulary output layer) through oneDNN (nmt.onednn) whenever neither training
-        nor recording gradients; whether this model can. Each layer is packed at its first use and again after
-        its weights change (an optimizer step, load_state_dict, .to()), so the packed copies never go stale; a
-        batch's shortlisted output rows are packed with the batch's list (output_vocab)."""
-        self._pack_matmuls = isinstance(self.hidden_proj, nn.Linear) and packable(self.hidden_proj.weight)
+    def pack_weights(self, int8: bool = False) -> bool:
+        """For CPU inference: run the matmuls of decoding's fixed weights (hidden_proj, the readout, the context
+        hoists, the whole-vocabulary output layer) through oneDNN, in fp32 (nmt.onednn) or int8 (nmt.int8),
+        whenever neither training nor recording gradients; whether this model can. Each layer is packed at its
+        first use and again after its weights change (an optimizer step, load_state_dict, .to()), so the packed
+        copies never go stale; a batch's shortlisted output rows are packed with the batch's list (output_vocab)."""
+        self._pack_matmuls = packable(self.hidden_proj.weight) and (not int8 or int8_available())
+        self._linear = Int8Linear if int8 and self._pack_matmuls else PackedLinear
+        self._packed.clear()
         return self._pack_matmuls
+
+    @property
+    def packs_int8(self) -> bool:
+        """Whether pack_weights took in int8."""
+        return self._pack_matmuls and self._linear is Int8Linear
 
     @property
     def packs_matmuls(self) -> bool:
         """Whether pack_weights took: decoding's fixed matmuls go through oneDNN."""
         return self._pack_matmuls
 
-    def _may_pack(self, layer: nn.Module) -> bool:
+    def _may_pack(self, layer: nn.Linear) -> bool:
         """Whether this layer's matmuls may go through oneDNN now (see pack_weights)."""
         return (self._pack_matmuls and not self.training and not torch.is_grad_enabled()
-                and isinstance(layer, nn.Linear)  # not quantized since
                 and packable(layer.weight, probe=False))  # not moved off the CPU since
 
-    def _packed_for(self, name: str) -> PackedLinear | None:
+    def _packed_for(self, name: str) -> PackedLinear | Int8Linear | None:
         """The packed matmul for this layer (a key of _PACKED_LAYERS), if it may be used now."""
         layer = getattr(self, _PACKED_LAYERS[name])
         if not self._may_pack(layer):
@@ -260,7 +264,7 @@ class Decoder(nn.Module):
         key = (weight.data_ptr(), weight._version, None if bias is None else bias._version)
         entry = self._packed.get(name)
         if entry is None or entry[0] != key:
-            entry = self._packed[name] = key, PackedLinear(*self._pack_source(name, layer))
+            entry = self._packed[name] = key, self._linear(*self._pack_source(name, layer))
         return entry[1]
 
     def _pack_source(self, name: str, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -406,22 +410,15 @@ class Decoder(nn.Module):
     def output_vocab(self, ids: torch.Tensor) -> OutputVocab:
         """The output layer restricted to the target ids (sorted), for decoding over a shortlist."""
         weight, bias = self.out.weight, self.out.bias
-        if not callable(weight):
-            if not self._may_pack(self.out):
-                return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
-            # Packed anew whenever a batch's shortlist changes (sentences join, or an eighth of it goes unused),
-            # for a third less time in the matmul at every step. oneDNN keeps a kernel for each shape (about half
-            # a megabyte each), so the rows are padded (with copies of the last) to one of 8 widths per doubling.
-            n = ids.numel()
-            padded = torch.cat([ids, ids[-1:].expand(padded_rows(n) - n)])
-            rows, row_bias = weight.index_select(0, padded), bias.index_select(0, padded)
-            return OutputVocab(ids, rows[:n], row_bias[:n], onednn=PackedLinear(rows, row_bias))
-        # A dynamically quantized Linear (inference only): its int8 rows (one per-tensor scale, so a selection of
-        # rows is exact), packed for the batch, keep the int8 matmul at a fraction of the whole vocabulary's cost.
-        if self._int8_out is None:  # unpacking takes milliseconds: once, not per batch
-            self._int8_out = weight(), bias()
-        rows, row_bias = (t.index_select(0, ids) for t in self._int8_out)
-        return OutputVocab(ids, None, None, torch.ops.quantized.linear_prepack(rows, row_bias))
+        if not self._may_pack(self.out):
+            return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
+        # Packed anew whenever a batch's shortlist changes (sentences join, or an eighth of it goes unused), for a
+        # third less time in the matmul at every step. oneDNN keeps a kernel for each shape (about half a megabyte
+        # each), so the rows are padded (with copies of the last) to one of 8 widths per doubling. int8 weights
+        # are quantized per row, so the shortlist's rows quantize as they do in the whole layer.
+        n = ids.numel()
+        packed = self._packed_for("out").select(torch.cat([ids, ids[-1:].expand(padded_rows(n) - n)]))
+        return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids), onednn=packed)
 
     def step_logprobs(self, prev: torch.Tensor, state: State, mem: Memory | SegmentedMemory,
                       vocab: OutputVocab | None = None) -> tuple[torch.Tensor, torch.Tensor | None, State]:

@@ -33,8 +33,7 @@ class Encoder(nn.Module):
         """(B, S) ids and (B,) lengths -> (B, S, 2*hidden) annotations, zero at padded positions."""
         x = self.dropout(self.embed(src))
         for i, rnn in enumerate(self.rnns):
-            one_way = isinstance(rnn, (nn.LSTM, nn.GRU)) and not x.is_cuda  # not int8 (its layers take packed input)
-            out = _both_ways(rnn, x, lens) if one_way else _packed(rnn, x, lens)
+            out = _packed(rnn, x, lens) if x.is_cuda else _both_ways(rnn, x, lens)
             x = self.dropout(out) + x if i > 0 else self.dropout(out)
         return x
 

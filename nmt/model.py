@@ -42,10 +42,8 @@ class Seq2Seq(nn.Module):
         attention = self.decoder.attention
         if attention is not None:
             # Inference hoists W_c h_j and W_oc h_j out of the step loop. Training keeps W_c c_i per step (its
-            # backward is cheaper that way), and so do int8 models: a dynamically quantized layer scales its input
-            # per call, so hoisting would change their rounding.
-            hoist = not self.training and isinstance(self.decoder.ctx_gates, nn.Linear)
-            if not hoist:
+            # backward is cheaper that way).
+            if self.training:
                 return Memory(values, attention.keys(values), mask_bias, summary, None)
             # The annotations are zero at padding, and so are these bias-free projections of them: computed at the
             # real positions only, since a batch of sources of different lengths is a third padding or more.

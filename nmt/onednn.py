@@ -34,11 +34,23 @@ class PackedLinear:
         self.weight = weight.detach().contiguous()
         self.out_features, self.in_features = self.weight.shape
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, ROWS_HINT)
+        self._packed: torch.Tensor | None = None
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The weight in oneDNN's layout, made at first use: a layer only selected from is never packed whole."""
+        if self._packed is None:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, ROWS_HINT)
+        return self._packed
 
     def __reduce__(self) -> tuple:
         # The packed weight is an opaque oneDNN tensor that cannot be copied or pickled: pack a copy anew.
         return PackedLinear, (self.weight, self.bias)
+
+    def select(self, ids: torch.Tensor) -> PackedLinear:
+        """The layer of these output rows alone."""
+        bias = None if self.bias is None else self.bias.index_select(0, ids)
+        return PackedLinear(self.weight.index_select(0, ids), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.size(-1) != self.in_features:

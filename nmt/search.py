@@ -77,8 +77,8 @@ class BeamSearch:
     all score above the best live beam as it stands (so beam size 1 is greedy decoding). `step` returns the
     sentences that stopped, with their n_best hypotheses, best first. Nothing about one sentence depends on the
     others in the batch, or on when it joined, but rounding (matrix products of other shapes round differently:
-    scores may differ in the last float digits) and, in a dynamically quantized (int8) model, the activation
-    scales, taken over the batch. This lets a server keep one running batch full (continuous batching).
+    scores may differ in the last float digits; int8 sums are exact). This lets a server keep one running batch
+    full (continuous batching).
 
     With shortlists, every `add` gives one (sorted target ids (V',) holding the special ids, and a (B, V') bias
     of 0 on each sentence's own pieces and -inf elsewhere); each sentence's output is restricted to its pieces

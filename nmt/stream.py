@@ -43,7 +43,7 @@ class TranslationStream:
     one token and returns the calls whose last segment just finished, with their translations. Calls with the same
     search settings share one search; a new call joins it between two steps as the token budget has room (see _join)
     instead of waiting for the running batch to end, and a finished segment leaves it at once. Every translation equals
-    what Translator.translate gives for the call alone (up to float rounding; int8 models: see BeamSearch).
+    what Translator.translate gives for the call alone (up to float rounding: see BeamSearch).
     Not thread-safe: use from one thread.
     """
 

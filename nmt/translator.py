@@ -304,7 +304,7 @@ class Translator:
 
     def __init__(self, model: Seq2Seq, cfg: Config, src_tok: Tokenizer, tgt_tok: Tokenizer,
                  device: torch.device, path: Path, card: dict[str, Any] | None = None, int8: bool = False,
-                 num_parameters: int | None = None, shortlist: Shortlist | None = None,
+                 shortlist: Shortlist | None = None,
                  weights_sha256: str | None = None, step: int | None = None, data_sha256: str | None = None):
         self.model, self.cfg, self.src_tok, self.tgt_tok = model.eval(), cfg, src_tok, tgt_tok
         self.device, self.path, self.card, self.int8 = device, path, card, int8
@@ -312,8 +312,7 @@ class Translator:
         self._weights_sha256, self.step = weights_sha256, step  # which weights: for evaluation reports and cards
         self.data_sha256 = data_sha256  # which training pairs, where known: a test split must hold none of them
         self.max_len = cfg.data.max_len
-        # Counted before quantization: packed int8 weights are no parameters to torch.
-        self.num_parameters = num_parameters or sum(p.numel() for p in model.parameters())
+        self.num_parameters = model.num_parameters()
         self.lock = threading.RLock()  # reentrant: a TranslationStream holds it around whole steps
 
     @classmethod
@@ -329,22 +328,18 @@ class Translator:
             check_int8(dev)
         files = read_model(path, shortlist)
         model, cfg, shortlist = files.model, files.cfg, files.shortlist
-        params, quantized = model.num_parameters(), False
-        # The float weights' digest: checked against the card as read, else taken when first asked for (quantized
-        # weights are not the float weights).
-        digest = weights_digest(model.state_dict(), cfg.model.tie_embeddings) if int8 else files.weights_sha256
-        if int8:
-            from nmt.quantize import quantize_int8
-
-            model, quantized = quantize_int8(model)
         model = model.to(dev)
         model.decoder.cache_embedding_gates(cfg.decode.gate_table_mb)
-        packed = cfg.decode.packed_matmuls and model.decoder.pack_weights()
+        # int8 always goes through oneDNN; decode.packed_matmuls is the fp32 choice.
+        packed = (cfg.decode.packed_matmuls or int8) and model.decoder.pack_weights(int8)
+        quantized = model.decoder.packs_int8
+        if int8 and not quantized:  # a speed option, never needed for correct output
+            log.warning("int8 matmuls through oneDNN are not available in torch %s; using fp32", torch.__version__)
         log.info("loaded %s (%s -> %s) on %s%s%s%s", files.source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
                  ", int8" if quantized else "", ", oneDNN matmuls" if packed else "",
                  ", with a vocabulary shortlist" if shortlist else "")
-        return cls(model, cfg, files.src_tok, files.tgt_tok, dev, files.path, files.card, quantized, params, shortlist,
-                   digest, files.step, files.data_sha256)
+        return cls(model, cfg, files.src_tok, files.tgt_tok, dev, files.path, files.card, quantized, shortlist,
+                   files.weights_sha256, files.step, files.data_sha256)
 
     @functools.cached_property
     def name(self) -> str:
@@ -370,7 +365,7 @@ class Translator:
     @property
     def decode_defaults(self) -> dict[str, Any]:
         """The config's decode section, its shortlist and packed_matmuls saying whether they are in use (a run
-        directory has no shortlist; int8 weights are not packed)."""
+        directory has no shortlist; int8 is always packed)."""
         return {**self.cfg.to_dict()["decode"], "shortlist": self.shortlist is not None,
                 "packed_matmuls": self.model.decoder.packs_matmuls}
 

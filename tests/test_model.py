@@ -170,13 +170,6 @@ def test_packed_weights_follow_the_live_weights() -> None:
     assert torch.allclose(first_step(copy.deepcopy(model)), want, atol=1e-5)  # a copy packs its own
 
 
-def test_an_int8_decoder_is_not_packed() -> None:
-    from nmt.quantize import quantize_int8
-
-    model, quantized = quantize_int8(make_model())
-    assert not quantized or not model.decoder.pack_weights()
-
-
 def test_attention_sums_to_one_and_skips_padding() -> None:
     model = make_model()
     b = batch([[5, 6], [5, 6, 7, 8, 9, 10], [7]], [[4], [4], [4]])

@@ -1,4 +1,5 @@
-"""oneDNN prepacked fp32 linear layers: the same products as torch's own matmul, for any input shape."""
+"""oneDNN prepacked linear layers: the same products as torch's own matmul (int8: within its rounding), for any input
+shape."""
 
 from __future__ import annotations
 
@@ -9,20 +10,37 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nmt.int8 import Int8Linear, int8_available
 from nmt.onednn import EXACT_ROWS, PackedLinear, packable, padded_rows
 
 pytestmark = pytest.mark.skipif(not packable(torch.zeros(1, 1)), reason="this torch build has no oneDNN matmul")
 
 
+INT8 = pytest.param(Int8Linear, marks=pytest.mark.skipif(not int8_available(),
+                                                         reason="this torch build has no oneDNN int8 matmul"))
+
+
+def error_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """How far the int8 product may be from the fp32 one: each x is off by at most half its row's step (largest
+    magnitude / 127), each weight by half its channel's, and their errors add up over the row."""
+    x_half = x.abs().amax(1, keepdim=True) / 254  # (rows, 1)
+    w_half = weight.abs().amax(1) / 254  # (out,)
+    bound = x_half * weight.abs().sum(1) + x.abs().sum(1, keepdim=True) * w_half + weight.size(1) * x_half * w_half
+    return bound * 1.01 + 1e-5
+
+
 @pytest.mark.parametrize("rows", [0, 1, 5, 17, 64, 130, 301])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_is_torch_linear(rows: int, bias: bool) -> None:
+@pytest.mark.parametrize("kind", [PackedLinear, INT8])
+def test_packed_linear_is_torch_linear(rows: int, bias: bool, kind) -> None:
     g = torch.Generator().manual_seed(rows)
     weight, b = torch.randn(37, 29, generator=g), torch.randn(37, generator=g) if bias else None
     x = torch.randn(rows, 29, generator=g)
-    out = PackedLinear(weight, b)(x)
+    out = kind(weight, b)(x)
     assert out.shape == (rows, 37)
-    assert torch.allclose(out, F.linear(x, weight, b), atol=1e-5)
+    # int8: within the rounding of its inputs; fp32: the same product, summed in another order
+    bound = error_bound(x, weight) if kind is Int8Linear else 1e-5 + 1e-5 * F.linear(x, weight, b).abs()
+    assert ((out - F.linear(x, weight, b)).abs() <= bound).all()
 
 
 def test_packed_linear_takes_batches_and_strided_inputs() -> None:
@@ -47,9 +65,10 @@ def test_row_counts_are_bucketed_to_few_shapes_with_little_padding() -> None:
     assert len(set(sizes)) <= 80
 
 
-def test_packed_linear_copies_pickles_and_refuses_a_wrong_width() -> None:
+@pytest.mark.parametrize("kind", [PackedLinear, INT8])
+def test_packed_linear_copies_pickles_and_refuses_a_wrong_width(kind) -> None:
     g = torch.Generator().manual_seed(1)
-    layer, x = PackedLinear(torch.randn(8, 6, generator=g), torch.randn(8, generator=g)), torch.randn(3, 6, generator=g)
+    layer, x = kind(torch.randn(8, 6, generator=g), torch.randn(8, generator=g)), torch.randn(3, 6, generator=g)
     for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert torch.equal(other(x), layer(x))
     with pytest.raises(ValueError, match="6 features"):

@@ -1,0 +1,43 @@
+"""int8 linear layers: close to the fp32 product, and each row's result independent of the rows beside it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nmt.int8 import Int8Linear, int8_available, quantize_rows
+
+pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch build has no oneDNN int8 matmul")
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=2, max_size=4), width=st.integers(1, 70),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))
+def test_property_a_row_computes_the_same_whatever_rows_come_with_it(sizes, width, scale, seed) -> None:
+    # What lets batched decoding give each sentence what it gets alone: the int8 sums are exact, and each row
+    # has its own scale, so neither the batch's size nor the other rows' ranges touch a row's result.
+    g = torch.Generator().manual_seed(seed)
+    layer = Int8Linear(torch.randn(23, width, generator=g), torch.randn(23, generator=g))
+    parts = [torch.randn(n, width, generator=g) * scale ** torch.rand(n, 1, generator=g) for n in sizes]
+    together = layer(torch.cat(parts))
+    alone = torch.cat([layer(row.unsqueeze(0)) for part in parts for row in part])
+    assert torch.equal(together, alone)
+
+
+def test_a_selection_of_output_rows_computes_those_columns_exactly() -> None:
+    # A decoding batch's shortlist packs some rows of the output layer: they must give the whole layer's logits.
+    g = torch.Generator().manual_seed(2)
+    layer = Int8Linear(torch.randn(50, 16, generator=g), torch.randn(50, generator=g))
+    x = torch.randn(9, 16, generator=g)
+    ids = torch.tensor([0, 3, 4, 17, 49, 49])
+    assert torch.equal(layer.select(ids)(x), layer(x)[:, ids])
+
+
+def test_zero_rows_and_channels_quantize_to_zero() -> None:
+    values, scale = quantize_rows(torch.tensor([[0.0, 0.0], [1.0, -0.5]]))
+    assert values.tolist() == [[0, 0], [127, -64]] and scale[0].item() > 0
+    weight = torch.tensor([[0.0, 0.0], [2.0, 1.0]])
+    out = Int8Linear(weight, torch.tensor([0.5, 0.0]))(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    assert torch.allclose(out, torch.tensor([[0.5, 0.0], [0.5, 3.0]]), atol=0.02)
