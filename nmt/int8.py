@@ -29,21 +29,31 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear:
-    """x W^T + b for a fixed fp32 weight (out, in) on the CPU, in int8. Inference only: no autograd."""
+    """x W^T + b for a fixed fp32 weight (out, in) on the CPU, in int8. Inference only: no autograd.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    With an input_bound, the inputs are known to lie within +-input_bound (a tanh's output, say): they are quantized
+    with that one fixed scale, folded into the weight's, instead of a scale measured per row. (oneDNN is given no
+    input scale or bias to apply: its kernels for different row counts apply them in different orders, which
+    changes the last bits of a row's result with the batch.)"""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, input_bound: float | None = None):
         qweight, scale = quantize_rows(weight.detach().float())
-        self._hold(qweight, scale.view(-1), None if bias is None else bias.detach().float())
+        self._hold(qweight, scale.view(-1), None if bias is None else bias.detach().float(), input_bound)
 
     @classmethod
-    def _from_parts(cls, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+    def _from_parts(cls, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    input_bound: float | None) -> Int8Linear:
         layer = cls.__new__(cls)
-        layer._hold(qweight, scale, bias)
+        layer._hold(qweight, scale, bias, input_bound)
         return layer
 
-    def _hold(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def _hold(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+              input_bound: float | None) -> None:
         self.qweight, self.weight_scale = qweight.contiguous(), scale.contiguous()
         self.bias = None if bias is None else bias.contiguous()
+        self.input_bound = input_bound
+        # What oneDNN multiplies each channel's int32 sums by: the weight's scale, times the input's fixed one.
+        self.output_scale = scale if input_bound is None else (scale * (input_bound / LEVELS)).contiguous()
         self.out_features, self.in_features = qweight.shape
         self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
         self._packed: torch.Tensor | None = None
@@ -57,25 +67,34 @@ class Int8Linear:
 
     def __reduce__(self) -> tuple:
         # The packed weight is an opaque oneDNN tensor that cannot be copied or pickled: pack a copy anew.
-        return Int8Linear._from_parts, (self.qweight, self.weight_scale, self.bias)
+        return Int8Linear._from_parts, (self.qweight, self.weight_scale, self.bias, self.input_bound)
 
     def select(self, ids: torch.Tensor) -> Int8Linear:
         """The layer of these output rows alone (each row keeps its own scale, so they compute as they do here)."""
         bias = None if self.bias is None else self.bias.index_select(0, ids)
-        return Int8Linear._from_parts(self.qweight.index_select(0, ids), self.weight_scale.index_select(0, ids), bias)
+        return Int8Linear._from_parts(self.qweight.index_select(0, ids), self.weight_scale.index_select(0, ids), bias,
+                                      self.input_bound)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.size(-1) != self.in_features:
             raise ValueError(f"expected inputs of {self.in_features} features, got shape {tuple(x.shape)}")
         rows = x.numel() // self.in_features
-        qx, scale = quantize_rows(x.reshape(rows, self.in_features))
+        flat = x.reshape(rows, self.in_features)
+        if self.input_bound is None:
+            qx, scale = quantize_rows(flat)
+        else:  # clamped all the same: a value past the bound must not wrap around in int8
+            qx = torch.round(flat * (LEVELS / self.input_bound)).clamp_(-LEVELS, LEVELS).to(torch.int8)
+            scale = None
         padded = padded_rows(rows)  # a oneDNN kernel per shape, as for PackedLinear
         if padded != rows:
             qx = F.pad(qx, (0, 0, 0, padded - rows))
-        out = torch.ops.onednn.qlinear_pointwise(qx.contiguous(), 1.0, 0, self.packed, self.weight_scale,
+        out = torch.ops.onednn.qlinear_pointwise(qx.contiguous(), 1.0, 0, self.packed, self.output_scale,
                                                  self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
         out = out[:rows]
-        out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
+        if scale is not None:
+            out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
+        elif self.bias is not None:
+            out = out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
 

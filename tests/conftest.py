@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 LETTERS = "abcdefghijklmnop"
@@ -25,6 +26,15 @@ def require_system_package(found: object, message: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{message}; CI must have it")
         pytest.skip(message)
+
+
+def error_bound(x: torch.Tensor, weight: torch.Tensor, input_bound: float | None = None) -> torch.Tensor:
+    """How far the int8 product may be from the fp32 one: each x is off by at most half its row's step (largest
+    magnitude, or the input bound, / 127), each weight by half its channel's, and their errors add up over the row."""
+    x_half = (x.abs().amax(1, keepdim=True) if input_bound is None else torch.full((len(x), 1), input_bound)) / 254
+    w_half = weight.abs().amax(1) / 254  # (out,)
+    bound = x_half * weight.abs().sum(1) + x.abs().sum(1, keepdim=True) * w_half + weight.size(1) * x_half * w_half
+    return bound * 1.01 + 1e-5
 
 
 def reverse_corpus(out: Path, n_train: int = 3000, n_dev: int = 100, n_test: int = 100, seed: int = 0) -> Path:

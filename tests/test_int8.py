@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import error_bound
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,13 +16,16 @@ pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch build h
 
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.integers(1, 40), min_size=2, max_size=4), width=st.integers(1, 70),
-       scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))
-def test_property_a_row_computes_the_same_whatever_rows_come_with_it(sizes, width, scale, seed) -> None:
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), bounded=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_a_row_computes_the_same_whatever_rows_come_with_it(sizes, width, scale, bounded, seed) -> None:
     # What lets batched decoding give each sentence what it gets alone: the int8 sums are exact, and each row
-    # has its own scale, so neither the batch's size nor the other rows' ranges touch a row's result.
+    # has its own scale (or all share a fixed one), so neither the batch's size nor the other rows' ranges touch a
+    # row's result.
     g = torch.Generator().manual_seed(seed)
-    layer = Int8Linear(torch.randn(23, width, generator=g), torch.randn(23, generator=g))
+    layer = Int8Linear(torch.randn(23, width, generator=g), torch.randn(23, generator=g), scale if bounded else None)
     parts = [torch.randn(n, width, generator=g) * scale ** torch.rand(n, 1, generator=g) for n in sizes]
+    if bounded:
+        parts = [part.clamp(-scale, scale) for part in parts]
     together = layer(torch.cat(parts))
     alone = torch.cat([layer(row.unsqueeze(0)) for part in parts for row in part])
     assert torch.equal(together, alone)
@@ -41,3 +46,15 @@ def test_zero_rows_and_channels_quantize_to_zero() -> None:
     weight = torch.tensor([[0.0, 0.0], [2.0, 1.0]])
     out = Int8Linear(weight, torch.tensor([0.5, 0.0]))(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
     assert torch.allclose(out, torch.tensor([[0.5, 0.0], [0.5, 3.0]]), atol=0.02)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 130])
+def test_inputs_within_a_fixed_bound_quantize_with_it(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(37, 29, generator=g), torch.randn(37, generator=g)
+    x = torch.tanh(3 * torch.randn(rows, 29, generator=g))  # within +-1, as the decoder's states and readout
+    out = Int8Linear(weight, bias, input_bound=1.0)(x)
+    assert ((out - F.linear(x, weight, bias)).abs() <= error_bound(x, weight, 1.0)).all()
+    # A value past the bound saturates instead of wrapping around to the other sign.
+    over = Int8Linear(torch.eye(2), input_bound=1.0)(torch.tensor([[1.5, -3.0]]))
+    assert torch.equal(over, torch.tensor([[1.0, -1.0]]))

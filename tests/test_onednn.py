@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import error_bound
 
 from nmt.int8 import Int8Linear, int8_available
 from nmt.onednn import EXACT_ROWS, PackedLinear, packable, padded_rows
@@ -18,15 +19,6 @@ pytestmark = pytest.mark.skipif(not packable(torch.zeros(1, 1)), reason="this to
 
 INT8 = pytest.param(Int8Linear, marks=pytest.mark.skipif(not int8_available(),
                                                          reason="this torch build has no oneDNN int8 matmul"))
-
-
-def error_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """How far the int8 product may be from the fp32 one: each x is off by at most half its row's step (largest
-    magnitude / 127), each weight by half its channel's, and their errors add up over the row."""
-    x_half = x.abs().amax(1, keepdim=True) / 254  # (rows, 1)
-    w_half = weight.abs().amax(1) / 254  # (out,)
-    bound = x_half * weight.abs().sum(1) + x.abs().sum(1, keepdim=True) * w_half + weight.size(1) * x_half * w_half
-    return bound * 1.01 + 1e-5
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 17, 64, 130, 301])
