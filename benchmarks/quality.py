@@ -3,7 +3,8 @@
     python benchmarks/quality.py models/es-en-bible [--data data/bible] [--out benchmarks/results]
 
 Rows: the test split at greedy (beam 1), beam 5 and beam 10 (over the model's shortlist, the default), beam 5
-over the whole target vocabulary (`--no-shortlist`), beam 5 with int8 weights, the dev split at beam 5,
+over the whole target vocabulary (`--no-shortlist`), beam 5 in fp32 (`--no-int8`; the others decode with the
+config's default, int8 on the CPU), the dev split at beam 5 (and in fp32),
 and Apertium's rule-based spa->eng (Debian `apertium-eng-spa`) on the same test set, scored with
 `nmt evaluate --hyp` (skipped with a note when `apertium` is not installed). Also --examples test verses (5)
 picked with a fixed seed, next to their references. Writes quality.json, quality.md and each row's hypotheses and
@@ -29,8 +30,9 @@ ROWS = [  # (name, split, nmt evaluate options)
     ("beam 5", "test", ["--beam", "5"]),
     ("beam 10", "test", ["--beam", "10"]),
     ("beam 5, whole vocabulary", "test", ["--beam", "5", "--no-shortlist"]),
-    ("beam 5, int8", "test", ["--beam", "5", "--int8"]),
+    ("beam 5, fp32", "test", ["--beam", "5", "--no-int8"]),
     ("beam 5 (dev)", "dev", ["--beam", "5"]),
+    ("beam 5 (dev), fp32", "dev", ["--beam", "5", "--no-int8"]),
 ]
 
 

@@ -274,9 +274,9 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortlist-per-source", type=int_from(0), metavar="K",
                    help=f"... and K per source piece and word, at most {STORED_PER_SOURCE} "
                         "(default: decode.shortlist_per_source)")
-    p.add_argument("--int8", action="store_true",
-                   help="int8 dynamic quantization for faster CPU inference (a translation then depends a little on "
-                        "the batch it is decoded in)")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction,
+                   help="decoding's matmuls in int8 on the CPU; --no-int8: fp32 (default: the model config's "
+                        "decode.int8, on, on the CPU)")
     _add_threads(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 
@@ -772,7 +772,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-tokens", type=int_from(1), help="tokens per batch (default: config's decode.batch_tokens)")
     _add_threads(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.set_defaults(func=_run_score, int8=False)
+    p.set_defaults(func=_run_score, int8=None)
 
 
 def _run_score(args: argparse.Namespace) -> int:

@@ -94,7 +94,10 @@ class DecodeConfig:
     no_repeat_ngram: int = 0  # ban any n-gram of this size from appearing twice in an output; 0 = off
     batch_tokens: int = 4000  # source tokens per translation batch (padded, ends of sentence included)
     gate_table_mb: int = 256  # precompute every target token's embedding gate term when the table fits; 0 = off
-    packed_matmuls: bool = True  # CPU fp32: decoding's matmuls through oneDNN on prepacked weights
+    packed_matmuls: bool = True  # CPU fp32 (int8 off): decoding's matmuls through oneDNN on prepacked weights
+    # CPU: decoding's matmuls in int8 through oneDNN (nmt/int8.py), each sentence's result independent of its batch;
+    # the shipped model scores as in fp32 (README "Translation speed"). Not on CUDA.
+    int8: bool = True
     shortlist: bool = True  # decode over a lexical shortlist when the model directory has one (nmt export)
     shortlist_frequent: int = 2000  # the shortlist: this many most frequent target pieces ...
     shortlist_per_source: int = 10  # ... plus this many co-occurring ones per source piece and word (at most

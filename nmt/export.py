@@ -236,9 +236,6 @@ def _report_of(path: Path, digests: set[str], exported: str) -> dict[str, Any]:
         raise NMTError(f"{path} scored other weights than this export's ({exported}): those of "
                        f"{data.get('model_path')} at step {data.get('step')}. Give a report of these weights: for an "
                        "--average export, evaluate the export, then export again with --report and --force")
-    if data.get("int8"):
-        raise NMTError(f"{path} scored these weights quantized to int8 (`nmt evaluate --int8`), not as exported: "
-                       "evaluate without --int8")
     return data
 
 

@@ -317,9 +317,10 @@ class Translator:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", threads: int | None = None,
-             int8: bool = False, shortlist: bool = True) -> Translator:
+             int8: bool | None = None, shortlist: bool = True) -> Translator:
         """Load a run directory (best.pt, else last.pt), a .pt checkpoint in one, or an exported model directory
-        (without its shortlist when shortlist is false: every call decodes over the whole vocabulary)."""
+        (without its shortlist when shortlist is false: every call decodes over the whole vocabulary). int8: int8
+        matmuls, refused off the CPU; None: the config's decode.int8, on the CPU."""
         path = Path(path)
         if threads is not None:
             torch.set_num_threads(_check_int("threads", threads, 1, MAX_THREADS))
@@ -328,6 +329,8 @@ class Translator:
             check_int8(dev)
         files = read_model(path, shortlist)
         model, cfg, shortlist = files.model, files.cfg, files.shortlist
+        if int8 is None:
+            int8 = cfg.decode.int8 and dev.type == "cpu"
         model = model.to(dev)
         model.decoder.cache_embedding_gates(cfg.decode.gate_table_mb)
         # int8 always goes through oneDNN; decode.packed_matmuls is the fp32 choice.
@@ -364,10 +367,10 @@ class Translator:
 
     @property
     def decode_defaults(self) -> dict[str, Any]:
-        """The config's decode section, its shortlist and packed_matmuls saying whether they are in use (a run
-        directory has no shortlist; int8 is always packed)."""
+        """The config's decode section, its shortlist, packed_matmuls and int8 saying whether they are in use (a
+        run directory has no shortlist; int8 is always packed, and off the CPU never used)."""
         return {**self.cfg.to_dict()["decode"], "shortlist": self.shortlist is not None,
-                "packed_matmuls": self.model.decoder.packs_matmuls}
+                "packed_matmuls": self.model.decoder.packs_matmuls, "int8": self.int8}
 
     @property
     def info(self) -> dict[str, Any]:

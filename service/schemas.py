@@ -120,7 +120,7 @@ class ModelInfo(BaseModel):
     src_lang: str | None = Field(None, description="source language code")
     tgt_lang: str | None = Field(None, description="target language code")
     parameters: int | None = Field(None, description="trainable parameters")
-    int8: bool | None = Field(None, description="linear layers dynamically quantized to int8 (NMT_INT8)")
+    int8: bool | None = Field(None, description="decoding's matmuls in int8 (NMT_INT8, decode.int8)")
     device: str | None = Field(None, description="torch device the model runs on")
     max_len: int | None = Field(None, description="pieces a source or candidate of /v1/score may hold (413 above); "
                                 "longer texts to translate are split")

@@ -35,8 +35,8 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N or auto")
     threads: int = Field(0, ge=0, le=MAX_THREADS, description="torch CPU threads for the model worker; 0 = torch "
                          "default")
-    int8: bool = Field(False, description="dynamically quantize linear layers to int8 (CPU); a translation may then "
-                       "vary slightly with the requests batched with it")
+    int8: bool | None = Field(None, description="decoding's matmuls in int8 (CPU only); false: fp32; unset: the "
+                              "model config's decode.int8 (on) on the CPU")
     max_batch_tokens: int = Field(4000, ge=1, description="source tokens decoding at once (and target tokens scored "
                                   "per step), shared by the running requests")
     max_batch_requests: int = Field(32, ge=1, description="requests in the running batch; 1 turns batching off")

@@ -309,9 +309,13 @@ def test_the_card_credits_only_an_evaluation_of_the_weights_it_exports(tiny_run,
     assert main(["evaluate", str(run / "last.pt"), "--split", "test"]) == 0  # to RUN/eval/last/, which export reads
     last = card(export_model(run, tmp_path / "last", checkpoint="last"))
     assert last["evaluation"]["weights_sha256"] == last["weights_sha256"]
-    assert main(["evaluate", str(run), "--split", "test", "--int8", "--report", str(tmp_path / "int8.json")]) == 0
-    with pytest.raises(NMTError, match="scored these weights quantized to int8"):  # not the float weights' scores
-        export_model(run, tmp_path / "int8", report=tmp_path / "int8.json")
+    # int8 decodes the same weights (quantized as they load): its report is credited, and says it was int8.
+    for int8 in (True, False):
+        report = tmp_path / f"int8-{int8}.json"
+        assert main(["evaluate", str(run), "--split", "test", "--int8" if int8 else "--no-int8", "--report",
+                     str(report)]) == 0
+        scored = card(export_model(run, tmp_path / f"int8-{int8}", report=report))["evaluation"]
+        assert (scored["int8"], scored["decode"]["int8"]) == (int8, int8)
 
 
 def test_export_averages_the_last_kept_step_checkpoints(tiny_run, tmp_path, capsys):

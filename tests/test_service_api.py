@@ -256,10 +256,13 @@ def test_concurrent_requests_share_decoding_steps_without_changing_answers(clien
     assert metric(client, 'nmt_batch_requests_bucket{le="4.0"}') < steps  # some steps ran all five (or six)
 
 
-def test_the_app_loads_its_model_from_settings(tiny_model_dir):
-    with TestClient(create_app(Settings(model_dir=tiny_model_dir, threads=1))) as client:
+@pytest.mark.parametrize(("int8", "decodes_int8"), [(None, True), (False, False), (True, True)])
+def test_the_app_loads_its_model_from_settings(tiny_model_dir, int8, decodes_int8):
+    # NMT_INT8 unset follows the model config's decode.int8 (on, on the CPU); false decodes in fp32.
+    with TestClient(create_app(Settings(model_dir=tiny_model_dir, threads=1, int8=int8))) as client:
         assert client.get("/v1/ready").json()["status"] == "ready"
         assert post(client, {"text": "a b"}).json()["translations"][0]["text"] == "b a"
+        assert client.get("/v1/models").json()["models"][0]["int8"] is decodes_int8
 
 
 def test_a_missing_model_fails_startup(tmp_path):

@@ -428,18 +428,26 @@ def test_export_reads_the_corpus_given_by_data(tiny_run, tiny_data, tmp_path, ca
     assert "no train.tgt" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
-def test_int8_translates_like_fp32(tiny_model_dir, translator):
-    quantized = Translator.load(tiny_model_dir, int8=True)
-    assert quantized.info["int8"] is True
+def test_int8_is_the_cpu_default_and_translates_like_fp32(tiny_model_dir, translator, tmp_path):
+    quantized, fp32 = Translator.load(tiny_model_dir, int8=True), Translator.load(tiny_model_dir, int8=False)
+    # The default follows the config's decode.int8 (on): the fixture's translator decodes in int8.
+    assert (translator.info["int8"], quantized.info["int8"], fp32.info["int8"]) == (True, True, False)
+    assert (translator.decode_defaults["int8"], fp32.decode_defaults["int8"]) == (True, False)  # in reports
+    off = tmp_path / "fp32-model"
+    shutil.copytree(tiny_model_dir, off)
+    cfg = load_config(off / "config.yaml")
+    cfg.decode.int8 = False
+    save_config(cfg, off / "config.yaml")
+    assert Translator.load(off).info["int8"] is False
     # What decodes: int8 runs through oneDNN whatever decode.packed_matmuls says (that is the fp32 choice).
     packable = nmt.onednn.packable(torch.zeros(1, 1))
-    assert (quantized.decode_defaults["packed_matmuls"], translator.decode_defaults["packed_matmuls"]) == (
-        True, packable and translator.cfg.decode.packed_matmuls)
-    assert quantized.info["parameters"] == translator.info["parameters"]
-    assert quantized.weights_sha256 == translator.weights_sha256  # the float weights, quantized as they load
+    assert (quantized.decode_defaults["packed_matmuls"], fp32.decode_defaults["packed_matmuls"]) == (
+        True, packable and fp32.cfg.decode.packed_matmuls)
+    assert quantized.info["parameters"] == fp32.info["parameters"]
+    assert quantized.weights_sha256 == fp32.weights_sha256  # the float weights, quantized as they load
     lines = ["a b c d", "e f g h i j", "p o n", "k k l"]
     together = quantized.translate(lines)
-    pairs = zip(texts(together), texts(translator.translate(lines)), strict=True)
+    pairs = zip(texts(together), texts(fp32.translate(lines)), strict=True)
     assert sum(a == b for a, b in pairs) >= 3
     for line, batched in zip(lines, together, strict=True):  # as fp32: a text translates as it does alone
         alone = quantized.translate([line])[0]
