@@ -19,6 +19,7 @@ from nmt.onednn import ROWS_HINT, padded_rows
 log = logging.getLogger(__name__)
 
 LEVELS = 127.0  # symmetric int8: the largest magnitude of a row (or weight channel) maps to 127
+MIN_ROWS = 8  # inputs of fewer rows are padded with zeros to this many (see Int8Linear.__call__)
 TINY = 1e-30  # the scale of an all-zero row or channel, whose values all quantize to 0 anyway
 
 
@@ -85,7 +86,10 @@ class Int8Linear:
         else:  # clamped all the same: a value past the bound must not wrap around in int8
             qx = torch.round(flat * (LEVELS / self.input_bound)).clamp_(-LEVELS, LEVELS).to(torch.int8)
             scale = None
-        padded = padded_rows(rows)  # a oneDNN kernel per shape, as for PackedLinear
+        # A oneDNN kernel per shape, as for PackedLinear; and never fewer than MIN_ROWS rows: oneDNN 3.x picks slow
+        # int8 kernels for a few rows of some widths (one row of 256 inputs: 20-40 ms against 0.1 ms for two, which
+        # made greedy decoding of one sentence crawl; up to five rows of 256 inputs by 37 outputs: 0.6-2.5 ms).
+        padded = max(MIN_ROWS, padded_rows(rows))
         if padded != rows:
             qx = F.pad(qx, (0, 0, 0, padded - rows))
         out = torch.ops.onednn.qlinear_pointwise(qx.contiguous(), 1.0, 0, self.packed, self.output_scale,
