@@ -274,9 +274,14 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortlist-per-source", type=int_from(0), metavar="K",
                    help=f"... and K per source piece and word, at most {STORED_PER_SOURCE} "
                         "(default: decode.shortlist_per_source)")
+    _add_model_options(p)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """How the model runs: --int8/--no-int8, --threads, --device."""
     p.add_argument("--int8", action=argparse.BooleanOptionalAction,
-                   help="decoding's matmuls in int8 on the CPU; --no-int8: fp32 (default: the model config's "
-                        "decode.int8, on, on the CPU)")
+                   help="the matmuls in int8 on the CPU; --no-int8: fp32 (default: the model config's decode.int8, "
+                        "on, on the CPU)")
     _add_threads(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 
@@ -770,9 +775,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hyp", required=True, help="translations to score, line-parallel to --src")
     p.add_argument("--tokens", action="store_true", help="also print each target piece's log-probability")
     p.add_argument("--batch-tokens", type=int_from(1), help="tokens per batch (default: config's decode.batch_tokens)")
-    _add_threads(p)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.set_defaults(func=_run_score, int8=None)
+    _add_model_options(p)
+    p.set_defaults(func=_run_score)
 
 
 def _run_score(args: argparse.Namespace) -> int:
