@@ -1,10 +1,11 @@
-"""int8 linear layers for CPU inference through oneDNN, each row of the input quantized with its own scale.
+"""int8 linear layers for CPU inference through oneDNN, each row of the input quantized on its own.
 
 The weight is quantized once, one scale per output channel, and prepacked; at each call every input row is
-quantized to int8 with a scale of its own (its largest magnitude maps to 127). The product is summed in int32,
-which is exact, so a row's result does not depend on the rows computed with it: batched decoding gives what each
-sentence gets alone. On a CPU with AVX-512 VNNI this is 2-5x as fast as the fp32 matmul at decoding's batched
-shapes.
+quantized to int8 with a scale of its own (its largest magnitude maps to 127), or with a fixed one where the
+inputs are known to be bounded. The product is summed in int32, which is exact, so a row's result does not
+depend on the rows computed with it: batched decoding gives what each sentence gets alone. On a 2-core Xeon with
+AVX-512 VNNI, at 125 rows (a full decoding batch) this ran 1.2-4x as fast as oneDNN's fp32 matmul
+(768 inputs -> 256 outputs: 1.2x; 256 -> 2,816: 2.3x; 512 -> 2,304: 4x).
 """
 
 from __future__ import annotations
