@@ -241,14 +241,14 @@ class Decoder(nn.Module):
         whenever neither training nor recording gradients; whether this model can. Each layer is packed at its
         first use and again after its weights change (an optimizer step, load_state_dict, .to()), so the packed
         copies never go stale; a batch's shortlisted output rows are packed with the batch's list (output_vocab)."""
-        self._pack_matmuls = packable(self.hidden_proj.weight) and (not int8 or int8_available())
-        self._linear = Int8Linear if int8 and self._pack_matmuls else PackedLinear
+        self._pack_matmuls = packable(self.hidden_proj.weight)
+        self._linear = Int8Linear if int8 and self._pack_matmuls and int8_available() else PackedLinear
         self._packed.clear()
         return self._pack_matmuls
 
     @property
     def packs_int8(self) -> bool:
-        """Whether pack_weights took in int8."""
+        """Whether pack_weights took in int8 (where oneDNN's int8 matmul is missing it packs fp32)."""
         return self._pack_matmuls and self._linear is Int8Linear
 
     @property

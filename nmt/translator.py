@@ -329,6 +329,7 @@ class Translator:
             check_int8(dev)
         files = read_model(path, shortlist)
         model, cfg, shortlist = files.model, files.cfg, files.shortlist
+        asked = int8
         if int8 is None:
             int8 = cfg.decode.int8 and dev.type == "cpu"
         model = model.to(dev)
@@ -337,7 +338,8 @@ class Translator:
         packed = (cfg.decode.packed_matmuls or int8) and model.decoder.pack_weights(int8)
         quantized = model.decoder.packs_int8
         if int8 and not quantized:  # a speed option, never needed for correct output
-            log.warning("int8 matmuls through oneDNN are not available in torch %s; using fp32", torch.__version__)
+            log.log(logging.WARNING if asked else logging.INFO,
+                    "int8 matmuls through oneDNN are not available in torch %s; decoding in fp32", torch.__version__)
         log.info("loaded %s (%s -> %s) on %s%s%s%s", files.source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
                  ", int8" if quantized else "", ", oneDNN matmuls" if packed else "",
                  ", with a vocabulary shortlist" if shortlist else "")

@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import nmt.decoder
 import nmt.onednn
 import nmt.translator
 from nmt.checkpoint import load_checkpoint, step_checkpoints
@@ -880,3 +881,18 @@ def test_ctrl_c_on_interactive_translate_exits_130(tiny_model_dir):
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 130
     assert b"nmt translate: interrupted" in seen and b"Fatal Python error" not in seen
+
+
+def test_without_onednn_int8_the_default_decodes_in_fp32(tiny_model_dir, monkeypatch, caplog):
+    # int8 is a speed option: where this torch build has no oneDNN int8 matmul, the model decodes in fp32, as
+    # --no-int8 would, with a warning only when int8 was asked for.
+    fp32 = Translator.load(tiny_model_dir, threads=1, int8=False)
+    monkeypatch.setattr(nmt.decoder, "int8_available", lambda: False)
+    with caplog.at_level("INFO", logger="nmt.translator"):
+        default, asked = Translator.load(tiny_model_dir, threads=1), Translator.load(tiny_model_dir, int8=True)
+    assert (default.int8, asked.int8) == (False, False)
+    assert default.model.decoder.packs_matmuls == fp32.model.decoder.packs_matmuls
+    warned = [r.levelname for r in caplog.records if "int8 matmuls through oneDNN are not available" in r.message]
+    assert warned == ["INFO", "WARNING"]
+    lines = ["a b c d", "p o n"]
+    assert texts(default.translate(lines)) == texts(fp32.translate(lines))
