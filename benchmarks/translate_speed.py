@@ -54,6 +54,8 @@ def worker(args: argparse.Namespace) -> dict:
 
     row = json.loads(args.row)
     translator = Translator.load(args.model, threads=row["threads"], int8=row["precision"] == "int8")
+    if translator.int8 != (row["precision"] == "int8"):  # int8 fell back to fp32: the row would be mislabelled
+        raise SystemExit(f"{row['precision']} is not available here")
     src = read(Path(args.src))[: args.limit or None]
     options = {"beam_size": row["beam"], "shortlist": row["shortlist"] == "on"}
     if args.forced_length:

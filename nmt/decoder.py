@@ -246,6 +246,11 @@ class Decoder(nn.Module):
         self._packed.clear()
         return self._pack_matmuls
 
+    def can_int8(self) -> bool:
+        """Whether int8 can decode this model here: this torch build has oneDNN's int8 matmul, and the weights are
+        finite (a non-finite weight would quantize to finite nonsense, where fp32 ends the search as overflowed)."""
+        return int8_available() and all(bool(torch.isfinite(p).all()) for p in self.parameters())
+
     @property
     def packs_int8(self) -> bool:
         """Whether pack_weights took in int8 (where oneDNN's int8 matmul is missing it packs fp32)."""

@@ -10,6 +10,7 @@ AVX-512 VNNI, at 125 rows (a full decoding batch) this ran 1.2-4x as fast as one
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -19,14 +20,20 @@ from nmt.onednn import ROWS_HINT, padded_rows
 
 log = logging.getLogger(__name__)
 
-LEVELS = 127.0  # symmetric int8: the largest magnitude of a row (or weight channel) maps to 127
+LEVELS = 127.0  # symmetric int8: the largest magnitude of an input row maps to 127
+# A weight channel's largest magnitude maps to the first of these that this CPU's int8 kernels multiply exactly:
+# without VNNI, oneDNN's AVX2 kernel adds pairs of products of its inputs (shifted to 0..255) in 16 bits, which
+# 2 x 255 x 127 overflows (an all-127 product over 256 inputs came out as 32,640, not 4,129,024) and 2 x 255 x 63
+# does not.
+WEIGHT_LEVELS = (127, 63)
+PROBE_WIDTH = 256
 MIN_ROWS = 8  # inputs of fewer rows are padded with zeros to this many (see Int8Linear.__call__)
 TINY = 1e-30  # the scale of an all-zero row or channel, whose values all quantize to 0 anyway
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, n) floats -> int8 values and the per-row scales (rows, 1) they are multiplied by."""
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(TINY).div_(LEVELS)
+def quantize_rows(x: torch.Tensor, levels: float = LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, n) floats -> int8 values (within +-levels) and the per-row scales (rows, 1) they are multiplied by."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(TINY).div_(levels)
     return torch.round(x / scale).to(torch.int8), scale
 
 
@@ -39,7 +46,10 @@ class Int8Linear:
     changes the last bits of a row's result with the batch.)"""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, input_bound: float | None = None):
-        qweight, scale = quantize_rows(weight.detach().float())
+        levels = weight_levels()
+        if levels is None:
+            raise RuntimeError("oneDNN's int8 matmul is not available here (see int8_available)")
+        qweight, scale = quantize_rows(weight.detach().float(), levels)
         self._hold(qweight, scale.view(-1), None if bias is None else bias.detach().float(), input_bound)
 
     @classmethod
@@ -103,13 +113,34 @@ class Int8Linear:
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def int8_available() -> bool:
-    """Whether this torch build can run Int8Linear: tried on a small weight, whose int8 product is exact."""
+def _exact(levels: int) -> bool:
+    """Whether oneDNN multiplies weights within +-levels exactly: the largest inputs (+-127) against the largest
+    weights of either sign over PROBE_WIDTH inputs, where pairwise 16-bit sums would overflow, and a mixed case."""
+    mixed = range(PROBE_WIDTH)
+    x = torch.tensor([[LEVELS] * PROBE_WIDTH, [-LEVELS] * PROBE_WIDTH, [(-1) ** i * (i % 128) for i in mixed]])
+    weight = torch.tensor([[levels] * PROBE_WIDTH, [-levels] * PROBE_WIDTH,
+                           [i % (2 * levels + 1) - levels for i in mixed]])
+    scale = torch.ones(3)
+    packed = torch.ops.onednn.qlinear_prepack(weight.to(torch.int8), [ROWS_HINT, PROBE_WIDTH])
+    qx = F.pad(x.to(torch.int8), (0, 0, 0, MIN_ROWS - len(x)))
+    out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 0, packed, scale, torch.zeros(3, dtype=torch.int64), None,
+                                             1.0, 0, torch.float32, "none", [], "")[:len(x)]
+    return torch.equal(out.double(), x.double() @ weight.double().t())
+
+
+@functools.cache
+def weight_levels() -> int | None:
+    """The largest int8 weight magnitude this CPU's oneDNN kernels multiply exactly (WEIGHT_LEVELS); None where
+    this torch build has no oneDNN int8 matmul, or none of them is exact."""
     if not torch.backends.mkldnn.is_available():
-        return False
+        return None
     try:
-        weight, x = torch.tensor([[127.0, -1.0], [3.0, 127.0], [0.0, -127.0]]), torch.tensor([[127.0, -127.0]])
-        return torch.equal(Int8Linear(weight)(x), F.linear(x, weight))
+        return next((levels for levels in WEIGHT_LEVELS if _exact(levels)), None)
     except (AttributeError, RuntimeError, NotImplementedError) as exc:
         log.info("oneDNN int8 matmuls are not available in torch %s (%s)", torch.__version__, exc)
-        return False
+        return None
+
+
+def int8_available() -> bool:
+    """Whether Int8Linear can run here, its int32 sums exact."""
+    return weight_levels() is not None

@@ -334,12 +334,13 @@ class Translator:
             int8 = cfg.decode.int8 and dev.type == "cpu"
         model = model.to(dev)
         model.decoder.cache_embedding_gates(cfg.decode.gate_table_mb)
+        if int8 and not model.decoder.can_int8():  # a speed option, never needed for correct output
+            log.log(logging.WARNING if asked else logging.INFO, "int8 matmuls cannot decode this model here (no "
+                    "oneDNN int8 matmul in torch %s, or non-finite weights); decoding in fp32", torch.__version__)
+            int8 = False
         # int8 always goes through oneDNN; decode.packed_matmuls is the fp32 choice.
         packed = (cfg.decode.packed_matmuls or int8) and model.decoder.pack_weights(int8)
         quantized = model.decoder.packs_int8
-        if int8 and not quantized:  # a speed option, never needed for correct output
-            log.log(logging.WARNING if asked else logging.INFO,
-                    "int8 matmuls through oneDNN are not available in torch %s; decoding in fp32", torch.__version__)
         log.info("loaded %s (%s -> %s) on %s%s%s%s", files.source, cfg.data.src_lang, cfg.data.tgt_lang, dev,
                  ", int8" if quantized else "", ", oneDNN matmuls" if packed else "",
                  ", with a vocabulary shortlist" if shortlist else "")

@@ -30,9 +30,12 @@ def require_system_package(found: object, message: str) -> None:
 
 def error_bound(x: torch.Tensor, weight: torch.Tensor, input_bound: float | None = None) -> torch.Tensor:
     """How far the int8 product may be from the fp32 one: each x is off by at most half its row's step (largest
-    magnitude, or the input bound, / 127), each weight by half its channel's, and their errors add up over the row."""
+    magnitude, or the input bound, / 127), each weight by half its channel's (/ 127, or 63 without VNNI), and their
+    errors add up over the row."""
     x_half = (x.abs().amax(1, keepdim=True) if input_bound is None else torch.full((len(x), 1), input_bound)) / 254
-    w_half = weight.abs().amax(1) / 254  # (out,)
+    from nmt.int8 import weight_levels  # the weight's steps are those of this CPU's kernels
+
+    w_half = weight.abs().amax(1) / (2 * (weight_levels() or 127))  # (out,)
     bound = x_half * weight.abs().sum(1) + x.abs().sum(1, keepdim=True) * w_half + weight.size(1) * x_half * w_half
     return bound * 1.01 + 1e-5
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,3 +62,22 @@ def test_inputs_within_a_fixed_bound_quantize_with_it(rows: int) -> None:
     # A value past the bound saturates instead of wrapping around to the other sign.
     over = Int8Linear(torch.eye(2), input_bound=1.0)(torch.tensor([[1.5, -3.0]]))
     assert torch.equal(over, torch.tensor([[1.0, -1.0]]))
+
+
+def test_without_vnni_the_weights_take_seven_bits_and_products_stay_exact() -> None:
+    # oneDNN's AVX2 kernel (CPUs without VNNI) adds pairs of products in 16 bits: with weights of +-127 an all-127
+    # product over 256 inputs came out as 32,640 instead of 4,129,024, and translations changed. Forced to that
+    # kernel, the weights must take +-63 and every product stay within int8's rounding of fp32.
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "from nmt.int8 import Int8Linear, weight_levels\n"
+        "w, x = torch.full((16, 256), 0.5), torch.full((3, 256), 2.0)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "w2, x2 = torch.randn(64, 512, generator=g), torch.randn(9, 512, generator=g)\n"
+        "error = (Int8Linear(w2)(x2) - F.linear(x2, w2)).abs().max() / F.linear(x2, w2).abs().max()\n"
+        "print(weight_levels(), torch.allclose(Int8Linear(w)(x), F.linear(x, w)), float(error) < 0.02)\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    levels, exact, close = done.stdout.split()
+    assert (levels, exact, close) == ("63", "True", "True")

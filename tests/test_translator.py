@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import nmt.decoder
+import nmt.int8
 import nmt.onednn
 import nmt.translator
 from nmt.checkpoint import load_checkpoint, step_checkpoints
@@ -883,7 +884,7 @@ def test_ctrl_c_on_interactive_translate_exits_130(tiny_model_dir):
     assert b"nmt translate: interrupted" in seen and b"Fatal Python error" not in seen
 
 
-def test_without_onednn_int8_the_default_decodes_in_fp32(tiny_model_dir, monkeypatch, caplog):
+def test_without_onednn_int8_the_default_decodes_in_fp32(tiny_model_dir, monkeypatch, caplog, tmp_path):
     # int8 is a speed option: where this torch build has no oneDNN int8 matmul, the model decodes in fp32, as
     # --no-int8 would, with a warning only when int8 was asked for.
     fp32 = Translator.load(tiny_model_dir, threads=1, int8=False)
@@ -892,7 +893,23 @@ def test_without_onednn_int8_the_default_decodes_in_fp32(tiny_model_dir, monkeyp
         default, asked = Translator.load(tiny_model_dir, threads=1), Translator.load(tiny_model_dir, int8=True)
     assert (default.int8, asked.int8) == (False, False)
     assert default.model.decoder.packs_matmuls == fp32.model.decoder.packs_matmuls
-    warned = [r.levelname for r in caplog.records if "int8 matmuls through oneDNN are not available" in r.message]
+    off = tmp_path / "no-packing"  # and decode.packed_matmuls: false is kept, int8 or not
+    shutil.copytree(tiny_model_dir, off)
+    cfg = load_config(off / "config.yaml")
+    cfg.decode.packed_matmuls = False
+    save_config(cfg, off / "config.yaml")
+    assert not Translator.load(off, threads=1).model.decoder.packs_matmuls
+    warned = [r.levelname for r in caplog.records if "int8 matmuls cannot decode this model here" in r.message]
     assert warned == ["INFO", "WARNING"]
     lines = ["a b c d", "p o n"]
     assert texts(default.translate(lines)) == texts(fp32.translate(lines))
+
+
+def test_a_model_with_non_finite_weights_decodes_in_fp32_not_in_int8(tiny_model_dir):
+    # Quantizing an infinite weight gives finite nonsense: such a model decodes in fp32, where its overflowing scores
+    # end the search as the search says (no hypotheses), rather than translating something.
+    broken = Translator.load(tiny_model_dir, threads=1, int8=False).model
+    with torch.no_grad():
+        broken.decoder.hidden_proj.weight[0, 0] = float("inf")
+    assert not broken.decoder.can_int8()
+    assert Translator.load(tiny_model_dir, threads=1).model.decoder.can_int8() == nmt.int8.int8_available()
