@@ -281,7 +281,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     """How the model runs: --int8/--no-int8, --threads, --device."""
     p.add_argument("--int8", action=argparse.BooleanOptionalAction,
                    help="the matmuls in int8 on the CPU; --no-int8: fp32 (default: the model config's decode.int8, "
-                        "on, on the CPU)")
+                        "on, on a CPU with VNNI)")
     _add_threads(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 

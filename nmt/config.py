@@ -95,8 +95,8 @@ class DecodeConfig:
     batch_tokens: int = 4000  # source tokens per translation batch (padded, ends of sentence included)
     gate_table_mb: int = 256  # precompute every target token's embedding gate term when the table fits; 0 = off
     packed_matmuls: bool = True  # CPU fp32 (int8 off): decoding's matmuls through oneDNN on prepacked weights
-    # CPU: decoding's matmuls in int8 through oneDNN (nmt/int8.py), each sentence's result independent of its batch;
-    # the shipped model scores as in fp32 (README "Translation speed"). Not on CUDA.
+    # CPU with VNNI: decoding's matmuls in int8 through oneDNN (nmt/int8.py), each sentence's result independent of
+    # its batch; the shipped model scores as in fp32 (README "int8"). Other CPUs (slower in int8) and CUDA: fp32.
     int8: bool = True
     shortlist: bool = True  # decode over a lexical shortlist when the model directory has one (nmt export)
     shortlist_frequent: int = 2000  # the shortlist: this many most frequent target pieces ...

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 
+from nmt.device import cpu_flags
 from nmt.onednn import ROWS_HINT, padded_rows
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,17 @@ def weight_levels() -> int | None:
     except (AttributeError, RuntimeError, NotImplementedError) as exc:
         log.info("oneDNN int8 matmuls are not available in torch %s (%s)", torch.__version__, exc)
         return None
+
+
+def vnni() -> bool:
+    """Whether oneDNN may use this CPU's int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), where int8
+    decodes faster than fp32. Without them its AVX2 kernels decoded the test set at half fp32's speed, and its
+    AVX-512 kernels at a small fraction of it (ONEDNN_MAX_CPU_ISA=AVX2 / AVX512_CORE on a VNNI machine)."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if limit not in ("ALL", "DEFAULT", "") and not any(name in limit for name in ("VNNI", "AMX", "BF16", "FP16",
+                                                                                   "AVX10")):
+        return False
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def int8_available() -> bool:

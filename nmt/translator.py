@@ -37,6 +37,7 @@ from nmt.export import (
     run_checkpoint,
     weights_digest,
 )
+from nmt.int8 import vnni
 from nmt.model import Seq2Seq
 from nmt.search import Hypothesis, output_limit, search_ids
 from nmt.shortlist import SHORTLIST_FILE, Shortlist
@@ -331,7 +332,9 @@ class Translator:
         model, cfg, shortlist = files.model, files.cfg, files.shortlist
         asked = int8
         if int8 is None:
-            int8 = cfg.decode.int8 and dev.type == "cpu"
+            int8 = cfg.decode.int8 and dev.type == "cpu" and vnni()
+            if cfg.decode.int8 and dev.type == "cpu" and not int8:
+                log.info("decode.int8: this CPU has no VNNI, where int8 decodes slower than fp32: decoding in fp32")
         model = model.to(dev)
         model.decoder.cache_embedding_gates(cfg.decode.gate_table_mb)
         if int8 and not model.decoder.can_int8():  # a speed option, never needed for correct output

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, le=MAX_THREADS, description="torch CPU threads for the model worker; 0 = torch "
                          "default")
     int8: bool | None = Field(None, description="decoding's matmuls in int8 (CPU only); false: fp32; unset: the "
-                              "model config's decode.int8 (on) on the CPU")
+                              "model config's decode.int8 (on) on a CPU with VNNI")
     max_batch_tokens: int = Field(4000, ge=1, description="source tokens decoding at once (and target tokens scored "
                                   "per step), shared by the running requests")
     max_batch_requests: int = Field(32, ge=1, description="requests in the running batch; 1 turns batching off")

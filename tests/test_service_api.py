@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from starlette.middleware.gzip import GZipMiddleware
 
+import nmt.int8
 import service.guard
 import service.worker
 from nmt.errors import NMTError
@@ -256,9 +257,10 @@ def test_concurrent_requests_share_decoding_steps_without_changing_answers(clien
     assert metric(client, 'nmt_batch_requests_bucket{le="4.0"}') < steps  # some steps ran all five (or six)
 
 
-@pytest.mark.parametrize(("int8", "decodes_int8"), [(None, True), (False, False), (True, True)])
+@pytest.mark.parametrize(("int8", "decodes_int8"), [(None, None), (False, False), (True, True)])
 def test_the_app_loads_its_model_from_settings(tiny_model_dir, int8, decodes_int8):
-    # NMT_INT8 unset follows the model config's decode.int8 (on, on the CPU); false decodes in fp32.
+    # NMT_INT8 unset follows the model config's decode.int8 (on, on a CPU with VNNI); false decodes in fp32.
+    decodes_int8 = nmt.int8.vnni() if decodes_int8 is None else decodes_int8
     with TestClient(create_app(Settings(model_dir=tiny_model_dir, threads=1, int8=int8))) as client:
         assert client.get("/v1/ready").json()["status"] == "ready"
         assert post(client, {"text": "a b"}).json()["translations"][0]["text"] == "b a"

@@ -432,9 +432,9 @@ def test_export_reads_the_corpus_given_by_data(tiny_run, tiny_data, tmp_path, ca
 
 def test_int8_is_the_cpu_default_and_translates_like_fp32(tiny_model_dir, translator, tmp_path):
     quantized, fp32 = Translator.load(tiny_model_dir, int8=True), Translator.load(tiny_model_dir, int8=False)
-    # The default follows the config's decode.int8 (on): the fixture's translator decodes in int8.
-    assert (translator.info["int8"], quantized.info["int8"], fp32.info["int8"]) == (True, True, False)
-    assert (translator.decode_defaults["int8"], fp32.decode_defaults["int8"]) == (True, False)  # in reports
+    # The default follows the config's decode.int8 (on) where the CPU has VNNI: the fixture's translator.
+    assert (translator.info["int8"], quantized.info["int8"], fp32.info["int8"]) == (nmt.int8.vnni(), True, False)
+    assert (translator.decode_defaults["int8"], fp32.decode_defaults["int8"]) == (nmt.int8.vnni(), False)
     off = tmp_path / "fp32-model"
     shutil.copytree(tiny_model_dir, off)
     cfg = load_config(off / "config.yaml")
@@ -913,3 +913,23 @@ def test_a_model_with_non_finite_weights_decodes_in_fp32_not_in_int8(tiny_model_
         broken.decoder.hidden_proj.weight[0, 0] = float("inf")
     assert not broken.decoder.can_int8()
     assert Translator.load(tiny_model_dir, threads=1).model.decoder.can_int8() == nmt.int8.int8_available()
+
+
+def test_without_vnni_the_default_decodes_in_fp32_and_int8_is_there_when_asked_for(tiny_model_dir, monkeypatch):
+    # Without VNNI oneDNN's int8 kernels decoded at half fp32's speed or worse: the config's default does not use
+    # them, --int8 still does.
+    monkeypatch.setattr(nmt.translator, "vnni", lambda: False)
+    assert Translator.load(tiny_model_dir, threads=1).int8 is False
+    assert Translator.load(tiny_model_dir, threads=1, int8=True).int8 is True
+    monkeypatch.setattr(nmt.translator, "vnni", lambda: True)
+    assert Translator.load(tiny_model_dir, threads=1).int8 is True
+
+
+@pytest.mark.parametrize(("limit", "fast"), [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", True),
+                                             ("AVX512_CORE_AMX", True), ("ALL", True)])
+def test_a_oneDNN_isa_limit_without_vnni_turns_the_int8_default_off(limit, fast, monkeypatch):
+    monkeypatch.setattr(nmt.int8, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    assert nmt.int8.vnni() is fast
+    monkeypatch.setattr(nmt.int8, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert nmt.int8.vnni() is False
