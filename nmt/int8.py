@@ -147,7 +147,7 @@ def vnni() -> bool:
     """Whether oneDNN may use this CPU's int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), where int8
     decodes faster than fp32. Without them its AVX2 kernels decoded the test set at half fp32's speed, and its
     AVX-512 kernels at a small fraction of it (ONEDNN_MAX_CPU_ISA=AVX2 / AVX512_CORE on a VNNI machine)."""
-    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
     if limit not in ("ALL", "DEFAULT", "") and not any(name in limit for name in ("VNNI", "AMX", "BF16", "FP16",
                                                                                    "AVX10")):
         return False

@@ -931,5 +931,8 @@ def test_a_oneDNN_isa_limit_without_vnni_turns_the_int8_default_off(limit, fast,
     monkeypatch.setattr(nmt.int8, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
     assert nmt.int8.vnni() is fast
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", limit)  # oneDNN's older name for the same limit
+    assert nmt.int8.vnni() is fast
     monkeypatch.setattr(nmt.int8, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert nmt.int8.vnni() is False
