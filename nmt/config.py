@@ -143,11 +143,6 @@ _UNIT_INTERVAL = {"model.dropout", "train.label_smoothing", "train.lr_decay"}
 # Upper bounds past which a value is a mistake: decoding to a*source+b pieces with a model that has not learnt to
 # stop yet (early in training) would run for hours.
 STORED_PER_SOURCE = 50  # target candidates a shortlist file keeps per source piece or word (nmt.shortlist)
-def integers(low: int, high: int | None = None) -> str:
-    """How an error names the integers a setting takes."""
-    return f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-
-
 MAX_THREADS = 1024  # torch threads: libgomp crashes the process (SIGSEGV) when asked for tens of thousands
 _AT_MOST = {"decode.length_penalty": MAX_LENGTH_PENALTY, "decode.max_len_a": 10, "decode.max_len_b": 1000,
             "decode.shortlist_per_source": STORED_PER_SOURCE,
@@ -157,6 +152,11 @@ SENTENCEPIECE_MIN_SAMPLE = 101  # tokenizer.input_sentence_size: SentencePiece r
 MIN_CHARACTER_COVERAGE = 0.98  # tokenizer.character_coverage: SentencePiece refuses less
 SPECIAL_PIECES = 4  # every vocabulary's ids 0-3 (nmt.tokenizer: PAD, UNK, BOS, EOS)
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a float that YAML 1.1 may leave a string
+
+
+def integers(low: int, high: int | None = None) -> str:
+    """How an error names the integers a setting takes."""
+    return f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -168,9 +169,18 @@ class OutputVocab:
     """The part of the target vocabulary a decoding batch computes logits for (a shortlist)."""
 
     ids: torch.Tensor  # (V',) sorted target ids
-    weight: torch.Tensor  # (V', out_dim) their rows of the output layer (fp32)
-    bias: torch.Tensor  # (V',)
+    layer: nn.Linear  # the whole output layer
     onednn: PackedLinear | Int8Linear | None = None  # on the CPU: those rows and biases prepacked for oneDNN
+
+    @functools.cached_property
+    def weight(self) -> torch.Tensor:
+        """(V', out_dim) their rows of the output layer (fp32), gathered at first use: never where oneDNN runs."""
+        return self.layer.weight.index_select(0, self.ids)
+
+    @functools.cached_property
+    def bias(self) -> torch.Tensor:
+        """(V',) their biases, likewise."""
+        return self.layer.bias.index_select(0, self.ids)
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         """(N, out_dim) readout -> (N, V') logits."""
@@ -424,16 +434,15 @@ class Decoder(nn.Module):
 
     def output_vocab(self, ids: torch.Tensor) -> OutputVocab:
         """The output layer restricted to the target ids (sorted), for decoding over a shortlist."""
-        weight, bias = self.out.weight, self.out.bias
         if not self._may_pack(self.out):
-            return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids))
+            return OutputVocab(ids, self.out)
         # Packed anew whenever a batch's shortlist changes (sentences join, or an eighth of it goes unused), for a
         # third less time in the matmul at every step. oneDNN keeps a kernel for each shape (about half a megabyte
         # each), so the rows are padded (with copies of the last) to one of 8 widths per doubling. int8 weights
         # are quantized per row, so the shortlist's rows quantize as they do in the whole layer.
         n = ids.numel()
         packed = self._packed_for("out").select(torch.cat([ids, ids[-1:].expand(padded_rows(n) - n)]))
-        return OutputVocab(ids, weight.index_select(0, ids), bias.index_select(0, ids), onednn=packed)
+        return OutputVocab(ids, self.out, onednn=packed)
 
     def step_logprobs(self, prev: torch.Tensor, state: State, mem: Memory | SegmentedMemory,
                       vocab: OutputVocab | None = None) -> tuple[torch.Tensor, torch.Tensor | None, State]:
