@@ -83,6 +83,12 @@ class Settings(BaseSettings):
             return parts
         return value
 
+    @field_validator("int8", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """NMT_INT8= (an .env line, or compose passing an empty variable) means unset, as for the list settings."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("api_keys")
     @classmethod
     def _check_keys(cls, keys: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ from conftest import serve_in_thread
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from starlette.middleware.gzip import GZipMiddleware
 
 import nmt.int8
@@ -971,3 +972,14 @@ def test_a_client_that_leaves_drops_its_work(translator, tiny_model_dir, monkeyp
         batches = len(translator.score_groups(translator.prepare_score(["a b c"] * 40, ["c b a"] * 40), 8))
         assert len(calls) == ran < batches / 2  # it stopped, and early
         assert 'route="/v1/score",status="499"' in httpx.get(f"{url}/metrics").text
+
+
+@pytest.mark.parametrize(("value", "int8"), [("", None), ("  ", None), ("false", False), ("true", True)])
+def test_an_empty_nmt_int8_means_unset(value, int8, monkeypatch):
+    # An .env line `NMT_INT8=` (or compose passing an empty variable) follows the model config, as unset does; it
+    # was refused as "not a valid boolean".
+    monkeypatch.setenv("NMT_INT8", value)
+    assert Settings().int8 is int8
+    monkeypatch.setenv("NMT_INT8", "maybe")
+    with pytest.raises(ValidationError, match="int8"):
+        Settings()
