@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
-import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
@@ -71,8 +71,9 @@ class Batcher:
     holds (an idle engine starts at once): those arriving within that time join together, which costs the
     engine much less than one by one (one encoder pass), and a join holds up every running job, so a fuller
     batch waits longer.
-    The worker thread takes steps until a job is done or waiting ones could join (or SLICE_S passes), so a batch
-    nobody joins runs without a round trip to the event loop per step. Jobs wait in a queue of at most `max_queue`.
+    The worker thread takes steps until waiting jobs may join (or SLICE_S passes), handing each job that is done
+    to the event loop as it goes, so the batch decodes on while answers go out, with no round trip to the event
+    loop per step or per finished job. Jobs wait in a queue of at most `max_queue`.
     When several jobs fail in one step (a search shared by their requests raised), each is rerun alone, so one
     bad request cannot fail the requests it ran with. Once no job has run for `idle_s` after some did, `on_idle`
     runs on the worker thread (the service gives the heap memory of the last burst back to the system).
@@ -87,14 +88,12 @@ class Batcher:
         self.max_requests, self.max_queue = max_requests, max_queue
         self.max_wait_s = max_wait_s
         self._last_join = 0.0  # monotonic time at which jobs last joined the running batch
-        self._next_join = 0.0  # from when waiting jobs may join it (see _admit)
         self._observe = observe
         self._count_tokens = count_tokens
         self._on_idle, self.idle_s = on_idle, idle_s  # run on the worker thread idle_s into a pause after work
         self._pending: collections.deque[_Job] = collections.deque()
         self._running: dict[_Job, None] = {}  # in the order they joined
         self._wake = asyncio.Event()
-        self._room = threading.Event()  # set while jobs wait to join (from _next_join on): report back then
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
@@ -123,8 +122,6 @@ class Batcher:
         self._pending.append(job)
         self._idle.clear()
         self._wake.set()
-        if len(self._running) < self.max_requests:
-            self._room.set()
         try:
             return await job.future
         finally:
@@ -161,26 +158,32 @@ class Batcher:
             for job in leaving:  # before admitting: an abandoned job's room goes to a waiting one
                 del self._running[job]
             joining = self._admit()
+            loop = asyncio.get_running_loop()
+            settle = functools.partial(loop.call_soon_threadsafe, self._settle)
             try:
-                outcomes = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._advance, joining, leaving, list(self._running))
+                await loop.run_in_executor(self._executor, self._advance, joining, leaving,
+                                           list(self._running), settle)
             except Exception as exc:  # a bug here must fail the running jobs, not stop the loop that serves them all
                 log.exception("a batch step failed")
-                outcomes = [(job, exc) for job in self._running]
+                failed = list(self._running)
                 try:
-                    await asyncio.get_running_loop().run_in_executor(self._executor, self._drop, list(self._running))
+                    await loop.run_in_executor(self._executor, self._drop, failed)
                 except Exception:  # an executor shut down: the jobs still fail below, and the loop goes on
                     log.exception("the failed requests could not leave the batch")
-            for job, outcome in outcomes:
-                self._running.pop(job, None)
-                if job.future.done():  # its caller left
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    if self._count_tokens is not None:
-                        self._count_tokens(job.tokens)  # translated for someone: not failed, nor for nobody
-                    job.future.set_result(list(outcome))
+                self._settle([(job, exc) for job in failed])
+
+    def _settle(self, outcomes: list[tuple[_Job, Sequence[Any] | BaseException]]) -> None:
+        """Event loop: jobs done (or failed) leave the running batch, and their callers get the outcome."""
+        for job, outcome in outcomes:
+            self._running.pop(job, None)
+            if job.future.done():  # its caller left
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                if self._count_tokens is not None:
+                    self._count_tokens(job.tokens)  # translated for someone: not failed, nor for nobody
+                job.future.set_result(list(outcome))
 
     async def _idle_work(self) -> None:
         try:
@@ -190,14 +193,8 @@ class Batcher:
 
     def _admit(self) -> list[_Job]:
         """Move waiting jobs into the running batch while it has room, unless they joined it too recently."""
-        self._schedule_join()
-        if self._running and self._pending and time.monotonic() < self._next_join:
-            if len(self._running) < self.max_requests:
-                self._room.set()  # the worker thread reports back once they may join
-            else:
-                self._room.clear()  # no room: the worker reports back when a job is done
+        if self._running and self._pending and time.monotonic() < self._join_time(len(self._running)):
             return []
-        self._room.clear()
         joining = []
         while self._pending and len(self._running) < self.max_requests:
             job = self._pending.popleft()
@@ -205,53 +202,67 @@ class Batcher:
             joining.append(job)
         if joining:
             self._last_join = time.monotonic()
-            self._schedule_join()
         return joining
 
-    def _schedule_join(self) -> None:
-        """Set when waiting jobs may next join: max_wait_s after the last join, times the share of max_requests
-        the batch holds now. A join holds up every running job (encoder pass, batch merge) at a cost that hardly
-        depends on how many join: the fuller the batch, the more jobs should wait to join it together."""
-        self._next_join = self._last_join + self.max_wait_s * len(self._running) / self.max_requests
+    def _join_time(self, running: int) -> float:
+        """When waiting jobs may next join a batch of `running` jobs: max_wait_s after the last join, times the
+        share of max_requests the batch holds. A join holds up every running job (encoder pass, batch merge) at a
+        cost that hardly depends on how many join: the fuller the batch, the more jobs should wait to join it
+        together."""
+        return self._last_join + self.max_wait_s * running / self.max_requests
 
-    def _advance(self, joining: list[_Job], leaving: list[_Job],
-                 running: list[_Job]) -> list[tuple[_Job, Sequence[Any] | BaseException]]:
-        """Worker thread: jobs join and leave the engine, which then takes steps until one is done, waiting jobs
-        may join, or the time slice is over. If a step raises, every running job fails and leaves the engine."""
+    def _may_join(self, running: int) -> bool:
+        """Worker thread: whether waiting jobs may join the engine's `running` jobs now (the event loop admits them)."""
+        return bool(self._pending) and running < self.max_requests and time.monotonic() >= self._join_time(running)
+
+    def _advance(self, joining: list[_Job], leaving: list[_Job], running: list[_Job],
+                 settle: Callable[[list[tuple[_Job, Sequence[Any] | BaseException]]], object]) -> None:
+        """Worker thread: jobs join and leave the engine, which then takes steps until waiting jobs may join or the
+        time slice is over. The jobs done at a step go to `settle` (on the event loop) at once, so that their
+        answers go out while the batch decodes on. If a step raises, every running job fails and leaves the
+        engine."""
         engine = self._engine
-        outcomes: list[tuple[_Job, Sequence[Any] | BaseException]] = []
+        live = dict.fromkeys(running)
         for job in leaving:
             engine.cancel(job)
+        refused = []
         for job in joining:
             try:
                 engine.add(job, job.key, job.work)
             except Exception as exc:
-                outcomes.append((job, exc))
-        stepped: list[tuple[Hashable, Sequence[Any] | BaseException]] = []
+                refused.append((job, exc))
+                del live[job]
+        if refused:
+            settle(refused)
         end = time.monotonic() + SLICE_S
-        while len(engine) and not stepped:
+        while len(engine):
             jobs, segments, start = len(engine), engine.segments, time.monotonic()
             try:
                 stepped = engine.step()
             except Exception as exc:
                 log.exception("a batch step failed")
-                for job in running:
+                for job in live:
                     engine.cancel(job)
-                refused = dict(outcomes)  # jobs the engine did not take: they have their outcome already
-                stepped = [(job, exc) for job in running if job not in refused]
+                stepped = [(job, exc) for job in live]
             if self._observe is not None:
                 self._observe(jobs, segments, time.monotonic() - start)
-            now = time.monotonic()
-            if self._room.is_set() and now >= self._next_join or now > end:
+            if stepped:
+                for job, _ in stepped:
+                    live.pop(job, None)
+                settle(self._rerun_failed(stepped))
+            if time.monotonic() > end or self._may_join(len(engine)):
                 break
+
+    def _rerun_failed(self, stepped: list[tuple[_Job, Sequence[Any] | BaseException]]
+                      ) -> list[tuple[_Job, Sequence[Any] | BaseException]]:
+        """Worker thread: a step's outcomes, with the jobs that failed together (a search they shared raised) each
+        rerun alone, so that one bad request cannot fail the requests it ran with."""
         failed = [job for job, outcome in stepped if isinstance(outcome, Exception)]
-        if len(failed) > 1:
-            log.warning("%d requests failed together; rerunning them one by one", len(failed))
-        for job, outcome in stepped:
-            if len(failed) > 1 and isinstance(outcome, Exception) and not job.abandoned:
-                outcome = self._run_alone(job)
-            outcomes.append((job, outcome))
-        return outcomes
+        if len(failed) < 2:
+            return stepped
+        log.warning("%d requests failed together; rerunning them one by one", len(failed))
+        return [(job, self._run_alone(job) if isinstance(outcome, Exception) and not job.abandoned else outcome)
+                for job, outcome in stepped]
 
     def _drop(self, jobs: list[_Job]) -> None:
         """Worker thread: take failed jobs out of the engine, so that it does not go on decoding them for nobody."""
