@@ -20,6 +20,10 @@ from nmt.tokenizer import BOS, EOS, PAD, UNK
 # one of 70 or more, and attention over a single memory would read that much padding for every sentence.
 SOURCE_GROUPS = (24, 48)
 _DEFAULT = DecodeConfig()  # a search's defaults are the config's
+# Candidates per chunk in best_candidates, and the number of candidates (beams x vocabulary columns) over all
+# sentences from which it takes the best through chunks: below that, one top-k over all costs less.
+TOP_CHUNK = 64
+CHUNKED_FROM = 32_768
 
 
 @dataclass
@@ -65,6 +69,29 @@ def _merge_vocab(ids_a: torch.Tensor, bias_a: torch.Tensor, ids_b: torch.Tensor,
         out[:, torch.searchsorted(ids, old)] = bias
         return out
     return ids, spread(ids_a, bias_a), spread(ids_b, bias_b)
+
+
+def best_candidates(scores: torch.Tensor, logp: torch.Tensor, n: int,
+                    count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `count` best continuations of each of n sentences, from its beams' scores (n * k,) and their next-token
+    log-probabilities (n * k, V): (n, count) totals, best first, and the beam (0..k-1) and column of each."""
+    width = logp.size(1)
+    cand = (scores.view(-1, 1) + logp).view(n, -1)
+    full = cand.size(1) // TOP_CHUNK
+    if cand.numel() < CHUNKED_FROM or full < count:
+        top, index = cand.topk(count, dim=1)
+        return top, index // width, index % width
+    # torch's CPU top-k takes about 3 ns a candidate (a 28-sentence step's 390,000 took 0.4-0.5 ms, 5% of the
+    # step), its max about 0.1. The best `count` lie in the `count` chunks with the highest maxima or in the tail
+    # after the last whole chunk (ties aside: those keep the values and may take another of the equal
+    # candidates), so top-k runs over those alone.
+    chunks = cand[:, :full * TOP_CHUNK].view(n, full, TOP_CHUNK)
+    best = chunks.amax(dim=2).topk(count, dim=1).indices
+    picked = chunks.gather(1, best.unsqueeze(2).expand(-1, -1, TOP_CHUNK)).view(n, -1)
+    top, at = torch.cat([picked, cand[:, full * TOP_CHUNK:]], dim=1).topk(count, dim=1)
+    in_chunk = best.gather(1, (at // TOP_CHUNK).clamp(max=count - 1)) * TOP_CHUNK + at % TOP_CHUNK
+    index = torch.where(at < picked.size(1), in_chunk, at - picked.size(1) + full * TOP_CHUNK)
+    return top, index // width, index % width
 
 
 class BeamSearch:
@@ -210,7 +237,6 @@ class BeamSearch:
         k, device, vocab = self.k, self.scores.device, self.vocab
         mem = SegmentedMemory([slots.memory for slots in self.slots if slots.size], self.vocab_bias)
         logp, alpha_t, state = self.model.step(self.prev, self.state, mem, vocab)
-        width = logp.size(1)
         history = self.tokens.size(1)
         logp[:, PAD] = float("-inf")
         logp[:, BOS] = float("-inf")
@@ -235,9 +261,7 @@ class BeamSearch:
             logp[forced] = float("-inf")
             logp[forced, EOS] = eos_logp
         n = len(self.keys)
-        cand = (self.scores.view(-1, 1) + logp).view(n, k * width)
-        top_scores, top_idx = cand.topk(2 * k, dim=1)
-        origin, token = top_idx // width, top_idx % width
+        top_scores, origin, token = best_candidates(self.scores, logp, n, 2 * k)
         if vocab is not None:
             token = vocab.ids[token]
         is_eos = (token == EOS) & torch.isfinite(top_scores)

@@ -21,7 +21,7 @@ from nmt.checkpoint import load_checkpoint
 from nmt.config import ModelConfig, from_dict
 from nmt.decoder import Decoder, Memory, MemorySlots
 from nmt.model import Seq2Seq
-from nmt.search import BeamSearch, beam_search, length_penalty, ngram_bans, search_ids
+from nmt.search import BeamSearch, beam_search, best_candidates, length_penalty, ngram_bans, search_ids
 from nmt.shortlist import Shortlist, shortlist_from_corpus
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
 
@@ -226,8 +226,12 @@ GROUPINGS = [nmt.search.SOURCE_GROUPS, (3, 6)]
 
 @pytest.mark.parametrize("groups", GROUPINGS)
 @pytest.mark.parametrize("int8", [False, True])
-def test_batched_equals_one_by_one(tiny, groups, int8, monkeypatch):
+@pytest.mark.parametrize("chunked_from", [nmt.search.CHUNKED_FROM, 500])
+def test_batched_equals_one_by_one(tiny, groups, int8, chunked_from, monkeypatch):
+    # chunked_from 500: the whole batch's candidates go through best_candidates' chunks, one sentence's (5 beams x
+    # a vocabulary of 40) through a single top-k.
     monkeypatch.setattr(nmt.search, "SOURCE_GROUPS", groups)
+    monkeypatch.setattr(nmt.search, "CHUNKED_FROM", chunked_from)
     model, _, sentences = tiny
     model = int8_copy(model) if int8 else model
     mixed = sorted(sentences, key=len)[::3] + [[4], sentences[0] * 3]  # short, long, repeated
@@ -242,6 +246,30 @@ def test_batched_equals_one_by_one(tiny, groups, int8, monkeypatch):
         for h in b:
             assert h.attention.shape == (len(h.tokens) + 1, len(ids) + 1)
             assert torch.allclose(h.attention.sum(1), torch.ones(len(h.tokens) + 1), atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(1, 300), st.integers(0, 2**32 - 1), st.booleans())
+def test_best_candidates_are_those_of_one_top_k_over_each_sentence(n, k, width, seed, coarse):
+    # Through chunks or not, the same totals, best first, at distinct places that hold them; ties (coarse values)
+    # and -inf (banned pieces) included.
+    generator = torch.Generator().manual_seed(seed)
+    logp = torch.randn(n * k, width, generator=generator)
+    if coarse:
+        logp = logp.round()
+    logp[torch.rand(n * k, width, generator=generator) < 0.3] = float("-inf")
+    scores = torch.randn(n * k, generator=generator).round(decimals=1)
+    count = min(2 * k, k * width)
+    totals = (scores.view(-1, 1) + logp).view(n, -1)
+    expected = totals.topk(count, dim=1).values
+    for chunked_from in (0, 10**9):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(nmt.search, "CHUNKED_FROM", chunked_from)
+            top, beam, column = best_candidates(scores, logp, n, count)
+        assert torch.equal(top, expected)
+        assert bool((beam < k).all()) and bool((column < width).all())
+        assert torch.equal(totals.gather(1, beam * width + column), top)
+        assert all(len(set(row)) == count for row in (beam * width + column).tolist())
 
 
 @pytest.mark.parametrize("beam", [1, 5])
