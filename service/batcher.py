@@ -178,12 +178,17 @@ class Batcher:
             self._running.pop(job, None)
             if job.future.done():  # its caller left
                 continue
-            if isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
-            else:
-                if self._count_tokens is not None:
-                    self._count_tokens(job.tokens)  # translated for someone: not failed, nor for nobody
-                job.future.set_result(list(outcome))
+            try:
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(list(outcome))
+                    if self._count_tokens is not None:
+                        self._count_tokens(job.tokens)  # translated for someone: not failed, nor for nobody
+            except Exception as exc:  # an outcome that cannot be handed over fails its own job, not the loop
+                log.exception("a finished request could not be answered")
+                if not job.future.done():
+                    job.future.set_exception(exc)
 
     async def _idle_work(self) -> None:
         try:

@@ -153,6 +153,26 @@ def test_the_batch_decodes_on_while_the_event_loop_is_busy(executor):
     assert asyncio.run(main()) >= 10
 
 
+def test_an_outcome_that_cannot_be_handed_over_fails_its_job_alone(executor):
+    # asyncio refuses StopIteration as a future's exception: the job whose step gave one was left unanswered, and
+    # (since the worker thread hands outcomes over as it goes) the loop spun and close() never returned.
+    class Odd(Recorder):
+        def step(self) -> list:
+            return [(h, StopIteration() if "odd" in str(out) else out) for h, out in super().step()]
+
+    async def main():
+        engine = Odd()
+        batcher = make(engine, executor)
+        batcher.start()
+        both = asyncio.gather(batcher.submit("k", [1, "odd"], 1), batcher.submit("k", [2], 1), return_exceptions=True)
+        results = await asyncio.wait_for(both, 5)
+        await asyncio.wait_for(batcher.close(), 5)
+        return results
+
+    odd, fine = asyncio.run(main())
+    assert isinstance(odd, TypeError) and fine == ["k:2"]
+
+
 @pytest.mark.parametrize("max_wait_s", [1.2, 0.0])
 def test_jobs_arriving_while_a_batch_runs_join_it_together_at_most_every_max_wait(executor, max_wait_s):
     async def main():
