@@ -170,9 +170,12 @@ class BeamSearch:
         limits = [output_limit(m - 1, self.max_len_a, self.max_len_b) for m in src_lens]
         ids, bias = (None, None) if shortlist is None else shortlist
         if self.keys:
-            if ids is not None:  # the output rows are gathered anew: without those no sentence lists any more
-                used = torch.isfinite(self.vocab_bias).any(dim=0)
-                ids, old, bias = _merge_vocab(self.vocab_ids[used], self.vocab_bias[:, used], ids, bias)
+            if ids is not None:
+                # Pieces not listed yet mean gathering and packing the output rows anew: then without those no
+                # sentence lists any more. Otherwise the packed rows are kept as they are.
+                fresh = not bool(torch.isin(ids, self.vocab_ids).all())
+                keep = torch.isfinite(self.vocab_bias).any(dim=0) if fresh else slice(None)
+                ids, old, bias = _merge_vocab(self.vocab_ids[keep], self.vocab_bias[:, keep], ids, bias)
                 bias = torch.cat([old, bias])
             state = State.cat([self.state, state])
             scores = torch.cat([self.scores, scores])

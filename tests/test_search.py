@@ -452,26 +452,33 @@ def test_sentences_joining_a_running_search_get_what_they_get_alone(tiny, tiny_s
 
 
 def test_a_join_keeps_only_the_pieces_the_sentences_decoding_list(tiny, tiny_shortlist):
-    # A join gathers and packs the output rows anew: those only a sentence that left listed go then (each cost a
-    # column of the output layer at every step), however few.
+    # A join that brings new pieces gathers and packs the output rows anew: those only a sentence that left listed
+    # go then (each cost a column of the output layer at every step), however few. A join that brings none keeps
+    # the packed rows.
     model, _, sentences = tiny
     lists = functools.partial(tiny_shortlist.for_batch, frequent=3, per_source=1)
 
     def listed(*batch: list[int]) -> torch.Tensor:
         return lists(collate(list(batch), None, list(range(len(batch)))).src)[0]
 
-    long, new = max(sentences, key=len), min(sentences, key=len)
-    # A one-piece sentence listing a piece of its own: 1 of the batch's list, which a step would keep.
-    gone = next([p] for p in range(4, 37) if bool(torch.isin(listed([p]), listed(long, new), invert=True).any()))
-    assert 8 * (len(listed(long, gone)) - len(listed(long))) < len(listed(long, gone))
+    def own(sentence: list[int], *others: list[int]) -> bool:
+        return bool(torch.isin(listed(sentence), listed(*others), invert=True).any())
+
+    long = max(sentences, key=len)
+    # One-piece sentences that each list a piece of their own: 1 of the batch's list, which a step would keep.
+    gone, new = next(([p], [q]) for p in range(4, 37) for q in range(4, 37)
+                     if own([p], long, [q]) and own([q], long, [p]))
     search = BeamSearch(model, beam_size=3)
-    for keys, batch in ((["long", "gone"], [long, gone]), (["new"], [new])):
+    for keys, batch in ((["long", "gone"], [long, gone]), (["again"], [long]), (["new"], [new])):
+        packed = search.vocab
         padded = collate(batch, None, list(range(len(batch))))
         search.add(keys, padded.src, padded.src_lens, lists(padded.src))
         if "gone" in keys:
             search.drop(["gone"])
             search.step()
             assert bool(torch.isin(listed(gone), search.vocab_ids).all())
+        if "again" in keys:
+            assert search.vocab is packed
     assert torch.equal(search.vocab_ids, listed(long, new))
 
 
