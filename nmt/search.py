@@ -81,7 +81,7 @@ def best_candidates(scores: torch.Tensor, logp: torch.Tensor, n: int,
     if cand.numel() < CHUNKED_FROM or full < count:
         top, index = cand.topk(count, dim=1)
         return top, index // width, index % width
-    # torch's CPU top-k takes about 3 ns a candidate (a 28-sentence step's 390,000 took 0.4-0.5 ms, 5% of the
+    # torch's CPU top-k takes about 3 ns a candidate (a 24-sentence step's 330,000 took 0.4-0.6 ms, 5-7% of the
     # step), its max about 0.1. The best `count` lie in the `count` chunks with the highest maxima or in the tail
     # after the last whole chunk (ties aside: those keep the values and may take another of the equal
     # candidates), so top-k runs over those alone.
