@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -82,3 +83,29 @@ def cpu_name() -> str:
     isa = next((label for flag, label in (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
                 if flag in flags), None)
     return f"{name} ({isa})" if isa else name
+
+
+CGROUP = Path("/sys/fs/cgroup")  # where a container sees its own cgroup (v2: cpu.max; v1: cpu/cpu.cfs_quota_us)
+
+
+def usable_cpus(cgroup: Path | None = None) -> int:
+    """The CPUs this process may run on (its affinity), within its cgroup's CPU quota (a container's `cpus:`, rounded
+    up): a quota of 2 CPUs on a 64-core host is 2."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cpu_quota(CGROUP if cgroup is None else cgroup)
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """The cgroup's CPU quota in CPUs (quota / period), or None where it has none or it cannot be read."""
+    for quota_file, period_file in ((cgroup / "cpu.max", None),
+                                    (cgroup / "cpu" / "cpu.cfs_quota_us", cgroup / "cpu" / "cpu.cfs_period_us")):
+        try:
+            fields = quota_file.read_text().split()
+            if period_file is not None:
+                fields.append(period_file.read_text().strip())
+            quota, period = int(fields[0]), int(fields[1])
+        except (OSError, ValueError, IndexError):  # "max" (no quota), absent, or not what a cgroup writes
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None

@@ -19,7 +19,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from nmt import LOG_FORMAT
-from nmt.device import check_int8, pick_device
+from nmt.device import check_int8, pick_device, usable_cpus
 from nmt.errors import NMTError
 from nmt.translator import locate_model, read_model
 from service.app import create_app
@@ -133,10 +133,11 @@ def check(model: str | None = None, port: int = 8000, workers: int = 1, host: st
         check_int8(device, "NMT_INT8", "NMT_DEVICE=cpu")
     if workers < 1:
         raise NMTError(f"--workers must be >= 1, got {workers}")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     if workers > cpus:  # each loads its own model: --workers 100000 brought the machine to a standstill
-        raise NMTError(f"--workers {workers} is more than the {cpus} CPUs this process may use: each worker loads "
-                       "its own copy of the model and decodes on at least one CPU")
+        raise NMTError(f"--workers {workers} is more than the {cpus} CPUs this process may use (its CPU affinity, "
+                       "within its cgroup's quota): each worker loads its own copy of the model and decodes on at "
+                       "least one CPU")
     if not 0 <= port <= 65535:
         raise NMTError(f"--port must be between 0 and 65535, got {port}")
     check_address(host, port)

@@ -216,6 +216,32 @@ def test_serve_refuses_bad_arguments_and_settings_in_one_line(tiny_model_dir, tm
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("files", "quota"), [
+    ({"cpu.max": "50000 100000\n"}, 1),  # cgroup v2: half a CPU still runs one worker
+    ({"cpu.max": "150000 100000\n"}, 2),
+    ({"cpu.max": "max 100000\n"}, None),  # no quota
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "garbled\n", "cpu/cpu.cfs_quota_us": "200000\n"}, None),  # unreadable: the affinity alone
+    ({}, None),
+])
+def test_the_usable_cpus_are_the_affinity_within_a_cgroup_quota(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert nmt.device.usable_cpus(tmp_path) == (affinity if quota is None else min(affinity, quota))
+
+
+def test_workers_are_capped_by_a_containers_cpu_quota(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # docker-compose's `cpus: 1` on a larger host: each worker loads the model, and they all share that one CPU.
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    monkeypatch.setattr(nmt.device, "CGROUP", tmp_path)
+    monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))
+    assert nmt_main(["serve", "--workers", "2", "--host", "192.0.2.1"]) == 2  # TEST-NET: never listens if let by
+    assert "--workers 2 is more than the 1 CPUs this process may use" in capsys.readouterr().err
+
+
 def test_a_misspelt_setting_is_named_and_the_log_says_what_guards_the_service(tiny_model_dir, monkeypatch, caplog,
                                                                              tmp_path):
     # NMT_API_KEY (for NMT_API_KEYS) left the service open without a word.
