@@ -332,8 +332,9 @@ class Translator:
         model, cfg, shortlist = files.model, files.cfg, files.shortlist
         asked = int8
         if int8 is None:
-            int8 = cfg.decode.int8 and dev.type == "cpu" and vnni()
-            if cfg.decode.int8 and dev.type == "cpu" and not int8:
+            wanted = cfg.decode.int8 and dev.type == "cpu"
+            int8 = wanted and vnni()
+            if wanted and not int8:
                 log.info("decode.int8: this CPU has no VNNI, where int8 decodes slower than fp32: decoding in fp32")
         model = model.to(dev)
         model.decoder.cache_embedding_gates(cfg.decode.gate_table_mb)

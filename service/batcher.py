@@ -139,6 +139,8 @@ class Batcher:
 
     async def _loop(self) -> None:
         worked = False
+        loop = asyncio.get_running_loop()
+        settle = functools.partial(loop.call_soon_threadsafe, self._settle)  # how the worker thread hands jobs over
         while True:
             self._pending = collections.deque(job for job in self._pending if not job.future.done())
             if not self._pending and not self._running:
@@ -158,8 +160,6 @@ class Batcher:
             for job in leaving:  # before admitting: an abandoned job's room goes to a waiting one
                 del self._running[job]
             joining = self._admit()
-            loop = asyncio.get_running_loop()
-            settle = functools.partial(loop.call_soon_threadsafe, self._settle)
             try:
                 await loop.run_in_executor(self._executor, self._advance, joining, leaving,
                                            list(self._running), settle)
