@@ -198,7 +198,8 @@ def test_the_services_own_log_lines_end_with_the_request_they_were_written_for()
      "invalid setting: NMT_MAX_QUEUE: Input should be a valid integer, unable to parse string as an integer; "
      "NMT_RATE_LIMIT: rate limit must look like 60/minute"),
     (["--port", "99999"], {}, "--port must be between 0 and 65535, got 99999"),
-    (["--host", "192.0.2.1"], {}, "cannot listen on 192.0.2.1:8000: Cannot assign requested address"),  # TEST-NET
+    (["--host", "192.0.2.1", "--port", "8000"], {}, "cannot listen on 192.0.2.1:8000: Cannot assign requested "
+                                                    "address"),  # TEST-NET
 ])
 def test_serve_refuses_bad_arguments_and_settings_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch, args,
                                                              env, message):
@@ -211,7 +212,9 @@ def test_serve_refuses_bad_arguments_and_settings_in_one_line(tiny_model_dir, tm
     monkeypatch.setenv("NMT_MODEL_DIR", str(tiny_model_dir))  # check() exports MODEL as NMT_MODEL_DIR: restored after
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert nmt_main(["serve", *args]) == 2
+    # --port 0: any free port (a case's own --port comes after it), so that a service on port 8000 (`make serve` in
+    # another terminal, as the README has it) cannot fail these cases.
+    assert nmt_main(["serve", "--port", "0", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 
@@ -549,7 +552,7 @@ def test_the_startup_check_starts_no_threads_beside_the_model_threads():
     # tiny one's tensors are too small for torch to run any op in parallel.
     model = Path(__file__).resolve().parent.parent / "models" / "es-en-bible"
     code = ("import os; from service.server import check; threads = lambda: len(os.listdir('/proc/self/task')); "
-            f"before = threads(); check({str(model)!r}); print(before, threads())")
+            f"before = threads(); check({str(model)!r}, port=0); print(before, threads())")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "2"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[-1] == out[-2], out
