@@ -189,6 +189,22 @@ def server_env(args: argparse.Namespace, mode: str) -> dict[str, str]:
     return settings
 
 
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float, name: str, advice: str) -> None:
+    """Return once the server answers /v1/ready; SystemExit (with the advice) if it exits or is not ready in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with {proc.returncode} before it was ready; {advice}")
+        try:
+            if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} was not ready within {timeout:g} s; {advice}")
+        time.sleep(0.2)
+
+
 @contextmanager
 def serving(args: argparse.Namespace, mode: str, log_path: Path):
     """A fresh `nmt serve` process on a free loopback port; yields (url, process, command, settings) once ready."""
@@ -208,20 +224,7 @@ def serving(args: argparse.Namespace, mode: str, log_path: Path):
                                 stdin=subprocess.DEVNULL,
                                 preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
     try:
-        deadline = time.monotonic() + args.startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the {mode} server exited with {proc.returncode} before it was ready; "
-                                 f"the tail of {log_path}:\n{tail(log_path)}")
-            try:
-                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the {mode} server was not ready within {args.startup_timeout:g} s; "
-                                 f"the tail of {log_path}:\n{tail(log_path)}")
-            time.sleep(0.2)
+        wait_ready(url, proc, args.startup_timeout, f"the {mode} server", f"the tail of {log_path}:\n{tail(log_path)}")
         yield url, proc, cmd, settings
     finally:
         if proc.poll() is None:

@@ -23,13 +23,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Hashable
 from importlib import metadata
 from pathlib import Path
 
-import httpx
-from service_load import cpu_seconds, free_port, load, read_sources
+from service_load import cpu_seconds, free_port, load, read_sources, wait_ready
 
 from nmt.cli import int_from
 from nmt.device import cpu_name
@@ -101,19 +99,7 @@ def main() -> None:
                             stdin=subprocess.DEVNULL)
     rows = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited with {proc.returncode} before it was ready: run "
-                                 f"`{shlex.join(cmd)}` to see why")
-            try:
-                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server was not ready within 300 s")
-            time.sleep(0.2)
+        wait_ready(url, proc, 300, "the server", f"run `{shlex.join(cmd)}` to see why")
         asyncio.run(load(url, texts, concurrency=1, requests=100, duration=0, beam=5, timeout=60))  # warm-up
         for concurrency in args.concurrency:
             before = cpu_seconds(proc.pid)
