@@ -56,6 +56,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -189,20 +190,45 @@ def server_env(args: argparse.Namespace, mode: str) -> dict[str, str]:
     return settings
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float, name: str, advice: str) -> None:
-    """Return once the server answers /v1/ready; SystemExit (with the advice) if it exits or is not ready in time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with {proc.returncode} before it was ready; {advice}")
-        try:
-            if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{name} was not ready within {timeout:g} s; {advice}")
-        time.sleep(0.2)
+@contextmanager
+def running(cmd: list[str], env: dict[str, str], url: str, name: str, log_path: Path, timeout: float,
+            server_cpus: str = "", affinity: set[int] | None = None) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """A server process started from cmd (under `taskset -c server_cpus` when given, else with `affinity` when
+    given), its output in log_path; yields it and its full command once url's /v1/ready answers, and stops it
+    (SIGTERM, then SIGKILL after 60 s) at the end. SystemExit, with the log's tail, if it exits or is not ready
+    within timeout seconds."""
+    if server_cpus:
+        if not shutil.which("taskset"):
+            raise SystemExit("--server-cpus needs taskset (util-linux), which is not installed")
+        cmd = ["taskset", "-c", server_cpus, *cmd]  # taskset execs the server: same PID
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited with {proc.returncode} before it was ready; the tail of "
+                                 f"{log_path}:\n{tail(log_path)}")
+            try:
+                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} was not ready within {timeout:g} s; the tail of {log_path}:\n"
+                                 f"{tail(log_path)}")
+            time.sleep(0.2)
+        yield proc, cmd
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop within 60 s of SIGTERM; killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
 
 
 @contextmanager
@@ -211,30 +237,13 @@ def serving(args: argparse.Namespace, mode: str, log_path: Path):
     port = free_port()
     cmd = [sys.executable, "-m", "nmt", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(args.workers)]
-    if args.server_cpus:
-        if not shutil.which("taskset"):
-            raise SystemExit("--server-cpus needs taskset (util-linux), which is not installed")
-        cmd = ["taskset", "-c", args.server_cpus, *cmd]  # taskset execs the server: same PID
     settings = server_env(args, mode)
     url = f"http://127.0.0.1:{port}"
     # unpinned, the server gets the CPUs this script started with, not those of --client-cpus
     affinity = args.start_cpus if args.client_cpus and not args.server_cpus else None
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, env={**os.environ, **settings}, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL,
-                                preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
-    try:
-        wait_ready(url, proc, args.startup_timeout, f"the {mode} server", f"the tail of {log_path}:\n{tail(log_path)}")
+    with running(cmd, {**os.environ, **settings}, url, f"the {mode} server", log_path, args.startup_timeout,
+                 args.server_cpus, affinity) as (proc, cmd):
         yield url, proc, cmd, settings
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                print(f"the {mode} server did not stop within 60 s of SIGTERM; killing it", file=sys.stderr)
-                proc.kill()
-                proc.wait()
 
 
 def tail(path: Path, lines: int = 40) -> str:
