@@ -487,14 +487,21 @@ def test_a_worker_that_fails_to_start_is_an_error(tiny_model_dir, tmp_path, fail
         assert "the service could not be set up" in done.stderr and "OverflowError: too large" in done.stderr
 
 
-@pytest.mark.parametrize("port", ["free", "0"])
-def test_ctrl_c_stops_the_service_with_status_130(tiny_model_dir, port):
+@pytest.mark.parametrize(("port", "sig", "inherited", "status"), [
+    pytest.param("free", signal.SIGINT, signal.SIG_DFL, 130, id="ctrl-c"),  # in a terminal
+    pytest.param("0", signal.SIGINT, signal.SIG_DFL, 130, id="ctrl-c-port-0"),
+    # A background job of a script starts with SIGINT ignored: uvicorn stops on it all the same, then raised it again
+    # into that disposition, and the command exited 0. So with SIGTERM ignored.
+    pytest.param("free", signal.SIGINT, signal.SIG_IGN, 130, id="sigint-ignored"),
+    pytest.param("free", signal.SIGTERM, signal.SIG_IGN, 143, id="sigterm-ignored"),
+])
+def test_a_signal_stops_the_service_with_its_status(tiny_model_dir, port, sig, inherited, status):
     # uvicorn.run swallowed the KeyboardInterrupt it raises again after a graceful stop: the command exited 0.
     number = free_port() if port == "free" else 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NMT_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "nmt", "serve", str(tiny_model_dir), "--port", str(number)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+                            preexec_fn=lambda: signal.signal(sig, inherited))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -503,11 +510,11 @@ def test_ctrl_c_stops_the_service_with_status_130(tiny_model_dir, port):
         while not any("Uvicorn running on" in line for line in lines):
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 130
+        proc.send_signal(sig)
+        assert proc.wait(30) == status
         reader.join(10)
         log = "".join(lines)
-        assert "nmt serve: interrupted" in log and "Traceback" not in log
+        assert ("nmt serve: interrupted" in log) == (sig == signal.SIGINT) and "Traceback" not in log
         # --port 0: the port is the system's choice, which only uvicorn's line can tell (it said :0).
         assert ":0/" not in log
     finally:
