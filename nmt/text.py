@@ -34,8 +34,13 @@ def normalize_text(text: str) -> str:
 # A zero-width space counts as whitespace here. Without any, a sentence ends where a lower-case letter and the mark
 # come before a capitalised word ("lloró.Dios": a space lost in copying, which the model would translate as one
 # word), but not inside "ASP.NET", "U.S.A" or "1.5.Fin".
-_SENTENCE_BREAK = re.compile(r"[.!?…][\"'»›”’)\]}]*([\s\u200b]*)")
-_OPENERS = "\"'«‹“‘„([{¿¡—–-"
+# Scripts without case (Chinese, Japanese, Arabic, Hebrew, Devanagari, Thai, ...) have no capitals to look for: a
+# letter of such a script starts a sentence as a capital does, the Arabic question mark, the Urdu full stop and the
+# Devanagari danda end one as a period does, and the full-width 。！？ end one with no space after them, as Chinese
+# and Japanese text has it.
+_SENTENCE_BREAK = re.compile(r"[.!?…؟۔।。！？][\"'»›”’)\]}」』）】〉》]*([\s\u200b]*)")
+_OPENERS = "\"'«‹“‘„([{¿¡—–-「『（【〈《"
+_WIDE_MARKS = "。！？"
 _TITLES = frozenset("mr mrs ms dr prof sr sra srta dra st mt jr rev gen col capt lt sgt hon fr sto sta ud uds vd "
                     "vds dña lic ing arq av avda".split())
 _DOTTED = re.compile(r"(?:[^\W\d_]{1,4}\.)+[^\W\d_]{1,4}\.?")
@@ -64,15 +69,22 @@ def _glued(line: str, mark: int, end: int) -> bool:
             and not dotted)
 
 
+def _starts_sentence(text: str) -> bool:
+    """Whether text begins as a sentence does (see _SENTENCE_BREAK): with a capital, or a letter without case."""
+    first = text[:1]
+    return first.isupper() or first.isalpha() and not first.islower()
+
+
 def split_sentences(line: str) -> list[str]:
     """A line as its sentences and the whitespace between them, alternately (sentence, space, sentence, ...)."""
     parts, start = [], 0
     for match in _SENTENCE_BREAK.finditer(line):
-        if not match.group(1) and not _glued(line, match.start(), match.end()):
+        wide = line[match.start()] in _WIDE_MARKS
+        if not match.group(1) and not wide and not _glued(line, match.start(), match.end()):
             continue
         head, after = line[start:match.start(1)], line[match.end():].lstrip(_OPENERS)
         word = head.rsplit(maxsplit=1)[-1].lstrip(_OPENERS) if head.strip() else ""
-        if not after[:1].isupper() or head.endswith(".") and _is_abbreviation(word, after):
+        if not _starts_sentence(after) or head.endswith(".") and _is_abbreviation(word, after):
             continue
         parts += [head, match.group(1)]
         start = match.end()

@@ -33,23 +33,33 @@ from nmt.text import split_sentences
     ("Jesús lloró.Dios es amor.¿Quién?\u200bYo", ["Jesús lloró.", "Dios es amor.", "¿Quién?", "Yo"]),
     ("ASP.NET y U.S.A y 1.5.Fin y Sr.García y e.DIOS", ["ASP.NET y U.S.A y 1.5.Fin y Sr.García y e.DIOS"]),
     ("Llama a Console.WriteLine en www.google.Com.mx", ["Llama a Console.WriteLine en www.google.Com.mx"]),
+    # Scripts without case: a letter of one starts a sentence; the full-width marks need no space after them.
+    ("你好。我很好。", ["你好。", "我很好。"]),
+    ("他说：「走。」然后走了！对吗？对。", ["他说：「走。」", "然后走了！", "对吗？", "对。"]),
+    ("今日は晴れです。明日は雨でしょう。", ["今日は晴れです。", "明日は雨でしょう。"]),
+    ("مرحبا بك. كيف حالك؟ أنا بخير۔ شكرا", ["مرحبا بك.", "كيف حالك؟", "أنا بخير۔", "شكرا"]),
+    ("नमस्ते। आप कैसे हैं?", ["नमस्ते।", "आप कैसे हैं?"]),
+    ("שלום. מה שלומך?", ["שלום.", "מה שלומך?"]),
+    ("Vive en 中国. Trabaja. ok. 中文", ["Vive en 中国.", "Trabaja. ok.", "中文"]),
+    ("第一。2024年。uno. dos", ["第一。2024年。uno. dos"]),  # not before a digit or a lower-case letter
     ("...", ["..."]),
     ("", [""]),
 ])
-def test_sentences_end_before_a_capital(line, sentences):
+def test_sentences_end_before_a_capital_or_a_letter_without_case(line, sentences):
     parts = split_sentences(line)
     assert parts[::2] == sentences
     assert "".join(parts) == line
 
 
 @settings(deadline=None)  # no timing: a loaded CI machine took past hypothesis's 200 ms
-@given(st.text(alphabet=st.sampled_from(list("aBb .!?¿¡«»\"()\n\t…\u200b")), max_size=60))
+@given(st.text(alphabet=st.sampled_from(list("aBb .!?¿¡«»\"()\n\t…\u200b。中")), max_size=60))
 def test_splitting_loses_nothing(line):
     parts = split_sentences(line)
     assert "".join(parts) == line and len(parts) % 2 == 1
     assert all(not space.replace("\u200b", " ").strip() for space in parts[1::2])
     for s, space, n in zip(parts[::2], parts[1::2], parts[2::2], strict=False):  # no space: a mark, then a word
-        assert space or s.rstrip("\"'»)")[-1:] in ".!?…" and n.lstrip("\"'«(¿¡")[:2] == "Bb", (s, n)
+        mark, word = s.rstrip("\"'»)")[-1:], n.lstrip("\"'«(¿¡")[:2]
+        assert space or mark in ".!?…" and word == "Bb" or mark == "。" and word[:1] in "B中", (s, n)
     sentences = parts[::2]  # the whitespace between two sentences is all in the part between them
     assert all(s == s.rstrip() for s in sentences[:-1]) and all(s == s.lstrip() for s in sentences[1:])
 
