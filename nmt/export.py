@@ -162,16 +162,24 @@ def _training_metrics(records: list[dict[str, Any]], state: dict[str, Any]) -> d
 def _sessions(records: list[dict[str, Any]]) -> dict[str, Any]:
     """How the run was trained: its commands, hardware and wall time, from the session records of metrics.jsonl.
 
-    A session killed without its end record counts up to its last metrics line."""
+    A session killed without its end record counts up to its last metrics line; one that ended where it began, with
+    nothing logged between (a --resume of a run that had nothing left to train), does not count."""
     sessions: list[dict[str, Any]] = []
+    idle = False  # the last session has logged nothing since its start
     for r in records:
         if not isinstance(r.get("time"), (int, float)):
             continue
         if r.get("type") == "session" and r.get("event") == "start":
-            sessions.append({"start": r["time"], "end": r["time"], **{k: r.get(k) for k in (
+            sessions.append({"start": r["time"], "end": r["time"], "step": r.get("step"), **{k: r.get(k) for k in (
                 "command", "hardware", "device", "threads", "ranks", "torch", "precision")}})
+            idle = True
+        elif sessions and idle and r.get("type") == "session" and r.get("event") == "end" \
+                and r.get("step") == sessions[-1]["step"]:
+            sessions.pop()
+            idle = False
         elif sessions:
             sessions[-1]["end"] = r["time"]
+            idle = False
     seconds = sum(s["end"] - s["start"] for s in sessions)
     # In the order they first ran, so that the commands read as the recipe they were.
     unique = {k: list(dict.fromkeys(str(s[k]) for s in sessions if s.get(k) is not None))

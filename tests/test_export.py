@@ -470,6 +470,22 @@ def test_loading_never_unpickles_code(tmp_path):
     assert not marker.exists()
 
 
+def test_a_resume_that_trained_nothing_is_no_session_of_the_card():
+    # `nmt train --resume` on a run at its train.max_steps logs a session that starts and ends at the same step: the
+    # card listed its command and counted it.
+    records = [{"type": "session", "event": "start", "step": 0, "time": 0.0, "command": "nmt train c.yaml"},
+               {"type": "train", "step": 300, "time": 60.0},
+               {"type": "session", "event": "end", "step": 300, "time": 70.0},
+               {"type": "session", "event": "start", "step": 300, "time": 100.0,
+                "command": "nmt train c.yaml --resume"},
+               {"type": "session", "event": "end", "step": 300, "time": 103.0}]
+    assert _sessions(records) == {"commands": ["nmt train c.yaml"], "hardware": [], "precisions": [], "sessions": 1,
+                                  "wall_seconds": 70, "wall_hours": 0.02}
+    # One that validated (what a stop had left undone) or trained did work, and counts.
+    validated = [*records[:4], {"type": "valid", "step": 300, "time": 110.0}, {**records[4], "time": 111.0}]
+    assert _sessions(validated)["sessions"] == 2
+
+
 def test_the_cards_training_commands_are_in_the_order_they_ran():
     # They were sorted: a run resumed with --set train.lr=0.001, then 0.0005, read as the reverse recipe.
     records = [{"type": "session", "event": "start", "time": t, "command": c, "hardware": "cpu"}
