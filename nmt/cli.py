@@ -839,6 +839,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    # A background job of a script starts with SIGINT ignored: uvicorn stopped on it all the same once its handlers
+    # were in, then raised it again into SIG_IGN, and the command exited 0 (one sent before was lost, and the service
+    # ran on). It stops on SIGINT and SIGTERM as in a terminal, wherever it was started.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from service.server import check, serve
 
     check(args.model, args.port, args.workers, args.host)

@@ -7,10 +7,8 @@ import errno
 import logging
 import math
 import os
-import signal
 import socket
 import sys
-from types import FrameType
 from typing import Any
 
 import torch
@@ -63,16 +61,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
         # Not uvicorn.run, which swallows the KeyboardInterrupt that Server.run raises again after a Ctrl-C's
         # graceful stop: the command exited 0, as if the service had ended on its own (SIGTERM still ends it by
         # that signal, which Server.run raises again too).
-        server = _Server(uvicorn.Config(APP, **options))
+        server = uvicorn.Server(uvicorn.Config(APP, **options))
         server.run()
         if not server.started:
             raise NMTError("the service did not start: its error is in the log above")
-        # Server.run raised the signal again into the handler it had found: one that ignores it (a background job of
-        # a script ignores SIGINT) let the command exit 0, as if the service had ended on its own.
-        if server.stopped_by == signal.SIGINT:
-            raise KeyboardInterrupt
-        if server.stopped_by is not None:
-            sys.exit(128 + server.stopped_by)
         return
     config = uvicorn.Config(APP, workers=workers, **options)
     supervisor = _Supervisor(config, sockets=[config.bind_socket()])  # its signal handlers are set from here on
@@ -98,17 +90,6 @@ def _log_config() -> dict[str, Any]:
     # level the command set (nmt --verbose).
     config["root"] = {"handlers": ["default"], "level": logging.getLevelName(logging.getLogger().level)}
     return config
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, which also says which signal stopped it (None: none did)."""
-
-    stopped_by: int | None = None
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.stopped_by is None:
-            self.stopped_by = sig
-        super().handle_exit(sig, frame)
 
 
 class _Supervisor(Multiprocess):
