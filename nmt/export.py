@@ -162,8 +162,9 @@ def _training_metrics(records: list[dict[str, Any]], state: dict[str, Any]) -> d
 def _sessions(records: list[dict[str, Any]]) -> dict[str, Any]:
     """How the run was trained: its commands, hardware and wall time, from the session records of metrics.jsonl.
 
-    A session killed without its end record counts up to its last metrics line; one that ended where it began, with
-    nothing logged between (a --resume of a run that had nothing left to train), does not count."""
+    A session killed without its end record counts up to its last metrics line; one that ended, not interrupted,
+    where it began, with nothing logged between (a --resume of a run that had nothing left to train), does not
+    count. An interrupted one does: it may have spent minutes on a validation that a stop abandoned."""
     sessions: list[dict[str, Any]] = []
     idle = False  # the last session has logged nothing since its start
     for r in records:
@@ -173,8 +174,9 @@ def _sessions(records: list[dict[str, Any]]) -> dict[str, Any]:
             sessions.append({"start": r["time"], "end": r["time"], "step": r.get("step"), **{k: r.get(k) for k in (
                 "command", "hardware", "device", "threads", "ranks", "torch", "precision")}})
             idle = True
-        elif sessions and idle and r.get("type") == "session" and r.get("event") == "end" \
-                and r.get("step") == sessions[-1]["step"]:
+        elif (sessions and idle and r.get("type") == "session" and r.get("event") == "end"
+              and r.get("reason") != "interrupted" and isinstance(r.get("step"), int)
+              and r["step"] == sessions[-1]["step"]):
             sessions.pop()
             idle = False
         elif sessions:

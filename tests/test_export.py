@@ -484,6 +484,12 @@ def test_a_resume_that_trained_nothing_is_no_session_of_the_card():
     # One that validated (what a stop had left undone) or trained did work, and counts.
     validated = [*records[:4], {"type": "valid", "step": 300, "time": 110.0}, {**records[4], "time": 111.0}]
     assert _sessions(validated)["sessions"] == 2
+    # So does one interrupted at the step it began (a stop abandoned the validation it owed: minutes spent), and one
+    # whose records name no step.
+    interrupted = [*records[:4], {**records[4], "reason": "interrupted", "time": 700.0}]
+    assert (_sessions(interrupted)["sessions"], _sessions(interrupted)["wall_seconds"]) == (2, 670)
+    stepless = [{k: v for k, v in r.items() if k != "step"} for r in records]
+    assert _sessions(stepless)["sessions"] == 2
 
 
 def test_the_cards_training_commands_are_in_the_order_they_ran():
