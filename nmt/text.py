@@ -34,13 +34,15 @@ def normalize_text(text: str) -> str:
 # A zero-width space counts as whitespace here. Without any, a sentence ends where a lower-case letter and the mark
 # come before a capitalised word ("lloró.Dios": a space lost in copying, which the model would translate as one
 # word), but not inside "ASP.NET", "U.S.A" or "1.5.Fin".
-# Scripts without case (Chinese, Japanese, Arabic, Hebrew, Devanagari, Thai, ...) have no capitals to look for: a
-# letter of such a script starts a sentence as a capital does, the Arabic question mark, the Urdu full stop and the
-# Devanagari danda end one as a period does, and the full-width 。！？ end one with no space after them, as Chinese
-# and Japanese text has it.
+# Scripts without case (Chinese, Japanese, Korean, Arabic, Hebrew, Devanagari, ...) have no capitals to look for:
+# a letter of such a script starts a sentence as a capital does, the Arabic question mark, the Urdu full stop and
+# the Devanagari danda end one as a period does, and the full-width 。！？ end one with no space after them, as
+# Chinese and Japanese text has it, except inside a quotation that a particle continues (「行きます。」と言った。).
+# Thai, which marks no sentence end, stays one segment.
 _SENTENCE_BREAK = re.compile(r"[.!?…؟۔।。！？][\"'»›”’)\]}」』）】〉》]*([\s\u200b]*)")
 _OPENERS = "\"'«‹“‘„([{¿¡—–-「『（【〈《"
 _WIDE_MARKS = "。！？"
+_QUOTE_ENDS = "」』"
 _TITLES = frozenset("mr mrs ms dr prof sr sra srta dra st mt jr rev gen col capt lt sgt hon fr sto sta ud uds vd "
                     "vds dña lic ing arq av avda".split())
 _DOTTED = re.compile(r"(?:[^\W\d_]{1,4}\.)+[^\W\d_]{1,4}\.?")
@@ -72,7 +74,9 @@ def _glued(line: str, mark: int, end: int) -> bool:
 def _starts_sentence(text: str) -> bool:
     """Whether text begins as a sentence does (see _SENTENCE_BREAK): with a capital, or a letter without case."""
     first = text[:1]
-    return first.isupper() or first.isalpha() and not first.islower()
+    # Not modifier letters (the ʻokina, IPA's stress mark, Japanese ー) nor titlecase digraphs: they follow a period
+    # in lower-case text too.
+    return first.isupper() or first and unicodedata.category(first) == "Lo" and not first.islower()
 
 
 def split_sentences(line: str) -> list[str]:
@@ -81,6 +85,9 @@ def split_sentences(line: str) -> list[str]:
     for match in _SENTENCE_BREAK.finditer(line):
         wide = line[match.start()] in _WIDE_MARKS
         if not match.group(1) and not wide and not _glued(line, match.start(), match.end()):
+            continue
+        quoted = not match.group(1) and line[match.start(1) - 1] in _QUOTE_ENDS
+        if quoted and "\u3041" <= line[match.end():match.end() + 1] <= "\u309f":  # hiragana: と, って
             continue
         head, after = line[start:match.start(1)], line[match.end():].lstrip(_OPENERS)
         word = head.rsplit(maxsplit=1)[-1].lstrip(_OPENERS) if head.strip() else ""

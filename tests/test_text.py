@@ -42,6 +42,12 @@ from nmt.text import split_sentences
     ("שלום. מה שלומך?", ["שלום.", "מה שלומך?"]),
     ("Vive en 中国. Trabaja. ok. 中文", ["Vive en 中国.", "Trabaja. ok.", "中文"]),
     ("第一。2024年。uno. dos", ["第一。2024年。uno. dos"]),  # not before a digit or a lower-case letter
+    # A quotation a particle continues is no sentence end; a modifier letter starts none.
+    ("「行きます。」と言った。「本当！？」って驚いた。はい。",
+     ["「行きます。」と言った。", "「本当！？」って驚いた。", "はい。"]),
+    ("Aloha. ʻo ia. fin. ˈsílaba. ok. ǅungla.", ["Aloha. ʻo ia. fin. ˈsílaba. ok. ǅungla."]),
+    ("見た。ーっと", ["見た。ーっと"]),
+    ("안녕하세요. 잘 지내요?", ["안녕하세요.", "잘 지내요?"]),
     ("...", ["..."]),
     ("", [""]),
 ])
