@@ -76,7 +76,7 @@ def _starts_sentence(text: str) -> bool:
     first = text[:1]
     # Not modifier letters (the ʻokina, IPA's stress mark, Japanese ー) nor titlecase digraphs: they follow a period
     # in lower-case text too.
-    return first.isupper() or first and unicodedata.category(first) == "Lo" and not first.islower()
+    return first.isupper() or first != "" and unicodedata.category(first) == "Lo" and not first.islower()
 
 
 def split_sentences(line: str) -> list[str]:
