@@ -174,7 +174,7 @@ class BeamSearch:
                 # Pieces not listed yet mean gathering and packing the output rows anew: then without those no
                 # sentence lists any more. Otherwise the packed rows are kept as they are.
                 fresh = not bool(torch.isin(ids, self.vocab_ids).all())
-                keep = torch.isfinite(self.vocab_bias).any(dim=0) if fresh else slice(None)
+                keep = _listed(self.vocab_bias) if fresh else slice(None)
                 ids, old, bias = _merge_vocab(self.vocab_ids[keep], self.vocab_bias[:, keep], ids, bias)
                 bias = torch.cat([old, bias])
             state = State.cat([self.state, state])
@@ -344,8 +344,9 @@ class BeamSearch:
             start = members.stop
         self._reorder(order)
         if self.vocab_ids is not None and order:
-            self.vocab_bias = self.vocab_bias[torch.tensor(order, dtype=torch.long, device=self.vocab_bias.device)]
-            used = torch.isfinite(self.vocab_bias).any(dim=0)
+            self.vocab_bias = self.vocab_bias.index_select(
+                0, torch.tensor(order, dtype=torch.long, device=self.vocab_bias.device))
+            used = _listed(self.vocab_bias)
             # Pieces no sentence lists any more cost a column of the output matmul each, but gathering the output
             # rows anew costs more than many of those (packing 2,758 rows: 0.8 ms in fp32, 3.7 ms in int8, some
             # 25-50 steps of an eighth of them unused), and sentences joining drop them anyway: the batch's list
@@ -360,6 +361,12 @@ class BeamSearch:
 def _beam_rows(index: torch.Tensor, k: int) -> torch.Tensor:
     """The k beam rows of each of these sentences, in order."""
     return (index.unsqueeze(1) * k + torch.arange(k, device=index.device)).view(-1)
+
+
+def _listed(bias: torch.Tensor) -> torch.Tensor:
+    """The columns of a shortlist bias (0 or -inf) that some sentence lists. (A column's maximum, not isfinite().any(),
+    which took 190 us for 23 sentences x 2,800 pieces against 20, at every step that a sentence left.)"""
+    return bias.amax(dim=0) > float("-inf")
 
 
 def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
