@@ -31,6 +31,7 @@ from service.limits import DEADLINE, BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.ratelimit import RateLimiter
 from service.settings import Settings, describe
+from service.shutdown import ForcedStopMiddleware
 from service.worker import DecodeOptions, ModelWorker, TooLarge
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
                          allow_headers=["Content-Type", "X-API-Key", "Authorization", request_id.HEADER],
                          # so that pages can wait as 429 and 503 ask, and quote a request's id
                          expose_headers=["Retry-After", request_id.HEADER])
-        return request_id.RequestIdMiddleware(MetricsMiddleware(stack, metrics=metrics))
+        return request_id.RequestIdMiddleware(ForcedStopMiddleware(MetricsMiddleware(stack, metrics=metrics)))
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
     return app

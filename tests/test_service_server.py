@@ -82,6 +82,17 @@ def metric(url: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+async def in_flight(client: httpx.AsyncClient, body: dict, name: str, count: int) -> list[asyncio.Future]:
+    """Send `count` translate requests (X-Request-ID name-0, name-1, ...) and return once all are in flight."""
+    requests = [asyncio.ensure_future(client.post("/v1/translate", json=body, headers={"X-Request-ID": f"{name}-{i}"}))
+                for i in range(count)]
+    for _ in range(1000):
+        if metric(str(client.base_url).rstrip("/"), "nmt_http_requests_in_flight") >= count + 1:  # and /metrics's
+            return requests
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the {count} requests were never in flight together")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """One server for the module; the SIGTERM test, last, stops it."""
@@ -124,14 +135,7 @@ def test_sigterm_finishes_in_flight_requests(server):
 
     async def drain() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            requests = [asyncio.ensure_future(client.post("/v1/translate", json=heavy,
-                                                          headers={"X-Request-ID": f"drain-{i}"})) for i in range(6)]
-            for _ in range(1000):
-                if metric(url, "nmt_http_requests_in_flight") >= 7:  # six, and the /metrics request itself
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("the six requests were never in flight together")
+            requests = await in_flight(client, heavy, "drain", 6)
             proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*requests)
 
@@ -149,6 +153,36 @@ def test_sigterm_finishes_in_flight_requests(server):
     assert re.search(r"INFO uvicorn\.error: Finished server process \[\d+\]$", log, re.M)  # no request: no id
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/v1/health", timeout=2)
+
+
+def test_a_second_ctrl_c_answers_the_requests_in_flight_503_without_a_traceback(tiny_model_dir):
+    # A second signal makes uvicorn stop waiting for the requests in flight, and asyncio then cancels their handlers
+    # and the app's lifespan: each client got a 500, and the log a traceback for each of them and for the lifespan.
+    # Some seconds of work, most of it still to do at the second signal.
+    heavy = {"text": [" ".join("abcdefghijklmnop"[(i + j) % 16] for j in range(40)) for i in range(64)],
+             "beam_size": 16}
+    with serving(tiny_model_dir) as (url, proc):
+
+        async def force_quit() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                requests = await in_flight(client, heavy, "cut", 8)
+                proc.send_signal(signal.SIGINT)
+                await asyncio.sleep(0.2)
+                proc.send_signal(signal.SIGINT)
+                return await asyncio.gather(*requests)
+
+        responses = asyncio.run(force_quit())
+        assert proc.wait(30) == 130
+        log = proc.stdout.read()
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    for i, response in enumerate(responses):
+        if response.status_code == 200:  # finished before the second signal
+            continue
+        assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+        assert response.headers["X-Request-ID"] == f"cut-{i}"
+        assert response.json()["error"] == {"code": "unavailable", "fields": [],
+                                            "message": "the service was stopped before the answer"}
+    assert any(r.status_code == 503 for r in responses), "every request finished before the second signal"
 
 
 def test_the_services_own_log_lines_end_with_the_request_they_were_written_for():
