@@ -229,19 +229,20 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
         app.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     # Around Starlette's whole stack (its ServerErrorMiddleware, which answers an unexpected error's 500, runs outside
-    # every middleware added to an app): CORS headers, so that pages can read every answer, the metrics, counting
-    # them all, and the request id, on every answer. Built when Starlette builds its stack (at the first request), so
-    # that middleware and exception handlers added to the app after this still take effect.
+    # every middleware added to an app): the answer to a request cut off by the service's stop, CORS headers, so that
+    # pages can read every answer, the metrics, counting them all, and the request id, on every answer. Built when
+    # Starlette builds its stack (at the first request), so that middleware and exception handlers added to the app
+    # after this still take effect.
     build_stack = app.build_middleware_stack
 
     def build_middleware_stack() -> ASGIApp:
-        stack = build_stack()
+        stack = ForcedStopMiddleware(build_stack())
         if settings.cors_origins:
             stack = CORS(stack, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                          allow_headers=["Content-Type", "X-API-Key", "Authorization", request_id.HEADER],
                          # so that pages can wait as 429 and 503 ask, and quote a request's id
                          expose_headers=["Retry-After", request_id.HEADER])
-        return request_id.RequestIdMiddleware(ForcedStopMiddleware(MetricsMiddleware(stack, metrics=metrics)))
+        return request_id.RequestIdMiddleware(MetricsMiddleware(stack, metrics=metrics))
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
     return app

@@ -1,4 +1,5 @@
-"""A forced stop: a second Ctrl-C (or SIGINT/SIGTERM) while the first waits for the requests in flight."""
+"""Requests cut off by the service's stop: a second Ctrl-C (SIGINT) while the first waits for the requests in flight,
+or the end of the wait uvicorn allows them (NMT_REQUEST_TIMEOUT_S + NMT_SEND_TIMEOUT_S)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ MESSAGE = "the service was stopped before the answer"
 
 class ForcedStopMiddleware:
     """Answers 503 (with Retry-After, for a client to go elsewhere) to a request whose handler is cancelled, and ends
-    the app's cancelled lifespan quietly. uvicorn stops waiting for the requests in flight at a second signal and
-    skips the lifespan's shutdown; asyncio then cancels what is left: each request's client got a 500 and the log a
-    traceback of CancelledError, and the log one more for the lifespan. Nothing else cancels them (a client that
-    leaves only ends its request's body)."""
+    the app's cancelled lifespan quietly. At a second Ctrl-C uvicorn stops waiting for the requests in flight and
+    skips the lifespan's shutdown, and asyncio then cancels what is left; at the end of the wait it cancels the
+    requests itself. Each such client got a 500 and the log a traceback of CancelledError, and after a second Ctrl-C
+    one more for the lifespan. Nothing else cancels them (a client that leaves only ends its request's body); a
+    CancelledError raised in a handler that is not being cancelled is an error as before (uvicorn's 500, logged)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -40,6 +42,8 @@ class ForcedStopMiddleware:
         try:
             await self.app(scope, receive, send_noting_start)
         except asyncio.CancelledError:
+            if not _being_cancelled():
+                raise
             if not started:
                 await error_response(503, MESSAGE, headers={"Retry-After": "5"})(scope, receive, send)
 
@@ -63,3 +67,10 @@ class ForcedStopMiddleware:
         except asyncio.CancelledError:
             if not cancelled:
                 raise
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task has been asked to stop (Python 3.10, which cannot tell, is taken to have been)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0

@@ -983,3 +983,28 @@ def test_an_empty_nmt_int8_means_unset(value, int8, monkeypatch):
     monkeypatch.setenv("NMT_INT8", "maybe")
     with pytest.raises(ValidationError, match="int8"):
         Settings()
+
+
+def test_a_request_cut_off_by_the_stop_gets_503_with_cors_and_counted(translator, tiny_model_dir):
+    # What a second Ctrl-C (or the end of the wait for requests in flight) does to a request: its handler is
+    # cancelled. A CancelledError in a handler that nobody cancelled stays an error (500).
+    app = create_app(Settings(model_dir=tiny_model_dir, cors_origins=["https://app.example"]), translator)
+
+    async def cut() -> None:
+        asyncio.current_task().cancel()
+        await asyncio.sleep(0)
+
+    async def stray() -> None:
+        raise asyncio.CancelledError
+
+    app.add_api_route("/cut", cut)
+    app.add_api_route("/stray", stray)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        origin = {"Origin": "https://app.example", "X-Request-ID": "cut-1"}
+        answer = client.get("/cut", headers=origin)
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+        assert answer.json()["error"]["message"] == "the service was stopped before the answer"
+        assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        assert answer.headers["x-request-id"] == "cut-1"
+        assert client.get("/stray").status_code == 500
+        assert re.search(r'^nmt_http_requests_total\{[^}]*status="503"\} 1\.0$', client.get("/metrics").text, re.M)
