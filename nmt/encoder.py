@@ -24,6 +24,8 @@ class Encoder(nn.Module):
             for i in range(layers)
         )
         self.dropout = nn.Dropout(dropout)
+        # per layer: (the weights' storages and versions, their inference layout), made again when they change
+        self._layouts: dict[int, tuple[tuple[tuple[int, int], ...], _Layout]] = {}
 
     @property
     def out_dim(self) -> int:
@@ -31,11 +33,115 @@ class Encoder(nn.Module):
 
     def forward(self, src: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """(B, S) ids and (B,) lengths -> (B, S, 2*hidden) annotations, zero at padded positions."""
+        if not (self.training or torch.is_grad_enabled() or src.is_cuda) and int(lens.min()) < src.size(1):
+            return self._infer(src, lens)
         x = self.dropout(self.embed(src))
         for i, rnn in enumerate(self.rnns):
             out = _packed(rnn, x, lens) if x.is_cuda else _both_ways(rnn, x, lens)
             x = self.dropout(out) + x if i > 0 else self.dropout(out)
         return x
+
+    def _infer(self, src: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """forward at inference on the CPU, for a padded batch: each layer's two directions step together over the
+        real positions only (see _Packing), where oneDNN's RNN runs them one after the other over the padding too
+        (half of a server's join of 15 Bible verses). On a 2-core Xeon: 1.4-1.6x as fast for 15 verses, 1.9x for
+        30, 2.2x for 128 (a CLI batch); about even for 2 to 8. A batch without padding (a single sentence) keeps
+        oneDNN's one call for both directions, faster there. A source's annotations are the same whatever else is
+        in the batch, up to float rounding."""
+        b, s = src.shape
+        packing = _Packing(lens, s)
+        x = self.embed(src.reshape(-1).index_select(0, packing.forward))  # (T, E), time-major, longest first
+        for i in range(len(self.rnns)):
+            out = _infer_layer(self._layout(i), x, packing)
+            x = out + x if i > 0 else out
+        values = x.new_zeros(b * s, x.size(1))
+        return values.index_copy_(0, packing.forward, x).view(b, s, -1)
+
+    def _layout(self, layer: int) -> _Layout:
+        """The layer's weights as _infer_layer reads them (kept until they change: an optimizer step, a load, .to())."""
+        rnn = self.rnns[layer]
+        params = [getattr(rnn, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                  for suffix in ("", "_reverse")]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        entry = self._layouts.get(layer)
+        if entry is None or entry[0] != key:
+            entry = self._layouts[layer] = key, _Layout(rnn)
+        return entry[1]
+
+
+class _Layout:
+    """A bidirectional layer's weights for _infer_layer: both directions stacked, each transposed to (in, gates)
+    and contiguous (a transposed view made the per-step matmul 1.5x slower)."""
+
+    def __init__(self, rnn: nn.RNNBase):
+        with torch.no_grad():
+            w_ih, w_hh, b_ih, b_hh = (
+                torch.stack([getattr(rnn, f"{name}_l0{suffix}") for suffix in ("", "_reverse")])
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            self.lstm = isinstance(rnn, nn.LSTM)
+            self.hidden = rnn.hidden_size
+            # An LSTM's two biases add up; a GRU's recurrent one stays inside its reset gate.
+            b_ih, b_hh = (b_ih + b_hh if self.lstm else b_ih), b_hh
+            if self.lstm:  # the cell input g doubled: one sigmoid gives all four gates, tanh(g) = 2 sigmoid(2g) - 1
+                double = torch.ones(4, 1, 1, device=w_ih.device)
+                double[2] = 2.0
+                w_ih, w_hh, b_ih = ((t.view(2, 4, self.hidden, -1) * double).view(t.shape) for t in (w_ih, w_hh, b_ih))
+            self.input = w_ih.transpose(1, 2).contiguous()  # (2, in, G)
+            self.recurrent = w_hh.transpose(1, 2).contiguous()  # (2, H, G)
+            self.input_bias = b_ih.unsqueeze(1)
+            self.recurrent_bias = b_hh.unsqueeze(1)
+
+
+class _Packing:
+    """The real positions of a padded (B, S) batch in time-major order, its sources longest first (as a packed
+    sequence), so that time step t is the first counts[t] rows of its block and each row's state is a prefix of the
+    step before's. A backward direction reads each source reversed within its own length, and the same packing
+    holds its positions: the one at row r of step t is position lens[r] - 1 - t of that source."""
+
+    def __init__(self, lens: torch.Tensor, width: int):
+        lens = lens.cpu()
+        order = torch.argsort(lens, descending=True, stable=True)
+        longest_first = lens.index_select(0, order)
+        steps = torch.arange(width).unsqueeze(1)
+        real = longest_first.unsqueeze(0) > steps  # (S, B)
+        self.counts: list[int] = real.sum(1).tolist()
+        start = order.unsqueeze(0) * width
+        self.forward = (start + steps).masked_select(real)  # flat padded index of each packed position
+        backward = (start + longest_first.unsqueeze(0) - 1 - steps).masked_select(real)
+        where = torch.empty(lens.numel() * width, dtype=torch.long)
+        where[self.forward] = torch.arange(self.forward.numel())
+        # packed position read by the backward direction -> the forward one of that source position; its own inverse
+        self.reverse = where.index_select(0, backward)
+
+
+def _infer_layer(layer: _Layout, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+    """One bidirectional LSTM/GRU layer (eval mode) over packed inputs (T, in) -> (T, 2H), both in forward order.
+
+    Both directions run as one batched matmul per time step, on the rows still running; their input terms come
+    from one matmul over all positions beforehand."""
+    inputs = torch.stack([x, x.index_select(0, packing.reverse)])
+    gates = torch.baddbmm(layer.input_bias, inputs, layer.input)  # (2, T, G)
+    recurrent, hidden = layer.recurrent, layer.hidden
+    out = x.new_empty(2, x.size(0), hidden)
+    h = x.new_zeros(2, packing.counts[0] if packing.counts else 0, hidden)
+    c = torch.zeros_like(h)
+    start = 0
+    for n in packing.counts:
+        prev, step_gates = h[:, :n], gates[:, start:start + n]
+        h = out[:, start:start + n]
+        if layer.lstm:
+            z = torch.baddbmm(step_gates, prev, recurrent).sigmoid_()
+            i, f, g, o = z.chunk(4, 2)
+            c = f.mul(c[:, :n]).addcmul_(i, g, value=2.0).sub_(i)
+            torch.tanh(c, out=h)
+            h.mul_(o)
+        else:
+            hh = torch.baddbmm(layer.recurrent_bias, prev, recurrent)
+            r, u = torch.sigmoid(step_gates[..., :2 * hidden] + hh[..., :2 * hidden]).chunk(2, 2)
+            new = torch.tanh(step_gates[..., 2 * hidden:] + r * hh[..., 2 * hidden:])
+            torch.addcmul(new, u, prev - new, out=h)
+        start += n
+    return torch.cat([out[0], out[1].index_select(0, packing.reverse)], dim=1)
 
 
 def _packed(rnn: nn.Module, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,27 @@ def test_the_cpu_encoder_matches_the_packed_sequence_one_with_its_gradients(chan
         assert torch.allclose(g, h, atol=1e-5)
 
 
+@pytest.mark.parametrize("changes", [{}, {"cell": "gru"}, {"layers": 2}, {"cell": "gru", "layers": 3}])
+def test_the_cpu_inference_encoder_gives_the_training_one_and_each_source_what_it_gets_alone(changes: dict) -> None:
+    # Without autograd a padded batch runs Encoder._infer (both directions together, real positions only).
+    model = make_model(**changes)
+    src = sentences(9, SRC_VOCAB, 5) + [[4] * 12]
+    b = batch(src, sentences(10, TGT_VOCAB, 6))
+    with torch.inference_mode():
+        fast = model.encoder(b.src, b.src_lens)
+        alone = [model.encoder(b.src[i:i + 1, :len(s) + 1], b.src_lens[i:i + 1]) for i, s in enumerate(src)]
+    trained = model.encoder(b.src, b.src_lens)  # with autograd: oneDNN's RNN, a direction at a time
+    assert torch.allclose(fast, trained, atol=1e-6)
+    assert torch.equal(fast[b.src == PAD], torch.zeros_like(fast[b.src == PAD]))
+    for i, one in enumerate(alone):
+        assert torch.allclose(fast[i, :len(src[i]) + 1], one[0], atol=1e-6)
+    with torch.no_grad():  # weights changed in place (an optimizer step) are read anew
+        model.encoder.rnns[0].weight_hh_l0_reverse.mul_(-0.5)
+        changed = model.encoder(b.src, b.src_lens)
+    assert not torch.allclose(changed, fast, atol=1e-3)
+    assert torch.allclose(changed, model.encoder(b.src, b.src_lens), atol=1e-6)
+
+
 @pytest.mark.parametrize("changes", [{}, {"layers": 2}])
 def test_inference_hoisting_gives_the_training_arithmetic(changes: dict) -> None:
     # At inference the memory holds W_c h_j and W_oc h_j, and the decoder weighs them instead of forming c_i.
