@@ -49,9 +49,12 @@ class Memory:
     def _map(self, fn) -> Memory:
         return Memory(**{f: None if getattr(self, f) is None else fn(f, getattr(self, f)) for f in _FIELDS})
 
-    def select(self, index: torch.Tensor) -> Memory:
-        """These sentences' rows."""
-        return self._map(lambda _, t: t.index_select(0, index))
+    def select(self, index: torch.Tensor, width: int | None = None) -> Memory:
+        """These sentences' rows; with a width, over their first `width` source positions only (the rest must be
+        padding), in one copy instead of a second one to cut them."""
+        def pick(name: str, t: torch.Tensor) -> torch.Tensor:
+            return (t if width is None or name not in _PER_POSITION else t[:, :width]).index_select(0, index)
+        return self._map(pick)
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(field name, tensor) for each field that is set."""
@@ -114,9 +117,13 @@ class MemorySlots:
         rows, buf = self.capacity, self._buf
         if n + m > rows or width > self.width:
             buf = self._resized(rows if n + m <= rows else max(n + m, 2 * rows), width, mem)
-        new = mem.with_width(width)
-        for name, t in buf.tensors():
-            t[n:n + m] = getattr(new, name)  # rows past the live ones: nobody reads them until the commit
+        for name, t in buf.tensors():  # rows past the live ones: nobody reads them until the commit
+            new = getattr(mem, name)
+            if name in _PER_POSITION and mem.width < width:  # padded in place, not through a padded copy
+                t[n:n + m, :mem.width] = new
+                t[n:n + m, mem.width:] = _PER_POSITION[name]
+            else:
+                t[n:n + m] = new
 
         def commit() -> None:
             self._buf, self.size = buf, n + m
