@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -57,11 +59,18 @@ class Encoder(nn.Module):
         values = x.new_zeros(b * s, x.size(1))
         return values.index_copy_(0, packing.forward, x).view(b, s, -1)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Encoder:
+        self._layouts.clear()  # .to(), .cuda(), .half(): the copies are of the old weights
+        return super()._apply(fn, recurse)
+
     def _layout(self, layer: int) -> _Layout:
-        """The layer's weights as _infer_layer reads them (kept until they change: an optimizer step, a load, .to())."""
+        """The layer's weights as _infer_layer reads them, kept until they change in place (an optimizer step, a
+        load) or move (.to()); a write through `.data` goes unseen, as it does for autograd."""
         rnn = self.rnns[layer]
         params = [getattr(rnn, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
                   for suffix in ("", "_reverse")]
+        if any(p.is_inference() for p in params):  # made under torch.inference_mode: no version to watch
+            return _Layout(rnn)
         key = tuple((p.data_ptr(), p._version) for p in params)
         entry = self._layouts.get(layer)
         if entry is None or entry[0] != key:
@@ -83,7 +92,7 @@ class _Layout:
             # An LSTM's two biases add up; a GRU's recurrent one stays inside its reset gate.
             b_ih, b_hh = (b_ih + b_hh if self.lstm else b_ih), b_hh
             if self.lstm:  # the cell input g doubled: one sigmoid gives all four gates, tanh(g) = 2 sigmoid(2g) - 1
-                double = torch.ones(4, 1, 1, device=w_ih.device)
+                double = torch.ones(4, 1, 1, dtype=w_ih.dtype, device=w_ih.device)
                 double[2] = 2.0
                 w_ih, w_hh, b_ih = ((t.view(2, 4, self.hidden, -1) * double).view(t.shape) for t in (w_ih, w_hh, b_ih))
             self.input = w_ih.transpose(1, 2).contiguous()  # (2, in, G)

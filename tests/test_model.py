@@ -117,6 +117,21 @@ def test_the_cpu_inference_encoder_gives_the_training_one_and_each_source_what_i
     assert torch.allclose(changed, model.encoder(b.src, b.src_lens), atol=1e-6)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_cpu_inference_encoder_takes_other_dtypes_and_weights_made_without_autograd(cell: str) -> None:
+    b = batch(sentences(5, SRC_VOCAB, 7), sentences(5, TGT_VOCAB, 8))
+    model = make_model(cell=cell)
+    expected = model.encoder(b.src, b.src_lens)
+    with torch.no_grad():
+        model.encoder(b.src, b.src_lens)  # weights cached in float32, then converted: cached again
+    half = model.encoder.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.allclose(half(b.src, b.src_lens).float(), expected, atol=0.05)
+    with torch.inference_mode():  # inference tensors have no version counter to key a cache on
+        made = make_model(cell=cell)
+        assert torch.allclose(made.encoder(b.src, b.src_lens), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("changes", [{}, {"layers": 2}])
 def test_inference_hoisting_gives_the_training_arithmetic(changes: dict) -> None:
     # At inference the memory holds W_c h_j and W_oc h_j, and the decoder weighs them instead of forming c_i.
