@@ -67,8 +67,7 @@ class Encoder(nn.Module):
         """The layer's weights as _infer_layer reads them, kept until they change in place (an optimizer step, a
         load) or move (.to()); a write through `.data` goes unseen, as it does for autograd."""
         rnn = self.rnns[layer]
-        params = [getattr(rnn, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-                  for suffix in ("", "_reverse")]
+        params = [*_weights(rnn, ""), *_weights(rnn, "_reverse")]
         if any(p.is_inference() for p in params):  # made under torch.inference_mode: no version to watch
             return _Layout(rnn)
         key = tuple((p.data_ptr(), p._version) for p in params)
@@ -84,9 +83,8 @@ class _Layout:
 
     def __init__(self, rnn: nn.RNNBase):
         with torch.no_grad():
-            w_ih, w_hh, b_ih, b_hh = (
-                torch.stack([getattr(rnn, f"{name}_l0{suffix}") for suffix in ("", "_reverse")])
-                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            pairs = zip(_weights(rnn, ""), _weights(rnn, "_reverse"), strict=True)
+            w_ih, w_hh, b_ih, b_hh = (torch.stack(pair) for pair in pairs)
             self.lstm = isinstance(rnn, nn.LSTM)
             self.hidden = rnn.hidden_size
             # An LSTM's two biases add up; a GRU's recurrent one stays inside its reset gate.
@@ -181,8 +179,13 @@ def _both_ways(rnn: nn.RNNBase, x: torch.Tensor, lens: torch.Tensor) -> torch.Te
 
 def _one_way(rnn: nn.RNNBase, x: torch.Tensor, suffix: str) -> torch.Tensor:
     """One direction of a one-layer bidirectional LSTM/GRU (its weights with this suffix) from a zero state."""
-    weights = [getattr(rnn, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    weights = _weights(rnn, suffix)
     h0 = x.new_zeros(1, x.size(0), rnn.hidden_size)
     if isinstance(rnn, nn.LSTM):
         return torch.lstm(x, (h0, h0), weights, True, 1, 0.0, rnn.training, False, True)[0]
     return torch.gru(x, h0, weights, True, 1, 0.0, rnn.training, False, True)[0]
+
+
+def _weights(rnn: nn.RNNBase, suffix: str) -> list[torch.Tensor]:
+    """A one-layer LSTM/GRU's weight_ih, weight_hh, bias_ih and bias_hh for one direction ("" or "_reverse")."""
+    return [getattr(rnn, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
