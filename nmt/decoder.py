@@ -50,11 +50,8 @@ class Memory:
         return Memory(**{f: None if getattr(self, f) is None else fn(f, getattr(self, f)) for f in _FIELDS})
 
     def select(self, index: torch.Tensor, width: int | None = None) -> Memory:
-        """These sentences' rows; with a width, over their first `width` source positions only (the rest must be
-        padding), in one copy instead of a second one to cut them."""
-        def pick(name: str, t: torch.Tensor) -> torch.Tensor:
-            return (t if width is None or name not in _PER_POSITION else t[:, :width]).index_select(0, index)
-        return self._map(pick)
+        """These sentences' rows (a copy); with a width, over their first `width` source positions only (see cut)."""
+        return (self if width is None else self.cut(width))._map(lambda _, t: t.index_select(0, index))
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(field name, tensor) for each field that is set."""
@@ -65,17 +62,9 @@ class Memory:
         """Source positions S, padding included."""
         return self.values.size(1)
 
-    def with_width(self, width: int) -> Memory:
-        """The same rows over `width` source positions: cut off (padding only) or padded with masked zeros."""
-        extra = width - self.width
-
-        def fit(name: str, t: torch.Tensor) -> torch.Tensor:
-            if name not in _PER_POSITION:
-                return t
-            if extra <= 0:
-                return t[:, :width]
-            return torch.cat([t, t.new_full((t.size(0), extra, *t.shape[2:]), _PER_POSITION[name])], dim=1)
-        return self._map(fit)
+    def cut(self, width: int) -> Memory:
+        """The same rows over their first `width` source positions (the rest must be padding): views, no copy."""
+        return self._map(lambda name, t: t[:, :width] if name in _PER_POSITION else t)
 
 
 _FIELDS = tuple(f.name for f in fields(Memory))  # every tensor a Memory may hold
@@ -117,13 +106,7 @@ class MemorySlots:
         rows, buf = self.capacity, self._buf
         if n + m > rows or width > self.width:
             buf = self._resized(rows if n + m <= rows else max(n + m, 2 * rows), width, mem)
-        for name, t in buf.tensors():  # rows past the live ones: nobody reads them until the commit
-            new = getattr(mem, name)
-            if name in _PER_POSITION and mem.width < width:  # padded in place, not through a padded copy
-                t[n:n + m, :mem.width] = new
-                t[n:n + m, mem.width:] = _PER_POSITION[name]
-            else:
-                t[n:n + m] = new
+        _put(buf, n, mem)  # rows past the live ones: nobody reads them until the commit
 
         def commit() -> None:
             self._buf, self.size = buf, n + m
@@ -150,14 +133,29 @@ class MemorySlots:
         return order
 
     def _resized(self, rows: int, width: int, like: Memory | None) -> Memory:
-        """New buffers of rows x width holding the live rows (padded or cut to width)."""
-        live = None if self._buf is None else self.memory.with_width(width)
-        template = live if live is not None else like.with_width(width)
-        buf = template._map(lambda _, t: t.new_empty((rows, *t.shape[1:])))  # rows past size: never read
-        if live is not None:
-            for name, t in buf.tensors():
-                t[:self.size] = getattr(live, name)
+        """New buffers of rows x width (shaped as the live rows', or as `like`'s when there are none) holding the
+        live rows, padded or cut to width."""
+        def shape(name: str, t: torch.Tensor) -> torch.Tensor:  # rows past size: never read
+            return t.new_empty((rows, width, *t.shape[2:]) if name in _PER_POSITION else (rows, *t.shape[1:]))
+        buf = (like if self._buf is None else self._buf)._map(shape)
+        if self._buf is not None:
+            _put(buf, 0, self.memory)
         return buf
+
+
+def _put(buf: Memory, start: int, mem: Memory) -> None:
+    """Write a memory's rows into buffers from row `start` on, cut to the buffers' width (padding only) or padded in
+    place: no padded copy on the way."""
+    end, width = start + mem.values.size(0), buf.width
+    for name, t in buf.tensors():
+        rows = getattr(mem, name)
+        if name not in _PER_POSITION:
+            t[start:end] = rows
+            continue
+        shared = min(width, rows.size(1))
+        t[start:end, :shared] = rows[:, :shared]
+        if shared < width:
+            t[start:end, shared:] = _PER_POSITION[name]
 
 
 @dataclass

@@ -195,8 +195,10 @@ class BeamSearch:
         for group in sorted(set(groups)):
             members = [i for i, g in enumerate(groups) if g == group]
             width = max(src_lens[i] for i in members)
-            index = torch.tensor(members, dtype=torch.long, device=device)
-            parts.append((group, mem.with_width(width) if len(members) == n else mem.select(index, width)))
+            if len(members) == n:
+                parts.append((group, mem.cut(width)))
+            else:
+                parts.append((group, mem.select(torch.tensor(members, dtype=torch.long, device=device), width)))
         vocab = self._vocab_for(ids)
         commits = [self.slots[group].stage(part) for group, part in parts]  # all groups take their rows, or none
         for commit in commits:
