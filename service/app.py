@@ -25,7 +25,14 @@ from service import request_id, schemas
 from service.batcher import Closed, QueueFull
 from service.body import StrictJSONRoute
 from service.cors import CORS
-from service.errors import ERROR_RESPONSES, ServiceError, error_response, install_error_handlers, internal_error
+from service.errors import (
+    ERROR_RESPONSES,
+    ServiceError,
+    error_response,
+    install_error_handlers,
+    internal_error,
+    unavailable_for_now,
+)
 from service.guard import KEY_REQUIRED, PASSED, Guard
 from service.limits import DEADLINE, BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
@@ -96,7 +103,7 @@ async def _run(settings: Settings, work: Any, request: Request) -> Any:
         raise ServiceError(503, "the translation queue is full; retry shortly", code="queue_full",
                            headers={"Retry-After": "1"}) from None
     except Closed:
-        raise ServiceError(503, "the service is shutting down", headers={"Retry-After": "5"}) from None
+        raise ServiceError(503, "the service is shutting down", headers=unavailable_for_now()) from None
     except asyncio.TimeoutError:  # wait_for's: not the builtin TimeoutError before Python 3.11
         raise ServiceError(504, f"not done within the {settings.request_timeout_s:g} s request deadline; "
                                 "send fewer or shorter texts") from None
@@ -111,7 +118,7 @@ async def _run(settings: Settings, work: Any, request: Request) -> Any:
 
 def _require(worker: ModelWorker) -> None:
     if not worker.ready:  # only without the lifespan startup, e.g. under `uvicorn --lifespan off`
-        raise ServiceError(503, "the model is not loaded", headers={"Retry-After": "5"})
+        raise ServiceError(503, "the model is not loaded", headers=unavailable_for_now())
 
 
 def _translation(t: Translation, scores: bool, alignment: bool) -> schemas.Translation:
@@ -209,7 +216,7 @@ def create_app(settings: Settings | None = None, translator: Translator | None =
     async def ready() -> Any:
         """The model is loaded and requests are taken."""
         if not worker.ready:
-            return error_response(503, "the model is not loaded", headers={"Retry-After": "5"})
+            return error_response(503, "the model is not loaded", headers=unavailable_for_now())
         return {"status": "ready", "model": worker.model_id}
 
     @app.head("/metrics", include_in_schema=False)

@@ -26,6 +26,12 @@ _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "metho
           504: "timeout"}
 
 
+def unavailable_for_now() -> dict[str, str]:
+    """The headers of a 503 for what passes within seconds (the model loading, the service stopping): clients are
+    told to retry in 5 s, elsewhere or here."""
+    return {"Retry-After": "5"}
+
+
 def internal_error() -> str:
     """A 500's message: the id of the request being handled, under which its traceback is logged, for its operator."""
     return f"internal error; it is in the service's log under request {request_id.current.get()}"

@@ -7,7 +7,7 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import error_response, unavailable_for_now
 
 MESSAGE = "the service was stopped before the answer"
 
@@ -45,7 +45,7 @@ class ForcedStopMiddleware:
             if not _being_cancelled():
                 raise
             if not started:
-                await error_response(503, MESSAGE, headers={"Retry-After": "5"})(scope, receive, send)
+                await error_response(503, MESSAGE, headers=unavailable_for_now())(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         cancelled = False  # while waiting for the shutdown message
