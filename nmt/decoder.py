@@ -14,6 +14,7 @@ from nmt.attention import AdditiveAttention
 from nmt.int8 import Int8Linear, int8_available
 from nmt.onednn import PackedLinear, packable, padded_rows
 from nmt.tokenizer import PAD
+from nmt.weights import WeightCache
 
 # Matmuls that Decoder.pack_weights sends to oneDNN, and the layer whose weights each one reads.
 _PACKED_LAYERS = {"hidden_proj": "hidden_proj", "ctx_gates": "ctx_gates", "readout_context": "readout",
@@ -247,8 +248,7 @@ class Decoder(nn.Module):
         self.register_buffer("gate_table", None, persistent=False)
         self._pack_matmuls = False  # see pack_weights
         self._linear: type[PackedLinear] | type[Int8Linear] = PackedLinear  # what packs them
-        # name -> ((weight storage, weight version, bias version) when packed, the packed layer)
-        self._packed: dict[str, tuple[tuple[int, int, int | None], PackedLinear | Int8Linear]] = {}
+        self._packed: WeightCache[PackedLinear | Int8Linear] = WeightCache()  # by _PACKED_LAYERS name
 
     def pack_weights(self, int8: bool = False) -> bool:
         """For CPU inference: run the matmuls of decoding's fixed weights (hidden_proj, the readout, the context
@@ -286,16 +286,12 @@ class Decoder(nn.Module):
         layer = getattr(self, _PACKED_LAYERS[name])
         if not self._may_pack(layer):
             return None
-        weight, bias = layer.weight, layer.bias
-        key = (weight.data_ptr(), weight._version, None if bias is None else bias._version)
-        entry = self._packed.get(name)
-        if entry is None or entry[0] != key:
+
+        def pack() -> PackedLinear | Int8Linear:
             if name in _FP32_IN_INT8 or self._linear is PackedLinear:
-                packed = PackedLinear(*self._pack_source(name, layer))
-            else:
-                packed = Int8Linear(*self._pack_source(name, layer), input_bound=_INPUT_BOUNDS.get(name))
-            entry = self._packed[name] = key, packed
-        return entry[1]
+                return PackedLinear(*self._pack_source(name, layer))
+            return Int8Linear(*self._pack_source(name, layer), input_bound=_INPUT_BOUNDS.get(name))
+        return self._packed.get(name, [layer.weight, layer.bias], pack)
 
     def _pack_source(self, name: str, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight (out, in) and bias of the matmul a packed layer computes."""

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmt.tokenizer import PAD
+from nmt.weights import WeightCache
 
 RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -26,8 +27,7 @@ class Encoder(nn.Module):
             for i in range(layers)
         )
         self.dropout = nn.Dropout(dropout)
-        # per layer: (the weights' storages and versions, their inference layout), made again when they change
-        self._layouts: dict[int, tuple[tuple[tuple[int, int], ...], _Layout]] = {}
+        self._layouts: WeightCache[_Layout] = WeightCache()  # by layer: their weights as _infer_layer reads them
 
     @property
     def out_dim(self) -> int:
@@ -64,17 +64,9 @@ class Encoder(nn.Module):
         return super()._apply(fn, recurse)
 
     def _layout(self, layer: int) -> _Layout:
-        """The layer's weights as _infer_layer reads them, kept until they change in place (an optimizer step, a
-        load) or move (.to()); a write through `.data` goes unseen, as it does for autograd."""
+        """The layer's weights as _infer_layer reads them (kept while they stay as they are: see WeightCache)."""
         rnn = self.rnns[layer]
-        params = [*_weights(rnn, ""), *_weights(rnn, "_reverse")]
-        if any(p.is_inference() for p in params):  # made under torch.inference_mode: no version to watch
-            return _Layout(rnn)
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        entry = self._layouts.get(layer)
-        if entry is None or entry[0] != key:
-            entry = self._layouts[layer] = key, _Layout(rnn)
-        return entry[1]
+        return self._layouts.get(layer, [*_weights(rnn, ""), *_weights(rnn, "_reverse")], lambda: _Layout(rnn))
 
 
 class _Layout:

@@ -206,6 +206,21 @@ def test_packed_weights_follow_the_live_weights() -> None:
     assert torch.allclose(first_step(copy.deepcopy(model)), want, atol=1e-5)  # a copy packs its own
 
 
+
+def test_packed_weights_of_a_model_made_under_inference_mode() -> None:
+    # Inference tensors keep no version counter: their packed copies are made at each use, not kept.
+    plain = make_model()
+    with torch.inference_mode():
+        made = make_model()
+        if not made.decoder.pack_weights(int8=False):
+            pytest.skip("this torch build has no oneDNN matmul")
+        b = batch(sentences(4, SRC_VOCAB, 9), sentences(4, TGT_VOCAB, 10))
+        steps = []
+        for m in (plain, made):
+            mem = m.encode(b.src, b.src_lens)
+            steps.append(m.step(b.tgt_in[:, 0], m.init_state(mem), mem)[0])
+    assert torch.allclose(steps[1], steps[0], atol=1e-5)
+
 def test_attention_sums_to_one_and_skips_padding() -> None:
     model = make_model()
     b = batch([[5, 6], [5, 6, 7, 8, 9, 10], [7]], [[4], [4], [4]])

@@ -394,7 +394,7 @@ def test_packed_weights_decode_as_torch_layers_do(tiny, tiny_shortlist, listed, 
     out = model.decoder.out
     listed_rows = [w for w in weights if w.size(1) == out.in_features and w.size(0) < out.out_features]
     assert bool(listed_rows) == listed
-    whole = packed.decoder._packed["out"][1]
+    whole = packed.decoder._packed.cached("out")
     assert (whole._packed is None) == listed  # the whole vocabulary is packed only where it is used
 
 
