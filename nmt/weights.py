@@ -14,10 +14,15 @@ def version_key(weights: Iterable[torch.Tensor | None]) -> tuple | None:
     """What identifies these tensors' current values: each one's storage and in-place version (an optimizer step, a
     load_state_dict, .to() change one or the other; a write through .data does not, as for autograd). None when one
     is an inference tensor (made under torch.inference_mode), which keeps no version counter."""
-    weights = list(weights)
-    if any(w is not None and w.is_inference() for w in weights):
-        return None
-    return tuple(None if w is None else (w.data_ptr(), w._version) for w in weights)
+    key = []
+    for w in weights:  # a plain loop: this runs a few times a decoding step
+        if w is None:
+            key.append(None)
+        elif w.is_inference():
+            return None
+        else:
+            key.append((w.data_ptr(), w._version))
+    return tuple(key)
 
 
 class WeightCache(Generic[T]):
